@@ -1,0 +1,174 @@
+"""The consolidated checkpoint: `model.safetensors`, `config.json`, `tokenizer.json` in one directory.
+
+It is what generate, serve, evaluate, fine-tune and export read. Loading never unpickles, checks
+every tensor's name and shape against the config, and turns a missing, truncated or mismatched
+file into one `CheckpointError` line. Writes go to a temporary directory that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mtnlg_ray.errors import CheckpointError, ConfigError
+from mtnlg_ray.model.gpt import GPT, GPTConfig
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+FORMAT = "mtnlg-ray/consolidated/v1"
+
+
+def model_state(model: GPT) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of the weights; the tied output projection is the embedding, stored once."""
+    return {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+
+
+def save_checkpoint(
+    model: GPT,
+    output: str | Path,
+    tokenizer_json: str | Path | None = None,
+    extra: dict | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write `model` (and the tokenizer file, when given) as a consolidated checkpoint at `output`.
+
+    `extra` lands in config.json beside the model shape and `extra_tensors` in model.safetensors
+    beside the weights (e.g. a task head and its labels).
+    """
+    return save_state_dict(model_state(model), model.config, output, tokenizer_json, extra, extra_tensors)
+
+
+def save_state_dict(
+    state: dict[str, torch.Tensor],
+    config: GPTConfig,
+    output: str | Path,
+    tokenizer_json: str | Path | None = None,
+    extra: dict | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Like `save_checkpoint` for weights already gathered into one state dict (e.g. from DCP shards)."""
+    output = Path(output)
+    _check_state(state, expected_shapes(config), output / WEIGHTS)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in {**state, **(extra_tensors or {})}.items()}
+    body = {"format": FORMAT, "model": config.to_dict(), **(extra or {})}
+    _write_atomically(output, tensors, body, tokenizer_json)
+    return output
+
+
+def _write_atomically(output: Path, state, config: dict, tokenizer_json) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.exists() and not output.is_dir():
+        raise CheckpointError(f"{output}: exists and is not a directory")
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        save_file(state, str(staging / WEIGHTS), metadata={"format": FORMAT})
+        (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        if tokenizer_json is not None:
+            shutil.copyfile(tokenizer_json, staging / TOKENIZER)
+        elif (output / TOKENIZER).is_file():
+            shutil.copyfile(output / TOKENIZER, staging / TOKENIZER)
+        for f in staging.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if output.exists():
+            # Swap in two renames so a reader sees the old or the new checkpoint, never a mix.
+            retired = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, retired)
+            os.replace(staging, output)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = GPT(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _check_state(state: dict, expected: dict, where: Path) -> None:
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{where}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensor '{extra[0]}' for this model config")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(
+                f"{where}: tensor '{name}' has shape {list(state[name].shape)}, config expects {list(shape)}"
+            )
+
+
+def read_checkpoint_config(path: str | Path) -> dict:
+    """The parsed config.json of a checkpoint directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint directory holding {WEIGHTS} and {CONFIG}")
+    config_file = path / CONFIG
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing (is {path} a consolidated checkpoint?)")
+    try:
+        body = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from None
+    if not isinstance(body, dict) or not isinstance(body.get("model"), dict):
+        raise CheckpointError(f"{config_file}: expected an object with a 'model' section")
+    return body
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[GPT, dict]:
+    """Load a consolidated checkpoint into a `GPT` in eval mode; returns (model, config.json body)."""
+    path = Path(path)
+    body = read_checkpoint_config(path)
+    try:
+        config = GPTConfig.from_dict(body["model"], source=str(path / CONFIG))
+    except (TypeError, ConfigError) as exc:
+        raise CheckpointError(f"{path / CONFIG}: {exc}") from None
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({exc})") from None
+    expected = expected_shapes(config)
+    model_keys = {k: v for k, v in state.items() if k in expected}
+    _check_state(model_keys, expected, weights)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(model_keys, assign=True)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.eval()
+    return model, body
+
+
+def load_extra_tensors(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """Tensors stored beside the model under `prefix` (e.g. a classification head)."""
+    state = load_file(str(Path(path) / WEIGHTS))
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def tokenizer_path(path: str | Path) -> Path:
+    """The checkpoint's tokenizer.json, or one clear line when it has none."""
+    file = Path(path) / TOKENIZER
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (the checkpoint needs its tokenizer to turn text into tokens)")
+    return file

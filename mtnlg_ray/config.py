@@ -1,0 +1,292 @@
+"""Configuration for every stage: pydantic models, shipped YAML defaults, and `--set a.b=c` overrides.
+
+Config flows one way: a YAML file (or the stage's shipped default) plus overrides becomes a
+validated `Config`, which the stage function receives. Unknown keys and bad values raise
+`ConfigError` with one line that names the key and what was expected.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mtnlg_ray.errors import ConfigError
+from mtnlg_ray.model.gpt import GPTConfig, pad_vocab
+from mtnlg_ray.model.presets import PRESETS, get_preset
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    preset: str = "tiny"
+    n_layer: int | None = Field(None, ge=1)
+    n_head: int | None = Field(None, ge=1)
+    d_model: int | None = Field(None, ge=1)
+    seq_len: int | None = Field(None, ge=1)
+    vocab_size: int | None = Field(None, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    activation_checkpointing: bool = False
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in PRESETS:
+            raise ValueError(f"expected one of {', '.join(PRESETS)}")
+        return value
+
+    def resolve(self, tokenizer_vocab: int | None = None) -> GPTConfig:
+        """The preset with explicit keys laid over it; a tokenizer's vocabulary (padded) wins over both."""
+        shape = get_preset(self.preset).to_dict()
+        for key in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size"):
+            if getattr(self, key) is not None:
+                shape[key] = getattr(self, key)
+        if tokenizer_vocab is not None:
+            shape["vocab_size"] = pad_vocab(tokenizer_vocab)
+        shape["dropout"] = self.dropout
+        shape["activation_checkpointing"] = self.activation_checkpointing
+        return GPTConfig(**shape)
+
+
+class DataSection(Section):
+    path: str | None = None
+    train: str | None = None
+    dev: str | None = None
+    text_field: str = "text"
+    label_field: str = "label"
+
+
+class TokenizerSection(Section):
+    path: str | None = None
+    vocab_size: int = Field(8192, ge=257)
+
+
+class PackSection(Section):
+    seq_len: int = Field(128, ge=1)
+    val_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+
+
+class LabelSection(Section):
+    labeler: Literal["quality", "perplexity", "classifier"] | None = None
+    model: str | None = None
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    actors: tuple[int, int] = (1, 1)
+    batch_size: int = Field(64, ge=1)
+
+    @field_validator("actors")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 1 <= value[0] <= value[1]:
+            raise ValueError("expected [min, max] with 1 <= min <= max")
+        return value
+
+
+class DedupSection(Section):
+    exact: bool = True
+    fuzzy: bool = True
+    threshold: float = Field(0.8, gt=0.0, le=1.0)
+    bands: int = Field(20, ge=1)
+    rows: int = Field(13, ge=1)
+    ngram: int = Field(5, ge=1)
+
+
+class BatchRampup(Section):
+    """Global batch grows from `start` by `increment` sequences, reaching the full size after `tokens`."""
+
+    start: int = Field(32, ge=1)
+    increment: int = Field(32, ge=1)
+    tokens: int = Field(12_000_000_000, ge=0)
+
+
+class TrainSection(Section):
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    global_batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-5, gt=0.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_tokens: int = Field(1_000_000_000, ge=0)
+    decay_tokens: int = Field(340_000_000_000, ge=1)
+    batch_rampup: BatchRampup | None = None
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_every: int = Field(100, ge=1)
+    epochs: int = Field(1, ge=1)
+
+
+class ParallelSection(Section):
+    workers: int | tuple[int, int] = 1
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    fsdp: bool = True
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("expected a positive integer or [min, max]")
+        elif not 1 <= value[0] <= value[1]:
+            raise ValueError("expected [min, max] with 1 <= min <= max")
+        return value
+
+
+class CheckpointSection(Section):
+    every_steps: int = Field(100, ge=1)
+    keep: int = Field(2, ge=1)
+
+
+class RunSection(Section):
+    name: str = "run"
+    storage_path: str = "runs"
+    max_failures: int = Field(2, ge=0)
+
+
+class InitSection(Section):
+    checkpoint: str | None = None
+
+
+class LoraSection(Section):
+    rank: int = Field(0, ge=0)
+    alpha: float = Field(16.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = ["qkv", "proj"]
+
+
+class TaskSection(Section):
+    kind: Literal["classification", "sft"] = "classification"
+    labels: list[str] | None = None
+    pooling: Literal["last", "mean"] = "last"
+    lora: LoraSection = LoraSection()
+
+
+class SelfTrainSection(Section):
+    rounds: int = Field(2, ge=1)
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    per_class_top_k: int | None = Field(None, ge=1)
+    soft_labels: bool = False
+    unlabelled: str | None = None
+
+
+class Config(Section):
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    tokenizer: TokenizerSection = TokenizerSection()
+    pack: PackSection = PackSection()
+    label: LabelSection = LabelSection()
+    dedup: DedupSection = DedupSection()
+    train: TrainSection = TrainSection()
+    parallel: ParallelSection = ParallelSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    run: RunSection = RunSection()
+    init: InitSection = InitSection()
+    task: TaskSection = TaskSection()
+    selftrain: SelfTrainSection = SelfTrainSection()
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "Config":
+        if self.train.global_batch_size % self.train.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({self.train.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.train.micro_batch_size})"
+            )
+        return self
+
+
+def shipped_config(stage: str) -> Path:
+    """The YAML file for `stage` that ships inside the package (`mtnlg_ray/configs/<stage>.yaml`)."""
+    path = Path(str(resources.files("mtnlg_ray") / "configs" / f"{stage}.yaml"))
+    if not path.is_file():
+        raise ConfigError(f"no shipped config for stage '{stage}'")
+    return path
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one `a.b=c` override in place; the value is parsed as YAML so `20`, `true`, `[1, 2]` get types."""
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {override}: expected KEY=VALUE with a dotted key, e.g. train.max_steps=20")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise ConfigError(f"--set {override}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _first_error(exc: ValidationError, source: str) -> ConfigError:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        section = _section_of(err["loc"])
+        expected = f" (expected one of {', '.join(section.model_fields)})" if section is not None else ""
+        return ConfigError(f"{source}: unknown key '{key}'{expected}")
+    message = err["msg"].removeprefix("Value error, ")
+    if key:
+        return ConfigError(f"{source}: {key}: {message} (got {err.get('input')!r})")
+    return ConfigError(f"{source}: {message}")
+
+
+def _section_of(loc: tuple) -> type[BaseModel] | None:
+    """The model class that holds the key at `loc` (for listing the keys it does accept)."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), stage: str = "pretrain") -> Config:
+    """YAML file (or the stage's shipped default when `path` is None) plus `--set` overrides → `Config`."""
+    source = Path(path) if path is not None else shipped_config(stage)
+    data = _read_yaml(source)
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        loc = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        # Blame the override that set this key when there is one, else the file.
+        blamed = [o for o in overrides if loc and loc.startswith(o.partition("=")[0].strip())]
+        raise _first_error(exc, f"--set {blamed[-1]}" if blamed else str(source)) from None

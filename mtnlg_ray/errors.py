@@ -1,0 +1,21 @@
+"""Exceptions for mistakes a user can fix.
+
+The CLI prints the message of any `MtnlgError` as one line and exits with code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+
+class MtnlgError(Exception):
+    """A user error: bad input, bad config, a missing or corrupt file."""
+
+
+class ConfigError(MtnlgError):
+    """A config file or `--set` override names an unknown key or holds a bad value."""
+
+
+class CheckpointError(MtnlgError):
+    """A checkpoint directory is missing, truncated, or does not match its config."""
+
+
+class InputError(MtnlgError):
+    """An input path, prompt or record cannot be used."""

@@ -1,0 +1,222 @@
+"""The GPT-3 / MT-NLG decoder as a plain `nn.Module`.
+
+Pre-LayerNorm blocks, learned absolute positions, a GELU MLP of 4×d, biases everywhere,
+tied input and output embeddings. Nothing here knows about Ray or torch.distributed:
+parallelism is applied from outside (see `mtnlg_ray/train/parallel.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mtnlg_ray.errors import ConfigError
+
+
+def pad_vocab(n: int, multiple: int = 64) -> int:
+    """Round a tokenizer's vocabulary up so the embedding splits evenly across tensor-parallel ranks."""
+    return ((n + multiple - 1) // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    n_layer: int
+    n_head: int
+    d_model: int
+    seq_len: int
+    vocab_size: int
+    dropout: float = 0.0
+    activation_checkpointing: bool = False
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise ConfigError(
+                f"model.d_model: expected a multiple of model.n_head ({self.n_head}), got {self.d_model}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: expected a value in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def init_std(self) -> float:
+        # MT-NLG: sqrt(1 / (3h)), 0.004 at h = 20480.
+        return math.sqrt(1.0 / (3.0 * self.d_model))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown model key '{unknown[0]}' (expected one of {sorted(known)})")
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
+        if missing:
+            raise ConfigError(f"{source}: missing model key '{missing[0]}'")
+        return cls(**data)
+
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences, preallocated to `max_len`.
+
+    Rows are left-padded, so every row writes its next token at the same index (`length`);
+    `key_valid` marks which slots hold real tokens.
+    """
+
+    def __init__(self, config: GPTConfig, batch: int, max_len: int, device, dtype) -> None:
+        shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.max_len = max_len
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.head_dim = config.head_dim
+        # One fused projection laid out head by head ([head][q|k|v][head_dim] along the output),
+        # so a column-parallel split hands each tensor-parallel rank whole heads.
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.dropout = config.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, -1, 3, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each (B, heads, T, head_dim)
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start : start + T] = k
+            cache.v[layer, :, :, start : start + T] = v
+            k = cache.k[layer, :, :, : start + T]
+            v = cache.v[layer, :, :, : start + T]
+        dropout = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            # No mask means plain causal attention over a sequence that starts at position 0,
+            # or one new token that may see every cached key. This keeps SDPA on its flash kernels.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.d_model, 4 * config.d_model)
+        self.fc2 = nn.Linear(4 * config.d_model, config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.ln2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, layer=0, attn_mask=None):
+        x = x + self.drop(self.attn(self.ln1(x), cache, layer, attn_mask))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.seq_len, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Normal(0, sqrt(1/(3h))) weights, zero biases, unit LayerNorms."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.tok_emb.weight.device).manual_seed(seed)
+        std = self.config.init_std
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    module.weight.normal_(0.0, std, generator=gen)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
+                elif isinstance(module, nn.LayerNorm):
+                    module.weight.fill_(1.0)
+                    module.bias.zero_()
+
+    def num_parameters(self) -> int:
+        # The output projection is the input embedding (tied), so it is counted once.
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-LayerNorm hidden states (B, T, d_model): what the LM head and task heads read."""
+        T = idx.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.seq_len}")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
+        recompute = self.config.activation_checkpointing and self.training and cache is None
+        for i, block in enumerate(self.blocks):
+            if recompute:
+                x = checkpoint(block, x, None, i, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, cache, i, attn_mask)
+        if cache is not None:
+            cache.length += T
+        return self.ln_f(x)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size) over the padded vocabulary."""
+        h = self.hidden_states(idx, positions, cache, attn_mask)
+        return F.linear(h, self.tok_emb.weight)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy; `targets` are the inputs shifted left by one."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index
+    )
