@@ -172,3 +172,35 @@ def tokenizer_path(path: str | Path) -> Path:
     if not file.is_file():
         raise CheckpointError(f"{file}: missing (the checkpoint needs its tokenizer to turn text into tokens)")
     return file
+
+
+def init_checkpoint(
+    preset: str,
+    tokenizer: str | Path,
+    output: str | Path,
+    seed: int = 0,
+    seq_len: int | None = None,
+) -> Path:
+    """A randomly initialised model of `preset`, its embedding sized to the tokenizer, saved at `output`."""
+    from mtnlg_ray.config import ModelSection
+    from mtnlg_ray.model.presets import build_on_meta, get_preset
+    from mtnlg_ray.tokenizer import load_tokenizer
+
+    get_preset(preset)  # one clear line for an unknown name
+    if seq_len is not None and seq_len < 1:
+        raise ConfigError(f"seq_len: expected a positive integer, got {seq_len}")
+    tok_file = Path(tokenizer)
+    tok_file = tok_file / TOKENIZER if tok_file.is_dir() else tok_file
+    tok = load_tokenizer(tok_file)
+    config = ModelSection(preset=preset, seq_len=seq_len).resolve(tokenizer_vocab=tok.get_vocab_size())
+    need = build_on_meta(config).num_parameters() * 4
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have // 2:
+        raise CheckpointError(
+            f"--preset {preset}: fp32 weights need {need / 2**30:.1f} GiB, more than half of this machine's "
+            f"{have / 2**30:.1f} GiB (size its cluster layout with `mtnlg-ray plan --preset {preset}`)"
+        )
+    torch.manual_seed(seed)
+    model = GPT(config)
+    model.reset_parameters(seed=seed)
+    return save_checkpoint(model, output, tokenizer_json=tok_file)

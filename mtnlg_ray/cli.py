@@ -1,0 +1,184 @@
+"""The `mtnlg-ray` command line: a thin Typer skin over one function per stage.
+
+Each command parses its options, calls the stage's entry function and prints the result.
+A user error (`MtnlgError`) becomes one line on stderr and exit code 2; imports are lazy so
+`--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from mtnlg_ray.errors import MtnlgError
+
+
+class _App(typer.Typer):
+    """Typer that reports user errors as one line and exit code 2 instead of a traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except MtnlgError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+app = _App(
+    name="mtnlg-ray",
+    help=(
+        "The Megatron-Turing NLG recipe on Ray: curate a corpus, pretrain and fine-tune a GPT, serve it.\n\n"
+        "Start with `mtnlg-ray tokenizer train builtin:python-docs --vocab-size 4096 --output tok`, then "
+        "`mtnlg-ray init --preset tiny --tokenizer tok --output ckpt` and "
+        "`mtnlg-ray generate --checkpoint ckpt --prompt 'def '`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+tokenizer_app = typer.Typer(help="Train the byte-level BPE tokenizer.", no_args_is_help=True)
+export_app = typer.Typer(help="Write a checkpoint in another project's format.", no_args_is_help=True)
+import_app = typer.Typer(help="Read a checkpoint from another project's format.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(export_app, name="export")
+config_app = typer.Typer(help="Inspect stage configs: shipped defaults, files and --set overrides.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(export_app, name="export")
+app.add_typer(import_app, name="import")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    stage: str = typer.Option("pretrain", "--stage", help="Whose shipped defaults to start from."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file to read instead of the defaults."),
+    overrides: List[str] = typer.Option([], "--set", help="Override one key, e.g. --set train.max_steps=20."),
+) -> None:
+    """Print the fully resolved config (file + --set overrides, validated) as YAML."""
+    import yaml
+
+    from mtnlg_ray.config import load_config
+
+    resolved = load_config(config, overrides, stage=stage)
+    typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), nl=False)
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    inputs: List[str] = typer.Argument(
+        ...,
+        metavar="INPUT...",
+        help="Files, folders or globs of .txt / .jsonl(.gz) / .parquet, or builtin:python-docs.",
+    ),
+    vocab_size: int = typer.Option(8192, "--vocab-size", help="Number of tokens, <|endoftext|> included."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write tokenizer.json into."),
+) -> None:
+    """Train a GPT-2-style byte-level BPE tokenizer; any UTF-8 text round-trips exactly."""
+    from mtnlg_ray.tokenizer import load_tokenizer, train_tokenizer
+
+    path = train_tokenizer(inputs, vocab_size, output)
+    typer.echo(f"wrote {path} ({load_tokenizer(path).get_vocab_size()} tokens)")
+
+
+@app.command("init")
+def init(
+    preset: str = typer.Option(..., "--preset", help="Model shape: tiny, small, gpt3-125m ... mtnlg-530b."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Directory (or file) holding tokenizer.json."),
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Context length (default: the preset's)."),
+) -> None:
+    """Write a randomly initialised checkpoint (init std sqrt(1/(3h)), as in MT-NLG)."""
+    from mtnlg_ray.checkpoint import init_checkpoint, load_checkpoint
+
+    path = init_checkpoint(preset, tokenizer, output, seed=seed, seq_len=seq_len)
+    model, _ = load_checkpoint(path)
+    c = model.config
+    typer.echo(
+        f"wrote {path}: {preset}, {model.num_parameters():,} parameters, "
+        f"{c.n_layer} layers, d_model {c.d_model}, {c.n_head} heads, context {c.seq_len}, vocab {c.vocab_size}"
+    )
+
+
+@app.command("generate")
+def generate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Most new tokens; stops earlier at <|endoftext|>."),
+    temperature: float = typer.Option(1.0, "--temperature", help="0 for greedy decoding."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of this mass."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k likeliest tokens (0: all)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Same seed, same text."),
+) -> None:
+    """Continue a prompt with the model, streaming the new text to stdout."""
+    from mtnlg_ray.inference import TextGenerator
+    from mtnlg_ray.model.generate import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    generator = TextGenerator(checkpoint)
+    for piece in generator.stream(prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@export_app.command("hf")
+def export_hf(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the Hugging Face model."),
+) -> None:
+    """Write a directory that transformers' GPT2LMHeadModel and AutoTokenizer load, with equal logits."""
+    from mtnlg_ray.export import export_hf as run
+
+    typer.echo(f"wrote {run(checkpoint, output)}")
+
+
+@import_app.command("hf")
+def import_hf(
+    input: Path = typer.Option(..., "--input", "-i", help="Local Hugging Face GPT-2 directory (with tokenizer.json)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
+) -> None:
+    """Turn a local Hugging Face GPT-2 directory into a consolidated checkpoint."""
+    from mtnlg_ray.export import import_hf as run
+
+    typer.echo(f"wrote {run(input, output)}")
+
+
+@app.command("plan")
+def plan(
+    preset: str = typer.Option(..., "--preset", help="Model shape, e.g. mtnlg-530b."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size (GPUs inside a node)."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size (stages)."),
+    dp: int = typer.Option(1, "--dp", help="Data-parallel size (model replicas)."),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per iteration."),
+    micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per GPU per forward."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sequence length (default: the preset's)."),
+    iter_time: Optional[float] = typer.Option(None, "--iter-time", help="Measured seconds per iteration."),
+    gpu: str = typer.Option("a100-80gb", "--gpu", help="a100-80gb, h100-80gb or h200-141gb."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Parameters, per-GPU memory, FLOPs per iteration and, given --iter-time, TFLOP/s per GPU."""
+    from mtnlg_ray.model.plan import plan_layout, render_plan
+
+    result = plan_layout(
+        preset, tp, pp, dp,
+        global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len, iter_time=iter_time, gpu=gpu,
+    )
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+
+    Console().print(render_plan(result))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Text in, text out: a consolidated checkpoint and its tokenizer behind one object.
+
+`TextGenerator` is what `mtnlg-ray generate` runs and what the Serve deployment holds per replica;
+it turns prompts into token ids, runs the batched KV-cache decoder, and decodes text back,
+holding back partial UTF-8 characters while streaming.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from mtnlg_ray.checkpoint import load_checkpoint, tokenizer_path
+from mtnlg_ray.errors import CheckpointError, InputError
+from mtnlg_ray.model.generate import Completion, SamplingParams, check_prompt, decode, generate
+from mtnlg_ray.tokenizer import eos_id, load_tokenizer
+
+
+class TextGenerator:
+    def __init__(self, checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.model, self.meta = load_checkpoint(checkpoint, device=device, dtype=dtype)
+        self.tokenizer = load_tokenizer(tokenizer_path(checkpoint))
+        self.vocab = self.tokenizer.get_vocab_size()
+        if self.vocab > self.model.config.vocab_size:
+            raise CheckpointError(
+                f"{self.checkpoint}: tokenizer has {self.vocab} tokens but the model only "
+                f"{self.model.config.vocab_size} embeddings"
+            )
+        self.eos = eos_id(self.tokenizer)
+
+    @property
+    def context(self) -> int:
+        return self.model.config.seq_len
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt).ids
+        if not ids:
+            raise InputError("prompt: expected some text, got an empty prompt")
+        check_prompt(ids, self.context)
+        return ids
+
+    def decode_ids(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def complete(self, prompts: Sequence[str], params: SamplingParams | Sequence[SamplingParams]) -> list[tuple[str, Completion]]:
+        """Text and raw completion for each prompt, decoded together in one batch."""
+        encoded = [self.encode(p) for p in prompts]
+        results = generate(self.model, encoded, params, eos_id=self.eos, vocab_limit=self.vocab)
+        return [(self.decode_ids(r.tokens), r) for r in results]
+
+    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+        """Pieces of text as they are generated; joined they equal `complete`'s text."""
+        ids: list[int] = []
+        shown = ""
+        for step in decode(self.model, [self.encode(prompt)], params, eos_id=self.eos, vocab_limit=self.vocab):
+            token = step[0]
+            if token is None:
+                break
+            ids.append(token)
+            text = self.decode_ids(ids)
+            # A byte-level token can end inside a UTF-8 character; wait for the rest of it.
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > len(shown):
+                yield text[len(shown) :]
+                shown = text
+        text = self.decode_ids(ids)
+        if len(text) > len(shown):
+            yield text[len(shown) :]

@@ -1,0 +1,174 @@
+"""Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling.
+
+Several prompts of different lengths decode together: rows are left-padded, a key mask hides the
+padding, and each row samples with its own seeded generator, so a row's text does not depend on
+what else is in the batch. `decode` yields one token per row per step (for streaming);
+`generate` collects the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from mtnlg_ray.errors import InputError
+from mtnlg_ray.model.gpt import GPT, KVCache
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 means no top-k cut
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise InputError(f"max_tokens: expected a positive integer, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise InputError(f"temperature: expected a value >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InputError(f"top_k: expected a value >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InputError(f"top_p: expected a value in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Completion:
+    tokens: list[int]
+    finish_reason: str  # "stop" (EOS) or "length" (max_tokens or the context is full)
+
+
+def check_prompt(prompt: Sequence[int], context: int) -> None:
+    if len(prompt) == 0:
+        raise InputError("prompt: expected at least one token, got an empty prompt")
+    if len(prompt) >= context:
+        raise InputError(
+            f"prompt: {len(prompt)} tokens leave no room to generate in the model's context of {context} tokens"
+        )
+
+
+def sample_next(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """One token per row from last-position logits (B, V), each row under its own settings."""
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for row, (p, gen) in enumerate(zip(params, generators)):
+        scores = logits[row].float()
+        if p.temperature == 0:
+            out[row] = scores.argmax()
+            continue
+        scores = scores / p.temperature
+        if 0 < p.top_k < scores.numel():
+            kth = torch.topk(scores, p.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
+            drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= p.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        out[row] = torch.multinomial(probs, 1, generator=gen)[0]
+    return out
+
+
+@torch.inference_mode()
+def decode(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    eos_id: int | None = None,
+    vocab_limit: int | None = None,
+) -> Iterator[list[int | None]]:
+    """Yield, per decode step, each row's new token, or None for rows that have finished.
+
+    `vocab_limit` is the tokenizer's real vocabulary: ids past it (the padding of the embedding)
+    are never sampled.
+    """
+    if not prompts:
+        return
+    config = model.config
+    per_row = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+    if len(per_row) != len(prompts):
+        raise ValueError(f"{len(per_row)} sampling settings for {len(prompts)} prompts")
+    for prompt in prompts:
+        check_prompt(prompt, config.seq_len)
+    device = model.tok_emb.weight.device
+    dtype = model.tok_emb.weight.dtype
+    vocab_limit = min(vocab_limit or config.vocab_size, config.vocab_size)
+
+    batch = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lengths.max())
+    max_new = max(p.max_tokens for p in per_row)
+    cache = KVCache(config, batch, min(config.seq_len, width + max_new), device, dtype)
+
+    idx = torch.zeros(batch, width, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        idx[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+    slots = torch.arange(width, device=device)
+    real = slots[None, :] >= (width - lengths)[:, None]  # (B, width): True where a prompt token sits
+    cache.key_valid[:, :width] = real
+    padded = bool((lengths != width).any())
+
+    positions = (real.long().cumsum(dim=1) - 1).clamp(min=0) if padded else None
+    mask = None
+    if padded:
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        # Pad queries attend to themselves so their rows stay finite; no real query ever sees them.
+        mask = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)[None]
+        mask = mask[:, None]  # (B, 1, width, width)
+    logits = model(idx, positions=positions, cache=cache, attn_mask=mask)[:, -1, :vocab_limit]
+
+    generators = [
+        torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None for p in per_row
+    ]
+    next_pos = lengths.clone()
+    done = [False] * batch
+    produced = [0] * batch
+    while True:
+        tokens = sample_next(logits, per_row, generators)
+        step: list[int | None] = []
+        for row in range(batch):
+            if done[row]:
+                step.append(None)
+                continue
+            token = int(tokens[row])
+            step.append(token)
+            produced[row] += 1
+            if (per_row[row].stop_at_eos and token == eos_id) or produced[row] >= per_row[row].max_tokens:
+                done[row] = True
+        yield step
+        if all(done) or cache.length >= cache.max_len:
+            return
+        cache.key_valid[:, cache.length] = True
+        mask = cache.key_valid[:, None, None, : cache.length + 1] if padded else None
+        logits = model(
+            tokens[:, None], positions=next_pos[:, None] if padded else None, cache=cache, attn_mask=mask
+        )[:, -1, :vocab_limit]
+        next_pos += 1
+
+
+def generate(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    eos_id: int | None = None,
+    vocab_limit: int | None = None,
+) -> list[Completion]:
+    """Generate for a batch of prompts; each completion ends at EOS ("stop") or its limit ("length")."""
+    per_row = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+    results = [Completion([], "length") for _ in prompts]
+    for step in decode(model, prompts, per_row, eos_id, vocab_limit):
+        for row, token in enumerate(step):
+            if token is not None:
+                results[row].tokens.append(token)
+    for completion, p in zip(results, per_row):
+        if p.stop_at_eos and completion.tokens and completion.tokens[-1] == eos_id:
+            completion.finish_reason = "stop"
+    return results

@@ -1,0 +1,51 @@
+"""Shared fixtures: one small tokenizer trained on the built-in corpus and one tiny checkpoint per session."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from mtnlg_ray.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(["builtin:python-docs"], 512, out, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
+    """A `tiny` model whose LayerNorms and biases are random too, so mapping mistakes show up."""
+    from mtnlg_ray.checkpoint import save_checkpoint
+    from mtnlg_ray.model import GPT, PRESETS, pad_vocab
+    from mtnlg_ray.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(tokenizer_dir).get_vocab_size()
+    config = dataclasses.replace(PRESETS["tiny"], vocab_size=pad_vocab(vocab))
+    torch.manual_seed(1234)
+    model = GPT(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.normal_(0.0 if name.endswith("bias") else 1.0, 0.05)
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(model, out, tokenizer_json=tokenizer_dir / "tokenizer.json")
+    return out
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `mtnlg-ray` as a user would: a separate process, its real exit code and output."""
+    exe = shutil.which("mtnlg-ray") or str(Path(sys.executable).parent / "mtnlg-ray")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=env)

@@ -1,0 +1,82 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mtnlg_ray.checkpoint import load_checkpoint, save_checkpoint
+from mtnlg_ray.errors import CheckpointError
+from mtnlg_ray.model import GPT, PRESETS
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(PRESETS["tiny"]).eval()
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    return model, path
+
+
+def test_round_trip_is_exact_and_stores_no_pickle(saved):
+    model, path = saved
+    loaded, meta = load_checkpoint(path)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    assert meta["model"]["n_layer"] == 4
+    assert sorted(os.listdir(path)) == ["config.json", "model.safetensors"]
+    assert set(load_file(str(path / "model.safetensors"))) == set(model.state_dict())
+
+
+def test_overwrite_is_atomic_and_leaves_no_temporaries(saved, tmp_path):
+    model, path = saved
+    with torch.no_grad():
+        model.ln_f.bias.fill_(0.5)
+    save_checkpoint(model, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert torch.all(load_checkpoint(path)[0].ln_f.bias == 0.5)
+
+
+def test_truncated_weights_are_one_clear_error(saved):
+    _, path = saved
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors: unreadable or truncated"):
+        load_checkpoint(path)
+
+
+def test_garbage_weights_are_one_clear_error(saved):
+    _, path = saved
+    (path / "model.safetensors").write_bytes(b"\x00\x01not a safetensors file")
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_checkpoint(path)
+
+
+def test_config_that_does_not_match_the_weights(saved):
+    _, path = saved
+    body = json.loads((path / "config.json").read_text())
+    body["model"]["d_model"] = 256
+    (path / "config.json").write_text(json.dumps(body))
+    with pytest.raises(CheckpointError, match=r"tensor '.*' has shape \[.*\], config expects"):
+        load_checkpoint(path)
+
+
+def test_missing_pieces(tmp_path, saved):
+    _, path = saved
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "absent")
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        load_checkpoint(path)
+    (path / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json: missing"):
+        load_checkpoint(path)
+
+
+def test_unknown_model_key_in_config(saved):
+    _, path = saved
+    body = json.loads((path / "config.json").read_text())
+    body["model"]["n_experts"] = 8
+    (path / "config.json").write_text(json.dumps(body))
+    with pytest.raises(CheckpointError, match="unknown model key 'n_experts'"):
+        load_checkpoint(path)

@@ -1,0 +1,73 @@
+import pytest
+
+from mtnlg_ray.config import Config, load_config, shipped_config
+from mtnlg_ray.errors import ConfigError
+
+
+def test_shipped_pretrain_config_is_the_mtnlg_recipe():
+    config = load_config(stage="pretrain")
+    assert (config.train.beta1, config.train.beta2, config.train.eps) == (0.9, 0.95, 1e-8)
+    assert config.train.weight_decay == 0.1 and config.train.grad_clip == 1.0
+    assert config.train.min_lr_ratio == 0.1
+    assert shipped_config("pretrain").is_file()
+
+
+def test_overrides_are_parsed_with_types():
+    config = load_config(
+        overrides=["train.max_steps=20", "train.lr=1e-3", "parallel.workers=[1, 2]", "parallel.fsdp=false",
+                   "model.preset=small", "train.batch_rampup.start=8"]
+    )
+    assert config.train.max_steps == 20 and config.train.lr == pytest.approx(1e-3)
+    assert config.parallel.workers == (1, 2) and config.parallel.fsdp is False
+    assert config.model.preset == "small" and config.train.batch_rampup.start == 8
+
+
+def test_file_values_and_overrides_stack(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 5\n  seed: 3\n")
+    config = load_config(path, ["train.seed=4"])
+    assert config.train.max_steps == 5 and config.train.seed == 4
+    assert config.model.preset == Config().model.preset
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=3", "--set train.lrr=3: unknown key 'train.lrr' (expected one of max_steps"),
+        ("nosuch.key=1", "unknown key 'nosuch'"),
+        ("train.lr=abc", "--set train.lr=abc: train.lr: Input should be a valid number"),
+        ("model.preset=huge", "model.preset: expected one of tiny, small"),
+        ("parallel.workers=[3, 1]", "parallel.workers: expected [min, max]"),
+        ("train.beta2=1.5", "train.beta2"),
+        ("train", "expected KEY=VALUE"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_files_name_the_file_and_line(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(missing)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  max_steps: [1,\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml:\d+: not valid YAML"):
+        load_config(broken)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  warmup: 10\n")
+    with pytest.raises(ConfigError, match=r"unknown.yaml: unknown key 'train.warmup'"):
+        load_config(unknown)
+    batch = tmp_path / "batch.yaml"
+    batch.write_text("train:\n  global_batch_size: 30\n  micro_batch_size: 8\n")
+    with pytest.raises(ConfigError, match="multiple of train.micro_batch_size"):
+        load_config(batch)
+
+
+def test_model_section_resolves_preset_with_tokenizer_vocab():
+    config = load_config(overrides=["model.preset=small", "model.seq_len=64"])
+    shape = config.model.resolve(tokenizer_vocab=1000)
+    assert (shape.n_layer, shape.d_model, shape.seq_len, shape.vocab_size) == (6, 384, 64, 1024)
