@@ -1,0 +1,21 @@
+# Image for a Ray cluster running mtnlg-ray: the rayproject/ray image of the Ray version we pin,
+# CPU or GPU by build argument.
+#   docker build -t mtnlg-ray:cpu .
+#   docker build --build-arg VARIANT=gpu -t mtnlg-ray:gpu .
+ARG RAY_VERSION=2.60.0
+ARG PYTHON=py311
+ARG VARIANT=cpu
+FROM rayproject/ray:${RAY_VERSION}-${PYTHON}-${VARIANT}
+
+ARG VARIANT=cpu
+WORKDIR /home/ray/mtnlg-ray
+COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users mtnlg_ray ./mtnlg_ray
+# CPU images take torch's CPU wheel index; GPU images take the default (CUDA) wheels.
+RUN if [ "$VARIANT" = "cpu" ]; then \
+        pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
+    else \
+        pip install --no-cache-dir torch==2.13.0; \
+    fi \
+ && pip install --no-cache-dir . \
+ && mtnlg-ray --help > /dev/null
