@@ -150,8 +150,11 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.seq_len, config.d_model)
+        # Handing nn.Embedding its (uninitialised) storage skips its own init, which on the meta
+        # device would pull in hundreds of modules; reset_parameters below initialises everything.
+        V, S, d = config.vocab_size, config.seq_len, config.d_model
+        self.tok_emb = nn.Embedding(V, d, _weight=torch.empty(V, d))
+        self.pos_emb = nn.Embedding(S, d, _weight=torch.empty(S, d))
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
