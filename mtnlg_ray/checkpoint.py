@@ -67,6 +67,9 @@ def _write_atomically(output: Path, state, config: dict, tokenizer_json) -> None
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.exists() and not output.is_dir():
         raise CheckpointError(f"{output}: exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not _is_checkpoint(output):
+        # Replacing a checkpoint is fine; replacing some other folder would delete the user's files.
+        raise CheckpointError(f"{output}: exists and is not a checkpoint; choose an empty or new directory")
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         save_file(state, str(staging / WEIGHTS), metadata={"format": FORMAT})
@@ -89,6 +92,13 @@ def _write_atomically(output: Path, state, config: dict, tokenizer_json) -> None
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    try:
+        return json.loads((path / CONFIG).read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:

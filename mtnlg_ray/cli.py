@@ -43,8 +43,6 @@ app = _App(
 tokenizer_app = typer.Typer(help="Train the byte-level BPE tokenizer.", no_args_is_help=True)
 export_app = typer.Typer(help="Write a checkpoint in another project's format.", no_args_is_help=True)
 import_app = typer.Typer(help="Read a checkpoint from another project's format.", no_args_is_help=True)
-app.add_typer(tokenizer_app, name="tokenizer")
-app.add_typer(export_app, name="export")
 config_app = typer.Typer(help="Inspect stage configs: shipped defaults, files and --set overrides.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(export_app, name="export")

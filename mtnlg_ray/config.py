@@ -67,16 +67,25 @@ class TokenizerSection(Section):
 
 
 class PackSection(Section):
-    seq_len: int = Field(128, ge=1)
+    seq_len: int = Field(128, ge=1)  # each packed sequence holds seq_len + 1 tokens (inputs and shifted targets)
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    shard_sequences: int = Field(4096, ge=1)  # sequences per tokens/*.npy shard
+    seed: int = 0
 
 
 class LabelSection(Section):
     labeler: Literal["quality", "perplexity", "classifier"] | None = None
     model: str | None = None
+    # quality: documents under `threshold` are dropped ("threshold") or kept with GPT-3's Pareto
+    # sampling (keep when pareto(alpha) > 1 - quality); classifier: predictions under it are not labels.
     threshold: float = Field(0.5, ge=0.0, le=1.0)
+    filter: Literal["none", "threshold", "pareto"] = "threshold"
+    pareto_alpha: float = Field(9.0, gt=0.0)
+    # perplexity: drop documents above this percentile of ppl (CCNet-style head/middle/tail cut).
+    ppl_max_percentile: float | None = Field(None, gt=0.0, le=100.0)
     actors: tuple[int, int] = (1, 1)
     batch_size: int = Field(64, ge=1)
+    seed: int = 0
 
     @field_validator("actors")
     @classmethod
@@ -84,6 +93,47 @@ class LabelSection(Section):
         if not 1 <= value[0] <= value[1]:
             raise ValueError("expected [min, max] with 1 <= min <= max")
         return value
+
+
+class ReadSection(Section):
+    txt_mode: Literal["file", "paragraph"] = "file"  # a .txt file is one document, or one per paragraph
+    max_chars: int = Field(1_000_000, ge=1)  # longer records are rejected ("too_large")
+    weights: dict[str, float] = {}  # INPUT as given → blend weight (MT-NLG mixes sources by weight)
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = [k for k, w in value.items() if w < 0]
+        if bad:
+            raise ValueError(f"weight of '{bad[0]}' must be >= 0")
+        return value
+
+
+class CleanSection(Section):
+    """Gopher / C4-style heuristics; each failed check is a rejection reason of its own."""
+
+    enabled: bool = True
+    min_words: int = Field(5, ge=0)
+    max_words: int = Field(100_000, ge=1)
+    min_mean_word_length: float = Field(2.0, ge=0.0)
+    max_mean_word_length: float = Field(12.0, gt=0.0)
+    max_symbol_ratio: float = Field(0.1, ge=0.0)  # '#' and '...' per word
+    max_ellipsis_lines: float = Field(0.3, ge=0.0, le=1.0)  # fraction of lines ending in an ellipsis
+    max_duplicate_lines: float = Field(0.3, ge=0.0, le=1.0)  # fraction of lines that repeat an earlier one
+    # Character share of the most frequent word n-gram, for n = 2, 3, 4 (Gopher's values).
+    max_top_ngram: dict[int, float] = {2: 0.20, 3: 0.18, 4: 0.16}
+    # Character share of words inside repeated n-grams, for n = 5 ... 10 (Gopher's values).
+    max_duplicate_ngram: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+
+
+class DecontamSection(Section):
+    """Remove evaluation text from training data, as GPT-3 / MT-NLG did."""
+
+    eval_files: list[str] = []  # INPUTs holding the evaluation sets
+    ngram: int = Field(13, ge=1)  # word n-grams that count as a match
+    window: int = Field(200, ge=0)  # characters cut on each side of a match
+    min_fragment: int = Field(200, ge=0)  # pieces shorter than this are dropped
+    max_splits: int = Field(10, ge=0)  # a document cut into more pieces than this is dropped
 
 
 class DedupSection(Section):
@@ -185,8 +235,11 @@ class Config(Section):
     data: DataSection = DataSection()
     tokenizer: TokenizerSection = TokenizerSection()
     pack: PackSection = PackSection()
+    read: ReadSection = ReadSection()
+    clean: CleanSection = CleanSection()
     label: LabelSection = LabelSection()
     dedup: DedupSection = DedupSection()
+    decontam: DecontamSection = DecontamSection()
     train: TrainSection = TrainSection()
     parallel: ParallelSection = ParallelSection()
     checkpoint: CheckpointSection = CheckpointSection()

@@ -49,3 +49,19 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     exe = shutil.which("mtnlg-ray") or str(Path(sys.executable).parent / "mtnlg-ray")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session, 2 CPUs as on CI; stages never take them all."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    yield ray
+    ray.shutdown()

@@ -80,3 +80,12 @@ def test_unknown_model_key_in_config(saved):
     (path / "config.json").write_text(json.dumps(body))
     with pytest.raises(CheckpointError, match="unknown model key 'n_experts'"):
         load_checkpoint(path)
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_checkpoint(tmp_path):
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    with pytest.raises(CheckpointError, match="exists and is not a checkpoint"):
+        save_checkpoint(GPT(PRESETS["tiny"]), precious)
+    assert (precious / "thesis.txt").read_text() == "years of work"

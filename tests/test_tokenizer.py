@@ -202,7 +202,8 @@ def test_parquet_column(tmp_path):
         (lambda d: str(d / "missing.txt"), "no such file or folder"),
         (lambda d: str(d / "empty_dir"), "folder holds no"),
         (lambda d: str(d / "notes.md"), "unsupported file type"),
-        (lambda d: "s3://bucket/key.txt", "only local paths"),
+        (lambda d: "s3://bucket/*.txt", "globs are read from local paths only"),
+        (lambda d: (d / "missing_dir").as_uri(), "no such file or folder"),
     ],
 )
 def test_unusable_inputs_raise_one_line(tmp_path, make_input, message):
@@ -267,3 +268,12 @@ def test_corrupt_or_missing_tokenizer_raises_checkpoint_error(tmp_path, tokenize
     (corrupt / "tokenizer.json").write_text(json.dumps(no_eos), encoding="utf-8")
     with pytest.raises(CheckpointError, match="has no <\\|endoftext\\|> special token"):
         load_tokenizer(corrupt / "tokenizer.json")
+
+
+def test_file_uri_reads_through_pyarrow_filesystem(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.txt").write_text("via a URI", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text('{"text": "line one"}\n', encoding="utf-8")
+    uri = tmp_path.as_uri()
+    assert resolve_inputs([uri]) == [f"{uri}/b.jsonl", f"{uri}/sub/a.txt"]
+    assert list(iter_texts([uri])) == ["line one", "via a URI"]

@@ -1,18 +1,23 @@
-"""Read raw text from INPUT arguments: files, folders, globs, or `builtin:python-docs`.
+"""Read raw text from INPUT arguments: files, folders, globs, URIs, or `builtin:python-docs`.
 
-A small single-process reader that feeds tokenizer training; it reads .txt, .jsonl,
-.jsonl.gz and .parquet from the local disk.
+Every file becomes a stream of records: a document (text, location) or a rejected record
+(location, reason). `read_corpus` runs that as the first stage of the Ray Data pipeline, one
+task per file, so bad records land in `rejected/` instead of stopping the run; `iter_texts`
+is the same reader in one process, for tokenizer training.
 """
 
 from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
+import io
 import json
 import logging
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from mtnlg_ray.data.builtin import BUILTIN_PYTHON_DOCS, python_docs_texts
@@ -41,6 +46,20 @@ def resolve_inputs(inputs: Sequence[str]) -> list[str]:
     return list(resolved)
 
 
+@dataclass(frozen=True)
+class Record:
+    """One record of a file: a document when `reason` is empty, else a rejected record."""
+
+    location: str  # "path", "path:line", "path:row", "builtin:python-docs:doc"
+    text: str | None
+    reason: str = ""
+    detail: str = ""
+
+
+# Whole-file problems: the single-process reader raises on these, the pipeline rejects the file.
+FILE_REASONS = frozenset({"unreadable_file", "missing_column"})
+
+
 def iter_texts(
     inputs: Sequence[str], text_field: str = "text", skipped: Counter[str] | None = None
 ) -> Iterator[str]:
@@ -48,11 +67,10 @@ def iter_texts(
 
     A .txt file is one document. In .jsonl / .jsonl.gz each line is a JSON object whose
     `text_field` holds the text; in .parquet the column `text_field` does. Records that
-    cannot be used are, for now, skipped: counted in `skipped` by reason ("bad_json",
-    "not_object", "missing_field", "not_text", "bad_utf8", "empty") and logged per file.
-    The inputs are resolved (and bad ones raise `InputError`) before this returns; a
-    missing Parquet column, a broken gzip or a broken Parquet file raises `InputError`
-    while iterating.
+    cannot be used are skipped: counted in `skipped` by reason ("bad_json", "not_object",
+    "missing_field", "not_text", "bad_utf8", "empty") and logged per file. The inputs are
+    resolved (and bad ones raise `InputError`) before this returns; a missing or non-text
+    Parquet column, a broken gzip or a broken Parquet file raises `InputError` while iterating.
     """
     items = resolve_inputs(inputs)
     return _iter_items(items, text_field, skipped if skipped is not None else Counter())
@@ -60,22 +78,49 @@ def iter_texts(
 
 def _iter_items(items: list[str], text_field: str, counts: Counter[str]) -> Iterator[str]:
     for item in items:
-        if item == BUILTIN_PYTHON_DOCS:
-            yield from python_docs_texts()
-            continue
-        before = counts.copy()
-        yield from _read_file(Path(item), text_field, counts)
-        lost = counts - before
+        lost: Counter[str] = Counter()
+        for record in iter_records(item, text_field):
+            if not record.reason:
+                yield record.text
+            elif record.reason in FILE_REASONS:
+                raise InputError(f"{record.location}: {record.detail}")
+            else:
+                lost[record.reason] += 1
+        counts.update(lost)
         if lost:
             reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(lost.items()))
             log.warning("%s: skipped %s", item, reasons)
+
+
+def iter_records(
+    item: str, text_field: str = "text", txt_mode: str = "file", max_chars: int | None = None
+) -> Iterator[Record]:
+    """Records of one resolved item (a file path, a URI, or `builtin:python-docs`).
+
+    `txt_mode` "file" makes a .txt file one document; "paragraph" splits it on blank lines.
+    A document over `max_chars` characters becomes a rejected record ("too_large").
+    """
+    if item == BUILTIN_PYTHON_DOCS:
+        records = (Record(f"{item}:{i}", text) for i, text in enumerate(python_docs_texts()))
+    else:
+        records = _read_file(item, text_field, txt_mode)
+    for record in records:
+        if not record.reason and max_chars is not None and len(record.text) > max_chars:
+            yield Record(record.location, None, "too_large", f"{len(record.text)} characters > {max_chars}")
+        else:
+            yield record
+
+
+def document_id(location: str) -> str:
+    """A stable id: the same record of the same file gets the same id on every run and machine."""
+    return hashlib.blake2b(location.encode("utf-8"), digest_size=8).hexdigest()
 
 
 def _resolve_one(spec: str) -> list[str]:
     if spec == BUILTIN_PYTHON_DOCS:
         return [spec]
     if "://" in spec:
-        raise InputError(f"{spec}: only local paths are read here, not URIs")
+        return _resolve_uri(spec)
     path = Path(spec).expanduser()
     if path.is_file():
         if not _supported(path):
@@ -99,6 +144,39 @@ def _resolve_one(spec: str) -> list[str]:
     raise InputError(f"{spec}: no such file or folder")
 
 
+def _resolve_uri(spec: str) -> list[str]:
+    """A file or folder on any pyarrow filesystem (s3://, gs://, hdfs://, file://)."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    if _GLOB_CHARS & set(spec):
+        raise InputError(f"{spec}: globs are read from local paths only; give a folder URI instead")
+    try:
+        fs, path = pafs.FileSystem.from_uri(spec)
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.File:
+            if not _supported(Path(path)):
+                raise InputError(f"{spec}: unsupported file type, expected one of {', '.join(SUFFIXES)}")
+            return [spec]
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"{spec}: no such file or folder")
+        listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise InputError(f"{spec}: cannot open ({err})") from None
+    scheme = spec.split("://", 1)[0]
+    prefix = path.rstrip("/")
+    found = sorted(
+        f"{scheme}://{i.path}"
+        for i in listing
+        if i.type == pafs.FileType.File
+        and _supported(Path(i.path))
+        and not any(part.startswith((".", "_")) for part in i.path[len(prefix) :].split("/") if part)
+    )
+    if not found:
+        raise InputError(f"{spec}: folder holds no {', '.join(SUFFIXES)} files")
+    return found
+
+
 def _supported(path: Path) -> bool:
     return path.name.lower().endswith(SUFFIXES)
 
@@ -115,62 +193,99 @@ def _supported_files(paths: Iterable[Path]) -> list[str]:
     return sorted(str(p) for p in paths if p.is_file() and _supported(p))
 
 
-def _read_file(path: Path, text_field: str, skipped: Counter[str]) -> Iterator[str]:
-    name = path.name.lower()
-    if name.endswith(".txt"):
-        yield from _read_txt(path, skipped)
-    elif name.endswith(".parquet"):
-        yield from _read_parquet(path, text_field, skipped)
-    elif name.endswith(".jsonl.gz"):
-        try:
-            with gzip.open(path, "rb") as lines:
-                yield from _read_jsonl(lines, text_field, skipped)
-        except (OSError, EOFError, zlib.error) as err:
-            raise InputError(f"{path}: not a readable gzip file ({err})") from None
-    else:
-        with path.open("rb") as lines:
-            yield from _read_jsonl(lines, text_field, skipped)
+def _open(item: str):
+    """A binary file object for a local path or a pyarrow-filesystem URI."""
+    if "://" in item:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(item)
+        with fs.open_input_stream(path) as stream:
+            return io.BytesIO(stream.read())
+    return open(item, "rb")
 
 
-def _read_txt(path: Path, skipped: Counter[str]) -> Iterator[str]:
+def _read_file(item: str, text_field: str, txt_mode: str) -> Iterator[Record]:
+    import pyarrow as pa
+
+    name = item.lower()
     try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError:
-        skipped["bad_utf8"] += 1
+        if name.endswith(".txt"):
+            with _open(item) as fh:
+                data = fh.read()
+            yield from _txt_records(item, data, txt_mode)
+        elif name.endswith(".parquet"):
+            yield from _parquet_records(item, text_field)
+        elif name.endswith(".jsonl.gz"):
+            with _open(item) as raw, gzip.open(raw, "rb") as lines:
+                yield from _jsonl_records(item, lines, text_field)
+        else:
+            with _open(item) as lines:
+                yield from _jsonl_records(item, lines, text_field)
+    except (OSError, EOFError, zlib.error, pa.ArrowException) as err:
+        kind = "gzip" if name.endswith(".gz") else "Parquet" if name.endswith(".parquet") else "text"
+        yield Record(item, None, "unreadable_file", f"not a readable {kind} file ({err})")
+
+
+def _txt_records(item: str, data: bytes, txt_mode: str) -> Iterator[Record]:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        yield Record(item, None, "bad_utf8", f"invalid UTF-8 at byte {err.start}")
+        return
+    if txt_mode == "paragraph":
+        for first_line, paragraph in _paragraphs(text):
+            yield Record(f"{item}:{first_line}", paragraph)
         return
     if text:
-        yield text
+        yield Record(item, text)
     else:
-        skipped["empty"] += 1
+        yield Record(item, None, "empty", "empty file")
 
 
-def _read_jsonl(lines, text_field: str, skipped: Counter[str]) -> Iterator[str]:
-    for raw in lines:
+def _paragraphs(text: str) -> Iterator[tuple[int, str]]:
+    """(first line number, paragraph) for each run of non-blank lines."""
+    lines: list[str] = []
+    first = 0
+    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+        if line.strip():
+            if not lines:
+                first = number
+            lines.append(line)
+        elif lines:
+            yield first, "".join(lines).rstrip("\n")
+            lines = []
+    if lines:
+        yield first, "".join(lines).rstrip("\n")
+
+
+def _jsonl_records(item: str, lines, text_field: str) -> Iterator[Record]:
+    for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue  # blank lines (a trailing newline) are not records
+        where = f"{item}:{number}"
         try:
             record = json.loads(raw)
         except UnicodeDecodeError:
-            skipped["bad_utf8"] += 1
+            yield Record(where, None, "bad_utf8", "line is not valid UTF-8")
             continue
-        except ValueError:
-            skipped["bad_json"] += 1
+        except ValueError as err:
+            yield Record(where, None, "bad_json", str(err))
             continue
         if not isinstance(record, dict):
-            skipped["not_object"] += 1
+            yield Record(where, None, "not_object", f"expected a JSON object, got {type(record).__name__}")
             continue
         if text_field not in record or record[text_field] is None:
-            skipped["missing_field"] += 1
+            yield Record(where, None, "missing_field", f"no field {text_field!r}")
             continue
         text = record[text_field]
         if not isinstance(text, str):
-            skipped["not_text"] += 1
+            yield Record(where, None, "not_text", f"field {text_field!r} is {type(text).__name__}, expected a string")
         elif not text:
-            skipped["empty"] += 1
+            yield Record(where, None, "empty", f"field {text_field!r} is empty")
         elif not _is_utf8(text):
-            skipped["bad_utf8"] += 1
+            yield Record(where, None, "bad_utf8", "text holds a lone surrogate")
         else:
-            yield text
+            yield Record(where, text)
 
 
 def _is_utf8(text: str) -> bool:
@@ -182,28 +297,28 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _read_parquet(path: Path, text_field: str, skipped: Counter[str]) -> Iterator[str]:
+def _parquet_records(item: str, text_field: str) -> Iterator[Record]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as err:
-        raise InputError(f"{path}: not a readable Parquet file ({err})") from None
-    if text_field not in parquet.schema_arrow.names:
-        columns = ", ".join(parquet.schema_arrow.names)
-        raise InputError(f"{path}: no column {text_field!r} (columns: {columns})")
-    column_type = parquet.schema_arrow.field(text_field).type
-    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-        raise InputError(f"{path}: column {text_field!r} is {column_type}, expected string")
-    try:
+    with _open(item) as fh:
+        parquet = pq.ParquetFile(fh)
+        names = parquet.schema_arrow.names
+        if text_field not in names:
+            yield Record(item, None, "missing_column", f"no column {text_field!r} (columns: {', '.join(names)})")
+            return
+        column_type = parquet.schema_arrow.field(text_field).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            yield Record(item, None, "missing_column", f"column {text_field!r} is {column_type}, expected string")
+            return
+        row = 0
         for batch in parquet.iter_batches(columns=[text_field]):
             for text in batch.column(0).to_pylist():
+                where = f"{item}:{row}"
+                row += 1
                 if text is None:
-                    skipped["missing_field"] += 1
+                    yield Record(where, None, "missing_field", f"column {text_field!r} is null")
                 elif not text:
-                    skipped["empty"] += 1
+                    yield Record(where, None, "empty", f"column {text_field!r} is empty")
                 else:
-                    yield text
-    except (pa.ArrowException, OSError) as err:
-        raise InputError(f"{path}: not a readable Parquet file ({err})") from None
+                    yield Record(where, text)
