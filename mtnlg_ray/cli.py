@@ -43,11 +43,113 @@ app = _App(
 tokenizer_app = typer.Typer(help="Train the byte-level BPE tokenizer.", no_args_is_help=True)
 export_app = typer.Typer(help="Write a checkpoint in another project's format.", no_args_is_help=True)
 import_app = typer.Typer(help="Read a checkpoint from another project's format.", no_args_is_help=True)
+data_app = typer.Typer(help="Build a training corpus on Ray Data: read, clean, dedup, label, decontaminate, pack.",
+                       no_args_is_help=True)
 config_app = typer.Typer(help="Inspect stage configs: shipped defaults, files and --set overrides.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(export_app, name="export")
 app.add_typer(import_app, name="import")
 app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+INPUT_HELP = "Files, folders or globs of .txt / .jsonl(.gz) / .parquet, URIs (s3://, gs://, file://), or builtin:python-docs."
+SET_HELP = "Override one config key, e.g. --set dedup.threshold=0.85 (repeatable)."
+
+
+def _stage_printer():
+    from rich.console import Console
+
+    console = Console(stderr=True)
+
+    def show(report) -> None:
+        extra = f"  [dim]{report.note}[/dim]" if report.note else ""
+        rejected = f", {report.rejected:,} rejected" if report.rejected else ""
+        console.print(
+            f"[green]✓[/green] {report.name:<22} {report.docs_in:>8,} → {report.docs_out:<8,} docs"
+            f"{rejected}  ({report.seconds:.1f} s){extra}"
+        )
+
+    return console, show
+
+
+def _print_manifest_summary(console, manifest: dict, output: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"dataset {output}")
+    table.add_column("stage")
+    table.add_column("in", justify="right")
+    table.add_column("out", justify="right")
+    table.add_column("rejected", justify="right")
+    table.add_column("seconds", justify="right")
+    for stage in manifest["stages"]:
+        table.add_row(stage["name"], f"{stage['in']:,}", f"{stage['out']:,}", f"{stage['rejected']:,}",
+                      f"{stage['seconds']:.1f}")
+    console.print(table)
+    if manifest.get("rejected"):
+        reasons = ", ".join(f"{reason} {n:,}" for reason, n in manifest["rejected"].items())
+        console.print(f"rejected by reason: {reasons}  (rows in {output / 'rejected'})")
+    pack = manifest.get("pack")
+    if pack:
+        console.print(
+            f"{manifest['documents']:,} documents → {pack['train_sequences']:,} train + {pack['val_sequences']:,} "
+            f"val sequences of {pack['seq_len'] + 1} tokens in {output / 'tokens'}"
+        )
+
+
+@data_app.command("prepare")
+def data_prepare(
+    inputs: List[str] = typer.Argument(..., metavar="INPUT...", help=INPUT_HELP),
+    output: Path = typer.Option(..., "--output", "-o", help="Dataset directory to write (manifest.json, docs/, rejected/, tokens/, tokenizer/)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped prepare.yaml)."),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Run the whole corpus pipeline on Ray (the connected cluster, or a local one it starts).
+
+    Bad records never stop the run: each lands in rejected/ with its stage and reason.
+    """
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.data.pipeline import prepare_dataset
+
+    cfg = load_config(config, overrides, stage="prepare")
+    console, show = _stage_printer()
+    with console.status("running the corpus pipeline on Ray…"):
+        manifest = prepare_dataset(inputs, output, cfg, on_stage=show)
+    _print_manifest_summary(console, manifest, output)
+
+
+@data_app.command("label")
+def data_label(
+    input: List[str] = typer.Argument(..., metavar="INPUT...", help=INPUT_HELP),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for docs/ (with label columns), rejected/, manifest.json."),
+    labeler: str = typer.Option(..., "--labeler", help="quality | perplexity | classifier"),
+    model: Path = typer.Option(..., "--model", help="Quality model dir, LM checkpoint, or classifier checkpoint."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped prepare.yaml)."),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Run only the pseudo-labelling stage (an actor pool, the model loaded once per actor)."""
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.data.pipeline import label_corpus
+
+    cfg = load_config(config, [*overrides, f"label.labeler={labeler}", f"label.model={model}"], stage="prepare")
+    console, show = _stage_printer()
+    with console.status(f"labelling with {labeler}…"):
+        manifest = label_corpus(input, output, cfg)
+    _print_manifest_summary(console, manifest, output)
+
+
+@data_app.command("train-quality-classifier")
+def data_train_quality_classifier(
+    positive: List[str] = typer.Option(..., "--positive", help="INPUT of curated text (repeatable)."),
+    negative: List[str] = typer.Option(..., "--negative", help="INPUT of raw / unwanted text (repeatable)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the model (safetensors + JSON, no pickle)."),
+    epochs: int = typer.Option(5, "--epochs", help="Passes over the training documents."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train / holdout split and the initialisation."),
+) -> None:
+    """Train the GPT-3 / MT-NLG style quality classifier: hashed word n-grams + logistic regression."""
+    from mtnlg_ray.data.quality import train_quality_classifier
+
+    metrics = train_quality_classifier(positive, negative, output, epochs=epochs, seed=seed)
+    typer.echo(json.dumps(metrics, indent=2))
 
 
 @config_app.command("show")

@@ -1,0 +1,98 @@
+"""Decontamination stage: cut evaluation text out of the training corpus (GPT-3 / MT-NLG rules).
+
+Word 13-grams of the evaluation files are collected once; a training document that shares one
+loses the matched span plus `window` characters on each side. Pieces shorter than
+`min_fragment` characters are dropped, and a document cut into more than `max_splits` pieces
+is dropped whole. Surviving pieces stay one document, joined by a blank line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable
+
+import pyarrow as pa
+
+from mtnlg_ray.config import DecontamSection
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def _gram_key(words: Iterable[str]) -> int:
+    # 8-byte digests keep the n-gram set small enough to ship to every task.
+    return int.from_bytes(hashlib.blake2b(" ".join(words).encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def eval_ngrams(texts: Iterable[str], n: int) -> frozenset[int]:
+    """Hashed, lowercased word n-grams of the evaluation texts (the whole text when shorter than n)."""
+    grams: set[int] = set()
+    for text in texts:
+        words = [w.lower() for w in _WORD.findall(text)]
+        if 0 < len(words) < n:
+            grams.add(_gram_key(words))
+        for i in range(len(words) - n + 1):
+            grams.add(_gram_key(words[i : i + n]))
+    return frozenset(grams)
+
+
+def contaminated_spans(text: str, grams: frozenset[int], n: int) -> list[tuple[int, int]]:
+    """Character spans of `text` covered by a matching n-gram, merged where they overlap."""
+    matches = list(_WORD.finditer(text))
+    words = [m.group().lower() for m in matches]
+    spans: list[tuple[int, int]] = []
+    for i in range(len(words) - n + 1):
+        if _gram_key(words[i : i + n]) in grams:
+            start, end = matches[i].start(), matches[i + n - 1].end()
+            if spans and start <= spans[-1][1]:
+                spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
+            else:
+                spans.append((start, end))
+    return spans
+
+
+def decontaminate(text: str, grams: frozenset[int], cfg: DecontamSection) -> tuple[str | None, int]:
+    """(the text left, or None when the document is dropped; the number of pieces it was cut into)."""
+    spans = contaminated_spans(text, grams, cfg.ngram)
+    if not spans:
+        return text, 1
+    cuts: list[tuple[int, int]] = []
+    for start, end in spans:
+        start, end = max(0, start - cfg.window), min(len(text), end + cfg.window)
+        if cuts and start <= cuts[-1][1]:
+            cuts[-1] = (cuts[-1][0], max(end, cuts[-1][1]))
+        else:
+            cuts.append((start, end))
+    pieces, position = [], 0
+    for start, end in cuts:
+        pieces.append(text[position:start])
+        position = end
+    pieces.append(text[position:])
+    pieces = [p.strip() for p in pieces]
+    split_count = len([p for p in pieces if p])
+    if split_count > cfg.max_splits:
+        return None, split_count
+    kept = [p for p in pieces if len(p) >= cfg.min_fragment]
+    return ("\n\n".join(kept) if kept else None), split_count
+
+
+def decontaminate_batch(batch: pa.Table, grams: frozenset[int], cfg: DecontamSection) -> pa.Table:
+    """Cut contaminated spans from `text`; dropped documents get reason "contaminated"."""
+    texts, reasons, details = [], [], []
+    for text in batch.column("text").to_pylist():
+        left, pieces = decontaminate(text, grams, cfg)
+        if left is None:
+            texts.append(text)
+            reasons.append("contaminated")
+            why = f"more than {cfg.max_splits} pieces" if pieces > cfg.max_splits else "no piece long enough"
+            details.append(f"cut into {pieces} pieces: {why}")
+        else:
+            texts.append(left)
+            reasons.append("")
+            details.append("" if left == text else f"evaluation text cut out ({pieces} pieces kept)")
+    batch = batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
+    for name, values in (("reason", reasons), ("detail", details)):
+        index = batch.schema.get_field_index(name)
+        column = pa.array(values, pa.string())
+        batch = batch.set_column(index, name, column) if index >= 0 else batch.append_column(name, column)
+    return batch

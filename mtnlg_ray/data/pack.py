@@ -1,0 +1,130 @@
+"""Tokenize and pack: documents → fixed sequences of `seq_len + 1` token ids, no padding.
+
+Ray Data tokenizes batches in parallel (order preserved); one writer then streams the ids in
+document order, puts `<|endoftext|>` after every document, cuts the stream into sequences
+and writes `tokens/{train,val}-NNNNN.npy` shards (uint16 when the vocabulary fits, else
+uint32; `np.load(allow_pickle=False)` reads them). A seeded, evenly spread subset of the
+sequences is held out for validation. Training reads the shards per data-parallel rank.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from mtnlg_ray.config import PackSection
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenizer(path: str):
+    # One load per worker process, not per batch.
+    if path not in _TOKENIZERS:
+        from mtnlg_ray.tokenizer import load_tokenizer
+
+        _TOKENIZERS[path] = load_tokenizer(path)
+    return _TOKENIZERS[path]
+
+
+def tokenize_batch(batch: pa.Table, tokenizer_path: str) -> pa.Table:
+    """Add a `tokens` column (the document's ids, without EOS) to a batch with a `text` column."""
+    encodings = _tokenizer(tokenizer_path).encode_batch(batch.column("text").to_pylist())
+    tokens = pa.array([e.ids for e in encodings], pa.list_(pa.uint32()))
+    return batch.append_column("tokens", tokens)
+
+
+@dataclass
+class PackedCorpus:
+    seq_len: int
+    dtype: str
+    eos_id: int
+    documents: int = 0
+    tokens: int = 0  # ids written into sequences, EOS included
+    dropped_tail_tokens: int = 0  # the last, incomplete sequence
+    train_sequences: int = 0
+    val_sequences: int = 0
+    val_indices: list[int] = field(default_factory=list)  # positions of held-out sequences in the stream
+    shards: dict[str, list[str]] = field(default_factory=lambda: {"train": [], "val": []})
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def is_validation(index: int, cfg: PackSection) -> bool:
+    """Every k-th sequence (k = 1 / val_fraction), starting at an offset chosen by the seed."""
+    if cfg.val_fraction <= 0:
+        return False
+    every = max(2, round(1 / cfg.val_fraction))
+    return index % every == np.random.default_rng(cfg.seed).integers(every)
+
+
+class SequenceWriter:
+    """Cuts a stream of token ids into `seq_len + 1` sequences and writes them as .npy shards."""
+
+    def __init__(self, output: Path, cfg: PackSection, eos_id: int, vocab_size: int) -> None:
+        self.output = output
+        self.cfg = cfg
+        self.width = cfg.seq_len + 1
+        dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+        self.result = PackedCorpus(cfg.seq_len, np.dtype(dtype).name, eos_id)
+        self.dtype = dtype
+        self.pending = np.empty(0, dtype=dtype)
+        self.split_rows: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+        self.index = 0
+        output.mkdir(parents=True, exist_ok=True)
+
+    def add_documents(self, token_lists: list[np.ndarray]) -> None:
+        if not token_lists:
+            return
+        eos = np.array([self.result.eos_id], dtype=self.dtype)
+        pieces = [self.pending]
+        for ids in token_lists:
+            pieces.extend((ids.astype(self.dtype, copy=False), eos))
+        stream = np.concatenate(pieces)
+        self.result.documents += len(token_lists)
+        whole = len(stream) // self.width
+        for row in stream[: whole * self.width].reshape(whole, self.width):
+            split = "val" if is_validation(self.index, self.cfg) else "train"
+            if split == "val":
+                self.result.val_indices.append(self.index)
+            self.split_rows[split].append(row)
+            self.index += 1
+            if len(self.split_rows[split]) >= self.cfg.shard_sequences:
+                self._flush(split)
+        self.pending = stream[whole * self.width :]
+
+    def _flush(self, split: str) -> None:
+        rows = self.split_rows[split]
+        if not rows:
+            return
+        name = f"{split}-{len(self.result.shards[split]):05d}.npy"
+        np.save(self.output / name, np.stack(rows), allow_pickle=False)
+        self.result.shards[split].append(name)
+        setattr(self.result, f"{split}_sequences", getattr(self.result, f"{split}_sequences") + len(rows))
+        self.result.tokens += len(rows) * self.width
+        self.split_rows[split] = []
+
+    def close(self) -> PackedCorpus:
+        # A validation split with nothing in it is no split: give it the last train sequence.
+        if self.cfg.val_fraction > 0 and not self.result.val_indices and self.split_rows["train"]:
+            if self.index >= 2:
+                self.split_rows["val"].append(self.split_rows["train"].pop())
+                self.result.val_indices.append(self.index - 1)
+        self.result.dropped_tail_tokens = int(len(self.pending))
+        self._flush("train")
+        self._flush("val")
+        (self.output / "index.json").write_text(json.dumps(self.result.to_json(), indent=2) + "\n")
+        return self.result
+
+
+def read_sequences(tokens_dir: str | Path, split: str = "train") -> np.ndarray:
+    """All sequences of one split as one (n, seq_len + 1) array; no pickle involved."""
+    tokens_dir = Path(tokens_dir)
+    index = json.loads((tokens_dir / "index.json").read_text())
+    arrays = [np.load(tokens_dir / name, allow_pickle=False) for name in index["shards"][split]]
+    width = index["seq_len"] + 1
+    return np.concatenate(arrays) if arrays else np.empty((0, width), dtype=index["dtype"])

@@ -1,0 +1,430 @@
+"""`mtnlg-ray data prepare`: one Ray Data pipeline from raw INPUTs to a dataset directory.
+
+read → clean → dedup → pseudo-label → decontaminate → (sort) → docs/ → tokenizer → blend →
+tokenize + pack → tokens/. Every record that leaves the corpus lands in `rejected/` with its
+stage and reason; `manifest.json` records counts in and out and the time of every stage.
+Bad records never stop the run; only a missing input, a bad config or an unwritable output do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mtnlg_ray.config import Config
+from mtnlg_ray.data.read import document_id, iter_records, iter_texts, resolve_inputs
+from mtnlg_ray.errors import InputError
+
+FORMAT = "mtnlg-ray/dataset/v1"
+REJECTED_COLUMNS = ("id", "source", "location", "stage", "reason", "detail")
+_SEQ_BITS = 32  # seq = file index << 32 | record index: the corpus order, kept through every stage
+_COPY_BITS = 52  # blended copies sort after the originals: copy << 52 | seq
+
+
+# ---------------------------------------------------------------- batch functions (run in Ray tasks)
+
+
+def read_batch(batch: pa.Table, text_field: str, txt_mode: str, max_chars: int) -> pa.Table:
+    """Each input row names one file; the output holds one row per record of those files."""
+    rows: dict[str, list] = {k: [] for k in ("id", "text", "source", "location", "seq", "reason", "detail")}
+    for item, source, file_index in zip(
+        batch.column("item").to_pylist(), batch.column("source").to_pylist(), batch.column("file_index").to_pylist()
+    ):
+        for number, record in enumerate(iter_records(item, text_field, txt_mode, max_chars)):
+            rows["id"].append(document_id(record.location))
+            rows["text"].append(record.text)
+            rows["source"].append(source)
+            rows["location"].append(record.location)
+            rows["seq"].append((file_index << _SEQ_BITS) | number)
+            rows["reason"].append(record.reason)
+            rows["detail"].append(record.detail)
+    return pa.table(
+        {
+            "id": pa.array(rows["id"], pa.string()),
+            "text": pa.array(rows["text"], pa.string()),
+            "source": pa.array(rows["source"], pa.string()),
+            "location": pa.array(rows["location"], pa.string()),
+            "seq": pa.array(rows["seq"], pa.int64()),
+            "reason": pa.array(rows["reason"], pa.string()),
+            "detail": pa.array(rows["detail"], pa.string()),
+        }
+    )
+
+
+def _good_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.equal(batch.column("reason"), "")).drop_columns(["reason", "detail"])
+
+
+def _bad_rows(batch: pa.Table, stage: str) -> pa.Table:
+    bad = batch.filter(pc.not_equal(batch.column("reason"), ""))
+    return pa.table(
+        {
+            "id": bad.column("id"),
+            "source": bad.column("source"),
+            "location": bad.column("location"),
+            "stage": pa.array([stage] * bad.num_rows, pa.string()),
+            "reason": bad.column("reason"),
+            "detail": bad.column("detail"),
+        }
+    )
+
+
+def blend_batch(batch: pa.Table, weights: dict[str, float], seed: int) -> pa.Table:
+    """Repeat each document floor(w) times, plus once more with probability frac(w) (seeded by id)."""
+    keep: list[int] = []
+    order: list[int] = []
+    for row, (doc_id, source, seq) in enumerate(
+        zip(batch.column("id").to_pylist(), batch.column("source").to_pylist(), batch.column("seq").to_pylist())
+    ):
+        weight = weights.get(source, 1.0)
+        copies = int(weight)
+        if weight - copies > 0:
+            draw = np.random.default_rng([seed, int(doc_id, 16)]).random()
+            copies += int(draw < weight - copies)
+        for copy in range(copies):
+            keep.append(row)
+            order.append((copy << _COPY_BITS) | seq)
+    out = batch.take(pa.array(keep, pa.int64()))
+    return out.set_column(out.schema.get_field_index("seq"), "seq", pa.array(order, pa.int64()))
+
+
+# ---------------------------------------------------------------- the stage runner
+
+
+@dataclass
+class StageReport:
+    name: str
+    docs_in: int
+    docs_out: int
+    rejected: int
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class PipelineRun:
+    """Counts and timings as the stages run; becomes manifest.json."""
+
+    stages: list[StageReport] = field(default_factory=list)
+    rejected_parts: list = field(default_factory=list)
+    on_stage: Callable[[StageReport], None] | None = None
+
+    def record(self, report: StageReport) -> None:
+        self.stages.append(report)
+        if self.on_stage is not None:
+            self.on_stage(report)
+
+
+def _split(ds, stage: str):
+    """Materialise a stage's output and part it into (kept documents, rejected rows)."""
+    ds = ds.materialize()
+    kept = ds.map_batches(_good_rows, batch_format="pyarrow").materialize()
+    rejected = ds.map_batches(_bad_rows, fn_kwargs={"stage": stage}, batch_format="pyarrow").materialize()
+    return kept, rejected
+
+
+def _run_stage(run: PipelineRun, name: str, docs, stage_fn, note: str = ""):
+    """Run `stage_fn(docs) -> (kept, rejected)`, time it and record the counts."""
+    start = time.perf_counter()
+    docs_in = docs.count()
+    kept, rejected = stage_fn(docs)
+    kept = kept.materialize()
+    rejected = rejected.materialize()
+    n_rejected = rejected.count()
+    run.rejected_parts.append(rejected)
+    run.record(StageReport(name, docs_in, kept.count(), n_rejected, time.perf_counter() - start, note))
+    return kept
+
+
+# ---------------------------------------------------------------- output directory
+
+
+def _prepare_output(output: Path) -> None:
+    """Create `output`, or clear a previous dataset in it; never clobber an unrelated folder."""
+    try:
+        if output.exists():
+            if not output.is_dir():
+                raise InputError(f"{output}: exists and is not a directory")
+            if any(output.iterdir()) and not (output / "manifest.json").is_file():
+                raise InputError(f"{output}: exists, is not empty and holds no manifest.json; choose a new directory")
+            for name in ("docs", "rejected", "tokens", "tokenizer", "manifest.json"):
+                target = output / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except PermissionError as err:
+        raise InputError(f"{output}: not writable ({err.strerror})") from None
+
+
+def _write_parquet(ds, folder: Path, columns: Sequence[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if ds.count():
+        ds.select_columns(list(columns)).write_parquet(str(folder))
+
+
+def _count_by(ds, column: str) -> dict[str, int]:
+    """Rows per value of one short column (source, reason); only that column reaches the driver."""
+    counts: dict[str, int] = {}
+    if ds is None:
+        return counts
+    for batch in ds.select_columns([column]).iter_batches(batch_format="pyarrow", batch_size=4096):
+        for item in pc.value_counts(batch.column(column)).to_pylist():
+            counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    return counts
+
+
+def _read_stage(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config):
+    """One read task per file; records that cannot be used go to the rejected rows."""
+    import ray.data
+
+    start = time.perf_counter()
+    files = [
+        {"item": item, "source": spec, "file_index": index}
+        for index, (spec, item) in enumerate((spec, item) for spec, found in items for item in found)
+    ]
+    raw = ray.data.from_items(files, override_num_blocks=max(1, len(files))).map_batches(
+        read_batch,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "text_field": config.data.text_field,
+            "txt_mode": config.read.txt_mode,
+            "max_chars": config.read.max_chars,
+        },
+    )
+    docs, rejected = _split(raw, "read")
+    run.rejected_parts.append(rejected)
+    run.record(StageReport("read", len(files), docs.count(), rejected.count(), time.perf_counter() - start,
+                           f"{len(files)} files"))
+    return docs
+
+
+# ---------------------------------------------------------------- the pipeline
+
+
+def prepare_dataset(
+    inputs: Sequence[str],
+    output: str | Path,
+    config: Config,
+    on_stage: Callable[[StageReport], None] | None = None,
+) -> dict:
+    """Run the whole corpus pipeline on the connected (or a new local) Ray; returns the manifest."""
+    import ray.data
+
+    from mtnlg_ray.runtime import ensure_ray
+
+    started = time.perf_counter()
+    output = Path(output)
+    items = [(spec, resolve_inputs([spec])) for spec in inputs]  # bad inputs fail here, before any work
+    for spec in config.decontam.eval_files:
+        resolve_inputs([spec])
+    unknown = sorted(set(config.read.weights) - set(inputs))
+    if unknown:
+        raise InputError(f"read.weights: '{unknown[0]}' is not one of the INPUTs ({', '.join(inputs)})")
+    _prepare_output(output)
+    ensure_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+
+    run = PipelineRun(on_stage=on_stage)
+    docs = _read_stage(run, items, config)
+    read_counts = _count_by(docs, "source")
+
+    if config.clean.enabled:
+        from mtnlg_ray.data.clean import clean_batch
+
+        docs = _run_stage(run, "clean", docs, lambda d: _split(
+            d.map_batches(clean_batch, fn_kwargs={"cfg": config.clean}, batch_format="pyarrow"), "clean"))
+
+    if config.dedup.exact or config.dedup.fuzzy:
+        from mtnlg_ray.data.dedup import dedup_documents
+
+        docs = _run_stage(run, "dedup", docs, lambda d: dedup_documents(d, config.dedup))
+
+    if config.label.labeler is not None:
+        from mtnlg_ray.data.label import filter_labelled, label_documents
+
+        if config.label.model is None:
+            raise InputError("label.model: the labeller needs a model path (set label.model)")
+        docs = _run_stage(run, f"label ({config.label.labeler})", docs, lambda d: filter_labelled(
+            label_documents(d, config.label), config.label))
+
+    if config.decontam.eval_files:
+        from mtnlg_ray.data.decontam import eval_ngrams
+
+        grams = eval_ngrams(iter_texts(config.decontam.eval_files), config.decontam.ngram)
+        grams_ref = ray.put(grams)
+        docs = _run_stage(run, "decontaminate", docs, lambda d: _split(
+            d.map_batches(_decontaminate_with_ref, fn_kwargs={"grams_ref": [grams_ref], "cfg": config.decontam},
+                          batch_format="pyarrow"), "decontaminate"), note=f"{len(grams)} evaluation n-grams")
+
+    # Dedup shuffles rows; the corpus order comes back from `seq`.
+    start = time.perf_counter()
+    if config.dedup.exact or config.dedup.fuzzy:
+        docs = docs.sort("seq").materialize()
+    doc_columns = [c for c in docs.columns() if c not in ("seq",)]
+    _write_parquet(docs, output / "docs", doc_columns)
+    kept_counts = _count_by(docs, "source")
+    run.record(StageReport("write docs", docs.count(), docs.count(), 0, time.perf_counter() - start))
+
+    tokenizer_file = _tokenizer_for(docs, output, config, run)
+
+    start = time.perf_counter()
+    packed = _pack(docs, output, tokenizer_file, config)
+    run.record(StageReport("tokenize + pack", docs.count(), packed["documents"], 0, time.perf_counter() - start,
+                           f"{packed['train_sequences']} train / {packed['val_sequences']} val sequences"))
+
+    rejected_all = _union(run.rejected_parts)
+    _write_parquet(rejected_all, output / "rejected", REJECTED_COLUMNS)
+    rejected_counts = _count_by(rejected_all, "reason")
+
+    from mtnlg_ray.tokenizer import load_tokenizer, tokenizer_hash
+
+    manifest = {
+        "format": FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": list(inputs),
+        "sources": {
+            spec: {
+                "files": len(found),
+                "weight": config.read.weights.get(spec, 1.0),
+                "documents_read": read_counts.get(spec, 0),
+                "documents_kept": kept_counts.get(spec, 0),
+            }
+            for spec, found in items
+        },
+        "stages": [
+            {"name": s.name, "in": s.docs_in, "out": s.docs_out, "rejected": s.rejected,
+             "seconds": round(s.seconds, 3), "note": s.note}
+            for s in run.stages
+        ],
+        "rejected": dict(sorted(rejected_counts.items())),
+        "documents": docs.count(),
+        "tokenizer": {
+            "path": "tokenizer/tokenizer.json",
+            "hash": tokenizer_hash(tokenizer_file),
+            "vocab_size": load_tokenizer(tokenizer_file).get_vocab_size(),
+        },
+        "seq_len": config.pack.seq_len,
+        "pack": packed,
+        "config": config.model_dump(mode="json", include={"read", "clean", "dedup", "label", "decontam", "pack"}),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    tmp = output / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, output / "manifest.json")
+    return manifest
+
+
+def _decontaminate_with_ref(batch: pa.Table, grams_ref: list, cfg) -> pa.Table:
+    import ray
+
+    from mtnlg_ray.data.decontam import decontaminate_batch
+
+    # The ref travels inside a list so Ray passes the reference, not a copy per task argument.
+    return decontaminate_batch(batch, ray.get(grams_ref[0]), cfg)
+
+
+def _union(parts: list):
+    parts = [p for p in parts if p.count()]
+    if not parts:
+        return None
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def _tokenizer_for(docs, output: Path, config: Config, run: PipelineRun) -> Path:
+    """The configured tokenizer copied into the dataset, or one trained on the kept documents."""
+    from mtnlg_ray.tokenizer import load_tokenizer, train_tokenizer
+
+    start = time.perf_counter()
+    target = output / "tokenizer"
+    target.mkdir(parents=True, exist_ok=True)
+    if config.tokenizer.path:
+        source = Path(config.tokenizer.path)
+        source = source / "tokenizer.json" if source.is_dir() else source
+        load_tokenizer(source)  # one clear line if it is missing or broken
+        shutil.copyfile(source, target / "tokenizer.json")
+        note = f"copied from {source}"
+    else:
+        if not docs.count():
+            raise InputError("no documents survived the pipeline, so there is no text to train a tokenizer on")
+        train_tokenizer([str(output / "docs")], config.tokenizer.vocab_size, target, show_progress=False)
+        note = f"trained, vocab {config.tokenizer.vocab_size}"
+    run.record(StageReport("tokenizer", docs.count(), docs.count(), 0, time.perf_counter() - start, note))
+    return target / "tokenizer.json"
+
+
+def _pack(docs, output: Path, tokenizer_file: Path, config: Config) -> dict:
+    from mtnlg_ray.data.pack import SequenceWriter, tokenize_batch
+    from mtnlg_ray.tokenizer import eos_id, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_file)
+    blended = docs
+    if any(w != 1.0 for w in config.read.weights.values()):
+        blended = docs.map_batches(
+            blend_batch, fn_kwargs={"weights": config.read.weights, "seed": config.pack.seed}, batch_format="pyarrow"
+        ).sort("seq")
+    tokenized = blended.select_columns(["text"]).map_batches(
+        tokenize_batch, fn_kwargs={"tokenizer_path": str(tokenizer_file)}, batch_format="pyarrow"
+    )
+    writer = SequenceWriter(output / "tokens", config.pack, eos_id(tok), tok.get_vocab_size())
+    for batch in tokenized.iter_batches(batch_format="pyarrow", batch_size=1024):
+        column = batch.column("tokens").combine_chunks()
+        offsets = column.offsets.to_numpy()
+        values = column.values.to_numpy(zero_copy_only=False)
+        writer.add_documents([values[offsets[i] : offsets[i + 1]] for i in range(len(column))])
+    return writer.close().to_json()
+
+
+# ---------------------------------------------------------------- `mtnlg-ray data label`
+
+
+def label_corpus(inputs: Sequence[str], output: str | Path, config: Config) -> dict:
+    """Read INPUTs and run only the pseudo-labelling stage; write docs/ (with label columns) and rejected/."""
+    import ray.data
+
+    from mtnlg_ray.data.label import filter_labelled, label_documents
+    from mtnlg_ray.runtime import ensure_ray
+
+    if config.label.labeler is None or config.label.model is None:
+        raise InputError("label: both --labeler and --model are needed")
+    output = Path(output)
+    items = [(spec, resolve_inputs([spec])) for spec in inputs]
+    _prepare_output(output)
+    ensure_ray()
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    run = PipelineRun()
+    docs = _read_stage(run, items, config)
+    docs = _run_stage(run, f"label ({config.label.labeler})", docs,
+                      lambda d: filter_labelled(label_documents(d, config.label), config.label))
+    _write_parquet(docs, output / "docs", [c for c in docs.columns() if c != "seq"])
+    rejected_all = _union(run.rejected_parts)
+    _write_parquet(rejected_all, output / "rejected", REJECTED_COLUMNS)
+    manifest = {
+        "format": FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": list(inputs),
+        "labeler": config.label.labeler,
+        "model": config.label.model,
+        "stages": [{"name": s.name, "in": s.docs_in, "out": s.docs_out, "rejected": s.rejected,
+                    "seconds": round(s.seconds, 3)} for s in run.stages],
+        "rejected": _count_by(rejected_all, "reason"),
+        "documents": docs.count(),
+    }
+    (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest

@@ -1,0 +1,94 @@
+"""Unit tests of the per-document stages: cleaning heuristics, decontamination rules, packing."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mtnlg_ray.config import CleanSection, DecontamSection, PackSection
+from mtnlg_ray.data.clean import clean_batch, normalize_text, quality_problem
+from mtnlg_ray.data.decontam import decontaminate, eval_ngrams
+from mtnlg_ray.data.pack import SequenceWriter, read_sequences
+
+PROSE = (
+    "The harbor was quiet in the early morning, and the fishing boats rocked gently against the pier "
+    "while a few gulls circled overhead looking for scraps left behind by the night crew."
+)
+
+
+def test_normalize_text():
+    raw = "Cafe\u0301\x00 \t  bar\u200b  \r\n\r\n\r\n\r\nnext   line  "
+    assert normalize_text(raw) == "Café bar\n\nnext line"
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("Too short here.", "too_few_words"),
+        ("a b c d e f g h i j k l", "mean_word_length"),
+        ("# one # two # three # four # five # six", "symbol_ratio"),
+        ("\n".join(["This line has quite a few words and then trails off..."] * 3 + ["A closing line."]),
+         "ellipsis_lines"),
+        ("\n".join(["Buy now and save big today"] * 4 + ["Other words in a line"]), "duplicate_lines"),
+        (" ".join(["click here"] * 30), "repeated_ngram"),
+    ],
+)
+def test_each_heuristic_has_its_reason(text, reason):
+    problem = quality_problem(normalize_text(text), CleanSection())
+    assert problem is not None and problem[0] == reason, problem
+
+
+def test_prose_passes_and_batches_mark_reasons():
+    assert quality_problem(PROSE, CleanSection()) is None
+    batch = pa.table({"id": ["a", "b"], "text": [PROSE + "  ", "\x00\x01"]})
+    out = clean_batch(batch, CleanSection())
+    assert out.column("text").to_pylist()[0] == PROSE
+    assert out.column("reason").to_pylist() == ["", "empty_after_cleaning"]
+
+
+def test_decontamination_follows_the_gpt3_rules():
+    passage = " ".join(f"w{i}" for i in range(20))
+    grams = eval_ngrams([passage], 13)
+    cfg = DecontamSection()
+    before, after = PROSE * 3, PROSE * 4
+    text, pieces = decontaminate(before + " " + passage + " " + after, grams, cfg)
+    assert "w5 w6" not in text and pieces == 2
+    assert text.startswith(before[:100]) and text.endswith(after[-100:])
+    # 200 characters are cut on each side of the match (one of them the separating space)
+    assert len(before) + len(after) - 2 * 199 - 4 <= len(text) - 2 <= len(before) + len(after) - 2 * 199
+    clean, pieces = decontaminate(PROSE, grams, cfg)
+    assert clean == PROSE and pieces == 1
+    short, _ = decontaminate("tiny " + passage + " tiny", grams, cfg)
+    assert short is None
+    many = (" " + passage + " ").join([PROSE * 3] * 12)
+    dropped, pieces = decontaminate(many, grams, DecontamSection(window=0))
+    assert dropped is None and pieces == 12
+
+
+def test_packing_is_exact_and_drops_only_the_tail(tmp_path):
+    cfg = PackSection(seq_len=7, val_fraction=0.0, shard_sequences=3)
+    writer = SequenceWriter(tmp_path, cfg, eos_id=0, vocab_size=300)
+    docs = [np.arange(1, 1 + n, dtype=np.uint32) for n in (5, 11, 2, 17, 9)]
+    writer.add_documents(docs[:2])
+    writer.add_documents(docs[2:])
+    result = writer.close()
+    stream = np.concatenate([np.append(d, 0) for d in docs])
+    seqs = read_sequences(tmp_path, "train")
+    assert seqs.shape == (len(stream) // 8, 8) and seqs.dtype == np.uint16
+    assert np.array_equal(seqs.reshape(-1), stream[: seqs.size])
+    assert result.dropped_tail_tokens == len(stream) % 8
+    assert len(result.shards["train"]) == 2
+
+
+def test_validation_split_is_seeded_and_never_empty(tmp_path):
+    docs = [np.arange(1, 40, dtype=np.uint32)] * 10
+    splits = []
+    for seed, name in ((0, "a"), (0, "b"), (1, "c")):
+        writer = SequenceWriter(tmp_path / name, PackSection(seq_len=7, val_fraction=0.25, seed=seed), 0, 300)
+        writer.add_documents(docs)
+        splits.append(writer.close().val_indices)
+    assert splits[0] == splits[1] and splits[0] != splits[2]
+    assert all(i % 4 == splits[0][0] % 4 for i in splits[0])
+    tiny = SequenceWriter(tmp_path / "tiny", PackSection(seq_len=7, val_fraction=0.01), 0, 300)
+    tiny.add_documents([np.arange(1, 17, dtype=np.uint32)])
+    result = tiny.close()
+    assert result.val_sequences == 1 and result.train_sequences == 1

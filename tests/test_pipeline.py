@@ -1,0 +1,202 @@
+"""The corpus pipeline end to end on a real local Ray, with planted duplicates, contamination and bad records."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_cli
+from mtnlg_ray.config import load_config
+from mtnlg_ray.data.pack import read_sequences
+from mtnlg_ray.errors import InputError
+
+WORDS = (
+    "river stone garden window morning paper letter music silver forest harbor candle winter summer "
+    "village mountain bridge orchard meadow lantern journey captain doctor teacher painter farmer "
+    "sailor market station library kitchen chapter garden evening shadow thunder whisper crystal "
+    "ancient gentle quiet bright narrow golden hollow steady frozen distant curious patient humble "
+    "walks carries builds finds keeps opens watches remembers follows gathers answers borrows "
+    "across beneath beyond during toward within without between around through after before"
+).split()
+
+
+def make_doc(rng: random.Random, sentences: int = 12) -> str:
+    out = []
+    for _ in range(sentences):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(8, 14))]
+        out.append(" ".join(words).capitalize() + ".")
+    return " ".join(out)
+
+
+EVAL_PASSAGE = (
+    "the committee of astronomers announced that the comet designated seventeen would pass "
+    "close to the northern observatory on the evening of the solstice and every telescope "
+    "in the province was pointed at the horizon waiting for the faint blue tail to appear"
+)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    rng = random.Random(7)
+    root = tmp_path_factory.mktemp("planted")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    good = [make_doc(rng) for _ in range(12)]
+    lines = [json.dumps({"text": t}) for t in good[:8]]
+    # an exact duplicate (case and spacing differ) and a near duplicate (three words changed)
+    lines.append(json.dumps({"text": "  " + good[0].upper().replace(" ", "   ") + "  "}))
+    near = good[1].split(" ")
+    for i in (5, 40, 90):
+        near[i] = "zebra"
+    lines.append(json.dumps({"text": " ".join(near)}))
+    # bad records: broken JSON, missing field, empty text, not an object, too large
+    lines += ['{"text": "unterminated', json.dumps({"body": "no text field"}), json.dumps({"text": ""}),
+              json.dumps([1, 2, 3]), json.dumps({"text": "word " * 2000})]
+    # a document too short for the quality heuristics
+    lines.append(json.dumps({"text": "Too short."}))
+    (corpus / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with gzip.open(corpus / "b.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(json.dumps({"text": t}) for t in good[8:10]) + "\n")
+    (corpus / "c.txt").write_text(good[10], encoding="utf-8")
+    (corpus / "d.txt").write_bytes(b"caf\xe9 is not utf-8 \xff\xfe")
+    # contamination: an evaluation passage planted inside a long document, and one document
+    # that is nothing but the passage (no piece of 200 characters survives the cut)
+    contaminated = good[11] + " " + EVAL_PASSAGE + " " + make_doc(rng)
+    (corpus / "e.txt").write_text(contaminated, encoding="utf-8")
+    (corpus / "f.txt").write_text("Preface. " + EVAL_PASSAGE + " Afterword.", encoding="utf-8")
+    evals = root / "evals"
+    evals.mkdir()
+    (evals / "test.jsonl").write_text(json.dumps({"text": EVAL_PASSAGE}) + "\n", encoding="utf-8")
+    return {"root": root, "corpus": corpus, "evals": evals, "good": good, "contaminated": contaminated}
+
+
+def prepare_planted(planted, output, *extra):
+    from mtnlg_ray.data.pipeline import prepare_dataset
+
+    config = load_config(
+        overrides=[
+            "read.max_chars=5000",
+            "tokenizer.vocab_size=400",
+            "pack.seq_len=32",
+            "pack.val_fraction=0",
+            f"decontam.eval_files=[{planted['evals']}]",
+            *extra,
+        ],
+        stage="prepare",
+    )
+    return prepare_dataset([str(planted["corpus"])], output, config)
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, planted, tmp_path_factory):
+    output = tmp_path_factory.mktemp("dataset")
+    manifest = prepare_planted(planted, output)
+    return output, manifest
+
+
+def test_every_good_document_is_kept_exactly_once(prepared, planted):
+    output, manifest = prepared
+    docs = pq.read_table(output / "docs").to_pylist()
+    texts = [d["text"] for d in docs]
+    for text in planted["good"][:11]:
+        assert texts.count(text) == 1
+    assert len(texts) == 12  # 11 clean documents + the decontaminated one
+    assert len({d["id"] for d in docs}) == len(docs)
+    assert manifest["documents"] == 12
+
+
+def test_contamination_is_cut_and_the_rest_kept(prepared, planted):
+    output, _ = prepared
+    texts = [d["text"] for d in pq.read_table(output / "docs").to_pylist()]
+    assert not any("comet designated seventeen" in t for t in texts)
+    cut = [t for t in texts if t.startswith(planted["good"][11][:150])]
+    assert len(cut) == 1 and len(cut[0]) < len(planted["contaminated"])
+
+
+def test_each_bad_record_is_rejected_with_its_reason(prepared):
+    output, manifest = prepared
+    rejected = pq.read_table(output / "rejected").to_pylist()
+    reasons = sorted(r["reason"] for r in rejected)
+    assert reasons == sorted([
+        "bad_json", "missing_field", "empty", "not_object", "too_large", "bad_utf8",
+        "too_few_words", "exact_duplicate", "near_duplicate", "contaminated",
+    ])
+    by_reason = {r["reason"]: r for r in rejected}
+    assert by_reason["bad_json"]["location"].endswith("a.jsonl:11")
+    assert by_reason["bad_utf8"]["location"].endswith("d.txt")
+    assert by_reason["exact_duplicate"]["stage"] == "dedup"
+    assert by_reason["contaminated"]["location"].endswith("f.txt")
+    assert set(rejected[0]) == {"id", "source", "location", "stage", "reason", "detail"}
+    assert sum(manifest["rejected"].values()) == len(rejected)
+    stages = {s["name"]: s for s in manifest["stages"]}
+    assert stages["read"]["rejected"] == 6 and stages["dedup"]["rejected"] == 2
+    assert stages["decontaminate"]["rejected"] == 1
+
+
+def test_packed_tokens_decode_to_the_kept_documents_in_order(prepared):
+    from mtnlg_ray.tokenizer import eos_id, load_tokenizer
+
+    output, manifest = prepared
+    tok = load_tokenizer(output / "tokenizer")
+    docs = [d["text"] for d in pq.read_table(output / "docs").to_pylist()]
+    stream = []
+    for text in docs:
+        stream += tok.encode(text).ids + [eos_id(tok)]
+    sequences = read_sequences(output / "tokens", "train")
+    assert sequences.shape[1] == 33 and sequences.dtype == np.uint16
+    flat = sequences.reshape(-1).tolist()
+    assert flat == stream[: len(flat)]
+    assert len(stream) - len(flat) == manifest["pack"]["dropped_tail_tokens"] < 33
+    decoded = tok.decode(flat, skip_special_tokens=False)
+    assert decoded.startswith("<|endoftext|>".join(docs[:3]))
+    assert manifest["tokenizer"]["hash"] and manifest["seq_len"] == 32
+
+
+def test_validation_split_and_blend_weights(ray_session, planted, tmp_path):
+    source = str(planted["corpus"])
+    manifest = prepare_planted(planted, tmp_path / "blend", "pack.val_fraction=0.2", "dedup.fuzzy=false",
+                               f"read.weights={{'{source}': 2.0}}")
+    pack = manifest["pack"]
+    assert pack["val_sequences"] > 0 and pack["train_sequences"] > 0
+    assert all(i % 5 == pack["val_indices"][0] % 5 for i in pack["val_indices"])
+    # weight 2: every kept document is packed twice
+    single = prepare_planted(planted, tmp_path / "single", "pack.val_fraction=0.2", "dedup.fuzzy=false")
+    assert pack["documents"] == 2 * single["pack"]["documents"]
+    # same seed, same split
+    again = prepare_planted(planted, tmp_path / "again", "pack.val_fraction=0.2", "dedup.fuzzy=false")
+    assert again["pack"]["val_indices"] == single["pack"]["val_indices"]
+
+
+def test_missing_input_and_unwritable_output_fail_up_front(ray_session, planted, tmp_path):
+    from mtnlg_ray.data.pipeline import prepare_dataset
+
+    config = load_config(stage="prepare")
+    with pytest.raises(InputError, match="no such file or folder"):
+        prepare_dataset([str(tmp_path / "absent")], tmp_path / "out", config)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="holds no manifest.json"):
+        prepare_dataset([str(planted["corpus"])], occupied, config)
+    assert (occupied / "keep.txt").read_text() == "mine"
+
+
+def test_cli_prepare_exits_0_and_bad_config_exits_2(planted, tmp_path):
+    small = tmp_path / "small"
+    small.mkdir()
+    rng = random.Random(3)
+    (small / "x.jsonl").write_text(
+        "\n".join(json.dumps({"text": make_doc(rng)}) for _ in range(4)) + "\n{broken\n", encoding="utf-8"
+    )
+    result = run_cli("data", "prepare", str(small), "--output", str(tmp_path / "ds"),
+                     "--set", "tokenizer.vocab_size=300", "--set", "pack.seq_len=16")
+    assert result.returncode == 0, result.stderr
+    assert "bad_json 1" in result.stderr + result.stdout
+    assert (tmp_path / "ds" / "manifest.json").is_file()
+    bad = run_cli("data", "prepare", str(small), "--output", str(tmp_path / "ds2"), "--set", "dedup.bandz=3")
+    assert bad.returncode == 2 and "unknown key 'dedup.bandz'" in bad.stderr
