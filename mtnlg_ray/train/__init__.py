@@ -1,0 +1,1 @@
+"""Ray Train pretraining and fine-tuning: the loop, parallelism, schedule and checkpoints."""
