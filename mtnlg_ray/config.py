@@ -171,7 +171,10 @@ class TrainSection(Section):
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     eval_every: int = Field(100, ge=1)
+    eval_batches: int = Field(8, ge=1)  # micro-batches of the held-out split per evaluation
     epochs: int = Field(1, ge=1)
+    peak_tflops: float | None = Field(None, gt=0.0)  # per worker, for MFU; measured with a matmul when unset
+    compile: bool = False
 
 
 class ParallelSection(Section):

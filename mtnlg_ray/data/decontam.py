@@ -84,8 +84,10 @@ def decontaminate_batch(batch: pa.Table, grams: frozenset[int], cfg: DecontamSec
         if left is None:
             texts.append(text)
             reasons.append("contaminated")
-            why = f"more than {cfg.max_splits} pieces" if pieces > cfg.max_splits else "no piece long enough"
-            details.append(f"cut into {pieces} pieces: {why}")
+            if pieces > cfg.max_splits:
+                details.append(f"cut into {pieces} pieces, more than {cfg.max_splits}")
+            else:
+                details.append(f"no piece of {cfg.min_fragment} characters left after cutting")
         else:
             texts.append(left)
             reasons.append("")

@@ -1,0 +1,68 @@
+"""Sharded training checkpoints (DCP) and their bookkeeping.
+
+Each checkpoint directory holds the DCP shards of model and optimizer (every rank writes its own,
+so a checkpoint written at one world size loads at another), `trainer_state.json` (step, tokens,
+data cursor), `rng-rank<N>.json` (each rank's RNG state) and `model.json` (the model shape).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from mtnlg_ray.model.gpt import GPTConfig
+
+STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.json"
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    tokens: int = 0  # tokens consumed, the clock of the LR schedule and the batch ramp-up
+    cursor: int = 0  # sequences consumed: the position in the seeded global order
+    world_size: int = 1
+    dp: int = 1
+    tp: int = 1
+
+
+def save_sharded(directory: Path, model, optimizer, state: TrainerState, config: GPTConfig, rank: int) -> None:
+    """Write this rank's shards (a collective: every rank calls it with its own directory)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model_state, optim_state = get_state_dict(model, optimizers=optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+    rng = {"torch": torch.get_rng_state().tolist()}
+    (directory / f"rng-rank{rank}.json").write_text(json.dumps(rng))
+    if rank == 0:
+        (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
+        (directory / MODEL_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def load_sharded(directory: Path, model, optimizer, rank: int) -> TrainerState:
+    """Load shards into the (already parallelised) model and optimizer, resharding if the world changed."""
+    model_state, optim_state = get_state_dict(model, optimizers=optimizer)
+    bundle = {"model": model_state, "optim": optim_state}
+    dcp.load(bundle, checkpoint_id=str(directory))
+    set_state_dict(model, optimizers=optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
+    rng_file = directory / f"rng-rank{rank}.json"
+    if rng_file.is_file():
+        torch.set_rng_state(torch.tensor(json.loads(rng_file.read_text())["torch"], dtype=torch.uint8))
+    return TrainerState(**json.loads((directory / STATE_FILE).read_text()))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest step under a run directory, for resuming after the driver died."""
+    best, best_step = None, -1
+    for state_file in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
+        try:
+            step = json.loads(state_file.read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            continue  # a checkpoint cut short while being written
+        if step > best_step:
+            best, best_step = state_file.parent, step
+    return best

@@ -1,0 +1,138 @@
+"""`mtnlg-ray pretrain`: the driver side of a Ray Train `TorchTrainer` run.
+
+Checks the config and the dataset up front, starts (or joins) Ray, builds the elastic scaling and
+failure settings, resumes from the newest checkpoint in the run directory when the same run is
+started again, follows `metrics.jsonl` while the workers train, and returns where the
+consolidated checkpoint of the final weights is.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mtnlg_ray.config import Config
+from mtnlg_ray.errors import ConfigError, InputError
+from mtnlg_ray.train.checkpoint import latest_checkpoint
+
+
+def _dataset_vocab(dataset: Path) -> int:
+    manifest = dataset / "manifest.json"
+    if not manifest.is_file():
+        raise InputError(f"{manifest}: missing (data.path must be a dataset from `mtnlg-ray data prepare`)")
+    try:
+        return int(json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["vocab_size"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{manifest}: no tokenizer.vocab_size ({err})") from None
+
+
+def resolve_paths(cfg: Config) -> Config:
+    """Absolute paths: Ray workers do not run in the driver's working directory."""
+    if cfg.data.path is None:
+        raise ConfigError("data.path: set it to a dataset directory from `mtnlg-ray data prepare`")
+    updates = {"data": cfg.data.model_copy(update={"path": str(Path(cfg.data.path).expanduser().resolve())}),
+               "run": cfg.run.model_copy(update={"storage_path": str(Path(cfg.run.storage_path).expanduser().resolve())})}
+    if cfg.init.checkpoint:
+        updates["init"] = cfg.init.model_copy(update={"checkpoint": str(Path(cfg.init.checkpoint).expanduser().resolve())})
+    return cfg.model_copy(update=updates)
+
+
+def follow(path: Path, stop: threading.Event, on_record: Callable[[dict], None], start_at: int = 0) -> None:
+    """Call `on_record` for each new line of a JSON-lines file until `stop` is set (then drain it)."""
+    position = start_at
+    while True:
+        finished = stop.is_set()
+        if path.is_file():
+            with path.open("r", encoding="utf-8") as fh:
+                fh.seek(position)
+                while line := fh.readline():
+                    if not line.endswith("\n"):
+                        break  # a line still being written
+                    position = fh.tell()
+                    try:
+                        on_record(json.loads(line))
+                    except ValueError:
+                        continue
+        if finished:
+            return
+        stop.wait(0.5)
+
+
+def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> dict:
+    """Train on Ray Train; returns {"run_dir", "final", "steps", "metrics"} of the finished run."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mtnlg_ray.runtime import ensure_ray
+    from mtnlg_ray.train.loop import model_config_for, train_loop_per_worker
+    from mtnlg_ray.train.parallel import check_layout
+
+    cfg = resolve_paths(cfg)
+    dataset = Path(cfg.data.path)
+    vocab = _dataset_vocab(dataset)
+    from mtnlg_ray.train.data import TokenShards
+
+    shards = TokenShards(dataset, "train")
+    model_config, _ = model_config_for(cfg, vocab)
+    if model_config.vocab_size < vocab:
+        raise ConfigError(f"the model's vocabulary ({model_config.vocab_size}) is smaller than the dataset "
+                          f"tokenizer's ({vocab})")
+    if model_config.seq_len < shards.seq_len:
+        raise ConfigError(f"model.seq_len ({model_config.seq_len}) is shorter than the dataset's packed "
+                          f"sequences ({shards.seq_len}); re-pack with --set pack.seq_len={model_config.seq_len}")
+    check_layout(model_config, cfg.parallel.workers, cfg.parallel.tp, cfg.parallel.pp, fsdp=cfg.parallel.fsdp)
+    if cfg.train.max_steps is None and cfg.train.max_tokens is None and cfg.train.epochs < 1:
+        raise ConfigError("train: set max_steps, max_tokens or epochs")
+
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = latest_checkpoint(run_dir)
+    metrics_file = run_dir / "metrics.jsonl"
+    if resume is None and metrics_file.exists():
+        metrics_file.unlink()  # a fresh run: old curves would mix with the new one
+    start_at = metrics_file.stat().st_size if metrics_file.exists() else 0
+
+    ensure_ray()
+    workers = cfg.parallel.workers
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "vocab_size": vocab},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tuple(workers) if isinstance(workers, tuple) else workers,
+            use_gpu=cfg.parallel.use_gpu,
+            resources_per_worker={"CPU": cfg.parallel.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=cfg.run.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(resume)) if resume else None,
+    )
+    records: list[dict] = []
+
+    def collect(record: dict) -> None:
+        records.append(record)
+        if on_record is not None:
+            on_record(record)
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=follow, args=(metrics_file, stop, collect, start_at), daemon=True)
+    watcher.start()
+    try:
+        trainer.fit()
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    steps = [r for r in records if "loss" in r]
+    return {
+        "run_dir": str(run_dir),
+        "final": str(run_dir / "final"),
+        "steps": steps[-1]["step"] if steps else None,
+        "metrics": steps[-1] if steps else None,
+        "resumed_from": str(resume) if resume else None,
+    }
