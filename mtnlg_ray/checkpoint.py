@@ -71,6 +71,7 @@ def _write_atomically(output: Path, state, config: dict, tokenizer_json) -> None
         # Replacing a checkpoint is fine; replacing some other folder would delete the user's files.
         raise CheckpointError(f"{output}: exists and is not a checkpoint; choose an empty or new directory")
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide the checkpoint from other users and containers
     try:
         save_file(state, str(staging / WEIGHTS), metadata={"format": FORMAT})
         (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -276,6 +276,56 @@ def plan(
     Console().print(render_plan(result))
 
 
+@app.command("pretrain")
+def pretrain(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped pretrain.yaml)."),
+    overrides: List[str] = typer.Option([], "--set", help="Override one config key, e.g. --set train.max_steps=20 (repeatable)."),
+) -> None:
+    """Pretrain on Ray Train (FSDP2 + tensor parallel, elastic, fault tolerant) with the MT-NLG schedule.
+
+    Needs data.path: a dataset from `mtnlg-ray data prepare`. Running the same command again with
+    the same run.name resumes from the newest checkpoint. Ends with a consolidated checkpoint in
+    <run.storage_path>/<run.name>/final.
+    """
+    from rich.console import Console
+
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.train.trainer import pretrain as run
+
+    cfg = load_config(config, overrides, stage="pretrain")
+    console = Console(stderr=True)
+
+    def show(record: dict) -> None:
+        if record.get("event") == "start":
+            resumed = record.get("resumed_from")
+            extra = f", resumed at step {resumed['step']} (written at world size {resumed['world_size']})" if resumed else ""
+            console.print(f"[bold]world size {record['world_size']}[/bold] (dp {record['dp']} × tp {record['tp']}){extra}")
+        elif record.get("event") == "checkpoint":
+            console.print(f"[dim]checkpoint at step {record['step']}[/dim]")
+        elif "loss" in record:
+            val = f"  val {record['val_loss']:.4f}" if record.get("val_loss") is not None else ""
+            console.print(
+                f"step {record['step']:>6}  loss {record['loss']:.4f}{val}  lr {record['lr']:.2e}  "
+                f"batch {record['global_batch']}  {record['tokens_per_s']:,.0f} tok/s  "
+                f"MFU {100 * record['mfu']:.1f}%  |g| {record['grad_norm']:.2f}"
+            )
+
+    result = run(cfg, on_record=show)
+    console.print(f"final weights: {result['final']}  (metrics in {result['run_dir']}/metrics.jsonl)")
+    typer.echo(result["final"])
+
+
+@app.command("plot")
+def plot(
+    run_dir: Path = typer.Argument(..., help="A run directory (<run.storage_path>/<run.name>) holding metrics.jsonl."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (default: RUN_DIR/loss.png)."),
+) -> None:
+    """Plot training and validation loss of a run to loss.png."""
+    from mtnlg_ray.train.plot import plot_losses
+
+    typer.echo(f"wrote {plot_losses(run_dir, output)}")
+
+
 def main() -> None:
     app()
 

@@ -84,6 +84,7 @@ class LabelSection(Section):
     # perplexity: drop documents above this percentile of ppl (CCNet-style head/middle/tail cut).
     ppl_max_percentile: float | None = Field(None, gt=0.0, le=100.0)
     actors: tuple[int, int] = (1, 1)
+    num_gpus: float = Field(0.0, ge=0.0)  # per labelling actor; the model runs on CUDA when it gets one
     batch_size: int = Field(64, ge=1)
     seed: int = 0
 

@@ -22,11 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtnlg_ray.config import Config
-from mtnlg_ray.data.read import document_id, iter_records, iter_texts, resolve_inputs
+from mtnlg_ray.data.read import REJECTED_COLUMNS, document_id, iter_records, iter_texts, resolve_inputs
 from mtnlg_ray.errors import InputError
 
 FORMAT = "mtnlg-ray/dataset/v1"
-REJECTED_COLUMNS = ("id", "source", "location", "stage", "reason", "detail")
 _SEQ_BITS = 32  # seq = file index << 32 | record index: the corpus order, kept through every stage
 _COPY_BITS = 52  # blended copies sort after the originals: copy << 52 | seq
 
@@ -173,7 +172,7 @@ def _prepare_output(output: Path) -> None:
 
 def _write_parquet(ds, folder: Path, columns: Sequence[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    if ds.count():
+    if ds is not None and ds.count():
         ds.select_columns(list(columns)).write_parquet(str(folder))
 
 

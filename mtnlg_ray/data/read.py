@@ -56,6 +56,9 @@ class Record:
     detail: str = ""
 
 
+# The columns of a rejected/ row, whatever stage rejected it.
+REJECTED_COLUMNS = ("id", "source", "location", "stage", "reason", "detail")
+
 # Whole-file problems: the single-process reader raises on these, the pipeline rejects the file.
 FILE_REASONS = frozenset({"unreadable_file", "missing_column"})
 

@@ -1,0 +1,382 @@
+"""Pseudo-label documents through a Ray Data actor pool, then keep, drop or relabel them by those labels.
+
+Three labellers share one interface: a callable class whose `__init__` loads its model once per
+actor and whose `__call__` takes a pyarrow batch of documents and returns it with label columns
+added. `label_documents` runs one over a dataset; `filter_labelled` turns labels into kept and
+rejected documents. Sits between dedup and packing in the data pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+import torch.nn.functional as F
+
+from mtnlg_ray.checkpoint import CONFIG, load_checkpoint, read_checkpoint_config, tokenizer_path
+from mtnlg_ray.config import LabelSection
+from mtnlg_ray.data.quality import QualityModel
+from mtnlg_ray.data.read import REJECTED_COLUMNS
+from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
+from mtnlg_ray.model.classifier import classification_input, classification_task, load_classifier
+from mtnlg_ray.tokenizer import eos_id, load_tokenizer
+
+STAGE = "label"
+REJECTED_SCHEMA = pa.schema([(name, pa.string()) for name in REJECTED_COLUMNS])
+# Tokens per forward pass: windows of similar length are batched up to this many (padded) tokens.
+MAX_BATCH_TOKENS = 8192
+
+
+def _column(batch: pa.Table, name: str) -> pa.ChunkedArray:
+    if name not in batch.column_names:
+        columns = ", ".join(batch.column_names)
+        raise InputError(f"label: documents have no column {name!r} (columns: {columns})")
+    return batch.column(name)
+
+
+def _texts(batch: pa.Table, text_field: str) -> list[str]:
+    return [t or "" for t in _column(batch, text_field).to_pylist()]
+
+
+def _with_column(batch: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    """`batch` with column `name` set to `values`, replacing an earlier labelling's column."""
+    if name in batch.column_names:
+        return batch.set_column(batch.column_names.index(name), name, values)
+    return batch.append_column(name, values)
+
+
+def _default_device(device: str | None) -> torch.device:
+    # An actor granted no GPU sees none (Ray empties CUDA_VISIBLE_DEVICES), so this is CPU there.
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped by similar length, each group's padded size (rows × longest) within `max_tokens`."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if current and (len(current) + 1) * lengths[i] > max_tokens:
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _pad_right(rows: list[list[int]], device: torch.device, fill: int = 0) -> torch.Tensor:
+    out = torch.full((len(rows), max(map(len, rows))), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out.to(device)
+
+
+class QualityLabeler:
+    """Adds `quality` ∈ [0, 1] (float64): the hashed n-gram classifier's P(curated)."""
+
+    columns = ("quality",)
+
+    def __init__(self, model_path: str | Path, text_field: str = "text") -> None:
+        self.model = QualityModel.load(model_path)
+        self.text_field = text_field
+
+    @staticmethod
+    def check(model_path: str | Path) -> None:
+        QualityModel.read_meta(model_path)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scores = self.model.score(_texts(batch, self.text_field))
+        return _with_column(batch, "quality", pa.array(scores, pa.float64()))
+
+
+def perplexity_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """How to score a sequence of `n_tokens` with a model of `context` positions.
+
+    Each window (start, end, first) feeds tokens[start:end] and predicts tokens[start+1:end+1];
+    only targets at positions >= `first` count, so every token from position 1 on is predicted
+    exactly once. With `stride == context` the windows are disjoint (each restarts its context);
+    a smaller stride overlaps them so later windows keep `context - stride` tokens of history.
+    """
+    windows, scored, start = [], 0, 0
+    while scored < n_tokens - 1:
+        end = min(start + context, n_tokens - 1)
+        windows.append((start, end, scored + 1))
+        scored, start = end, start + stride
+    return windows
+
+
+class PerplexityLabeler:
+    """Adds `ppl` (float64): a teacher LM's exp(mean next-token NLL) over each document.
+
+    A document is scored as `[EOS] + tokens`, as it appears after a document boundary in packed
+    training data, so its first token is predicted too and even a one-token document has one
+    prediction. An empty document has none and gets a null `ppl`. Longer documents are scored in
+    windows of the model's context (see `perplexity_windows`); windows are batched by length,
+    right-padded, with the padding left out of the loss.
+    """
+
+    columns = ("ppl",)
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        text_field: str = "text",
+        stride: int | None = None,
+        device: str | None = None,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+    ) -> None:
+        self.device = _default_device(device)
+        self.model, _ = load_checkpoint(checkpoint, device=self.device)
+        self.tokenizer = load_tokenizer(tokenizer_path(checkpoint))
+        if self.tokenizer.get_vocab_size() > self.model.config.vocab_size:
+            raise CheckpointError(
+                f"{checkpoint}: tokenizer has {self.tokenizer.get_vocab_size()} tokens but the model only "
+                f"{self.model.config.vocab_size} embeddings"
+            )
+        self.eos = eos_id(self.tokenizer)
+        self.context = self.model.config.seq_len
+        self.stride = stride or self.context
+        if not 1 <= self.stride <= self.context:
+            raise ConfigError(f"stride: expected 1..{self.context} (the model's context), got {self.stride}")
+        self.max_batch_tokens = max_batch_tokens
+        self.text_field = text_field
+
+    @staticmethod
+    def check(checkpoint: str | Path) -> None:
+        read_checkpoint_config(checkpoint)
+        tokenizer_path(checkpoint)
+
+    @torch.inference_mode()
+    def perplexities(self, texts: list[str]) -> list[float | None]:
+        sequences = [[self.eos, *enc.ids] for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        # One row per window: (document, input tokens, targets with unscored ones as -100).
+        docs, inputs, targets = [], [], []
+        for doc, seq in enumerate(sequences):
+            for start, end, first in perplexity_windows(len(seq), self.context, self.stride):
+                skip = first - start - 1
+                docs.append(doc)
+                inputs.append(seq[start:end])
+                targets.append([-100] * skip + seq[start + 1 + skip : end + 1])
+        nll = np.zeros(len(texts))
+        count = np.zeros(len(texts), dtype=np.int64)
+        for group in _length_batches([len(x) for x in inputs], self.max_batch_tokens):
+            idx = _pad_right([inputs[i] for i in group], self.device)
+            tgt = _pad_right([targets[i] for i in group], self.device, fill=-100)
+            logits = self.model(idx).float()
+            loss = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100, reduction="none")
+            row_nll = loss.sum(dim=1).double().cpu().numpy()
+            row_count = (tgt != -100).sum(dim=1).cpu().numpy()
+            np.add.at(nll, [docs[i] for i in group], row_nll)
+            np.add.at(count, [docs[i] for i in group], row_count)
+        return [math.exp(s / c) if c else None for s, c in zip(nll, count)]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ppl = self.perplexities(_texts(batch, self.text_field))
+        return _with_column(batch, "ppl", pa.array(ppl, pa.float64()))
+
+
+class ClassifierLabeler:
+    """Adds `label` (string) and `confidence` (float64, the softmax maximum) from a fine-tuned classifier.
+
+    Text is encoded as fine-tuning encodes it (`classification_input`: the first seq_len - 1
+    tokens, then EOS). `filter_labelled` turns predictions under `label.threshold` into nulls.
+    """
+
+    columns = ("label", "confidence")
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        text_field: str = "text",
+        device: str | None = None,
+        max_batch_tokens: int = MAX_BATCH_TOKENS,
+    ) -> None:
+        self.device = _default_device(device)
+        self.model, self.labels = load_classifier(checkpoint, device=self.device)
+        self.tokenizer = load_tokenizer(tokenizer_path(checkpoint))
+        if self.tokenizer.get_vocab_size() > self.model.backbone.config.vocab_size:
+            raise CheckpointError(
+                f"{checkpoint}: tokenizer has {self.tokenizer.get_vocab_size()} tokens but the model only "
+                f"{self.model.backbone.config.vocab_size} embeddings"
+            )
+        self.eos = eos_id(self.tokenizer)
+        self.max_batch_tokens = max_batch_tokens
+        self.text_field = text_field
+
+    @staticmethod
+    def check(checkpoint: str | Path) -> None:
+        classification_task(read_checkpoint_config(checkpoint), Path(checkpoint) / CONFIG)
+        tokenizer_path(checkpoint)
+
+    @torch.inference_mode()
+    def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        seq_len = self.model.backbone.config.seq_len
+        rows = [
+            classification_input(enc.ids, self.eos, seq_len)
+            for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        ]
+        best = np.zeros(len(texts), dtype=np.int64)
+        confidence = np.zeros(len(texts))
+        for group in _length_batches([len(r) for r in rows], self.max_batch_tokens):
+            idx = _pad_right([rows[i] for i in group], self.device)
+            lengths = torch.tensor([len(rows[i]) for i in group], device=self.device)
+            probs = torch.softmax(self.model(idx, lengths).float(), dim=-1)
+            top, arg = probs.max(dim=-1)
+            best[group] = arg.cpu().numpy()
+            confidence[group] = top.double().cpu().numpy()
+        return [self.labels[i] for i in best], confidence
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        labels, confidence = self.predict(_texts(batch, self.text_field))
+        batch = _with_column(batch, "label", pa.array(labels, pa.string()))
+        return _with_column(batch, "confidence", pa.array(confidence, pa.float64()))
+
+
+LABELERS = {"quality": QualityLabeler, "perplexity": PerplexityLabeler, "classifier": ClassifierLabeler}
+
+
+def _labeler(cfg: LabelSection) -> type:
+    if cfg.labeler is None:
+        raise ConfigError(f"label.labeler: expected one of {', '.join(LABELERS)}, got none")
+    return LABELERS[cfg.labeler]
+
+
+def label_documents(ds: ray.data.Dataset, cfg: LabelSection, text_field: str = "text") -> ray.data.Dataset:
+    """`ds` with the label columns of `cfg.labeler` added to every row, computed by an actor pool.
+
+    Each actor holds one CPU and loads the model once. Ray Data's actor pools restart an actor
+    that dies (max_restarts=-1) and resubmit the batches it held (max_task_retries=-1) by
+    default; setting them here would go through `map_batches`' deprecated **ray_remote_args. So a
+    killed or preempted labeller costs time, never documents. Rows keep their order only under
+    `DataContext.execution_options.preserve_order`.
+    """
+    labeler = _labeler(cfg)
+    if cfg.model is None:
+        raise ConfigError(f"label.model: expected the {cfg.labeler} model's path, got none")
+    labeler.check(cfg.model)  # a missing or wrong model is one line here, not a dead actor pool
+    low, high = cfg.actors
+    return ds.map_batches(
+        labeler,
+        fn_constructor_args=(str(cfg.model),),
+        fn_constructor_kwargs={"text_field": text_field},
+        compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
+        num_cpus=1,
+        num_gpus=cfg.num_gpus,
+        batch_format="pyarrow",
+        batch_size=cfg.batch_size,
+        udf_modifying_row_count=False,
+    )
+
+
+def pareto_draws(ids: list[str], alpha: float, seed: int) -> np.ndarray:
+    """One draw of numpy's `pareto(alpha)` (Lomax) per document, fixed by (seed, id) alone.
+
+    The uniform comes from a keyed hash of the id, then the inverse CDF: (1 - u)^(-1/alpha) - 1.
+    So a document's fate never depends on how the data was split into batches or blocks.
+    """
+    key = seed.to_bytes(16, "little", signed=True)
+    digests = (hashlib.blake2b(i.encode("utf-8"), digest_size=8, key=key).digest() for i in ids)
+    u = np.fromiter((int.from_bytes(d, "little") >> 11 for d in digests), dtype=np.float64, count=len(ids))
+    u *= 2.0**-53  # 53 random bits: a uniform double in [0, 1)
+    return (1.0 - u) ** (-1.0 / alpha) - 1.0
+
+
+def _rejections(batch: pa.Table, cfg: LabelSection, cutoff: float | None) -> tuple[np.ndarray, list, list]:
+    """(rejected mask, reason per rejected row, detail per rejected row) for one batch."""
+    if cfg.labeler == "quality":
+        quality = _column(batch, "quality").to_numpy(zero_copy_only=False)
+        quality = np.nan_to_num(quality.astype(np.float64), nan=0.0)
+        if cfg.filter == "threshold":
+            mask = quality < cfg.threshold
+            details = [f"quality {q:.4f} < threshold {cfg.threshold:g}" for q in quality[mask]]
+        elif cfg.filter == "pareto":
+            draws = pareto_draws([str(i) for i in _column(batch, "id").to_pylist()], cfg.pareto_alpha, cfg.seed)
+            mask = ~(draws > 1.0 - quality)
+            details = [
+                f"quality {q:.4f}: pareto draw {d:.4f} <= {1 - q:.4f}"
+                for q, d in zip(quality[mask], draws[mask])
+            ]
+        else:
+            mask = np.zeros(len(quality), dtype=bool)
+            details = []
+        return mask, ["low_quality"] * len(details), details
+    ppl = _column(batch, "ppl").to_pylist()
+    mask = np.array([p is None or (cutoff is not None and p > cutoff) for p in ppl], dtype=bool)
+    reasons, details = [], []
+    for p in (ppl[i] for i in np.flatnonzero(mask)):
+        reasons.append("empty" if p is None else "high_perplexity")
+        percentile = f"p{cfg.ppl_max_percentile:g}"
+        details.append("no tokens to score" if p is None else f"ppl {p:.4g} > {cutoff:.4g} ({percentile})")
+    return mask, reasons, details
+
+
+def _kept_rows(batch: pa.Table, cfg: LabelSection, cutoff: float | None) -> pa.Table:
+    mask, _, _ = _rejections(batch, cfg, cutoff)
+    return batch.filter(pa.array(~mask))
+
+
+def _rejected_rows(batch: pa.Table, cfg: LabelSection, cutoff: float | None) -> pa.Table:
+    mask, reasons, details = _rejections(batch, cfg, cutoff)
+    rejected = batch.filter(pa.array(mask))
+    n = rejected.num_rows
+    columns = {name: pc.cast(_column(rejected, name), pa.string()) for name in ("id", "source", "location")}
+    columns["stage"] = pa.array([STAGE] * n, pa.string())
+    columns["reason"] = pa.array(reasons, pa.string())
+    columns["detail"] = pa.array(details, pa.string())
+    return pa.table(columns, schema=REJECTED_SCHEMA)
+
+
+def _null_unconfident(batch: pa.Table, threshold: float) -> pa.Table:
+    confident = pc.greater_equal(_column(batch, "confidence"), threshold)
+    labels = pc.if_else(confident, _column(batch, "label"), pa.scalar(None, pa.string()))
+    return _with_column(batch, "label", labels)
+
+
+def _percentile(ds: ray.data.Dataset, column: str, percentile: float) -> float | None:
+    """numpy's (linear) percentile of a numeric column, nulls left out; None when all are null.
+
+    Only that column reaches the driver, 8 bytes a document (Ray Data's `Quantile` aggregate
+    gathers the same values into one task, through a shuffle whose actors would hold CPUs).
+    """
+    parts = [
+        batch.column(column).combine_chunks().drop_null().to_numpy()
+        for batch in ds.select_columns([column]).iter_batches(batch_size=None, batch_format="pyarrow")
+    ]
+    values = np.concatenate([np.zeros(0), *parts])
+    return float(np.percentile(values, percentile)) if len(values) else None
+
+
+def _split(ds: ray.data.Dataset, fn: Callable, **kwargs) -> ray.data.Dataset:
+    return ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None)
+
+
+def filter_labelled(ds: ray.data.Dataset, cfg: LabelSection) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """(kept, rejected) documents of a labelled dataset, by `cfg.labeler`'s rule.
+
+    quality: `cfg.filter` "threshold" rejects quality < `cfg.threshold`; "pareto" keeps a document
+    when a Pareto(`cfg.pareto_alpha`) draw exceeds 1 - quality (GPT-3), the draw fixed by
+    (`cfg.seed`, id); "none" keeps all. perplexity: rejects ppl above the `cfg.ppl_max_percentile`
+    percentile (over the ppl column alone) and documents with no tokens.
+    classifier: rejects nothing; labels with confidence < `cfg.threshold` become null. Texts
+    never reach the driver.
+    Rejected rows hold id, source, location, stage, reason, detail (strings).
+    """
+    _labeler(cfg)
+    empty = ray.data.from_arrow(REJECTED_SCHEMA.empty_table())
+    if cfg.labeler == "classifier":
+        return _split(ds, _null_unconfident, threshold=cfg.threshold), empty
+    if cfg.labeler == "quality" and cfg.filter == "none":
+        return ds, empty
+    # Kept, rejected and the percentile all read the labels: compute them once, not once per reader.
+    ds = ds.materialize()
+    cutoff = None
+    if cfg.labeler == "perplexity" and cfg.ppl_max_percentile is not None:
+        cutoff = _percentile(ds, "ppl", cfg.ppl_max_percentile)
+    return _split(ds, _kept_rows, cfg=cfg, cutoff=cutoff), _split(ds, _rejected_rows, cfg=cfg, cutoff=cutoff)

@@ -1,0 +1,51 @@
+"""`mtnlg-ray plot RUN_DIR`: training and validation loss curves from metrics.jsonl as a PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mtnlg_ray.errors import InputError
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Per-step records; when a restart repeated steps, the last record of each step wins."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise InputError(f"{path}: missing (is {run_dir} a run directory of `mtnlg-ray pretrain`?)")
+    by_step: dict[int, dict] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise InputError(f"{path}:{number}: not a JSON line") from None
+        if "loss" in record:
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_losses(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    if not records:
+        raise InputError(f"{run_dir / 'metrics.jsonl'}: no training steps recorded yet")
+    output = Path(output) if output else run_dir / "loss.png"
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["tokens"] for r in records], [r["loss"] for r in records], label="train", linewidth=1)
+    val = [r for r in records if r.get("val_loss") is not None]
+    if val:
+        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output

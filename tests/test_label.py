@@ -1,0 +1,429 @@
+"""Pseudo-labelling: quality classifier, perplexity and classifier labellers, the actor pool, the filters."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import struct
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+import torch
+from conftest import SHARED_DATA
+
+from mtnlg_ray.checkpoint import load_checkpoint
+from mtnlg_ray.config import LabelSection
+from mtnlg_ray.data.label import (
+    REJECTED_SCHEMA,
+    ClassifierLabeler,
+    PerplexityLabeler,
+    QualityLabeler,
+    filter_labelled,
+    label_documents,
+    pareto_draws,
+    perplexity_windows,
+)
+from mtnlg_ray.data.quality import QualityModel, train_quality_classifier
+from mtnlg_ray.data.read import iter_texts
+from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
+from mtnlg_ray.model import lm_loss
+from mtnlg_ray.model.classifier import GPTClassifier, classification_input, load_classifier, save_classifier
+from mtnlg_ray.tokenizer import eos_id, load_tokenizer
+
+SHAKESPEARE = (SHARED_DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+PARAGRAPHS = [p for p in SHAKESPEARE.split("\n\n") if 150 <= len(p) <= 600]
+LABELS = ["negative", "neutral", "positive"]
+
+
+def documents(n: int, start: int = 0) -> list[dict]:
+    """Rows as the data pipeline passes them on: string id, text, source, location."""
+    return [
+        {"id": f"doc-{i}", "text": PARAGRAPHS[i % len(PARAGRAPHS)], "source": "shake", "location": f"tiny.txt:{i}"}
+        for i in range(start, start + n)
+    ]
+
+
+def junk(rng: random.Random, words: list[str]) -> str:
+    """Raw-crawl negatives: symbol noise, word salad from the positives' own vocabulary, or site boilerplate."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        symbols = "!@#$%^&*()_+={}[]|:;<>,.?/~0123456789abcXYZ "
+        return "".join(rng.choice(symbols) for _ in range(rng.randint(200, 800)))
+    if kind == 1:
+        return " ".join(rng.choice(words) for _ in range(rng.randint(40, 150)))
+    menu = ["Home", "About us", "Contact", "Privacy Policy", "Terms", "Login", "Sign up", "Cart", "FAQ", "Careers"]
+    parts = [
+        " | ".join(rng.sample(menu, 6)),
+        f"Copyright {rng.randint(1999, 2025)}. All rights reserved.",
+        f"Click here to get {rng.randint(10, 90)}% off! Buy now!!!",
+    ]
+    rng.shuffle(parts)
+    return "\n".join(parts * rng.randint(1, 4))
+
+
+def write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return str(path)
+
+
+def by_id(rows) -> dict:
+    return {r["id"]: r for r in rows}
+
+
+# ---------------------------------------------------------------- quality classifier
+
+
+@pytest.fixture(scope="module")
+def quality_model(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("quality")
+    rng = random.Random(0)
+    words = re.findall(r"[a-z]+", SHAKESPEARE.lower())
+    positive = write_jsonl(tmp / "curated.jsonl", PARAGRAPHS[:300])
+    negative = write_jsonl(tmp / "crawl.jsonl", [junk(rng, words) for _ in range(500)])
+    metrics = train_quality_classifier(["builtin:python-docs", positive], [negative], tmp / "model", epochs=3)
+    return tmp / "model", metrics, words
+
+
+def test_quality_classifier_separates_curated_text_from_junk(quality_model):
+    path, metrics, words = quality_model
+    assert metrics["negative"] == 500 and metrics["positive"] > 300
+    assert metrics["holdout"] >= 50
+    assert metrics["holdout_accuracy"] > 0.9 and metrics["train_accuracy"] > 0.9
+    model = QualityModel.load(path)
+    rng = random.Random(7)  # documents it never saw
+    prose = model.score(PARAGRAPHS[1000:1100])
+    noise = model.score([junk(rng, words) for _ in range(100)])
+    assert prose.dtype == np.float64 and 0 <= noise.min() and prose.max() <= 1
+    assert np.median(prose) > 0.8 and np.median(noise) < 0.2
+    assert np.mean(prose > 0.5) > 0.9 and np.mean(noise < 0.5) > 0.9
+
+
+def test_quality_model_files_hold_no_pickle_and_reload_to_the_training_scores(quality_model, tmp_path):
+    path, metrics, _ = quality_model
+    assert sorted(p.name for p in path.iterdir()) == ["quality.json", "weights.safetensors"]
+    meta = json.loads((path / "quality.json").read_text())
+    assert meta["format"] == "mtnlg-ray/quality/v1" and meta["ngram_order"] == 2 and meta["buckets"] == 2**18
+    assert meta["metrics"] == metrics and meta["threshold"] == 0.5
+    raw = (path / "weights.safetensors").read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])  # safetensors: a JSON header, then raw little-endian numbers
+    assert {k: v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"weight": "F32", "bias": "F32"}
+    assert len(raw) == 8 + header_len + 4 * (2**18 + 1)
+
+    # The saved model gives the scores measured at training time (accuracy and log loss over every
+    # document are the split's two parts put together), and a copy scores identically.
+    texts, truth = [], []
+    for spec, label in (("builtin:python-docs", 1), ("curated.jsonl", 1), ("crawl.jsonl", 0)):
+        batch = list(iter_texts([spec if spec.startswith("builtin:") else str(path.parent / spec)]))
+        texts += batch
+        truth += [label] * len(batch)
+    model = QualityModel.load(path)
+    scores = model.score(texts)
+    truth = np.array(truth, bool)
+
+    def overall(metric: str) -> float:
+        parts = metrics[f"train_{metric}"] * metrics["train"] + metrics[f"holdout_{metric}"] * metrics["holdout"]
+        return parts / len(texts)
+
+    assert np.mean((scores >= 0.5) == truth) == pytest.approx(overall("accuracy"), abs=1e-12)
+    log_loss = -np.mean(np.log(np.clip(np.where(truth, scores, 1 - scores), 1e-12, 1)))
+    assert log_loss == pytest.approx(overall("log_loss"), rel=1e-9)
+    assert 0 < log_loss < 0.3
+    model.save(tmp_path / "copy")
+    assert np.array_equal(QualityModel.load(tmp_path / "copy").score(texts[:50]), scores[:50])
+    table = pa.Table.from_pylist(documents(20))
+    labelled = QualityLabeler(path)(table)
+    assert labelled.column_names == ["id", "text", "source", "location", "quality"]
+    assert labelled.column("quality").type == pa.float64()
+    assert labelled.column("quality").to_pylist() == model.score(table.column("text").to_pylist()).tolist()
+
+
+def test_quality_training_needs_text_on_both_sides(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    positive = write_jsonl(tmp_path / "good.jsonl", PARAGRAPHS[:5])
+    with pytest.raises(InputError, match=r"--negative .*empty\.txt: no text found"):
+        train_quality_classifier([positive], [str(tmp_path / "empty.txt")], tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+    with pytest.raises(CheckpointError, match="quality.json: missing"):
+        QualityModel.load(tmp_path)
+
+
+# ---------------------------------------------------------------- perplexity labeller
+
+
+def test_windows_predict_every_token_once():
+    for n, context, stride in [(1, 4, 4), (2, 4, 4), (5, 4, 4), (9, 4, 4), (10, 4, 2), (30, 8, 3), (12, 4, 1)]:
+        scored = []
+        for start, end, first in perplexity_windows(n, context, stride):
+            assert 0 < end - start <= context
+            scored += [t for t in range(start + 1, end + 1) if t >= first]
+        assert scored == list(range(1, n)), (n, context, stride)
+
+
+def direct_ppl(model, ids: list[int], context: int) -> float:
+    """exp(mean next-token loss) by hand, one window at a time, no batching or padding."""
+    total, count = 0.0, 0
+    for start in range(0, len(ids) - 1, context):
+        window = ids[start : start + context + 1]
+        logits = model(torch.tensor([window[:-1]]))
+        total += lm_loss(logits, torch.tensor([window[1:]])).item() * (len(window) - 1)
+        count += len(window) - 1
+    return float(np.exp(total / count))
+
+
+def test_perplexity_labeler_equals_the_models_own_loss(tiny_checkpoint):
+    model, _ = load_checkpoint(tiny_checkpoint)
+    tok = load_tokenizer(tiny_checkpoint)
+    long_text = " ".join(PARAGRAPHS[:6])
+    texts = [PARAGRAPHS[0], "a", long_text, PARAGRAPHS[1][:40], ""]
+    labeler = PerplexityLabeler(tiny_checkpoint)
+    table = labeler(pa.table({"id": [str(i) for i in range(len(texts))], "text": texts}))
+    ppl = table.column("ppl").to_pylist()
+    assert table.column("ppl").type == pa.float64()
+    assert len(tok.encode(long_text).ids) > 3 * model.config.seq_len  # scored in several windows
+    assert len(tok.encode("a").ids) == 1  # one token: predicted from the EOS in front of it
+    with torch.inference_mode():
+        for text, got in zip(texts[:4], ppl[:4]):
+            expected = direct_ppl(model, [eos_id(tok), *tok.encode(text).ids], model.config.seq_len)
+            assert got == pytest.approx(expected, rel=1e-5)
+    assert ppl[4] is None  # nothing to predict in an empty document
+    # Batching and padding change nothing: each document alone gives the same number.
+    alone = [labeler.perplexities([t])[0] for t in texts[:4]]
+    assert alone == pytest.approx(ppl[:4], rel=1e-5)
+    # Overlapping windows give later tokens more context, so the long document's ppl moves; short ones don't.
+    overlapped = PerplexityLabeler(tiny_checkpoint, stride=32).perplexities(texts[:4])
+    assert overlapped[1] == pytest.approx(ppl[1], rel=1e-5) and overlapped[3] == pytest.approx(ppl[3], rel=1e-5)
+    assert overlapped[2] != pytest.approx(ppl[2], rel=1e-4)
+
+
+# ---------------------------------------------------------------- classifier labeller
+
+
+@pytest.fixture(scope="module")
+def classifier_checkpoint(tiny_checkpoint, tmp_path_factory):
+    backbone, _ = load_checkpoint(tiny_checkpoint)
+    torch.manual_seed(5)
+    model = GPTClassifier(backbone, len(LABELS), pooling="mean")
+    with torch.no_grad():
+        model.head.weight.normal_(0.0, 0.3)  # spread the predictions so confidences vary
+        model.head.bias.normal_(0.0, 0.3)
+    out = tmp_path_factory.mktemp("classifier") / "sentiment"
+    save_classifier(model, LABELS, out, tokenizer_json=tiny_checkpoint / "tokenizer.json")
+    return out, model
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_classifier_pools_real_positions_only(tiny_checkpoint, pooling):
+    backbone, _ = load_checkpoint(tiny_checkpoint)
+    model = GPTClassifier(backbone, 2, pooling).eval()
+    rows = [[5, 9, 13, 2], [7, 3], [11]]
+    padded = torch.zeros(3, 4, dtype=torch.long)
+    for i, r in enumerate(rows):
+        padded[i, : len(r)] = torch.tensor(r)
+        padded[i, len(r) :] = 99  # garbage in the padding must not matter
+    with torch.inference_mode():
+        batched = model(padded, torch.tensor([len(r) for r in rows]))
+        for i, r in enumerate(rows):
+            alone = model(torch.tensor([r]), torch.tensor([len(r)]))
+            torch.testing.assert_close(batched[i], alone[0], rtol=1e-5, atol=1e-6)
+        h = backbone.hidden_states(torch.tensor([rows[0]]))[0]
+        pooled = h[-1] if pooling == "last" else h.mean(dim=0)
+        torch.testing.assert_close(batched[0], model.head(pooled), rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_checkpoint_round_trip_and_labeler_equals_direct_forward(classifier_checkpoint):
+    path, original = classifier_checkpoint
+    config = json.loads((path / "config.json").read_text())
+    assert config["task"] == {"kind": "classification", "labels": LABELS, "pooling": "mean"}
+    model, labels = load_classifier(path)
+    assert labels == LABELS and model.pooling == "mean" and not model.training
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+    load_checkpoint(path)  # the backbone still reads as a plain language model
+
+    tok = load_tokenizer(path)
+    texts = PARAGRAPHS[:30] + ["", " ".join(PARAGRAPHS[:8])]  # empty, and longer than the context
+    table = ClassifierLabeler(path)(pa.Table.from_pylist([{"id": str(i), "text": t} for i, t in enumerate(texts)]))
+    assert table.column_names == ["id", "text", "label", "confidence"]
+    assert table.column("confidence").type == pa.float64() and table.column("label").type == pa.string()
+    with torch.inference_mode():
+        predicted = zip(table.column("label").to_pylist(), table.column("confidence").to_pylist())
+        for text, (label, conf) in zip(texts, predicted):
+            ids = classification_input(tok.encode(text).ids, eos_id(tok), model.backbone.config.seq_len)
+            probs = torch.softmax(model(torch.tensor([ids]), torch.tensor([len(ids)])), dim=-1)[0]
+            assert label == LABELS[int(probs.argmax())]
+            assert conf == pytest.approx(float(probs.max()), rel=1e-5)
+    assert len(set(table.column("label").to_pylist())) > 1
+
+
+def test_a_wrong_model_is_one_line_before_any_actor_starts(ray_session, tiny_checkpoint, tmp_path):
+    with pytest.raises(CheckpointError, match="not a classification checkpoint") as err:
+        load_classifier(tiny_checkpoint)
+    assert "\n" not in str(err.value)
+    ds = ray.data.from_items(documents(2))
+    with pytest.raises(CheckpointError, match="not a classification checkpoint"):
+        label_documents(ds, LabelSection(labeler="classifier", model=str(tiny_checkpoint)))
+    with pytest.raises(CheckpointError, match="quality.json: missing"):
+        label_documents(ds, LabelSection(labeler="quality", model=str(tiny_checkpoint)))
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        label_documents(ds, LabelSection(labeler="perplexity", model=str(tmp_path / "nowhere")))
+    with pytest.raises(ConfigError, match="label.model"):
+        label_documents(ds, LabelSection(labeler="perplexity"))
+    with pytest.raises(ConfigError, match="label.labeler"):
+        filter_labelled(ds, LabelSection())
+
+
+# ---------------------------------------------------------------- the actor pool
+
+
+def test_label_documents_through_the_actor_pool_equals_in_process(ray_session, tiny_checkpoint):
+    docs = documents(40)
+    cfg = LabelSection(labeler="perplexity", model=str(tiny_checkpoint), actors=(1, 2), batch_size=8)
+    rows = label_documents(ray.data.from_items(docs, override_num_blocks=4), cfg).take_all()
+    expected = PerplexityLabeler(tiny_checkpoint)(pa.Table.from_pylist(docs)).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(d["id"] for d in docs)  # every document exactly once
+    got = by_id(rows)
+    for want in expected:
+        row = got[want["id"]]
+        assert list(row) == ["id", "text", "source", "location", "ppl"]
+        assert all(row[k] == want[k] for k in ("id", "text", "source", "location"))
+        assert row["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
+
+
+def _labelling_actors() -> set[int]:
+    """Pids of this test process's descendants running a perplexity labeller (Ray workers are spawned below us)."""
+    parents, titles = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                titles[int(entry)] = f.read().decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+    me, found = os.getpid(), set()
+    for pid, title in titles.items():
+        if "MapWorker" not in title or "PerplexityLabeler" not in title:
+            continue
+        ancestor = parents.get(pid)
+        while ancestor not in (None, 0, 1, me):
+            ancestor = parents.get(ancestor)
+        if ancestor == me:
+            found.add(pid)
+    return found
+
+
+def test_a_killed_labelling_actor_costs_no_documents(ray_session, tiny_checkpoint):
+    docs = documents(240, start=1000)
+    cfg = LabelSection(labeler="perplexity", model=str(tiny_checkpoint), actors=(1, 1), batch_size=4)
+    ds = label_documents(ray.data.from_items(docs, override_num_blocks=24), cfg)
+    seen, killed, after_kill = [], None, 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        seen += batch.column("id").to_pylist()
+        assert batch.column("ppl").null_count == 0
+        if killed is None:
+            actors = _labelling_actors()
+            assert len(actors) == 1
+            killed = actors.pop()
+            os.kill(killed, signal.SIGKILL)
+        else:
+            after_kill += batch.num_rows
+    assert killed is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed, 0)
+    # Most of the corpus was labelled after the kill, by the restarted actor, and nothing twice or lost.
+    assert after_kill > len(docs) // 2
+    assert sorted(seen) == sorted(d["id"] for d in docs)
+
+
+# ---------------------------------------------------------------- filters
+
+
+def scored_items(n: int, column: str, values) -> list[dict]:
+    return [{**d, column: v} for d, v in zip(documents(n), values)]
+
+
+def test_quality_labelled_through_the_pool_then_thresholded(ray_session, quality_model):
+    path, _, words = quality_model
+    rng = random.Random(11)
+    crawl = [{"id": f"junk-{i}", "text": junk(rng, words), "source": "crawl", "location": f"c:{i}"} for i in range(20)]
+    docs = documents(20, start=500) + crawl
+    cfg = LabelSection(labeler="quality", model=str(path), threshold=0.5, batch_size=8)
+    labelled = label_documents(ray.data.from_items(docs, override_num_blocks=3), cfg).materialize()
+    expected = by_id(QualityLabeler(path)(pa.Table.from_pylist(docs)).to_pylist())
+    assert by_id(labelled.take_all()) == expected  # same columns, same numbers as in-process
+    kept, rejected = filter_labelled(labelled, cfg)
+    kept_rows, rejected_rows = kept.take_all(), rejected.take_all()
+    assert sorted(r["id"] for r in kept_rows) == sorted(i for i, r in expected.items() if r["quality"] >= 0.5)
+    assert all(list(r) == ["id", "text", "source", "location", "quality"] for r in kept_rows)
+    assert sorted(r["id"] for r in rejected_rows) == sorted(i for i, r in expected.items() if r["quality"] < 0.5)
+    assert 15 <= len(rejected_rows) <= 25  # the junk, give or take
+    assert rejected.schema().base_schema == REJECTED_SCHEMA
+    assert {(r["stage"], r["reason"]) for r in rejected_rows} == {("label", "low_quality")}
+    row = rejected_rows[0]
+    assert row["location"] == next(d["location"] for d in docs if d["id"] == row["id"])
+    assert row["detail"] == f"quality {expected[row['id']]['quality']:.4f} < threshold 0.5"
+    kept, rejected = filter_labelled(labelled, LabelSection(labeler="quality", filter="none"))
+    assert kept.count() == 40 and rejected.count() == 0
+
+
+def test_pareto_keep_rate_follows_gpt3_rule():
+    ids = [f"doc-{i}" for i in range(4000)]
+    draws = pareto_draws(ids, alpha=9.0, seed=0)
+    assert np.array_equal(draws, pareto_draws(ids, alpha=9.0, seed=0))
+    assert not np.array_equal(draws, pareto_draws(ids, alpha=9.0, seed=1))
+    assert np.array_equal(draws[100:200], pareto_draws(ids[100:200], alpha=9.0, seed=0))
+    for q in (0.0, 0.8, 0.95):
+        # P(pareto(alpha) > x) = (1 + x)^-alpha, here with x = 1 - quality.
+        assert np.mean(draws > 1 - q) == pytest.approx((2 - q) ** -9.0, abs=0.03)
+
+
+def test_pareto_filter_does_not_depend_on_batching(ray_session):
+    quality = np.random.default_rng(3).uniform(0.7, 1.0, 200)
+    items = scored_items(200, "quality", quality)
+    cfg = LabelSection(labeler="quality", filter="pareto", seed=11)
+    kept_a, rejected_a = filter_labelled(ray.data.from_items(items, override_num_blocks=7), cfg)
+    kept_b, _ = filter_labelled(ray.data.from_items(items[::-1], override_num_blocks=2), cfg)
+    ids_a = sorted(r["id"] for r in kept_a.take_all())
+    assert ids_a == sorted(r["id"] for r in kept_b.take_all())
+    draws = pareto_draws([d["id"] for d in items], 9.0, 11)
+    assert ids_a == sorted(d["id"] for d, x, q in zip(items, draws, quality) if x > 1 - q)
+    assert 0 < len(ids_a) < 200 and rejected_a.count() == 200 - len(ids_a)
+
+
+def test_perplexity_percentile_filter(ray_session):
+    ppl = list(np.random.default_rng(4).lognormal(3.0, 1.0, 50)) + [None]  # the last document had no tokens
+    ds = ray.data.from_items(scored_items(51, "ppl", ppl), override_num_blocks=4)
+    kept, rejected = filter_labelled(ds, LabelSection(labeler="perplexity", ppl_max_percentile=80))
+    cutoff = np.percentile([p for p in ppl if p is not None], 80)
+    assert sorted(r["id"] for r in kept.take_all()) == sorted(f"doc-{i}" for i in range(50) if ppl[i] <= cutoff)
+    reasons = {r["id"]: r["reason"] for r in rejected.take_all()}
+    assert reasons == {**{f"doc-{i}": "high_perplexity" for i in range(50) if ppl[i] > cutoff}, "doc-50": "empty"}
+    assert len(reasons) == 11
+
+
+def test_unconfident_predictions_become_null_labels(ray_session, classifier_checkpoint):
+    path, _ = classifier_checkpoint
+    docs = documents(40, start=200)
+    expected = by_id(ClassifierLabeler(path)(pa.Table.from_pylist(docs)).to_pylist())
+    threshold = float(np.median([r["confidence"] for r in expected.values()]))
+    cfg = LabelSection(labeler="classifier", model=str(path), threshold=threshold, actors=(1, 1), batch_size=16)
+    kept, rejected = filter_labelled(label_documents(ray.data.from_items(docs), cfg), cfg)
+    rows = by_id(kept.take_all())
+    assert sorted(rows) == sorted(expected) and rejected.count() == 0
+    nulls = 0
+    for doc_id, want in expected.items():
+        assert rows[doc_id]["confidence"] == pytest.approx(want["confidence"], rel=1e-5)
+        if want["confidence"] < threshold:
+            assert rows[doc_id]["label"] is None
+            nulls += 1
+        else:
+            assert rows[doc_id]["label"] == want["label"]
+    assert 10 <= nulls <= 30

@@ -1,0 +1,201 @@
+"""Pretraining on a real local Ray Train: model-parallel equivalence, exact resume after SIGKILL, elastic restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_DATA, run_cli
+from mtnlg_ray.config import load_config
+from mtnlg_ray.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def shakespeare(ray_session, tmp_path_factory) -> Path:
+    """tinyshakespeare through the real corpus pipeline: paragraphs as documents, 64-token sequences."""
+    from mtnlg_ray.data.pipeline import prepare_dataset
+
+    output = tmp_path_factory.mktemp("shakespeare")
+    config = load_config(
+        overrides=["read.txt_mode=paragraph", "clean.enabled=false", "dedup.exact=false", "dedup.fuzzy=false",
+                   "tokenizer.vocab_size=512", "pack.seq_len=64", "pack.val_fraction=0.05"],
+        stage="prepare",
+    )
+    prepare_dataset([str(SHARED_DATA / "tinyshakespeare.txt")], output, config)
+    return output
+
+
+def train_config(dataset: Path, runs: Path, name: str, *extra: str):
+    return load_config(
+        overrides=[
+            f"data.path={dataset}", f"run.storage_path={runs}", f"run.name={name}",
+            "model.preset=tiny", "model.seq_len=64", "train.max_steps=20", "train.global_batch_size=8",
+            "train.micro_batch_size=2", "train.lr=3e-3", "train.warmup_tokens=2048", "train.decay_tokens=20000",
+            "train.eval_every=10", "train.eval_batches=2", "checkpoint.every_steps=10", "train.peak_tflops=1.0",
+            *extra,
+        ],
+        stage="pretrain",
+    )
+
+
+def losses(result_dir: Path) -> dict[int, float]:
+    from mtnlg_ray.train.plot import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(result_dir)}
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def test_one_worker_fsdp_and_tensor_parallel_give_the_same_losses(shakespeare, tmp_path):
+    from mtnlg_ray.train.trainer import pretrain
+
+    runs = {}
+    for name, extra in {
+        "single": ["parallel.workers=1"],
+        "fsdp": ["parallel.workers=2", "parallel.fsdp=true"],
+        "tp": ["parallel.workers=2", "parallel.tp=2"],
+    }.items():
+        result = pretrain(train_config(shakespeare, tmp_path, name, *extra))
+        runs[name] = Path(result["run_dir"])
+    reference = losses(runs["single"])
+    assert sorted(reference) == list(range(1, 21))
+    for name in ("fsdp", "tp"):
+        other = losses(runs[name])
+        worst = max(abs(other[s] - reference[s]) for s in reference)
+        assert worst <= 1e-4, (name, worst)
+    base = final_weights(runs["single"])
+    for name in ("fsdp", "tp"):
+        weights = final_weights(runs[name])
+        assert max(float((weights[k] - base[k]).abs().max()) for k in base) < 1e-3
+    assert reference[20] < reference[1]
+
+
+def _kill_after_checkpoint(metrics: Path, at_step: int, killed: dict) -> None:
+    """Watch metrics.jsonl; after the checkpoint at `at_step`, SIGKILL the worker that wrote it."""
+    deadline = time.time() + 300
+    pid = None
+    while time.time() < deadline:
+        if metrics.is_file():
+            for line in metrics.read_text().splitlines():
+                record = json.loads(line)
+                if record.get("event") == "start" and pid is None:
+                    pid = record["pid"]
+                if record.get("event") == "checkpoint" and record["step"] >= at_step and pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    killed["pid"], killed["after_step"] = pid, record["step"]
+                    return
+        time.sleep(0.05)
+
+
+def test_sigkilled_worker_resumes_to_the_same_final_weights(shakespeare, tmp_path):
+    from mtnlg_ray.train.trainer import pretrain
+
+    settings = ["parallel.workers=1", "train.max_steps=60", "run.max_failures=2"]
+    clean = pretrain(train_config(shakespeare, tmp_path, "clean", *settings))
+    killed: dict = {}
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    watcher = threading.Thread(target=_kill_after_checkpoint, args=(metrics, 10, killed))
+    watcher.start()
+    interrupted = pretrain(train_config(shakespeare, tmp_path, "killed", *settings))
+    watcher.join()
+    assert killed and killed["after_step"] < 60, "the worker was never killed mid-run"
+    starts = [json.loads(l) for l in metrics.read_text().splitlines() if '"event": "start"' in l]
+    assert len(starts) == 2 and starts[1]["resumed_from"]["step"] == killed["after_step"]
+    assert starts[1]["pid"] != killed["pid"]
+    a, b = final_weights(Path(clean["run_dir"])), final_weights(Path(interrupted["run_dir"]))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_rerunning_the_same_run_resumes_from_its_newest_checkpoint_at_another_world_size(shakespeare, tmp_path):
+    from mtnlg_ray.train.trainer import pretrain
+
+    first = pretrain(train_config(shakespeare, tmp_path, "grow", "parallel.workers=2"))
+    assert first["steps"] == 20
+    second = pretrain(train_config(shakespeare, tmp_path, "grow", "parallel.workers=1", "train.max_steps=30"))
+    assert second["resumed_from"] is not None and second["steps"] == 30
+    starts = [json.loads(l) for l in (Path(second["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+              if '"event": "start"' in l]
+    assert starts[-1]["world_size"] == 1 and starts[-1]["resumed_from"] == {"step": 20, "world_size": 2}
+
+
+def test_elastic_run_continues_on_fewer_workers_after_one_is_killed(ray_session, shakespeare, tmp_path):
+    import ray
+
+    from mtnlg_ray.train.trainer import pretrain
+
+    @ray.remote(num_cpus=1)
+    class Holder:
+        def ready(self):
+            return True
+
+    metrics = tmp_path / "elastic" / "metrics.jsonl"
+    state: dict = {}
+
+    def shrink_then_kill():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if metrics.is_file():
+                records = [json.loads(l) for l in metrics.read_text().splitlines()]
+                starts = [r for r in records if r.get("event") == "start"]
+                if starts and any(r.get("event") == "checkpoint" for r in records):
+                    # Queue a 1-CPU actor before the kill, so the restart finds one CPU fewer.
+                    state["holder"] = Holder.remote()
+                    time.sleep(1)
+                    os.kill(starts[0]["pid"], signal.SIGKILL)
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=shrink_then_kill)
+    watcher.start()
+    result = pretrain(train_config(shakespeare, tmp_path, "elastic", "parallel.workers=[1, 2]",
+                                   "train.max_steps=60", "run.max_failures=3"))
+    watcher.join()
+    ray.kill(state["holder"])
+    records = [json.loads(l) for l in metrics.read_text().splitlines()]
+    sizes = [r["world_size"] for r in records if r.get("event") == "start"]
+    assert sizes[0] == 2 and sizes[-1] == 1
+    assert records[-1]["event"] == "done" and result["steps"] == 60
+    resumed = [r for r in records if r.get("event") == "start"][-1]["resumed_from"]
+    assert resumed["world_size"] == 2
+
+
+def test_tiny_model_learns_shakespeare_below_unigram_entropy(shakespeare, tmp_path):
+    from mtnlg_ray.data.pack import read_sequences
+    from mtnlg_ray.train.trainer import pretrain
+
+    result = pretrain(train_config(shakespeare, tmp_path, "learn", "train.max_steps=150", "train.global_batch_size=16",
+                                   "train.micro_batch_size=8", "train.warmup_tokens=5000", "train.decay_tokens=160000",
+                                   "train.eval_every=50", "train.eval_batches=4", "checkpoint.every_steps=150"))
+    tokens = read_sequences(shakespeare / "tokens", "train")[:, 1:].reshape(-1)
+    counts = np.bincount(tokens)
+    p = counts[counts > 0] / counts.sum()
+    unigram_entropy = float(-(p * np.log(p)).sum())
+    val_loss = result["metrics"]["val_loss"]
+    print(f"validation loss {val_loss:.3f} nats vs unigram entropy {unigram_entropy:.3f} nats")
+    assert val_loss < unigram_entropy - 0.3
+    plot = run_cli("plot", result["run_dir"])
+    assert plot.returncode == 0 and (Path(result["run_dir"]) / "loss.png").stat().st_size > 1000
+
+
+def test_bad_layouts_fail_before_any_worker_starts(shakespeare, tmp_path):
+    from mtnlg_ray.train.trainer import pretrain
+
+    with pytest.raises(ConfigError, match=r"parallel.workers: \[1, 3\] with parallel.tp=2"):
+        pretrain(train_config(shakespeare, tmp_path, "bad", "parallel.workers=[1, 3]", "parallel.tp=2"))
+    with pytest.raises(ConfigError, match="parallel.tp=3 must divide model.n_head"):
+        pretrain(train_config(shakespeare, tmp_path, "bad", "parallel.workers=3", "parallel.tp=3"))
+    with pytest.raises(ConfigError, match="data.path"):
+        pretrain(load_config(overrides=["data.path=null"], stage="pretrain"))
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
