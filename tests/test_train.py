@@ -83,26 +83,28 @@ def test_one_worker_fsdp_and_tensor_parallel_give_the_same_losses(shakespeare, t
 
 
 def _kill_after_checkpoint(metrics: Path, at_step: int, killed: dict) -> None:
-    """Watch metrics.jsonl; after the checkpoint at `at_step`, SIGKILL the worker that wrote it."""
+    """Watch metrics.jsonl; a few steps after the checkpoint at `at_step`, SIGKILL the training worker.
+
+    The few steps give Ray Train's controller time to register the checkpoint, which the restarted
+    worker must resume from; they are also work the failure throws away and the resume redoes.
+    """
     deadline = time.time() + 300
-    pid = None
     while time.time() < deadline:
-        if metrics.is_file():
-            for line in metrics.read_text().splitlines():
-                record = json.loads(line)
-                if record.get("event") == "start" and pid is None:
-                    pid = record["pid"]
-                if record.get("event") == "checkpoint" and record["step"] >= at_step and pid is not None:
-                    os.kill(pid, signal.SIGKILL)
-                    killed["pid"], killed["after_step"] = pid, record["step"]
-                    return
+        records = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.is_file() else []
+        starts = [r for r in records if r.get("event") == "start"]
+        saved = [r["step"] for r in records if r.get("event") == "checkpoint" and r["step"] >= at_step]
+        latest = max((r["step"] for r in records if "loss" in r), default=0)
+        if starts and saved and latest >= saved[0] + 3:
+            os.kill(starts[0]["pid"], signal.SIGKILL)
+            killed["pid"], killed["after_step"] = starts[0]["pid"], saved[0]
+            return
         time.sleep(0.05)
 
 
 def test_sigkilled_worker_resumes_to_the_same_final_weights(shakespeare, tmp_path):
     from mtnlg_ray.train.trainer import pretrain
 
-    settings = ["parallel.workers=1", "train.max_steps=60", "run.max_failures=2"]
+    settings = ["parallel.workers=1", "train.max_steps=60", "run.max_failures=2", "checkpoint.every_steps=10"]
     clean = pretrain(train_config(shakespeare, tmp_path, "clean", *settings))
     killed: dict = {}
     metrics = tmp_path / "killed" / "metrics.jsonl"
@@ -149,7 +151,9 @@ def test_elastic_run_continues_on_fewer_workers_after_one_is_killed(ray_session,
             if metrics.is_file():
                 records = [json.loads(l) for l in metrics.read_text().splitlines()]
                 starts = [r for r in records if r.get("event") == "start"]
-                if starts and any(r.get("event") == "checkpoint" for r in records):
+                saved = [r["step"] for r in records if r.get("event") == "checkpoint"]
+                latest = max((r["step"] for r in records if "loss" in r), default=0)
+                if starts and saved and latest >= saved[0] + 3:
                     # Queue a 1-CPU actor before the kill, so the restart finds one CPU fewer.
                     state["holder"] = Holder.remote()
                     time.sleep(1)
