@@ -132,6 +132,7 @@ def test_rerunning_the_same_run_resumes_from_its_newest_checkpoint_at_another_wo
     assert starts[-1]["world_size"] == 1 and starts[-1]["resumed_from"] == {"step": 20, "world_size": 2}
 
 
+@pytest.mark.slow
 def test_elastic_run_continues_on_fewer_workers_after_one_is_killed(ray_session, shakespeare, tmp_path):
     import ray
 
@@ -175,6 +176,7 @@ def test_elastic_run_continues_on_fewer_workers_after_one_is_killed(ray_session,
     assert resumed["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_tiny_model_learns_shakespeare_below_unigram_entropy(shakespeare, tmp_path):
     from mtnlg_ray.data.pack import read_sequences
     from mtnlg_ray.train.trainer import pretrain

@@ -21,13 +21,14 @@ import ray
 import ray.data
 from ray.data.expressions import col
 
+from mtnlg_ray.data.read import REJECTED_COLUMNS
+
 if TYPE_CHECKING:
     from mtnlg_ray.config import DedupSection
 
 STAGE = "dedup"
 EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
-REJECTED_COLUMNS = ("id", "source", "location", "stage", "reason", "detail")
 
 # Permutations and band hashes come from this seed, so every task (and every run) agrees on them.
 MINHASH_SEED = 0x6D746E6C67
@@ -48,6 +49,7 @@ _BYTES_PER_PARTITION = 256 << 20
 _SHARDS_PER_PARTITION = 8
 _MAX_CC_ROUNDS = 64
 _DOCS_PER_BLOCK = 1024
+# Up to this many edges, connected components run inside one task instead of a few shuffles a round.
 _LOCAL_CC_MAX_EDGES = 2_000_000
 
 _SHARD = "_dedup_shard"
@@ -289,24 +291,41 @@ def dedup_documents(ds: ray.data.Dataset, cfg: DedupSection) -> tuple[ray.data.D
         .map_groups(_key_edges, batch_format="pyarrow", fn_kwargs={"threshold": cfg.threshold})
         .materialize()
     )
-    markers: list[ray.data.Dataset] = []
-    if cfg.exact:
-        exact = edges.filter(expr=col(_EXACT) == 1)
-        markers.append(exact.map_batches(_markers, batch_format="pyarrow", fn_kwargs={"reason": EXACT_DUPLICATE}))
-    if cfg.fuzzy and edges.count():
-        # Exact edges stay in the graph, so an exact duplicate whose twin is itself a near
-        # duplicate ends up naming the component's survivor.
-        near = _connected_components(edges.select_columns(["u", "v"]), edges.count(), cpus)
-        markers.append(near.map_batches(_markers, batch_format="pyarrow", fn_kwargs={"reason": NEAR_DUPLICATE}))
-    if not markers:
-        return docs, _empty_rejected()
-    marked = (markers[0].union(*markers[1:]) if len(markers) > 1 else markers[0]).materialize()
-    if marked.count() == 0:
+    count = edges.count()
+    if count == 0:
         return docs, _empty_rejected()
 
+    # Markers (id, kept id, reason) shaped like document rows, so one groupby over both can
+    # resolve each document. Exact edges stay in the fuzzy graph, so an exact duplicate whose
+    # twin is itself a near duplicate names the component's survivor.
+    shape = {"schema": docs.schema().base_schema, "shards": doc_parts * _SHARDS_PER_PARTITION}
+    if cfg.fuzzy and count <= _LOCAL_CC_MAX_EDGES:
+        # A small graph: components and markers in one task, all edges in one batch.
+        marker_rows = edges.map_batches(
+            _local_marker_rows,
+            batch_format="pyarrow",
+            batch_size=count,
+            fn_kwargs={"exact": cfg.exact, "edges_total": count, **shape},
+        )
+    else:
+        parts = []
+        if cfg.exact:
+            exact = edges.filter(expr=col(_EXACT) == 1)
+            parts.append(exact.map_batches(_markers, batch_format="pyarrow", fn_kwargs={"reason": EXACT_DUPLICATE}))
+        if cfg.fuzzy:
+            near = _connected_components(edges.select_columns(["u", "v"]), count, cpus)
+            parts.append(near.map_batches(_markers, batch_format="pyarrow", fn_kwargs={"reason": NEAR_DUPLICATE}))
+        markers = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        marker_rows = markers.map_batches(_as_marker_rows, batch_format="pyarrow", fn_kwargs=shape)
+    doc_rows = docs.map_batches(_as_doc_rows, batch_format="pyarrow", fn_kwargs={"shards": shape["shards"]})
     # One shuffle resolves every document; materialized, so counting, writing and labelling the
     # kept documents and writing the rejected rows do not each repeat it.
-    resolved = _apply_markers(docs, marked, doc_parts).materialize()
+    resolved = (
+        doc_rows.union(marker_rows)
+        .groupby(_SHARD, num_partitions=doc_parts)
+        .map_groups(_resolve_markers, batch_format="pyarrow")
+        .materialize()
+    )
     kept = resolved.filter(expr=col(_REASON).is_null()).drop_columns([_KEPT, _REASON])
     rejected = resolved.filter(expr=col(_REASON).is_not_null()).map_batches(_rejected_rows, batch_format="pyarrow")
     return kept, rejected
@@ -319,19 +338,13 @@ def _partitions(rows: int, nbytes: int, cpus: int) -> int:
     return max(1, by_size, by_cpus)
 
 
-def _connected_components(
-    edges: ray.data.Dataset, count: int, cpus: int, local_max_edges: int = _LOCAL_CC_MAX_EDGES
-) -> ray.data.Dataset:
+def _connected_components(edges: ray.data.Dataset, count: int, cpus: int) -> ray.data.Dataset:
     """Edges (u, v), u > v, of an undirected graph -> (u, v) linking every non-minimal node to its component's minimum.
 
     Alternating large-star and small-star (Kiveris et al., "Connected Components in MapReduce and
     Beyond", 2014): each step is one groupby, O(log^2 n) rounds, no join; a round that moves no
-    edge leaves every component a star around its minimum. Up to `local_max_edges` edges (there
-    are `count`) the same steps run to convergence inside one task, which saves a few shuffles
-    per round when the graph is small.
+    edge leaves every component a star around its minimum. `count` (edges) sizes the shuffles.
     """
-    if count <= local_max_edges:
-        return edges.groupby(None).map_groups(_local_components, batch_format="pyarrow")
     parts = _partitions(2 * count, 2 * count * 64, cpus)
     shards = parts * _SHARDS_PER_PARTITION
     for _ in range(_MAX_CC_ROUNDS):
@@ -359,19 +372,6 @@ def _local_components(edges: pa.Table) -> pa.Table:
         if not edges.column(_CHANGED).to_numpy().any():
             return edges.select(["u", "v"])
     raise RuntimeError(f"connected components did not converge in {_MAX_CC_ROUNDS} rounds")
-
-
-def _apply_markers(docs: ray.data.Dataset, marked: ray.data.Dataset, parts: int) -> ray.data.Dataset:
-    """docs + (_dedup_kept, _dedup_reason): an anti-join done as one groupby over docs and markers."""
-    schema = docs.schema().base_schema
-    shards = parts * _SHARDS_PER_PARTITION
-    doc_rows = docs.map_batches(_as_doc_rows, batch_format="pyarrow", fn_kwargs={"shards": shards})
-    marker_rows = marked.map_batches(
-        _as_marker_rows, batch_format="pyarrow", fn_kwargs={"schema": schema, "shards": shards}
-    )
-    return doc_rows.union(marker_rows).groupby(_SHARD, num_partitions=parts).map_groups(
-        _resolve_markers, batch_format="pyarrow"
-    )
 
 
 def _empty_rejected() -> ray.data.Dataset:
@@ -504,7 +504,8 @@ def _both_directions(batch: pa.Table, *, shards: int) -> pa.Table:
     u, v = batch.column("u"), batch.column("v")
     node = pa.chunked_array(u.chunks + v.chunks, type=u.type)
     neighbour = pa.chunked_array(v.chunks + u.chunks, type=u.type)
-    return pa.table({"node": node, "nbr": neighbour, _SHARD: _id_shard(node, shards)})
+    shard = _id_shard(node, shards) if shards > 1 else np.zeros(len(node), np.int64)
+    return pa.table({"node": node, "nbr": neighbour, _SHARD: shard})
 
 
 def _shard_by_u(batch: pa.Table, *, shards: int) -> pa.Table:
@@ -557,6 +558,16 @@ def _small_star(group: pa.Table) -> pa.Table:
         np.concatenate((smallest[nodes], smallest[u[moved]])),
         np.concatenate((incoming[nodes], np.ones(int(moved.sum()), dtype=np.int64))),
     )
+
+
+def _local_marker_rows(edges: pa.Table, *, exact: bool, edges_total: int, schema: pa.Schema, shards: int) -> pa.Table:
+    """Every marker of a graph small enough for one task (`_connected_components` does large ones)."""
+    if edges.num_rows != edges_total:  # components of part of a graph would be silently wrong
+        raise RuntimeError(f"expected all {edges_total} edges in one batch, got {edges.num_rows}")
+    parts = [_markers(_local_components(edges), reason=NEAR_DUPLICATE)]
+    if exact:
+        parts.append(_markers(edges.filter(pc.equal(edges.column(_EXACT), 1)), reason=EXACT_DUPLICATE))
+    return _as_marker_rows(pa.concat_tables(parts), schema=schema, shards=shards)
 
 
 def _as_doc_rows(batch: pa.Table, *, shards: int) -> pa.Table:
