@@ -230,6 +230,8 @@ def main() -> None:
     print(f"parity: greedy tokens identical in every run; wall time {time.perf_counter() - started:.0f} s")
     if others is not None:
         print(f"other processes used {max(others, 0.0):.2f} of {os.cpu_count()} CPUs on average while this one timed")
+        if others > 0.25:
+            print("warning: the machine was busy; runs stalled by other processes make these ratios unreliable")
     print("command: python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
     if args.json:
         result = {"setup": header, "rows": rows, "scaling": scaling, "other_processes_cpus": others}
