@@ -5,7 +5,7 @@ its own copy from disk), the same prompt ids, greedy decoding, exactly N new tok
 The token sequences must match before a time counts. Prints tokens/s, ours/HF, and t(512)/t(256).
 
     python bench/generate.py
-    python bench/generate.py --preset gpt3-125m --repeats 3
+    python bench/generate.py --preset gpt3-125m --batch 1
 """
 
 from __future__ import annotations
