@@ -98,8 +98,13 @@ def clean_batch(batch: pa.Table, cfg: CleanSection) -> pa.Table:
         cleaned.append(text)
         reasons.append(problem[0] if problem else "")
         details.append(problem[1] if problem else "")
-    batch = batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(cleaned, pa.string()))
-    for name, values in (("reason", reasons), ("detail", details)):
+    return with_verdicts(batch, cleaned, reasons, details)
+
+
+def with_verdicts(batch: pa.Table, texts: list[str], reasons: list[str], details: list[str]) -> pa.Table:
+    """`batch` with its `text` replaced and `reason` / `detail` set (added when missing): a stage's verdicts."""
+    columns = {"text": texts, "reason": reasons, "detail": details}
+    for name, values in columns.items():
         index = batch.schema.get_field_index(name)
         column = pa.array(values, pa.string())
         batch = batch.set_column(index, name, column) if index >= 0 else batch.append_column(name, column)

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import pyarrow as pa
 
 from mtnlg_ray.config import DecontamSection
+from mtnlg_ray.data.clean import with_verdicts
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -92,9 +93,4 @@ def decontaminate_batch(batch: pa.Table, grams: frozenset[int], cfg: DecontamSec
             texts.append(left)
             reasons.append("")
             details.append("" if left == text else f"evaluation text cut out ({pieces} pieces kept)")
-    batch = batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(texts, pa.string()))
-    for name, values in (("reason", reasons), ("detail", details)):
-        index = batch.schema.get_field_index(name)
-        column = pa.array(values, pa.string())
-        batch = batch.set_column(index, name, column) if index >= 0 else batch.append_column(name, column)
-    return batch
+    return with_verdicts(batch, texts, reasons, details)
