@@ -1,4 +1,4 @@
-"""Dedup stage: exact and MinHash/LSH near duplicates leave, one per cluster (the smallest id) stays."""
+"""Dedup stage: exact and MinHash/LSH near duplicates leave, one per cluster (the first by order, else the smallest id) stays."""
 
 from __future__ import annotations
 
@@ -164,14 +164,20 @@ def corpus() -> list[dict]:
     return random.Random(3).sample(items, len(items))  # input order must not matter
 
 
-def run(items: list[dict], **cfg) -> tuple[dict[str, dict], dict[str, dict]]:
-    kept, rejected = dedup_documents(ray.data.from_items(items), DedupSection(**cfg))
+def run(items: list[dict], order_column: str | None = None, **cfg) -> tuple[dict[str, dict], dict[str, dict]]:
+    kept, rejected = dedup_documents(ray.data.from_items(items), DedupSection(**cfg), order_column=order_column)
     return {r["id"]: r for r in kept.take_all()}, {r["id"]: r for r in rejected.take_all()}
 
 
 def _small_corpus() -> list[dict]:
     items = [doc("doc-00", " ".join(BASE[0])), doc("doc-01", " ".join(BASE[1])), doc("doc-05", " ".join(BASE[5]))]
     return items + [doc(k, v) for k, v in {**EXACT_TWINS, "doc-01a": NEAR["doc-01a"]}.items()]
+
+
+def _reversed_order_corpus() -> list[dict]:
+    """The small corpus with a corpus position that puts every duplicate before its smaller-id twin."""
+    items = sorted(_small_corpus(), key=lambda d: d["id"], reverse=True)
+    return [{**item, "seq": position} for position, item in enumerate(items)]
 
 
 def _components(edges: list[tuple[str, str]]) -> list[dict]:
@@ -191,6 +197,7 @@ def runs(ray_session):
             "default": pool.submit(run, corpus()),
             "exact_only": pool.submit(run, _small_corpus(), fuzzy=False),
             "fuzzy_only": pool.submit(run, _small_corpus(), exact=False),
+            "ordered": pool.submit(run, _reversed_order_corpus(), order_column="seq"),
             "components": pool.submit(_components, CC_EDGES),
         }
 
@@ -267,6 +274,19 @@ def test_fuzzy_only_finds_exact_duplicates_as_near_ones(runs):
         "doc-00a": (NEAR_DUPLICATE, "duplicate of doc-00"),
         "doc-00b": (NEAR_DUPLICATE, "duplicate of doc-00"),
         "doc-01a": (NEAR_DUPLICATE, "duplicate of doc-01"),
+    }
+
+
+def test_with_an_order_column_the_first_document_of_each_cluster_survives(runs):
+    kept, rejected = runs["ordered"].result()
+    # doc-00b comes first of doc-00/00a/00b, doc-01a before doc-01: ids and every column come back intact
+    assert set(kept) == {"doc-00b", "doc-01a", "doc-05"}
+    by_id = {d["id"]: d for d in _reversed_order_corpus()}
+    assert all(row == by_id[doc_id] for doc_id, row in kept.items())
+    assert {k: (r["reason"], r["detail"]) for k, r in rejected.items()} == {
+        "doc-00": (EXACT_DUPLICATE, "duplicate of doc-00b"),
+        "doc-00a": (EXACT_DUPLICATE, "duplicate of doc-00b"),
+        "doc-01": (NEAR_DUPLICATE, "duplicate of doc-01a"),
     }
 
 

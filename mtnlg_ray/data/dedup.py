@@ -249,12 +249,16 @@ def candidate_pairs(bucket_keys: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def dedup_documents(ds: ray.data.Dataset, cfg: DedupSection) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+def dedup_documents(
+    ds: ray.data.Dataset, cfg: DedupSection, order_column: str | None = None
+) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """Drop exact and near duplicates: (kept, rejected).
 
-    Of every cluster of duplicates the document with the smallest id survives. `kept` has the
-    input's columns; `rejected` has string columns id, source, location, stage, reason, detail,
-    where reason is `exact_duplicate` or `near_duplicate` and detail names the surviving id.
+    Of every cluster of duplicates the first document survives: the one with the smallest
+    `order_column` (a non-negative int64 such as the corpus position), or without one the
+    smallest id. `kept` has the input's columns; `rejected` has string columns id, source,
+    location, stage, reason, detail, where reason is `exact_duplicate` or `near_duplicate` and
+    detail names the surviving id.
     Dedup is a barrier: the input is materialized (it is read for keys and again for the split),
     and so is the result.
     """
@@ -268,8 +272,13 @@ def dedup_documents(ds: ray.data.Dataset, cfg: DedupSection) -> tuple[ray.data.D
         return docs, _empty_rejected()
     columns = docs.schema().base_schema.names
     missing = [c for c in ("id", "text", "source", "location") if c not in columns]
+    if order_column is not None and order_column not in columns:
+        missing.append(order_column)
     if missing:
         raise ValueError(f"dedup needs columns {missing} that the dataset lacks (it has {columns})")
+    if order_column is not None:
+        # Every step picks the smallest id; prefixed with the order, that is the first document.
+        docs = docs.map_batches(_ordered_ids, batch_format="pyarrow", fn_kwargs={"order_column": order_column})
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
     doc_parts = _partitions(rows, docs.size_bytes(), cpus)
@@ -293,7 +302,7 @@ def dedup_documents(ds: ray.data.Dataset, cfg: DedupSection) -> tuple[ray.data.D
     )
     count = edges.count()
     if count == 0:
-        return docs, _empty_rejected()
+        return (docs.map_batches(_original_ids, batch_format="pyarrow") if order_column else docs), _empty_rejected()
 
     # Markers (id, kept id, reason) shaped like document rows, so one groupby over both can
     # resolve each document. Exact edges stay in the fuzzy graph, so an exact duplicate whose
@@ -327,7 +336,11 @@ def dedup_documents(ds: ray.data.Dataset, cfg: DedupSection) -> tuple[ray.data.D
         .materialize()
     )
     kept = resolved.filter(expr=col(_REASON).is_null()).drop_columns([_KEPT, _REASON])
-    rejected = resolved.filter(expr=col(_REASON).is_not_null()).map_batches(_rejected_rows, batch_format="pyarrow")
+    rejected = resolved.filter(expr=col(_REASON).is_not_null()).map_batches(
+        _rejected_rows, batch_format="pyarrow", fn_kwargs={"ordered": order_column is not None}
+    )
+    if order_column is not None:
+        kept = kept.map_batches(_original_ids, batch_format="pyarrow")
     return kept, rejected
 
 
@@ -384,6 +397,27 @@ def _empty_rejected() -> ray.data.Dataset:
 
 def _arrow(batch: pa.Table) -> pa.Table:
     return batch
+
+
+# An ordered id is the order as 16 hex digits, then the id: string order is corpus order.
+_ORDER_DIGITS = 16
+_ORIGINAL_ID = "_dedup_original_id"
+
+
+def _ordered_ids(batch: pa.Table, *, order_column: str) -> pa.Table:
+    order = batch.column(order_column).to_pylist()
+    if any(o is None or o < 0 for o in order):
+        raise ValueError(f"dedup order column {order_column!r} must hold non-negative integers")
+    ids = batch.column("id")
+    ordered = [f"{o:0{_ORDER_DIGITS}x}{i}" for o, i in zip(order, ids.cast(pa.string()).to_pylist())]
+    index = batch.schema.get_field_index("id")
+    return batch.set_column(index, "id", pa.array(ordered, pa.string())).append_column(_ORIGINAL_ID, ids)
+
+
+def _original_ids(batch: pa.Table) -> pa.Table:
+    index = batch.schema.get_field_index("id")
+    original = batch.column(_ORIGINAL_ID)
+    return batch.set_column(index, "id", original).drop_columns([_ORIGINAL_ID])
 
 
 def _id_shard(ids: pa.ChunkedArray | pa.Array, shards: int) -> np.ndarray:
@@ -621,12 +655,15 @@ def _resolve_markers(group: pa.Table) -> pa.Table:
     return docs.append_column(_KEPT, kept).append_column(_REASON, reason)
 
 
-def _rejected_rows(batch: pa.Table) -> pa.Table:
+def _rejected_rows(batch: pa.Table, *, ordered: bool) -> pa.Table:
     n = batch.num_rows
     kept = batch.column(_KEPT).cast(pa.string())
+    ids = batch.column(_ORIGINAL_ID if ordered else "id").cast(pa.string())
+    if ordered:
+        kept = pc.utf8_slice_codeunits(kept, _ORDER_DIGITS)
     return pa.table(
         {
-            "id": batch.column("id").cast(pa.string()),
+            "id": ids,
             "source": batch.column("source").cast(pa.string()),
             "location": batch.column("location").cast(pa.string()),
             "stage": pa.array([STAGE] * n, pa.string()),

@@ -253,7 +253,7 @@ def prepare_dataset(
     if config.dedup.exact or config.dedup.fuzzy:
         from mtnlg_ray.data.dedup import dedup_documents
 
-        docs = _run_stage(run, "dedup", docs, lambda d: dedup_documents(d, config.dedup))
+        docs = _run_stage(run, "dedup", docs, lambda d: dedup_documents(d, config.dedup, order_column="seq"))
 
     if config.label.labeler is not None:
         from mtnlg_ray.data.label import filter_labelled, label_documents
