@@ -15,6 +15,7 @@ import torch
 from mtnlg_ray.checkpoint import load_checkpoint, tokenizer_path
 from mtnlg_ray.errors import CheckpointError, InputError
 from mtnlg_ray.model.generate import Completion, SamplingParams, check_prompt, decode, generate
+from mtnlg_ray.model.gpt import inference_layout
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
 
 
@@ -22,6 +23,7 @@ class TextGenerator:
     def __init__(self, checkpoint: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> None:
         self.checkpoint = Path(checkpoint)
         self.model, self.meta = load_checkpoint(checkpoint, device=device, dtype=dtype)
+        inference_layout(self.model)
         self.tokenizer = load_tokenizer(tokenizer_path(checkpoint))
         self.vocab = self.tokenizer.get_vocab_size()
         if self.vocab > self.model.config.vocab_size:

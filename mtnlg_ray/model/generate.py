@@ -56,6 +56,8 @@ def sample_next(
     logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> torch.Tensor:
     """One token per row from last-position logits (B, V), each row under its own settings."""
+    if all(p.temperature == 0 for p in params):
+        return logits.argmax(dim=-1)
     out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     for row, (p, gen) in enumerate(zip(params, generators)):
         scores = logits[row].float()
@@ -123,7 +125,7 @@ def decode(
         # Pad queries attend to themselves so their rows stay finite; no real query ever sees them.
         mask = (causal[None] & real[:, None, :]) | torch.eye(width, dtype=torch.bool, device=device)[None]
         mask = mask[:, None]  # (B, 1, width, width)
-    logits = model(idx, positions=positions, cache=cache, attn_mask=mask)[:, -1, :vocab_limit]
+    logits = model(idx, positions=positions, cache=cache, attn_mask=mask, last_only=True)[:, -1, :vocab_limit]
 
     generators = [
         torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None for p in per_row
@@ -134,11 +136,10 @@ def decode(
     while True:
         tokens = sample_next(logits, per_row, generators)
         step: list[int | None] = []
-        for row in range(batch):
+        for row, token in enumerate(tokens.tolist()):
             if done[row]:
                 step.append(None)
                 continue
-            token = int(tokens[row])
             step.append(token)
             produced[row] += 1
             if (per_row[row].stop_at_eos and token == eos_id) or produced[row] >= per_row[row].max_tokens:
@@ -146,12 +147,15 @@ def decode(
         yield step
         if all(done) or cache.length >= cache.max_len:
             return
-        cache.key_valid[:, cache.length] = True
-        mask = cache.key_valid[:, None, None, : cache.length + 1] if padded else None
+        mask = None
+        if padded:  # without padding every cached key is valid and no mask is needed
+            cache.key_valid[:, cache.length] = True
+            mask = cache.key_valid[:, None, None, : cache.length + 1]
         logits = model(
             tokens[:, None], positions=next_pos[:, None] if padded else None, cache=cache, attn_mask=mask
         )[:, -1, :vocab_limit]
-        next_pos += 1
+        if padded:
+            next_pos += 1
 
 
 def generate(

@@ -142,8 +142,13 @@ class Block(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None, layer=0, attn_mask=None):
-        x = x + self.drop(self.attn(self.ln1(x), cache, layer, attn_mask))
-        return x + self.drop(self.mlp(self.ln2(x)))
+        attn = self.attn(self.ln1(x), cache, layer, attn_mask)
+        # Dropout only when it does something: a no-op module call per block costs decode steps time.
+        if self.training and self.drop.p > 0:
+            x = x + self.drop(attn)
+            return x + self.drop(self.mlp(self.ln2(x)))
+        x = x + attn
+        return x + self.mlp(self.ln2(x))
 
 
 class GPT(nn.Module):
@@ -195,7 +200,9 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.seq_len}")
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))
+        x = self.tok_emb(idx) + self.pos_emb(positions)
+        if self.training and self.drop.p > 0:
+            x = self.drop(x)
         recompute = self.config.activation_checkpointing and self.training and cache is None
         for i, block in enumerate(self.blocks):
             if recompute:
@@ -212,10 +219,33 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) over the padded vocabulary."""
+        """Logits (B, T, vocab_size) over the padded vocabulary; (B, 1, vocab_size) with `last_only`.
+
+        `last_only` is for generation: only the last position's logits are needed, and skipping the
+        rest saves a (T x vocab) product and its memory on every prompt.
+        """
         h = self.hidden_states(idx, positions, cache, attn_mask)
+        if last_only:
+            h = h[:, -1:]
         return F.linear(h, self.tok_emb.weight)
+
+
+def inference_layout(model: GPT) -> GPT:
+    """Store every Linear weight (out, in), and the tied token embedding, column-major, in place.
+
+    `F.linear` multiplies by the weight transposed; with the weight column-major that transpose is a
+    plain row-major (in, out) matrix, which CPU GEMM kernels stream faster for the few rows of a
+    decode step (the LM head is the biggest of them; looking up a few embedding rows stays cheap).
+    Values, names and shapes stay the same, so outputs are unchanged. For serving only: optimizers
+    and checkpoint writers expect contiguous parameters. Returns `model`.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) or module is model.tok_emb:
+                module.weight.data = module.weight.data.t().contiguous().t()
+    return model
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
