@@ -47,6 +47,31 @@ def test_kv_cache_greedy_equals_full_recompute_for_ragged_batch(model):
         assert result.finish_reason == "length"
 
 
+def test_inference_layout_changes_memory_order_only(model):
+    from mtnlg_ray.model.gpt import inference_layout
+
+    laid_out = GPT(model.config).eval()
+    laid_out.load_state_dict(model.state_dict())
+    inference_layout(laid_out)
+    assert not laid_out.blocks[0].mlp.fc1.weight.is_contiguous()  # it did change the layout
+    assert not laid_out.tok_emb.weight.is_contiguous()
+    x = torch.randint(0, model.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        assert torch.allclose(laid_out(x), model(x), atol=1e-5)
+        assert torch.allclose(model(x, last_only=True), model(x)[:, -1:], atol=1e-6)
+    prompts = [[3, 1, 4, 1, 5], [9, 2]]
+    params = SamplingParams(max_tokens=20, temperature=0)
+    assert [r.tokens for r in generate(laid_out, prompts, params)] == [r.tokens for r in generate(model, prompts, params)]
+
+
+def test_greedy_and_sampled_rows_decode_together(model):
+    greedy = SamplingParams(max_tokens=15, temperature=0)
+    sampled = SamplingParams(max_tokens=15, temperature=0.8, seed=5)
+    mixed = generate(model, [[4, 5, 6], [4, 5, 6]], [greedy, sampled])
+    assert mixed[0].tokens == generate(model, [[4, 5, 6]], greedy)[0].tokens
+    assert mixed[1].tokens == generate(model, [[4, 5, 6]], sampled)[0].tokens
+
+
 def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(model):
     params = SamplingParams(max_tokens=25, temperature=0.9, top_k=40, top_p=0.95, seed=11)
     alone = generate(model, [[7, 8, 9]], params)[0].tokens
