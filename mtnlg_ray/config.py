@@ -141,6 +141,10 @@ class DedupSection(Section):
     exact: bool = True
     fuzzy: bool = True
     threshold: float = Field(0.8, gt=0.0, le=1.0)
+    # A candidate pair counts unless its signature estimate of Jaccard is more than this below
+    # `threshold`: 0.05 is two standard errors of a 260-value estimate at 0.8, so true pairs just
+    # above the threshold are not lost to estimation noise (pairs a little below it may go too).
+    verify_margin: float = Field(0.05, ge=0.0, lt=1.0)
     bands: int = Field(20, ge=1)
     rows: int = Field(13, ge=1)
     ngram: int = Field(5, ge=1)

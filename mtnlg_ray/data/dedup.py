@@ -297,7 +297,7 @@ def dedup_documents(
             fn_kwargs={"minhash": minhash, "exact": cfg.exact, "shards": key_parts * _SHARDS_PER_PARTITION},
         )
         .groupby(_SHARD, num_partitions=key_parts)
-        .map_groups(_key_edges, batch_format="pyarrow", fn_kwargs={"threshold": cfg.threshold})
+        .map_groups(_key_edges, batch_format="pyarrow", fn_kwargs={"threshold": cfg.threshold - cfg.verify_margin})
         .materialize()
     )
     count = edges.count()
@@ -483,6 +483,7 @@ def _key_edges(group: pa.Table, *, threshold: float) -> pa.Table:
 
     Exact rows: every member of a digest group links to the group's smallest id. Band rows:
     pairs sharing a bucket (see `bucket_pairs`) whose signatures agree on at least `threshold`
+    (the configured threshold less its verification margin)
     of their values, which weeds out LSH's false positives.
     """
     table = group.sort_by([(_KIND, "ascending"), (_KEY, "ascending"), ("id", "ascending")])
