@@ -226,6 +226,71 @@ def generate(
     sys.stdout.write("\n")
 
 
+@app.command("serve")
+def serve(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 accepts other machines."),
+    port: int = typer.Option(8000, "--port", help="HTTP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MTNLG_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1 (or set MTNLG_API_KEY)."),
+    replicas: int = typer.Option(1, "--replicas", help="Fixed number of replicas, each holding the model once."),
+    autoscale: Optional[str] = typer.Option(None, "--autoscale", metavar="MIN,MAX",
+                                            help="Scale replicas between MIN and MAX on load instead of --replicas."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Model id clients send (default: folder name)."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Sequences decoded together per replica."),
+    max_waiting: int = typer.Option(64, "--max-waiting", help="Queued requests per replica; more get 503 + Retry-After."),
+    num_cpus: float = typer.Option(1.0, "--num-cpus", help="CPUs per replica (also its torch threads)."),
+    num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPUs per replica (1 puts the model on cuda in bf16)."),
+) -> None:
+    """Serve the checkpoint on Ray Serve with an OpenAI-compatible API; Ctrl-C stops it.
+
+    Endpoints: POST /v1/completions and /v1/chat/completions (add "stream": true for server-sent events),
+    GET /v1/models, GET /health. Concurrent requests decode together in one continuous batch per replica.
+
+    Runs on the connected Ray cluster (RAY_ADDRESS or `ray start`), else on a local one.
+    For a long-lived deployment: `serve deploy mtnlg_ray/configs/serve.yaml`.
+
+    Example: `mtnlg-ray serve -c work/ckpt`, then
+    `curl localhost:8000/v1/completions -d '{"prompt": "def ", "max_tokens": 32, "temperature": 0}'`
+    or any OpenAI client with base_url http://localhost:8000/v1.
+    """
+    import signal
+    import time
+
+    from ray import serve as ray_serve
+
+    from mtnlg_ray.serve import serve_model
+    from mtnlg_ray.serve.app import parse_args
+
+    if autoscale and replicas != 1:
+        raise MtnlgError("--replicas and --autoscale: give one of them, not both")
+    args = parse_args({
+        "checkpoint": str(checkpoint), "model_name": model_name, "api_key": api_key, "max_batch": max_batch,
+        "max_waiting": max_waiting, "num_replicas": replicas, "autoscale": autoscale, "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+    })
+    url = serve_model(args, host=host, port=port)
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    typer.echo(f"serving {args.name} at {url}/v1  (health: {url}/health)")
+    typer.echo(
+        f"try:  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+        f"-d '{{\"model\": \"{args.name}\", \"prompt\": \"def \", \"max_tokens\": 32, \"temperature\": 0}}'"
+    )
+    typer.echo("Ctrl-C to stop.", err=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # `kill` and container stops shut down as cleanly as Ctrl-C
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        ray_serve.delete("mtnlg")
+        typer.echo("stopped.", err=True)
+
+
 @export_app.command("hf")
 def export_hf(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory."),

@@ -1,0 +1,482 @@
+"""The Ray Serve deployment: an OpenAI-compatible FastAPI ingress in front of one decode loop per replica.
+
+`build_app(args)` is what `serve run mtnlg_ray.serve:build_app checkpoint=...`, `serve deploy
+mtnlg_ray/configs/serve.yaml` and `mtnlg-ray serve` all deploy; `ServeArgs` lists its arguments.
+Each replica loads the checkpoint once and batches every request it holds into one running decode.
+"""
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from ray import serve
+from ray.serve.config import BackpressureConfig
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
+from mtnlg_ray.serve.protocol import (
+    CHAT_STOP,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    StopScanner,
+    render_chat,
+    validation_error,
+)
+from mtnlg_ray.serve.scheduler import BatchScheduler, Overloaded, TokenStream
+
+RETRY_AFTER_S = 1
+LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+
+
+class ServeArgs(BaseModel):
+    """Arguments of `build_app`: the `args:` of a Serve config, `key=value` pairs of `serve run`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str
+    model_name: str | None = None  # the `model` clients send; default: the checkpoint folder's name
+    api_key: str | None = None  # when set, every /v1 request needs "Authorization: Bearer <key>"
+    device: str = "auto"  # auto: cuda when the replica has a GPU, else cpu
+    dtype: str | None = None  # float32 | bfloat16 | float16; default: bfloat16 on GPU, as stored on CPU
+    max_batch: int = 16  # sequences decoded together per replica
+    max_waiting: int = 64  # requests queued per replica beyond the batch; more get 503 + Retry-After
+    max_tokens: int | None = None  # most tokens one request may ask for; default: the context
+    num_replicas: int = 1
+    autoscale: tuple[int, int] | None = None  # (min, max) replicas, scaling on ongoing requests
+    num_cpus: float = 1.0  # per replica; also its torch threads (at least one)
+    num_gpus: float = 0.0
+
+    @field_validator("autoscale", mode="before")
+    @classmethod
+    def _pair(cls, value):
+        if isinstance(value, str):  # "1,4" from the command line or `serve run autoscale=1,4`
+            value = [part.strip() for part in value.split(",")]
+        return value
+
+    @field_validator("max_batch", "max_waiting", "num_replicas")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"expected a positive integer, got {value}")
+        return value
+
+    @field_validator("autoscale")
+    @classmethod
+    def _bounds(cls, value):
+        if value is not None and not (0 <= value[0] <= value[1] and value[1] >= 1):
+            raise ValueError(f"expected min,max with 0 <= min <= max and max >= 1, got {value[0]},{value[1]}")
+        return value
+
+    @property
+    def name(self) -> str:
+        return self.model_name or Path(self.checkpoint).name
+
+
+def parse_args(args: dict | ServeArgs) -> ServeArgs:
+    if isinstance(args, ServeArgs):
+        return args
+    try:
+        return ServeArgs.model_validate(args)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"serve args: {key}: {first['msg'].removeprefix('Value error, ')}") from None
+
+
+class ServerMetrics:
+    """Request and token counters and latency histograms, exported to Prometheus by Ray."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.requests = metrics.Counter(
+            "mtnlg_requests", description="HTTP requests by endpoint and status.", tag_keys=("endpoint", "status")
+        )
+        self.prompt_tokens = metrics.Counter("mtnlg_prompt_tokens", description="Prompt tokens received.")
+        self.generated_tokens = metrics.Counter("mtnlg_generated_tokens", description="Tokens generated.")
+        self.latency = metrics.Histogram(
+            "mtnlg_request_latency_s", description="Seconds from request to last byte.",
+            boundaries=LATENCY_BUCKETS, tag_keys=("endpoint",),
+        )
+        self.first_token = metrics.Histogram(
+            "mtnlg_time_to_first_token_s", description="Seconds from request to first generated text.",
+            boundaries=LATENCY_BUCKETS,
+        )
+        self.running = metrics.Gauge("mtnlg_running_requests", description="Sequences in the decode batch.")
+        self.waiting = metrics.Gauge("mtnlg_waiting_requests", description="Requests waiting for a batch slot.")
+
+    def finished(self, endpoint: str, status: int, started: float) -> None:
+        self.requests.inc(1, tags={"endpoint": endpoint, "status": str(status)})
+        self.latency.observe(time.perf_counter() - started, tags={"endpoint": endpoint})
+
+
+api = FastAPI(title="mtnlg-ray", description="OpenAI-compatible text generation from an mtnlg-ray checkpoint.")
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Unknown paths and methods answer in the same error shape as everything else.
+    error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code="not_found")
+    return JSONResponse(error.body(), status_code=exc.status_code)
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+@serve.deployment(name="TextGeneratorServer", health_check_period_s=10, health_check_timeout_s=30)
+@serve.ingress(api)
+class TextGeneratorServer:
+    """One replica: the checkpoint, its tokenizer, and a `BatchScheduler` that decodes every request."""
+
+    def __init__(self, args: dict) -> None:
+        import torch
+
+        from mtnlg_ray.inference import TextGenerator
+
+        self.args = parse_args(args)
+        # Ray sizes OMP threads from num_cpus; make torch agree, with at least one thread.
+        torch.set_num_threads(max(1, int(self.args.num_cpus)))
+        device = self.args.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = getattr(torch, self.args.dtype) if self.args.dtype else (torch.bfloat16 if device == "cuda" else None)
+        self.generator = TextGenerator(self.args.checkpoint, device=device, dtype=dtype)
+        self.generator.model.eval()
+        self.model_name = self.args.name
+        self.max_tokens = self.args.max_tokens or self.generator.context
+        self.scheduler = BatchScheduler(
+            self.generator.model, self.generator.eos, self.generator.vocab,
+            max_batch=self.args.max_batch, max_waiting=self.args.max_waiting,
+        )
+        self.metrics = ServerMetrics()
+        self.created = int(time.time())
+
+    # Serve calls this every health_check_period_s; raising restarts the replica.
+    def check_health(self) -> None:
+        if not self.scheduler.alive:
+            raise RuntimeError("the decode loop thread has stopped")
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        stats = self.scheduler.stats()
+        ok = self.scheduler.alive
+        return JSONResponse({"status": "ok" if ok else "failed", "model": self.model_name, **stats},
+                            status_code=200 if ok else 503)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        async def run() -> Response:
+            return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+        return await self._handle("models", request, run)
+
+    @api.get("/v1/models/{model}")
+    async def model(self, model: str, request: Request) -> Response:
+        async def run() -> Response:
+            self._check_model(model)
+            return JSONResponse(self._model_card())
+
+        return await self._handle("models", request, run)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        async def run() -> Response:
+            body = await self._parse(request, CompletionRequest)
+            prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+            if not prompts:
+                raise APIError(422, "prompt: expected a string or a non-empty list of strings", param="prompt")
+            return await self._answer("completions", body, prompts, body.stop, default_max=16, started=started)
+
+        started = time.perf_counter()
+        return await self._handle("completions", request, run, started)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        async def run() -> Response:
+            body = await self._parse(request, ChatRequest)
+            stops = CHAT_STOP + (body.stop or [])
+            return await self._answer("chat", body, [render_chat(body.messages)], stops, default_max=None,
+                                      started=started)
+
+        started = time.perf_counter()
+        return await self._handle("chat", request, run, started)
+
+    # --- request plumbing -------------------------------------------------------------------------
+
+    async def _handle(self, endpoint: str, request: Request, run, started: float | None = None) -> Response:
+        """Authorise, run, and turn an `APIError` into its status and OpenAI error body; count it."""
+        started = started or time.perf_counter()
+        try:
+            self._authorize(request)
+            response = await run()
+        except APIError as error:
+            self.metrics.finished(endpoint, error.status, started)
+            return _error_response(error)
+        if not isinstance(response, StreamingResponse):  # a stream counts itself when it ends
+            self.metrics.finished(endpoint, response.status_code, started)
+        return response
+
+    def _authorize(self, request: Request) -> None:
+        if self.args.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.args.api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           kind="authentication_error", code="invalid_api_key")
+
+    async def _parse(self, request: Request, schema):
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"request body: expected JSON ({exc})", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise APIError(400, f"request body: expected a JSON object, got {type(data).__name__}",
+                           code="invalid_json")
+        try:
+            body = schema.model_validate(data)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        self._check_model(body.model)
+        return body
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"model: '{model}' is not served here (this server has '{self.model_name}')",
+                           param="model", code="model_not_found")
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "mtnlg-ray",
+                "context_length": self.generator.context}
+
+    def _prepare(self, text: str, body, default_max: int | None):
+        """Prompt ids and sampling settings, or a 400 naming what is over which limit."""
+        from mtnlg_ray.model.generate import SamplingParams
+
+        ids = self.generator.tokenizer.encode(text).ids
+        if not ids:
+            raise APIError(400, "prompt: expected some text, got an empty prompt", param="prompt")
+        context = self.generator.context
+        if len(ids) >= context:
+            raise APIError(400, f"prompt: {len(ids)} tokens leave no room to generate in the model's context "
+                           f"of {context} tokens", param="prompt", code="context_length_exceeded")
+        max_tokens = body.max_tokens if body.max_tokens is not None else (default_max or context - len(ids))
+        if max_tokens > self.max_tokens:
+            raise APIError(400, f"max_tokens: {max_tokens} is over this server's limit of {self.max_tokens}",
+                           param="max_tokens", code="invalid_value")
+        if len(ids) + max_tokens > context:
+            raise APIError(400, f"max_tokens: the prompt's {len(ids)} tokens plus max_tokens {max_tokens} exceed "
+                           f"the model's context of {context} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        try:
+            params = SamplingParams(max_tokens=max_tokens, temperature=float(body.temperature),
+                                    top_k=body.top_k, top_p=float(body.top_p), seed=body.seed)
+        except InputError as exc:
+            param = str(exc).split(":", 1)[0]
+            raise APIError(400, str(exc), param=param, code="invalid_value") from None
+        return ids, params
+
+    def _submit(self, ids: list[int], params) -> TokenStream:
+        try:
+            stream = self.scheduler.submit(ids, params)
+        except Overloaded as exc:
+            raise APIError(503, f"server at capacity ({exc}); retry after {RETRY_AFTER_S} s", kind="server_error",
+                           code="overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        self.metrics.prompt_tokens.inc(len(ids))
+        self._update_gauges()
+        return stream
+
+    def _update_gauges(self) -> None:
+        stats = self.scheduler.stats()
+        self.metrics.running.set(stats["running"])
+        self.metrics.waiting.set(stats["waiting"])
+
+    async def _pieces(self, stream: TokenStream, stops: list[str] | None, started: float,
+                      usage: dict) -> AsyncIterator[tuple[str, str | None]]:
+        """(new text, finish reason) as tokens arrive; the last piece carries the finish reason."""
+        scanner = StopScanner(stops)
+        tokens: list[int] = []
+        shown = 0
+        async for new in stream.batches():
+            if not tokens:
+                self.metrics.first_token.observe(time.perf_counter() - started)
+            tokens.extend(new)
+            usage["completion_tokens"] = len(tokens)
+            self.metrics.generated_tokens.inc(len(new))
+            text, stopped = scanner.cut(self.generator.decode_ids(tokens))
+            if stopped:
+                stream.cancel()
+                yield text[shown:], "stop"
+                return
+            # A byte-level token can end inside a UTF-8 character: wait for the rest of it.
+            safe = scanner.safe_prefix(text.rstrip("\ufffd"))
+            if len(safe) > shown:
+                yield safe[shown:], None
+                shown = len(safe)
+        text, _ = scanner.cut(self.generator.decode_ids(tokens))
+        yield text[shown:], stream.finish_reason or "length"
+
+    async def _answer(self, endpoint: str, body, prompts: list[str], stops, default_max, started: float) -> Response:
+        chat = endpoint == "chat"
+        prepared = [self._prepare(p, body, default_max) for p in prompts]
+        streams: list[TokenStream] = []
+        try:
+            for ids, params in prepared:
+                streams.append(self._submit(ids, params))
+        except APIError:
+            for stream in streams:
+                stream.cancel()
+            raise
+        usages = [{"prompt_tokens": len(ids), "completion_tokens": 0} for ids, _ in prepared]
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": self.model_name}
+
+        if body.stream:
+            events = self._stream_events(endpoint, head, streams, stops, usages, started)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+        async def collect(stream: TokenStream, usage: dict) -> tuple[str, str]:
+            parts, finish = [], "length"
+            async for piece, reason in self._pieces(stream, stops, started, usage):
+                parts.append(piece)
+                finish = reason or finish
+            return "".join(parts), finish
+
+        try:
+            results = await asyncio.gather(*(collect(s, u) for s, u in zip(streams, usages)))
+        finally:  # the client went away, or one prompt failed: stop generating for all of them
+            for stream in streams:
+                stream.cancel()
+            self._update_gauges()
+        choices = []
+        for index, (text, finish) in enumerate(results):
+            if chat:
+                choices.append({"index": index, "message": {"role": "assistant", "content": text},
+                                "logprobs": None, "finish_reason": finish})
+            else:
+                choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": finish})
+        prompt_tokens = sum(u["prompt_tokens"] for u in usages)
+        completion_tokens = sum(u["completion_tokens"] for u in usages)
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                 "total_tokens": prompt_tokens + completion_tokens}
+        return JSONResponse({**head, "choices": choices, "usage": usage})
+
+    async def _stream_events(self, endpoint: str, head: dict, streams: list[TokenStream], stops,
+                             usages: list[dict], started: float) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
+        chat = endpoint == "chat"
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+        def chunk(index: int, piece: str, finish: str | None, first: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": piece} if first else ({"content": piece} if piece else {})
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {"index": index, "text": piece, "logprobs": None, "finish_reason": finish}
+            return _sse({**head, "choices": [choice]})
+
+        status = 200
+        try:
+            if chat:
+                yield chunk(0, "", None, first=True)
+            if len(streams) == 1:
+                async for piece, finish in self._pieces(streams[0], stops, started, usages[0]):
+                    if piece or finish:
+                        yield chunk(0, piece, finish)
+            else:
+                async for index, piece, finish in self._merged(streams, stops, started, usages):
+                    if piece or finish:
+                        yield chunk(index, piece, finish)
+            yield _sse("[DONE]")
+        except asyncio.CancelledError:  # the client disconnected
+            status = 499
+            raise
+        except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+            status = 500
+            yield _sse(APIError(500, f"generation failed: {exc}", kind="server_error").body())
+        finally:
+            for stream in streams:
+                stream.cancel()
+            self._update_gauges()
+            self.metrics.finished(endpoint, status, started)
+
+    async def _merged(self, streams, stops, started, usages) -> AsyncIterator[tuple[int, str, str | None]]:
+        """Pieces of several prompts as they come, tagged with the prompt's index."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            try:
+                async for piece, finish in self._pieces(streams[index], stops, started, usages[index]):
+                    await queue.put((index, piece, finish))
+            except Exception as exc:
+                await queue.put(exc)
+            await queue.put((index, None, None))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(streams))]
+        try:
+            remaining = len(streams)
+            while remaining:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                index, piece, finish = item
+                if piece is None:
+                    remaining -= 1
+                    continue
+                yield index, piece, finish
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+def build_app(args: dict | ServeArgs):
+    """The Serve application for `serve run mtnlg_ray.serve:build_app checkpoint=CKPT [key=value ...]`."""
+    cfg = parse_args(args)
+    options: dict = {
+        # Serve's own queue in front of the replica is bounded too, and answers 503 + Retry-After when full.
+        "max_ongoing_requests": cfg.max_batch + cfg.max_waiting + 16,
+        "max_queued_requests": cfg.max_batch + cfg.max_waiting,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+    }
+    if cfg.autoscale:
+        options["num_replicas"] = "auto"
+        options["autoscaling_config"] = {
+            "min_replicas": cfg.autoscale[0],
+            "max_replicas": cfg.autoscale[1],
+            "initial_replicas": max(cfg.autoscale[0], 1),
+            # A replica is busy once its batch is full; scale out before requests queue.
+            "target_ongoing_requests": cfg.max_batch,
+        }
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    return TextGeneratorServer.options(**options).bind(cfg.model_dump())
+
+
+def serve_model(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, name: str = "mtnlg") -> str:
+    """Deploy on the connected Ray cluster (or a local one) and return the base URL once replicas are up."""
+    from mtnlg_ray.runtime import ensure_ray
+
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise CheckpointError(f"{checkpoint}: not a checkpoint directory (no config.json)")
+    ensure_ray()
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"

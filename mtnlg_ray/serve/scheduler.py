@@ -1,0 +1,159 @@
+"""The decode loop of one Serve replica: a thread that runs a `ContinuousDecoder` for every request.
+
+Requests wait in a bounded queue and join the running batch between decode steps; each finished or
+cancelled one leaves it at once. Tokens travel back to the request's asyncio loop; a client that
+goes away cancels its request and the loop drops its row before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from mtnlg_ray.model.continuous import ContinuousDecoder, Emitted
+from mtnlg_ray.model.generate import SamplingParams
+from mtnlg_ray.model.gpt import GPT
+
+
+class Overloaded(Exception):
+    """The waiting queue is full; the client should retry later."""
+
+
+@dataclass
+class TokenStream:
+    """One request as the decode loop sees it, and the async iterator of its tokens."""
+
+    prompt: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    seq_id: int | None = None
+    finish_reason: str | None = None
+
+    def cancel(self) -> None:
+        """Stop generating for this request (the client went away or has what it needs)."""
+        self.cancelled = True
+
+    async def batches(self) -> AsyncIterator[list[int]]:
+        """Lists of new tokens: everything generated since the last one (at least one token each)."""
+        while True:
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            tokens = []
+            for item in items:
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:  # end of the stream
+                    if tokens:
+                        yield tokens
+                    return
+                tokens.append(item)
+            yield tokens
+
+    def _put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class BatchScheduler:
+    """Owns the model's decode loop thread; `submit` is safe to call from any asyncio loop."""
+
+    def __init__(
+        self,
+        model: GPT,
+        eos_id: int | None,
+        vocab_limit: int | None,
+        max_batch: int = 16,
+        max_waiting: int = 64,
+    ) -> None:
+        self.decoder = ContinuousDecoder(model, max_batch, eos_id=eos_id, vocab_limit=vocab_limit)
+        self.max_waiting = max_waiting
+        self.waiting: collections.deque[TokenStream] = collections.deque()
+        self.running: dict[int, TokenStream] = {}
+        self.counts = {"finished": 0, "cancelled": 0, "tokens": 0, "steps": 0}
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: list[int], params: SamplingParams) -> TokenStream:
+        stream = TokenStream(prompt, params, asyncio.get_running_loop())
+        with self._lock:
+            if len(self.waiting) >= self.max_waiting:
+                raise Overloaded(f"{len(self.waiting)} requests already wait for a slot")
+            self.waiting.append(stream)
+        self._wake.set()
+        return stream
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting), **self.counts}
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop:
+            if not self.running:
+                self._wake.wait()
+            self._wake.clear()
+            try:
+                self._drop_cancelled()
+                self._admit()
+                self._deliver(self.decoder.step())
+                if self.running:
+                    self.counts["steps"] += 1
+            except Exception as exc:  # a bug: fail the requests in flight, keep serving new ones
+                self.error = exc
+                for stream in list(self.running.values()):
+                    self.decoder.remove(stream.seq_id)
+                    stream._put(exc)
+                self.running.clear()
+
+    def _drop_cancelled(self) -> None:
+        for seq_id, stream in list(self.running.items()):
+            if stream.cancelled:
+                self.decoder.remove(seq_id)
+                del self.running[seq_id]
+                self.counts["cancelled"] += 1
+
+    def _admit(self) -> None:
+        while self.decoder.free_rows:
+            with self._lock:
+                if not self.waiting:
+                    return
+                stream = self.waiting.popleft()
+            if stream.cancelled:
+                self.counts["cancelled"] += 1
+                continue
+            try:
+                seq_id, first = self.decoder.add(stream.prompt, stream.params)
+            except Exception as exc:
+                stream._put(exc)
+                continue
+            stream.seq_id = seq_id
+            self.running[seq_id] = stream
+            self._deliver([first])
+
+    def _deliver(self, emitted: list[Emitted]) -> None:
+        for e in emitted:
+            stream = self.running[e.seq_id]
+            stream._put(e.token)
+            self.counts["tokens"] += 1
+            if e.finish_reason:
+                stream.finish_reason = e.finish_reason
+                stream._put(None)
+                del self.running[e.seq_id]
+                self.counts["finished"] += 1
+
