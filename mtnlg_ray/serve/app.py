@@ -449,9 +449,10 @@ def build_app(args: dict | ServeArgs):
     """The Serve application for `serve run mtnlg_ray.serve:build_app checkpoint=CKPT [key=value ...]`."""
     cfg = parse_args(args)
     options: dict = {
-        # Serve's own queue in front of the replica is bounded too, and answers 503 + Retry-After when full.
+        # The replica takes more requests than it can hold, so that its own queue decides (503 with an
+        # OpenAI error body); Serve's queue in front of it is only a backstop for bursts, bounded too.
         "max_ongoing_requests": cfg.max_batch + cfg.max_waiting + 16,
-        "max_queued_requests": cfg.max_batch + cfg.max_waiting,
+        "max_queued_requests": 4 * (cfg.max_batch + cfg.max_waiting) + 64,
         "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
     }

@@ -51,7 +51,7 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: StrictStr | list[StrictStr] = Field(min_length=1)
+    prompt: StrictStr | list[StrictStr]
 
 
 class ChatMessage(BaseModel):

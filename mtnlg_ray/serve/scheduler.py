@@ -56,7 +56,10 @@ class TokenStream:
             yield tokens
 
     def _put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the requester's event loop has closed: nobody is listening any more
+            self.cancelled = True
 
 
 class BatchScheduler:
@@ -105,9 +108,11 @@ class BatchScheduler:
 
     def _run(self) -> None:
         while not self._stop:
-            if not self.running:
+            with self._lock:
+                idle = not self.running and not self.waiting
+            if idle:  # a submit after this check sets the event, so the wait cannot miss it
                 self._wake.wait()
-            self._wake.clear()
+                self._wake.clear()
             try:
                 self._drop_cancelled()
                 self._admit()

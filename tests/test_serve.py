@@ -1,0 +1,415 @@
+"""Ray Serve generator: continuous batching against `generate`, and the OpenAI API over real HTTP.
+
+One Serve instance for the module (started on the session's Ray, shut down at the end) holds two
+apps: the main one, and a "tight" one with an API key, one batch row and one queue place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+import torch
+import yaml
+
+from mtnlg_ray.model.continuous import ContinuousDecoder
+from mtnlg_ray.model.generate import SamplingParams, generate
+from conftest import run_cli
+
+API_KEY = "test-key"
+CONTEXT = 1024  # long enough that a cancelled request is caught long before it would finish
+
+
+@pytest.fixture(scope="module")
+def long_checkpoint(tmp_path_factory, tokenizer_dir):
+    from mtnlg_ray.checkpoint import init_checkpoint
+
+    return init_checkpoint("tiny", tokenizer_dir, tmp_path_factory.mktemp("serve") / "tiny-1k", seed=3,
+                           seq_len=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def text_generator(long_checkpoint):
+    from mtnlg_ray.inference import TextGenerator
+
+    return TextGenerator(long_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, long_checkpoint):
+    from ray import serve
+
+    from mtnlg_ray.serve import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        # num_cpus 0: replicas never hold the CPUs the rest of the suite schedules on.
+        serve.run(build_app({"checkpoint": str(long_checkpoint), "model_name": "tiny", "num_cpus": 0}),
+                  name="main", route_prefix="/", blocking=False)
+        serve.run(build_app({"checkpoint": str(long_checkpoint), "model_name": "tiny", "num_cpus": 0,
+                             "api_key": API_KEY, "max_batch": 1, "max_waiting": 1}),
+                  name="tight", route_prefix="/tight", blocking=False)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _health(server: str, prefix: str = "") -> dict:
+    response = requests.get(f"{server}{prefix}/health", timeout=30)
+    assert response.status_code == 200
+    return response.json()
+
+
+# --- the batched decoder, no Ray -------------------------------------------------------------------
+
+
+def _tiny_model(seq_len: int = 64):
+    import dataclasses
+
+    from mtnlg_ray.model import GPT, PRESETS
+
+    torch.manual_seed(0)
+    return GPT(dataclasses.replace(PRESETS["tiny"], seq_len=seq_len, vocab_size=256)).eval()
+
+
+def test_continuous_batching_equals_generate_for_each_request_alone():
+    """Requests join at random steps (through cache re-alignments) and each gets `generate`'s tokens."""
+    model = _tiny_model()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(256) for _ in range(rng.randrange(1, 40))] for _ in range(14)]
+    params = [SamplingParams(max_tokens=rng.randrange(1, 60), temperature=0.0 if i % 2 else 0.9, top_k=20 * (i % 3),
+                             seed=i) for i in range(14)]
+    expected = [generate(model, [p], sp)[0].tokens for p, sp in zip(prompts, params)]
+
+    decoder = ContinuousDecoder(model, max_rows=4)
+    got: dict[int, list[int]] = {}
+    owner: dict[int, int] = {}
+    pending = list(range(14))
+    realigned = False
+    while pending or len(decoder):
+        while pending and decoder.free_rows and rng.random() < 0.4:
+            i = pending.pop(0)
+            seq_id, first = decoder.add(prompts[i], params[i])
+            owner[seq_id] = i
+            got[i] = [first.token]
+        before = decoder.length
+        for emitted in decoder.step():
+            got[owner[emitted.seq_id]].append(emitted.token)
+        realigned |= decoder.length < before
+    assert realigned  # the window filled up at least once
+    assert [got[i] for i in range(14)] == expected
+
+
+def test_seeded_request_gives_the_same_tokens_whatever_joins_the_batch():
+    model = _tiny_model()
+    mine = ([5, 6, 7], SamplingParams(max_tokens=30, temperature=1.0, seed=42))
+
+    def run(others: int) -> list[int]:
+        decoder = ContinuousDecoder(model, max_rows=8)
+        for k in range(others):  # busy rows that started earlier, with unseeded sampling
+            decoder.add([k + 1] * (k + 2), SamplingParams(max_tokens=50, temperature=1.0))
+            decoder.step()
+        seq_id, first = decoder.add(*mine)
+        tokens = [first.token]
+        while seq_id in {row.seq_id for row in decoder.rows}:
+            tokens += [e.token for e in decoder.step() if e.seq_id == seq_id]
+        return tokens
+
+    alone = run(0)
+    assert len(alone) == 30
+    assert run(3) == alone
+    assert run(7) == alone
+
+
+def test_scheduler_drops_a_cancelled_request_before_it_finishes():
+    from mtnlg_ray.serve.scheduler import BatchScheduler
+
+    model = _tiny_model(seq_len=CONTEXT)
+    scheduler = BatchScheduler(model, eos_id=None, vocab_limit=None, max_batch=2, max_waiting=2)
+
+    async def consume_one_batch_then_cancel() -> int:
+        stream = scheduler.submit([1, 2, 3], SamplingParams(max_tokens=CONTEXT - 3, temperature=0))
+        async for tokens in stream.batches():
+            stream.cancel()
+            return len(tokens)
+
+    try:
+        asyncio.run(consume_one_batch_then_cancel())
+        deadline = time.monotonic() + 60
+        while scheduler.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = scheduler.stats()
+        assert stats["running"] == 0 and stats["cancelled"] == 1 and stats["finished"] == 0
+        assert stats["tokens"] < CONTEXT - 3
+    finally:
+        scheduler.close()
+
+
+def test_stop_strings_and_chat_template():
+    from mtnlg_ray.serve.protocol import ChatMessage, StopScanner, render_chat
+
+    scanner = StopScanner(["\n\nUser:", "END"])
+    assert scanner.cut("hello END there") == ("hello ", True)
+    assert scanner.cut("hello") == ("hello", False)
+    assert scanner.safe_prefix("reply\n\nUs") == "reply"  # could still become a stop string
+    assert scanner.safe_prefix("reply EN") == "reply "
+    assert scanner.safe_prefix("reply") == "reply"
+    messages = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
+    assert render_chat(messages) == "System: Be brief.\n\nUser: Hi\n\nAssistant:"
+
+
+def test_serve_args_and_shipped_config(long_checkpoint):
+    from ray.serve.schema import ServeDeploySchema
+
+    from mtnlg_ray.errors import ConfigError
+    from mtnlg_ray.serve import build_app
+    from mtnlg_ray.serve.app import parse_args
+
+    import mtnlg_ray
+
+    shipped = yaml.safe_load((Path(mtnlg_ray.__file__).parent / "configs" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(shipped)
+    app_config = schema.applications[0]
+    assert app_config.import_path == "mtnlg_ray.serve:build_app"
+    assert shipped["http_options"]["host"] == "127.0.0.1"
+    assert parse_args(app_config.args).autoscale == (1, 4)
+    build_app({**app_config.args, "checkpoint": str(long_checkpoint)})
+    # `serve run ... key=value` passes strings.
+    assert parse_args({"checkpoint": "c", "max_batch": "8", "autoscale": "2,6"}).max_batch == 8
+    with pytest.raises(ConfigError, match="max_batchh"):
+        parse_args({"checkpoint": "c", "max_batchh": 8})
+    with pytest.raises(ConfigError, match="autoscale"):
+        parse_args({"checkpoint": "c", "autoscale": "5,2"})
+
+
+def test_serve_cli_help_and_bad_checkpoint(tmp_path):
+    shown = run_cli("serve", "--help")
+    assert shown.returncode == 0 and "curl" in shown.stdout and "--api-key" in shown.stdout
+    missing = run_cli("serve", "--checkpoint", str(tmp_path / "nope"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: not a checkpoint directory (no config.json)"]
+
+
+# --- the API over HTTP ------------------------------------------------------------------------------
+
+
+def test_greedy_completion_equals_text_generator_and_generate_cli(client, text_generator, long_checkpoint):
+    prompt = "The list type"
+    result = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+    local = text_generator.complete([prompt], SamplingParams(max_tokens=24, temperature=0))[0]
+    assert result.choices[0].text == local[0]
+    assert result.choices[0].finish_reason == local[1].finish_reason
+    assert result.usage.prompt_tokens == len(text_generator.encode(prompt))
+    assert result.usage.completion_tokens == len(local[1].tokens)
+    cli = run_cli("generate", "--checkpoint", str(long_checkpoint), "--prompt", prompt, "--max-tokens", "24",
+                  "--temperature", "0")
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout == result.choices[0].text + "\n"
+
+
+def test_streaming_joins_to_the_completion_and_ends_with_done(client, server):
+    args = dict(model="tiny", prompt="def ", max_tokens=32, temperature=0)
+    whole = client.completions.create(**args).choices[0].text
+    chunks = list(client.completions.create(**args, stream=True))
+    assert len(chunks) > 2
+    assert "".join(c.choices[0].text for c in chunks) == whole
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+    raw = requests.post(f"{server}/v1/completions", json={**args, "stream": True}, stream=True, timeout=60)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in raw.iter_lines(decode_unicode=True) if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+    assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]) == whole
+
+
+def test_chat_is_a_completion_of_the_documented_template(client):
+    from mtnlg_ray.serve.protocol import CHAT_STOP, ChatMessage, render_chat
+
+    messages = [{"role": "system", "content": "You answer in Python."}, {"role": "user", "content": "A list?"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+    plain = client.completions.create(
+        model="tiny", prompt=render_chat([ChatMessage(**m) for m in messages]), max_tokens=20, temperature=0,
+        stop=CHAT_STOP,
+    )
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == plain.choices[0].text
+    assert chat.object == "chat.completion"
+    streamed = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0,
+                                                   stream=True))
+    assert streamed[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
+    assert streamed[-1].choices[0].finish_reason == chat.choices[0].finish_reason
+
+
+def test_prompt_lists_stop_strings_models_and_health(client, server):
+    singles = [client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0).choices[0].text
+               for p in ("import ", "class ")]
+    both = client.completions.create(model="tiny", prompt=["import ", "class "], max_tokens=12, temperature=0)
+    assert [c.text for c in sorted(both.choices, key=lambda c: c.index)] == singles
+    streamed = ["", ""]
+    for chunk in client.completions.create(model="tiny", prompt=["import ", "class "], max_tokens=12,
+                                           temperature=0, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == singles
+
+    text = singles[0]
+    cut = text[len(text) // 2 :][:2]
+    stopped = client.completions.create(model="tiny", prompt="import ", max_tokens=12, temperature=0, stop=[cut])
+    assert stopped.choices[0].text == text[: text.index(cut)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    health = _health(server)
+    assert health["status"] == "ok" and health["model"] == "tiny"
+
+
+def test_seeded_sampling_over_http_ignores_concurrent_requests(client, server):
+    args = dict(model="tiny", prompt="for ", max_tokens=40, temperature=0.9, top_p=0.95, seed=7)
+    alone = client.completions.create(**args).choices[0].text
+
+    async def crowded() -> str:
+        aclient = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+        noise = [aclient.completions.create(model="tiny", prompt="x" * (k + 1), max_tokens=60, temperature=1.0)
+                 for k in range(8)]
+        results = await asyncio.gather(*noise[:4], aclient.completions.create(**args), *noise[4:])
+        return results[4].choices[0].text
+
+    assert asyncio.run(crowded()) == alone
+    assert client.completions.create(**{**args, "seed": 8}).choices[0].text != alone
+
+
+def test_32_streaming_clients_4_requests_each_all_complete(server):
+    async def one_client(k: int) -> list[str]:
+        aclient = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
+        finishes = []
+        for r in range(4):
+            stream = await aclient.completions.create(model="tiny", prompt=f"def f{k}_{r}(", max_tokens=12,
+                                                      temperature=0.8, seed=k * 4 + r, stream=True)
+            last = None
+            async for chunk in stream:
+                last = chunk.choices[0].finish_reason or last
+            finishes.append(last)
+        return finishes
+
+    async def run_all():
+        return await asyncio.gather(*(one_client(k) for k in range(32)))
+
+    finishes = asyncio.run(run_all())  # any 5xx raises openai.InternalServerError / APIStatusError
+    assert len(finishes) == 32 and all(f in ("length", "stop") for client_f in finishes for f in client_f)
+    assert _health(server)["running"] == 0
+
+
+MALFORMED = [
+    (b"{not json", 400),
+    (b"[1, 2]", 400),
+    (json.dumps({"model": "tiny"}).encode(), 422),  # no prompt
+    (json.dumps({"prompt": 5}).encode(), 422),
+    (json.dumps({"prompt": "x", "max_tokens": "ten"}).encode(), 422),
+    (json.dumps({"prompt": "x", "temperature": "hot"}).encode(), 422),
+    (json.dumps({"prompt": "x", "stream": "yes"}).encode(), 422),
+    (json.dumps({"prompt": "x", "n": 3}).encode(), 422),
+    (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404),
+    (json.dumps({"prompt": "x", "max_tokens": 10**6}).encode(), 400),
+    (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), 400),
+    (json.dumps({"prompt": "x", "temperature": -1}).encode(), 400),
+    (json.dumps({"prompt": "x", "top_p": 0}).encode(), 400),
+    (json.dumps({"prompt": "hello " * CONTEXT}).encode(), 400),  # longer than the context
+    (json.dumps({"prompt": ""}).encode(), 400),
+]
+
+
+def test_200_malformed_requests_get_4xx_and_the_server_still_answers(server, client):
+    import aiohttp
+
+    async def fire():
+        async with aiohttp.ClientSession() as session:
+            async def one(i: int):
+                body, expected = MALFORMED[i % len(MALFORMED)]
+                path = "/v1/chat/completions" if i % 7 == 0 and expected == 400 and body.startswith(b"{not") \
+                    else "/v1/completions"
+                async with session.post(f"{server}{path}", data=body,
+                                        headers={"Content-Type": "application/json"}) as response:
+                    return i, expected, response.status, await response.json()
+
+            return await asyncio.gather(*(one(i) for i in range(200)))
+
+    results = asyncio.run(fire())
+    assert len(results) == 200
+    for i, expected, status, body in results:
+        assert status == expected, (MALFORMED[i % len(MALFORMED)][0][:60], status, body)
+        assert set(body["error"]) >= {"message", "type", "code"}
+    wrong_type = next(body for i, _, _, body in results if MALFORMED[i % len(MALFORMED)][0].startswith(b'{"prompt": 5'))
+    assert wrong_type["error"]["param"] == "prompt"
+    assert requests.get(f"{server}/v1/nowhere", timeout=30).json()["error"]["code"] == "not_found"
+    assert _health(server)["status"] == "ok"
+    assert client.completions.create(model="tiny", prompt="def ", max_tokens=4, temperature=0).choices[0].text
+
+
+def test_api_key_is_required_when_set(server):
+    tight = f"{server}/tight"
+    assert requests.post(f"{tight}/v1/completions", json={"prompt": "x"}, timeout=30).status_code == 401
+    wrong = requests.get(f"{tight}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(f"{tight}/health", timeout=30).status_code == 200  # probes need no key
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{tight}/v1", api_key="nope", max_retries=0).models.list()
+    keyed = openai.OpenAI(base_url=f"{tight}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    assert keyed.completions.create(model="tiny", prompt="def ", max_tokens=3, temperature=0).choices[0].text
+
+
+def test_over_capacity_is_503_with_retry_after_never_a_hang(server):
+    """The tight app holds one running and one waiting request; the rest are refused at once."""
+    import aiohttp
+
+    async def fire():
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
+            async def one(k: int):
+                body = {"prompt": f"while {k}", "max_tokens": 600, "temperature": 0}
+                async with session.post(f"{server}/tight/v1/completions", json=body) as response:
+                    return response.status, response.headers.get("Retry-After"), await response.json()
+
+            return await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(6))), timeout=240)
+
+    results = asyncio.run(fire())
+    statuses = sorted(status for status, _, _ in results)
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 1 and statuses.count(503) >= 1
+    for status, retry_after, body in results:
+        if status == 503:
+            assert int(retry_after) >= 1
+            assert body["error"]["code"] == "overloaded"
+    assert _health(server, "/tight")["waiting"] == 0
+
+
+def test_client_disconnect_stops_its_generation(server):
+    before = _health(server)
+    with requests.post(f"{server}/v1/completions", stream=True, timeout=60,
+                       json={"prompt": "def ", "max_tokens": CONTEXT - 8, "temperature": 0, "stream": True}) as r:
+        assert next(line for line in r.iter_lines() if line).startswith(b"data: ")
+    # Leaving the block closed the connection; the server must notice and drop the row.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        after = _health(server)
+        if after["running"] == 0 and after["cancelled"] > before["cancelled"]:
+            break
+        time.sleep(0.1)
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["finished"] == before["finished"]
+    assert after["tokens"] - before["tokens"] < CONTEXT - 8
