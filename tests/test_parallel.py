@@ -237,24 +237,28 @@ def test_distributed_mistakes_are_config_errors(distributed):
 
 def test_check_layout_accepts_valid_layouts():
     check_layout(CONFIG, 1, tp=1, pp=1)
-    check_layout(CONFIG, (2, 8), tp=2, pp=1)
+    check_layout(CONFIG, (1, 8), tp=1, pp=1)
+    check_layout(CONFIG, (2, 2), tp=2, pp=1)
     check_layout(CONFIG, 4, tp=4, pp=1, fsdp=True)
+    check_layout(CONFIG, 2, tp=1, pp=1, fsdp=True, precision="bf16")
 
 
 @pytest.mark.parametrize(
-    ("workers", "tp", "pp", "fsdp", "expected"),
+    ("workers", "tp", "pp", "fsdp", "precision", "expected"),
     [
-        ((1, 3), 2, 1, True, "parallel.workers: [1, 3] with parallel.tp=2 leaves a worker count (1, 3)"),
-        ((2, 3), 2, 1, True, "worker count (3) that is not a multiple of tp"),
-        (3, 2, 1, True, "parallel.workers: 3 with parallel.tp=2"),
-        (8, 8, 1, True, "parallel.tp=8 must divide model.n_head (4)"),
-        (2, 1, 2, True, "parallel.pp=2: pipeline parallelism is not implemented yet"),
-        (2, 2, 1, False, "parallel.fsdp=false (DDP) works only with parallel.tp=1"),
+        ((1, 3), 2, 1, True, "fp32", "parallel.workers: [1, 3] with parallel.tp=2 allows 1 workers, not a multiple"),
+        # Ray may start any count in the range: 3 of [2, 4] would leave dp = 1.5
+        ((2, 4), 2, 1, True, "fp32", "allows 3 workers, not a multiple of tp (dp would not be whole); give a fixed"),
+        (3, 2, 1, True, "fp32", "parallel.workers: 3 with parallel.tp=2"),
+        (8, 8, 1, True, "fp32", "parallel.tp=8 must divide model.n_head (4)"),
+        (2, 1, 2, True, "fp32", "parallel.pp=2: pipeline parallelism is not implemented yet"),
+        (2, 2, 1, False, "fp32", "parallel.fsdp=false (DDP) works only with parallel.tp=1"),
+        (2, 1, 1, False, "bf16", "train.precision=bf16 needs parallel.fsdp=true"),
     ],
 )
-def test_check_layout_refuses_bad_layouts(workers, tp, pp, fsdp, expected):
+def test_check_layout_refuses_bad_layouts(workers, tp, pp, fsdp, precision, expected):
     with pytest.raises(ConfigError) as info:
-        check_layout(CONFIG, workers, tp=tp, pp=pp, fsdp=fsdp)
+        check_layout(CONFIG, workers, tp=tp, pp=pp, fsdp=fsdp, precision=precision)
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
 

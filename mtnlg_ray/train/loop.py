@@ -116,7 +116,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     state = TrainerState(world_size=world, dp=dp, tp=tp)
     resumed_from = None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # this run's newest, after a worker failure
+    if checkpoint is None and loop_config.get("resume"):
+        checkpoint = ray.train.Checkpoint.from_directory(loop_config["resume"])
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             previous = load_sharded(Path(directory), model, optimizer, rank)
@@ -129,7 +131,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     peak = cfg.train.peak_tflops or measured_peak_tflops(device)
     step_flops = flops_per_token(model_config, seq_len)
     log.write(event="start", world_size=world, dp=dp, tp=tp, step=state.step, resumed_from=resumed_from,
-              peak_tflops_per_worker=round(peak, 3), pid=os.getpid(), time=time.time())
+              peak_tflops_per_worker=round(peak, 3), pid=os.getpid(), threads=torch.get_num_threads(),
+              time=time.time())
     print(f"[rank {rank}] world size {world} (dp {dp} x tp {tp}), starting at step {state.step}"
           + (f", resumed from a checkpoint written at world size {resumed_from['world_size']}" if resumed_from else ""),
           flush=True)

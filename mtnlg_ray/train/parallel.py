@@ -46,28 +46,37 @@ def _tp_divides(config: GPTConfig, tp: int) -> None:
 
 
 def check_layout(
-    model_config: GPTConfig, workers: int | tuple[int, int], tp: int, pp: int, *, fsdp: bool = True
+    model_config: GPTConfig,
+    workers: int | tuple[int, int],
+    tp: int,
+    pp: int,
+    *,
+    fsdp: bool = True,
+    precision: str = "fp32",
 ) -> None:
     """Refuse, on the driver before any worker starts, a layout `build_mesh` or `parallelize` would reject.
 
-    Both ends of an elastic [min, max] range must be multiples of tp; the trainer still has to keep
-    the worker count it actually gets a multiple of tp (`build_mesh` refuses any other).
+    Every worker count the run may get must be a multiple of tp, so dp stays whole: an elastic
+    [min, max] range may start any count between its ends, which with tp > 1 allows a fixed count only.
     """
     if pp != 1:
         raise ConfigError(f"parallel.pp={pp}: pipeline parallelism is not implemented yet; set parallel.pp=1")
     if tp < 1:
         raise ConfigError(f"parallel.tp: expected a positive integer, got {tp}")
     low, high = (workers, workers) if isinstance(workers, int) else workers
-    bad = sorted({w for w in (low, high) if w % tp})
+    bad = [w for w in range(low, high + 1) if w % tp]
     if bad:
         shown = list(workers) if not isinstance(workers, int) else workers
+        fix = "give a fixed worker count that is a multiple of tp" if low != high else "use a multiple of tp"
         raise ConfigError(
-            f"parallel.workers: {shown} with parallel.tp={tp} leaves a worker count "
-            f"({', '.join(map(str, bad))}) that is not a multiple of tp"
+            f"parallel.workers: {shown} with parallel.tp={tp} allows {bad[0]} workers, not a multiple of tp "
+            f"(dp would not be whole); {fix}"
         )
     _tp_divides(model_config, tp)
     if tp > 1 and not fsdp:
         raise ConfigError(f"parallel.fsdp=false (DDP) works only with parallel.tp=1, got parallel.tp={tp}")
+    if precision == "bf16" and not fsdp:
+        raise ConfigError("train.precision=bf16 needs parallel.fsdp=true (DDP keeps fp32 weights)")
 
 
 def build_mesh(world_size: int, tp: int, device_type: str) -> DeviceMesh:

@@ -83,7 +83,8 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
     if model_config.seq_len < shards.seq_len:
         raise ConfigError(f"model.seq_len ({model_config.seq_len}) is shorter than the dataset's packed "
                           f"sequences ({shards.seq_len}); re-pack with --set pack.seq_len={model_config.seq_len}")
-    check_layout(model_config, cfg.parallel.workers, cfg.parallel.tp, cfg.parallel.pp, fsdp=cfg.parallel.fsdp)
+    check_layout(model_config, cfg.parallel.workers, cfg.parallel.tp, cfg.parallel.pp, fsdp=cfg.parallel.fsdp,
+                 precision=cfg.train.precision)
     if cfg.train.max_steps is None and cfg.train.max_tokens is None and cfg.train.epochs < 1:
         raise ConfigError("train: set max_steps, max_tokens or epochs")
 
@@ -99,7 +100,10 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
     workers = cfg.parallel.workers
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "vocab_size": vocab},
+        # Train V2 refuses `resume_from_checkpoint`: the loop itself starts from `resume` when Ray
+        # Train has no checkpoint of this run to hand it (a fresh driver re-running the same run).
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "vocab_size": vocab,
+                           "resume": str(resume) if resume else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=tuple(workers) if isinstance(workers, tuple) else workers,
             use_gpu=cfg.parallel.use_gpu,
@@ -111,7 +115,6 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
-        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(resume)) if resume else None,
     )
     records: list[dict] = []
 

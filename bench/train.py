@@ -1,0 +1,176 @@
+"""Pretraining throughput on CPU: `mtnlg-ray pretrain` on one Ray Train worker against a bare PyTorch loop.
+
+Both sides train the same model (same preset, seed and initial weights) on the same packed
+sequences, with the same micro-batch, the same number of torch threads, AdamW (0.9, 0.95) and
+gradient clipping at 1.0. Ours is the real command path (`mtnlg_ray.train.trainer.pretrain`: Ray
+Train `TorchTrainer`, one worker, the default parallel settings); its step times come from the
+run's `metrics.jsonl`. The baseline is a plain loop in this process. Steps before `--skip` (warm-up)
+and the last step (it evaluates and writes the final checkpoint) are left out; tokens/s is
+sequences × seq_len over the median step time. MFU is Megatron's FLOPs per token
+(`mtnlg_ray.model.flops`) × tokens/s over a matmul peak measured in this run.
+
+    python bench/train.py
+    python bench/train.py --preset tiny --seq-len 128 --steps 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from mtnlg_ray.config import load_config  # noqa: E402
+from mtnlg_ray.model.flops import flops_per_token  # noqa: E402
+from mtnlg_ray.model.gpt import GPT, lm_loss  # noqa: E402
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def prepare(source: str, output: Path, seq_len: int, vocab: int) -> Path:
+    from mtnlg_ray.data.pipeline import prepare_dataset
+
+    config = load_config(
+        overrides=["read.txt_mode=paragraph", "clean.enabled=false", "dedup.exact=false", "dedup.fuzzy=false",
+                   f"tokenizer.vocab_size={vocab}", f"pack.seq_len={seq_len}", "pack.val_fraction=0.02"],
+        stage="prepare",
+    )
+    prepare_dataset([source], output, config)
+    return output
+
+
+def train_settings(args: argparse.Namespace, dataset: Path, runs: Path, peak: float) -> list[str]:
+    return [
+        f"data.path={dataset}", f"run.storage_path={runs}", "run.name=bench",
+        f"model.preset={args.preset}", f"model.seq_len={args.seq_len}",
+        f"train.max_steps={args.steps}", f"train.micro_batch_size={args.micro_batch}",
+        f"train.global_batch_size={args.micro_batch}", "train.lr=3e-4", "train.warmup_tokens=0",
+        f"train.eval_every={args.steps}", "train.eval_batches=1", f"checkpoint.every_steps={args.steps}",
+        "parallel.workers=1", f"parallel.cpus_per_worker={args.threads}", f"train.peak_tflops={peak}",
+        f"train.seed={args.seed}",
+    ]
+
+
+def run_ours(settings: list[str]) -> tuple[list[float], dict]:
+    from mtnlg_ray.train.trainer import pretrain
+
+    result = pretrain(load_config(overrides=settings, stage="pretrain"))
+    records = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in records if r.get("event") == "start")
+    return [r["step_time"] for r in records if "loss" in r], start
+
+
+def run_bare(settings: list[str], dataset: Path, steps: int) -> list[float]:
+    """The plain loop: no Ray, no mesh, no FSDP; the same model, optimizer and data order."""
+    from mtnlg_ray.data.pack import read_sequences
+
+    cfg = load_config(overrides=settings, stage="pretrain")
+    vocab = json.loads((dataset / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model.resolve(tokenizer_vocab=vocab))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps,
+    )
+    data = torch.from_numpy(read_sequences(dataset / "tokens", "train").astype(np.int64))
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.train.seed))
+    micro = cfg.train.micro_batch_size
+    model.train()
+    times = []
+    for step in range(steps):
+        started = time.perf_counter()
+        rows = data[order[(step * micro) % len(data) :][:micro]]
+        loss = lm_loss(model(rows[:, :-1]), rows[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(loss)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the median")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads on both sides")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=str(SHAKESPEARE) if SHAKESPEARE.is_file() else "builtin:python-docs")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.steps <= args.skip + 1:
+        parser.error("--steps must exceed --skip + 1")
+
+    import ray
+
+    from mtnlg_ray.train.loop import measured_peak_tflops
+
+    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        dataset = prepare(args.data, Path(tmp) / "dataset", args.seq_len, args.vocab_size)
+        peak = max(measured_peak_tflops(torch.device("cpu")) for _ in range(3))
+        settings = train_settings(args, dataset, Path(tmp) / "runs", peak)
+        ours_times, start = run_ours(settings)
+        bare_times = run_bare(settings, dataset, args.steps)
+        peak_after = max(measured_peak_tflops(torch.device("cpu")) for _ in range(3))
+        cfg = load_config(overrides=settings, stage="pretrain")
+        vocab = json.loads((dataset / "manifest.json").read_text())["tokenizer"]["vocab_size"]
+        model_config = cfg.model.resolve(tokenizer_vocab=vocab)
+    ray.shutdown()
+
+    window = slice(args.skip, args.steps - 1)
+    tokens = args.micro_batch * args.seq_len
+    ours_tok_s = tokens / statistics.median(ours_times[window])
+    bare_tok_s = tokens / statistics.median(bare_times[window])
+    per_token = flops_per_token(model_config, args.seq_len)
+    params = sum(p.numel() for p in GPT(model_config).parameters())
+    result = {
+        "setup": (f"preset {args.preset} ({model_config.n_layer} layers, d_model {model_config.d_model}, "
+                  f"{params / 1e6:.1f}M params), seq_len {args.seq_len}, micro-batch {args.micro_batch}, "
+                  f"fp32, {args.threads} threads, steps {args.skip + 1}-{args.steps - 1} of {args.steps}; "
+                  f"torch {torch.__version__}, ray {ray.__version__}; data {Path(args.data).name}"),
+        "worker_threads": start.get("threads"),
+        "peak_tflops": peak,
+        "peak_tflops_after": peak_after,
+        "ours_tok_s": ours_tok_s,
+        "bare_tok_s": bare_tok_s,
+        "ratio": ours_tok_s / bare_tok_s,
+        "ours_mfu": per_token * ours_tok_s / (peak * 1e12),
+        "bare_mfu": per_token * bare_tok_s / (peak * 1e12),
+        "ours_step_s": ours_times,
+        "bare_step_s": bare_times,
+    }
+    print(result["setup"])
+    print(f"matmul peak measured in this run: {peak:.3f} TFLOP/s (after the runs: {peak_after:.3f})")
+    print()
+    print("| run | tokens/s | vs bare loop | MFU |")
+    print("|---|---:|---:|---:|")
+    print(f"| `mtnlg-ray pretrain`, 1 Ray Train worker | {ours_tok_s:.0f} | **{result['ratio']:.2f}×** "
+          f"| {result['ours_mfu'] * 100:.1f} % |")
+    print(f"| bare PyTorch loop, this process | {bare_tok_s:.0f} | 1.00× | {result['bare_mfu'] * 100:.1f} % |")
+    print()
+    print(f"worker torch threads: {result['worker_threads']}")
+    print("command: python bench/train.py " + " ".join(sys.argv[1:]))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
