@@ -231,6 +231,10 @@ def test_streaming_joins_to_the_completion_and_ends_with_done(client, server):
     assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
 
+    counted = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert counted[-1].choices == [] and counted[-1].usage.completion_tokens == 32
+    assert "".join(c.choices[0].text for c in counted[:-1]) == whole
+
     raw = requests.post(f"{server}/v1/completions", json={**args, "stream": True}, stream=True, timeout=60)
     assert raw.headers["content-type"].startswith("text/event-stream")
     events = [line for line in raw.iter_lines(decode_unicode=True) if line]

@@ -8,6 +8,7 @@ Each replica loads the checkpoint once and batches every request it holds into o
 import asyncio
 import hmac
 import json
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -33,6 +34,7 @@ from mtnlg_ray.serve.protocol import (
 from mtnlg_ray.serve.scheduler import BatchScheduler, Overloaded, TokenStream
 
 RETRY_AFTER_S = 1
+SWITCH_INTERVAL_S = 0.0005
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 
 
@@ -49,6 +51,10 @@ class ServeArgs(BaseModel):
     max_batch: int = 16  # sequences decoded together per replica
     max_waiting: int = 64  # requests queued per replica beyond the batch; more get 503 + Retry-After
     max_tokens: int | None = None  # most tokens one request may ask for; default: the context
+    # Chunks per second a replica sends, all streams together: each stream's chunks come at least
+    # (running streams / max_chunks_per_s) apart after its first, so a full batch pays the per-chunk
+    # cost of HTTP and Serve a bounded number of times per second and sends several tokens per chunk.
+    max_chunks_per_s: float = 100.0
     num_replicas: int = 1
     autoscale: tuple[int, int] | None = None  # (min, max) replicas, scaling on ongoing requests
     num_cpus: float = 1.0  # per replica; also its torch threads (at least one)
@@ -149,6 +155,9 @@ class TextGeneratorServer:
         self.args = parse_args(args)
         # Ray sizes OMP threads from num_cpus; make torch agree, with at least one thread.
         torch.set_num_threads(max(1, int(self.args.num_cpus)))
+        # The decode thread takes the GIL back after every kernel; with Python's default 5 ms switch
+        # interval it can wait that long behind the HTTP event loop on every op of a decode step.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
         device = self.args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -305,13 +314,16 @@ class TextGeneratorServer:
         self.metrics.running.set(stats["running"])
         self.metrics.waiting.set(stats["waiting"])
 
+    def _chunk_interval(self) -> float:
+        return len(self.scheduler.running) / self.args.max_chunks_per_s
+
     async def _pieces(self, stream: TokenStream, stops: list[str] | None, started: float,
                       usage: dict) -> AsyncIterator[tuple[str, str | None]]:
         """(new text, finish reason) as tokens arrive; the last piece carries the finish reason."""
         scanner = StopScanner(stops)
         tokens: list[int] = []
         shown = 0
-        async for new in stream.batches():
+        async for new in stream.batches(self._chunk_interval):
             if not tokens:
                 self.metrics.first_token.observe(time.perf_counter() - started)
             tokens.extend(new)
@@ -347,7 +359,8 @@ class TextGeneratorServer:
                 "created": int(time.time()), "model": self.model_name}
 
         if body.stream:
-            events = self._stream_events(endpoint, head, streams, stops, usages, started)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = self._stream_events(endpoint, head, streams, stops, usages, started, include_usage)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -378,7 +391,7 @@ class TextGeneratorServer:
         return JSONResponse({**head, "choices": choices, "usage": usage})
 
     async def _stream_events(self, endpoint: str, head: dict, streams: list[TokenStream], stops,
-                             usages: list[dict], started: float) -> AsyncIterator[str]:
+                             usages: list[dict], started: float, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
         chat = endpoint == "chat"
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
@@ -403,6 +416,12 @@ class TextGeneratorServer:
                 async for index, piece, finish in self._merged(streams, stops, started, usages):
                     if piece or finish:
                         yield chunk(index, piece, finish)
+            if include_usage:
+                prompt_tokens = sum(u["prompt_tokens"] for u in usages)
+                completion_tokens = sum(u["completion_tokens"] for u in usages)
+                yield _sse({**head, "choices": [], "usage": {
+                    "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens}})
             yield _sse("[DONE]")
         except asyncio.CancelledError:  # the client disconnected
             status = 499

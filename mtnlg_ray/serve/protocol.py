@@ -20,6 +20,12 @@ Number = StrictFloat | StrictInt
 _TYPE_TAGS = {"str", "int", "float", "bool", "none"}
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool = False  # a last chunk, before [DONE], with token counts and no choices
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -31,6 +37,7 @@ class _Request(BaseModel):
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
     stream: StrictBool = False
+    stream_options: StreamOptions | None = None
     n: StrictInt = 1
 
     @field_validator("n")

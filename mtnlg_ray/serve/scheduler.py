@@ -11,7 +11,7 @@ import asyncio
 import collections
 import threading
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from mtnlg_ray.model.continuous import ContinuousDecoder, Emitted
 from mtnlg_ray.model.generate import SamplingParams
@@ -38,10 +38,19 @@ class TokenStream:
         """Stop generating for this request (the client went away or has what it needs)."""
         self.cancelled = True
 
-    async def batches(self) -> AsyncIterator[list[int]]:
-        """Lists of new tokens: everything generated since the last one (at least one token each)."""
+    async def batches(self, min_interval: Callable[[], float] = lambda: 0.0) -> AsyncIterator[list[int]]:
+        """Lists of new tokens: everything generated since the last one (at least one token each).
+
+        The first list comes as soon as its token does; after that at most one every `min_interval()`
+        seconds, so a fast stream sends several tokens per chunk instead of paying per token.
+        """
+        last = None
         while True:
             items = [await self.queue.get()]
+            if last is not None and items[0] is not None:
+                wait = last + min_interval() - self.loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
             tokens = []
@@ -54,6 +63,7 @@ class TokenStream:
                     return
                 tokens.append(item)
             yield tokens
+            last = self.loop.time()
 
     def _put(self, item) -> None:
         try:
@@ -152,13 +162,28 @@ class BatchScheduler:
             self._deliver([first])
 
     def _deliver(self, emitted: list[Emitted]) -> None:
+        # One wake-up per event loop per step, not one per token: with a full batch that is the
+        # difference between one and max_batch cross-thread calls for every decode step.
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for e in emitted:
             stream = self.running[e.seq_id]
-            stream._put(e.token)
+            items = by_loop.setdefault(stream.loop, [])
+            items.append((stream, e.token))
             self.counts["tokens"] += 1
             if e.finish_reason:
                 stream.finish_reason = e.finish_reason
-                stream._put(None)
+                items.append((stream, None))
                 del self.running[e.seq_id]
                 self.counts["finished"] += 1
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop has closed: nobody is listening any more
+                for stream, _ in items:
+                    stream.cancelled = True
+
+
+def _put_all(items: list) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)
 
