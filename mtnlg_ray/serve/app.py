@@ -12,11 +12,11 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -46,15 +46,15 @@ class ServeArgs(BaseModel):
     checkpoint: str
     model_name: str | None = None  # the `model` clients send; default: the checkpoint folder's name
     api_key: str | None = None  # when set, every /v1 request needs "Authorization: Bearer <key>"
-    device: str = "auto"  # auto: cuda when the replica has a GPU, else cpu
-    dtype: str | None = None  # float32 | bfloat16 | float16; default: bfloat16 on GPU, as stored on CPU
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: cuda when the replica has a GPU
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: bfloat16 on GPU, as stored on CPU
     max_batch: int = 16  # sequences decoded together per replica
     max_waiting: int = 64  # requests queued per replica beyond the batch; more get 503 + Retry-After
     max_tokens: int | None = None  # most tokens one request may ask for; default: the context
     # Chunks per second a replica sends, all streams together: each stream's chunks come at least
     # (running streams / max_chunks_per_s) apart after its first, so a full batch pays the per-chunk
     # cost of HTTP and Serve a bounded number of times per second and sends several tokens per chunk.
-    max_chunks_per_s: float = 100.0
+    max_chunks_per_s: float = Field(100.0, gt=0)
     num_replicas: int = 1
     autoscale: tuple[int, int] | None = None  # (min, max) replicas, scaling on ongoing requests
     num_cpus: float = 1.0  # per replica; also its torch threads (at least one)

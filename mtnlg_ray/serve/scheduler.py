@@ -98,7 +98,8 @@ class BatchScheduler:
     def submit(self, prompt: list[int], params: SamplingParams) -> TokenStream:
         stream = TokenStream(prompt, params, asyncio.get_running_loop())
         with self._lock:
-            if len(self.waiting) >= self.max_waiting:
+            # Free batch rows count as room too: a burst that arrives between two steps is not refused.
+            if len(self.waiting) >= self.max_waiting + self.decoder.free_rows:
                 raise Overloaded(f"{len(self.waiting)} requests already wait for a slot")
             self.waiting.append(stream)
         self._wake.set()
