@@ -96,7 +96,7 @@ def run_bare(settings: list[str], dataset: Path, steps: int) -> list[float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        float(loss)
+        loss.item()
         times.append(time.perf_counter() - started)
     return times
 

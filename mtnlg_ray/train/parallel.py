@@ -102,7 +102,7 @@ def parallelize(
 
     Every rank must hand in identical weights (same seed or the same checkpoint): FSDP keeps each
     rank's own shard of what it is given. The returned module is `model` itself under FSDP and when
-    no wrapper is needed, a `DistributedDataParallel` around it for DDP.
+    no wrapper is needed (one dp rank in fp32), a `DistributedDataParallel` around it for DDP.
     """
     dp, tp = mesh["dp"].size(), mesh["tp"].size()
     _tp_divides(model.config, tp)
@@ -125,7 +125,9 @@ def parallelize(
         for i, block in enumerate(model.blocks):
             model.blocks[i] = torch.compile(block)
 
-    if fsdp:
+    # One data-parallel rank has nothing to shard: FSDP would only add hooks and copies to every
+    # step, unless it is also what casts the weights to bf16.
+    if fsdp and (dp > 1 or mixed_precision is not None):
         policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
         for block in model.blocks:
             fully_shard(block, mesh=mesh["dp"], mp_policy=policy)
