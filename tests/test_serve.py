@@ -386,7 +386,7 @@ def test_over_capacity_is_503_with_retry_after_never_a_hang(server):
     async def fire():
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
             async def one(k: int):
-                body = {"prompt": f"while {k}", "max_tokens": 600, "temperature": 0}
+                body = {"prompt": f"while {k}", "max_tokens": 300, "temperature": 0}
                 async with session.post(f"{server}/tight/v1/completions", json=body) as response:
                     return response.status, response.headers.get("Retry-After"), await response.json()
 
