@@ -284,7 +284,10 @@ class TextGeneratorServer:
         if len(ids) >= context:
             raise APIError(400, f"prompt: {len(ids)} tokens leave no room to generate in the model's context "
                            f"of {context} tokens", param="prompt", code="context_length_exceeded")
-        max_tokens = body.max_tokens if body.max_tokens is not None else (default_max or context - len(ids))
+        if body.max_tokens is not None:
+            max_tokens = body.max_tokens
+        else:  # OpenAI's defaults: 16 for completions, the rest of the context for chat; within our limits
+            max_tokens = min(default_max or context, context - len(ids), self.max_tokens)
         if max_tokens > self.max_tokens:
             raise APIError(400, f"max_tokens: {max_tokens} is over this server's limit of {self.max_tokens}",
                            param="max_tokens", code="invalid_value")
