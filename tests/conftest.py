@@ -57,7 +57,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # address="local": always a fresh Ray of our own, never one another process left running
+        # (a `ray start` or a test cluster's address file would otherwise be joined).
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()

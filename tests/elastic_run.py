@@ -59,11 +59,14 @@ def main() -> None:
         target=remove_node_after_checkpoint, args=(cluster, second, runs / "elastic" / "metrics.jsonl", removed)
     )
     watcher.start()
-    result = pretrain(config)
-    watcher.join()
-    print(json.dumps({**result, "node_removed_after_step": removed.get("after_step")}))
-    ray.shutdown()
-    cluster.shutdown()
+    try:
+        result = pretrain(config)
+        watcher.join()
+        print(json.dumps({**result, "node_removed_after_step": removed.get("after_step")}))
+    finally:
+        # Also removes the cluster's address file, which a later plain ray.init() would join.
+        ray.shutdown()
+        cluster.shutdown()
 
 
 if __name__ == "__main__":
