@@ -47,7 +47,7 @@ def main() -> None:
     config = load_config(
         overrides=[
             f"data.path={dataset}", f"run.storage_path={runs}", "run.name=elastic", "model.preset=tiny",
-            "model.seq_len=64", "parallel.workers=[1, 2]", "train.max_steps=40", "train.global_batch_size=8",
+            "model.seq_len=64", "parallel.workers=[1, 2]", "train.max_steps=30", "train.global_batch_size=8",
             "train.micro_batch_size=2", "train.lr=3e-3", "train.warmup_tokens=2048", "train.decay_tokens=20000",
             "train.eval_every=20", "train.eval_batches=2", "checkpoint.every_steps=10", "train.peak_tflops=1.0",
             "run.max_failures=3",
