@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from mtnlg_ray.config import load_config  # noqa: E402
 from mtnlg_ray.model.flops import flops_per_token  # noqa: E402
 from mtnlg_ray.model.gpt import GPT, lm_loss  # noqa: E402
+from mtnlg_ray.model.presets import build_on_meta  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -69,18 +70,15 @@ def run_ours(settings: list[str]) -> tuple[list[float], dict]:
     return [r["step_time"] for r in records if "loss" in r], start
 
 
-def run_bare(settings: list[str], dataset: Path, steps: int) -> list[float]:
-    """The plain loop: no Ray, no mesh, no FSDP; the same model, optimizer and data order."""
+def run_bare(cfg, model_config, dataset: Path, steps: int) -> list[float]:
+    """The plain loop: no Ray, no mesh, no FSDP; the same model, optimizer groups and data order."""
     from mtnlg_ray.data.pack import read_sequences
+    from mtnlg_ray.train.parallel import param_groups
 
-    cfg = load_config(overrides=settings, stage="pretrain")
-    vocab = json.loads((dataset / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model.resolve(tokenizer_vocab=vocab))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    model = GPT(model_config)
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        param_groups(model, cfg.train.weight_decay),
         lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps,
     )
     data = torch.from_numpy(read_sequences(dataset / "tokens", "train").astype(np.int64))
@@ -127,12 +125,12 @@ def main() -> None:
         dataset = prepare(args.data, Path(tmp) / "dataset", args.seq_len, args.vocab_size)
         peak = max(measured_peak_tflops(torch.device("cpu")) for _ in range(3))
         settings = train_settings(args, dataset, Path(tmp) / "runs", peak)
-        ours_times, start = run_ours(settings)
-        bare_times = run_bare(settings, dataset, args.steps)
-        peak_after = max(measured_peak_tflops(torch.device("cpu")) for _ in range(3))
         cfg = load_config(overrides=settings, stage="pretrain")
         vocab = json.loads((dataset / "manifest.json").read_text())["tokenizer"]["vocab_size"]
         model_config = cfg.model.resolve(tokenizer_vocab=vocab)
+        ours_times, start = run_ours(settings)
+        bare_times = run_bare(cfg, model_config, dataset, args.steps)
+        peak_after = max(measured_peak_tflops(torch.device("cpu")) for _ in range(3))
     ray.shutdown()
 
     window = slice(args.skip, args.steps - 1)
@@ -140,7 +138,7 @@ def main() -> None:
     ours_tok_s = tokens / statistics.median(ours_times[window])
     bare_tok_s = tokens / statistics.median(bare_times[window])
     per_token = flops_per_token(model_config, args.seq_len)
-    params = sum(p.numel() for p in GPT(model_config).parameters())
+    params = build_on_meta(model_config).num_parameters()
     result = {
         "setup": (f"preset {args.preset} ({model_config.n_layer} layers, d_model {model_config.d_model}, "
                   f"{params / 1e6:.1f}M params), seq_len {args.seq_len}, micro-batch {args.micro_batch}, "

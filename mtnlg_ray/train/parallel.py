@@ -73,9 +73,14 @@ def check_layout(
             f"(dp would not be whole); {fix}"
         )
     _tp_divides(model_config, tp)
+    _check_wrapping(tp, fsdp, bf16=precision == "bf16")
+
+
+def _check_wrapping(tp: int, fsdp: bool, bf16: bool) -> None:
+    """What DDP (`parallel.fsdp=false`) cannot do: shard across tp, or hold bf16 parameters."""
     if tp > 1 and not fsdp:
         raise ConfigError(f"parallel.fsdp=false (DDP) works only with parallel.tp=1, got parallel.tp={tp}")
-    if precision == "bf16" and not fsdp:
+    if bf16 and not fsdp:
         raise ConfigError("train.precision=bf16 needs parallel.fsdp=true (DDP keeps fp32 weights)")
 
 
@@ -106,10 +111,7 @@ def parallelize(
     """
     dp, tp = mesh["dp"].size(), mesh["tp"].size()
     _tp_divides(model.config, tp)
-    if not fsdp and tp > 1:
-        raise ConfigError(f"parallel.fsdp=false (DDP) works only with parallel.tp=1, got parallel.tp={tp}")
-    if not fsdp and mixed_precision is not None:
-        raise ConfigError("train.precision=bf16 needs parallel.fsdp=true (DDP keeps fp32 weights)")
+    _check_wrapping(tp, fsdp, bf16=mixed_precision is not None)
 
     if tp > 1:
         for block in model.blocks:
