@@ -380,6 +380,191 @@ def pretrain(
     typer.echo(result["final"])
 
 
+# Cluster operation: stages as Ray Jobs, the jobs on a cluster, and a one-machine cluster to submit to.
+local_app = typer.Typer(help="A one-machine Ray cluster to submit jobs to: `ray start --head` on 127.0.0.1.",
+                        no_args_is_help=True)
+jobs_app = typer.Typer(help="Ray Jobs on a cluster: list, status, logs, stop.", no_args_is_help=True)
+app.add_typer(local_app, name="local")
+app.add_typer(jobs_app, name="jobs")
+
+ADDRESS_HELP = ("The cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS, else the cluster "
+                "`mtnlg-ray local up` started here).")
+
+
+def _report_job_end(result) -> None:
+    """Exit with the job's result: nothing more when it succeeded, else the end of its log and its exit code."""
+    if result.exit_code == 0:
+        if result.status == "SUCCEEDED":
+            typer.echo(f"job {result.job_id} succeeded", err=True)
+        return
+    if result.log_tail:
+        typer.echo(f"--- last lines of the log of job {result.job_id} ---", err=True)
+        typer.echo(result.log_tail, err=True)
+    why = "its log ends above" if result.log_tail else (result.message or "no log")
+    typer.echo(f"error: job {result.job_id} {result.status} with exit code {result.exit_code} ({why})", err=True)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    ctx: typer.Context,
+    stage: str = typer.Argument(..., metavar="STAGE", help="prepare | label | pretrain | finetune | self-train | serve"),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP),
+    no_wait: bool = typer.Option(False, "--no-wait", help="Print the job id and return (serve: once it answers)."),
+    env: List[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable)."),
+    job_id: Optional[str] = typer.Option(None, "--job-id", help="Submission id to use instead of a generated one."),
+) -> None:
+    """Run a stage as a Ray Job: STAGE, then the same arguments as the stage's own command.
+
+    Example: `mtnlg-ray submit prepare builtin:python-docs --output work/data --set pack.seq_len=64`.
+    The arguments and the config are checked here first, so a bad key fails before anything is sent.
+    Relative paths become absolute (right when the cluster is this machine; on a remote cluster give
+    paths every node sees). The job runs this machine's mtnlg_ray package with the resolved config.
+    Follows the log and exits with the job's result; `--no-wait` prints the job id instead (for
+    serve, once the endpoint answers, with its URL). Ctrl-C stops following, not the job.
+    """
+    from mtnlg_ray.jobs import submit as run
+
+    submitted: list[str] = []
+
+    def on_submitted(job: str, where: str) -> None:
+        submitted.append(job)
+        typer.echo(f"submitted job {job} to {where}", err=True)
+        if no_wait:
+            typer.echo(job)
+
+    try:
+        result = run(stage, list(ctx.args), address, no_wait=no_wait, env=env, job_id=job_id,
+                     on_submitted=on_submitted)
+    except KeyboardInterrupt:
+        job = submitted[0] if submitted else "JOB_ID"
+        typer.echo(f"stopped following; job {job} keeps running (`mtnlg-ray jobs stop {job}` stops it)", err=True)
+        raise typer.Exit(130)
+    if result.url:
+        typer.echo(f"{result.url}/v1")
+        typer.echo(f"serving at {result.url}/v1; job {result.job_id} keeps running "
+                   f"(`mtnlg-ray jobs stop {result.job_id}` stops it)", err=True)
+        typer.echo(f"try:  curl {result.url}/v1/completions -H 'Content-Type: application/json' "
+                   "-d '{\"prompt\": \"def \", \"max_tokens\": 32, \"temperature\": 0}'", err=True)
+    elif no_wait and result.exit_code == 0:
+        typer.echo(f"job {result.job_id} is {result.status}: `mtnlg-ray jobs logs {result.job_id} --follow` follows "
+                   f"it, `mtnlg-ray jobs stop {result.job_id}` stops it", err=True)
+    _report_job_end(result)
+
+
+@jobs_app.command("list")
+def jobs_list(address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP)) -> None:
+    """Every job on the cluster, oldest first: id, stage, status, start time, entrypoint."""
+    import datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from mtnlg_ray.jobs import list_jobs
+
+    table = Table()
+    for column in ("job", "stage", "status", "started", "entrypoint"):
+        table.add_column(column)
+    for job in list_jobs(address):
+        started = (datetime.datetime.fromtimestamp(job.start_time / 1000).strftime("%Y-%m-%d %H:%M:%S")
+                   if job.start_time else "")
+        table.add_row(job.submission_id or job.job_id or "", (job.metadata or {}).get("mtnlg_stage", ""),
+                      str(job.status), started, job.entrypoint or "")
+    Console(width=200).print(table)
+
+
+@jobs_app.command("status")
+def jobs_status(
+    job_id: str = typer.Argument(..., help="A job id from `mtnlg-ray submit` or `mtnlg-ray jobs list`."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP),
+) -> None:
+    """Print the job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED); a failed job's log tail on stderr."""
+    from mtnlg_ray.jobs import job_status
+
+    result = job_status(address, job_id)
+    typer.echo(result.status)
+    if result.log_tail:
+        typer.echo(f"exit code {result.exit_code}; last lines of its log:\n{result.log_tail}", err=True)
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: str = typer.Argument(..., help="A job id from `mtnlg-ray submit` or `mtnlg-ray jobs list`."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing until the job ends; exit with its result."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP),
+) -> None:
+    """Print the job's log (stdout and stderr of its driver)."""
+    from mtnlg_ray.jobs import job_logs
+
+    try:
+        result = job_logs(address, job_id, follow_log=follow)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    if result is not None:
+        _report_job_end(result)
+
+
+@jobs_app.command("stop")
+def jobs_stop(
+    job_id: str = typer.Argument(..., help="A job id from `mtnlg-ray submit` or `mtnlg-ray jobs list`."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP),
+) -> None:
+    """Stop a job (SIGTERM to its driver, SIGKILL after a grace period) and print its final status."""
+    from mtnlg_ray.jobs import stop_job
+
+    typer.echo(f"job {job_id}: {stop_job(address, job_id)}")
+
+
+@local_app.command("up", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def local_up(
+    ctx: typer.Context,
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs Ray may schedule (default: all)."),
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="GPUs Ray may schedule (default: all)."),
+    port: int = typer.Option(6379, "--port", help="Port of the cluster's GCS."),
+    dashboard_port: int = typer.Option(8265, "--dashboard-port", help="Port of the dashboard and its job server."),
+    temp_dir: Optional[Path] = typer.Option(None, "--temp-dir", help="Ray's session files (default: Ray's, /tmp/ray)."),
+) -> None:
+    """Start a Ray head on 127.0.0.1 for `submit` (its default cluster); arguments after `--` go to `ray start`.
+
+    Commands on this machine (`mtnlg-ray pretrain`, `ray status`) join it too.
+    """
+    from mtnlg_ray.local_cluster import start_local_cluster
+
+    cluster = start_local_cluster(num_cpus=num_cpus, num_gpus=num_gpus, port=port, dashboard_port=dashboard_port,
+                                  temp_dir=temp_dir, ray_args=list(ctx.args))
+    where = f" --temp-dir {temp_dir}" if temp_dir else ""
+    address = f" --address {cluster.dashboard_url}" if temp_dir else ""
+    typer.echo(f"Ray is up: dashboard and job server {cluster.dashboard_url}, GCS {cluster.gcs_address}")
+    typer.echo(f"submit:  mtnlg-ray submit prepare builtin:python-docs --output work/data{address}")
+    typer.echo(f"stop:    mtnlg-ray local down{where}")
+
+
+@local_app.command("down")
+def local_down(
+    temp_dir: Optional[Path] = typer.Option(None, "--temp-dir", help="The --temp-dir given to `local up`."),
+) -> None:
+    """Stop the cluster `local up` started (its processes only; other Ray instances keep running)."""
+    from mtnlg_ray.local_cluster import stop_local_cluster
+
+    cluster = stop_local_cluster(temp_dir)
+    typer.echo(f"stopped the local cluster at {cluster.dashboard_url}" if cluster else "no local cluster is up")
+
+
+@local_app.command("status")
+def local_status(
+    temp_dir: Optional[Path] = typer.Option(None, "--temp-dir", help="The --temp-dir given to `local up`."),
+) -> None:
+    """Whether the cluster of `local up` runs, and where; exit code 1 when it does not."""
+    from mtnlg_ray.local_cluster import is_running, read_state, session_processes
+
+    cluster = read_state(temp_dir)
+    if cluster is None or not is_running(cluster):
+        typer.echo("no local cluster is up (`mtnlg-ray local up` starts one)")
+        raise typer.Exit(1)
+    typer.echo(f"up: dashboard and job server {cluster.dashboard_url}, GCS {cluster.gcs_address}, "
+               f"{len(session_processes(cluster.session_id))} processes, session {cluster.session_dir}")
+
+
 @app.command("plot")
 def plot(
     run_dir: Path = typer.Argument(..., help="A run directory (<run.storage_path>/<run.name>) holding metrics.jsonl."),
@@ -389,6 +574,103 @@ def plot(
     from mtnlg_ray.train.plot import plot_losses
 
     typer.echo(f"wrote {plot_losses(run_dir, output)}")
+
+
+def _dev_line(dev: dict | None, metric: str) -> str:
+    if not dev:
+        return ""
+    if "accuracy" in dev:
+        return f"dev acc {dev['accuracy']:.4f}  macro-F1 {dev['macro_f1']:.4f}"
+    return f"dev loss {dev['loss']:.4f}  exact {dev['exact_match']:.4f}"
+
+
+def _finetune_printer():
+    from rich.console import Console
+
+    console = Console(stderr=True)
+
+    def show(record: dict) -> None:
+        if record.get("event") == "start":
+            resumed = record.get("resumed_from")
+            extra = f", resumed at step {resumed['step']}" if resumed else ""
+            console.print(f"[bold]world size {record['world_size']}[/bold] (dp {record['dp']} × tp {record['tp']}), "
+                          f"{record.get('examples', 0):,} examples, "
+                          f"{record.get('trainable_parameters', 0):,} trainable parameters{extra}")
+        elif "dev" in record:
+            best = "  [green]best[/green]" if record.get("best") else ""
+            console.print(f"epoch {record['epoch']:.2f}  step {record['step']}  loss {record['loss']:.4f}  "
+                          f"{_dev_line(record['dev'], '')}{best}")
+        elif "loss" in record and record["step"] % 10 == 0:
+            console.print(f"[dim]step {record['step']:>6}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                          f"{record['tokens_per_s']:,.0f} tok/s[/dim]")
+        elif record.get("event") == "done" and record.get("stopped_early"):
+            console.print(f"stopped early at step {record['step']} (train.patience)")
+
+    return console, show
+
+
+@app.command("finetune")
+def finetune(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped finetune.yaml)."),
+    overrides: List[str] = typer.Option([], "--set", help="Override one config key, e.g. --set data.train=train.tsv (repeatable)."),
+) -> None:
+    """Fine-tune a checkpoint on Ray Train: classification (a head) or SFT (prompt → completion).
+
+    Needs data.train (TSV / CSV / JSONL / Parquet) and init.checkpoint (a consolidated checkpoint or
+    a pretraining run directory; or tokenizer.path for random weights). task.mode picks full
+    fine-tuning, LoRA (merged into the saved weights) or a frozen backbone. With data.dev, the dev
+    set is scored after every epoch and the best epoch becomes <run.storage_path>/<run.name>/final.
+
+    Example: mtnlg-ray finetune --set init.checkpoint=runs/pretrain --set data.train=train.tsv
+    --set data.dev=dev.tsv --set data.text_field=sentence
+    """
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.trainer import finetune as run
+
+    cfg = load_config(config, overrides, stage="finetune")
+    console, show = _finetune_printer()
+    result = run(cfg, on_record=show)
+    if result["dev"]:
+        console.print(f"best {result['metric']}: {result['dev'][result['metric']]:.4f}  ({_dev_line(result['dev'], '')})")
+    console.print(f"final weights: {result['final']}  (metrics in {result['run_dir']}/metrics.jsonl)")
+    typer.echo(result["final"])
+
+
+@app.command("evaluate")
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory."),
+    data: List[str] = typer.Option(..., "--data", "-d",
+                                   help="lm: INPUT text (file, folder, glob, builtin:python-docs) or a dataset dir "
+                                        "from `data prepare`; classification: a labelled TSV / CSV / JSONL / Parquet."),
+    task: str = typer.Option("lm", "--task", help="lm (perplexity, bits per byte) or classification."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Column or JSON field holding the text (default: text)."),
+    label_field: str = typer.Option("label", "--label-field", help="Column holding the gold label (classification)."),
+    split: str = typer.Option("val", "--split", help="Which packed split of a dataset dir to score (lm)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Score a checkpoint: perplexity and bits per byte (lm), or accuracy and P/R/F1 (classification)."""
+    from mtnlg_ray.finetune.evaluate import evaluate as run
+
+    result = run(checkpoint, data, task, text_field=text_field, label_field=label_field, split=split)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if result["task"] == "lm":
+        console.print(f"{result['tokens']:,} tokens, {result['bytes']:,} bytes: loss {result['loss']:.4f} nats/token, "
+                      f"perplexity {result['perplexity']:.2f}, {result['bits_per_byte']:.4f} bits per byte")
+        return
+    table = Table(title=f"{result['n']:,} examples: accuracy {result['accuracy']:.4f}, macro F1 {result['macro_f1']:.4f}")
+    for column in ("label", "precision", "recall", "F1", "support"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    for label, row in result["per_class"].items():
+        table.add_row(label, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+    table.add_row("macro", f"{result['macro_precision']:.4f}", f"{result['macro_recall']:.4f}",
+                  f"{result['macro_f1']:.4f}", str(result["n"]))
+    console.print(table)
 
 
 def main() -> None:

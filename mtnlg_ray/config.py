@@ -180,6 +180,8 @@ class TrainSection(Section):
     epochs: int = Field(1, ge=1)
     peak_tflops: float | None = Field(None, gt=0.0)  # per worker, for MFU; measured with a matmul when unset
     compile: bool = False
+    # Fine-tuning: stop after this many dev evaluations (one per epoch) without a better task.metric.
+    patience: int | None = Field(None, ge=1)
 
 
 class ParallelSection(Section):
@@ -217,7 +219,7 @@ class InitSection(Section):
 
 
 class LoraSection(Section):
-    rank: int = Field(0, ge=0)
+    rank: int = Field(8, ge=1)
     alpha: float = Field(16.0, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: list[str] = ["qkv", "proj"]
@@ -225,9 +227,27 @@ class LoraSection(Section):
 
 class TaskSection(Section):
     kind: Literal["classification", "sft"] = "classification"
-    labels: list[str] | None = None
+    labels: list[str] | None = None  # classification; default: the labels found in data.train, sorted
     pooling: Literal["last", "mean"] = "last"
+    # full: every weight trains; lora: adapters on task.lora.targets, the rest frozen; frozen: only the head.
+    mode: Literal["full", "lora", "frozen"] = "full"
     lora: LoraSection = LoraSection()
+    # The dev metric that picks the best checkpoint and drives early stopping: accuracy or macro_f1
+    # (classification), loss or exact_match (sft). Default: accuracy, or loss for sft.
+    metric: Literal["accuracy", "macro_f1", "loss", "exact_match"] | None = None
+    prompt_field: str = "prompt"  # sft
+    completion_field: str = "completion"  # sft
+
+    @model_validator(mode="after")
+    def _metric_fits(self) -> "TaskSection":
+        allowed = {"classification": ("accuracy", "macro_f1"), "sft": ("loss", "exact_match")}[self.kind]
+        if self.metric is not None and self.metric not in allowed:
+            raise ValueError(f"task.metric for task.kind={self.kind} must be one of {', '.join(allowed)}")
+        return self
+
+    @property
+    def dev_metric(self) -> str:
+        return self.metric or ("accuracy" if self.kind == "classification" else "loss")
 
 
 class SelfTrainSection(Section):

@@ -99,6 +99,7 @@ def save_classifier(
     labels: Sequence[str],
     output: str | Path,
     tokenizer_json: str | Path | None = None,
+    extra: dict | None = None,
 ) -> Path:
     """Write `model` as a classification checkpoint at `output` (atomically, like `save_checkpoint`)."""
     labels = _check_labels(labels, str(output))
@@ -106,7 +107,8 @@ def save_classifier(
         raise CheckpointError(f"{output}: {len(labels)} labels for a head of {model.n_labels} outputs")
     head = {f"{HEAD}{name}": t.detach() for name, t in model.head.state_dict().items()}
     task = {"kind": "classification", "labels": labels, "pooling": model.pooling}
-    return save_checkpoint(model.backbone, output, tokenizer_json, extra={"task": task}, extra_tensors=head)
+    return save_checkpoint(model.backbone, output, tokenizer_json, extra={**(extra or {}), "task": task},
+                           extra_tensors=head)
 
 
 def load_classifier(

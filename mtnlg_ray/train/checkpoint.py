@@ -29,6 +29,8 @@ class TrainerState:
     world_size: int = 1
     dp: int = 1
     tp: int = 1
+    best_metric: float | None = None  # fine-tuning: the best dev score so far (task.metric)
+    stale_evals: int = 0  # fine-tuning: dev evaluations since the best one (early stopping)
 
 
 def save_sharded(directory: Path, model, optimizer, state: TrainerState, config: GPTConfig, rank: int) -> None:

@@ -1,15 +1,17 @@
-"""`train_loop_per_worker`: the one training loop every Ray Train worker runs.
+"""`train_loop_per_worker`: the one training loop every Ray Train worker runs, for pretraining and fine-tuning.
 
-Builds the (dp, tp) mesh, the model (from the preset or `init.checkpoint`), parallelises it,
-resumes from the latest checkpoint if there is one, and steps through the MT-NLG schedule:
-batch ramp-up with gradient accumulation at a fixed micro-batch, LR warm-up and cosine decay by
-tokens, AdamW (0.9, 0.95), clipping. Rank 0 appends one JSON line per step to `metrics.jsonl`.
+Builds the (dp, tp) mesh and the model (from the preset or `init.checkpoint`), lets the task wrap it
+(the language model as is; a classification head, LoRA or a frozen backbone for fine-tuning),
+parallelises it, resumes from the latest checkpoint if there is one, and steps through the MT-NLG
+schedule: batch ramp-up with gradient accumulation at a fixed micro-batch, LR warm-up and cosine
+decay by tokens, AdamW (0.9, 0.95), clipping. Rank 0 appends one JSON line per step to `metrics.jsonl`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from mtnlg_ray.config import Config
 from mtnlg_ray.model.flops import flops_per_token
@@ -66,15 +69,73 @@ class MetricsLog:
                 fh.write(json.dumps(record) + "\n")
 
 
-def model_config_for(cfg: Config, dataset_vocab: int) -> tuple[GPTConfig, dict | None]:
-    """The shape to train: the init checkpoint's, or the preset with the dataset tokenizer's vocabulary."""
+def model_config_for(cfg: Config, tokenizer_vocab: int) -> tuple[GPTConfig, dict | None]:
+    """The shape to train: the init checkpoint's, or the preset with the tokenizer's vocabulary."""
     if cfg.init.checkpoint:
         from mtnlg_ray.checkpoint import read_checkpoint_config
 
         body = read_checkpoint_config(cfg.init.checkpoint)
         shape = GPTConfig.from_dict(body["model"])
         return GPTConfig(**{**shape.to_dict(), "dropout": cfg.model.dropout}), body
-    return cfg.model.resolve(tokenizer_vocab=dataset_vocab), None
+    return cfg.model.resolve(tokenizer_vocab=tokenizer_vocab), None
+
+
+class LMTask:
+    """Pretraining: next-token loss on the packed token shards of a dataset from `data prepare`."""
+
+    kind = "lm"
+
+    def __init__(self, cfg: Config) -> None:
+        self.train = TokenShards(cfg.data.path, "train")
+        self.val = TokenShards(cfg.data.path, "val")
+        self.seq_len = self.train.seq_len
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def tokens(self, indices: np.ndarray) -> int:
+        return len(indices) * self.seq_len
+
+    def build(self, backbone: GPT, init_head=None) -> nn.Module:
+        return backbone
+
+    def loss(self, model: nn.Module, indices: np.ndarray, device) -> torch.Tensor:
+        rows = self.train.rows(indices).to(device)
+        return lm_loss(model(rows[:, :-1]), rows[:, 1:])
+
+
+def make_task(stage: str, cfg: Config, model_config: GPTConfig, tokenizer_file: Path | None):
+    """The task a stage trains: the language model for pretraining, `task.kind` for fine-tuning."""
+    if stage == "pretrain":
+        return LMTask(cfg)
+    from mtnlg_ray.finetune.tasks import TASKS
+
+    return TASKS[cfg.task.kind](cfg, tokenizer_file, model_config)
+
+
+def _initial_weights(cfg: Config, model_config: GPTConfig, task) -> nn.Module:
+    """The GPT (random from the seed, or the init checkpoint's weights) wrapped by the task."""
+    torch.manual_seed(cfg.train.seed)
+    backbone = GPT(model_config)
+    head = None
+    if cfg.init.checkpoint:
+        from mtnlg_ray.checkpoint import load_checkpoint, load_extra_tensors
+
+        start_model, body = load_checkpoint(cfg.init.checkpoint)
+        backbone.load_state_dict(start_model.state_dict())
+        previous = body.get("task") or {}
+        # Continuing from a classifier with the same labels keeps its head; other labels get a new one.
+        if getattr(task, "kind", None) == "classification" and previous.get("labels") == getattr(task, "labels", None):
+            head = load_extra_tensors(cfg.init.checkpoint, "head.")
+    return task.build(backbone, head)
+
+
+def _better(value: float, best: float | None, metric: str) -> bool:
+    from mtnlg_ray.finetune.tasks import HIGHER_IS_BETTER
+
+    if best is None:
+        return True
+    return value > best if metric in HIGHER_IS_BETTER else value < best
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -82,7 +143,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
 
     cfg = Config.model_validate(loop_config["config"])
+    stage = loop_config.get("stage", "pretrain")
     run_dir = Path(loop_config["run_dir"])
+    tokenizer_file = Path(loop_config["tokenizer"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -91,20 +154,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     dp, dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0)
 
-    train_data = TokenShards(cfg.data.path, "train")
-    val_data = TokenShards(cfg.data.path, "val")
     model_config, _ = model_config_for(cfg, loop_config["vocab_size"])
-    if model_config.seq_len < train_data.seq_len:
-        raise ValueError(f"model context {model_config.seq_len} < packed sequence length {train_data.seq_len}")
-    seq_len = train_data.seq_len
+    task = make_task(stage, cfg, model_config, tokenizer_file)
+    seq_len = task.seq_len
+    if model_config.seq_len < seq_len:
+        raise ValueError(f"model context {model_config.seq_len} < packed sequence length {seq_len}")
 
-    torch.manual_seed(cfg.train.seed)
-    model = GPT(model_config)
-    if cfg.init.checkpoint:
-        from mtnlg_ray.checkpoint import load_checkpoint
-
-        start_model, _ = load_checkpoint(cfg.init.checkpoint)
-        model.load_state_dict(start_model.state_dict())
+    model = _initial_weights(cfg, model_config, task)
     model.to(device)
     mixed = torch.bfloat16 if cfg.train.precision == "bf16" else None
     model = parallelize(model, mesh, fsdp=cfg.parallel.fsdp, mixed_precision=mixed,
@@ -123,26 +179,37 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with checkpoint.as_directory() as directory:
             previous = load_sharded(Path(directory), model, optimizer, rank)
         state.step, state.tokens, state.cursor = previous.step, previous.tokens, previous.cursor
+        state.best_metric, state.stale_evals = previous.best_metric, previous.stale_evals
         resumed_from = {"step": previous.step, "world_size": previous.world_size}
 
-    order = GlobalOrder(len(train_data), cfg.train.seed)
-    max_tokens = cfg.train.max_tokens or cfg.train.epochs * len(train_data) * seq_len
-    max_steps = cfg.train.max_steps
+    examples = len(task)
+    order = GlobalOrder(examples, cfg.train.seed)
+    stop_cursor = cfg.train.epochs * examples  # when neither max_steps nor max_tokens ends the run first
     peak = cfg.train.peak_tflops or measured_peak_tflops(device)
     step_flops = flops_per_token(model_config, seq_len)
-    log.write(event="start", world_size=world, dp=dp, tp=tp, step=state.step, resumed_from=resumed_from,
+    metric = cfg.task.dev_metric
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.write(event="start", stage=stage, world_size=world, dp=dp, tp=tp, step=state.step, resumed_from=resumed_from,
               peak_tflops_per_worker=round(peak, 3), pid=os.getpid(), threads=torch.get_num_threads(),
-              time=time.time())
+              examples=examples, trainable_parameters=trainable, time=time.time())
     print(f"[rank {rank}] world size {world} (dp {dp} x tp {tp}), starting at step {state.step}"
           + (f", resumed from a checkpoint written at world size {resumed_from['world_size']}" if resumed_from else ""),
           flush=True)
 
+    def finished() -> bool:
+        if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
+            return True
+        if cfg.train.max_tokens is not None:
+            return state.tokens >= cfg.train.max_tokens
+        return state.cursor >= stop_cursor
+
     micro = cfg.train.micro_batch_size
-    while (max_steps is None or state.step < max_steps) and state.tokens < max_tokens:
+    stopped_early = False
+    while not finished() and not stopped_early:
         started = time.perf_counter()
         batch = global_batch(state.tokens, cfg.train, dp)
-        indices = rank_slice(order.take(state.cursor, batch), dp_rank, dp)
-        rows = train_data.rows(indices).to(device)
+        everyone = order.take(state.cursor, batch)
+        indices = rank_slice(everyone, dp_rank, dp)
         accum = len(indices) // micro
         lr = learning_rate(state.tokens, cfg.train)
         for group in optimizer.param_groups:
@@ -150,31 +217,47 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.train()
         local_loss = torch.zeros((), device=device)
         for i in range(accum):
-            chunk = rows[i * micro : (i + 1) * micro]
             sync = i == accum - 1
             context = no_grad_sync(model) if not sync else nullcontext()
             with context:
-                loss = lm_loss(model(chunk[:, :-1]), chunk[:, 1:]) / accum
+                loss = task.loss(model, indices[i * micro : (i + 1) * micro], device) / accum
                 loss.backward()
             local_loss += loss.detach()
         grad_norm = clip_grad_norm(model, cfg.train.grad_clip) if cfg.train.grad_clip > 0 else float("nan")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        epoch_before = state.cursor // examples
+        step_tokens = task.tokens(everyone)
         state.step += 1
         state.cursor += batch
-        state.tokens += batch * seq_len
+        state.tokens += step_tokens
         loss_value = mean_over_dp(local_loss, mesh)
         seconds = time.perf_counter() - started
-        tokens_per_s = batch * seq_len / seconds
+        tokens_per_s = step_tokens / seconds
         metrics = {
             "step": state.step, "loss": loss_value, "lr": lr, "global_batch": batch, "tokens": state.tokens,
             "tokens_per_s": tokens_per_s, "mfu": step_flops * tokens_per_s / (peak * 1e12 * world),
             "grad_norm": grad_norm, "step_time": seconds, "world_size": world,
         }
-        if state.step % cfg.train.eval_every == 0 or _finished(state, max_steps, max_tokens):
-            metrics["val_loss"] = evaluate(model, val_data, cfg, dp_rank, dp, mesh, device)
+        if stage == "pretrain":
+            if state.step % cfg.train.eval_every == 0 or finished():
+                metrics["val_loss"] = evaluate(model, task.val, cfg, dp_rank, dp, mesh, device)
+        elif state.cursor // examples > epoch_before or finished():
+            metrics["epoch"] = state.cursor / examples
+            dev = task.evaluate(model, device, micro)
+            if dev is not None:
+                metrics["dev"] = dev
+                metrics["val_loss"] = dev.get("loss")
+                if _better(dev[metric], state.best_metric, metric):
+                    state.best_metric, state.stale_evals = dev[metric], 0
+                    _save_consolidated(model, task, model_config, run_dir / "best", tokenizer_file, rank,
+                                       {"trained": {"step": state.step, "dev": {metric: dev[metric]}}})
+                    metrics["best"] = True
+                else:
+                    state.stale_evals += 1
+                    stopped_early = cfg.train.patience is not None and state.stale_evals >= cfg.train.patience
         log.write(**metrics)
-        if state.step % cfg.checkpoint.every_steps == 0 or _finished(state, max_steps, max_tokens):
+        if state.step % cfg.checkpoint.every_steps == 0 or finished() or stopped_early:
             state.world_size, state.dp, state.tp = world, dp, tp
             with tempfile.TemporaryDirectory(prefix="mtnlg-ckpt-") as tmp:
                 save_sharded(Path(tmp), model, optimizer, state, model_config, rank)
@@ -183,18 +266,39 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             ray.train.report(metrics)
 
-    full = full_state_dict(model)
+    final = run_dir / "final"
+    trained = {"trained": {"step": state.step, "tokens": state.tokens}}
+    if stage != "pretrain" and (run_dir / "best").is_dir():
+        # The final checkpoint of a fine-tuning run is its best on the dev set.
+        if rank == 0:
+            _replace_dir(run_dir / "best", final)
+    else:
+        _save_consolidated(model, task, model_config, final, tokenizer_file, rank, trained)
     if rank == 0:
+        log.write(event="done", step=state.step, tokens=state.tokens, final=str(final), stopped_early=stopped_early,
+                  best_metric=state.best_metric)
+
+
+def _save_consolidated(model, task, model_config: GPTConfig, output: Path, tokenizer_file: Path, rank: int,
+                       extra: dict) -> None:
+    """Gather the full weights (a collective) and let rank 0 write them as a consolidated checkpoint."""
+    full = full_state_dict(model)
+    if rank != 0:
+        return
+    if isinstance(task, LMTask):
         from mtnlg_ray.checkpoint import save_state_dict
 
-        tokenizer = Path(cfg.data.path) / "tokenizer" / "tokenizer.json"
-        save_state_dict(full, model_config, run_dir / "final", tokenizer_json=tokenizer,
-                        extra={"trained": {"step": state.step, "tokens": state.tokens}})
-        log.write(event="done", step=state.step, tokens=state.tokens, final=str(run_dir / "final"))
+        save_state_dict(full, model_config, output, tokenizer_json=tokenizer_file, extra=extra)
+    else:
+        task.save(full, model_config, output, tokenizer_file, extra)
 
 
-def _finished(state: TrainerState, max_steps: int | None, max_tokens: int) -> bool:
-    return (max_steps is not None and state.step >= max_steps) or state.tokens >= max_tokens
+def _replace_dir(source: Path, target: Path) -> None:
+    staging = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
 
 
 @torch.no_grad()

@@ -96,7 +96,7 @@ def build_mesh(world_size: int, tp: int, device_type: str) -> DeviceMesh:
 
 
 def parallelize(
-    model: GPT,
+    model: nn.Module,
     mesh: DeviceMesh,
     fsdp: bool,
     mixed_precision: torch.dtype | None = None,
@@ -108,30 +108,33 @@ def parallelize(
     Every rank must hand in identical weights (same seed or the same checkpoint): FSDP keeps each
     rank's own shard of what it is given. The returned module is `model` itself under FSDP and when
     no wrapper is needed (one dp rank in fp32), a `DistributedDataParallel` around it for DDP.
+    `model` is a GPT or a task model holding one as `.backbone` (a classifier): the plans apply to
+    its blocks and the root FSDP unit is the whole task model.
     """
     dp, tp = mesh["dp"].size(), mesh["tp"].size()
-    _tp_divides(model.config, tp)
+    gpt = model if isinstance(model, GPT) else model.backbone
+    _tp_divides(gpt.config, tp)
     _check_wrapping(tp, fsdp, bf16=mixed_precision is not None)
 
     if tp > 1:
-        for block in model.blocks:
+        for block in gpt.blocks:
             parallelize_module(block, mesh["tp"], dict(BLOCK_TP_PLAN))
 
     # The model's own flag already recomputes every block; wrapping them again would recompute twice.
-    if activation_checkpointing and not model.config.activation_checkpointing:
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = checkpoint_wrapper(block)
+    if activation_checkpointing and not gpt.config.activation_checkpointing:
+        for i, block in enumerate(gpt.blocks):
+            gpt.blocks[i] = checkpoint_wrapper(block)
 
     if compile:
         # Per block, as torchtitan does: identical blocks reuse one graph, and FSDP's hooks stay outside it.
-        for i, block in enumerate(model.blocks):
-            model.blocks[i] = torch.compile(block)
+        for i, block in enumerate(gpt.blocks):
+            gpt.blocks[i] = torch.compile(block)
 
     # One data-parallel rank has nothing to shard: FSDP would only add hooks and copies to every
     # step, unless it is also what casts the weights to bf16.
     if fsdp and (dp > 1 or mixed_precision is not None):
         policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
-        for block in model.blocks:
+        for block in gpt.blocks:
             fully_shard(block, mesh=mesh["dp"], mp_policy=policy)
         # The root unit holds tok_emb, pos_emb and ln_f. tok_emb must not get a unit of its own:
         # the tied LM head reads it again after the blocks, when a separate unit would have resharded it.

@@ -9,6 +9,7 @@ consolidated checkpoint of the final weights is.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -63,18 +64,12 @@ def follow(path: Path, stop: threading.Event, on_record: Callable[[dict], None],
 
 def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> dict:
     """Train on Ray Train; returns {"run_dir", "final", "steps", "metrics"} of the finished run."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from mtnlg_ray.runtime import ensure_ray
-    from mtnlg_ray.train.loop import model_config_for, train_loop_per_worker
-    from mtnlg_ray.train.parallel import check_layout
+    from mtnlg_ray.train.data import TokenShards
+    from mtnlg_ray.train.loop import model_config_for
 
     cfg = resolve_paths(cfg)
     dataset = Path(cfg.data.path)
     vocab = _dataset_vocab(dataset)
-    from mtnlg_ray.train.data import TokenShards
-
     shards = TokenShards(dataset, "train")
     model_config, _ = model_config_for(cfg, vocab)
     if model_config.vocab_size < vocab:
@@ -83,17 +78,42 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
     if model_config.seq_len < shards.seq_len:
         raise ConfigError(f"model.seq_len ({model_config.seq_len}) is shorter than the dataset's packed "
                           f"sequences ({shards.seq_len}); re-pack with --set pack.seq_len={model_config.seq_len}")
-    check_layout(model_config, cfg.parallel.workers, cfg.parallel.tp, cfg.parallel.pp, fsdp=cfg.parallel.fsdp,
-                 precision=cfg.train.precision)
     if cfg.train.max_steps is None and cfg.train.max_tokens is None and cfg.train.epochs < 1:
         raise ConfigError("train: set max_steps, max_tokens or epochs")
+    return run_training("pretrain", cfg, model_config, vocab, dataset / "tokenizer" / "tokenizer.json", on_record)
 
+
+def run_training(
+    stage: str,
+    cfg: Config,
+    model_config,
+    vocab: int,
+    tokenizer_file: Path,
+    on_record: Callable[[dict], None] | None = None,
+) -> dict:
+    """Run `train_loop_per_worker` for `stage` on a `TorchTrainer` and follow its metrics.
+
+    The same run name resumes from the newest checkpoint in its run directory; a fresh run starts
+    a fresh `metrics.jsonl`. Returns {"run_dir", "final", "steps", "metrics", "resumed_from"}.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mtnlg_ray.runtime import ensure_ray
+    from mtnlg_ray.train.loop import train_loop_per_worker
+    from mtnlg_ray.train.parallel import check_layout
+
+    check_layout(model_config, cfg.parallel.workers, cfg.parallel.tp, cfg.parallel.pp, fsdp=cfg.parallel.fsdp,
+                 precision=cfg.train.precision)
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = latest_checkpoint(run_dir)
     metrics_file = run_dir / "metrics.jsonl"
-    if resume is None and metrics_file.exists():
-        metrics_file.unlink()  # a fresh run: old curves would mix with the new one
+    if resume is None:
+        if metrics_file.exists():
+            metrics_file.unlink()  # a fresh run: old curves would mix with the new one
+        for stale in ("best", "final"):
+            shutil.rmtree(run_dir / stale, ignore_errors=True)
     start_at = metrics_file.stat().st_size if metrics_file.exists() else 0
 
     ensure_ray()
@@ -102,7 +122,8 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
         train_loop_per_worker,
         # Train V2 refuses `resume_from_checkpoint`: the loop itself starts from `resume` when Ray
         # Train has no checkpoint of this run to hand it (a fresh driver re-running the same run).
-        train_loop_config={"config": cfg.model_dump(mode="json"), "run_dir": str(run_dir), "vocab_size": vocab,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "stage": stage, "run_dir": str(run_dir),
+                           "vocab_size": vocab, "tokenizer": str(tokenizer_file),
                            "resume": str(resume) if resume else None},
         scaling_config=ray.train.ScalingConfig(
             num_workers=tuple(workers) if isinstance(workers, tuple) else workers,
@@ -132,10 +153,14 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
         stop.set()
         watcher.join(timeout=10)
     steps = [r for r in records if "loss" in r]
+    done = next((r for r in reversed(records) if r.get("event") == "done"), {})
     return {
         "run_dir": str(run_dir),
         "final": str(run_dir / "final"),
         "steps": steps[-1]["step"] if steps else None,
         "metrics": steps[-1] if steps else None,
         "resumed_from": str(resume) if resume else None,
+        "records": records,
+        "stopped_early": done.get("stopped_early", False),
+        "best_metric": done.get("best_metric"),
     }

@@ -1,0 +1,57 @@
+"""Split SST-2 for the self-training experiment: 1,000 labelled train sentences, the rest as an unlabelled pool.
+
+Writes into OUT: pretrain.jsonl (every train sentence as one document, no labels), labelled.tsv
+(a seeded sample of --labelled sentences with labels), pool.tsv (the other train sentences; their
+labels stay in the file only so the report can score the pseudo-labels, training never reads them)
+and dev.tsv (a copy of the dev split).
+
+    python examples/sst2/make_splits.py --sst2 ../shared/data/sst2 --out work/sst2
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import shutil
+from pathlib import Path
+
+
+def read_tsv(path: Path) -> list[dict]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def write_tsv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["sentence", "label"], delimiter="\t",
+                                quoting=csv.QUOTE_NONE, escapechar="\\", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({"sentence": r["sentence"], "label": r["label"]} for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sst2", type=Path, required=True, help="folder with train.tsv and dev.tsv")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--labelled", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    train = read_tsv(args.sst2 / "train.tsv")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "pretrain.jsonl").open("w", encoding="utf-8") as fh:
+        for row in train:
+            fh.write(json.dumps({"text": row["sentence"]}) + "\n")
+    order = list(range(len(train)))
+    random.Random(args.seed).shuffle(order)
+    write_tsv(args.out / "labelled.tsv", [train[i] for i in order[: args.labelled]])
+    write_tsv(args.out / "pool.tsv", [train[i] for i in order[args.labelled :]])
+    shutil.copyfile(args.sst2 / "dev.tsv", args.out / "dev.tsv")
+    print(f"{args.out}: {len(train)} pretraining sentences, {args.labelled} labelled, "
+          f"{len(train) - args.labelled} in the pool")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Fine-tuning (classification and SFT, full / LoRA / frozen backbone), self-training and evaluation."""

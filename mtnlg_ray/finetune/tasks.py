@@ -1,0 +1,223 @@
+"""What fine-tuning trains, for the one training loop (`mtnlg_ray/train/loop.py`).
+
+A task turns the labelled files into token rows, wraps the GPT for its objective (a classification
+head, LoRA adapters, a frozen backbone), computes the loss of a micro-batch, scores the dev set and
+writes the final consolidated checkpoint (LoRA merged). The loop handles everything else: the mesh,
+parallelism, the schedule, checkpoints and resuming. Every rank scores the whole dev set, so all
+ranks run the same forwards (FSDP and tensor parallelism need that) and agree on the result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtnlg_ray.config import Config
+from mtnlg_ray.finetune.data import check_labels, read_classification, read_sft
+from mtnlg_ray.finetune.metrics import classification_metrics
+from mtnlg_ray.model.classifier import GPTClassifier, classification_input, save_classifier
+from mtnlg_ray.model.gpt import GPT, GPTConfig, lm_loss
+from mtnlg_ray.model.lora import apply_lora, merge_lora
+from mtnlg_ray.tokenizer import eos_id, load_tokenizer
+
+# Higher is better for these dev metrics; lower for the rest (losses).
+HIGHER_IS_BETTER = {"accuracy", "macro_f1", "exact_match"}
+
+
+def pad_right(rows: Sequence[Sequence[int]], fill: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+def _adapt(model: nn.Module, backbone: GPT, cfg: Config) -> nn.Module:
+    """Full fine-tuning, LoRA on the backbone, or a frozen backbone; a task head stays trainable."""
+    mode, lora = cfg.task.mode, cfg.task.lora
+    if mode == "lora":
+        apply_lora(backbone, lora.rank, lora.alpha, lora.dropout, lora.targets)
+    elif mode == "frozen":
+        backbone.requires_grad_(False)
+    return model
+
+
+def _merged_backbone_state(state: dict[str, torch.Tensor], model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """Load a trained state into a CPU copy of the wrapped model, fold LoRA in, and return its GPT weights."""
+    model.load_state_dict(state)
+    merge_lora(model)
+    return {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+class ClassificationTask:
+    """A head on the pooled last hidden state; cross-entropy against hard or soft labels."""
+
+    kind = "classification"
+
+    def __init__(self, cfg: Config, tokenizer_file: Path, model_config: GPTConfig) -> None:
+        self.cfg = cfg
+        self.labels = list(cfg.task.labels or [])
+        tokenizer = load_tokenizer(tokenizer_file)
+        self.eos = eos_id(tokenizer)
+        self.seq_len = model_config.seq_len
+        train = read_classification(cfg.data.train, cfg.data.text_field, cfg.data.label_field)
+        check_labels(train, self.labels, "data.train")
+        self.train_rows = self._encode(tokenizer, train.texts)
+        index = {label: i for i, label in enumerate(self.labels)}
+        self.targets = np.zeros((len(train.rows), len(self.labels)), dtype=np.float32)
+        for i, row in enumerate(train.rows):
+            if row.probs is not None:
+                self.targets[i] = np.asarray(row.probs, dtype=np.float32) / max(sum(row.probs), 1e-12)
+            else:
+                self.targets[i, index[row.label]] = 1.0
+        self.dev_rows, self.dev_gold = [], []
+        if cfg.data.dev:
+            dev = read_classification(cfg.data.dev, cfg.data.text_field, cfg.data.label_field)
+            check_labels(dev, self.labels, "data.dev")
+            self.dev_rows = self._encode(tokenizer, dev.texts)
+            self.dev_gold = [index[label] for label in dev.labels]
+
+    def _encode(self, tokenizer, texts: list[str]) -> list[list[int]]:
+        encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [classification_input(e.ids, self.eos, self.seq_len) for e in encoded]
+
+    def __len__(self) -> int:
+        return len(self.train_rows)
+
+    def tokens(self, indices: np.ndarray) -> int:
+        return int(sum(len(self.train_rows[i]) for i in indices))
+
+    def build(self, backbone: GPT, init_head: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        model = GPTClassifier(backbone, len(self.labels), self.cfg.task.pooling)
+        if init_head is not None:
+            model.head.load_state_dict(init_head)
+        return _adapt(model, backbone, self.cfg)
+
+    def _inputs(self, rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_right(rows, self.eos).to(device), torch.tensor([len(r) for r in rows], device=device)
+
+    def loss(self, model: nn.Module, indices: np.ndarray, device) -> torch.Tensor:
+        idx, lengths = self._inputs([self.train_rows[i] for i in indices], device)
+        logits = model(idx, lengths).float()
+        return F.cross_entropy(logits, torch.from_numpy(self.targets[indices]).to(device))
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, rows: list[list[int]], device, batch: int) -> np.ndarray:
+        out = []
+        for start in range(0, len(rows), batch):
+            idx, lengths = self._inputs(rows[start : start + batch], device)
+            out.append(model(idx, lengths).float().argmax(dim=-1).cpu())
+        return torch.cat(out).numpy()
+
+    def evaluate(self, model: nn.Module, device, batch: int) -> dict | None:
+        if not self.dev_rows:
+            return None
+        model.eval()
+        predicted = self.predict(model, self.dev_rows, device, batch)
+        return classification_metrics(self.dev_gold, predicted, self.labels)
+
+    def save(self, state: dict, model_config: GPTConfig, output: Path, tokenizer_json: Path, extra: dict) -> Path:
+        with torch.device("meta"):
+            skeleton = self.build(GPT(model_config))
+        skeleton.to_empty(device="cpu")
+        skeleton.load_state_dict(state)
+        merge_lora(skeleton)
+        return save_classifier(skeleton, self.labels, output, tokenizer_json, extra=extra)
+
+
+class SFTTask:
+    """Prompt/completion pairs; the loss covers the completion (and its closing EOS) only."""
+
+    kind = "sft"
+
+    def __init__(self, cfg: Config, tokenizer_file: Path, model_config: GPTConfig) -> None:
+        self.cfg = cfg
+        tokenizer = load_tokenizer(tokenizer_file)
+        self.eos = eos_id(tokenizer)
+        self.seq_len = model_config.seq_len
+        fields = (cfg.task.prompt_field, cfg.task.completion_field)
+        self.train = [self._encode(tokenizer, p) for p in read_sft(cfg.data.train, *fields)]
+        self.dev = [self._encode(tokenizer, p) for p in read_sft(cfg.data.dev, *fields)] if cfg.data.dev else []
+
+    def _encode(self, tokenizer, pair) -> tuple[list[int], int]:
+        """(tokens, index of the first completion token); a long prompt loses its beginning."""
+        prompt = tokenizer.encode(pair.prompt, add_special_tokens=False).ids
+        completion = [*tokenizer.encode(pair.completion, add_special_tokens=False).ids, self.eos]
+        completion = completion[: self.seq_len]
+        prompt = prompt[max(0, len(prompt) - (self.seq_len + 1 - len(completion))) :]
+        return [*prompt, *completion], len(prompt)
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def tokens(self, indices: np.ndarray) -> int:
+        return int(sum(len(self.train[i][0]) for i in indices))
+
+    def build(self, backbone: GPT, init_head=None) -> nn.Module:
+        if self.cfg.task.mode == "frozen":
+            from mtnlg_ray.errors import ConfigError
+
+            raise ConfigError("task.mode=frozen leaves nothing to train for task.kind=sft; use full or lora")
+        return _adapt(backbone, backbone, self.cfg)
+
+    def _batch(self, examples, device) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = pad_right([ids[:-1] for ids, _ in examples], self.eos)
+        targets = pad_right([ids[1:] for ids, _ in examples], -100)
+        for row, (_, start) in enumerate(examples):
+            targets[row, : max(start - 1, 0)] = -100  # predictions of prompt tokens are not trained
+        return inputs.to(device), targets.to(device)
+
+    def loss(self, model: nn.Module, indices: np.ndarray, device) -> torch.Tensor:
+        inputs, targets = self._batch([self.train[i] for i in indices], device)
+        return lm_loss(model(inputs), targets)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device, batch: int) -> dict | None:
+        if not self.dev:
+            return None
+        model.eval()
+        total, count, exact = 0.0, 0, 0
+        for start in range(0, len(self.dev), batch):
+            examples = self.dev[start : start + batch]
+            inputs, targets = self._batch(examples, device)
+            logits = model(inputs).float()
+            mask = targets != -100
+            total += float(F.cross_entropy(logits[mask], targets[mask], reduction="sum"))
+            count += int(mask.sum())
+            exact += self._exact_matches(model, examples, device)
+        return {"n": len(self.dev), "loss": total / max(count, 1), "exact_match": exact / len(self.dev)}
+
+    def _exact_matches(self, model: nn.Module, examples, device) -> int:
+        """Greedy decoding from each prompt, as many tokens as its reference completion: how many match.
+
+        Whole-sequence forwards without a KV cache: they work under FSDP and tensor parallelism, and
+        every rank decodes the same steps. Right padding is harmless because attention is causal.
+        """
+        prompts = [ids[:start] or [self.eos] for ids, start in examples]
+        wanted = [ids[start:] for ids, start in examples]
+        rows = [list(p) for p in prompts]
+        for _ in range(max(len(w) for w in wanted)):
+            inputs = pad_right([r[-self.seq_len:] for r in rows], self.eos).to(device)
+            last = torch.tensor([min(len(r), self.seq_len) - 1 for r in rows], device=device)
+            logits = model(inputs)[torch.arange(len(rows), device=device), last]
+            for row, token in zip(rows, logits.argmax(dim=-1).tolist()):
+                row.append(token)
+        return sum(r[len(p) : len(p) + len(w)] == w for r, p, w in zip(rows, prompts, wanted))
+
+    def save(self, state: dict, model_config: GPTConfig, output: Path, tokenizer_json: Path, extra: dict) -> Path:
+        from mtnlg_ray.checkpoint import save_checkpoint
+
+        with torch.device("meta"):
+            skeleton = self.build(GPT(model_config))
+        skeleton.to_empty(device="cpu")
+        skeleton.load_state_dict(state)
+        merge_lora(skeleton)
+        return save_checkpoint(skeleton, output, tokenizer_json, extra=extra)
+
+
+TASKS = {"classification": ClassificationTask, "sft": SFTTask}

@@ -1,0 +1,150 @@
+"""`mtnlg-ray finetune`: check the task data and the start checkpoint on the driver, then train on Ray Train.
+
+The workers run the pretraining loop (`train_loop_per_worker`) with a fine-tuning task, so fine-tuning
+gets the same parallelism, checkpoints, resuming and metrics. The run's `final/` is its best
+checkpoint on the dev set (the last one when there is no dev file), LoRA merged in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from mtnlg_ray.config import Config
+from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
+
+WARMUP_FRACTION = 0.05  # of the run's tokens, when train.warmup_tokens is not set
+
+
+def start_checkpoint(path: str | Path) -> Path:
+    """A consolidated checkpoint, or a pretraining run directory (its `final/`)."""
+    path = Path(path).expanduser().resolve()
+    if (path / "final" / "config.json").is_file() and not (path / "config.json").is_file():
+        return path / "final"
+    return path
+
+
+def _tokenizer(cfg: Config) -> Path:
+    """The tokenizer fine-tuning encodes text with: the start checkpoint's, which `tokenizer.path` must match."""
+    from mtnlg_ray.checkpoint import tokenizer_path
+    from mtnlg_ray.tokenizer import tokenizer_hash
+
+    given = Path(cfg.tokenizer.path).expanduser().resolve() if cfg.tokenizer.path else None
+    if given is not None and given.is_dir():
+        given = given / "tokenizer.json"
+    if cfg.init.checkpoint is None:
+        if given is None:
+            raise ConfigError("init.checkpoint: set a checkpoint to start from, or tokenizer.path to start from "
+                              "random weights of model.preset")
+        tokenizer_hash(given)  # one clear line when it is missing
+        return given
+    own = tokenizer_path(cfg.init.checkpoint)
+    if given is not None and tokenizer_hash(given) != tokenizer_hash(own):
+        raise CheckpointError(f"{cfg.init.checkpoint}: its tokenizer differs from tokenizer.path {given} "
+                              "(a checkpoint of another vocabulary); fine-tune with the checkpoint's own tokenizer")
+    return own
+
+
+def _resolve(cfg: Config) -> Config:
+    def absolute(value: str | None) -> str | None:
+        return str(Path(value).expanduser().resolve()) if value else value
+
+    if cfg.data.train is None:
+        raise ConfigError("data.train: set it to the labelled training file (TSV, CSV, JSONL or Parquet)")
+    init = str(start_checkpoint(cfg.init.checkpoint)) if cfg.init.checkpoint else None
+    return cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"train": absolute(cfg.data.train), "dev": absolute(cfg.data.dev)}),
+        "init": cfg.init.model_copy(update={"checkpoint": init}),
+        "tokenizer": cfg.tokenizer.model_copy(update={"path": absolute(cfg.tokenizer.path)}),
+        "run": cfg.run.model_copy(update={"storage_path": absolute(cfg.run.storage_path)}),
+    })
+
+
+def _check_task(cfg: Config, tokenizer_file: Path, seq_len: int) -> tuple[Config, int]:
+    """Validate the data files and the label set; returns the config with task.labels filled and the
+    tokens of one epoch (for the default schedule)."""
+    from mtnlg_ray.finetune.data import check_labels, label_set, read_classification, read_sft
+    from mtnlg_ray.model.classifier import classification_input
+    from mtnlg_ray.tokenizer import eos_id, load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_file)
+    eos = eos_id(tokenizer)
+    if cfg.task.kind == "sft":
+        fields = (cfg.task.prompt_field, cfg.task.completion_field)
+        pairs = read_sft(cfg.data.train, *fields)
+        if cfg.data.dev:
+            read_sft(cfg.data.dev, *fields)
+        texts = [p.prompt + p.completion for p in pairs]
+        tokens = sum(min(len(e.ids) + 1, seq_len + 1) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
+        return cfg, tokens
+    train = read_classification(cfg.data.train, cfg.data.text_field, cfg.data.label_field)
+    labels = list(cfg.task.labels) if cfg.task.labels else label_set(train)
+    if len(labels) < 2:
+        raise InputError(f"{cfg.data.train}: only one label ({labels[0]!r}); classification needs at least two "
+                         "(or list them in task.labels)")
+    check_labels(train, labels, "data.train")
+    if cfg.data.dev:
+        check_labels(read_classification(cfg.data.dev, cfg.data.text_field, cfg.data.label_field), labels, "data.dev")
+    encoded = tokenizer.encode_batch(train.texts, add_special_tokens=False)
+    tokens = sum(len(classification_input(e.ids, eos, seq_len)) for e in encoded)
+    cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"labels": labels})})
+    return cfg, tokens
+
+
+def _default_schedule(cfg: Config, epoch_tokens: int, examples_hint: int) -> Config:
+    """Unless set, warm up over the first 5% of the run's tokens and decay over all of them."""
+    run_tokens = cfg.train.epochs * epoch_tokens
+    if cfg.train.max_tokens is not None:
+        run_tokens = min(run_tokens, cfg.train.max_tokens)
+    if cfg.train.max_steps is not None and examples_hint:
+        per_sequence = epoch_tokens / examples_hint
+        run_tokens = min(run_tokens, int(cfg.train.max_steps * cfg.train.global_batch_size * per_sequence))
+    update = {}
+    if "decay_tokens" not in cfg.train.model_fields_set:
+        update["decay_tokens"] = max(1, run_tokens)
+    if "warmup_tokens" not in cfg.train.model_fields_set:
+        update["warmup_tokens"] = int(WARMUP_FRACTION * run_tokens)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)}) if update else cfg
+
+
+def prepare_finetune(cfg: Config) -> tuple[Config, object, int, Path]:
+    """Everything the driver checks before a worker starts: (config, model shape, vocabulary, tokenizer)."""
+    from mtnlg_ray.tokenizer import load_tokenizer
+    from mtnlg_ray.train.loop import model_config_for
+
+    cfg = _resolve(cfg)
+    tokenizer_file = _tokenizer(cfg)
+    vocab = load_tokenizer(tokenizer_file).get_vocab_size()
+    model_config, _ = model_config_for(cfg, vocab)
+    if model_config.vocab_size < vocab:
+        raise CheckpointError(f"{cfg.init.checkpoint}: {model_config.vocab_size} embeddings for a tokenizer of "
+                              f"{vocab} tokens (a checkpoint of another vocabulary)")
+    if cfg.task.mode == "lora" and cfg.parallel.tp > 1:
+        raise ConfigError("task.mode=lora works with parallel.tp=1 (the adapters are not split across ranks); "
+                          f"got parallel.tp={cfg.parallel.tp}")
+    cfg, epoch_tokens = _check_task(cfg, tokenizer_file, model_config.seq_len)
+    examples = _count_examples(cfg)
+    return _default_schedule(cfg, epoch_tokens, examples), model_config, vocab, tokenizer_file
+
+
+def _count_examples(cfg: Config) -> int:
+    from mtnlg_ray.finetune.data import read_table
+
+    columns = [cfg.task.prompt_field] if cfg.task.kind == "sft" else [cfg.data.text_field]
+    return sum(1 for _ in read_table(cfg.data.train, columns))
+
+
+def finetune(cfg: Config, on_record: Callable[[dict], None] | None = None) -> dict:
+    """Fine-tune on Ray Train; returns the run summary with the best dev metrics and the final checkpoint."""
+    from mtnlg_ray.train.trainer import run_training
+
+    cfg, model_config, vocab, tokenizer_file = prepare_finetune(cfg)
+    result = run_training("finetune", cfg, model_config, vocab, tokenizer_file, on_record)
+    dev = [r["dev"] for r in result["records"] if "dev" in r]
+    best = [r for r in result["records"] if r.get("best")]
+    summary = {k: v for k, v in result.items() if k != "records"}
+    summary.update(task=cfg.task.kind, metric=cfg.task.dev_metric, labels=cfg.task.labels,
+                   dev=best[-1]["dev"] if best else (dev[-1] if dev else None), dev_history=dev)
+    (Path(result["run_dir"]) / "finetune_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
