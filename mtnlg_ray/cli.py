@@ -484,7 +484,8 @@ def jobs_status(
     result = job_status(address, job_id)
     typer.echo(result.status)
     if result.log_tail:
-        typer.echo(f"exit code {result.exit_code}; last lines of its log:\n{result.log_tail}", err=True)
+        why = "stopped" if result.status == "STOPPED" else f"exit code {result.exit_code}"
+        typer.echo(f"{why}; last lines of its log:\n{result.log_tail}", err=True)
 
 
 @jobs_app.command("logs")

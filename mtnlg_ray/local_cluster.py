@@ -1,0 +1,185 @@
+"""A one-machine Ray cluster to submit jobs to: `ray start --head` on 127.0.0.1, and stopping just that cluster.
+
+`mtnlg-ray local up|down|status` call these; `mtnlg-ray submit` finds the cluster's dashboard here
+when given no address. Every process of the cluster shares one Unix session (`ray start` runs in
+a new one), so `down` stops exactly those, where `ray stop` would stop every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mtnlg_ray.errors import MtnlgError
+
+STATE_FILE = "mtnlg-local.json"
+
+
+@dataclass
+class LocalCluster:
+    dashboard_url: str
+    gcs_address: str
+    session_id: int  # the Unix session every process of this cluster belongs to
+    session_dir: str
+    temp_dir: str
+    started_at: float
+
+
+def default_temp_dir() -> Path:
+    """Where `ray start` keeps its files unless told otherwise (/tmp/ray, or $RAY_TMPDIR/ray)."""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    return Path(get_default_ray_temp_dir())
+
+
+def read_state(temp_dir: str | Path | None = None) -> LocalCluster | None:
+    """The cluster `local up` recorded under `temp_dir`, whether or not it still runs."""
+    path = Path(temp_dir or default_temp_dir()) / STATE_FILE
+    try:
+        return LocalCluster(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def session_processes(session_id: int) -> list[int]:
+    """Live (not zombie) processes in a Unix session; `ps` and `getsid` work on Linux and macOS alike."""
+    out = subprocess.run(["ps", "-A", "-o", "pid=,stat="], capture_output=True, text=True, check=True).stdout
+    pids = []
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) < 2 or fields[1].startswith("Z"):
+            continue
+        try:
+            if os.getsid(int(fields[0])) == session_id:
+                pids.append(int(fields[0]))
+        except (ProcessLookupError, PermissionError):
+            continue
+    return pids
+
+
+def is_running(cluster: LocalCluster) -> bool:
+    """True while the cluster's own processes live (a session id alone could have been reused)."""
+    pids = session_processes(cluster.session_id)
+    if not pids:
+        return False
+    out = subprocess.run(["ps", "-o", "args=", "-p", ",".join(map(str, pids))], capture_output=True, text=True).stdout
+    return cluster.session_dir in out
+
+
+def start_local_cluster(
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    port: int = 6379,
+    dashboard_port: int = 8265,
+    temp_dir: str | Path | None = None,
+    ray_args: list[str] | tuple[str, ...] = (),
+    timeout_s: float = 120.0,
+) -> LocalCluster:
+    """Start a Ray head on 127.0.0.1 and wait until its job server answers."""
+    temp = Path(temp_dir).absolute() if temp_dir else default_temp_dir()
+    existing = read_state(temp)
+    if existing is not None and is_running(existing):
+        raise MtnlgError(f"a local cluster is already up (dashboard {existing.dashboard_url}); "
+                         "`mtnlg-ray local down` stops it")
+    command = [
+        sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
+        "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+        "--port", str(port), "--dashboard-port", str(dashboard_port), "--disable-usage-stats",
+    ]
+    if num_cpus is not None:
+        command += ["--num-cpus", str(num_cpus)]
+    if num_gpus is not None:
+        command += ["--num-gpus", str(num_gpus)]
+    if temp_dir:
+        command += ["--temp-dir", str(temp)]
+    command += list(ray_args)
+    # A new session: every daemon `ray start` spawns inherits it, which is what `down` stops.
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _stop_session(proc.pid)
+        raise MtnlgError(f"ray start did not finish within {timeout_s:.0f} s") from None
+    if proc.returncode != 0:
+        _stop_session(proc.pid)
+        raise MtnlgError(f"ray start failed: {_last_message(output)}")
+    try:
+        gcs_address = (temp / "ray_current_cluster").read_text(encoding="utf-8").strip()
+        session_dir = str((temp / "session_latest").resolve())
+    except OSError as exc:
+        _stop_session(proc.pid)
+        raise MtnlgError(f"ray start left no cluster address in {temp} ({exc})") from None
+    cluster = LocalCluster(
+        dashboard_url=f"http://127.0.0.1:{dashboard_port}", gcs_address=gcs_address, session_id=proc.pid,
+        session_dir=session_dir, temp_dir=str(temp), started_at=time.time(),
+    )
+    if not _wait_for_job_server(cluster.dashboard_url, deadline=time.time() + timeout_s):
+        _stop_session(proc.pid)
+        raise MtnlgError(f"Ray started but its job server did not answer at {cluster.dashboard_url} "
+                         f"(is port {dashboard_port} taken? --dashboard-port picks another)")
+    (temp / STATE_FILE).write_text(json.dumps(asdict(cluster), indent=2), encoding="utf-8")
+    return cluster
+
+
+def stop_local_cluster(temp_dir: str | Path | None = None, grace_s: float = 5.0) -> LocalCluster | None:
+    """Stop the cluster `local up` started under `temp_dir`; None when there was none."""
+    temp = Path(temp_dir).absolute() if temp_dir else default_temp_dir()
+    cluster = read_state(temp)
+    if cluster is None:
+        return None
+    if is_running(cluster):
+        _stop_session(cluster.session_id, grace_s)
+    (temp / STATE_FILE).unlink(missing_ok=True)
+    address_file = temp / "ray_current_cluster"
+    try:
+        if address_file.read_text(encoding="utf-8").strip() == cluster.gcs_address:
+            address_file.unlink()  # else a later plain ray.init() would try to join a dead cluster
+    except OSError:
+        pass
+    return cluster
+
+
+def _stop_session(session_id: int, grace_s: float = 5.0) -> None:
+    """SIGTERM every process of the session, then SIGKILL what is left after `grace_s`."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        pids = session_processes(session_id)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait_s
+        while pids and time.time() < deadline:
+            time.sleep(0.2)
+            pids = session_processes(session_id)
+        if not pids:
+            return
+
+
+def _wait_for_job_server(url: str, deadline: float) -> bool:
+    from mtnlg_ray.jobs import connect
+
+    while True:
+        try:
+            connect(url)
+            return True
+        except MtnlgError:
+            if time.time() > deadline:
+                return False
+            time.sleep(1.0)
+
+
+def _last_message(output: str) -> str:
+    """The last meaningful line `ray start` printed (colour codes stripped)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in output.splitlines()]
+    lines = [line for line in lines if line and not set(line) <= {"-", "="}]
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return (errors or lines or ["no output"])[-1]
