@@ -277,7 +277,8 @@ def _submit_spec(client, spec: JobSpec, address: str, job_id: str | None) -> str
         # that validated its arguments.
         "py_modules": [str(Path(mtnlg_ray.__file__).parent)],
         "excludes": ["__pycache__", "*.pyc"],
-        "env_vars": {"PYTHONUNBUFFERED": "1", **spec.env_vars},
+        # Each stage prints its own progress; Ray Data's bars would become a log line every 10 s.
+        "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1", **spec.env_vars},
     }
     try:
         if spec.config_yaml is not None:
