@@ -411,7 +411,7 @@ def label_corpus(inputs: Sequence[str], output: str | Path, config: Config) -> d
     docs = _read_stage(run, items, config)
     docs = _run_stage(run, f"label ({config.label.labeler})", docs,
                       lambda d: filter_labelled(label_documents(d, config.label), config.label))
-    _write_parquet(docs, output / "docs", [c for c in docs.columns() if c != "seq"])
+    _write_parquet(docs, output / "docs", [c for c in docs.columns() or [] if c != "seq"])
     rejected_all = _union(run.rejected_parts)
     _write_parquet(rejected_all, output / "rejected", REJECTED_COLUMNS)
     manifest = {

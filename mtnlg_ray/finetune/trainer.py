@@ -141,8 +141,11 @@ def finetune(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
 
     cfg, model_config, vocab, tokenizer_file = prepare_finetune(cfg)
     result = run_training("finetune", cfg, model_config, vocab, tokenizer_file, on_record)
-    dev = [r["dev"] for r in result["records"] if "dev" in r]
-    best = [r for r in result["records"] if r.get("best")]
+    # The whole run's records: a re-run of a finished (or resumed) run saw only its last steps.
+    records = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+               if line.strip()]
+    dev = [r["dev"] for r in records if "dev" in r]
+    best = [r for r in records if r.get("best")]
     summary = {k: v for k, v in result.items() if k != "records"}
     summary.update(task=cfg.task.kind, metric=cfg.task.dev_metric, labels=cfg.task.labels,
                    dev=best[-1]["dev"] if best else (dev[-1] if dev else None), dev_history=dev)

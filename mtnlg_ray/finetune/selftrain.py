@@ -1,0 +1,208 @@
+"""`mtnlg-ray self-train`: the pseudo-label loop. A teacher labels an unlabelled pool, a student learns from both.
+
+Round 0 fine-tunes a teacher on the labelled set. Each later round runs the teacher over the pool
+with the corpus pipeline's `classifier` labeller on the Ray Data actor pool; predictions with
+confidence >= `selftrain.threshold` (optionally only the `per_class_top_k` most confident per class,
+optionally as soft labels) join the labelled set, and a student is fine-tuned on both from the same
+start checkpoint as the teacher. The student becomes the next round's teacher. Everything each
+round did goes to `self_train_report.json` and `self_train.png` in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+from mtnlg_ray.config import Config
+from mtnlg_ray.errors import ConfigError, InputError
+
+
+def _run_config(cfg: Config, name: str, train: str) -> Config:
+    return cfg.model_copy(update={
+        "run": cfg.run.model_copy(update={"name": name}),
+        "data": cfg.data.model_copy(update={"train": train}),
+    })
+
+
+def _write_pool(cfg: Config, unlabelled: Path, out: Path) -> tuple[int, list[str] | None]:
+    """The pool as JSONL for the labelling pipeline; returns its size and its gold labels when the file has them.
+
+    Gold labels never reach training: they only score the pseudo-labels in the report.
+    """
+    from mtnlg_ray.finetune.data import read_table
+
+    gold: list[str] | None = []
+    count = 0
+    with out.open("w", encoding="utf-8") as fh:
+        for where, row in read_table(unlabelled, [cfg.data.text_field], optional=[cfg.data.label_field]):
+            text = row[cfg.data.text_field]
+            if not isinstance(text, str):
+                raise InputError(f"{where}: field {cfg.data.text_field!r} must be text")
+            fh.write(json.dumps({"text": text}) + "\n")
+            if gold is not None:
+                label = row.get(cfg.data.label_field)
+                gold = None if label is None else [*gold, str(label).strip()]
+            count += 1
+    if count == 0:
+        raise InputError(f"{unlabelled}: the unlabelled pool is empty")
+    return count, gold
+
+
+def _pseudo_labels(docs_dir: Path) -> list[dict]:
+    """Rows of the labelled pool: text, pool_index, label (null when under the threshold), confidence.
+
+    The pool file holds one record per line, so a document's location (`pool.jsonl:N`) gives its index.
+    """
+    import pyarrow.parquet as pq
+
+    rows = []
+    for file in sorted(docs_dir.glob("*.parquet")):
+        for row in pq.read_table(file, columns=["text", "location", "label", "confidence"]).to_pylist():
+            row["pool_index"] = int(row.pop("location").rsplit(":", 1)[1]) - 1
+            rows.append(row)
+    return rows
+
+
+def select_pseudo_labels(rows: list[dict], labels: list[str], threshold: float,
+                         per_class_top_k: int | None) -> list[dict]:
+    """Confident predictions, or the `per_class_top_k` most confident of each class among them."""
+    confident = [r for r in rows if r.get("label") is not None and r["confidence"] >= threshold]
+    if per_class_top_k is None:
+        return sorted(confident, key=lambda r: r["pool_index"])
+    kept = []
+    for label in labels:
+        mine = sorted((r for r in confident if r["label"] == label), key=lambda r: -r["confidence"])
+        kept.extend(mine[:per_class_top_k])
+    return sorted(kept, key=lambda r: r["pool_index"])
+
+
+def soft_target(label: str, confidence: float, labels: list[str]) -> list[float]:
+    """The teacher's confidence on its label, the rest spread evenly over the other labels."""
+    rest = (1.0 - confidence) / max(len(labels) - 1, 1)
+    return [confidence if x == label else rest for x in labels]
+
+
+def _write_training_set(cfg: Config, labelled_rows, pseudo: list[dict], labels: list[str], out: Path) -> None:
+    text_key, label_key = cfg.data.text_field, cfg.data.label_field
+    with out.open("w", encoding="utf-8") as fh:
+        for row in labelled_rows:
+            fh.write(json.dumps({text_key: row.text, label_key: row.label}) + "\n")
+        for row in pseudo:
+            record = {text_key: row["text"], label_key: row["label"]}
+            if cfg.selftrain.soft_labels:
+                record["probs"] = soft_target(row["label"], row["confidence"], labels)
+            fh.write(json.dumps(record) + "\n")
+
+
+def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
+               on_record: Callable[[dict], None] | None = None) -> dict:
+    """Run round 0 (teacher) and `selftrain.rounds` student rounds; returns the report."""
+    from mtnlg_ray.data.pipeline import label_corpus
+    from mtnlg_ray.finetune.data import read_classification
+    from mtnlg_ray.finetune.trainer import finetune, prepare_finetune
+
+    def emit(**event) -> None:
+        if on_event is not None:
+            on_event(event)
+
+    if cfg.task.kind != "classification":
+        raise ConfigError(f"task.kind: self-training labels a pool with a classifier; got {cfg.task.kind}")
+    if not cfg.selftrain.unlabelled:
+        raise ConfigError("selftrain.unlabelled: set it to the unlabelled pool (TSV / CSV / JSONL / Parquet)")
+    unlabelled = Path(cfg.selftrain.unlabelled).expanduser().resolve()
+    checked, _, _, _ = prepare_finetune(cfg)  # every file and the start checkpoint, before any training
+    cfg = checked.model_copy(update={"train": cfg.train})  # each round sizes its own default schedule
+    labels = list(checked.task.labels)
+    metric = cfg.task.dev_metric
+    root = Path(cfg.run.storage_path) / cfg.run.name
+    root.mkdir(parents=True, exist_ok=True)
+    pool_size, gold = _write_pool(cfg, unlabelled, root / "pool.jsonl")
+    labelled = read_classification(checked.data.train, cfg.data.text_field, cfg.data.label_field)
+    report = {"labels": labels, "metric": metric, "threshold": cfg.selftrain.threshold,
+              "per_class_top_k": cfg.selftrain.per_class_top_k, "soft_labels": cfg.selftrain.soft_labels,
+              "labelled": len(labelled.rows), "pool": pool_size, "rounds": []}
+
+    started = time.perf_counter()
+    emit(event="round", round=0, role="teacher", train=len(labelled.rows))
+    result = finetune(_run_config(checked, f"{cfg.run.name}/round0", checked.data.train), on_record=on_record)
+    report["rounds"].append(_round_entry(0, result, len(labelled.rows), 0, {}, None, started))
+    emit(event="done", **report["rounds"][-1])
+    teacher = result["final"]
+
+    for number in range(1, cfg.selftrain.rounds + 1):
+        started = time.perf_counter()
+        out = root / f"round{number}"
+        label_cfg = cfg.model_copy(update={
+            "label": cfg.label.model_copy(update={"labeler": "classifier", "model": teacher,
+                                                  "threshold": cfg.selftrain.threshold}),
+            "data": cfg.data.model_copy(update={"text_field": "text"}),  # pool.jsonl's field
+        })
+        emit(event="label", round=number, teacher=teacher, pool=pool_size)
+        label_corpus([str(root / "pool.jsonl")], out / "pseudo", label_cfg)
+        rows = _pseudo_labels(out / "pseudo" / "docs")
+        pseudo = select_pseudo_labels(rows, labels, cfg.selftrain.threshold, cfg.selftrain.per_class_top_k)
+        kept = Counter(r["label"] for r in pseudo)
+        accuracy = None
+        if gold is not None and pseudo:
+            accuracy = sum(gold[r["pool_index"]] == r["label"] for r in pseudo) / len(pseudo)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_training_set(cfg, labelled.rows, pseudo, labels, out / "train.jsonl")
+        emit(event="round", round=number, role="student", train=len(labelled.rows) + len(pseudo),
+             kept={x: kept.get(x, 0) for x in labels}, pseudo_accuracy=accuracy)
+        student_cfg = _run_config(cfg, f"{cfg.run.name}/round{number}", str(out / "train.jsonl"))
+        result = finetune(student_cfg, on_record=on_record)
+        report["rounds"].append(_round_entry(number, result, len(labelled.rows) + len(pseudo), len(rows),
+                                             {x: kept.get(x, 0) for x in labels}, accuracy, started))
+        emit(event="done", **report["rounds"][-1])
+        teacher = result["final"]
+
+    report["final"] = teacher
+    (root / "self_train_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    report["plot"] = str(plot_self_training(report, root / "self_train.png"))
+    return report
+
+
+def _round_entry(number: int, result: dict, train_size: int, labelled_pool: int, kept: dict,
+                 pseudo_accuracy: float | None, started: float) -> dict:
+    dev = result.get("dev") or {}
+    return {
+        "round": number, "role": "teacher" if number == 0 else "student", "train_examples": train_size,
+        "pool_labelled": labelled_pool, "kept_per_class": kept, "pseudo_label_accuracy": pseudo_accuracy,
+        "dev_accuracy": dev.get("accuracy"), "dev_macro_f1": dev.get("macro_f1"),
+        "checkpoint": result["final"], "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def plot_self_training(report: dict, output: Path) -> Path:
+    """Dev metrics by round, and how many pseudo-labels of each class each round kept."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in report["rounds"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, name in (("dev_accuracy", "accuracy"), ("dev_macro_f1", "macro F1")):
+        values = [r[key] for r in report["rounds"]]
+        if any(v is not None for v in values):
+            left.plot(rounds, values, marker="o", label=f"dev {name}")
+    left.set_xlabel("round (0 = teacher on labelled data only)")
+    left.set_xticks(rounds)
+    left.legend()
+    left.set_title("dev metrics")
+    width = 0.8 / max(len(report["labels"]), 1)
+    for i, label in enumerate(report["labels"]):
+        right.bar([r + i * width for r in rounds], [r["kept_per_class"].get(label, 0) for r in report["rounds"]],
+                  width=width, label=label)
+    right.set_xlabel("round")
+    right.set_xticks(rounds)
+    right.set_title(f"pseudo-labels kept (confidence >= {report['threshold']})")
+    right.legend()
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=100)
+    plt.close(fig)
+    return output

@@ -1,0 +1,282 @@
+"""Fine-tuning, self-training and evaluation: metrics, LoRA, bad input, and real runs on Ray Train."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from mtnlg_ray.errors import InputError
+from mtnlg_ray.finetune.metrics import classification_metrics, confusion_matrix
+from test_cli import assert_one_line_error
+
+GREEK = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma".split()
+PLACES = "river mountain forest ocean desert valley island canyon meadow glacier".split()
+
+
+def write_word_task(path: Path, n: int, seed: int) -> None:
+    """A task a tiny model learns in a few steps: Greek-letter sentences are "pos", place names "neg"."""
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as fh:
+        fh.write("sentence\tlabel\n")
+        for _ in range(n):
+            label = rng.choice(["pos", "neg"])
+            words = GREEK if label == "pos" else PLACES
+            fh.write(" ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) + f"\t{label}\n")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_equal_a_hand_computed_confusion_matrix():
+    labels = ["a", "b", "c"]
+    gold = [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    pred = [0, 1, 0, 1, 1, 2, 0, 2, 1]
+    # rows gold, columns predicted: a→(2,1,0) b→(0,2,0) c→(1,1,2)
+    assert confusion_matrix(gold, pred, 3).tolist() == [[2, 1, 0], [0, 2, 0], [1, 1, 2]]
+    m = classification_metrics(gold, pred, labels)
+    assert m["accuracy"] == pytest.approx(6 / 9)
+    precision = {"a": 2 / 3, "b": 2 / 4, "c": 2 / 2}
+    recall = {"a": 2 / 3, "b": 2 / 2, "c": 2 / 4}
+    for label in labels:
+        p, r = precision[label], recall[label]
+        assert m["per_class"][label]["precision"] == pytest.approx(p)
+        assert m["per_class"][label]["recall"] == pytest.approx(r)
+        assert m["per_class"][label]["f1"] == pytest.approx(2 * p * r / (p + r))
+    assert m["macro_f1"] == pytest.approx(np.mean([m["per_class"][x]["f1"] for x in labels]))
+    assert [m["per_class"][x]["support"] for x in labels] == [3, 2, 4]
+
+
+def test_a_class_never_predicted_scores_zero_and_counts_in_the_macro_average():
+    gold = [0, 0, 1, 1, 2]
+    pred = [0, 0, 0, 0, 0]  # classes 1 and 2 never predicted
+    m = classification_metrics(gold, pred, ["x", "y", "z"])
+    assert m["accuracy"] == pytest.approx(2 / 5)
+    assert m["per_class"]["x"]["precision"] == pytest.approx(2 / 5)
+    assert m["per_class"]["x"]["recall"] == 1.0
+    for label in ("y", "z"):
+        assert m["per_class"][label] == {"precision": 0.0, "recall": 0.0, "f1": 0.0,
+                                         "support": 1 if label == "z" else 2}
+    f1_x = 2 * (2 / 5) * 1.0 / (2 / 5 + 1.0)
+    assert m["macro_f1"] == pytest.approx(f1_x / 3)
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def test_lora_trains_exactly_the_formula_count_and_merges_to_the_same_logits(tiny_checkpoint):
+    from mtnlg_ray.checkpoint import load_checkpoint
+    from mtnlg_ray.model.classifier import GPTClassifier
+    from mtnlg_ray.model.lora import LoRALinear, apply_lora, lora_parameter_count, merge_lora
+
+    gpt, _ = load_checkpoint(tiny_checkpoint)
+    c = gpt.config
+    model = GPTClassifier(gpt, n_labels=3)
+    targets = ["qkv", "proj", "fc2"]
+    apply_lora(gpt, rank=4, alpha=8.0, dropout=0.0, targets=targets)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    head = 3 * c.d_model + 3
+    expected = c.n_layer * 4 * ((c.d_model + 3 * c.d_model) + (c.d_model + c.d_model) + (4 * c.d_model + c.d_model))
+    assert lora_parameter_count(c.n_layer, c.d_model, 4, targets) == expected
+    assert trainable == expected + head
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 3 * c.n_layer
+
+    torch.manual_seed(0)
+    with torch.no_grad():  # B starts at zero; give the adapters something to merge
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_b.normal_(0.0, 0.05)
+    idx = torch.randint(0, c.vocab_size, (3, 20))
+    lengths = torch.tensor([20, 7, 1])
+    model.eval()
+    with torch.no_grad():
+        adapted = model(idx, lengths)
+        merge_lora(model)
+        merged = model(idx, lengths)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert set(model.backbone.state_dict()) == set(load_checkpoint(tiny_checkpoint)[0].state_dict())
+    assert (adapted - merged).abs().max().item() <= 1e-5
+    base, _ = load_checkpoint(tiny_checkpoint)
+    assert not torch.equal(base.blocks[0].attn.qkv.weight, model.backbone.blocks[0].attn.qkv.weight)
+
+
+def test_lora_rejects_unknown_targets(tiny_checkpoint):
+    from mtnlg_ray.checkpoint import load_checkpoint
+    from mtnlg_ray.errors import ConfigError
+    from mtnlg_ray.model.lora import apply_lora
+
+    gpt, _ = load_checkpoint(tiny_checkpoint)
+    with pytest.raises(ConfigError, match="task.lora.targets"):
+        apply_lora(gpt, 4, 8.0, 0.0, ["qkv", "wq"])
+
+
+# ---------------------------------------------------------------- bad input: exit 2, one line
+
+
+@pytest.fixture
+def word_files(tmp_path) -> Path:
+    write_word_task(tmp_path / "train.tsv", 40, seed=0)
+    write_word_task(tmp_path / "dev.tsv", 20, seed=1)
+    return tmp_path
+
+
+def finetune_cli(checkpoint: Path, train: Path, *extra: str):
+    return run_cli("finetune", "--set", f"init.checkpoint={checkpoint}", "--set", f"data.train={train}",
+                   "--set", "data.text_field=sentence", "--set", f"run.storage_path={train.parent / 'runs'}", *extra)
+
+
+def test_bad_fine_tuning_input_is_one_line_and_exit_2(tiny_checkpoint, word_files):
+    train = word_files / "train.tsv"
+    no_label = word_files / "no_label.tsv"
+    no_label.write_text("sentence\tscore\nfine words\t3\n")
+    assert_one_line_error(finetune_cli(tiny_checkpoint, no_label), "no_label.tsv:1", "no column 'label'")
+
+    empty = word_files / "empty.jsonl"
+    empty.write_text("")
+    assert_one_line_error(finetune_cli(tiny_checkpoint, empty), "empty.jsonl", "no examples")
+
+    stray = word_files / "stray.tsv"
+    stray.write_text(train.read_text() + "a stray sentence\tneutral\n")
+    assert_one_line_error(finetune_cli(tiny_checkpoint, train, "--set", "task.labels=[pos, neg]",
+                                       "--set", f"data.dev={stray}"),
+                          "stray.tsv:42", "label 'neutral' is not one of the task's labels")
+
+    broken = word_files / "broken.jsonl"
+    broken.write_text('{"sentence": "ok", "label": "pos"}\n{"sentence": "cut\n')
+    assert_one_line_error(finetune_cli(tiny_checkpoint, broken), "broken.jsonl:2", "not valid JSON")
+
+
+def test_a_checkpoint_of_another_vocabulary_is_one_line(tiny_checkpoint, word_files, tmp_path):
+    from mtnlg_ray.tokenizer import train_tokenizer
+
+    other = tmp_path / "other_tok"
+    (tmp_path / "words.txt").write_text(" ".join(GREEK + PLACES) * 20)
+    train_tokenizer([str(tmp_path / "words.txt")], 300, other, show_progress=False)
+    result = finetune_cli(tiny_checkpoint, word_files / "train.tsv", "--set", f"tokenizer.path={other}")
+    assert_one_line_error(result, "its tokenizer differs from tokenizer.path", "another vocabulary")
+
+
+def test_readers_name_the_file_and_line(tmp_path):
+    from mtnlg_ray.finetune.data import read_classification, read_sft
+
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"text": "a", "label": "x"}\n\n{"text": "b"}\n')
+    with pytest.raises(InputError, match=r"rows.jsonl:3: missing field 'label'"):
+        read_classification(bad, "text", "label")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"prompt": "q", "completion": ""}\n')
+    with pytest.raises(InputError, match="sft.jsonl:1: field 'completion' is empty"):
+        read_sft(sft)
+
+
+# ---------------------------------------------------------------- real runs
+
+
+@pytest.fixture(scope="module")
+def self_trained(tmp_path_factory, tokenizer_dir):
+    """`mtnlg-ray self-train` as a user runs it: a random-init teacher, one round of pseudo-labels, a student."""
+    work = tmp_path_factory.mktemp("selftrain")
+    write_word_task(work / "labelled.tsv", 96, seed=0)
+    write_word_task(work / "dev.tsv", 64, seed=1)
+    write_word_task(work / "pool.tsv", 160, seed=2)
+    result = run_cli(
+        "self-train", "--set", f"tokenizer.path={tokenizer_dir}", "--set", "model.preset=tiny",
+        "--set", "model.n_layer=2", "--set", "model.seq_len=32",
+        "--set", f"data.train={work / 'labelled.tsv'}", "--set", f"data.dev={work / 'dev.tsv'}",
+        "--set", "data.text_field=sentence", "--set", f"selftrain.unlabelled={work / 'pool.tsv'}",
+        "--set", "selftrain.rounds=1", "--set", "selftrain.threshold=0.8", "--set", "train.epochs=2",
+        "--set", "train.lr=3e-3", "--set", "train.peak_tflops=1.0", "--set", f"run.storage_path={work / 'runs'}",
+        "--set", "run.name=st", timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, result
+
+
+def test_self_training_runs_teacher_labelling_and_student(self_trained):
+    work, result = self_trained
+    root = work / "runs" / "st"
+    report = json.loads((root / "self_train_report.json").read_text())
+    teacher, student = report["rounds"]
+    assert report["labelled"] == 96 and report["pool"] == 160 and report["threshold"] == 0.8
+    assert teacher["dev_accuracy"] >= 0.9  # a separable task: the loop really trains
+    kept = sum(student["kept_per_class"].values())
+    assert 0 < kept <= 160 and student["train_examples"] == 96 + kept
+    assert student["pseudo_label_accuracy"] >= 0.9  # confident predictions match the pool's hidden labels
+    assert student["dev_accuracy"] >= 0.9
+    lines = (root / "round1" / "train.jsonl").read_text().splitlines()
+    assert len(lines) == 96 + kept
+    assert (root / "self_train.png").stat().st_size > 1000
+    assert report["final"] == str(root / "round1" / "final")
+    assert "pseudo-label" in result.stdout and str(root / "round1" / "final") in result.stdout
+
+
+def test_evaluate_reproduces_the_dev_accuracy_of_the_saved_student(self_trained):
+    work, _ = self_trained
+    report = json.loads((work / "runs" / "st" / "self_train_report.json").read_text())
+    final = report["final"]
+    result = run_cli("evaluate", "--checkpoint", final, "--data", str(work / "dev.tsv"), "--task", "classification",
+                     "--text-field", "sentence", "--json")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(result.stdout)
+    assert scores["n"] == 64
+    assert scores["accuracy"] == pytest.approx(report["rounds"][1]["dev_accuracy"])
+    # The labels a classification checkpoint carries decide what a file may hold.
+    bad = work / "bad_dev.tsv"
+    bad.write_text("sentence\tlabel\nalpha beta\tmaybe\n")
+    assert_one_line_error(
+        run_cli("evaluate", "--checkpoint", final, "--data", str(bad), "--task", "classification",
+                "--text-field", "sentence"),
+        "bad_dev.tsv:2", "label 'maybe'")
+
+
+def test_sft_with_lora_on_two_fsdp_workers_learns_and_saves_merged_weights(ray_session, tiny_checkpoint, tmp_path):
+    """Loss on completions only, LoRA adapters under FSDP on 2 ranks, final weights merged into a plain GPT."""
+    from mtnlg_ray.checkpoint import load_checkpoint
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.tasks import SFTTask
+    from mtnlg_ray.finetune.trainer import finetune
+    from mtnlg_ray.model.gpt import GPTConfig
+
+    pairs = [(f"colour of {thing}:", f" {colour}") for thing, colour in
+             [("sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black"), ("blood", "red"),
+              ("sun", "yellow"), ("sea", "blue"), ("night", "black")]]
+    with (tmp_path / "sft.jsonl").open("w") as fh:
+        for _ in range(4):
+            for prompt, completion in pairs:
+                fh.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    with (tmp_path / "dev.jsonl").open("w") as fh:
+        for prompt, completion in pairs:
+            fh.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    cfg = load_config(overrides=[
+        f"init.checkpoint={tiny_checkpoint}", f"data.train={tmp_path / 'sft.jsonl'}", f"data.dev={tmp_path / 'dev.jsonl'}",
+        "task.kind=sft", "task.mode=lora", "task.lora.rank=8", "task.lora.targets=[qkv, proj, fc1, fc2]",
+        "task.metric=loss", "train.epochs=4", "train.lr=1e-2", "train.micro_batch_size=4", "train.global_batch_size=8",
+        "train.peak_tflops=1.0", "parallel.workers=2", f"run.storage_path={tmp_path / 'runs'}", "run.name=sft",
+    ], stage="finetune")
+    result = finetune(cfg)
+    history = [d["loss"] for d in result["dev_history"]]
+    assert len(history) == 4 and min(history) < 0.5 * history[0]
+    assert result["dev"]["loss"] == pytest.approx(min(history))
+
+    start = [json.loads(line) for line in (tmp_path / "runs" / "sft" / "metrics.jsonl").read_text().splitlines()][0]
+    assert start["world_size"] == 2 and start["dp"] == 2
+    base, _ = load_checkpoint(tiny_checkpoint)
+    from mtnlg_ray.model.lora import lora_parameter_count
+
+    c = base.config
+    assert start["trainable_parameters"] == lora_parameter_count(c.n_layer, c.d_model, 8, ["qkv", "proj", "fc1", "fc2"])
+
+    # The final checkpoint is a plain GPT (LoRA merged) that scores the dev set as the run did.
+    final, _ = load_checkpoint(result["final"])
+    task = SFTTask(load_config(overrides=[f"data.train={tmp_path / 'sft.jsonl'}", f"data.dev={tmp_path / 'dev.jsonl'}",
+                                          "task.kind=sft"], stage="finetune"),
+                   Path(result["final"]) / "tokenizer.json", GPTConfig(**final.config.to_dict()))
+    scored = task.evaluate(final, "cpu", 8)
+    assert scored["loss"] == pytest.approx(result["dev"]["loss"], abs=1e-4)
+    assert not torch.equal(final.blocks[0].mlp.fc1.weight, base.blocks[0].mlp.fc1.weight)
+    assert torch.equal(final.tok_emb.weight, base.tok_emb.weight)  # not a LoRA target: untouched
