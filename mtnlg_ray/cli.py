@@ -529,7 +529,7 @@ def local_up(
 
     Commands on this machine (`mtnlg-ray pretrain`, `ray status`) join it too.
     """
-    from mtnlg_ray.local_cluster import start_local_cluster
+    from mtnlg_ray.local_cluster import authentication_mode, start_local_cluster
 
     cluster = start_local_cluster(num_cpus=num_cpus, num_gpus=num_gpus, port=port, dashboard_port=dashboard_port,
                                   temp_dir=temp_dir, ray_args=list(ctx.args))
@@ -538,6 +538,9 @@ def local_up(
     typer.echo(f"Ray is up: dashboard and job server {cluster.dashboard_url}, GCS {cluster.gcs_address}")
     typer.echo(f"submit:  mtnlg-ray submit prepare builtin:python-docs --output work/data{address}")
     typer.echo(f"stop:    mtnlg-ray local down{where}")
+    if authentication_mode(cluster.dashboard_url) == "token":
+        typer.echo("token authentication is on (Ray's default once ~/.ray/auth_token exists): mtnlg-ray sends "
+                   "the token; for Ray's own CLI, export RAY_AUTH_MODE=token")
 
 
 @local_app.command("down")

@@ -186,25 +186,40 @@ def submit(
     return follow(client, submitted, on_log)
 
 
-def follow(client, job_id: str, on_log: Callable[[str], None] | None = None) -> JobOutcome:
+def follow(client, job_id: str, on_log: Callable[[str], None] | None = None, poll_s: float = 0.5) -> JobOutcome:
     """Stream the job's log until it ends; the outcome carries its exit code and, on failure, the log's tail."""
     write = on_log or _write_stdout
+    asyncio.run(_stream_log(client, job_id, write, poll_s))
+    return outcome(client, job_id)
+
+
+async def _stream_log(client, job_id: str, write: Callable[[str], None], poll_s: float) -> None:
+    """Ray's log stream, stopped as soon as the job's status is final, then the rest of the log in one piece.
+
+    The stream alone closes seconds after the job has ended; the status says so within a poll.
+    """
+    written = 0
 
     async def tail() -> None:
+        nonlocal written
         async for chunk in client.tail_job_logs(job_id):
             write(chunk)
+            written += len(chunk)
 
+    streaming = asyncio.create_task(tail())
     try:
-        asyncio.run(tail())
-    except RuntimeError:
-        pass  # the log stream closed early (e.g. the runtime env failed); the status says how it ended
-    return wait_for_end(client, job_id)
-
-
-def wait_for_end(client, job_id: str, poll_s: float = 0.5) -> JobOutcome:
-    while not client.get_job_status(job_id).is_terminal():
-        time.sleep(poll_s)
-    return outcome(client, job_id)
+        while not (await asyncio.to_thread(client.get_job_status, job_id)).is_terminal():
+            # A stream that closed early (e.g. the runtime env failed) leaves the polling to the status.
+            await (asyncio.sleep(poll_s) if streaming.done() else asyncio.wait({streaming}, timeout=poll_s))
+    finally:
+        streaming.cancel()
+        try:
+            await streaming
+        except (asyncio.CancelledError, RuntimeError):
+            pass
+    log = await asyncio.to_thread(client.get_job_logs, job_id)
+    if len(log) > written:  # the stream reads the same file from its start, so it holds a prefix of it
+        write(log[written:])
 
 
 def outcome(client, job_id: str) -> JobOutcome:

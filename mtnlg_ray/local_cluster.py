@@ -147,6 +147,17 @@ def stop_local_cluster(temp_dir: str | Path | None = None, grace_s: float = 5.0)
     return cluster
 
 
+def authentication_mode(dashboard_url: str) -> str | None:
+    """'token' or 'disabled', as the cluster's dashboard reports it (None if it does not say)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{dashboard_url}/api/authentication_mode", timeout=10) as response:
+            return json.loads(response.read()).get("authentication_mode")
+    except (OSError, ValueError):
+        return None
+
+
 def _stop_session(session_id: int, grace_s: float = 5.0) -> None:
     """SIGTERM every process of the session, then SIGKILL what is left after `grace_s`."""
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):

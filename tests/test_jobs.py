@@ -1,0 +1,220 @@
+"""Stages as Ray Jobs on a real cluster: `mtnlg-ray local up` (a `ray start --head` on loopback), then
+prepare → pretrain → serve through `mtnlg-ray submit`, a job sent with plain `ray job submit`, a bad
+config refused before submission, a failing job's exit code and log, and `local down`.
+
+The cluster is separate from the test session's own Ray: its own ports and temp dir (so plain
+`ray.init()` elsewhere never finds it), and every command runs in a process of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from mtnlg_ray.errors import ConfigError, MtnlgError
+from mtnlg_ray.jobs import build_job
+
+ROOT = Path(__file__).resolve().parents[1]
+EXE = shutil.which("mtnlg-ray") or str(Path(sys.executable).parent / "mtnlg-ray")
+TINY_PREPARE = ["--set", "read.txt_mode=paragraph", "--set", "clean.enabled=false", "--set", "dedup.exact=false",
+                "--set", "dedup.fuzzy=false", "--set", "tokenizer.vocab_size=300", "--set", "pack.seq_len=32",
+                "--set", "pack.val_fraction=0.1"]
+
+
+@dataclass
+class LocalRay:
+    address: str
+    temp_dir: Path
+    state: dict
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict:
+    """This environment without any pointer to another Ray, so only --address decides."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    return {**env, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 240, env: dict | None = None):
+    return subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=env or clean_env())
+
+
+def write_corpus(path: Path, paragraphs: int = 60) -> Path:
+    import random
+
+    rng = random.Random(0)
+    words = ("the list type is a mutable sequence of items while a tuple is an immutable one and a dict maps "
+             "keys to values").split()
+    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(50)) for _ in range(paragraphs)) + "\n")
+    return path
+
+
+def job_ids(listing: str) -> list[str]:
+    return [word for word in listing.split() if word.startswith("raysubmit_")]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # Short: Ray's socket paths live under it and must stay under 108 characters.
+    temp = Path(tempfile.mkdtemp(prefix="mtj", dir="/tmp"))
+    up = cli("local", "up", "--num-cpus", 2, "--port", free_port(), "--dashboard-port", free_port(), "--temp-dir", temp,
+             "--", "--dashboard-agent-listen-port", free_port(), "--ray-client-server-port", free_port(), timeout=300)
+    assert up.returncode == 0, up.stdout + up.stderr
+    state = json.loads((temp / "mtnlg-local.json").read_text())
+    try:
+        yield LocalRay(address=state["dashboard_url"], temp_dir=temp, state=state)
+    finally:
+        cli("local", "down", "--temp-dir", temp)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_build_job_makes_local_paths_absolute_and_leaves_uris_alone(tmp_path):
+    spec = build_job(
+        "prepare",
+        ["corpus/", "builtin:python-docs", "s3://bucket/crawl/", "--output", "out", "--set", "pack.seq_len=64",
+         "--set", "read.weights={'corpus/': 2.0, 's3://bucket/crawl/': 0.5}", "--set", "decontam.eval_files=[evals]"],
+        cwd=tmp_path,
+    )
+    assert spec.argv == ["data", "prepare", str(tmp_path / "corpus"), "builtin:python-docs", "s3://bucket/crawl/",
+                         "--output", str(tmp_path / "out"), "--config", "config.yaml"]
+    config = __import__("yaml").safe_load(spec.config_yaml)
+    assert config["pack"]["seq_len"] == 64
+    # Weights stay keyed by the INPUTs as the job will see them.
+    assert config["read"]["weights"] == {str(tmp_path / "corpus"): 2.0, "s3://bucket/crawl/": 0.5}
+    assert config["decontam"]["eval_files"] == [str(tmp_path / "evals")]
+    assert config["run"]["storage_path"] == str(tmp_path / "runs")
+    serve = build_job("serve", ["-c", "ckpt", "--port", "9000"], cwd=tmp_path)
+    assert serve.entrypoint == f"python -m mtnlg_ray serve --checkpoint {tmp_path / 'ckpt'} --port 9000"
+    assert serve.config_yaml is None
+    with pytest.raises(ConfigError, match="train.warmup"):
+        build_job("pretrain", ["--set", "train.warmup=5"], cwd=tmp_path)
+    with pytest.raises(MtnlgError, match="--output"):
+        build_job("prepare", ["corpus/"], cwd=tmp_path)
+
+
+def test_submit_with_no_cluster_anywhere_is_one_line(tmp_path):
+    # RAY_TMPDIR: where `local up` would have left its state, empty here.
+    result = cli("submit", "pretrain", "--set", "data.path=x", env=clean_env(RAY_TMPDIR=str(tmp_path)))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: no Ray cluster to submit to: pass --address http://HEAD:8265, set RAY_ADDRESS, "
+        "or start one on this machine with `mtnlg-ray local up`"]
+
+
+def test_bad_config_fails_with_one_line_before_anything_is_submitted(local_ray, tmp_path):
+    before = job_ids(cli("jobs", "list", "--address", local_ray.address).stdout)
+    result = cli("submit", "pretrain", "--set", "data.path=data", "--set", "train.warmup=5",
+                 "--address", local_ray.address, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --set train.warmup=5: unknown key 'train.warmup'")
+    assert job_ids(cli("jobs", "list", "--address", local_ray.address).stdout) == before
+
+
+def test_prepare_pretrain_serve_through_submit(local_ray, tmp_path):
+    write_corpus(tmp_path / "corpus.txt")
+    address = ["--address", local_ray.address]
+    # Relative paths, run from tmp_path: they must reach the job as this directory's.
+    prepare = cli("submit", "prepare", "corpus.txt", "--output", "data", *TINY_PREPARE, *address, cwd=tmp_path)
+    assert prepare.returncode == 0, prepare.stdout + prepare.stderr
+    assert f"succeeded" in prepare.stderr.splitlines()[-1]
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert manifest["documents"] == 60 and manifest["pack"]["train_sequences"] > 0
+
+    pretrain = cli("submit", "pretrain", "--set", "data.path=data", "--set", "run.storage_path=runs",
+                   "--set", "run.name=tiny", "--set", "model.seq_len=32", "--set", "train.max_steps=3",
+                   "--set", "train.global_batch_size=4", "--set", "train.micro_batch_size=2",
+                   "--set", "train.eval_every=3", "--set", "train.eval_batches=1", "--set", "checkpoint.every_steps=3",
+                   *address, cwd=tmp_path)
+    assert pretrain.returncode == 0, pretrain.stdout + pretrain.stderr
+    final = tmp_path / "runs" / "tiny" / "final"
+    assert (final / "model.safetensors").is_file()
+    steps = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "loss" in r] == [1, 2, 3]
+    assert "step      3" in pretrain.stdout  # the job's log, followed to its end
+
+    port = free_port()
+    serve = cli("submit", "serve", "-c", "runs/tiny/final", "--port", port, "--no-wait", *address, cwd=tmp_path)
+    assert serve.returncode == 0, serve.stdout + serve.stderr
+    job_id, url = serve.stdout.split()
+    try:
+        assert url == f"http://127.0.0.1:{port}/v1"
+        reply = requests.post(f"{url}/completions", timeout=60,
+                              json={"prompt": "the list", "max_tokens": 4, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["model"] == "final" and body["usage"]["completion_tokens"] == 4
+        assert cli("jobs", "status", job_id, *address).stdout.strip() == "RUNNING"
+    finally:
+        stop = cli("jobs", "stop", job_id, *address)
+    assert stop.stdout.strip() == f"job {job_id}: STOPPED"
+    listing = cli("jobs", "list", *address).stdout
+    for stage in ("prepare", "pretrain", "serve"):
+        assert stage in listing
+    assert job_id in job_ids(listing)
+
+
+def test_plain_ray_job_submit_runs_a_jobs_entrypoint(local_ray, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", paragraphs=30)
+    from mtnlg_ray.local_cluster import authentication_mode
+
+    # Ray's own CLI sends this machine's token only when told to; mtnlg-ray works that out itself.
+    env = clean_env(RAY_AUTH_MODE="token") if authentication_mode(local_ray.address) == "token" else clean_env()
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", local_ray.address,
+         "--working-dir", ".", "--", "python", "jobs/prepare.py", str(corpus), "--output", str(tmp_path / "plain"),
+         *TINY_PREPARE],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "succeeded" in result.stdout + result.stderr
+    assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["documents"] == 30
+
+
+def test_failing_job_exits_non_zero_with_the_tail_of_its_log(local_ray, tmp_path):
+    result = cli("submit", "pretrain", "--set", "data.path=missing", "--address", local_ray.address, cwd=tmp_path)
+    assert result.returncode == 2  # the stage's own exit code: a user error
+    assert "--- last lines of the log of job raysubmit_" in result.stderr
+    assert f"error: {tmp_path / 'missing' / 'manifest.json'}: missing" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("FAILED with exit code 2 (its log ends above)")
+
+
+def test_local_down_stops_every_process_of_its_cluster_and_nothing_else(local_ray):
+    from mtnlg_ray.local_cluster import session_processes
+
+    session = local_ray.state["session_id"]
+    assert session_processes(session)
+    status = cli("local", "status", "--temp-dir", local_ray.temp_dir)
+    assert status.returncode == 0 and local_ray.address in status.stdout
+    # A process `ray stop` would take for Ray's (it matches on names such as dashboard.py), outside the cluster.
+    lookalike = local_ray.temp_dir / "other" / "ray" / "dashboard" / "dashboard.py"
+    lookalike.parent.mkdir(parents=True)
+    lookalike.write_text("import time\ntime.sleep(60)\n")
+    other = subprocess.Popen([sys.executable, str(lookalike)])
+    try:
+        down = cli("local", "down", "--temp-dir", local_ray.temp_dir)
+        assert down.stdout.strip() == f"stopped the local cluster at {local_ray.address}"
+        assert session_processes(session) == []
+        assert other.poll() is None
+    finally:
+        other.kill()
+    assert cli("local", "status", "--temp-dir", local_ray.temp_dir).returncode == 1
+    assert not (local_ray.temp_dir / "ray_current_cluster").exists()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{local_ray.address}/api/version", timeout=5)
