@@ -640,6 +640,52 @@ def finetune(
     typer.echo(result["final"])
 
 
+@app.command("self-train")
+def self_train(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped selftrain.yaml)."),
+    overrides: List[str] = typer.Option([], "--set", help="Override one config key, e.g. --set selftrain.rounds=1 (repeatable)."),
+) -> None:
+    """Self-training with pseudo-labels: teacher → label the pool on the actor pool → student, for N rounds.
+
+    Round 0 fine-tunes a teacher on data.train. Each round the teacher labels selftrain.unlabelled
+    through the corpus pipeline's classifier labeller (a Ray Data actor pool); predictions with
+    confidence >= selftrain.threshold (default 0.5; selftrain.per_class_top_k for class balance,
+    selftrain.soft_labels for the teacher's confidence as the target) join the labelled set, and a
+    student is fine-tuned on both from init.checkpoint. Writes self_train_report.json and
+    self_train.png in <run.storage_path>/<run.name>.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.selftrain import self_train as run
+
+    cfg = load_config(config, overrides, stage="selftrain")
+    console, show = _finetune_printer()
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "round":
+            kept = f", pseudo-labels kept {event['kept']}" if event.get("kept") else ""
+            console.print(f"[bold]round {event['round']}[/bold]: {event['role']} on {event['train']:,} examples{kept}")
+        elif event["event"] == "label":
+            console.print(f"[bold]round {event['round']}[/bold]: labelling {event['pool']:,} pool texts with the teacher")
+
+    report = run(cfg, on_event=on_event, on_record=show)
+    table = Table(title=f"self-training: {report['labelled']:,} labelled, {report['pool']:,} in the pool, "
+                        f"threshold {report['threshold']}")
+    for column in ("round", "train examples", "kept per class", "pseudo-label acc", "dev acc", "dev macro F1", "seconds"):
+        table.add_column(column, justify="right")
+    for r in report["rounds"]:
+        def num(x):
+            return "-" if x is None else f"{x:.4f}"
+        table.add_row(str(r["round"]), f"{r['train_examples']:,}",
+                      ", ".join(f"{k}: {v:,}" for k, v in r["kept_per_class"].items()) or "-",
+                      num(r["pseudo_label_accuracy"]), num(r["dev_accuracy"]), num(r["dev_macro_f1"]), f"{r['seconds']:.0f}")
+    Console().print(table)
+    console.print(f"report: {Path(report['final']).parents[1] / 'self_train_report.json'}  plot: {report['plot']}")
+    typer.echo(report["final"])
+
+
 @app.command("evaluate")
 def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory."),

@@ -256,6 +256,9 @@ class SelfTrainSection(Section):
     per_class_top_k: int | None = Field(None, ge=1)
     soft_labels: bool = False
     unlabelled: str | None = None
+    # Epochs of each student over labelled + pseudo-labelled data (default: train.epochs); a pool
+    # much larger than the labelled set needs fewer passes than the teacher.
+    student_epochs: int | None = Field(None, ge=1)
 
 
 class Config(Section):

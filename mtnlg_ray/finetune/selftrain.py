@@ -153,6 +153,9 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         emit(event="round", round=number, role="student", train=len(labelled.rows) + len(pseudo),
              kept={x: kept.get(x, 0) for x in labels}, pseudo_accuracy=accuracy)
         student_cfg = _run_config(cfg, f"{cfg.run.name}/round{number}", str(out / "train.jsonl"))
+        if cfg.selftrain.student_epochs is not None:
+            student_cfg = student_cfg.model_copy(update={"train": cfg.train.model_copy(
+                update={"epochs": cfg.selftrain.student_epochs})})
         result = finetune(student_cfg, on_record=on_record)
         report["rounds"].append(_round_entry(number, result, len(labelled.rows) + len(pseudo), len(rows),
                                              {x: kept.get(x, 0) for x in labels}, accuracy, started))
