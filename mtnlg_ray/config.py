@@ -259,6 +259,8 @@ class SelfTrainSection(Section):
     # Epochs of each student over labelled + pseudo-labelled data (default: train.epochs); a pool
     # much larger than the labelled set needs fewer passes than the teacher.
     student_epochs: int | None = Field(None, ge=1)
+    # A classification checkpoint to use as the round-0 teacher instead of fine-tuning one on data.train.
+    teacher: str | None = None
 
 
 class Config(Section):

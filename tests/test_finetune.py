@@ -282,3 +282,16 @@ def test_sft_with_lora_on_two_fsdp_workers_learns_and_saves_merged_weights(ray_s
     assert scored["loss"] == pytest.approx(result["dev"]["loss"], abs=1e-4)
     assert not torch.equal(final.blocks[0].mlp.fc1.weight, base.blocks[0].mlp.fc1.weight)
     assert torch.equal(final.tok_emb.weight, base.tok_emb.weight)  # not a LoRA target: untouched
+
+
+def test_a_given_teacher_must_classify_the_tasks_labels(self_trained, tokenizer_dir):
+    work, _ = self_trained
+    other = work / "other_labels.tsv"
+    other.write_text("sentence\tlabel\nalpha beta gamma\tx\nriver ocean\ty\n")
+    result = run_cli(
+        "self-train", "--set", f"tokenizer.path={tokenizer_dir}", "--set", f"data.train={other}",
+        "--set", "data.text_field=sentence", "--set", f"selftrain.unlabelled={work / 'pool.tsv'}",
+        "--set", f"selftrain.teacher={work / 'runs' / 'st' / 'round0' / 'final'}",
+        "--set", f"run.storage_path={work / 'runs'}", "--set", "run.name=mismatch",
+    )
+    assert_one_line_error(result, "selftrain.teacher", "classifies ['neg', 'pos']", "['x', 'y']")

@@ -127,7 +127,10 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
 
     started = time.perf_counter()
     emit(event="round", round=0, role="teacher", train=len(labelled.rows))
-    result = finetune(_run_config(checked, f"{cfg.run.name}/round0", checked.data.train), on_record=on_record)
+    if cfg.selftrain.teacher:
+        result = _given_teacher(cfg, labels)
+    else:
+        result = finetune(_run_config(checked, f"{cfg.run.name}/round0", checked.data.train), on_record=on_record)
     report["rounds"].append(_round_entry(0, result, len(labelled.rows), 0, {}, None, started))
     emit(event="done", **report["rounds"][-1])
     teacher = result["final"]
@@ -166,6 +169,23 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
     (root / "self_train_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     report["plot"] = str(plot_self_training(report, root / "self_train.png"))
     return report
+
+
+def _given_teacher(cfg: Config, labels: list[str]) -> dict:
+    """`selftrain.teacher` as round 0: checked to classify the same labels, scored on the dev set."""
+    from mtnlg_ray.checkpoint import read_checkpoint_config
+    from mtnlg_ray.finetune.evaluate import evaluate_classification
+    from mtnlg_ray.model.classifier import classification_task
+
+    teacher = Path(cfg.selftrain.teacher).expanduser().resolve()
+    task = classification_task(read_checkpoint_config(teacher), teacher / "config.json")
+    if task["labels"] != labels:
+        raise ConfigError(f"selftrain.teacher: {teacher} classifies {task['labels']}, the task has {labels}")
+    dev = None
+    if cfg.data.dev:
+        dev = evaluate_classification(teacher, Path(cfg.data.dev).expanduser().resolve(), cfg.data.text_field,
+                                      cfg.data.label_field)
+    return {"final": str(teacher), "dev": dev}
 
 
 def _round_entry(number: int, result: dict, train_size: int, labelled_pool: int, kept: dict,
