@@ -10,6 +10,7 @@ follows, lists and stops jobs through Ray's job server (the dashboard address, p
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import shlex
@@ -104,10 +105,13 @@ def build_job(stage: str, args: list[str], cwd: str | Path | None = None, env: l
 
 def connect(address: str):
     """A JobSubmissionClient for the cluster whose dashboard (or GCS) is at `address`."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    from ray.exceptions import AuthenticationError
-
+    # Ray's client logs each package upload and socket close at INFO; what matters is printed by us.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(("ray.dashboard", "ray._private.runtime_env")):
+            logging.getLogger(name).setLevel(logging.WARNING)
     # Ray lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS win over the address it is given; ours must win.
     saved = {key: os.environ.pop(key) for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if key in os.environ}
     try:
@@ -129,8 +133,6 @@ def _send_local_token() -> bool:
     `ray start` turns token authentication on by itself when a token exists, but Ray's clients only
     send it under RAY_AUTH_MODE=token; an explicit RAY_AUTH_MODE is left as the user set it.
     """
-    import logging
-
     from ray._private.authentication import authentication_token_setup as token_setup
 
     if os.environ.get(token_setup.AUTH_MODE_ENV_VAR):

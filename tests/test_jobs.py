@@ -73,15 +73,54 @@ def job_ids(listing: str) -> list[str]:
 def local_ray():
     # Short: Ray's socket paths live under it and must stay under 108 characters.
     temp = Path(tempfile.mkdtemp(prefix="mtj", dir="/tmp"))
-    up = cli("local", "up", "--num-cpus", 2, "--port", free_port(), "--dashboard-port", free_port(), "--temp-dir", temp,
-             "--", "--dashboard-agent-listen-port", free_port(), "--ray-client-server-port", free_port(), timeout=300)
-    assert up.returncode == 0, up.stdout + up.stderr
-    state = json.loads((temp / "mtnlg-local.json").read_text())
     try:
+        up = cli("local", "up", "--num-cpus", 2, "--port", free_port(), "--dashboard-port", free_port(),
+                 "--temp-dir", temp, "--", "--dashboard-agent-listen-port", free_port(),
+                 "--ray-client-server-port", free_port(), timeout=300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        state = json.loads((temp / "mtnlg-local.json").read_text())
         yield LocalRay(address=state["dashboard_url"], temp_dir=temp, state=state)
     finally:
         cli("local", "down", "--temp-dir", temp)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@dataclass
+class SideJobs:
+    plain: subprocess.Popen  # `ray job submit ... python jobs/prepare.py ...`
+    plain_output: Path
+    failing: subprocess.Popen  # `mtnlg-ray submit pretrain` on a dataset that is not there
+    failing_cwd: Path
+
+
+@pytest.fixture(scope="module")
+def side_jobs(local_ray, tmp_path_factory):
+    """Two jobs that need nothing from the pipeline, started beside it and checked by their own tests.
+
+    A job spends most of its time waiting on Ray (actor start-up, status polls), so on CI's two
+    cores running these alongside the pipeline saves most of their time.
+    """
+    from mtnlg_ray.local_cluster import authentication_mode
+
+    base = tmp_path_factory.mktemp("side")
+    corpus = write_corpus(base / "corpus.txt", paragraphs=30)
+    # Ray's own CLI sends this machine's token only when told to; mtnlg-ray works that out itself.
+    token = authentication_mode(local_ray.address) == "token"
+    plain = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", local_ray.address,
+         "--working-dir", ".", "--", "python", "jobs/prepare.py", str(corpus), "--output", str(base / "plain"),
+         *TINY_PREPARE],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=clean_env(RAY_AUTH_MODE="token") if token else clean_env(),
+    )
+    failing = subprocess.Popen([EXE, "submit", "pretrain", "--set", "data.path=missing", "--address", local_ray.address],
+                               cwd=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    try:
+        yield SideJobs(plain=plain, plain_output=base / "plain", failing=failing, failing_cwd=base)
+    finally:
+        for proc in (plain, failing):
+            if proc.poll() is None:
+                proc.kill()
 
 
 def test_build_job_makes_local_paths_absolute_and_leaves_uris_alone(tmp_path):
@@ -108,6 +147,15 @@ def test_build_job_makes_local_paths_absolute_and_leaves_uris_alone(tmp_path):
         build_job("prepare", ["corpus/"], cwd=tmp_path)
 
 
+def test_every_path_key_submit_rewrites_is_a_config_key():
+    from mtnlg_ray.config import Config
+    from mtnlg_ray.jobs import PATH_KEYS
+
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        assert name in Config.model_fields[section].annotation.model_fields, key
+
+
 def test_submit_with_no_cluster_anywhere_is_one_line(tmp_path):
     # RAY_TMPDIR: where `local up` would have left its state, empty here.
     result = cli("submit", "pretrain", "--set", "data.path=x", env=clean_env(RAY_TMPDIR=str(tmp_path)))
@@ -127,15 +175,19 @@ def test_bad_config_fails_with_one_line_before_anything_is_submitted(local_ray, 
     assert job_ids(cli("jobs", "list", "--address", local_ray.address).stdout) == before
 
 
+@pytest.mark.usefixtures("side_jobs")  # they run while this does
 def test_prepare_pretrain_serve_through_submit(local_ray, tmp_path):
     write_corpus(tmp_path / "corpus.txt")
     address = ["--address", local_ray.address]
     # Relative paths, run from tmp_path: they must reach the job as this directory's.
     prepare = cli("submit", "prepare", "corpus.txt", "--output", "data", *TINY_PREPARE, *address, cwd=tmp_path)
     assert prepare.returncode == 0, prepare.stdout + prepare.stderr
-    assert f"succeeded" in prepare.stderr.splitlines()[-1]
+    assert "succeeded" in prepare.stderr.splitlines()[-1]
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert manifest["documents"] == 60 and manifest["pack"]["train_sequences"] > 0
+    (prepare_id,) = set(job_ids(prepare.stderr))
+    log = cli("jobs", "logs", prepare_id, *address).stdout
+    assert f"data prepare {tmp_path / 'corpus.txt'} --output {tmp_path / 'data'}" in log and "tokenize + pack" in log
 
     pretrain = cli("submit", "pretrain", "--set", "data.path=data", "--set", "run.storage_path=runs",
                    "--set", "run.name=tiny", "--set", "model.seq_len=32", "--set", "train.max_steps=3",
@@ -164,35 +216,28 @@ def test_prepare_pretrain_serve_through_submit(local_ray, tmp_path):
     finally:
         stop = cli("jobs", "stop", job_id, *address)
     assert stop.stdout.strip() == f"job {job_id}: STOPPED"
-    listing = cli("jobs", "list", *address).stdout
-    for stage in ("prepare", "pretrain", "serve"):
-        assert stage in listing
-    assert job_id in job_ids(listing)
+    (pretrain_id,) = set(job_ids(pretrain.stderr))
+    rows = {cells[1].strip(): [c.strip() for c in cells[2:4]]
+            for cells in (line.split("│") for line in cli("jobs", "list", *address).stdout.splitlines())
+            if len(cells) > 4 and cells[1].strip().startswith("raysubmit_")}
+    assert rows[prepare_id] == ["prepare", "SUCCEEDED"]
+    assert rows[pretrain_id] == ["pretrain", "SUCCEEDED"]
+    assert rows[job_id] == ["serve", "STOPPED"]
 
 
-def test_plain_ray_job_submit_runs_a_jobs_entrypoint(local_ray, tmp_path):
-    corpus = write_corpus(tmp_path / "corpus.txt", paragraphs=30)
-    from mtnlg_ray.local_cluster import authentication_mode
-
-    # Ray's own CLI sends this machine's token only when told to; mtnlg-ray works that out itself.
-    env = clean_env(RAY_AUTH_MODE="token") if authentication_mode(local_ray.address) == "token" else clean_env()
-    result = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", local_ray.address,
-         "--working-dir", ".", "--", "python", "jobs/prepare.py", str(corpus), "--output", str(tmp_path / "plain"),
-         *TINY_PREPARE],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, env=env,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "succeeded" in result.stdout + result.stderr
-    assert json.loads((tmp_path / "plain" / "manifest.json").read_text())["documents"] == 30
+def test_plain_ray_job_submit_runs_a_jobs_entrypoint(side_jobs):
+    stdout, stderr = side_jobs.plain.communicate(timeout=300)
+    assert side_jobs.plain.returncode == 0, stdout + stderr
+    assert "succeeded" in stdout + stderr
+    assert json.loads((side_jobs.plain_output / "manifest.json").read_text())["documents"] == 30
 
 
-def test_failing_job_exits_non_zero_with_the_tail_of_its_log(local_ray, tmp_path):
-    result = cli("submit", "pretrain", "--set", "data.path=missing", "--address", local_ray.address, cwd=tmp_path)
-    assert result.returncode == 2  # the stage's own exit code: a user error
-    assert "--- last lines of the log of job raysubmit_" in result.stderr
-    assert f"error: {tmp_path / 'missing' / 'manifest.json'}: missing" in result.stderr
-    assert result.stderr.strip().splitlines()[-1].endswith("FAILED with exit code 2 (its log ends above)")
+def test_failing_job_exits_non_zero_with_the_tail_of_its_log(side_jobs):
+    _, stderr = side_jobs.failing.communicate(timeout=300)
+    assert side_jobs.failing.returncode == 2  # the stage's own exit code: a user error
+    assert "--- last lines of the log of job raysubmit_" in stderr
+    assert f"error: {side_jobs.failing_cwd / 'missing' / 'manifest.json'}: missing" in stderr
+    assert stderr.strip().splitlines()[-1].endswith("FAILED with exit code 2 (its log ends above)")
 
 
 def test_local_down_stops_every_process_of_its_cluster_and_nothing_else(local_ray):
