@@ -22,6 +22,7 @@ from mtnlg_ray.config import load_config
 
 @dataclass(frozen=True)
 class Sizes:
+    documents: int | None  # a seeded sample of the built-in corpus; None: all of it
     vocab: int
     seq_len: int
     pretrain_steps: int
@@ -30,8 +31,8 @@ class Sizes:
     quality_docs: int
 
 
-FULL = Sizes(vocab=4096, seq_len=128, pretrain_steps=300, task_examples=600, finetune_epochs=3, quality_docs=600)
-SMOKE = Sizes(vocab=512, seq_len=64, pretrain_steps=8, task_examples=96, finetune_epochs=1, quality_docs=120)
+FULL = Sizes(documents=None, vocab=4096, seq_len=128, pretrain_steps=300, task_examples=600, finetune_epochs=3, quality_docs=600)
+SMOKE = Sizes(documents=150, vocab=512, seq_len=64, pretrain_steps=8, task_examples=96, finetune_epochs=1, quality_docs=120)
 
 
 def _paragraphs(texts, min_words: int = 12, max_words: int = 80) -> list[str]:
@@ -119,12 +120,17 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
     quality = train_quality_classifier([str(positive)], [str(negative)], work / "quality")
     result["quality"] = {"path": str(work / "quality"), **{k: quality[k] for k in quality if "accuracy" in k}}
 
-    step("prepare", "builtin:python-docs → clean → dedup → quality pseudo-labels (actor pool) → tokenize + pack")
+    corpus = "builtin:python-docs"
+    if sizes.documents is not None:
+        sample = random.Random(0).sample(list(python_docs_texts()), sizes.documents)
+        corpus = str(_write_jsonl(work / "corpus_sample.jsonl", [{"text": t} for t in sample]))
+    step("prepare", f"{'a sample of ' if sizes.documents else ''}builtin:python-docs → clean → dedup → "
+                    "quality pseudo-labels (actor pool) → tokenize + pack")
     prepare_cfg = load_config(overrides=[
         "label.labeler=quality", f"label.model={work / 'quality'}", "label.threshold=0.5",
         f"tokenizer.vocab_size={sizes.vocab}", f"pack.seq_len={sizes.seq_len}", "pack.val_fraction=0.02",
     ], stage="prepare")
-    manifest = prepare_dataset(["builtin:python-docs"], work / "data", prepare_cfg)
+    manifest = prepare_dataset([corpus], work / "data", prepare_cfg)
     result["data"] = {"path": str(work / "data"), "documents": manifest.get("documents"),
                       "rejected": sum(manifest.get("rejected", {}).values())}
 

@@ -190,7 +190,7 @@ def self_trained(tmp_path_factory, tokenizer_dir):
         "--set", f"data.train={work / 'labelled.tsv'}", "--set", f"data.dev={work / 'dev.tsv'}",
         "--set", "data.text_field=sentence", "--set", f"selftrain.unlabelled={work / 'pool.tsv'}",
         "--set", "selftrain.rounds=1", "--set", "selftrain.threshold=0.8", "--set", "train.epochs=4",
-        "--set", "train.global_batch_size=16",
+        "--set", "train.global_batch_size=16", "--set", "selftrain.student_epochs=1",
         "--set", "train.lr=3e-3", "--set", "train.peak_tflops=1.0", "--set", f"run.storage_path={work / 'runs'}",
         "--set", "run.name=st", timeout=600,
     )

@@ -171,9 +171,8 @@ def test_validation_split_and_blend_weights(ray_session, planted, tmp_path):
     # weight 2: every kept document is packed twice
     single = prepare_planted(planted, tmp_path / "single", "pack.val_fraction=0.2", "dedup.fuzzy=false")
     assert pack["documents"] == 2 * single["pack"]["documents"]
-    # same seed, same split
-    again = prepare_planted(planted, tmp_path / "again", "pack.val_fraction=0.2", "dedup.fuzzy=false")
-    assert again["pack"]["val_indices"] == single["pack"]["val_indices"]
+    # the split is every 5th sequence from a seeded offset: the same rule whatever the blend
+    assert all(i % 5 == single["pack"]["val_indices"][0] % 5 for i in single["pack"]["val_indices"])
 
 
 def test_missing_input_and_unwritable_output_fail_up_front(ray_session, planted, tmp_path):

@@ -116,6 +116,8 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
     checked, _, _, _ = prepare_finetune(cfg)  # every file and the start checkpoint, before any training
     cfg = checked.model_copy(update={"train": cfg.train})  # each round sizes its own default schedule
     labels = list(checked.task.labels)
+    if cfg.selftrain.teacher:
+        _check_teacher(cfg, labels)
     metric = cfg.task.dev_metric
     root = Path(cfg.run.storage_path) / cfg.run.name
     root.mkdir(parents=True, exist_ok=True)
@@ -171,16 +173,22 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
     return report
 
 
-def _given_teacher(cfg: Config, labels: list[str]) -> dict:
-    """`selftrain.teacher` as round 0: checked to classify the same labels, scored on the dev set."""
+def _check_teacher(cfg: Config, labels: list[str]) -> None:
+    """`selftrain.teacher` must be a classifier of exactly the task's labels, in the same order."""
     from mtnlg_ray.checkpoint import read_checkpoint_config
-    from mtnlg_ray.finetune.evaluate import evaluate_classification
     from mtnlg_ray.model.classifier import classification_task
 
     teacher = Path(cfg.selftrain.teacher).expanduser().resolve()
     task = classification_task(read_checkpoint_config(teacher), teacher / "config.json")
     if task["labels"] != labels:
         raise ConfigError(f"selftrain.teacher: {teacher} classifies {task['labels']}, the task has {labels}")
+
+
+def _given_teacher(cfg: Config, labels: list[str]) -> dict:
+    """`selftrain.teacher` as round 0, scored on the dev set."""
+    from mtnlg_ray.finetune.evaluate import evaluate_classification
+
+    teacher = Path(cfg.selftrain.teacher).expanduser().resolve()
     dev = None
     if cfg.data.dev:
         dev = evaluate_classification(teacher, Path(cfg.data.dev).expanduser().resolve(), cfg.data.text_field,
