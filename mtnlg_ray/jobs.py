@@ -40,7 +40,7 @@ CONFIG_STAGES = {"prepare": "prepare", "label": "prepare", "pretrain": "pretrain
                  "self-train": "selftrain"}
 # Config keys that hold local paths: made absolute here, since the job runs in a directory of Ray's.
 PATH_KEYS = ("data.path", "data.train", "data.dev", "tokenizer.path", "label.model", "init.checkpoint",
-             "run.storage_path", "selftrain.unlabelled", "decontam.eval_files")
+             "run.storage_path", "selftrain.unlabelled", "selftrain.teacher", "decontam.eval_files")
 CONFIG_NAME = "config.yaml"  # the resolved config, at the top of the job's working_dir
 LOG_TAIL_LINES = 20
 # What `mtnlg-ray serve` prints once its replicas are up.
