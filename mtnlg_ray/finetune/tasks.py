@@ -47,11 +47,13 @@ def _adapt(model: nn.Module, backbone: GPT, cfg: Config) -> nn.Module:
     return model
 
 
-def _merged_backbone_state(state: dict[str, torch.Tensor], model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    """Load a trained state into a CPU copy of the wrapped model, fold LoRA in, and return its GPT weights."""
-    model.load_state_dict(state)
-    merge_lora(model)
-    return {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+def _merged_model(task, state: dict[str, torch.Tensor], model_config: GPTConfig) -> nn.Module:
+    """The task's model rebuilt on the CPU from a gathered state dict, LoRA folded in: what checkpoints hold."""
+    with torch.device("meta"):
+        skeleton = task.build(GPT(model_config))
+    skeleton.to_empty(device="cpu")
+    skeleton.load_state_dict(state)
+    return merge_lora(skeleton)
 
 
 class ClassificationTask:
@@ -122,12 +124,8 @@ class ClassificationTask:
         return classification_metrics(self.dev_gold, predicted, self.labels)
 
     def save(self, state: dict, model_config: GPTConfig, output: Path, tokenizer_json: Path, extra: dict) -> Path:
-        with torch.device("meta"):
-            skeleton = self.build(GPT(model_config))
-        skeleton.to_empty(device="cpu")
-        skeleton.load_state_dict(state)
-        merge_lora(skeleton)
-        return save_classifier(skeleton, self.labels, output, tokenizer_json, extra=extra)
+        model = _merged_model(self, state, model_config)
+        return save_classifier(model, self.labels, output, tokenizer_json, extra=extra)
 
 
 class SFTTask:
@@ -212,12 +210,7 @@ class SFTTask:
     def save(self, state: dict, model_config: GPTConfig, output: Path, tokenizer_json: Path, extra: dict) -> Path:
         from mtnlg_ray.checkpoint import save_checkpoint
 
-        with torch.device("meta"):
-            skeleton = self.build(GPT(model_config))
-        skeleton.to_empty(device="cpu")
-        skeleton.load_state_dict(state)
-        merge_lora(skeleton)
-        return save_checkpoint(skeleton, output, tokenizer_json, extra=extra)
+        return save_checkpoint(_merged_model(self, state, model_config), output, tokenizer_json, extra=extra)
 
 
 TASKS = {"classification": ClassificationTask, "sft": SFTTask}

@@ -61,9 +61,9 @@ def _resolve(cfg: Config) -> Config:
     })
 
 
-def _check_task(cfg: Config, tokenizer_file: Path, seq_len: int) -> tuple[Config, int]:
-    """Validate the data files and the label set; returns the config with task.labels filled and the
-    tokens of one epoch (for the default schedule)."""
+def _check_task(cfg: Config, tokenizer_file: Path, seq_len: int) -> tuple[Config, int, int]:
+    """Validate the data files and the label set; returns the config with task.labels filled, the
+    tokens of one epoch and the number of training examples (for the default schedule)."""
     from mtnlg_ray.finetune.data import check_labels, label_set, read_classification, read_sft
     from mtnlg_ray.model.classifier import classification_input
     from mtnlg_ray.tokenizer import eos_id, load_tokenizer
@@ -77,7 +77,7 @@ def _check_task(cfg: Config, tokenizer_file: Path, seq_len: int) -> tuple[Config
             read_sft(cfg.data.dev, *fields)
         texts = [p.prompt + p.completion for p in pairs]
         tokens = sum(min(len(e.ids) + 1, seq_len + 1) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
-        return cfg, tokens
+        return cfg, tokens, len(pairs)
     train = read_classification(cfg.data.train, cfg.data.text_field, cfg.data.label_field)
     labels = list(cfg.task.labels) if cfg.task.labels else label_set(train)
     if len(labels) < 2:
@@ -89,7 +89,7 @@ def _check_task(cfg: Config, tokenizer_file: Path, seq_len: int) -> tuple[Config
     encoded = tokenizer.encode_batch(train.texts, add_special_tokens=False)
     tokens = sum(len(classification_input(e.ids, eos, seq_len)) for e in encoded)
     cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"labels": labels})})
-    return cfg, tokens
+    return cfg, tokens, len(train.rows)
 
 
 def _default_schedule(cfg: Config, epoch_tokens: int, examples_hint: int) -> Config:
@@ -123,16 +123,8 @@ def prepare_finetune(cfg: Config) -> tuple[Config, object, int, Path]:
     if cfg.task.mode == "lora" and cfg.parallel.tp > 1:
         raise ConfigError("task.mode=lora works with parallel.tp=1 (the adapters are not split across ranks); "
                           f"got parallel.tp={cfg.parallel.tp}")
-    cfg, epoch_tokens = _check_task(cfg, tokenizer_file, model_config.seq_len)
-    examples = _count_examples(cfg)
+    cfg, epoch_tokens, examples = _check_task(cfg, tokenizer_file, model_config.seq_len)
     return _default_schedule(cfg, epoch_tokens, examples), model_config, vocab, tokenizer_file
-
-
-def _count_examples(cfg: Config) -> int:
-    from mtnlg_ray.finetune.data import read_table
-
-    columns = [cfg.task.prompt_field] if cfg.task.kind == "sft" else [cfg.data.text_field]
-    return sum(1 for _ in read_table(cfg.data.train, columns))
 
 
 def finetune(cfg: Config, on_record: Callable[[dict], None] | None = None) -> dict:
