@@ -152,7 +152,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the replica and the bare loop")
     parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--max-chunks-per-s", type=float, default=100.0, help="the server's chunk budget")
+    parser.add_argument("--max-chunks-per-s", type=float, default=100.0, help="the replica's chunk budget")
+    parser.add_argument("--stream-chunks-per-s", type=float, default=25.0, help="one stream's chunk budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -180,7 +181,8 @@ def main() -> None:
             port = s.getsockname()[1]
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({"checkpoint": str(ckpt), "model_name": "bench", "num_cpus": args.threads,
-                             "max_batch": args.max_batch, "max_chunks_per_s": args.max_chunks_per_s}),
+                             "max_batch": args.max_batch, "max_chunks_per_s": args.max_chunks_per_s,
+                             "stream_chunks_per_s": args.stream_chunks_per_s}),
                   name="bench", route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
         time.sleep(5)  # let Ray's start-up work (agents, metrics export) settle before timing

@@ -8,7 +8,7 @@ holding back partial UTF-8 characters while streaming.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -17,6 +17,32 @@ from mtnlg_ray.errors import CheckpointError, InputError
 from mtnlg_ray.model.generate import Completion, SamplingParams, check_prompt, decode, generate
 from mtnlg_ray.model.gpt import inference_layout
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
+
+
+class IncrementalText:
+    """The text of a growing list of token ids, decoding only the ids since the last settled point.
+
+    Byte-level BPE decodes a split list to the same text as the whole when the first part ends on a
+    complete character (its text does not end in U+FFFD), so every `settle_every` ids the decoded
+    tail is kept as settled text and later calls decode only what came after it. Streaming a long
+    completion then costs time proportional to its length, not to its length squared.
+    """
+
+    def __init__(self, decode_ids: Callable[[Sequence[int]], str], settle_every: int = 16) -> None:
+        self._decode = decode_ids
+        self.ids: list[int] = []
+        self._settled_text = ""
+        self._settled_ids = 0
+        self._settle_every = settle_every
+
+    def extend(self, ids: Sequence[int]) -> str:
+        """Add ids; return the text of all ids so far (ending in U+FFFD while a character is unfinished)."""
+        self.ids.extend(ids)
+        tail = self._decode(self.ids[self._settled_ids :])
+        text = self._settled_text + tail
+        if len(self.ids) - self._settled_ids >= self._settle_every and not tail.endswith("\ufffd"):
+            self._settled_text, self._settled_ids = text, len(self.ids)
+        return text
 
 
 class TextGenerator:
@@ -55,20 +81,19 @@ class TextGenerator:
 
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
         """Pieces of text as they are generated; joined they equal `complete`'s text."""
-        ids: list[int] = []
+        decoded = IncrementalText(self.decode_ids)
         shown = ""
         for step in decode(self.model, [self.encode(prompt)], params, eos_id=self.eos, vocab_limit=self.vocab):
             token = step[0]
             if token is None:
                 break
-            ids.append(token)
-            text = self.decode_ids(ids)
+            text = decoded.extend([token])
             # A byte-level token can end inside a UTF-8 character; wait for the rest of it.
             if text.endswith("\ufffd"):
                 continue
             if len(text) > len(shown):
                 yield text[len(shown) :]
                 shown = text
-        text = self.decode_ids(ids)
+        text = decoded.extend([])
         if len(text) > len(shown):
             yield text[len(shown) :]

@@ -53,8 +53,11 @@ def server(ray_session, long_checkpoint):
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        # num_cpus 0: replicas never hold the CPUs the rest of the suite schedules on.
-        serve.run(build_app({"checkpoint": str(long_checkpoint), "model_name": "tiny", "num_cpus": 0}),
+        # num_cpus 0: replicas never hold the CPUs the rest of the suite schedules on. The main app
+        # sends every token as its own chunk (the tiny model makes 32 tokens faster than the default
+        # 25 chunks a second); the tight app keeps the defaults, so chunks there carry several tokens.
+        serve.run(build_app({"checkpoint": str(long_checkpoint), "model_name": "tiny", "num_cpus": 0,
+                             "stream_chunks_per_s": 10_000, "max_chunks_per_s": 10_000}),
                   name="main", route_prefix="/", blocking=False)
         serve.run(build_app({"checkpoint": str(long_checkpoint), "model_name": "tiny", "num_cpus": 0,
                              "api_key": API_KEY, "max_batch": 1, "max_waiting": 1}),
@@ -250,6 +253,14 @@ def test_streaming_joins_to_the_completion_and_ends_with_done(client, server):
     assert all(line.startswith("data: ") for line in events)
     assert events[-1] == "data: [DONE]"
     assert "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1]) == whole
+
+    # At the default chunk rate a fast stream sends several tokens per chunk, and loses none of them.
+    keyed = openai.OpenAI(base_url=f"{server}/tight/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    assert keyed.completions.create(**args).choices[0].text == whole
+    coalesced = list(keyed.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    assert coalesced[-1].usage.completion_tokens == 32
+    assert 1 <= len(coalesced) - 1 < 32
+    assert "".join(c.choices[0].text for c in coalesced[:-1]) == whole
 
 
 def test_chat_is_a_completion_of_the_documented_template(client):

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from mtnlg_ray.data.builtin import BUILTIN_PYTHON_DOCS, MIN_DOC_CHARS, python_docs_texts
 from mtnlg_ray.data.read import iter_texts, resolve_inputs
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
+from mtnlg_ray.inference import IncrementalText
 from mtnlg_ray.tokenizer import (
     EOS,
     eos_id,
@@ -277,3 +278,19 @@ def test_file_uri_reads_through_pyarrow_filesystem(tmp_path):
     uri = tmp_path.as_uri()
     assert resolve_inputs([uri]) == [f"{uri}/b.jsonl", f"{uri}/sub/a.txt"]
     assert list(iter_texts([uri])) == ["line one", "via a URI"]
+
+
+def test_incremental_text_equals_decoding_everything(tok):
+    """Streaming decodes only the ids since the last settled point; the text must be the full decode's."""
+    decode = lambda ids: tok.decode(list(ids), skip_special_tokens=True)  # noqa: E731 (as TextGenerator)
+    rng = random.Random(7)
+    vocab = tok.get_vocab_size()
+    cases = [tok.encode(_random_text(rng)).ids for _ in range(150)]
+    cases += [[rng.randrange(vocab) for _ in range(rng.randint(1, 120))] for _ in range(150)]  # broken UTF-8
+    for ids in cases:
+        text = IncrementalText(decode, settle_every=rng.randint(1, 8))
+        fed = 0
+        while fed < len(ids):
+            step = rng.randint(0, 4)
+            assert text.extend(ids[fed : fed + step]) == decode(ids[: fed + step])
+            fed += step
