@@ -2,8 +2,9 @@
 
 The baseline is one process, one torch thread (what a one-CPU actor gets), calling the labeller on
 the same documents in batches of the same size. The pool runs `label_documents` with 1 and 2 actors
-on a local Ray. Prints docs/s end to end, pool / (actors × baseline), and when the first labelled
-batch came out (actor start-up: process spawn, imports, model load), which a longer corpus amortises.
+on a local Ray. Prints docs/s end to end and after the first labelled batch, each as pool / (actors ×
+baseline), and when that first batch came out (actor start-up: process spawn, imports, model load, paid
+once per run, which a longer corpus amortises).
 
     python bench/label.py
     python bench/label.py --docs 4000 --batch-size 64 --actors 1 2 4 --skip-quality
@@ -77,18 +78,21 @@ def in_process(kind: str, model: Path, docs: list[dict], batch_size: int) -> flo
     return len(docs) / (time.perf_counter() - start)
 
 
-def through_pool(kind: str, model: Path, docs: list[dict], batch_size: int, actors: int) -> tuple[float, float]:
-    """(docs/s end to end, seconds to the first labelled batch) through `label_documents`."""
+def through_pool(kind: str, model: Path, docs: list[dict], batch_size: int, actors: int) -> tuple[float, float, float]:
+    """(docs/s end to end, docs/s after the first labelled batch, seconds to that batch) through `label_documents`.
+
+    The second rate leaves out actor start-up (process spawn, imports, model load), paid once per run."""
     cfg = LabelSection(labeler=kind, model=str(model), actors=(actors, actors), batch_size=batch_size)
     ds = ray.data.from_items(docs, override_num_blocks=max(8, len(docs) // batch_size))
     start = time.perf_counter()
-    first_at, seen = None, 0
+    first_at, first_rows, seen = None, 0, 0
     for batch in label_documents(ds, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
         seen += batch.num_rows
-        first_at = first_at or time.perf_counter()
+        if first_at is None:
+            first_at, first_rows = time.perf_counter(), batch.num_rows
     end = time.perf_counter()
     assert seen == len(docs), (seen, len(docs))
-    return len(docs) / (end - start), first_at - start
+    return len(docs) / (end - start), (seen - first_rows) / max(end - first_at, 1e-9), first_at - start
 
 
 def main() -> None:
@@ -117,19 +121,22 @@ def main() -> None:
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         for kind, (run_docs, batch) in runs.items():
-            rows.append((kind, len(run_docs), batch, "in-process loop, 1 thread", baselines[kind], 1.0, "-"))
+            base = baselines[kind]
+            rows.append((kind, len(run_docs), batch, "in-process loop, 1 thread", base, 1.0, base, 1.0, "-"))
             for n in args.actors:
-                rate, first = through_pool(kind, models[kind], run_docs, batch, n)
+                rate, steady, first = through_pool(kind, models[kind], run_docs, batch, n)
                 run = f"actor pool, {n} actor{'s' if n > 1 else ''}"
-                rows.append((kind, len(run_docs), batch, run, rate, rate / (n * baselines[kind]), f"{first:.1f}"))
+                rows.append((kind, len(run_docs), batch, run, rate, rate / (n * base), steady, steady / (n * base),
+                             f"{first:.1f}"))
         ray.shutdown()
 
     print(f"\ndocuments of ~{args.chars} chars, `tiny` model (perplexity); {platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}")
-    header = ("labeller", "docs", "batch", "run", "docs/s", "vs n×loop", "1st batch s")
-    print("{:<11} {:>6} {:>6} {:<27} {:>9} {:>10} {:>12}".format(*header))
-    for kind, n_docs, batch, run, rate, ratio, first in rows:
-        print(f"{kind:<11} {n_docs:>6} {batch:>6} {run:<27} {rate:>9.1f} {ratio:>9.2f}× {first:>12}")
+    header = ("labeller", "docs", "batch", "run", "docs/s", "vs n×loop", "after 1st", "vs n×loop", "1st batch s")
+    print("{:<11} {:>6} {:>6} {:<27} {:>9} {:>10} {:>10} {:>10} {:>12}".format(*header))
+    for kind, n_docs, batch, run, rate, ratio, steady, steady_ratio, first in rows:
+        print(f"{kind:<11} {n_docs:>6} {batch:>6} {run:<27} {rate:>9.1f} {ratio:>9.2f}× {steady:>10.1f} "
+              f"{steady_ratio:>9.2f}× {first:>12}")
     print("\ncommand: python bench/label.py " + " ".join(sys.argv[1:]))
 
 
