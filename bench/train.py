@@ -4,7 +4,8 @@ Both sides train the same model (same preset, seed and initial weights) on the s
 sequences, with the same micro-batch, the same number of torch threads, AdamW (0.9, 0.95) and
 gradient clipping at 1.0. Ours is the real command path (`mtnlg_ray.train.trainer.pretrain`: Ray
 Train `TorchTrainer`, one worker, the default parallel settings); its step times come from the
-run's `metrics.jsonl`. The baseline is a plain loop in this process. Steps before `--skip` (warm-up)
+run's `metrics.jsonl`. The baseline is a plain loop in this process, run once before and once after
+ours (their mean is the baseline, which cancels a steady drift of the machine's speed). Steps before `--skip` (warm-up)
 and the last step (it evaluates and writes the final checkpoint) are left out; tokens/s is
 sequences × seq_len over the median step time. MFU is Megatron's FLOPs per token
 (`mtnlg_ray.model.flops`) × tokens/s over a matmul peak measured in this run.
@@ -128,15 +129,19 @@ def main() -> None:
         cfg = load_config(overrides=settings, stage="pretrain")
         vocab = json.loads((dataset / "manifest.json").read_text())["tokenizer"]["vocab_size"]
         model_config = cfg.model.resolve(tokenizer_vocab=vocab)
+        # The bare loop runs before and after ours: this VM's speed drifts by 10-20 % over minutes,
+        # and bracketing cancels most of a steady drift.
+        bare_before = run_bare(cfg, model_config, dataset, args.steps)
         ours_times, start = run_ours(settings)
-        bare_times = run_bare(cfg, model_config, dataset, args.steps)
+        bare_after = run_bare(cfg, model_config, dataset, args.steps)
         peak_after = max(measured_peak_tflops(torch.device("cpu")) for _ in range(3))
     ray.shutdown()
 
     window = slice(args.skip, args.steps - 1)
     tokens = args.micro_batch * args.seq_len
     ours_tok_s = tokens / statistics.median(ours_times[window])
-    bare_tok_s = tokens / statistics.median(bare_times[window])
+    bare_runs = [tokens / statistics.median(times[window]) for times in (bare_before, bare_after)]
+    bare_tok_s = statistics.mean(bare_runs)
     per_token = flops_per_token(model_config, args.seq_len)
     params = build_on_meta(model_config).num_parameters()
     result = {
@@ -152,8 +157,10 @@ def main() -> None:
         "ratio": ours_tok_s / bare_tok_s,
         "ours_mfu": per_token * ours_tok_s / (peak * 1e12),
         "bare_mfu": per_token * bare_tok_s / (peak * 1e12),
+        "bare_tok_s_before_after": bare_runs,
         "ours_step_s": ours_times,
-        "bare_step_s": bare_times,
+        "bare_step_s_before": bare_before,
+        "bare_step_s_after": bare_after,
     }
     print(result["setup"])
     print(f"matmul peak measured in this run: {peak:.3f} TFLOP/s (after the runs: {peak_after:.3f})")
@@ -162,7 +169,8 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     print(f"| `mtnlg-ray pretrain`, 1 Ray Train worker | {ours_tok_s:.0f} | **{result['ratio']:.2f}×** "
           f"| {result['ours_mfu'] * 100:.1f} % |")
-    print(f"| bare PyTorch loop, this process | {bare_tok_s:.0f} | 1.00× | {result['bare_mfu'] * 100:.1f} % |")
+    print(f"| bare PyTorch loop, this process (mean of a run before and after ours: {bare_runs[0]:.0f}, "
+          f"{bare_runs[1]:.0f}) | {bare_tok_s:.0f} | 1.00× | {result['bare_mfu'] * 100:.1f} % |")
     print()
     print(f"worker torch threads: {result['worker_threads']}")
     print("command: python bench/train.py " + " ".join(sys.argv[1:]))
