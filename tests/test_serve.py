@@ -235,6 +235,8 @@ def test_greedy_completion_equals_text_generator_and_generate_cli(client, text_g
 
 
 def test_streaming_joins_to_the_completion_and_ends_with_done(client, server):
+    from mtnlg_ray.serve import ServeArgs
+
     args = dict(model="tiny", prompt="def ", max_tokens=32, temperature=0)
     whole = client.completions.create(**args).choices[0].text
     chunks = list(client.completions.create(**args, stream=True))
@@ -257,9 +259,15 @@ def test_streaming_joins_to_the_completion_and_ends_with_done(client, server):
     # At the default chunk rate a fast stream sends several tokens per chunk, and loses none of them.
     keyed = openai.OpenAI(base_url=f"{server}/tight/v1", api_key=API_KEY, max_retries=0, timeout=120)
     assert keyed.completions.create(**args).choices[0].text == whole
+    started = time.perf_counter()
     coalesced = list(keyed.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    elapsed = time.perf_counter() - started
     assert coalesced[-1].usage.completion_tokens == 32
-    assert 1 <= len(coalesced) - 1 < 32
+    # The first chunk goes at once, the closing one (finish reason) when the stream ends, and between
+    # them at most one per 1 / stream_chunks_per_s: sending per token breaks this bound.
+    per_s = ServeArgs.model_fields["stream_chunks_per_s"].default
+    assert 1 <= len(coalesced) - 1 <= 2 + per_s * elapsed
+    assert len(coalesced) - 1 < 32
     assert "".join(c.choices[0].text for c in coalesced[:-1]) == whole
 
 
