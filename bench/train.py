@@ -5,8 +5,8 @@ sequences, with the same micro-batch, the same number of torch threads, AdamW (0
 gradient clipping at 1.0. Ours is the real command path (`mtnlg_ray.train.trainer.pretrain`: Ray
 Train `TorchTrainer`, one worker, the default parallel settings); its step times come from the
 run's `metrics.jsonl`. The baseline is a plain loop in this process, run once before and once after
-ours (their mean is the baseline, which cancels a steady drift of the machine's speed). Steps before `--skip` (warm-up)
-and the last step (it evaluates and writes the final checkpoint) are left out; tokens/s is
+ours (their mean is the baseline, which cancels a steady drift of the machine's speed). Steps before
+`--skip` (warm-up) and the last step (it evaluates and writes the final checkpoint) are left out; tokens/s is
 sequences × seq_len over the median step time. MFU is Megatron's FLOPs per token
 (`mtnlg_ray.model.flops`) × tokens/s over a matmul peak measured in this run.
 

@@ -31,8 +31,10 @@ class Sizes:
     quality_docs: int
 
 
-FULL = Sizes(documents=None, vocab=4096, seq_len=128, pretrain_steps=300, task_examples=600, finetune_epochs=3, quality_docs=600)
-SMOKE = Sizes(documents=150, vocab=512, seq_len=64, pretrain_steps=8, task_examples=96, finetune_epochs=1, quality_docs=120)
+FULL = Sizes(documents=None, vocab=4096, seq_len=128, pretrain_steps=300, task_examples=600, finetune_epochs=3,
+             quality_docs=600)
+SMOKE = Sizes(documents=150, vocab=512, seq_len=64, pretrain_steps=8, task_examples=96, finetune_epochs=1,
+              quality_docs=120)
 
 
 def _paragraphs(texts, min_words: int = 12, max_words: int = 80) -> list[str]:
