@@ -2,12 +2,15 @@
 
 The baseline is one process, one torch thread (what a one-CPU actor gets), calling the labeller on
 the same documents in batches of the same size. The pool runs `label_documents` with 1 and 2 actors
-on a local Ray. Prints docs/s end to end and after the first labelled batch, each as pool / (actors ×
-baseline), and when that first batch came out (actor start-up: process spawn, imports, model load, paid
-once per run, which a longer corpus amortises).
+on a local Ray started as the CLI starts one (`ensure_ray`). Each pool run sits between two baseline
+runs and is compared with their mean, so the machine's drift over minutes cancels; `--repeats` such
+brackets give the medians printed. Reported: docs/s end to end and of the warm pool (after every actor
+has delivered a batch), each as pool / (actors x baseline), and when the first batch came out (actor
+start-up: process spawn, imports, model load, paid once per run, which a longer corpus amortises).
+Batch sizes default to the labellers' own (`label.batch_size: null`).
 
     python bench/label.py
-    python bench/label.py --docs 4000 --batch-size 64 --actors 1 2 4 --skip-quality
+    python bench/label.py --docs 4000 --batch-size 64 --actors 1 2 4 --skip-quality --repeats 5
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import platform
 import random
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -32,8 +36,9 @@ import torch  # noqa: E402
 from mtnlg_ray.checkpoint import init_checkpoint  # noqa: E402
 from mtnlg_ray.config import LabelSection  # noqa: E402
 from mtnlg_ray.data.builtin import python_docs_texts  # noqa: E402
-from mtnlg_ray.data.label import LABELERS, label_documents  # noqa: E402
+from mtnlg_ray.data.label import LABELERS, PerplexityLabeler, QualityLabeler, label_documents  # noqa: E402
 from mtnlg_ray.data.quality import train_quality_classifier  # noqa: E402
+from mtnlg_ray.runtime import ensure_ray  # noqa: E402
 from mtnlg_ray.tokenizer import train_tokenizer  # noqa: E402
 
 
@@ -79,65 +84,92 @@ def in_process(kind: str, model: Path, docs: list[dict], batch_size: int) -> flo
 
 
 def through_pool(kind: str, model: Path, docs: list[dict], batch_size: int, actors: int) -> tuple[float, float, float]:
-    """(docs/s end to end, docs/s after the first labelled batch, seconds to that batch) through `label_documents`.
+    """(docs/s end to end, docs/s once every actor has delivered a batch, seconds to the first batch).
 
-    The second rate leaves out actor start-up (process spawn, imports, model load), paid once per run."""
+    The second rate leaves out actor start-up (process spawn, imports, model load), paid once per
+    run: it counts the documents after the `actors`-th output batch over the time after it."""
     cfg = LabelSection(labeler=kind, model=str(model), actors=(actors, actors), batch_size=batch_size)
-    ds = ray.data.from_items(docs, override_num_blocks=max(8, len(docs) // batch_size))
+    ds = ray.data.from_items(docs, override_num_blocks=-(-len(docs) // batch_size))  # a block a batch
     start = time.perf_counter()
-    first_at, first_rows, seen = None, 0, 0
+    first_at, warm_at, warm_rows, seen, batches = None, None, 0, 0, 0
     for batch in label_documents(ds, cfg).iter_batches(batch_size=None, batch_format="pyarrow"):
         seen += batch.num_rows
+        batches += 1
         if first_at is None:
-            first_at, first_rows = time.perf_counter(), batch.num_rows
+            first_at = time.perf_counter()
+        if batches == actors:
+            warm_at, warm_rows = time.perf_counter(), seen
     end = time.perf_counter()
     assert seen == len(docs), (seen, len(docs))
-    return len(docs) / (end - start), (seen - first_rows) / max(end - first_at, 1e-9), first_at - start
+    return len(docs) / (end - start), (seen - warm_rows) / max(end - warm_at, 1e-9), first_at - start
+
+
+def bracketed(kind: str, model: Path, docs: list[dict], batch: int, actors: list[int], repeats: int) -> list[dict]:
+    """Per actor count, the medians over `repeats` of pool runs each compared with the loop runs around it."""
+    runs: dict[int, list[dict]] = {n: [] for n in actors}
+    before = in_process(kind, model, docs, batch)
+    for _ in range(repeats):
+        for n in actors:
+            rate, steady, first = through_pool(kind, model, docs, batch, n)
+            after = in_process(kind, model, docs, batch)
+            base = (before + after) / 2
+            runs[n].append({"loop": base, "pool": rate, "ratio": rate / (n * base), "steady": steady,
+                            "steady_ratio": steady / (n * base), "first_s": first})
+            before = after
+    return [
+        {"labeller": kind, "docs": len(docs), "batch": batch, "actors": n, "repeats": runs[n],
+         **{key: statistics.median(r[key] for r in runs[n]) for key in runs[n][0]}}
+        for n in actors
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=1200)
+    parser.add_argument("--docs", type=int, default=1280)
     parser.add_argument("--chars", type=int, default=600, help="about how long each document is")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=PerplexityLabeler.batch_size)
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=3, help="bracketed pool runs per actor count")
     parser.add_argument("--skip-quality", action="store_true")
-    parser.add_argument("--quality-docs", type=int, default=20000, help="the quality labeller is fast: more docs")
-    parser.add_argument("--quality-batch-size", type=int, default=1000)
+    parser.add_argument("--skip-perplexity", action="store_true")
+    parser.add_argument("--quality-docs", type=int, default=61440, help="the quality labeller is fast: more docs")
+    parser.add_argument("--quality-batch-size", type=int, default=QualityLabeler.batch_size)
+    parser.add_argument("--output", type=Path, help="write the results here as JSON")
     args = parser.parse_args()
 
     torch.set_num_threads(1)  # the baseline gets what one actor gets: one CPU
-    docs = corpus(max(args.docs, args.quality_docs if not args.skip_quality else 0), args.chars)
+    docs = corpus(max(0 if args.skip_perplexity else args.docs, 0 if args.skip_quality else args.quality_docs),
+                  args.chars)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         models = build_models(Path(tmp), not args.skip_quality)
-        runs = {"perplexity": (docs[: args.docs], args.batch_size)}
+        runs = {} if args.skip_perplexity else {"perplexity": (docs[: args.docs], args.batch_size)}
         if not args.skip_quality:
             runs["quality"] = (docs[: args.quality_docs], args.quality_batch_size)
-        baselines = {kind: in_process(kind, models[kind], d, b) for kind, (d, b) in runs.items()}
-        ray.init(num_cpus=max(os.cpu_count() or 1, max(args.actors)), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ensure_ray(num_cpus=max(os.cpu_count() or 1, max(args.actors)))
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
         for kind, (run_docs, batch) in runs.items():
-            base = baselines[kind]
-            rows.append((kind, len(run_docs), batch, "in-process loop, 1 thread", base, 1.0, base, 1.0, "-"))
-            for n in args.actors:
-                rate, steady, first = through_pool(kind, models[kind], run_docs, batch, n)
-                run = f"actor pool, {n} actor{'s' if n > 1 else ''}"
-                rows.append((kind, len(run_docs), batch, run, rate, rate / (n * base), steady, steady / (n * base),
-                             f"{first:.1f}"))
+            rows += bracketed(kind, models[kind], run_docs, batch, args.actors, args.repeats)
         ray.shutdown()
 
     print(f"\ndocuments of ~{args.chars} chars, `tiny` model (perplexity); {platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}")
-    header = ("labeller", "docs", "batch", "run", "docs/s", "vs n×loop", "after 1st", "vs n×loop", "1st batch s")
-    print("{:<11} {:>6} {:>6} {:<27} {:>9} {:>10} {:>10} {:>10} {:>12}".format(*header))
-    for kind, n_docs, batch, run, rate, ratio, steady, steady_ratio, first in rows:
-        print(f"{kind:<11} {n_docs:>6} {batch:>6} {run:<27} {rate:>9.1f} {ratio:>9.2f}× {steady:>10.1f} "
-              f"{steady_ratio:>9.2f}× {first:>12}")
-    print("\ncommand: python bench/label.py " + " ".join(sys.argv[1:]))
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}; medians of {args.repeats} "
+          "pool runs, each against the mean of the loop runs just before and after it")
+    header = ("labeller", "docs", "batch", "actors", "loop docs/s", "pool docs/s", "vs n×loop", "warm pool",
+              "vs n×loop", "1st batch s")
+    print("{:<11} {:>6} {:>6} {:>6} {:>11} {:>11} {:>10} {:>10} {:>10} {:>12}".format(*header))
+    for r in rows:
+        print(f"{r['labeller']:<11} {r['docs']:>6} {r['batch']:>6} {r['actors']:>6} {r['loop']:>11.1f} "
+              f"{r['pool']:>11.1f} {r['ratio']:>9.2f}× {r['steady']:>10.1f} {r['steady_ratio']:>9.2f}× "
+              f"{r['first_s']:>12.1f}")
+    command = "python bench/label.py " + " ".join(sys.argv[1:])
+    print("\ncommand: " + command)
+    if args.output:
+        result = {"command": command, "machine": platform.machine(), "cpus": os.cpu_count(),
+                  "torch": torch.__version__, "ray": ray.__version__, "rows": rows}
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

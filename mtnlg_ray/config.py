@@ -85,7 +85,10 @@ class LabelSection(Section):
     ppl_max_percentile: float | None = Field(None, gt=0.0, le=100.0)
     actors: tuple[int, int] = (1, 1)
     num_gpus: float = Field(0.0, ge=0.0)  # per labelling actor; the model runs on CUDA when it gets one
-    batch_size: int = Field(64, ge=1)
+    # Documents per labeller call, and so per actor task. None: the labeller's own `batch_size`
+    # (quality 4096: ~0.2 ms a document, so small batches would be mostly Ray's per-task cost;
+    # perplexity and classifier 64, which batch their forward passes by tokens inside).
+    batch_size: int | None = Field(None, ge=1)
     seed: int = 0
 
     @field_validator("actors")

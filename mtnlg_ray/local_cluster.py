@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mtnlg_ray.errors import MtnlgError
+from mtnlg_ray.runtime import NICENESS_VARIABLE, WORKER_NICENESS
 
 STATE_FILE = "mtnlg-local.json"
 
@@ -101,8 +102,10 @@ def start_local_cluster(
         command += ["--temp-dir", str(temp)]
     command += list(ray_args)
     # A new session: every daemon `ray start` spawns inherits it, which is what `down` stops.
+    # Workers at the driver's priority, as on the Ray `ensure_ray` starts (see runtime.py).
+    env = {NICENESS_VARIABLE: WORKER_NICENESS, **os.environ}
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            text=True, env=env)
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

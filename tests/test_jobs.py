@@ -245,6 +245,12 @@ def test_local_down_stops_every_process_of_its_cluster_and_nothing_else(local_ra
 
     session = local_ray.state["session_id"]
     assert session_processes(session)
+    # Its workers run at the driver's priority: the raylet that starts them got RAY_worker_niceness=0
+    # (Ray's default, 15, would have them yield to every daemon of the cluster).
+    raylets = [pid for pid in session_processes(session)
+               if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"/raylet")]
+    assert len(raylets) == 1
+    assert b"RAY_worker_niceness=0" in Path(f"/proc/{raylets[0]}/environ").read_bytes().split(b"\0")
     status = cli("local", "status", "--temp-dir", local_ray.temp_dir)
     assert status.returncode == 0 and local_ray.address in status.stdout
     # A process `ray stop` would take for Ray's (it matches on names such as dashboard.py), outside the cluster.

@@ -9,6 +9,8 @@ import random
 import re
 import signal
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +22,7 @@ from conftest import SHARED_DATA
 from mtnlg_ray.checkpoint import load_checkpoint
 from mtnlg_ray.config import LabelSection
 from mtnlg_ray.data.label import (
+    LABELERS,
     REJECTED_SCHEMA,
     ClassifierLabeler,
     PerplexityLabeler,
@@ -142,6 +145,15 @@ def test_quality_model_files_hold_no_pickle_and_reload_to_the_training_scores(qu
     assert labelled.column_names == ["id", "text", "source", "location", "quality"]
     assert labelled.column("quality").type == pa.float64()
     assert labelled.column("quality").to_pylist() == model.score(table.column("text").to_pylist()).tolist()
+
+
+def test_the_quality_labeller_imports_no_torch():
+    # A quality-labelling actor imports only the labeller's module chain; torch would add ~2 s to
+    # every actor's start-up (the pool pickles the class by reference to this module).
+    assert LABELERS["quality"].__module__ == "mtnlg_ray.data.quality"
+    code = "import sys, mtnlg_ray.data.quality; print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr[-2000:]
 
 
 def test_quality_training_needs_text_on_both_sides(tmp_path):
@@ -379,6 +391,18 @@ def test_quality_labelled_through_the_pool_then_thresholded(ray_session, quality
     assert row["detail"] == f"quality {expected[row['id']]['quality']:.4f} < threshold 0.5"
     kept, rejected = filter_labelled(labelled, LabelSection(labeler="quality", filter="none"))
     assert kept.count() == 40 and rejected.count() == 0
+
+
+def test_an_unset_batch_size_is_the_labellers_own(ray_session, quality_model):
+    # 4,500 documents in blocks of 500: the quality labeller's 4,096-document batches bundle nine
+    # blocks into one task, where a fixed small default would label them block by block.
+    path, _, _ = quality_model
+    docs = [{"id": f"d{i}", "text": f"word {i}", "source": "s", "location": f"l:{i}"} for i in range(4500)]
+    cfg = LabelSection(labeler="quality", model=str(path))
+    assert cfg.batch_size is None and QualityLabeler.batch_size == 4096
+    labelled = label_documents(ray.data.from_items(docs, override_num_blocks=9), cfg)
+    sizes = [batch.num_rows for batch in labelled.iter_batches(batch_size=None, batch_format="pyarrow")]
+    assert sum(sizes) == 4500 and max(sizes) >= 4096, sizes
 
 
 def test_pareto_keep_rate_follows_gpt3_rule():

@@ -2,7 +2,8 @@
 
 Three labellers share one interface: a callable class whose `__init__` loads its model once per
 actor and whose `__call__` takes a pyarrow batch of documents and returns it with label columns
-added. `label_documents` runs one over a dataset; `filter_labelled` turns labels into kept and
+added. The quality labeller lives in `quality.py`, which imports no torch, so its actors start
+without it. `label_documents` runs one over a dataset; `filter_labelled` turns labels into kept and
 rejected documents. Sits between dedup and packing in the data pipeline.
 """
 
@@ -22,9 +23,10 @@ import torch.nn.functional as F
 
 from mtnlg_ray.checkpoint import CONFIG, load_checkpoint, read_checkpoint_config, tokenizer_path
 from mtnlg_ray.config import LabelSection
-from mtnlg_ray.data.quality import QualityModel
+from mtnlg_ray.data.columns import column as _column, texts as _texts, with_column as _with_column
+from mtnlg_ray.data.quality import QualityLabeler
 from mtnlg_ray.data.read import REJECTED_COLUMNS
-from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
+from mtnlg_ray.errors import CheckpointError, ConfigError
 from mtnlg_ray.model.classifier import classification_input, classification_task, load_classifier
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
 
@@ -32,24 +34,6 @@ STAGE = "label"
 REJECTED_SCHEMA = pa.schema([(name, pa.string()) for name in REJECTED_COLUMNS])
 # Tokens per forward pass: windows of similar length are batched up to this many (padded) tokens.
 MAX_BATCH_TOKENS = 8192
-
-
-def _column(batch: pa.Table, name: str) -> pa.ChunkedArray:
-    if name not in batch.column_names:
-        columns = ", ".join(batch.column_names)
-        raise InputError(f"label: documents have no column {name!r} (columns: {columns})")
-    return batch.column(name)
-
-
-def _texts(batch: pa.Table, text_field: str) -> list[str]:
-    return [t or "" for t in _column(batch, text_field).to_pylist()]
-
-
-def _with_column(batch: pa.Table, name: str, values: pa.Array) -> pa.Table:
-    """`batch` with column `name` set to `values`, replacing an earlier labelling's column."""
-    if name in batch.column_names:
-        return batch.set_column(batch.column_names.index(name), name, values)
-    return batch.append_column(name, values)
 
 
 def _default_device(device: str | None) -> torch.device:
@@ -76,24 +60,6 @@ def _pad_right(rows: list[list[int]], device: torch.device, fill: int = 0) -> to
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out.to(device)
-
-
-class QualityLabeler:
-    """Adds `quality` ∈ [0, 1] (float64): the hashed n-gram classifier's P(curated)."""
-
-    columns = ("quality",)
-
-    def __init__(self, model_path: str | Path, text_field: str = "text") -> None:
-        self.model = QualityModel.load(model_path)
-        self.text_field = text_field
-
-    @staticmethod
-    def check(model_path: str | Path) -> None:
-        QualityModel.read_meta(model_path)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        scores = self.model.score(_texts(batch, self.text_field))
-        return _with_column(batch, "quality", pa.array(scores, pa.float64()))
 
 
 def perplexity_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -123,6 +89,7 @@ class PerplexityLabeler:
     """
 
     columns = ("ppl",)
+    batch_size = 64  # documents per call; forward passes are batched by tokens inside
 
     def __init__(
         self,
@@ -190,6 +157,7 @@ class ClassifierLabeler:
     """
 
     columns = ("label", "confidence")
+    batch_size = 64  # documents per call; forward passes are batched by tokens inside
 
     def __init__(
         self,
@@ -251,11 +219,12 @@ def _labeler(cfg: LabelSection) -> type:
 def label_documents(ds: ray.data.Dataset, cfg: LabelSection, text_field: str = "text") -> ray.data.Dataset:
     """`ds` with the label columns of `cfg.labeler` added to every row, computed by an actor pool.
 
-    Each actor holds one CPU and loads the model once. Ray Data's actor pools restart an actor
-    that dies (max_restarts=-1) and resubmit the batches it held (max_task_retries=-1) by
-    default; setting them here would go through `map_batches`' deprecated **ray_remote_args. So a
-    killed or preempted labeller costs time, never documents. Rows keep their order only under
-    `DataContext.execution_options.preserve_order`.
+    Each actor holds one CPU and loads the model once; each task gives it `cfg.batch_size`
+    documents, or the labeller's own `batch_size` when that is None. Ray Data's actor pools
+    restart an actor that dies (max_restarts=-1) and resubmit the batches it held
+    (max_task_retries=-1) by default; setting them here would go through `map_batches`'
+    deprecated **ray_remote_args. So a killed or preempted labeller costs time, never documents.
+    Rows keep their order only under `DataContext.execution_options.preserve_order`.
     """
     labeler = _labeler(cfg)
     if cfg.model is None:
@@ -270,7 +239,7 @@ def label_documents(ds: ray.data.Dataset, cfg: LabelSection, text_field: str = "
         num_cpus=1,
         num_gpus=cfg.num_gpus,
         batch_format="pyarrow",
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size or labeler.batch_size,
         udf_modifying_row_count=False,
     )
 

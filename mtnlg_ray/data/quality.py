@@ -1,7 +1,8 @@
 """The GPT-3 / MT-NLG document quality classifier: hashed word n-grams and logistic regression.
 
 `train_quality_classifier` fits it on curated text (positives) against raw crawl (negatives);
-`QualityModel` scores documents for the quality labeller in `mtnlg_ray/data/label.py`. A model
+`QualityModel` scores documents; `QualityLabeler` is the labeller `mtnlg_ray/data/label.py` runs
+in its actor pool (this module imports no torch, so those actors start without it). A model
 is a folder of `weights.safetensors` and `quality.json`: loading it never unpickles.
 """
 
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from mtnlg_ray.data.columns import texts, with_column
 from mtnlg_ray.data.read import iter_texts
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
 
@@ -193,6 +196,27 @@ class QualityModel:
             )
         threshold = meta.get("threshold", THRESHOLD)
         return cls(weight, float(bias[0]), meta["ngram_order"], meta["buckets"], threshold, meta.get("metrics"))
+
+
+class QualityLabeler:
+    """Adds `quality` ∈ [0, 1] (float64): the hashed n-gram classifier's P(curated)."""
+
+    columns = ("quality",)
+    # ~0.2 ms a document on a laptop core: a batch this size is ~1 s of work per actor task, which
+    # amortises Ray's per-task cost (a pool at 64 documents a batch ran at 0.42x a plain loop).
+    batch_size = 4096
+
+    def __init__(self, model_path: str | Path, text_field: str = "text") -> None:
+        self.model = QualityModel.load(model_path)
+        self.text_field = text_field
+
+    @staticmethod
+    def check(model_path: str | Path) -> None:
+        QualityModel.read_meta(model_path)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scores = self.model.score(texts(batch, self.text_field))
+        return with_column(batch, "quality", pa.array(scores, pa.float64()))
 
 
 def fit_logistic(

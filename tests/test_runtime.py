@@ -1,0 +1,45 @@
+"""The Ray mtnlg-ray starts for a command: workers at the driver's priority unless the user says otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from mtnlg_ray.runtime import NICENESS_VARIABLE, worker_niceness_default
+
+START_AND_ASK = """
+import json, os, ray
+from mtnlg_ray.runtime import ensure_ray
+ensure_ray(num_cpus=1)
+nice = ray.get(ray.remote(lambda: os.nice(0)).options(num_cpus=0).remote())
+print(json.dumps({"worker": nice, "driver": os.nice(0), "left_set": "RAY_worker_niceness" in os.environ}))
+ray.shutdown()
+"""
+
+
+def test_ensure_ray_starts_workers_at_the_drivers_priority():
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", NICENESS_VARIABLE)}
+    # A temp dir of its own (short: Ray's socket paths must stay under 108 characters), so no
+    # running cluster's address file is found and joined: this starts a fresh local Ray.
+    with tempfile.TemporaryDirectory(prefix="mtr", dir="/tmp") as temp:
+        env["RAY_TMPDIR"] = temp
+        out = subprocess.run([sys.executable, "-c", START_AND_ASK], capture_output=True, text=True, env=env,
+                             timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # Ray's own default is 15 (the test would see that with the setting gone).
+    assert result == {"worker": result["driver"], "driver": result["driver"], "left_set": False}
+
+
+def test_a_niceness_the_user_set_is_kept(monkeypatch):
+    monkeypatch.setenv(NICENESS_VARIABLE, "7")
+    with worker_niceness_default():
+        assert os.environ[NICENESS_VARIABLE] == "7"
+    assert os.environ[NICENESS_VARIABLE] == "7"
+    monkeypatch.delenv(NICENESS_VARIABLE)
+    with worker_niceness_default():
+        assert os.environ[NICENESS_VARIABLE] == "0"
+    assert NICENESS_VARIABLE not in os.environ
