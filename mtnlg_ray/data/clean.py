@@ -13,6 +13,7 @@ from collections import Counter
 import pyarrow as pa
 
 from mtnlg_ray.config import CleanSection
+from mtnlg_ray.data.columns import with_column
 
 # Control characters other than tab and newline (C0, DEL, C1), and the zero-width / BOM marks.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
@@ -103,9 +104,6 @@ def clean_batch(batch: pa.Table, cfg: CleanSection) -> pa.Table:
 
 def with_verdicts(batch: pa.Table, texts: list[str], reasons: list[str], details: list[str]) -> pa.Table:
     """`batch` with its `text` replaced and `reason` / `detail` set (added when missing): a stage's verdicts."""
-    columns = {"text": texts, "reason": reasons, "detail": details}
-    for name, values in columns.items():
-        index = batch.schema.get_field_index(name)
-        column = pa.array(values, pa.string())
-        batch = batch.set_column(index, name, column) if index >= 0 else batch.append_column(name, column)
+    for name, values in (("text", texts), ("reason", reasons), ("detail", details)):
+        batch = with_column(batch, name, pa.array(values, pa.string()))
     return batch

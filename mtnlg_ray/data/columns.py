@@ -1,4 +1,4 @@
-"""Reading and setting the columns of a labeller's pyarrow batch.
+"""Reading and setting the columns of a stage's pyarrow batch (labellers, cleaning).
 
 Kept free of torch (as is `quality.py`), so an actor that only runs the quality labeller starts
 without importing it: about 2 s of every actor's start-up on a laptop CPU.
