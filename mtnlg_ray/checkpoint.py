@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from mtnlg_ray.errors import CheckpointError, ConfigError
 from mtnlg_ray.model.gpt import GPT, GPTConfig
+from mtnlg_ray.publish import publish_directory
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -70,29 +70,16 @@ def _write_atomically(output: Path, state, config: dict, tokenizer_json) -> None
     if output.is_dir() and any(output.iterdir()) and not _is_checkpoint(output):
         # Replacing a checkpoint is fine; replacing some other folder would delete the user's files.
         raise CheckpointError(f"{output}: exists and is not a checkpoint; choose an empty or new directory")
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    staging.chmod(0o755)  # mkdtemp's 0700 would hide the checkpoint from other users and containers
-    try:
+
+    def write(staging: Path) -> None:
         save_file(state, str(staging / WEIGHTS), metadata={"format": FORMAT})
         (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if tokenizer_json is not None:
             shutil.copyfile(tokenizer_json, staging / TOKENIZER)
         elif (output / TOKENIZER).is_file():
             shutil.copyfile(output / TOKENIZER, staging / TOKENIZER)
-        for f in staging.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if output.exists():
-            # Swap in two renames so a reader sees the old or the new checkpoint, never a mix.
-            retired = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, retired)
-            os.replace(staging, output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+
+    publish_directory(output, write)
 
 
 def _is_checkpoint(path: Path) -> bool:

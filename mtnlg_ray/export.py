@@ -8,11 +8,9 @@ Neither needs transformers: the files are written and read with safetensors, tok
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from mtnlg_ray.checkpoint import (
 )
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
 from mtnlg_ray.model.gpt import GPTConfig
+from mtnlg_ray.publish import publish_directory
 from mtnlg_ray.tokenizer import EOS, eos_id, load_tokenizer
 
 HF_CONFIG = "config.json"
@@ -114,7 +113,7 @@ def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
         )
         _write_json(staging / "special_tokens_map.json", specials)
 
-    _write_directory_atomically(output, write)
+    publish_directory(output, write)
     return output
 
 
@@ -350,28 +349,6 @@ def _refuse_to_clobber(output: Path, source: Path, marker: str) -> None:
     if not isinstance(body, dict) or marker not in body:
         kind = "Hugging Face model" if marker == "model_type" else "mtnlg-ray checkpoint"
         raise InputError(f"{output}: exists, is not empty and is not a {kind}; refusing to replace it")
-
-
-def _write_directory_atomically(output: Path, write) -> None:
-    """Fill a temporary sibling directory with `write(staging)`, then rename it into place."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        write(staging)
-        for f in staging.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if output.exists():
-            # Two renames, so a reader sees the old export or the new one, never a mix.
-            retired = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, retired)
-            os.replace(staging, output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_json(path: Path, body: dict) -> None:

@@ -167,6 +167,28 @@ def test_export_replaces_a_previous_export_in_place(checkpoint, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no staging or retired directory left behind
 
 
+def test_published_folders_are_readable_by_everyone_under_the_usual_umask(checkpoint, tmp_path):
+    """An export, an import and a checkpoint are folders other users and pods on a shared volume can read
+    (mkdtemp's private 0700 must not survive the rename); a stricter umask is honoured too."""
+    import os
+    import stat
+
+    def modes(folder: Path) -> set[int]:
+        return {stat.S_IMODE(folder.stat().st_mode)} | {stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}
+
+    previous = os.umask(0o022)
+    try:
+        hf = export_hf(checkpoint, tmp_path / "hf")
+        back = import_hf(hf, tmp_path / "back")
+        assert stat.S_IMODE(hf.stat().st_mode) == 0o755 and stat.S_IMODE(back.stat().st_mode) == 0o755
+        assert all(mode & 0o044 == 0o044 for mode in modes(hf) | modes(back))  # group and others read every file
+        os.umask(0o077)
+        private = export_hf(checkpoint, tmp_path / "private")
+        assert stat.S_IMODE(private.stat().st_mode) == 0o700
+    finally:
+        os.umask(previous)
+
+
 def test_export_and_import_refuse_to_replace_an_unrelated_folder(checkpoint, exported, tmp_path):
     keep = tmp_path / "notes"
     keep.mkdir()

@@ -9,10 +9,7 @@ is a folder of `weights.safetensors` and `quality.json`: loading it never unpick
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +23,7 @@ from safetensors.numpy import load_file, save_file
 from mtnlg_ray.data.columns import texts, with_column
 from mtnlg_ray.data.read import iter_texts
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
+from mtnlg_ray.publish import publish_directory
 
 FORMAT = "mtnlg-ray/quality/v1"
 WEIGHTS = "weights.safetensors"
@@ -324,23 +322,10 @@ def _write_atomically(output: Path, tensors: dict[str, np.ndarray], meta: dict) 
     if output.is_dir() and any(output.iterdir()) and not (output / META).is_file():
         # Replacing the folder wholesale would delete whatever else the user keeps there.
         raise InputError(f"{output}: folder exists and is not a quality model; choose a new --output")
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+
+    def write(staging: Path) -> None:
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": FORMAT})
         (staging / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        for f in staging.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            f.chmod(0o644)
-        staging.chmod(0o755)  # mkdtemp makes it private; the model is meant to be shared
-        if output.exists():
-            retired = output.with_name(f".{output.name}.old-{os.getpid()}")
-            os.replace(output, retired)
-            os.replace(staging, output)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+
+    publish_directory(output, write)
     return output

@@ -1,0 +1,60 @@
+"""Publishing a folder of files (a checkpoint, an export, a quality model) all at once.
+
+The folder is written in full under a hidden sibling name and renamed into place, so a reader sees
+the old folder or the new one, never a mix; it gets the permissions any folder the user makes gets.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def publish_directory(output: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling of `output` with `write(staging)`, sync it, then rename it to `output`.
+
+    An existing `output` is replaced (the caller decides whether it may be). Modes are what `mkdir`
+    and `open` give under the user's umask (0755 and 0644 under the usual 022), not `mkdtemp`'s
+    private 0700, so other users and other pods on a shared volume can read what was published.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        umask = current_umask()
+        write(staging)
+        # Some writers make private files (safetensors writes 0600): every file and folder gets what
+        # a plain open() or mkdir() would give it.
+        for path in [staging, *staging.rglob("*")]:
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        if output.exists():
+            # Two renames, so a reader sees the old folder or the new one, never a mix.
+            retired = output.with_name(f".{output.name}.old-{os.getpid()}")
+            os.replace(output, retired)
+            os.replace(staging, output)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return output
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (Linux), else by setting it back at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
