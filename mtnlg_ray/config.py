@@ -100,8 +100,12 @@ class LabelSection(Section):
 
 
 class ReadSection(Section):
-    txt_mode: Literal["file", "paragraph"] = "file"  # a .txt file is one document, or one per paragraph
-    max_chars: int = Field(1_000_000, ge=1)  # longer records are rejected ("too_large")
+    # A .txt file is one document, one per paragraph, or one per non-empty line.
+    txt_mode: Literal["file", "paragraph", "line"] = "file"
+    max_chars: int = Field(1_000_000, ge=1)  # longer records are rejected ("oversized")
+    # In file mode a .txt over max_chars is cut, at paragraphs (else lines), into documents of at
+    # most this many characters: well under clean.max_words (100,000 words is ~550,000 characters).
+    piece_chars: int = Field(100_000, ge=1)
     weights: dict[str, float] = {}  # INPUT as given → blend weight (MT-NLG mixes sources by weight)
 
     @field_validator("weights")

@@ -46,3 +46,18 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # machine (keeping that cluster's settings), and otherwise starts a local Ray for this process.
     with worker_niceness_default():
         ray.init(num_cpus=num_cpus, configure_logging=False, log_to_driver=False)
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data's console handler passes warnings and errors only, not its per-operator INFO lines.
+
+    Ray Data logs every dataset it runs (plan, progress, "execution finished") at INFO to the
+    console and to the session's `ray-data.log`; the file keeps them all.
+    """
+    import logging
+
+    import ray.data  # noqa: F401  (importing it installs Ray Data's logging config)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.get_name() == "console":
+            handler.setLevel(max(handler.level, logging.WARNING))

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
@@ -391,6 +392,30 @@ def test_quality_labelled_through_the_pool_then_thresholded(ray_session, quality
     assert row["detail"] == f"quality {expected[row['id']]['quality']:.4f} < threshold 0.5"
     kept, rejected = filter_labelled(labelled, LabelSection(labeler="quality", filter="none"))
     assert kept.count() == 40 and rejected.count() == 0
+
+
+def test_data_label_that_keeps_nothing_writes_its_rejects_and_names_the_stage(ray_session, quality_model, tmp_path):
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.data.pipeline import label_corpus
+
+    path, _, _ = quality_model
+    corpus = tmp_path / "crawl.jsonl"
+    write_jsonl(corpus, PARAGRAPHS[:5])
+    with corpus.open("a", encoding="utf-8") as fh:
+        fh.write("{broken\n")
+    output = tmp_path / "labelled"
+    # A quality of 1.0 is out of reach of a sigmoid: the labeller rejects every document.
+    config = load_config(overrides=["label.labeler=quality", f"label.model={path}", "label.threshold=1.0"],
+                         stage="prepare")
+    with pytest.raises(InputError) as err:
+        label_corpus([str(corpus)], output, config)
+    assert str(err.value) == (
+        f"no document survived label (quality): 6 rejected (low_quality 5, bad_json 1); see {output / 'rejected'}"
+    )
+    rejected = pq.read_table(output / "rejected").to_pylist()
+    assert sorted(r["reason"] for r in rejected) == ["bad_json"] + ["low_quality"] * 5
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["documents"] == 0 and manifest["rejected"] == {"bad_json": 1, "low_quality": 5}
 
 
 def test_an_unset_batch_size_is_the_labellers_own(ray_session, quality_model):

@@ -10,8 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli
+from conftest import SHARED_DATA, run_cli
 from mtnlg_ray.config import load_config
+from mtnlg_ray.data.clean import normalize_text
 from mtnlg_ray.data.pack import read_sequences
 from mtnlg_ray.errors import InputError
 
@@ -125,7 +126,7 @@ def test_each_bad_record_is_rejected_with_its_reason(prepared):
     rejected = pq.read_table(output / "rejected").to_pylist()
     reasons = sorted(r["reason"] for r in rejected)
     assert reasons == sorted([
-        "bad_json", "missing_field", "empty", "not_object", "too_large", "bad_utf8",
+        "bad_json", "missing_field", "empty", "not_object", "oversized", "bad_utf8",
         "too_few_words", "exact_duplicate", "near_duplicate", "contaminated",
     ])
     by_reason = {r["reason"]: r for r in rejected}
@@ -203,3 +204,86 @@ def test_cli_prepare_exits_0_and_bad_config_exits_2(planted, tmp_path):
     assert (tmp_path / "ds" / "manifest.json").is_file()
     bad = run_cli("data", "prepare", str(small), "--output", str(tmp_path / "ds2"), "--set", "dedup.bandz=3")
     assert bad.returncode == 2 and "unknown key 'dedup.bandz'" in bad.stderr
+
+
+# ---------------------------------------------------------------- what a new user hits first
+
+
+def test_cli_a_corpus_of_only_bad_records_exits_2_with_one_line_and_keeps_every_reject(tmp_path):
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_text('{"text": "unterminated\n[1, 2]\n{"body": "no text"}\n{"text": ""}\n', encoding="utf-8")
+    output = tmp_path / "ds"
+    result = run_cli("data", "prepare", str(corpus), "--output", str(output))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: no document survived read: 4 rejected (bad_json 1, empty 1, missing_field 1, not_object 1); "
+        f"see {output / 'rejected'}"
+    ]
+    assert "Traceback" not in result.stderr
+    rejected = pq.read_table(output / "rejected").to_pylist()
+    assert sorted((r["location"].rsplit(":", 1)[1], r["reason"]) for r in rejected) == [
+        ("1", "bad_json"), ("2", "not_object"), ("3", "missing_field"), ("4", "empty"),
+    ]
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["documents"] == 0 and manifest["error"] == errors[0].removeprefix("error: ")
+    assert manifest["rejected"] == {"bad_json": 1, "empty": 1, "missing_field": 1, "not_object": 1}
+    assert [s["name"] for s in manifest["stages"]] == ["read"]
+
+
+def test_a_later_stage_that_removes_the_last_document_names_itself(ray_session, tmp_path):
+    from mtnlg_ray.data.pipeline import prepare_dataset
+
+    corpus = tmp_path / "short.jsonl"
+    corpus.write_text('{"text": "Too short."}\n{"text": "Also far too short."}\n{broken\n', encoding="utf-8")
+    output = tmp_path / "ds"
+    with pytest.raises(InputError) as err:
+        prepare_dataset([str(corpus)], output, load_config(stage="prepare"))
+    assert str(err.value) == (
+        f"no document survived clean: 3 rejected (too_few_words 2, bad_json 1); see {output / 'rejected'}"
+    )
+    assert sorted(r["stage"] for r in pq.read_table(output / "rejected").to_pylist()) == ["clean", "clean", "read"]
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert [(s["name"], s["out"]) for s in manifest["stages"]] == [("read", 2), ("clean", 0)]
+    assert (output / "docs").is_dir() and not (output / "tokens").exists()
+
+
+def test_line_mode_keeps_one_document_per_line(ray_session, tmp_path):
+    from mtnlg_ray.data.pipeline import prepare_dataset
+
+    rng = random.Random(5)
+    lines = [f"{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for i in range(300)]
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    config = load_config(overrides=["read.txt_mode=line", "clean.enabled=false", "dedup.fuzzy=false",
+                                    "tokenizer.vocab_size=300", "pack.seq_len=16"], stage="prepare")
+    manifest = prepare_dataset([str(corpus)], tmp_path / "ds", config)
+    assert manifest["documents"] == 300 and manifest["rejected"] == {}
+    docs = pq.read_table(tmp_path / "ds" / "docs").to_pylist()
+    assert [d["text"] for d in docs] == lines
+    assert [d["location"] for d in docs] == [f"{corpus}:{i}" for i in range(1, 301)]
+
+
+def test_cli_prepares_tinyshakespeare_with_defaults_and_prints_only_its_own_lines(tmp_path):
+    """The classic 1.1 MB single-file corpus: over read.max_chars, so it is cut into pieces at paragraphs."""
+    source = SHARED_DATA / "tinyshakespeare.txt"
+    text = source.read_text(encoding="utf-8")
+    assert len(text) > 1_000_000  # over the default read.max_chars
+    output = tmp_path / "ds"
+    result = run_cli("data", "prepare", str(source), "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["split_files"] == 1 and manifest["rejected"] == {}
+    docs = pq.read_table(output / "docs").to_pylist()
+    assert len(docs) == manifest["documents"] >= 11
+    assert all(len(d["text"]) <= 100_000 for d in docs)
+    first_lines = [int(d["location"].rsplit(":", 1)[1]) for d in docs]
+    assert first_lines[0] == 1 and first_lines == sorted(first_lines)
+    # every paragraph is kept, in order, as cleaning normalises it
+    paragraphs = [normalize_text(p) for p in text.split("\n\n") if p.strip()]
+    assert [p for d in docs for p in d["text"].split("\n\n")] == paragraphs
+    assert manifest["pack"]["train_sequences"] > 2000
+    # Piped output: our stage lines, none of Ray Data's per-operator INFO lines.
+    output_text = result.stdout + result.stderr
+    assert "✓ read" in output_text and "✓ tokenize + pack" in output_text
+    assert not [line for line in output_text.splitlines() if "logging_progress" in line or "streaming_executor" in line]

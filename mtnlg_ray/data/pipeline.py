@@ -33,13 +33,15 @@ _COPY_BITS = 52  # blended copies sort after the originals: copy << 52 | seq
 # ---------------------------------------------------------------- batch functions (run in Ray tasks)
 
 
-def read_batch(batch: pa.Table, text_field: str, txt_mode: str, max_chars: int) -> pa.Table:
+def read_batch(
+    batch: pa.Table, text_field: str, txt_mode: str, max_chars: int, piece_chars: int | None = None
+) -> pa.Table:
     """Each input row names one file; the output holds one row per record of those files."""
     rows: dict[str, list] = {k: [] for k in ("id", "text", "source", "location", "seq", "reason", "detail")}
     for item, source, file_index in zip(
         batch.column("item").to_pylist(), batch.column("source").to_pylist(), batch.column("file_index").to_pylist()
     ):
-        for number, record in enumerate(iter_records(item, text_field, txt_mode, max_chars)):
+        for number, record in enumerate(iter_records(item, text_field, txt_mode, max_chars, piece_chars)):
             rows["id"].append(document_id(record.location))
             rows["text"].append(record.text)
             rows["source"].append(source)
@@ -110,12 +112,21 @@ class StageReport:
     note: str = ""
 
 
+class NothingLeft(Exception):
+    """Raised by a stage that left no document; the pipeline stops, keeping what was rejected."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage)
+        self.stage = stage
+
+
 @dataclass
 class PipelineRun:
     """Counts and timings as the stages run; becomes manifest.json."""
 
     stages: list[StageReport] = field(default_factory=list)
     rejected_parts: list = field(default_factory=list)
+    split_files: int = 0  # .txt files over read.max_chars, cut into several documents
     on_stage: Callable[[StageReport], None] | None = None
 
     def record(self, report: StageReport) -> None:
@@ -142,6 +153,8 @@ def _run_stage(run: PipelineRun, name: str, docs, stage_fn, note: str = ""):
     n_rejected = rejected.count()
     run.rejected_parts.append(rejected)
     run.record(StageReport(name, docs_in, kept.count(), n_rejected, time.perf_counter() - start, note))
+    if not kept.count():
+        raise NothingLeft(name)
     return kept
 
 
@@ -204,13 +217,96 @@ def _read_stage(run: PipelineRun, items: list[tuple[str, list[str]]], config: Co
             "text_field": config.data.text_field,
             "txt_mode": config.read.txt_mode,
             "max_chars": config.read.max_chars,
+            "piece_chars": config.read.piece_chars,
         },
-    )
+    ).materialize()
+    note = f"{len(files)} files"
+    txt_files = [f["item"] for f in files if f["item"].lower().endswith(".txt")]
+    if config.read.txt_mode == "file" and txt_files:
+        run.split_files = _count_split_files(raw, txt_files)
+        if run.split_files:
+            piece = min(config.read.piece_chars, config.read.max_chars)
+            note += f", {run.split_files} over {config.read.max_chars:,} characters cut into pieces of <= {piece:,}"
     docs, rejected = _split(raw, "read")
     run.rejected_parts.append(rejected)
-    run.record(StageReport("read", len(files), docs.count(), rejected.count(), time.perf_counter() - start,
-                           f"{len(files)} files"))
+    run.record(StageReport("read", len(files), docs.count(), rejected.count(), time.perf_counter() - start, note))
+    if not docs.count():
+        raise NothingLeft("read")
     return docs
+
+
+def split_files_batch(batch: pa.Table, txt_files: list[str]) -> pa.Table:
+    """The .txt files among `txt_files` whose records in `batch` are pieces ("file:line"), not the whole file."""
+    whole = set(txt_files)
+    pieces = {location.rpartition(":")[0] for location in batch.column("location").to_pylist() if location not in whole}
+    return pa.table({"file": pa.array(sorted(pieces & whole), pa.string())})
+
+
+def _count_split_files(raw, txt_files: list[str]) -> int:
+    found = raw.select_columns(["location"]).map_batches(
+        split_files_batch, fn_kwargs={"txt_files": txt_files}, batch_format="pyarrow"
+    )
+    return len({f for batch in found.iter_batches(batch_format="pyarrow") for f in batch.column("file").to_pylist()})
+
+
+def _stop_on_empty(run: PipelineRun, output: Path, inputs: Sequence[str], stage: str, started: float) -> InputError:
+    """Write rejected/ and manifest.json for a run that has no document left; the error to raise."""
+    (output / "docs").mkdir(parents=True, exist_ok=True)
+    rejected_counts = _write_rejected(run, output)
+    total = sum(rejected_counts.values())
+    reasons = ", ".join(f"{reason} {n:,}" for reason, n in sorted(rejected_counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    message = (f"no document survived {stage}: {total:,} rejected ({reasons or 'none'}); "
+               f"see {output / 'rejected'}")
+    _write_manifest(output, {
+        **_manifest_head(inputs, run, rejected_counts, documents=0),
+        "error": message,
+        "seconds": round(time.perf_counter() - started, 3),
+    })
+    return InputError(message)
+
+
+def _write_rejected(run: PipelineRun, output: Path) -> dict[str, int]:
+    """Every stage's rejected rows into rejected/; returns the counts by reason."""
+    rejected_all = _union(run.rejected_parts)
+    _write_parquet(rejected_all, output / "rejected", REJECTED_COLUMNS)
+    return dict(sorted(_count_by(rejected_all, "reason").items()))
+
+
+def _manifest_head(inputs: Sequence[str], run: PipelineRun, rejected: dict[str, int], documents: int) -> dict:
+    """The fields every manifest.json starts with: what was read, what each stage did, what is left."""
+    return {
+        "format": FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": list(inputs),
+        "stages": [
+            {"name": s.name, "in": s.docs_in, "out": s.docs_out, "rejected": s.rejected,
+             "seconds": round(s.seconds, 3), "note": s.note}
+            for s in run.stages
+        ],
+        "split_files": run.split_files,
+        "rejected": rejected,
+        "documents": documents,
+    }
+
+
+def _write_manifest(output: Path, manifest: dict) -> None:
+    tmp = output / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, output / "manifest.json")
+
+
+def _start_pipeline() -> None:
+    """Connect to Ray for a corpus pipeline: rows keep their order, and Ray Data's console says only
+    warnings and errors (its per-operator INFO lines would bury the stage lines; the full log stays
+    in the Ray session's ray-data.log)."""
+    import ray.data
+
+    from mtnlg_ray.runtime import ensure_ray, quiet_ray_data_console
+
+    ensure_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    quiet_ray_data_console()
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -222,11 +318,11 @@ def prepare_dataset(
     config: Config,
     on_stage: Callable[[StageReport], None] | None = None,
 ) -> dict:
-    """Run the whole corpus pipeline on the connected (or a new local) Ray; returns the manifest."""
-    import ray.data
+    """Run the whole corpus pipeline on the connected (or a new local) Ray; returns the manifest.
 
-    from mtnlg_ray.runtime import ensure_ray
-
+    A run that loses every document at some stage still writes rejected/ and manifest.json, then
+    raises `InputError` naming that stage and the rejected counts by reason.
+    """
     started = time.perf_counter()
     output = Path(output)
     items = [(spec, resolve_inputs([spec])) for spec in inputs]  # bad inputs fail here, before any work
@@ -235,42 +331,16 @@ def prepare_dataset(
     unknown = sorted(set(config.read.weights) - set(inputs))
     if unknown:
         raise InputError(f"read.weights: '{unknown[0]}' is not one of the INPUTs ({', '.join(inputs)})")
+    if config.label.labeler is not None and config.label.model is None:
+        raise InputError("label.model: the labeller needs a model path (set label.model)")
     _prepare_output(output)
-    ensure_ray()
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
+    _start_pipeline()
 
     run = PipelineRun(on_stage=on_stage)
-    docs = _read_stage(run, items, config)
-    read_counts = _count_by(docs, "source")
-
-    if config.clean.enabled:
-        from mtnlg_ray.data.clean import clean_batch
-
-        docs = _run_stage(run, "clean", docs, lambda d: _split(
-            d.map_batches(clean_batch, fn_kwargs={"cfg": config.clean}, batch_format="pyarrow"), "clean"))
-
-    if config.dedup.exact or config.dedup.fuzzy:
-        from mtnlg_ray.data.dedup import dedup_documents
-
-        docs = _run_stage(run, "dedup", docs, lambda d: dedup_documents(d, config.dedup, order_column="seq"))
-
-    if config.label.labeler is not None:
-        from mtnlg_ray.data.label import filter_labelled, label_documents
-
-        if config.label.model is None:
-            raise InputError("label.model: the labeller needs a model path (set label.model)")
-        docs = _run_stage(run, f"label ({config.label.labeler})", docs, lambda d: filter_labelled(
-            label_documents(d, config.label), config.label))
-
-    if config.decontam.eval_files:
-        from mtnlg_ray.data.decontam import eval_ngrams
-
-        grams = eval_ngrams(iter_texts(config.decontam.eval_files), config.decontam.ngram)
-        grams_ref = ray.put(grams)
-        docs = _run_stage(run, "decontaminate", docs, lambda d: _split(
-            d.map_batches(_decontaminate_with_ref, fn_kwargs={"grams_ref": [grams_ref], "cfg": config.decontam},
-                          batch_format="pyarrow"), "decontaminate"), note=f"{len(grams)} evaluation n-grams")
+    try:
+        docs, read_counts = _curate(run, items, config)
+    except NothingLeft as empty:
+        raise _stop_on_empty(run, output, inputs, empty.stage, started) from None
 
     # Dedup shuffles rows; the corpus order comes back from `seq`.
     start = time.perf_counter()
@@ -288,16 +358,12 @@ def prepare_dataset(
     run.record(StageReport("tokenize + pack", docs.count(), packed["documents"], 0, time.perf_counter() - start,
                            f"{packed['train_sequences']} train / {packed['val_sequences']} val sequences"))
 
-    rejected_all = _union(run.rejected_parts)
-    _write_parquet(rejected_all, output / "rejected", REJECTED_COLUMNS)
-    rejected_counts = _count_by(rejected_all, "reason")
+    rejected_counts = _write_rejected(run, output)
 
     from mtnlg_ray.tokenizer import load_tokenizer, tokenizer_hash
 
     manifest = {
-        "format": FORMAT,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "inputs": list(inputs),
+        **_manifest_head(inputs, run, rejected_counts, documents=docs.count()),
         "sources": {
             spec: {
                 "files": len(found),
@@ -307,13 +373,6 @@ def prepare_dataset(
             }
             for spec, found in items
         },
-        "stages": [
-            {"name": s.name, "in": s.docs_in, "out": s.docs_out, "rejected": s.rejected,
-             "seconds": round(s.seconds, 3), "note": s.note}
-            for s in run.stages
-        ],
-        "rejected": dict(sorted(rejected_counts.items())),
-        "documents": docs.count(),
         "tokenizer": {
             "path": "tokenizer/tokenizer.json",
             "hash": tokenizer_hash(tokenizer_file),
@@ -324,10 +383,46 @@ def prepare_dataset(
         "config": config.model_dump(mode="json", include={"read", "clean", "dedup", "label", "decontam", "pack"}),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    tmp = output / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, output / "manifest.json")
+    _write_manifest(output, manifest)
     return manifest
+
+
+def _curate(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config):
+    """read → clean → dedup → label → decontaminate; the kept documents and the documents read per source.
+
+    Raises `NothingLeft` from the first stage that leaves no document.
+    """
+    import ray
+
+    docs = _read_stage(run, items, config)
+    read_counts = _count_by(docs, "source")
+
+    if config.clean.enabled:
+        from mtnlg_ray.data.clean import clean_batch
+
+        docs = _run_stage(run, "clean", docs, lambda d: _split(
+            d.map_batches(clean_batch, fn_kwargs={"cfg": config.clean}, batch_format="pyarrow"), "clean"))
+
+    if config.dedup.exact or config.dedup.fuzzy:
+        from mtnlg_ray.data.dedup import dedup_documents
+
+        docs = _run_stage(run, "dedup", docs, lambda d: dedup_documents(d, config.dedup, order_column="seq"))
+
+    if config.label.labeler is not None:
+        from mtnlg_ray.data.label import filter_labelled, label_documents
+
+        docs = _run_stage(run, f"label ({config.label.labeler})", docs, lambda d: filter_labelled(
+            label_documents(d, config.label), config.label))
+
+    if config.decontam.eval_files:
+        from mtnlg_ray.data.decontam import eval_ngrams
+
+        grams = eval_ngrams(iter_texts(config.decontam.eval_files), config.decontam.ngram)
+        grams_ref = ray.put(grams)
+        docs = _run_stage(run, "decontaminate", docs, lambda d: _split(
+            d.map_batches(_decontaminate_with_ref, fn_kwargs={"grams_ref": [grams_ref], "cfg": config.decontam},
+                          batch_format="pyarrow"), "decontaminate"), note=f"{len(grams)} evaluation n-grams")
+    return docs, read_counts
 
 
 def _decontaminate_with_ref(batch: pa.Table, grams_ref: list, cfg) -> pa.Table:
@@ -394,36 +489,32 @@ def _pack(docs, output: Path, tokenizer_file: Path, config: Config) -> dict:
 
 
 def label_corpus(inputs: Sequence[str], output: str | Path, config: Config) -> dict:
-    """Read INPUTs and run only the pseudo-labelling stage; write docs/ (with label columns) and rejected/."""
-    import ray.data
+    """Read INPUTs and run only the pseudo-labelling stage; write docs/ (with label columns) and rejected/.
 
+    Like `prepare_dataset`, a run left with no document writes rejected/ and manifest.json, then raises.
+    """
     from mtnlg_ray.data.label import filter_labelled, label_documents
-    from mtnlg_ray.runtime import ensure_ray
 
     if config.label.labeler is None or config.label.model is None:
         raise InputError("label: both --labeler and --model are needed")
+    started = time.perf_counter()
     output = Path(output)
     items = [(spec, resolve_inputs([spec])) for spec in inputs]
     _prepare_output(output)
-    ensure_ray()
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    _start_pipeline()
     run = PipelineRun()
-    docs = _read_stage(run, items, config)
-    docs = _run_stage(run, f"label ({config.label.labeler})", docs,
-                      lambda d: filter_labelled(label_documents(d, config.label), config.label))
-    _write_parquet(docs, output / "docs", [c for c in docs.columns() or [] if c != "seq"])
-    rejected_all = _union(run.rejected_parts)
-    _write_parquet(rejected_all, output / "rejected", REJECTED_COLUMNS)
+    try:
+        docs = _read_stage(run, items, config)
+        docs = _run_stage(run, f"label ({config.label.labeler})", docs,
+                          lambda d: filter_labelled(label_documents(d, config.label), config.label))
+    except NothingLeft as empty:
+        raise _stop_on_empty(run, output, inputs, empty.stage, started) from None
+    _write_parquet(docs, output / "docs", [c for c in docs.columns() if c != "seq"])
     manifest = {
-        "format": FORMAT,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "inputs": list(inputs),
+        **_manifest_head(inputs, run, _write_rejected(run, output), documents=docs.count()),
         "labeler": config.label.labeler,
         "model": config.label.model,
-        "stages": [{"name": s.name, "in": s.docs_in, "out": s.docs_out, "rejected": s.rejected,
-                    "seconds": round(s.seconds, 3)} for s in run.stages],
-        "rejected": _count_by(rejected_all, "reason"),
-        "documents": docs.count(),
+        "seconds": round(time.perf_counter() - started, 3),
     }
-    (output / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    _write_manifest(output, manifest)
     return manifest

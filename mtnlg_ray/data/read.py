@@ -96,20 +96,28 @@ def _iter_items(items: list[str], text_field: str, counts: Counter[str]) -> Iter
 
 
 def iter_records(
-    item: str, text_field: str = "text", txt_mode: str = "file", max_chars: int | None = None
+    item: str,
+    text_field: str = "text",
+    txt_mode: str = "file",
+    max_chars: int | None = None,
+    piece_chars: int | None = None,
 ) -> Iterator[Record]:
     """Records of one resolved item (a file path, a URI, or `builtin:python-docs`).
 
-    `txt_mode` "file" makes a .txt file one document; "paragraph" splits it on blank lines.
-    A document over `max_chars` characters becomes a rejected record ("too_large").
+    `txt_mode` "file" makes a .txt file one document, or, when it is longer than `max_chars`,
+    documents of at most `piece_chars` (default `max_chars`) characters cut at paragraph
+    boundaries, at line boundaries inside a paragraph that is itself too long, each located at its
+    first line; "paragraph" makes one document per run of non-blank lines and "line" one per
+    non-empty line. A record over `max_chars` characters becomes a rejected record ("oversized").
     """
     if item == BUILTIN_PYTHON_DOCS:
         records = (Record(f"{item}:{i}", text) for i, text in enumerate(python_docs_texts()))
     else:
-        records = _read_file(item, text_field, txt_mode)
+        cut = min(piece_chars or max_chars, max_chars) if max_chars is not None else None
+        records = _read_file(item, text_field, txt_mode, max_chars, cut)
     for record in records:
         if not record.reason and max_chars is not None and len(record.text) > max_chars:
-            yield Record(record.location, None, "too_large", f"{len(record.text)} characters > {max_chars}")
+            yield Record(record.location, None, "oversized", f"{len(record.text)} characters > {max_chars}")
         else:
             yield record
 
@@ -207,7 +215,9 @@ def _open(item: str):
     return open(item, "rb")
 
 
-def _read_file(item: str, text_field: str, txt_mode: str) -> Iterator[Record]:
+def _read_file(
+    item: str, text_field: str, txt_mode: str, max_chars: int | None, piece_chars: int | None
+) -> Iterator[Record]:
     import pyarrow as pa
 
     name = item.lower()
@@ -215,7 +225,7 @@ def _read_file(item: str, text_field: str, txt_mode: str) -> Iterator[Record]:
         if name.endswith(".txt"):
             with _open(item) as fh:
                 data = fh.read()
-            yield from _txt_records(item, data, txt_mode)
+            yield from _txt_records(item, data, txt_mode, max_chars, piece_chars)
         elif name.endswith(".parquet"):
             yield from _parquet_records(item, text_field)
         elif name.endswith(".jsonl.gz"):
@@ -229,36 +239,82 @@ def _read_file(item: str, text_field: str, txt_mode: str) -> Iterator[Record]:
         yield Record(item, None, "unreadable_file", f"not a readable {kind} file ({err})")
 
 
-def _txt_records(item: str, data: bytes, txt_mode: str) -> Iterator[Record]:
+def _txt_records(
+    item: str, data: bytes, txt_mode: str, max_chars: int | None, piece_chars: int | None
+) -> Iterator[Record]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         yield Record(item, None, "bad_utf8", f"invalid UTF-8 at byte {err.start}")
         return
-    if txt_mode == "paragraph":
+    if not text.strip():
+        yield Record(item, None, "empty", "empty file" if not text else "only white space")
+    elif txt_mode == "line":
+        for number, line in enumerate(_lines(text), start=1):
+            if line.strip():
+                yield Record(f"{item}:{number}", line)
+    elif txt_mode == "paragraph":
         for first_line, paragraph in _paragraphs(text):
             yield Record(f"{item}:{first_line}", paragraph)
-        return
-    if text:
+    elif max_chars is None or len(text) <= max_chars:
         yield Record(item, text)
     else:
-        yield Record(item, None, "empty", "empty file")
+        for first_line, piece in _pieces(text, piece_chars):
+            yield Record(f"{item}:{first_line}", piece)
+
+
+def _pieces(text: str, piece_chars: int) -> Iterator[tuple[int, str]]:
+    """(first line number, piece): whole paragraphs packed in order into pieces of at most `piece_chars`.
+
+    A paragraph longer than that is cut between its lines; a single line longer than that becomes
+    a piece of its own (the caller rejects it when it is over `read.max_chars`).
+    """
+    piece: list[str] = []
+    size = 0  # len("\n".join(piece))
+    first = 0
+    for start, paragraph in _paragraphs(text):
+        if piece and size + 2 + len(paragraph) <= piece_chars:  # a blank line between paragraphs
+            piece += ["", paragraph]
+            size += 2 + len(paragraph)
+            continue
+        if piece:
+            yield first, "\n".join(piece)
+        if len(paragraph) <= piece_chars:
+            piece, size, first = [paragraph], len(paragraph), start
+            continue
+        piece, size = [], 0
+        for offset, line in enumerate(paragraph.split("\n")):
+            if piece and size + 1 + len(line) > piece_chars:
+                yield first, "\n".join(piece)
+                piece, size = [], 0
+            if not piece:
+                first = start + offset
+                size -= 1  # no "\n" before a piece's first line
+            piece.append(line)
+            size += 1 + len(line)
+    if piece:
+        yield first, "\n".join(piece)
+
+
+def _lines(text: str) -> list[str]:
+    """Lines as an editor numbers them: split at "\n" (a "\r" before it dropped), nowhere else."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _paragraphs(text: str) -> Iterator[tuple[int, str]]:
     """(first line number, paragraph) for each run of non-blank lines."""
     lines: list[str] = []
     first = 0
-    for number, line in enumerate(text.splitlines(keepends=True), start=1):
+    for number, line in enumerate(_lines(text), start=1):
         if line.strip():
             if not lines:
                 first = number
             lines.append(line)
         elif lines:
-            yield first, "".join(lines).rstrip("\n")
+            yield first, "\n".join(lines)
             lines = []
     if lines:
-        yield first, "".join(lines).rstrip("\n")
+        yield first, "\n".join(lines)
 
 
 def _jsonl_records(item: str, lines, text_field: str) -> Iterator[Record]:

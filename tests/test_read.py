@@ -1,0 +1,80 @@
+"""Reading .txt files: one document per file, per paragraph or per line, and long files cut into pieces."""
+
+from __future__ import annotations
+
+import random
+
+from mtnlg_ray.data.read import iter_records
+
+
+def paragraphs_file(tmp_path, count: int, seed: int = 0):
+    """`count` paragraphs of 3-6 distinct lines each, blank lines between; returns (path, text)."""
+    rng = random.Random(seed)
+    blocks = ["\n".join(f"paragraph {p} line {i} " + "word " * rng.randint(2, 12) for i in range(rng.randint(3, 6)))
+              for p in range(count)]
+    text = "\n\n".join(blocks) + "\n"
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8")
+    return path, text
+
+
+def test_a_file_under_the_cap_is_one_document(tmp_path):
+    path, text = paragraphs_file(tmp_path, 5)
+    records = list(iter_records(str(path), max_chars=len(text)))
+    assert [(r.location, r.text, r.reason) for r in records] == [(str(path), text, "")]
+
+
+def test_a_long_file_is_cut_at_paragraphs_into_pieces_under_the_cap(tmp_path):
+    path, text = paragraphs_file(tmp_path, 120)
+    lines = text.split("\n")
+    cap = 1000
+    records = list(iter_records(str(path), max_chars=len(text) - 1, piece_chars=cap))
+    assert len(records) >= len(text) // cap and all(not r.reason for r in records)
+    for record in records:
+        assert len(record.text) <= cap
+        first_line = int(record.location.rsplit(":", 1)[1])
+        # located at its first line, and made of whole paragraphs: it starts a paragraph, ends one
+        assert lines[first_line - 1] == record.text.split("\n")[0]
+        assert first_line == 1 or lines[first_line - 2] == ""
+        end = first_line - 1 + record.text.count("\n") + 1
+        assert lines[end] == ""
+    # nothing lost, nothing added: the pieces are the file's paragraphs in order
+    assert "\n\n".join(r.text for r in records) == text.rstrip("\n")
+
+
+def test_a_paragraph_over_the_cut_is_cut_between_lines_and_a_line_over_the_cap_is_oversized(tmp_path):
+    long_paragraph = "\n".join(f"line {i} " + "x" * 40 for i in range(30))  # ~1,400 characters, no blank line
+    huge_line = "y" * 5000
+    text = f"intro paragraph\n\n{long_paragraph}\n\n{huge_line}\n\nlast paragraph\n"
+    path = tmp_path / "long.txt"
+    path.write_text(text, encoding="utf-8")
+    records = list(iter_records(str(path), max_chars=3000, piece_chars=500))
+    kept = [r for r in records if not r.reason]
+    oversized = [r for r in records if r.reason]
+    assert [(r.location, r.reason) for r in oversized] == [(f"{path}:34", "oversized")]
+    assert oversized[0].detail == "5000 characters > 3000"
+    assert all(len(r.text) <= 500 for r in kept)
+    assert kept[0].text.startswith("intro paragraph") and kept[0].location == f"{path}:1"
+    assert kept[1].location == f"{path}:3"  # the long paragraph starts on line 3
+    assert len(kept) >= 5 and "\n".join(r.text for r in kept[1:-1]) == long_paragraph  # cut between its lines
+    assert kept[-1].text.endswith("last paragraph") and kept[-1].location == f"{path}:36"
+
+
+def test_line_mode_gives_one_document_per_non_empty_line(tmp_path):
+    path = tmp_path / "lines.txt"
+    path.write_bytes(b"first line\r\n\nsecond line\n   \nthird line")
+    records = list(iter_records(str(path), txt_mode="line", max_chars=100))
+    assert [(r.location, r.text) for r in records] == [
+        (f"{path}:1", "first line"), (f"{path}:3", "second line"), (f"{path}:5", "third line"),
+    ]
+
+
+def test_paragraph_mode_and_blank_files(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("one\ntwo\n\n\nthree\n", encoding="utf-8")
+    records = list(iter_records(str(path), txt_mode="paragraph"))
+    assert [(r.location, r.text) for r in records] == [(f"{path}:1", "one\ntwo"), (f"{path}:5", "three")]
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n", encoding="utf-8")
+    for mode in ("file", "paragraph", "line"):
+        assert [(r.location, r.reason) for r in iter_records(str(blank), txt_mode=mode)] == [(str(blank), "empty")]
