@@ -753,7 +753,8 @@ def quickstart(
             val = f"  val {record['val_loss']:.3f}" if record.get("val_loss") is not None else ""
             console.print(f"  step {record['step']:>4}  loss {record['loss']:.3f}{val}  {record['tokens_per_s']:,.0f} tok/s")
 
-    result = run(workdir, smoke=smoke, port=port, on_step=on_step, on_record=on_record)
+    _, show_stage = _stage_printer()
+    result = run(workdir, smoke=smoke, port=port, on_step=on_step, on_record=on_record, on_stage=show_stage)
     # Plain lines, not a table: paths stay whole for copying, whatever the terminal width.
     quality = result["quality"]
     val = result["pretrain"]["val_loss"]
@@ -769,8 +770,9 @@ def quickstart(
     serve = result["serve"]
     typer.echo(f"served answer to {serve['prompt']!r}: {serve['completion']!r}")
     typer.echo(f"serve it again:  mtnlg-ray serve --checkpoint {result['pretrain']['path']}")
-    typer.echo("then query it:   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' "
-               "-d '{\"prompt\": \"The default value of\", \"max_tokens\": 24, \"temperature\": 0}'")
+    body = json.dumps({"prompt": serve["prompt"], "max_tokens": 24,
+                       **{k: serve[k] for k in ("temperature", "top_p", "seed")}})
+    typer.echo(f"then query it:   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{body}'")
     typer.echo(f"classify text:   mtnlg-ray evaluate -c {result['finetune']['path']} -d {result['workdir']}/task/dev.jsonl "
                "--task classification")
 
