@@ -3,8 +3,8 @@
 Both sides train the same model (same preset, seed and initial weights) on the same packed
 sequences, with the same micro-batch, the same number of torch threads, AdamW (0.9, 0.95) and
 gradient clipping at 1.0. Ours is the real command path (`mtnlg_ray.train.trainer.pretrain`: Ray
-Train `TorchTrainer`, one worker, the default parallel settings); its step times come from the
-run's `metrics.jsonl`. The baseline is a plain loop in this process, run once before and once after
+Train `TorchTrainer`, one worker, the default parallel settings); its step times are the wall time
+between consecutive step records of the run's `metrics.jsonl`. The baseline is a plain loop in this process, run once before and once after
 ours (their mean is the baseline, which cancels a steady drift of the machine's speed). Steps before
 `--skip` (warm-up) and the last step (it evaluates and writes the final checkpoint) are left out; tokens/s is
 sequences × seq_len over the median step time. MFU is Megatron's FLOPs per token
@@ -68,7 +68,10 @@ def run_ours(settings: list[str]) -> tuple[list[float], dict]:
     result = pretrain(load_config(overrides=settings, stage="pretrain"))
     records = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     start = next(r for r in records if r.get("event") == "start")
-    return [r["step_time"] for r in records if "loss" in r], start
+    # Wall time from one step's record to the next: whatever the loop does between steps (reporting
+    # to Ray Train, logging) counts, not only the step itself (`step_time`).
+    steps = [r for r in records if "loss" in r]
+    return [steps[0]["step_time"]] + [b["time"] - a["time"] for a, b in zip(steps, steps[1:])], start
 
 
 def run_bare(cfg, model_config, dataset: Path, steps: int) -> list[float]:

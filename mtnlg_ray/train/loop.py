@@ -237,7 +237,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {
             "step": state.step, "loss": loss_value, "lr": lr, "global_batch": batch, "tokens": state.tokens,
             "tokens_per_s": tokens_per_s, "mfu": step_flops * tokens_per_s / (peak * 1e12 * world),
-            "grad_norm": grad_norm, "step_time": seconds, "world_size": world,
+            "grad_norm": grad_norm, "step_time": seconds, "world_size": world, "time": time.time(),
         }
         if stage == "pretrain":
             if state.step % cfg.train.eval_every == 0 or finished():
