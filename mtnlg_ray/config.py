@@ -197,7 +197,11 @@ class ParallelSection(Section):
     pp: int = Field(1, ge=1)
     fsdp: bool = True
     use_gpu: bool = False
-    cpus_per_worker: int = Field(1, ge=1)
+    # Fractions share cores: 0.5 lets 4 gloo workers train on 2 cores (tests, CPU demos).
+    cpus_per_worker: float = Field(1.0, gt=0)
+    # The cluster autoscales: wait for workers it cannot hold yet (saying so) instead of failing at
+    # once. A cluster started by the Ray cluster launcher is taken to autoscale.
+    autoscaling: bool = False
 
     @field_validator("workers")
     @classmethod

@@ -61,3 +61,35 @@ def quiet_ray_data_console() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if handler.get_name() == "console":
             handler.setLevel(max(handler.level, logging.WARNING))
+
+
+def workers_that_fit(cpus_per_worker: float, gpus_per_worker: float) -> tuple[int, float, float]:
+    """How many workers of this shape the live nodes of the connected cluster can hold at once.
+
+    A worker runs on one node, so each node holds floor(its CPUs / cpus_per_worker) of them (and
+    likewise for GPUs). Returns (workers, the cluster's CPUs, the cluster's GPUs).
+    """
+    import math
+
+    import ray
+
+    fit, cpus, gpus = 0, 0.0, 0.0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        resources = node.get("Resources", {})
+        node_cpus, node_gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+        cpus, gpus = cpus + node_cpus, gpus + node_gpus
+        per_node = [math.floor(node_cpus / cpus_per_worker + 1e-9)] if cpus_per_worker > 0 else []
+        if gpus_per_worker > 0:
+            per_node.append(math.floor(node_gpus / gpus_per_worker + 1e-9))
+        fit += min(per_node) if per_node else 0
+    return fit, cpus, gpus
+
+
+def launched_with_autoscaler() -> bool:
+    """Whether this is the head node of a cluster the Ray cluster launcher started (it leaves its
+    bootstrap config there; Ray Tune reads the same file), whose autoscaler may add nodes."""
+    from pathlib import Path
+
+    return Path("~/ray_bootstrap_config.yaml").expanduser().exists()

@@ -185,3 +185,37 @@ def test_bad_layouts_fail_before_any_worker_starts(shakespeare, tmp_path):
     with pytest.raises(ConfigError, match="data.path"):
         pretrain(load_config(overrides=["data.path=null"], stage="pretrain"))
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_a_worker_count_the_cluster_cannot_hold_fails_at_once(shakespeare, tmp_path):
+    """The test session's Ray has 2 CPUs: 4 workers of 1 CPU would wait forever; 4 of 0.5 fit."""
+    from mtnlg_ray.config import ParallelSection
+    from mtnlg_ray.train.trainer import check_capacity, pretrain
+
+    with pytest.raises(ConfigError) as err:
+        pretrain(train_config(shakespeare, tmp_path, "big", "parallel.workers=4"))
+    assert str(err.value) == (
+        "parallel.workers=4 needs 4 workers of 1 CPU each, but the Ray cluster has 2 CPUs (2 such workers fit); "
+        "lower parallel.workers or set parallel.cpus_per_worker=0.5, or set parallel.autoscaling=true if nodes "
+        "will be added"
+    )
+    assert not (tmp_path / "big").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match=r"parallel.workers=\[3, 4\] needs 3 workers"):
+        check_capacity(ParallelSection(workers=(3, 4)))  # Ray Train starts only once the minimum fits
+    assert check_capacity(ParallelSection(workers=(1, 4))) is None
+    assert check_capacity(ParallelSection(workers=4, cpus_per_worker=0.5)) is None
+    with pytest.raises(ConfigError, match="needs 1 workers of 1 CPU \\+ 1 GPU each, but the Ray cluster has 2 CPUs and 0 GPUs"):
+        check_capacity(ParallelSection(workers=1, use_gpu=True))
+    waiting = check_capacity(ParallelSection(workers=4, autoscaling=True))
+    assert waiting == ("waiting for the autoscaler: parallel.workers=4 needs 4 workers of 1 CPU each; "
+                       "the cluster now has 2 CPUs (2 such workers fit)")
+
+
+def test_cli_pretrain_asking_for_more_workers_than_cpus_exits_2_at_once(shakespeare, tmp_path):
+    workers = (os.cpu_count() or 2) + 2  # more whole-CPU workers than the local Ray the command starts has CPUs
+    result = run_cli("pretrain", "--set", f"data.path={shakespeare}", "--set", f"run.storage_path={tmp_path}",
+                     "--set", f"parallel.workers={workers}", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"parallel.workers={workers} needs {workers} workers of 1 CPU each" in errors[0]
+    assert "Traceback" not in result.stderr

@@ -62,6 +62,43 @@ def follow(path: Path, stop: threading.Event, on_record: Callable[[dict], None],
         stop.wait(0.5)
 
 
+def check_capacity(parallel) -> str | None:
+    """Refuse, in one line, a worker count the connected cluster can never hold.
+
+    Ray Train would wait for it forever without a word. On an autoscaling cluster (`parallel.autoscaling`,
+    or one the Ray cluster launcher started) nodes may still come: then this returns what is awaited,
+    to be repeated while the run waits; otherwise None.
+    """
+    from mtnlg_ray.runtime import launched_with_autoscaler, workers_that_fit
+
+    wanted = parallel.workers[0] if isinstance(parallel.workers, tuple) else parallel.workers
+    gpus = 1.0 if parallel.use_gpu else 0.0
+    fit, have_cpus, have_gpus = workers_that_fit(parallel.cpus_per_worker, gpus)
+    if fit >= wanted:
+        return None
+    shape = f"{parallel.cpus_per_worker:g} CPU" + (" + 1 GPU" if gpus else "")
+    have = f"{have_cpus:g} CPUs" + (f" and {have_gpus:g} GPUs" if gpus else "")
+    need = f"parallel.workers={_workers_text(parallel.workers)} needs {wanted} workers of {shape} each"
+    if parallel.autoscaling or launched_with_autoscaler():
+        return f"waiting for the autoscaler: {need}; the cluster now has {have} ({fit} such workers fit)"
+    hint = (f"; lower parallel.workers or set parallel.cpus_per_worker={have_cpus / wanted:g}"
+            if not gpus and have_cpus >= wanted * 0.01 else "; lower parallel.workers")
+    raise ConfigError(f"{need}, but the Ray cluster has {have} ({fit} such workers fit){hint}, "
+                      "or set parallel.autoscaling=true if nodes will be added")
+
+
+def _workers_text(workers) -> str:
+    return f"[{workers[0]}, {workers[1]}]" if isinstance(workers, tuple) else str(workers)
+
+
+def _say_while_waiting(message: str, records: list, stop: threading.Event, every: float = 30.0) -> None:
+    import sys
+
+    while not records and not stop.is_set():
+        print(message, file=sys.stderr, flush=True)
+        stop.wait(every)
+
+
 def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> dict:
     """Train on Ray Train; returns {"run_dir", "final", "steps", "metrics"} of the finished run."""
     from mtnlg_ray.train.data import TokenShards
@@ -105,6 +142,8 @@ def run_training(
 
     check_layout(model_config, cfg.parallel.workers, cfg.parallel.tp, cfg.parallel.pp, fsdp=cfg.parallel.fsdp,
                  precision=cfg.train.precision)
+    ensure_ray()
+    waiting = check_capacity(cfg.parallel)  # before anything is written
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = latest_checkpoint(run_dir)
@@ -116,7 +155,6 @@ def run_training(
             shutil.rmtree(run_dir / stale, ignore_errors=True)
     start_at = metrics_file.stat().st_size if metrics_file.exists() else 0
 
-    ensure_ray()
     workers = cfg.parallel.workers
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -147,6 +185,9 @@ def run_training(
     stop = threading.Event()
     watcher = threading.Thread(target=follow, args=(metrics_file, stop, collect, start_at), daemon=True)
     watcher.start()
+    if waiting:
+        # An autoscaling cluster short of room: say what is awaited until the workers start.
+        threading.Thread(target=_say_while_waiting, args=(waiting, records, stop), daemon=True).start()
     try:
         trainer.fit()
     finally:
