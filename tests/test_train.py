@@ -52,6 +52,11 @@ def losses(result_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(result_dir)}
 
 
+def read_start(run_dir: Path) -> dict:
+    return next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line).get("event") == "start")
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -80,6 +85,14 @@ def test_one_worker_fsdp_and_tensor_parallel_give_the_same_losses(shakespeare, t
         weights = final_weights(runs[name])
         assert max(float((weights[k] - base[k]).abs().max()) for k in base) < 1e-3
     assert reference[20] < reference[1]
+    # The start event measures what the largest rank holds after setup: FSDP shards every parameter
+    # over 2 ranks; tensor parallel only the blocks (embeddings stay whole on each rank).
+    start = {name: read_start(run_dir) for name, run_dir in runs.items()}
+    single = start["single"]["local_param_bytes"]
+    assert single == 4 * start["single"]["trainable_parameters"]  # fp32
+    assert 0.5 * single <= start["fsdp"]["local_param_bytes"] <= 0.55 * single
+    assert 0.5 * single < start["tp"]["local_param_bytes"] < single
+    assert all(s["peak_rss_bytes"] > 100 * 2**20 for s in start.values())  # a Python process with torch: > 100 MiB
 
 
 def _kill_after_checkpoint(metrics: Path, at_step: int, killed: dict) -> None:
@@ -219,3 +232,15 @@ def test_cli_pretrain_asking_for_more_workers_than_cpus_exits_2_at_once(shakespe
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"parallel.workers={workers} needs {workers} workers of 1 CPU each" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_a_run_from_init_checkpoint_keeps_its_shape_and_takes_this_runs_training_choices(tiny_checkpoint):
+    from mtnlg_ray.checkpoint import read_checkpoint_config
+    from mtnlg_ray.train.loop import model_config_for
+
+    cfg = load_config(overrides=[f"init.checkpoint={tiny_checkpoint}", "model.activation_checkpointing=true",
+                                 "model.dropout=0.1", "model.preset=small"], stage="finetune")
+    config, _ = model_config_for(cfg, tokenizer_vocab=512)
+    saved = read_checkpoint_config(tiny_checkpoint)["model"]
+    assert (config.n_layer, config.d_model, config.vocab_size) == (saved["n_layer"], saved["d_model"], saved["vocab_size"])
+    assert config.activation_checkpointing is True and config.dropout == 0.1

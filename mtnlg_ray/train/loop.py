@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -30,6 +31,8 @@ from mtnlg_ray.train.parallel import (
     build_mesh,
     clip_grad_norm,
     full_state_dict,
+    local_param_bytes,
+    max_over_world,
     mean_over_dp,
     no_grad_sync,
     param_groups,
@@ -76,7 +79,9 @@ def model_config_for(cfg: Config, tokenizer_vocab: int) -> tuple[GPTConfig, dict
 
         body = read_checkpoint_config(cfg.init.checkpoint)
         shape = GPTConfig.from_dict(body["model"])
-        return GPTConfig(**{**shape.to_dict(), "dropout": cfg.model.dropout}), body
+        # The checkpoint fixes the shape; how to train it (dropout, recomputation) is this run's choice.
+        return GPTConfig(**{**shape.to_dict(), "dropout": cfg.model.dropout,
+                            "activation_checkpointing": cfg.model.activation_checkpointing}), body
     return cfg.model.resolve(tokenizer_vocab=tokenizer_vocab), None
 
 
@@ -182,6 +187,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state.best_metric, state.stale_evals = previous.best_metric, previous.stale_evals
         resumed_from = {"step": previous.step, "world_size": previous.world_size}
 
+    # Measured once setup is done (model built, sharded, loaded; optimizer made), before any step.
+    param_bytes = max_over_world(local_param_bytes(model), device)
+    peak_rss = max_over_world(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, device)  # Linux: KiB
+
     examples = len(task)
     order = GlobalOrder(examples, cfg.train.seed)
     stop_cursor = cfg.train.epochs * examples  # when neither max_steps nor max_tokens ends the run first
@@ -191,7 +200,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.write(event="start", stage=stage, world_size=world, dp=dp, tp=tp, step=state.step, resumed_from=resumed_from,
               peak_tflops_per_worker=round(peak, 3), pid=os.getpid(), threads=torch.get_num_threads(),
-              examples=examples, trainable_parameters=trainable, time=time.time())
+              examples=examples, trainable_parameters=trainable, local_param_bytes=int(param_bytes),
+              peak_rss_bytes=int(peak_rss), time=time.time())
     print(f"[rank {rank}] world size {world} (dp {dp} x tp {tp}), starting at step {state.step}"
           + (f", resumed from a checkpoint written at world size {resumed_from['world_size']}" if resumed_from else ""),
           flush=True)

@@ -231,6 +231,24 @@ def mean_over_dp(value: torch.Tensor, mesh: DeviceMesh | None) -> float:
     return float(value)
 
 
+def local_param_bytes(model: nn.Module) -> int:
+    """Bytes of parameters this rank holds: its shards of sharded ones, whole copies of the rest."""
+    total = 0
+    for param in model.parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        total += local.numel() * local.element_size()
+    return total
+
+
+def max_over_world(value: float, device: torch.device) -> float:
+    """The largest of a per-rank number over every rank (the value itself without a process group)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model as plain CPU tensors on rank 0 (empty elsewhere), as `GPT().state_dict()` names them.
 
