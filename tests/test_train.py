@@ -98,8 +98,9 @@ def test_one_worker_fsdp_and_tensor_parallel_give_the_same_losses(shakespeare, t
 def _kill_after_checkpoint(metrics: Path, at_step: int, killed: dict) -> None:
     """Watch metrics.jsonl; a few steps after the checkpoint at `at_step`, SIGKILL the training worker.
 
-    The few steps give Ray Train's controller time to register the checkpoint, which the restarted
-    worker must resume from; they are also work the failure throws away and the resume redoes.
+    The few steps are work the failure throws away and the resume redoes; they take well under a
+    second, often before Ray Train's controller has registered the checkpoint, which the restarted
+    worker must find in the run directory all the same.
     """
     deadline = time.time() + 300
     while time.time() < deadline:

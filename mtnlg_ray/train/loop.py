@@ -25,7 +25,7 @@ from torch import nn
 from mtnlg_ray.config import Config
 from mtnlg_ray.model.flops import flops_per_token
 from mtnlg_ray.model.gpt import GPT, GPTConfig, lm_loss
-from mtnlg_ray.train.checkpoint import TrainerState, load_sharded, save_sharded
+from mtnlg_ray.train.checkpoint import TrainerState, latest_checkpoint, load_sharded, save_sharded
 from mtnlg_ray.train.data import GlobalOrder, TokenShards, rank_slice
 from mtnlg_ray.train.parallel import (
     build_mesh,
@@ -177,7 +177,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     state = TrainerState(world_size=world, dp=dp, tp=tp)
     resumed_from = None
-    checkpoint = ray.train.get_checkpoint()  # this run's newest, after a worker failure
+    # Resume from the newest checkpoint in the run directory. After a worker failure Ray Train hands
+    # over the newest one its controller registered, but a checkpoint reported just before the failure
+    # may be on disk and not registered yet (the controller polls); the newest on disk is never older.
+    newest = latest_checkpoint(run_dir)
+    checkpoint = ray.train.Checkpoint.from_directory(str(newest)) if newest else ray.train.get_checkpoint()
     if checkpoint is None and loop_config.get("resume"):
         checkpoint = ray.train.Checkpoint.from_directory(loop_config["resume"])
     if checkpoint is not None:
