@@ -82,7 +82,7 @@ def check_capacity(parallel) -> str | None:
     if parallel.autoscaling or launched_with_autoscaler():
         return f"waiting for the autoscaler: {need}; the cluster now has {have} ({fit} such workers fit)"
     hint = (f"; lower parallel.workers or set parallel.cpus_per_worker={have_cpus / wanted:g}"
-            if not gpus and have_cpus >= wanted * 0.01 else "; lower parallel.workers")
+            if not gpus and have_cpus > 0 else "; lower parallel.workers")
     raise ConfigError(f"{need}, but the Ray cluster has {have} ({fit} such workers fit){hint}, "
                       "or set parallel.autoscaling=true if nodes will be added")
 
