@@ -79,8 +79,8 @@ def run_bare(cfg, model_config, dataset: Path, steps: int) -> list[float]:
     from mtnlg_ray.data.pack import read_sequences
     from mtnlg_ray.train.parallel import param_groups
 
-    torch.manual_seed(cfg.train.seed)
     model = GPT(model_config)
+    model.reset_parameters(seed=cfg.train.seed)  # the trainer's initial weights
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.train.weight_decay),
         lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps,

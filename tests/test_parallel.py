@@ -26,6 +26,8 @@ from mtnlg_ray.train.parallel import (
     check_layout,
     clip_grad_norm,
     full_state_dict,
+    initialise_shards,
+    local_param_bytes,
     mean_over_dp,
     no_grad_sync,
     param_groups,
@@ -132,6 +134,21 @@ def distributed_worker(rank: int, port: int, out_dir: str) -> None:
                 "seconds": time.perf_counter() - start,
             }
 
+        # Built on the meta device, parallelized, then only each rank's shards made and initialised:
+        # gathered, the weights must be one process's `reset_parameters(seed)` exactly.
+        results["meta_init"] = {}
+        for tp in (1, 2):
+            with torch.device("meta"):
+                model = GPT(CONFIG)
+            kinds = model.parameter_kinds()
+            model = parallelize(model, meshes[tp], fsdp=True)
+            model.to_empty(device="cpu")
+            initialise_shards(model, kinds, CONFIG.init_std, seed=11)
+            results["meta_init"][tp] = {
+                "state": full_state_dict(model),
+                "local_bytes": local_param_bytes(model),
+            }
+
         # Mistakes are refused with a ConfigError on every rank alike, before any collective runs.
         one_head = dataclasses.replace(CONFIG, n_head=1)
         attempts = {
@@ -212,6 +229,36 @@ def test_parallel_training_matches_single_process(variant, reference, distribute
     diffs = weight_diffs(state, ref_state)
     assert max(diffs.values()) <= 1e-5, diffs
     assert rank1["state"] == {}  # the full copy is gathered on rank 0 only
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_meta_device_init_gives_one_processs_weights_on_every_layout(distributed, tp):
+    one = GPT(CONFIG)
+    one.reset_parameters(seed=11)
+    expected = one.state_dict()
+    gathered = distributed[0]["meta_init"][tp]["state"]
+    assert list(gathered) == list(expected)
+    for key, value in expected.items():
+        assert torch.equal(gathered[key], value), key  # bit for bit
+    # each rank made only its shards: FSDP over 2 ranks (tp=1), or TP'd blocks (tp=2) with the rest whole
+    full_bytes = 4 * sum(v.numel() for v in expected.values())
+    for rank in distributed:
+        local = rank["meta_init"][tp]["local_bytes"]
+        assert local <= (0.55 if tp == 1 else 0.9) * full_bytes, (tp, local / full_bytes)
+
+
+def test_initial_values_depend_on_seed_and_name_only():
+    a, b = GPT(CONFIG), GPT(dataclasses.replace(CONFIG, n_layer=2))
+    a.reset_parameters(seed=3)
+    b.reset_parameters(seed=3)
+    for key, value in b.state_dict().items():
+        assert torch.equal(value, a.state_dict()[key]), key  # a shorter model shares its blocks' values
+    c = GPT(CONFIG)
+    c.reset_parameters(seed=4)
+    assert not torch.equal(c.tok_emb.weight, a.tok_emb.weight)
+    assert not torch.equal(a.blocks[0].attn.qkv.weight, a.blocks[1].attn.qkv.weight)
+    assert a.blocks[0].ln1.weight.eq(1).all() and a.blocks[0].attn.qkv.bias.eq(0).all()
+    assert abs(float(a.tok_emb.weight.std()) - CONFIG.init_std) < 0.05 * CONFIG.init_std
 
 
 def test_bf16_params_follow_fp32_training(reference, distributed):

@@ -7,6 +7,7 @@ parallelism is applied from outside (see `mtnlg_ray/train/parallel.py`).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import MISSING, asdict, dataclass, fields
 
@@ -16,6 +17,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mtnlg_ray.errors import ConfigError
+
+
+def initial_value(name: str, kind: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
+    """The full initial value of one parameter, a function of the seed and its name only (CPU, fp32)."""
+    if kind == "zeros":
+        return torch.zeros(shape)
+    if kind == "ones":
+        return torch.ones(shape)
+    digest = hashlib.blake2b(f"{seed}:{name}".encode("utf-8"), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -167,20 +179,42 @@ class GPT(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Normal(0, sqrt(1/(3h))) weights, zero biases, unit LayerNorms."""
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=self.tok_emb.weight.device).manual_seed(seed)
+        """Normal(0, sqrt(1/(3h))) weights, zero biases, unit LayerNorms.
+
+        With a seed, each parameter's values come from the seed and its name alone
+        (`initial_value`), so a parallel layout that builds every shard separately gets the same
+        full weights as this one process does.
+        """
         std = self.config.init_std
         with torch.no_grad():
+            if seed is not None:
+                for name, (kind, shape) in self.parameter_kinds().items():
+                    self.get_parameter(name).copy_(initial_value(name, kind, shape, std, seed))
+                return
             for module in self.modules():
                 if isinstance(module, (nn.Linear, nn.Embedding)):
-                    module.weight.normal_(0.0, std, generator=gen)
+                    module.weight.normal_(0.0, std)
                     if getattr(module, "bias", None) is not None:
                         module.bias.zero_()
                 elif isinstance(module, nn.LayerNorm):
                     module.weight.fill_(1.0)
                     module.bias.zero_()
+
+    def parameter_kinds(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """name → (how it starts: "normal", "zeros" or "ones"; its full shape), read off the modules
+        (works on the meta device: nothing is allocated)."""
+        kinds = {}
+        for module_name, module in self.named_modules():
+            for leaf, param in module.named_parameters(recurse=False):
+                name = f"{module_name}.{leaf}" if module_name else leaf
+                if leaf == "bias":
+                    kind = "zeros"
+                elif isinstance(module, nn.LayerNorm):
+                    kind = "ones"
+                else:
+                    kind = "normal"
+                kinds[name] = (kind, tuple(param.shape))
+        return kinds
 
     def num_parameters(self) -> int:
         # The output projection is the input embedding (tied), so it is counted once.

@@ -31,6 +31,7 @@ from mtnlg_ray.train.parallel import (
     build_mesh,
     clip_grad_norm,
     full_state_dict,
+    initialise_shards,
     local_param_bytes,
     max_over_world,
     mean_over_dp,
@@ -118,10 +119,38 @@ def make_task(stage: str, cfg: Config, model_config: GPTConfig, tokenizer_file: 
     return TASKS[cfg.task.kind](cfg, tokenizer_file, model_config)
 
 
+def _build_model(cfg: Config, model_config: GPTConfig, task, mesh, device) -> nn.Module:
+    """The task's model on `device`, parallelized over `mesh`, with its starting weights.
+
+    Pretraining from scratch on a layout that shards the weights (tensor parallel, or FSDP over
+    more than one rank or in bf16) builds the model on the meta device, applies the parallel plan,
+    and materialises and initialises only each rank's shards: no rank ever holds the whole model.
+    The values are `GPT.reset_parameters(seed)`'s, the same whatever the layout.
+    """
+    torch.manual_seed(cfg.train.seed)  # a new classification head draws from it
+    mixed = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    layout = {"fsdp": cfg.parallel.fsdp, "mixed_precision": mixed,
+              "activation_checkpointing": model_config.activation_checkpointing, "compile": cfg.train.compile}
+    dp, tp = mesh["dp"].size(), mesh["tp"].size()
+    shards = tp > 1 or (cfg.parallel.fsdp and (dp > 1 or mixed is not None))
+    if isinstance(task, LMTask) and not cfg.init.checkpoint and shards:
+        with torch.device("meta"):
+            model = GPT(model_config)
+        kinds = model.parameter_kinds()
+        model = parallelize(model, mesh, **layout)
+        model.to_empty(device=device)
+        initialise_shards(model, kinds, model_config.init_std, cfg.train.seed)
+    else:
+        model = parallelize(_initial_weights(cfg, model_config, task).to(device), mesh, **layout)
+    torch.manual_seed(cfg.train.seed)  # dropout starts from the seed, however the model was built
+    return model
+
+
 def _initial_weights(cfg: Config, model_config: GPTConfig, task) -> nn.Module:
     """The GPT (random from the seed, or the init checkpoint's weights) wrapped by the task."""
-    torch.manual_seed(cfg.train.seed)
     backbone = GPT(model_config)
+    if not cfg.init.checkpoint:
+        backbone.reset_parameters(seed=cfg.train.seed)
     head = None
     if cfg.init.checkpoint:
         from mtnlg_ray.checkpoint import load_checkpoint, load_extra_tensors
@@ -165,11 +194,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if model_config.seq_len < seq_len:
         raise ValueError(f"model context {model_config.seq_len} < packed sequence length {seq_len}")
 
-    model = _initial_weights(cfg, model_config, task)
-    model.to(device)
-    mixed = torch.bfloat16 if cfg.train.precision == "bf16" else None
-    model = parallelize(model, mesh, fsdp=cfg.parallel.fsdp, mixed_precision=mixed,
-                        activation_checkpointing=model_config.activation_checkpointing, compile=cfg.train.compile)
+    model = _build_model(cfg, model_config, task, mesh, device)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
         betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps,

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Replicate
@@ -21,7 +21,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from torch.nn.parallel import DistributedDataParallel
 
 from mtnlg_ray.errors import ConfigError
-from mtnlg_ray.model.gpt import GPT, GPTConfig
+from mtnlg_ray.model.gpt import GPT, GPTConfig, initial_value
 
 # Megatron's split of one block. qkv is laid out head by head, so its column shards are whole heads
 # and attention runs on local heads with no communication; proj and fc2 all-reduce their outputs.
@@ -229,6 +229,19 @@ def mean_over_dp(value: torch.Tensor, mesh: DeviceMesh | None) -> float:
         dist.all_reduce(value, group=mesh["dp"].get_group())
         value /= mesh["dp"].size()
     return float(value)
+
+
+@torch.no_grad()
+def initialise_shards(model: nn.Module, kinds: dict[str, tuple[str, tuple[int, ...]]], std: float, seed: int) -> None:
+    """Fill a parallelized model materialised with `to_empty` with `GPT.reset_parameters(seed)`'s values.
+
+    One parameter at a time: its full value is made from the seed and its name (the same on every
+    rank) and each rank keeps only its own shard, so no rank ever holds more than one whole
+    parameter besides its shards, and every layout gets the same full weights.
+    """
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    for name, (kind, shape) in kinds.items():
+        set_model_state_dict(model, {name: initial_value(name, kind, shape, std, seed)}, options=options)
 
 
 def local_param_bytes(model: nn.Module) -> int:
