@@ -147,6 +147,37 @@ def test_rerunning_the_same_run_resumes_from_its_newest_checkpoint_at_another_wo
     assert starts[-1]["world_size"] == 1 and starts[-1]["resumed_from"] == {"step": 20, "world_size": 2}
 
 
+def test_a_run_checkpointed_under_tp2_continues_under_dp2_as_one_worker_would(shakespeare, tmp_path):
+    """Resharding proven by values: 4 steps at tp2, a checkpoint, the same run.name again at dp2 (FSDP)
+    to step 8: the losses, grad norms and final weights of one worker's 8 uninterrupted steps."""
+    from mtnlg_ray.train.plot import read_metrics
+    from mtnlg_ray.train.trainer import pretrain
+
+    every = ["checkpoint.every_steps=4", "train.eval_every=100"]
+    single = Path(pretrain(train_config(shakespeare, tmp_path, "single", "parallel.workers=1",
+                                        "train.max_steps=8", *every))["run_dir"])
+    pretrain(train_config(shakespeare, tmp_path, "moved", "parallel.workers=2", "parallel.tp=2",
+                          "train.max_steps=4", *every))
+    moved = Path(pretrain(train_config(shakespeare, tmp_path, "moved", "parallel.workers=2",
+                                       "train.max_steps=8", *every))["run_dir"])
+    starts = read_start_events(moved)
+    assert [(s["dp"], s["tp"], s["resumed_from"]) for s in starts] == [
+        (1, 2, None), (2, 1, {"step": 4, "world_size": 2})]
+    reference = {r["step"]: r for r in read_metrics(single)}
+    resumed = {r["step"]: r for r in read_metrics(moved)}
+    assert sorted(resumed) == sorted(reference) == list(range(1, 9))
+    for step, ref in reference.items():
+        assert abs(resumed[step]["loss"] - ref["loss"]) <= 1e-4, step
+        assert abs(resumed[step]["grad_norm"] - ref["grad_norm"]) <= 1e-3 * ref["grad_norm"], step
+    a, b = final_weights(single), final_weights(moved)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-3
+
+
+def read_start_events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"event": "start"' in line]
+
+
 @pytest.mark.slow  # 2-3 minutes: kept out of the default run so CI stays under 25 minutes on 2 cores
 def test_elastic_run_continues_on_fewer_workers_after_one_is_killed(shakespeare, tmp_path):
     """A node (and the worker on it) dies mid-run: training restarts on one worker from the checkpoint made at two."""
