@@ -173,6 +173,32 @@ def test_a_run_checkpointed_under_tp2_continues_under_dp2_as_one_worker_would(sh
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-3
 
 
+def test_dp2_x_tp2_on_four_workers_then_one_worker_continues_as_one_worker_would(shakespeare, tmp_path):
+    """A 2D layout (FSDP over dp x tensor parallel) on 4 gloo workers sharing 2 cores, checkpointed at
+    step 4 and continued by a single worker to step 8: one worker's 8 uninterrupted steps."""
+    from mtnlg_ray.train.plot import read_metrics
+    from mtnlg_ray.train.trainer import pretrain
+
+    every = ["checkpoint.every_steps=4", "train.eval_every=100"]
+    single = Path(pretrain(train_config(shakespeare, tmp_path, "single", "parallel.workers=1",
+                                        "train.max_steps=8", *every))["run_dir"])
+    pretrain(train_config(shakespeare, tmp_path, "grid", "parallel.workers=4", "parallel.tp=2",
+                          "parallel.cpus_per_worker=0.5", "train.max_steps=4", *every))
+    grid = Path(pretrain(train_config(shakespeare, tmp_path, "grid", "parallel.workers=1",
+                                      "train.max_steps=8", *every))["run_dir"])
+    starts = read_start_events(grid)
+    assert [(s["dp"], s["tp"], s["resumed_from"]) for s in starts] == [
+        (2, 2, None), (1, 1, {"step": 4, "world_size": 4})]
+    reference = {r["step"]: r for r in read_metrics(single)}
+    resumed = {r["step"]: r for r in read_metrics(grid)}
+    assert sorted(resumed) == sorted(reference) == list(range(1, 9))
+    for step, ref in reference.items():
+        assert abs(resumed[step]["loss"] - ref["loss"]) <= 1e-4, step
+        assert abs(resumed[step]["grad_norm"] - ref["grad_norm"]) <= 1e-3 * ref["grad_norm"], step
+    a, b = final_weights(single), final_weights(grid)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-3
+
+
 def read_start_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if '"event": "start"' in line]
