@@ -39,6 +39,8 @@ def save_sharded(directory: Path, model, optimizer, state: TrainerState, config:
     model_state, optim_state = get_state_dict(model, optimizers=optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
     rng = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state().tolist()  # this rank's device's generator (dropout on GPU)
     (directory / f"rng-rank{rank}.json").write_text(json.dumps(rng))
     if rank == 0:
         (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
@@ -53,7 +55,10 @@ def load_sharded(directory: Path, model, optimizer, rank: int) -> TrainerState:
     set_state_dict(model, optimizers=optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
     rng_file = directory / f"rng-rank{rank}.json"
     if rng_file.is_file():
-        torch.set_rng_state(torch.tensor(json.loads(rng_file.read_text())["torch"], dtype=torch.uint8))
+        rng = json.loads(rng_file.read_text())
+        torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
     return TrainerState(**json.loads((directory / STATE_FILE).read_text()))
 
 
