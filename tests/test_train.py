@@ -219,6 +219,24 @@ def test_a_resumed_run_with_dropout_is_exactly_the_uninterrupted_run(shakespeare
     assert read_metrics(plain)[0]["loss"] != read_metrics(whole)[0]["loss"]
 
 
+def test_batch_rampup_follows_its_schedule_and_any_layout_trains_on_the_same_batches(shakespeare, tmp_path):
+    """Ramp 4 → 8 sequences after 1,024 tokens (4 steps of 4 x 64 tokens): the global batch per step is
+    the schedule's, and one worker and two (FSDP) see the same batches, hence the same losses."""
+    from mtnlg_ray.train.plot import read_metrics
+    from mtnlg_ray.train.trainer import pretrain
+
+    settings = ["train.max_steps=8", "train.global_batch_size=8", "train.micro_batch_size=2",
+                "train.batch_rampup={'start': 4, 'increment': 4, 'tokens': 1024}", "train.eval_every=100"]
+    runs = {workers: read_metrics(Path(pretrain(train_config(
+        shakespeare, tmp_path, f"ramp{workers}", f"parallel.workers={workers}", *settings))["run_dir"]))
+        for workers in (1, 2)}
+    for records in runs.values():
+        assert [r["global_batch"] for r in records] == [4, 4, 4, 4, 8, 8, 8, 8]
+        assert [r["tokens"] for r in records] == [256, 512, 768, 1024, 1536, 2048, 2560, 3072]
+    for one, two in zip(runs[1], runs[2]):
+        assert abs(one["loss"] - two["loss"]) <= 1e-4 and abs(one["grad_norm"] - two["grad_norm"]) <= 1e-3 * one["grad_norm"]
+
+
 def read_start_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if '"event": "start"' in line]
