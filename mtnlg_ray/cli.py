@@ -729,7 +729,7 @@ def quickstart(
     smoke: bool = typer.Option(False, "--smoke", help="Tiny sizes for CI: every stage runs, in about a third of the time."),
     port: int = typer.Option(8000, "--port", help="HTTP port the server answers its one request on."),
 ) -> None:
-    """The whole pipeline on the built-in corpus on a local Ray (about 7.5 minutes on 2 cores).
+    """The whole pipeline on the built-in corpus on a local Ray (about 7 minutes on 2 cores).
 
     Trains a quality classifier, prepares builtin:python-docs with it as the pseudo-labeller on
     the actor pool, pretrains the tiny GPT on 2 Ray Train workers, fine-tunes a classifier on a
