@@ -187,18 +187,14 @@ class GPT(nn.Module):
         """
         std = self.config.init_std
         with torch.no_grad():
-            if seed is not None:
-                for name, (kind, shape) in self.parameter_kinds().items():
-                    self.get_parameter(name).copy_(initial_value(name, kind, shape, std, seed))
-                return
-            for module in self.modules():
-                if isinstance(module, (nn.Linear, nn.Embedding)):
-                    module.weight.normal_(0.0, std)
-                    if getattr(module, "bias", None) is not None:
-                        module.bias.zero_()
-                elif isinstance(module, nn.LayerNorm):
-                    module.weight.fill_(1.0)
-                    module.bias.zero_()
+            for name, (kind, shape) in self.parameter_kinds().items():
+                param = self.get_parameter(name)
+                if seed is not None:
+                    param.copy_(initial_value(name, kind, shape, std, seed))
+                elif kind == "normal":
+                    param.normal_(0.0, std)  # from torch's global generator, in registration order
+                else:
+                    param.fill_(1.0 if kind == "ones" else 0.0)
 
     def parameter_kinds(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """name → (how it starts: "normal", "zeros" or "ones"; its full shape), read off the modules

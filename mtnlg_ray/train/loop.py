@@ -149,10 +149,10 @@ def _build_model(cfg: Config, model_config: GPTConfig, task, mesh, device) -> nn
 def _initial_weights(cfg: Config, model_config: GPTConfig, task) -> nn.Module:
     """The GPT (random from the seed, or the init checkpoint's weights) wrapped by the task."""
     backbone = GPT(model_config)
+    head = None
     if not cfg.init.checkpoint:
         backbone.reset_parameters(seed=cfg.train.seed)
-    head = None
-    if cfg.init.checkpoint:
+    else:
         from mtnlg_ray.checkpoint import load_checkpoint, load_extra_tensors
 
         start_model, body = load_checkpoint(cfg.init.checkpoint)
@@ -202,16 +202,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     state = TrainerState(world_size=world, dp=dp, tp=tp)
     resumed_from = None
-    # Resume from the newest checkpoint in the run directory. After a worker failure Ray Train hands
-    # over the newest one its controller registered, but a checkpoint reported just before the failure
-    # may be on disk and not registered yet (the controller polls); the newest on disk is never older.
+    # Resume from the newest checkpoint in the run directory, where Ray Train stores every reported
+    # one: on a re-run of the same run.name, and after a worker failure. Ray's own choice
+    # (`get_checkpoint`) would be the newest its controller had registered, and a checkpoint reported
+    # just before the failure may not be yet (the controller polls).
     newest = latest_checkpoint(run_dir)
-    checkpoint = ray.train.Checkpoint.from_directory(str(newest)) if newest else ray.train.get_checkpoint()
-    if checkpoint is None and loop_config.get("resume"):
-        checkpoint = ray.train.Checkpoint.from_directory(loop_config["resume"])
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            previous = load_sharded(Path(directory), model, optimizer, rank)
+    if newest is not None:
+        previous = load_sharded(newest, model, optimizer, rank)
         state.step, state.tokens, state.cursor = previous.step, previous.tokens, previous.cursor
         state.best_metric, state.stale_evals = previous.best_metric, previous.stale_evals
         resumed_from = {"step": previous.step, "world_size": previous.world_size}

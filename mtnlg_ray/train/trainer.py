@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -158,11 +157,10 @@ def run_training(
     workers = cfg.parallel.workers
     trainer = TorchTrainer(
         train_loop_per_worker,
-        # Train V2 refuses `resume_from_checkpoint`: the loop itself starts from `resume` when Ray
-        # Train has no checkpoint of this run to hand it (a fresh driver re-running the same run).
+        # Train V2 refuses `resume_from_checkpoint`: every worker resumes from the newest checkpoint
+        # in `run_dir` itself (the one found as `resume` here, on a re-run of the same run).
         train_loop_config={"config": cfg.model_dump(mode="json"), "stage": stage, "run_dir": str(run_dir),
-                           "vocab_size": vocab, "tokenizer": str(tokenizer_file),
-                           "resume": str(resume) if resume else None},
+                           "vocab_size": vocab, "tokenizer": str(tokenizer_file)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=tuple(workers) if isinstance(workers, tuple) else workers,
             use_gpu=cfg.parallel.use_gpu,
