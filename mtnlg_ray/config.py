@@ -196,6 +196,9 @@ class ParallelSection(Section):
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
     fsdp: bool = True
+    # Megatron's sequence parallelism inside tensor parallelism (no effect at tp=1): LayerNorms and
+    # dropout on T/tp positions a rank. Sequences must then split evenly (seq_len a multiple of tp).
+    sequence_parallel: bool = True
     use_gpu: bool = False
     # Fractions share cores: 0.5 lets 4 gloo workers train on 2 cores (tests, CPU demos).
     cpus_per_worker: float = Field(1.0, gt=0)

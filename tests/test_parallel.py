@@ -18,9 +18,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from safetensors.torch import save_file
+
 from mtnlg_ray.errors import ConfigError
 from mtnlg_ray.model.gpt import GPT, lm_loss
 from mtnlg_ray.model.presets import PRESETS
+from mtnlg_ray.train.checkpoint import load_consolidated_slices
 from mtnlg_ray.train.parallel import (
     build_mesh,
     check_layout,
@@ -28,13 +31,16 @@ from mtnlg_ray.train.parallel import (
     full_state_dict,
     initialise_shards,
     local_param_bytes,
+    loss_parallel_context,
     mean_over_dp,
     no_grad_sync,
     param_groups,
     parallelize,
+    plain,
 )
 
 CONFIG = PRESETS["tiny"]  # fp32, dropout 0
+VOCAB_4K = dataclasses.replace(CONFIG, vocab_size=4096)  # where the embedding is a third of the model
 STEPS, GLOBAL_BATCH, MICRO, SEQ = 20, 8, 2, 33
 LR, WEIGHT_DECAY, GRAD_CLIP = 3e-3, 0.1, 1.0
 # Adam's eps, far above float rounding in the gradients (~1e-9) yet below most true gradients
@@ -47,7 +53,8 @@ ADAM_EPS = 1e-4
 VARIANTS = {
     "fsdp": (1, True, STEPS, {}),
     "ddp": (1, False, STEPS, {}),
-    "tp": (2, True, STEPS, {}),
+    "tp": (2, True, STEPS, {}),  # sequence parallel, vocabulary-parallel embedding, loss parallel
+    "tp_no_sp": (2, True, STEPS, {"sequence_parallel": False}),
     "fsdp_ac": (1, True, STEPS, {"activation_checkpointing": True}),
     "tp_bf16": (2, True, 5, {"mixed_precision": torch.bfloat16}),
 }
@@ -103,8 +110,8 @@ def train_parallel(model: torch.nn.Module, mesh, steps: int) -> tuple[list[float
     for batch in token_batches()[:steps]:
         total = torch.zeros(())
         for i, micro in enumerate(batch.chunk(dp)[dp_rank].split(MICRO)):
-            with no_grad_sync(model) if i < accum - 1 else nullcontext():
-                loss = lm_loss(model(micro[:, :-1]), micro[:, 1:])
+            with no_grad_sync(model) if i < accum - 1 else nullcontext(), loss_parallel_context(mesh):
+                loss = plain(lm_loss(model(micro[:, :-1]), micro[:, 1:]))
                 (loss / accum).backward()
             total += loss.detach()
         norms.append(clip_grad_norm(model, GRAD_CLIP))
@@ -134,20 +141,46 @@ def distributed_worker(rank: int, port: int, out_dir: str) -> None:
                 "seconds": time.perf_counter() - start,
             }
 
+        # What each tp rank holds while training: its half of the vocabulary's logits inside the
+        # loss context (whole logits outside it), its half of the positions between the blocks.
+        model = parallelize(fresh_model(), meshes[2], fsdp=True)
+        seen: dict = {}
+        model.blocks[1].ln1.register_forward_hook(lambda m, i, o: seen.update(ln1=tuple(o.to_local().shape)))
+        tokens = token_batches()[0, :MICRO]
+        with loss_parallel_context(meshes[2]):
+            logits = model(tokens[:, :-1])
+            seen["sharded"] = (type(logits).__name__, tuple(logits.to_local().shape))
+            loss = plain(lm_loss(logits, tokens[:, 1:]))
+            loss.backward()
+        seen["whole"] = (type(model(tokens[:, :-1])).__name__, tuple(model(tokens[:, :-1]).shape))
+        seen["embedding"] = tuple(model.tok_emb.weight.to_local().shape)
+        results["shapes"] = seen
+
         # Built on the meta device, parallelized, then only each rank's shards made and initialised:
         # gathered, the weights must be one process's `reset_parameters(seed)` exactly.
         results["meta_init"] = {}
         for tp in (1, 2):
             with torch.device("meta"):
-                model = GPT(CONFIG)
+                model = GPT(VOCAB_4K)
             kinds = model.parameter_kinds()
             model = parallelize(model, meshes[tp], fsdp=True)
             model.to_empty(device="cpu")
-            initialise_shards(model, kinds, CONFIG.init_std, seed=11)
+            initialise_shards(model, kinds, VOCAB_4K.init_std, seed=11)
             results["meta_init"][tp] = {
                 "state": full_state_dict(model),
                 "local_bytes": local_param_bytes(model),
             }
+
+        # Started from a consolidated checkpoint: each rank reads its slices of model.safetensors
+        # into the shards it holds; gathered, they are the file's tensors.
+        results["sliced"] = {}
+        for tp in (1, 2):
+            with torch.device("meta"):
+                model = GPT(VOCAB_4K)
+            model = parallelize(model, meshes[tp], fsdp=True)
+            model.to_empty(device="cpu")
+            filled = load_consolidated_slices(model, os.path.join(out_dir, "init"), set(GPT(VOCAB_4K).state_dict()))
+            results["sliced"][tp] = {"state": full_state_dict(model), "filled": filled}
 
         # Mistakes are refused with a ConfigError on every rank alike, before any collective runs.
         one_head = dataclasses.replace(CONFIG, n_head=1)
@@ -176,6 +209,13 @@ def unwrapped(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in wrappers)
 
 
+def start_weights() -> dict[str, torch.Tensor]:
+    """What the consolidated checkpoint the workers start from holds."""
+    model = GPT(VOCAB_4K)
+    model.reset_parameters(seed=5)
+    return model.state_dict()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -195,6 +235,8 @@ def reference():
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
+    (out / "init").mkdir()
+    save_file(start_weights(), str(out / "init" / "model.safetensors"))
     mp.spawn(distributed_worker, args=(free_port(), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
@@ -208,7 +250,7 @@ def weight_diffs(state: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -
     return {key: (value - ref[key]).abs().max().item() for key, value in state.items()}
 
 
-@pytest.mark.parametrize("variant", ["fsdp", "ddp", "tp", "fsdp_ac"])
+@pytest.mark.parametrize("variant", ["fsdp", "ddp", "tp", "tp_no_sp", "fsdp_ac"])
 def test_parallel_training_matches_single_process(variant, reference, distributed):
     ref_losses, ref_norms, ref_state = reference
     rank0, rank1 = (d[variant] for d in distributed)
@@ -233,18 +275,40 @@ def test_parallel_training_matches_single_process(variant, reference, distribute
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_meta_device_init_gives_one_processs_weights_on_every_layout(distributed, tp):
-    one = GPT(CONFIG)
+    one = GPT(VOCAB_4K)
     one.reset_parameters(seed=11)
     expected = one.state_dict()
     gathered = distributed[0]["meta_init"][tp]["state"]
     assert list(gathered) == list(expected)
     for key, value in expected.items():
         assert torch.equal(gathered[key], value), key  # bit for bit
-    # each rank made only its shards: FSDP over 2 ranks (tp=1), or TP'd blocks (tp=2) with the rest whole
+    # each rank made only its shards: FSDP over 2 ranks (tp=1), or at tp=2 the blocks and the
+    # vocabulary split in two, with only biases of row-parallel layers, LayerNorms and positions whole
     full_bytes = 4 * sum(v.numel() for v in expected.values())
     for rank in distributed:
         local = rank["meta_init"][tp]["local_bytes"]
-        assert local <= (0.55 if tp == 1 else 0.9) * full_bytes, (tp, local / full_bytes)
+        assert local <= 0.55 * full_bytes, (tp, local / full_bytes)
+
+
+def test_tensor_parallel_splits_vocabulary_and_sequence(distributed):
+    V, T, d = CONFIG.vocab_size, SEQ - 1, CONFIG.d_model
+    for rank in distributed:
+        shapes = rank["shapes"]
+        assert shapes["sharded"] == ("DTensor", (MICRO, T, V // 2))  # no rank made whole-vocabulary logits
+        assert shapes["whole"] == ("Tensor", (MICRO, T, V))  # generation and scoring see whole logits
+        assert shapes["ln1"] == (MICRO, T // 2, d)  # LayerNorm on half the positions
+        # FSDP (dp=1 here, so whole) over the tp shard: half the vocabulary's rows
+        assert shapes["embedding"] == (V // 2, d)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_consolidated_checkpoint_loads_slice_by_slice_into_any_layout(distributed, tp):
+    expected = start_weights()
+    run = distributed[0]["sliced"][tp]
+    assert run["filled"] == set(expected)
+    assert list(run["state"]) == list(expected)
+    for key, value in expected.items():
+        assert torch.equal(run["state"][key], value), key
 
 
 def test_initial_values_depend_on_seed_and_name_only():

@@ -29,8 +29,10 @@ from mtnlg_ray.tokenizer import eos_id, load_tokenizer
 HIGHER_IS_BETTER = {"accuracy", "macro_f1", "exact_match"}
 
 
-def pad_right(rows: Sequence[Sequence[int]], fill: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
+def pad_right(rows: Sequence[Sequence[int]], fill: int, multiple: int = 1) -> torch.Tensor:
+    """Rows padded on the right to one width, a multiple of `multiple` (sequence parallel splits the
+    positions evenly across tensor-parallel ranks; attention is causal, so the padding changes nothing)."""
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
     out = torch.full((len(rows), width), fill, dtype=torch.long)
     for i, row in enumerate(rows):
         out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
@@ -56,6 +58,11 @@ def _merged_model(task, state: dict[str, torch.Tensor], model_config: GPTConfig)
     return merge_lora(skeleton)
 
 
+def sequence_multiple(cfg: Config) -> int:
+    """What a batch's length must be a multiple of: tp under sequence parallelism, else anything."""
+    return cfg.parallel.tp if cfg.parallel.sequence_parallel else 1
+
+
 class ClassificationTask:
     """A head on the pooled last hidden state; cross-entropy against hard or soft labels."""
 
@@ -67,6 +74,7 @@ class ClassificationTask:
         tokenizer = load_tokenizer(tokenizer_file)
         self.eos = eos_id(tokenizer)
         self.seq_len = model_config.seq_len
+        self.multiple = sequence_multiple(cfg)
         train = read_classification(cfg.data.train, cfg.data.text_field, cfg.data.label_field)
         check_labels(train, self.labels, "data.train")
         self.train_rows = self._encode(tokenizer, train.texts)
@@ -101,7 +109,7 @@ class ClassificationTask:
         return _adapt(model, backbone, self.cfg)
 
     def _inputs(self, rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_right(rows, self.eos).to(device), torch.tensor([len(r) for r in rows], device=device)
+        return pad_right(rows, self.eos, self.multiple).to(device), torch.tensor([len(r) for r in rows], device=device)
 
     def loss(self, model: nn.Module, indices: np.ndarray, device) -> torch.Tensor:
         idx, lengths = self._inputs([self.train_rows[i] for i in indices], device)
@@ -138,6 +146,7 @@ class SFTTask:
         tokenizer = load_tokenizer(tokenizer_file)
         self.eos = eos_id(tokenizer)
         self.seq_len = model_config.seq_len
+        self.multiple = sequence_multiple(cfg)
         fields = (cfg.task.prompt_field, cfg.task.completion_field)
         self.train = [self._encode(tokenizer, p) for p in read_sft(cfg.data.train, *fields)]
         self.dev = [self._encode(tokenizer, p) for p in read_sft(cfg.data.dev, *fields)] if cfg.data.dev else []
@@ -164,8 +173,8 @@ class SFTTask:
         return _adapt(backbone, backbone, self.cfg)
 
     def _batch(self, examples, device) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = pad_right([ids[:-1] for ids, _ in examples], self.eos)
-        targets = pad_right([ids[1:] for ids, _ in examples], -100)
+        inputs = pad_right([ids[:-1] for ids, _ in examples], self.eos, self.multiple)
+        targets = pad_right([ids[1:] for ids, _ in examples], -100, self.multiple)
         for row, (_, start) in enumerate(examples):
             targets[row, : max(start - 1, 0)] = -100  # predictions of prompt tokens are not trained
         return inputs.to(device), targets.to(device)
@@ -200,7 +209,7 @@ class SFTTask:
         wanted = [ids[start:] for ids, start in examples]
         rows = [list(p) for p in prompts]
         for _ in range(max(len(w) for w in wanted)):
-            inputs = pad_right([r[-self.seq_len:] for r in rows], self.eos).to(device)
+            inputs = pad_right([r[-self.seq_len:] for r in rows], self.eos, self.multiple).to(device)
             last = torch.tensor([min(len(r), self.seq_len) - 1 for r in rows], device=device)
             logits = model(inputs)[torch.arange(len(rows), device=device), last]
             for row, token in zip(rows, logits.argmax(dim=-1).tolist()):

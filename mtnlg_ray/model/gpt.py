@@ -20,14 +20,42 @@ from mtnlg_ray.errors import ConfigError
 
 
 def initial_value(name: str, kind: str, shape: tuple[int, ...], std: float, seed: int) -> torch.Tensor:
-    """The full initial value of one parameter, a function of the seed and its name only (CPU, fp32)."""
+    """The full initial value of one parameter, a function of the seed and its name only (CPU, fp32).
+
+    "normal" draws N(0, std); "fan_in_uniform" draws U(-1/sqrt(fan_in), 1/sqrt(fan_in)), what
+    `nn.Linear` gives its weight (a LoRA down-projection starts so).
+    """
     if kind == "zeros":
         return torch.zeros(shape)
     if kind == "ones":
         return torch.ones(shape)
     digest = hashlib.blake2b(f"{seed}:{name}".encode("utf-8"), digest_size=8).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+    if kind == "fan_in_uniform":
+        bound = 1.0 / math.sqrt(shape[-1])
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
     return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def parameter_kinds(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name → (how it starts: "normal", "zeros", "ones" or "fan_in_uniform"; its full shape) for every
+    parameter of `model` (a GPT or a task model around one), read off the modules: works on the meta
+    device, nothing is allocated. Biases start at zero, LayerNorm gains at one, a LoRA adapter as
+    LoRA prescribes (down-projection uniform, up-projection zero: the adapter adds nothing at first)."""
+    kinds = {}
+    for module_name, module in model.named_modules():
+        for leaf, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            if leaf in ("bias", "lora_b"):
+                kind = "zeros"
+            elif isinstance(module, nn.LayerNorm):
+                kind = "ones"
+            elif leaf == "lora_a":
+                kind = "fan_in_uniform"
+            else:
+                kind = "normal"
+            kinds[name] = (kind, tuple(param.shape))
+    return kinds
 
 
 def pad_vocab(n: int, multiple: int = 64) -> int:
@@ -163,6 +191,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class TiedHead(nn.Module):
+    """The LM head: logits from the token embedding's own weight (tied, so it has no parameters).
+
+    A module of its own only so a tensor-parallel plan can reach its input and output: sharded on
+    the vocabulary like the embedding, it makes each rank's slice of the logits.
+    """
+
+    def forward(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, weight)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -175,6 +214,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.head = TiedHead()
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -197,20 +237,7 @@ class GPT(nn.Module):
                     param.fill_(1.0 if kind == "ones" else 0.0)
 
     def parameter_kinds(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """name → (how it starts: "normal", "zeros" or "ones"; its full shape), read off the modules
-        (works on the meta device: nothing is allocated)."""
-        kinds = {}
-        for module_name, module in self.named_modules():
-            for leaf, param in module.named_parameters(recurse=False):
-                name = f"{module_name}.{leaf}" if module_name else leaf
-                if leaf == "bias":
-                    kind = "zeros"
-                elif isinstance(module, nn.LayerNorm):
-                    kind = "ones"
-                else:
-                    kind = "normal"
-                kinds[name] = (kind, tuple(param.shape))
-        return kinds
+        return parameter_kinds(self)
 
     def num_parameters(self) -> int:
         # The output projection is the input embedding (tied), so it is counted once.
@@ -259,7 +286,7 @@ class GPT(nn.Module):
         h = self.hidden_states(idx, positions, cache, attn_mask)
         if last_only:
             h = h[:, -1:]
-        return F.linear(h, self.tok_emb.weight)
+        return self.head(h, self.tok_emb.weight)
 
 
 def inference_layout(model: GPT) -> GPT:

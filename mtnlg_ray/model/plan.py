@@ -208,6 +208,9 @@ def plan_layout(
             "optimizer_distributed": optimizer_dist / GB,
             "activations": act_full / GB,
             "activations_recompute": act_recompute / GB,
+            # What mtnlg-ray's own trainer holds: fp32 weights, gradients and Adam moments (16 bytes
+            # a parameter), every one sharded over dp by FSDP2 (bf16 runs keep the same fp32 shards).
+            "fsdp_fp32_state": 16 * params_i / dp / GB,
         }
         memory["total"] = (
             memory["weights"]
@@ -332,6 +335,7 @@ def render_plan(result: dict) -> Table:
             f"{_bytes(m['total'])} of {m['capacity']:.0f} GB",
         ),
         ("fits", "yes" if r["fits"] else "[bold red]no[/]"),
+        (f"mtnlg-ray's trainer: fp32 weights + grads + Adam, FSDP over dp {r['dp']}", _bytes(m["fsdp_fp32_state"])),
     ]
     for name, value in rows:
         table.add_row(name, value)

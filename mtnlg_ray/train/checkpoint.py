@@ -13,8 +13,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from safetensors import safe_open
+from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
+from mtnlg_ray.errors import CheckpointError
 from mtnlg_ray.model.gpt import GPTConfig
 
 STATE_FILE = "trainer_state.json"
@@ -73,3 +82,41 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         if step > best_step:
             best, best_step = state_file.parent, step
     return best
+
+
+def consolidated_name(name: str) -> str:
+    """Where a task model's parameter lives in a consolidated checkpoint: the classifier's backbone
+    is the checkpoint's GPT, and a LoRA-wrapped layer keeps its original weight under `base`."""
+    name = name.removeprefix("backbone.")
+    return name.replace(".base.", ".")
+
+
+def load_consolidated_slices(model, checkpoint_dir: Path, names: set[str]) -> set[str]:
+    """Fill the parameters `names` of a parallelized (materialised) model from a consolidated
+    checkpoint's model.safetensors, each rank reading only the slices it holds; returns the names filled.
+
+    A collective: every rank calls it. A parameter the file lacks is left for the caller to
+    initialise; one the file has in another shape is one clear line.
+    """
+    weights = Path(checkpoint_dir) / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    with safe_open(str(weights), framework="pt") as handle:
+        stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    state = get_model_state_dict(model)
+    wanted: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        key = consolidated_name(name)
+        if name not in names or key not in stored:
+            continue
+        if stored[key] != tuple(tensor.shape):
+            raise CheckpointError(
+                f"{weights}: tensor '{key}' has shape {list(stored[key])}, the model expects {list(tensor.shape)}"
+            )
+        wanted[key] = tensor
+    if wanted:
+        dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(weights.parent)))
+    filled = {name: wanted[consolidated_name(name)] for name in state if consolidated_name(name) in wanted
+              and name in names}
+    set_model_state_dict(model, filled, options=StateDictOptions(strict=False))
+    return set(filled)

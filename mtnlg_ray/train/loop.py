@@ -23,21 +23,32 @@ import torch
 from torch import nn
 
 from mtnlg_ray.config import Config
+from mtnlg_ray.errors import ConfigError
 from mtnlg_ray.model.flops import flops_per_token
-from mtnlg_ray.model.gpt import GPT, GPTConfig, lm_loss
-from mtnlg_ray.train.checkpoint import TrainerState, latest_checkpoint, load_sharded, save_sharded
+from mtnlg_ray.model.gpt import GPT, GPTConfig, lm_loss, parameter_kinds
+from mtnlg_ray.train.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    load_consolidated_slices,
+    load_sharded,
+    save_sharded,
+)
 from mtnlg_ray.train.data import GlobalOrder, TokenShards, rank_slice
 from mtnlg_ray.train.parallel import (
-    build_mesh,
+    ParallelDims,
     clip_grad_norm,
     full_state_dict,
     initialise_shards,
+    local_grad_bytes,
+    local_optimizer_bytes,
     local_param_bytes,
+    loss_parallel_context,
     max_over_world,
     mean_over_dp,
     no_grad_sync,
     param_groups,
     parallelize,
+    plain,
 )
 from mtnlg_ray.train.schedule import global_batch, learning_rate
 
@@ -119,49 +130,35 @@ def make_task(stage: str, cfg: Config, model_config: GPTConfig, tokenizer_file: 
     return TASKS[cfg.task.kind](cfg, tokenizer_file, model_config)
 
 
-def _build_model(cfg: Config, model_config: GPTConfig, task, mesh, device) -> nn.Module:
+def _build_model(cfg: Config, model_config: GPTConfig, task, dims: ParallelDims, mesh, device) -> nn.Module:
     """The task's model on `device`, parallelized over `mesh`, with its starting weights.
 
-    Pretraining from scratch on a layout that shards the weights (tensor parallel, or FSDP over
-    more than one rank or in bf16) builds the model on the meta device, applies the parallel plan,
-    and materialises and initialises only each rank's shards: no rank ever holds the whole model.
-    The values are `GPT.reset_parameters(seed)`'s, the same whatever the layout.
+    Built on the meta device, the parallel plan applied, then only each rank's shards are
+    materialised and filled: no rank ever holds the whole model. Weights come from `init.checkpoint`
+    (each rank reading only its slices of model.safetensors) or, for whatever that does not hold
+    (everything when pretraining from scratch, a new task head, LoRA adapters), from the seed and
+    the parameter's name (`initial_value`): the same full weights whatever the layout.
     """
-    torch.manual_seed(cfg.train.seed)  # a new classification head draws from it
     mixed = torch.bfloat16 if cfg.train.precision == "bf16" else None
-    layout = {"fsdp": cfg.parallel.fsdp, "mixed_precision": mixed,
-              "activation_checkpointing": model_config.activation_checkpointing, "compile": cfg.train.compile}
-    dp, tp = mesh["dp"].size(), mesh["tp"].size()
-    shards = tp > 1 or (cfg.parallel.fsdp and (dp > 1 or mixed is not None))
-    if isinstance(task, LMTask) and not cfg.init.checkpoint and shards:
-        with torch.device("meta"):
-            model = GPT(model_config)
-        kinds = model.parameter_kinds()
-        model = parallelize(model, mesh, **layout)
-        model.to_empty(device=device)
-        initialise_shards(model, kinds, model_config.init_std, cfg.train.seed)
-    else:
-        model = parallelize(_initial_weights(cfg, model_config, task).to(device), mesh, **layout)
+    with torch.device("meta"):
+        model = task.build(GPT(model_config))
+    kinds = parameter_kinds(model)
+    model = parallelize(model, mesh, fsdp=dims.fsdp, mixed_precision=mixed, sequence_parallel=dims.sequence_parallel,
+                        activation_checkpointing=model_config.activation_checkpointing, compile=cfg.train.compile)
+    model.to_empty(device=device)
+    loaded: set[str] = set()
+    if cfg.init.checkpoint:
+        from mtnlg_ray.checkpoint import read_checkpoint_config
+
+        previous = read_checkpoint_config(cfg.init.checkpoint).get("task") or {}
+        # Continuing from a classifier with the same labels keeps its head; other labels get a new one.
+        keep_head = getattr(task, "kind", None) == "classification" and previous.get("labels") == task.labels
+        wanted = {name for name in kinds if keep_head or not name.startswith("head.")}
+        loaded = load_consolidated_slices(model, Path(cfg.init.checkpoint), wanted)
+    fresh = {name: kind for name, kind in kinds.items() if name not in loaded}
+    initialise_shards(model, fresh, model_config.init_std, cfg.train.seed)
     torch.manual_seed(cfg.train.seed)  # dropout starts from the seed, however the model was built
     return model
-
-
-def _initial_weights(cfg: Config, model_config: GPTConfig, task) -> nn.Module:
-    """The GPT (random from the seed, or the init checkpoint's weights) wrapped by the task."""
-    backbone = GPT(model_config)
-    head = None
-    if not cfg.init.checkpoint:
-        backbone.reset_parameters(seed=cfg.train.seed)
-    else:
-        from mtnlg_ray.checkpoint import load_checkpoint, load_extra_tensors
-
-        start_model, body = load_checkpoint(cfg.init.checkpoint)
-        backbone.load_state_dict(start_model.state_dict())
-        previous = body.get("task") or {}
-        # Continuing from a classifier with the same labels keeps its head; other labels get a new one.
-        if getattr(task, "kind", None) == "classification" and previous.get("labels") == getattr(task, "labels", None):
-            head = load_extra_tensors(cfg.init.checkpoint, "head.")
-    return task.build(backbone, head)
 
 
 def _better(value: float, best: float | None, metric: str) -> bool:
@@ -183,9 +180,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    tp = cfg.parallel.tp
-    mesh = build_mesh(world, tp, device.type)
-    dp, dp_rank = mesh["dp"].size(), mesh["dp"].get_local_rank()
+    dims = ParallelDims(world=world, tp=cfg.parallel.tp, pp=cfg.parallel.pp, fsdp=cfg.parallel.fsdp,
+                        bf16=cfg.train.precision == "bf16", sequence_parallel=cfg.parallel.sequence_parallel)
+    mesh = dims.build_mesh(device.type)
+    tp, dp, dp_rank = dims.tp, dims.dp, mesh["dp"].get_local_rank()
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0)
 
     model_config, _ = model_config_for(cfg, loop_config["vocab_size"])
@@ -193,8 +191,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     seq_len = task.seq_len
     if model_config.seq_len < seq_len:
         raise ValueError(f"model context {model_config.seq_len} < packed sequence length {seq_len}")
+    if isinstance(task, LMTask) and tp > 1 and dims.sequence_parallel and seq_len % tp:
+        raise ConfigError(f"parallel.sequence_parallel: the packed sequences of {cfg.data.path} have {seq_len} tokens, "
+                          f"not a multiple of parallel.tp={tp}; set parallel.sequence_parallel=false")
 
-    model = _build_model(cfg, model_config, task, mesh, device)
+    dims.validate(model_config)
+    model = _build_model(cfg, model_config, task, dims, mesh, device)
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
         betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps,
@@ -241,6 +243,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     micro = cfg.train.micro_batch_size
     stopped_early = False
+    first_step = True
     while not finished() and not stopped_early:
         started = time.perf_counter()
         batch = global_batch(state.tokens, cfg.train, dp)
@@ -255,12 +258,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for i in range(accum):
             sync = i == accum - 1
             context = no_grad_sync(model) if not sync else nullcontext()
-            with context:
-                loss = task.loss(model, indices[i * micro : (i + 1) * micro], device) / accum
+            with context, loss_parallel_context(mesh):
+                loss = plain(task.loss(model, indices[i * micro : (i + 1) * micro], device)) / accum
                 loss.backward()
             local_loss += loss.detach()
         grad_norm = clip_grad_norm(model, cfg.train.grad_clip) if cfg.train.grad_clip > 0 else float("nan")
         optimizer.step()
+        if first_step:
+            # What training holds once everything exists: gradients and the optimizer's moments.
+            first_step = False
+            held = {"local_grad_bytes": local_grad_bytes(model), "local_optimizer_bytes": local_optimizer_bytes(optimizer),
+                    "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            log.write(event="memory", step=state.step + 1, local_param_bytes=int(param_bytes),
+                      **{key: int(max_over_world(value, device)) for key, value in held.items()})
         optimizer.zero_grad(set_to_none=True)
         epoch_before = state.cursor // examples
         step_tokens = task.tokens(everyone)
@@ -354,6 +364,7 @@ def evaluate(model, data: TokenShards, cfg: Config, dp_rank: int, dp: int, mesh,
     batches = 0
     for start in range(0, len(mine), micro):
         rows = data.rows(mine[start : start + micro]).to(device)
-        total += lm_loss(model(rows[:, :-1]), rows[:, 1:])
+        with loss_parallel_context(mesh):
+            total += plain(lm_loss(model(rows[:, :-1]), rows[:, 1:]))
         batches += 1
     return mean_over_dp(total / batches, mesh)

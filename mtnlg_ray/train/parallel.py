@@ -1,11 +1,13 @@
-"""Parallelism for the plain GPT, applied from outside: one ("dp", "tp") device mesh, tensor parallel
-blocks, FSDP2 (or DDP) over data-parallel ranks, and the helpers a training loop needs around them
-(weight-decay groups, global grad clipping, a consolidated full state dict, a global mean loss).
+"""Parallelism for the plain GPT, applied from outside: one ("dp", "tp") device mesh owned by
+`ParallelDims`, Megatron's tensor-parallel split (blocks, vocabulary, sequence) and FSDP2 (or DDP)
+over data-parallel ranks as separate `apply_*` steps, and the helpers a training loop needs around
+them (weight-decay groups, global grad clipping, loss parallelism, a consolidated full state dict).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -16,8 +18,15 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor, Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
 from torch.nn.parallel import DistributedDataParallel
 
 from mtnlg_ray.errors import ConfigError
@@ -25,7 +34,6 @@ from mtnlg_ray.model.gpt import GPT, GPTConfig, initial_value
 
 # Megatron's split of one block. qkv is laid out head by head, so its column shards are whole heads
 # and attention runs on local heads with no communication; proj and fc2 all-reduce their outputs.
-# Embeddings, LayerNorms and the tied LM head stay replicated across tensor-parallel ranks.
 BLOCK_TP_PLAN = {
     "attn.qkv": ColwiseParallel(),
     "attn.proj": RowwiseParallel(),
@@ -33,12 +41,88 @@ BLOCK_TP_PLAN = {
     "mlp.fc2": RowwiseParallel(),
 }
 
+# With sequence parallelism the residual stream between the tensor-parallel regions is split along
+# the sequence (Shard(1)): LayerNorms and dropout run on each rank's T/tp positions, each region
+# starts with an all-gather of the sequence and proj / fc2 end it with a reduce-scatter instead of
+# an all-reduce (the same bytes moved, a tp-th of the activations kept).
+SEQUENCE_PARALLEL_BLOCK_PLAN = {
+    "ln1": SequenceParallel(),
+    "attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                               desired_input_layouts=(Replicate(), None, None, None)),
+    "attn.qkv": ColwiseParallel(),
+    "attn.proj": RowwiseParallel(output_layouts=Shard(1)),
+    "ln2": SequenceParallel(),
+    "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+    "mlp.fc1": ColwiseParallel(),
+    "mlp.fc2": RowwiseParallel(output_layouts=Shard(1)),
+}
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """The parallel layout of one run: its dimensions, their checks and the device mesh they make.
+
+    The driver checks every worker count a run may get with it before any worker starts; each
+    worker checks its own and builds the mesh from it, so both refuse the same layouts alike.
+    """
+
+    world: int
+    tp: int = 1
+    pp: int = 1
+    fsdp: bool = True
+    bf16: bool = False
+    sequence_parallel: bool = True
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp)
+
+    @property
+    def shards_weights(self) -> bool:
+        """Whether a rank holds only part of the weights (tensor parallel, or FSDP with something to do)."""
+        return self.tp > 1 or self.fsdp_active
+
+    @property
+    def fsdp_active(self) -> bool:
+        # One data-parallel rank has nothing to shard: FSDP would only add hooks and copies to every
+        # step, unless it is also what casts the weights to bf16.
+        return self.fsdp and (self.dp > 1 or self.bf16)
+
+    def validate(self, model_config: GPTConfig) -> None:
+        if self.pp != 1:
+            raise ConfigError(f"parallel.pp={self.pp}: pipeline parallelism is not implemented yet; set parallel.pp=1")
+        if self.tp < 1:
+            raise ConfigError(f"parallel.tp: expected a positive integer, got {self.tp}")
+        if self.world % self.tp:
+            raise ConfigError(f"parallel.tp={self.tp} must divide the number of workers ({self.world})")
+        _tp_divides(model_config, self.tp)
+        if self.tp > 1 and self.sequence_parallel and model_config.seq_len % self.tp:
+            raise ConfigError(
+                f"parallel.sequence_parallel: parallel.tp={self.tp} must divide model.seq_len ({model_config.seq_len}) "
+                "to split sequences evenly; or set parallel.sequence_parallel=false"
+            )
+        if self.tp > 1 and not self.fsdp:
+            raise ConfigError(f"parallel.fsdp=false (DDP) works only with parallel.tp=1, got parallel.tp={self.tp}")
+        if self.bf16 and not self.fsdp:
+            raise ConfigError("train.precision=bf16 needs parallel.fsdp=true (DDP keeps fp32 weights)")
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """The 2D ("dp", "tp") mesh over all ranks of the default process group; tp ranks are neighbours."""
+        if self.tp < 1 or self.world % self.tp:
+            raise ConfigError(f"parallel.tp={self.tp} must divide the number of workers ({self.world})")
+        if dist.is_initialized() and dist.get_world_size() != self.world:
+            raise ConfigError(
+                f"build_mesh: world_size={self.world} but the process group has {dist.get_world_size()} ranks"
+            )
+        return init_device_mesh(device_type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
+
 
 def _tp_divides(config: GPTConfig, tp: int) -> None:
     sizes = {
         "model.n_head": config.n_head,
         "model.d_model": config.d_model,
         "the MLP width 4*model.d_model": 4 * config.d_model,
+        "model.vocab_size": config.vocab_size,
     }
     for what, size in sizes.items():
         if size % tp:
@@ -53,46 +137,122 @@ def check_layout(
     *,
     fsdp: bool = True,
     precision: str = "fp32",
+    sequence_parallel: bool = True,
 ) -> None:
-    """Refuse, on the driver before any worker starts, a layout `build_mesh` or `parallelize` would reject.
+    """Refuse, on the driver before any worker starts, a layout a worker's `ParallelDims` would reject.
 
     Every worker count the run may get must be a multiple of tp, so dp stays whole: an elastic
     [min, max] range may start any count between its ends, which with tp > 1 allows a fixed count only.
     """
-    if pp != 1:
-        raise ConfigError(f"parallel.pp={pp}: pipeline parallelism is not implemented yet; set parallel.pp=1")
-    if tp < 1:
-        raise ConfigError(f"parallel.tp: expected a positive integer, got {tp}")
     low, high = (workers, workers) if isinstance(workers, int) else workers
-    bad = [w for w in range(low, high + 1) if w % tp]
-    if bad:
+    bad = [w for w in range(low, high + 1) if tp >= 1 and w % tp]
+    if bad and pp == 1:
         shown = list(workers) if not isinstance(workers, int) else workers
         fix = "give a fixed worker count that is a multiple of tp" if low != high else "use a multiple of tp"
         raise ConfigError(
             f"parallel.workers: {shown} with parallel.tp={tp} allows {bad[0]} workers, not a multiple of tp "
             f"(dp would not be whole); {fix}"
         )
-    _tp_divides(model_config, tp)
-    _check_wrapping(tp, fsdp, bf16=precision == "bf16")
-
-
-def _check_wrapping(tp: int, fsdp: bool, bf16: bool) -> None:
-    """What DDP (`parallel.fsdp=false`) cannot do: shard across tp, or hold bf16 parameters."""
-    if tp > 1 and not fsdp:
-        raise ConfigError(f"parallel.fsdp=false (DDP) works only with parallel.tp=1, got parallel.tp={tp}")
-    if bf16 and not fsdp:
-        raise ConfigError("train.precision=bf16 needs parallel.fsdp=true (DDP keeps fp32 weights)")
+    ParallelDims(world=high, tp=tp, pp=pp, fsdp=fsdp, bf16=precision == "bf16",
+                 sequence_parallel=sequence_parallel).validate(model_config)
 
 
 def build_mesh(world_size: int, tp: int, device_type: str) -> DeviceMesh:
-    """The 2D ("dp", "tp") mesh over all ranks of the default process group; tp ranks are neighbours."""
-    if tp < 1 or world_size % tp:
-        raise ConfigError(f"parallel.tp={tp} must divide the number of workers ({world_size})")
-    if dist.is_initialized() and dist.get_world_size() != world_size:
-        raise ConfigError(
-            f"build_mesh: world_size={world_size} but the process group has {dist.get_world_size()} ranks"
+    """`ParallelDims(world_size, tp).build_mesh(device_type)`."""
+    return ParallelDims(world=world_size, tp=tp).build_mesh(device_type)
+
+
+# Set while `loss_parallel_context` is open: the vocabulary-parallel LM head then hands out its
+# logits sharded on the vocabulary, for the loss-parallel cross-entropy; elsewhere (generation,
+# exact-match scoring) it gathers them, so callers always see whole logits.
+_SHARDED_LOGITS = False
+
+
+@contextmanager
+def loss_parallel_context(mesh: DeviceMesh | None) -> Iterator[None]:
+    """Where the training loss and its backward run: with tp > 1, cross-entropy straight from each
+    rank's vocabulary shard of the logits (no rank ever holds logits over the whole vocabulary)."""
+    global _SHARDED_LOGITS
+    if mesh is None or mesh["tp"].size() == 1:
+        yield
+        return
+    _SHARDED_LOGITS = True
+    try:
+        with loss_parallel():
+            yield
+    finally:
+        _SHARDED_LOGITS = False
+
+
+def plain(value: torch.Tensor) -> torch.Tensor:
+    """A loss as a plain tensor: the replicated DTensor the loss-parallel cross-entropy returns (no
+    communication, and gradients still flow), any other tensor as it is."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _gather_logits(module: nn.Module, inputs, logits: DTensor) -> torch.Tensor | DTensor:
+    return logits if _SHARDED_LOGITS else logits.full_tensor()
+
+
+def _scatter_sequence(module: nn.Module, args: tuple) -> tuple:
+    """Before the first block: each rank keeps its slice of the sequence (a local chunk, no communication)."""
+    x, *rest = args
+    tp_mesh = module._sequence_mesh
+    if x.shape[1] % tp_mesh.size():
+        raise ValueError(
+            f"sequence parallel: a sequence of {x.shape[1]} tokens does not split evenly across "
+            f"parallel.tp={tp_mesh.size()} ranks (pad inputs to a multiple of tp, or set parallel.sequence_parallel=false)"
         )
-    return init_device_mesh(device_type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+    local = DTensor.from_local(x, tp_mesh, [Replicate()], run_check=False)
+    return (local.redistribute(placements=[Shard(1)]).to_local(), *rest)
+
+
+def apply_tp(gpt: GPT, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
+    """Megatron's whole split over the "tp" mesh.
+
+    Blocks: column-parallel qkv / fc1, row-parallel proj / fc2. Vocabulary: the token embedding
+    keeps V/tp rows a rank (a lookup outside them gives zeros, summed across ranks), and the tied
+    LM head reads the same shard, so each rank computes its slice of the logits. Sequence parallel
+    (optional): LayerNorms and dropout inside the blocks run on T/tp positions.
+    """
+    parallelize_module(gpt, tp_mesh, {
+        "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "head": PrepareModuleInput(input_layouts=(Replicate(), None), desired_input_layouts=(Replicate(), None)),
+    })
+    gpt.head.register_forward_hook(_gather_logits)
+    plan = SEQUENCE_PARALLEL_BLOCK_PLAN if sequence_parallel else BLOCK_TP_PLAN
+    for block in gpt.blocks:
+        parallelize_module(block, tp_mesh, dict(plan))
+    if sequence_parallel:
+        gpt.blocks[0]._sequence_mesh = tp_mesh
+        gpt.blocks[0].register_forward_pre_hook(_scatter_sequence)
+        # The final LayerNorm reads the whole sequence again (as do task heads on hidden states).
+        parallelize_module(gpt.ln_f, tp_mesh, PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True))
+
+
+def apply_ac(gpt: GPT) -> None:
+    """Recompute every block's activations in backward (the checkpoint wrapper around each block)."""
+    # The model's own flag already recomputes every block; wrapping them again would recompute twice.
+    if gpt.config.activation_checkpointing:
+        return
+    for i, block in enumerate(gpt.blocks):
+        gpt.blocks[i] = checkpoint_wrapper(block)
+
+
+def apply_compile(gpt: GPT) -> None:
+    # Per block, as torchtitan does: identical blocks reuse one graph, and FSDP's hooks stay outside it.
+    for i, block in enumerate(gpt.blocks):
+        gpt.blocks[i] = torch.compile(block)
+
+
+def apply_fsdp(model: nn.Module, gpt: GPT, dp_mesh: DeviceMesh, mixed_precision: torch.dtype | None) -> None:
+    policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
+    for block in gpt.blocks:
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    # The root unit holds tok_emb, pos_emb and ln_f. tok_emb must not get a unit of its own:
+    # the tied LM head reads it again after the blocks, when a separate unit would have resharded it.
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
 
 
 def parallelize(
@@ -102,45 +262,32 @@ def parallelize(
     mixed_precision: torch.dtype | None = None,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    sequence_parallel: bool = True,
 ) -> nn.Module:
     """Apply TP, activation checkpointing, compile and FSDP2/DDP to `model` in place (torchtitan's order).
 
-    Every rank must hand in identical weights (same seed or the same checkpoint): FSDP keeps each
+    Every rank must hand in identical weights (same seed or the same checkpoint), or a model on the
+    meta device to materialise and initialise afterwards (`initialise_shards`): FSDP keeps each
     rank's own shard of what it is given. The returned module is `model` itself under FSDP and when
     no wrapper is needed (one dp rank in fp32), a `DistributedDataParallel` around it for DDP.
     `model` is a GPT or a task model holding one as `.backbone` (a classifier): the plans apply to
-    its blocks and the root FSDP unit is the whole task model.
+    its GPT and the root FSDP unit is the whole task model. The training loss must run inside
+    `loss_parallel_context(mesh)`.
     """
-    dp, tp = mesh["dp"].size(), mesh["tp"].size()
+    dims = ParallelDims(world=mesh.size(), tp=mesh["tp"].size(), fsdp=fsdp, bf16=mixed_precision is not None,
+                        sequence_parallel=sequence_parallel)
     gpt = model if isinstance(model, GPT) else model.backbone
-    _tp_divides(gpt.config, tp)
-    _check_wrapping(tp, fsdp, bf16=mixed_precision is not None)
-
-    if tp > 1:
-        for block in gpt.blocks:
-            parallelize_module(block, mesh["tp"], dict(BLOCK_TP_PLAN))
-
-    # The model's own flag already recomputes every block; wrapping them again would recompute twice.
-    if activation_checkpointing and not gpt.config.activation_checkpointing:
-        for i, block in enumerate(gpt.blocks):
-            gpt.blocks[i] = checkpoint_wrapper(block)
-
+    dims.validate(gpt.config)
+    if dims.tp > 1:
+        apply_tp(gpt, mesh["tp"], dims.sequence_parallel)
+    if activation_checkpointing:
+        apply_ac(gpt)
     if compile:
-        # Per block, as torchtitan does: identical blocks reuse one graph, and FSDP's hooks stay outside it.
-        for i, block in enumerate(gpt.blocks):
-            gpt.blocks[i] = torch.compile(block)
-
-    # One data-parallel rank has nothing to shard: FSDP would only add hooks and copies to every
-    # step, unless it is also what casts the weights to bf16.
-    if fsdp and (dp > 1 or mixed_precision is not None):
-        policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
-        for block in gpt.blocks:
-            fully_shard(block, mesh=mesh["dp"], mp_policy=policy)
-        # The root unit holds tok_emb, pos_emb and ln_f. tok_emb must not get a unit of its own:
-        # the tied LM head reads it again after the blocks, when a separate unit would have resharded it.
-        fully_shard(model, mesh=mesh["dp"], mp_policy=policy)
+        apply_compile(gpt)
+    if dims.fsdp_active:
+        apply_fsdp(model, gpt, mesh["dp"], mixed_precision)
         return model
-    if dp > 1:
+    if dims.dp > 1:
         return DistributedDataParallel(model, device_mesh=mesh["dp"])
     return model
 
@@ -246,11 +393,23 @@ def initialise_shards(model: nn.Module, kinds: dict[str, tuple[str, tuple[int, .
 
 def local_param_bytes(model: nn.Module) -> int:
     """Bytes of parameters this rank holds: its shards of sharded ones, whole copies of the rest."""
-    total = 0
-    for param in model.parameters():
-        local = param.to_local() if isinstance(param, DTensor) else param
-        total += local.numel() * local.element_size()
-    return total
+    return sum(_local_bytes(param) for param in model.parameters())
+
+
+def _local_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()
+
+
+def local_grad_bytes(model: nn.Module) -> int:
+    """Bytes of gradients this rank holds (its shards of sharded parameters' gradients)."""
+    return sum(_local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+
+
+def local_optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of optimizer state this rank holds (Adam's two moments of its shards, and step counters)."""
+    return sum(_local_bytes(value) for state in optimizer.state.values() for value in state.values()
+               if isinstance(value, torch.Tensor))
 
 
 def max_over_world(value: float, device: torch.device) -> float:

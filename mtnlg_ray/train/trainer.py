@@ -140,7 +140,7 @@ def run_training(
     from mtnlg_ray.train.parallel import check_layout
 
     check_layout(model_config, cfg.parallel.workers, cfg.parallel.tp, cfg.parallel.pp, fsdp=cfg.parallel.fsdp,
-                 precision=cfg.train.precision)
+                 precision=cfg.train.precision, sequence_parallel=cfg.parallel.sequence_parallel)
     ensure_ray()
     waiting = check_capacity(cfg.parallel)  # before anything is written
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
