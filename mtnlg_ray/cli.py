@@ -322,6 +322,8 @@ def plan(
     global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per iteration."),
     micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per GPU per forward."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sequence length (default: the preset's)."),
+    vocab_size: Optional[int] = typer.Option(
+        None, "--vocab-size", help="Padded vocabulary, as your tokenizer gives it (default: the preset's)."),
     iter_time: Optional[float] = typer.Option(None, "--iter-time", help="Measured seconds per iteration."),
     gpu: str = typer.Option("a100-80gb", "--gpu", help="a100-80gb, h100-80gb or h200-141gb."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
@@ -332,6 +334,7 @@ def plan(
     result = plan_layout(
         preset, tp, pp, dp,
         global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len, iter_time=iter_time, gpu=gpu,
+        vocab_size=vocab_size,
     )
     if as_json:
         typer.echo(json.dumps(result, indent=2))

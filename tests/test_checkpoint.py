@@ -89,3 +89,31 @@ def test_refuses_to_replace_a_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="exists and is not a checkpoint"):
         save_checkpoint(GPT(PRESETS["tiny"]), precious)
     assert (precious / "thesis.txt").read_text() == "years of work"
+
+
+def _sharded_checkpoint(directory, step: int, world: int) -> None:
+    """A training checkpoint as `save_sharded` lays it out: DCP shards, trainer state, one RNG file a rank."""
+    import torch.distributed.checkpoint as dcp
+
+    from mtnlg_ray.train.checkpoint import STATE_FILE
+
+    dcp.save({"model": {"w": torch.full((4,), float(step))}}, checkpoint_id=str(directory))
+    (directory / STATE_FILE).write_text(json.dumps({"step": step, "world_size": world}))
+    for rank in range(world):
+        (directory / f"rng-rank{rank}.json").write_text("{}")
+
+
+def test_resume_passes_over_a_checkpoint_copied_only_in_part(tmp_path):
+    """A failure while Ray copies a checkpoint into the run directory leaves some of its files: the
+    newest complete checkpoint is the one to resume from."""
+    from mtnlg_ray.train.checkpoint import latest_checkpoint
+
+    for step in (10, 20):
+        (tmp_path / f"checkpoint_{step}").mkdir()
+        _sharded_checkpoint(tmp_path / f"checkpoint_{step}", step, world=2)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_20"
+    shard = next((tmp_path / "checkpoint_20").glob("*.distcp"))
+    shard.unlink()  # a shard never arrived
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_10"
+    (tmp_path / "checkpoint_10" / "rng-rank1.json").unlink()  # nor one rank's RNG state
+    assert latest_checkpoint(tmp_path) is None

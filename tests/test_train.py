@@ -93,6 +93,13 @@ def test_one_worker_fsdp_and_tensor_parallel_give_the_same_losses(shakespeare, t
     assert single == 4 * start["single"]["trainable_parameters"]  # fp32
     assert 0.5 * single <= start["fsdp"]["local_param_bytes"] <= 0.55 * single
     assert 0.5 * single < start["tp"]["local_param_bytes"] <= 0.55 * single
+    # `mtnlg-ray plan` predicts what each rank holds: its fp32 state is 16 bytes a parameter, a quarter weights
+    from mtnlg_ray.model.plan import plan_layout
+
+    for name, (tp, dp) in {"single": (1, 1), "fsdp": (1, 2), "tp": (2, 1)}.items():
+        planned = plan_layout("tiny", tp=tp, pp=1, dp=dp, seq_len=64, vocab_size=512)
+        predicted = planned["memory_gb_per_gpu"]["fsdp_fp32_state"] * 1e9 / 4
+        assert abs(predicted / start[name]["local_param_bytes"] - 1) <= 0.02, name
     assert all(s["peak_rss_bytes"] > 100 * 2**20 for s in start.values())  # a Python process with torch: > 100 MiB
 
 

@@ -67,6 +67,8 @@ class ClassificationTask:
     """A head on the pooled last hidden state; cross-entropy against hard or soft labels."""
 
     kind = "classification"
+    keeps_best = True  # the final checkpoint is the best on the dev set
+    eval_every_steps = None  # at the end of every epoch
 
     def __init__(self, cfg: Config, tokenizer_file: Path, model_config: GPTConfig) -> None:
         self.cfg = cfg
@@ -124,7 +126,7 @@ class ClassificationTask:
             out.append(model(idx, lengths).float().argmax(dim=-1).cpu())
         return torch.cat(out).numpy()
 
-    def evaluate(self, model: nn.Module, device, batch: int) -> dict | None:
+    def evaluate(self, model: nn.Module, device, batch: int, mesh=None) -> dict | None:
         if not self.dev_rows:
             return None
         model.eval()
@@ -140,6 +142,8 @@ class SFTTask:
     """Prompt/completion pairs; the loss covers the completion (and its closing EOS) only."""
 
     kind = "sft"
+    keeps_best = True
+    eval_every_steps = None
 
     def __init__(self, cfg: Config, tokenizer_file: Path, model_config: GPTConfig) -> None:
         self.cfg = cfg
@@ -184,7 +188,7 @@ class SFTTask:
         return lm_loss(model(inputs), targets)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, device, batch: int) -> dict | None:
+    def evaluate(self, model: nn.Module, device, batch: int, mesh=None) -> dict | None:
         if not self.dev:
             return None
         model.eval()

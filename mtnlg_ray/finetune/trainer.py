@@ -132,7 +132,7 @@ def finetune(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
     from mtnlg_ray.train.trainer import run_training
 
     cfg, model_config, vocab, tokenizer_file = prepare_finetune(cfg)
-    result = run_training("finetune", cfg, model_config, vocab, tokenizer_file, on_record)
+    result = run_training("finetune", cfg.task.kind, cfg, model_config, vocab, tokenizer_file, on_record)
     # The whole run's records: a re-run of a finished (or resumed) run saw only its last steps.
     records = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
                if line.strip()]

@@ -8,6 +8,7 @@ data cursor), `rng-rank<N>.json` (each rank's RNG state) and `model.json` (the m
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,16 +73,60 @@ def load_sharded(directory: Path, model, optimizer, rank: int) -> TrainerState:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step under a run directory, for resuming after the driver died."""
-    best, best_step = None, -1
+    """The complete checkpoint with the highest step under a run directory (see `is_complete`)."""
+    found = []
     for state_file in run_dir.glob(f"checkpoint_*/{STATE_FILE}"):
         try:
-            step = json.loads(state_file.read_text())["step"]
+            found.append((json.loads(state_file.read_text())["step"], state_file.parent))
         except (OSError, ValueError, KeyError):
             continue  # a checkpoint cut short while being written
-        if step > best_step:
-            best, best_step = state_file.parent, step
-    return best
+    for _, directory in sorted(found, key=lambda item: item[0], reverse=True):
+        if is_complete(directory):
+            return directory
+    return None
+
+
+def is_complete(directory: Path) -> bool:
+    """Every file the checkpoint's DCP metadata names is there, and every rank's RNG state: a copy
+    into the run directory cut short by a failure is passed over for the one before it."""
+    try:
+        metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+        world = json.loads((directory / STATE_FILE).read_text())["world_size"]
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError):
+        return False
+    files = {info.relative_path for info in (metadata.storage_data or {}).values()}
+    files |= {f"rng-rank{rank}.json" for rank in range(world)}
+    return all((directory / name).is_file() for name in files)
+
+
+class CheckpointManager:
+    """Save, resume and keep-N for one run's sharded checkpoints: the only place the loop touches them.
+
+    `save` writes every rank's shards, the trainer state and each rank's RNG into a temporary
+    directory and hands it to `report` (Ray Train's, which moves it into the run directory as
+    `checkpoint_<time>` and keeps the newest `checkpoint.keep`). `resume` loads the newest checkpoint
+    in the run directory into the model and optimizer, whatever layout wrote it, and returns its state.
+    """
+
+    def __init__(self, run_dir: Path, model, optimizer, model_config: GPTConfig, rank: int) -> None:
+        self.run_dir, self.model, self.optimizer = run_dir, model, optimizer
+        self.model_config, self.rank = model_config, rank
+
+    def resume(self) -> TrainerState | None:
+        # The run directory, where Ray Train stores every reported checkpoint, serves a re-run of the
+        # same run.name and a restart after a worker failure alike. Ray's own choice (`get_checkpoint`)
+        # would be the newest its controller had registered, and one reported just before a failure
+        # may not be yet (the controller polls).
+        newest = latest_checkpoint(self.run_dir)
+        if newest is None:
+            return None
+        return load_sharded(newest, self.model, self.optimizer, self.rank)
+
+    def save(self, state: TrainerState, metrics: dict, report) -> None:
+        """A collective: every rank calls it. `report(metrics, directory)` publishes the directory."""
+        with tempfile.TemporaryDirectory(prefix="mtnlg-ckpt-") as tmp:
+            save_sharded(Path(tmp), self.model, self.optimizer, state, self.model_config, self.rank)
+            report(metrics, Path(tmp))
 
 
 def consolidated_name(name: str) -> str:

@@ -13,27 +13,23 @@ import json
 import os
 import resource
 import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from mtnlg_ray.config import Config
 from mtnlg_ray.errors import ConfigError
 from mtnlg_ray.model.flops import flops_per_token
-from mtnlg_ray.model.gpt import GPT, GPTConfig, lm_loss, parameter_kinds
+from mtnlg_ray.model.gpt import GPT, GPTConfig, parameter_kinds
 from mtnlg_ray.train.checkpoint import (
     TrainerState,
-    latest_checkpoint,
+    CheckpointManager,
     load_consolidated_slices,
-    load_sharded,
-    save_sharded,
 )
-from mtnlg_ray.train.data import GlobalOrder, TokenShards, rank_slice
+from mtnlg_ray.train.data import GlobalOrder, rank_slice
 from mtnlg_ray.train.parallel import (
     ParallelDims,
     clip_grad_norm,
@@ -51,6 +47,7 @@ from mtnlg_ray.train.parallel import (
     plain,
 )
 from mtnlg_ray.train.schedule import global_batch, learning_rate
+from mtnlg_ray.train.tasks import make_task
 
 
 def measured_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
@@ -95,39 +92,6 @@ def model_config_for(cfg: Config, tokenizer_vocab: int) -> tuple[GPTConfig, dict
         return GPTConfig(**{**shape.to_dict(), "dropout": cfg.model.dropout,
                             "activation_checkpointing": cfg.model.activation_checkpointing}), body
     return cfg.model.resolve(tokenizer_vocab=tokenizer_vocab), None
-
-
-class LMTask:
-    """Pretraining: next-token loss on the packed token shards of a dataset from `data prepare`."""
-
-    kind = "lm"
-
-    def __init__(self, cfg: Config) -> None:
-        self.train = TokenShards(cfg.data.path, "train")
-        self.val = TokenShards(cfg.data.path, "val")
-        self.seq_len = self.train.seq_len
-
-    def __len__(self) -> int:
-        return len(self.train)
-
-    def tokens(self, indices: np.ndarray) -> int:
-        return len(indices) * self.seq_len
-
-    def build(self, backbone: GPT, init_head=None) -> nn.Module:
-        return backbone
-
-    def loss(self, model: nn.Module, indices: np.ndarray, device) -> torch.Tensor:
-        rows = self.train.rows(indices).to(device)
-        return lm_loss(model(rows[:, :-1]), rows[:, 1:])
-
-
-def make_task(stage: str, cfg: Config, model_config: GPTConfig, tokenizer_file: Path | None):
-    """The task a stage trains: the language model for pretraining, `task.kind` for fine-tuning."""
-    if stage == "pretrain":
-        return LMTask(cfg)
-    from mtnlg_ray.finetune.tasks import TASKS
-
-    return TASKS[cfg.task.kind](cfg, tokenizer_file, model_config)
 
 
 def _build_model(cfg: Config, model_config: GPTConfig, task, dims: ParallelDims, mesh, device) -> nn.Module:
@@ -187,11 +151,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0)
 
     model_config, _ = model_config_for(cfg, loop_config["vocab_size"])
-    task = make_task(stage, cfg, model_config, tokenizer_file)
+    task = make_task(loop_config["task"], cfg, model_config, tokenizer_file)
     seq_len = task.seq_len
     if model_config.seq_len < seq_len:
         raise ValueError(f"model context {model_config.seq_len} < packed sequence length {seq_len}")
-    if isinstance(task, LMTask) and tp > 1 and dims.sequence_parallel and seq_len % tp:
+    if task.kind == "lm" and tp > 1 and dims.sequence_parallel and seq_len % tp:
         raise ConfigError(f"parallel.sequence_parallel: the packed sequences of {cfg.data.path} have {seq_len} tokens, "
                           f"not a multiple of parallel.tp={tp}; set parallel.sequence_parallel=false")
 
@@ -203,14 +167,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
 
     state = TrainerState(world_size=world, dp=dp, tp=tp)
+    checkpoints = CheckpointManager(run_dir, model, optimizer, model_config, rank)
     resumed_from = None
-    # Resume from the newest checkpoint in the run directory, where Ray Train stores every reported
-    # one: on a re-run of the same run.name, and after a worker failure. Ray's own choice
-    # (`get_checkpoint`) would be the newest its controller had registered, and a checkpoint reported
-    # just before the failure may not be yet (the controller polls).
-    newest = latest_checkpoint(run_dir)
-    if newest is not None:
-        previous = load_sharded(newest, model, optimizer, rank)
+    previous = checkpoints.resume()
+    if previous is not None:
         state.step, state.tokens, state.cursor = previous.step, previous.tokens, previous.cursor
         state.best_metric, state.stale_evals = previous.best_metric, previous.stale_evals
         resumed_from = {"step": previous.step, "world_size": previous.world_size}
@@ -285,15 +245,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "tokens_per_s": tokens_per_s, "mfu": step_flops * tokens_per_s / (peak * 1e12 * world),
             "grad_norm": grad_norm, "step_time": seconds, "world_size": world, "time": time.time(),
         }
-        if stage == "pretrain":
-            if state.step % cfg.train.eval_every == 0 or finished():
-                metrics["val_loss"] = evaluate(model, task.val, cfg, dp_rank, dp, mesh, device)
-        elif state.cursor // examples > epoch_before or finished():
-            metrics["epoch"] = state.cursor / examples
-            dev = task.evaluate(model, device, micro)
+        epoch_ended = state.cursor // examples > epoch_before
+        due = epoch_ended if task.eval_every_steps is None else state.step % task.eval_every_steps == 0
+        if due or finished():
+            dev = task.evaluate(model, device, micro, mesh)
+            if epoch_ended or task.eval_every_steps is None:
+                metrics["epoch"] = state.cursor / examples
             if dev is not None:
-                metrics["dev"] = dev
                 metrics["val_loss"] = dev.get("loss")
+                if set(dev) != {"loss"}:
+                    metrics["dev"] = dev
+            if dev is not None and task.keeps_best:
                 if _better(dev[metric], state.best_metric, metric):
                     state.best_metric, state.stale_evals = dev[metric], 0
                     _save_consolidated(model, task, model_config, run_dir / "best", tokenizer_file, rank,
@@ -305,9 +267,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.write(**metrics)
         if state.step % cfg.checkpoint.every_steps == 0 or finished() or stopped_early:
             state.world_size, state.dp, state.tp = world, dp, tp
-            with tempfile.TemporaryDirectory(prefix="mtnlg-ckpt-") as tmp:
-                save_sharded(Path(tmp), model, optimizer, state, model_config, rank)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            checkpoints.save(state, metrics, lambda values, directory: ray.train.report(
+                values, checkpoint=ray.train.Checkpoint.from_directory(str(directory))))
             log.write(event="checkpoint", step=state.step, world_size=world)
         # No report without a checkpoint: the driver follows metrics.jsonl, and every `ray.train.report`
         # is a barrier through Ray Train's controller that cost 1.4 s a step with 2 workers on 2 cores
@@ -315,7 +276,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     final = run_dir / "final"
     trained = {"trained": {"step": state.step, "tokens": state.tokens}}
-    if stage != "pretrain" and (run_dir / "best").is_dir():
+    if task.keeps_best and (run_dir / "best").is_dir():
         # The final checkpoint of a fine-tuning run is its best on the dev set.
         if rank == 0:
             _replace_dir(run_dir / "best", final)
@@ -330,13 +291,7 @@ def _save_consolidated(model, task, model_config: GPTConfig, output: Path, token
                        extra: dict) -> None:
     """Gather the full weights (a collective) and let rank 0 write them as a consolidated checkpoint."""
     full = full_state_dict(model)
-    if rank != 0:
-        return
-    if isinstance(task, LMTask):
-        from mtnlg_ray.checkpoint import save_state_dict
-
-        save_state_dict(full, model_config, output, tokenizer_json=tokenizer_file, extra=extra)
-    else:
+    if rank == 0:
         task.save(full, model_config, output, tokenizer_file, extra)
 
 
@@ -346,25 +301,3 @@ def _replace_dir(source: Path, target: Path) -> None:
     shutil.copytree(source, staging)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
-
-
-@torch.no_grad()
-def evaluate(model, data: TokenShards, cfg: Config, dp_rank: int, dp: int, mesh, device) -> float | None:
-    """Mean loss over the first `eval_batches` micro-batches of the held-out split, across dp ranks."""
-    if len(data) == 0:
-        return None
-    model.eval()
-    micro = cfg.train.micro_batch_size
-    # Every rank must run the same number of forwards (FSDP gathers weights in each one): an equal
-    # share each, or, when there are fewer held-out sequences than ranks, all of them everywhere.
-    count = min(len(data), micro * cfg.train.eval_batches * dp) // dp * dp
-    everything = np.arange(len(data))[: micro * cfg.train.eval_batches]
-    mine = rank_slice(np.arange(count), dp_rank, dp) if count else everything
-    total = torch.zeros((), device=device)
-    batches = 0
-    for start in range(0, len(mine), micro):
-        rows = data.rows(mine[start : start + micro]).to(device)
-        with loss_parallel_context(mesh):
-            total += plain(lm_loss(model(rows[:, :-1]), rows[:, 1:]))
-        batches += 1
-    return mean_over_dp(total / batches, mesh)

@@ -116,18 +116,20 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
                           f"sequences ({shards.seq_len}); re-pack with --set pack.seq_len={model_config.seq_len}")
     if cfg.train.max_steps is None and cfg.train.max_tokens is None and cfg.train.epochs < 1:
         raise ConfigError("train: set max_steps, max_tokens or epochs")
-    return run_training("pretrain", cfg, model_config, vocab, dataset / "tokenizer" / "tokenizer.json", on_record)
+    return run_training("pretrain", "lm", cfg, model_config, vocab, dataset / "tokenizer" / "tokenizer.json", on_record)
 
 
 def run_training(
     stage: str,
+    task: str,
     cfg: Config,
     model_config,
     vocab: int,
     tokenizer_file: Path,
     on_record: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Run `train_loop_per_worker` for `stage` on a `TorchTrainer` and follow its metrics.
+    """Run `train_loop_per_worker` for `stage`, training `task` (a name in `mtnlg_ray.train.tasks`), on a
+    `TorchTrainer` and follow its metrics.
 
     The same run name resumes from the newest checkpoint in its run directory; a fresh run starts
     a fresh `metrics.jsonl`. Returns {"run_dir", "final", "steps", "metrics", "resumed_from"}.
@@ -159,7 +161,7 @@ def run_training(
         train_loop_per_worker,
         # Train V2 refuses `resume_from_checkpoint`: every worker resumes from the newest checkpoint
         # in `run_dir` itself (the one found as `resume` here, on a re-run of the same run).
-        train_loop_config={"config": cfg.model_dump(mode="json"), "stage": stage, "run_dir": str(run_dir),
+        train_loop_config={"config": cfg.model_dump(mode="json"), "stage": stage, "task": task, "run_dir": str(run_dir),
                            "vocab_size": vocab, "tokenizer": str(tokenizer_file)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=tuple(workers) if isinstance(workers, tuple) else workers,

@@ -1,0 +1,82 @@
+"""The tasks the one training loop trains, by name: the language model (pretraining) here, and the
+fine-tuning tasks (`mtnlg_ray.finetune.tasks`). A stage picks one by name; the loop only calls it.
+
+A task knows its examples (`__len__`, `tokens`), wraps the GPT (`build`), computes a micro-batch's
+loss, evaluates (`evaluate`, when `eval_every_steps` says or at the end of each epoch), keeps the best
+dev checkpoint or not (`keeps_best`) and writes a consolidated checkpoint of its model (`save`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mtnlg_ray.config import Config
+from mtnlg_ray.model.gpt import GPT, GPTConfig, lm_loss
+from mtnlg_ray.train.data import TokenShards, rank_slice
+from mtnlg_ray.train.parallel import loss_parallel_context, mean_over_dp, plain
+
+
+class LMTask:
+    """Pretraining: next-token loss on the packed token shards of a dataset from `data prepare`."""
+
+    kind = "lm"
+    keeps_best = False  # the last weights are the result; the held-out loss is only followed
+
+    def __init__(self, cfg: Config, tokenizer_file: Path | None, model_config: GPTConfig) -> None:
+        self.cfg = cfg
+        self.train = TokenShards(cfg.data.path, "train")
+        self.val = TokenShards(cfg.data.path, "val")
+        self.seq_len = self.train.seq_len
+        self.eval_every_steps = cfg.train.eval_every
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def tokens(self, indices: np.ndarray) -> int:
+        return len(indices) * self.seq_len
+
+    def build(self, backbone: GPT, init_head=None) -> nn.Module:
+        return backbone
+
+    def loss(self, model: nn.Module, indices: np.ndarray, device) -> torch.Tensor:
+        rows = self.train.rows(indices).to(device)
+        return lm_loss(model(rows[:, :-1]), rows[:, 1:])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device, batch: int, mesh=None) -> dict | None:
+        """{"loss": mean loss over the first `eval_batches` micro-batches of the held-out split, across dp ranks}."""
+        if len(self.val) == 0:
+            return None
+        model.eval()
+        dp = mesh["dp"].size() if mesh is not None else 1
+        dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+        wanted = batch * self.cfg.train.eval_batches
+        # Every rank must run the same number of forwards (FSDP gathers weights in each one): an equal
+        # share each, or, when there are fewer held-out sequences than ranks, all of them everywhere.
+        count = min(len(self.val), wanted * dp) // dp * dp
+        mine = rank_slice(np.arange(count), dp_rank, dp) if count else np.arange(len(self.val))[:wanted]
+        total = torch.zeros((), device=device)
+        batches = 0
+        for start in range(0, len(mine), batch):
+            rows = self.val.rows(mine[start : start + batch]).to(device)
+            with loss_parallel_context(mesh):
+                total += plain(lm_loss(model(rows[:, :-1]), rows[:, 1:]))
+            batches += 1
+        return {"loss": mean_over_dp(total / batches, mesh)}
+
+    def save(self, state: dict, model_config: GPTConfig, output: Path, tokenizer_json: Path, extra: dict) -> Path:
+        from mtnlg_ray.checkpoint import save_state_dict
+
+        return save_state_dict(state, model_config, output, tokenizer_json=tokenizer_json, extra=extra)
+
+
+def make_task(kind: str, cfg: Config, model_config: GPTConfig, tokenizer_file: Path | None):
+    """The task named `kind`: "lm" (pretraining), or a fine-tuning `task.kind`."""
+    from mtnlg_ray.finetune.tasks import TASKS
+
+    tasks = {"lm": LMTask, **TASKS}
+    return tasks[kind](cfg, tokenizer_file, model_config)
