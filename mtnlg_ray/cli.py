@@ -164,6 +164,11 @@ def config_show(
     from mtnlg_ray.config import load_config
 
     resolved = load_config(config, overrides, stage=stage)
+    if stage == "pretrain":
+        # The layout a cluster would run, checked as the trainer will before any worker starts.
+        from mtnlg_ray.train.trainer import check_run_layout
+
+        check_run_layout(resolved, resolved.model.resolve(), "lm")
     typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), nl=False)
 
 
@@ -326,22 +331,44 @@ def plan(
         None, "--vocab-size", help="Padded vocabulary, as your tokenizer gives it (default: the preset's)."),
     iter_time: Optional[float] = typer.Option(None, "--iter-time", help="Measured seconds per iteration."),
     gpu: str = typer.Option("a100-80gb", "--gpu", help="a100-80gb, h100-80gb or h200-141gb."),
+    schedule: str = typer.Option("1f1b", "--schedule", help="Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, "
+                                 "interleaved-zero-bubble."),
+    virtual: int = typer.Option(1, "--virtual", help="Pipeline stages a rank (interleaved schedules: 2 or more)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Parameters, per-GPU memory, FLOPs per iteration and, given --iter-time, TFLOP/s per GPU."""
-    from mtnlg_ray.model.plan import plan_layout, render_plan
+    """Parameters, per-GPU memory, FLOPs per iteration and, given --iter-time, TFLOP/s per GPU.
 
+    Only layouts `mtnlg-ray pretrain` can run are planned (the same checks, one line and exit 2
+    otherwise), and the plan ends with the pretrain command for its layout.
+    """
+    import dataclasses
+
+    from mtnlg_ray.model.plan import plan_layout, render_plan
+    from mtnlg_ray.model.presets import get_preset
+    from mtnlg_ray.train.parallel import check_layout
+
+    shape = get_preset(preset)
+    shape = dataclasses.replace(shape, seq_len=seq_len or shape.seq_len, vocab_size=vocab_size or shape.vocab_size)
+    check_layout(shape, tp * pp * dp, tp, pp, pp_schedule=schedule, pp_virtual=virtual)
     result = plan_layout(
         preset, tp, pp, dp,
         global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len, iter_time=iter_time, gpu=gpu,
-        vocab_size=vocab_size,
+        vocab_size=vocab_size, schedule=schedule, virtual=virtual,
     )
+    sets = [f"model.preset={preset}", f"parallel.workers={tp * pp * dp}", f"parallel.tp={tp}", f"parallel.pp={pp}"]
+    if pp > 1:
+        sets += [f"parallel.pp_schedule={schedule}"] + ([f"parallel.pp_virtual={virtual}"] if virtual > 1 else [])
+    sets += [f"train.global_batch_size={result['global_batch']}", f"train.micro_batch_size={micro_batch}",
+             "parallel.use_gpu=true", "train.precision=bf16"]
+    result["command"] = "mtnlg-ray pretrain " + " ".join(f"--set {item}" for item in sets)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
     from rich.console import Console
 
-    Console().print(render_plan(result))
+    console = Console()
+    console.print(render_plan(result))
+    console.print(result["command"], soft_wrap=True)
 
 
 @app.command("pretrain")

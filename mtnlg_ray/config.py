@@ -199,6 +199,12 @@ class ParallelSection(Section):
     # Megatron's sequence parallelism inside tensor parallelism (no effect at tp=1): LayerNorms and
     # dropout on T/tp positions a rank. Sequences must then split evenly (seq_len a multiple of tp).
     sequence_parallel: bool = True
+    # Pipeline parallelism (pp > 1): the schedule (gpipe, 1f1b, interleaved-1f1b,
+    # interleaved-zero-bubble), stages per rank for the interleaved ones, and optionally the layers
+    # of each of the pp x pp_virtual stages (default: an even split).
+    pp_schedule: str = "1f1b"
+    pp_virtual: int = Field(1, ge=1)
+    pp_layers: list[int] | None = None
     use_gpu: bool = False
     # Fractions share cores: 0.5 lets 4 gloo workers train on 2 cores (tests, CPU demos).
     cpus_per_worker: float = Field(1.0, gt=0)

@@ -17,6 +17,7 @@ import pytest
 import ray
 import yaml
 
+from conftest import run_cli
 from mtnlg_ray.jobs import STAGES, build_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,3 +248,27 @@ def test_readme_submit_commands_parse_and_validate(tmp_path):
     for command in readme_commands("ray job submit "):
         script = command[command.index("--") + 2]
         assert (ROOT / script).is_file(), script
+
+
+@pytest.mark.parametrize("recipe", sorted((CLUSTER / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_recipes_are_layouts_the_trainer_runs(recipe):
+    """`mtnlg-ray config show` validates each recipe as the trainer would (layout, schedule, batches)
+    and the layout is the size its comment says."""
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.model.plan import plan_layout
+    from mtnlg_ray.train.trainer import check_run_layout
+
+    cfg = load_config(recipe, [], stage="pretrain")
+    check_run_layout(cfg, cfg.model.resolve(), "lm")
+    par = cfg.parallel
+    plan = plan_layout(cfg.model.preset, par.tp, par.pp, par.workers // (par.tp * par.pp),
+                       global_batch=cfg.train.global_batch_size, micro_batch=cfg.train.micro_batch_size,
+                       gpu="a100-80gb")
+    assert plan["gpus"] == par.workers and f"{par.workers:,}" in recipe.read_text()
+    assert plan["memory_gb_per_gpu"]["fits"], plan["warnings"]
+
+
+def test_config_show_refuses_a_layout_the_trainer_cannot_run():
+    result = run_cli("config", "show", "--stage", "pretrain", "--set", "parallel.pp=8", "--set", "parallel.workers=8")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: parallel.pp: 8 pipeline stages for 4 layers leaves stages empty"

@@ -348,6 +348,24 @@ def test_check_layout_accepts_valid_layouts():
     check_layout(CONFIG, (2, 2), tp=2, pp=1)
     check_layout(CONFIG, 4, tp=4, pp=1, fsdp=True)
     check_layout(CONFIG, 2, tp=1, pp=1, fsdp=True, precision="bf16")
+    check_layout(CONFIG, 8, tp=2, pp=2)
+    check_layout(CONFIG, 2, tp=1, pp=2, pp_schedule="interleaved-1f1b", pp_virtual=2)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"pp_schedule": "zigzag"}, "parallel.pp_schedule: expected one of gpipe, 1f1b, interleaved-1f1b"),
+        ({"pp_schedule": "interleaved-1f1b"}, "set parallel.pp_virtual >= 2"),
+        ({"pp_virtual": 2}, "parallel.pp_virtual=2 needs an interleaved schedule"),
+        ({"pp_layers": [3, 2]}, "parallel.pp_layers: expected 2 positive layer counts (one a stage) adding up to "
+                                "model.n_layer=4, got [3, 2]"),
+    ],
+)
+def test_pipeline_settings_are_checked_before_anything_starts(options, expected):
+    with pytest.raises(ConfigError) as info:
+        check_layout(CONFIG, 2, tp=1, pp=2, **options)
+    assert expected in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -358,7 +376,10 @@ def test_check_layout_accepts_valid_layouts():
         ((2, 4), 2, 1, True, "fp32", "allows 3 workers, not a multiple of tp (dp would not be whole); give a fixed"),
         (3, 2, 1, True, "fp32", "parallel.workers: 3 with parallel.tp=2"),
         (8, 8, 1, True, "fp32", "parallel.tp=8 must divide model.n_head (4)"),
-        (2, 1, 2, True, "fp32", "parallel.pp=2: pipeline parallelism is not implemented yet"),
+        (3, 1, 2, True, "fp32", "parallel.workers: 3 with parallel.tp=1 x parallel.pp=2 allows 3 workers, not a "
+                                "multiple of tp x pp"),
+        (8, 1, 8, True, "fp32", "parallel.pp: 8 pipeline stages for 4 layers leaves stages empty"),
+        (2, 1, 2, False, "fp32", "parallel.fsdp=false (DDP) works only with parallel.pp=1"),
         (2, 2, 1, False, "fp32", "parallel.fsdp=false (DDP) works only with parallel.tp=1"),
         (2, 1, 1, False, "bf16", "train.precision=bf16 needs parallel.fsdp=true"),
     ],
@@ -368,6 +389,15 @@ def test_check_layout_refuses_bad_layouts(workers, tp, pp, fsdp, precision, expe
         check_layout(CONFIG, workers, tp=tp, pp=pp, fsdp=fsdp, precision=precision)
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_sequence_parallel_needs_a_context_that_splits_evenly():
+    odd = dataclasses.replace(CONFIG, seq_len=33)
+    with pytest.raises(ConfigError, match=r"parallel.tp=2 must divide model.seq_len \(33\)"):
+        check_layout(odd, 2, tp=2, pp=1)
+    check_layout(odd, 2, tp=2, pp=1, sequence_parallel=False)  # without it, any length
+    with pytest.raises(ConfigError, match=r"must divide model.vocab_size \(2050\)"):
+        check_layout(dataclasses.replace(CONFIG, vocab_size=2050), 4, tp=4, pp=1)
 
 
 @pytest.mark.parametrize(("world", "tp"), [(4, 3), (2, 0), (3, 2)])
@@ -423,3 +453,27 @@ def test_full_state_dict_drops_wrapper_prefixes():
 
 def test_mean_over_dp_without_a_mesh_is_the_value():
     assert mean_over_dp(torch.tensor(2.5), None) == 2.5
+
+
+def test_pipeline_stages_chained_are_the_whole_model():
+    """The model cut by `pipeline_part` into stages (names kept), run one after another, is the model."""
+    import copy
+
+    from mtnlg_ray.model.gpt import pipeline_part
+    from mtnlg_ray.train.pipeline import stage_layers, stages_of_rank
+
+    model = fresh_model().eval()
+    layers = stage_layers(CONFIG.n_layer, 3)
+    assert [list(r) for r in layers] == [[0, 1], [2], [3]]  # the first stages take the remainder
+    assert stage_layers(CONFIG.n_layer, 2, [1, 3]) == [range(0, 1), range(1, 4)]
+    assert stages_of_rank(1, pp=2, virtual=2) == [1, 3]
+    stages = [pipeline_part(copy.deepcopy(model), r, i == 0, i == 2) for i, r in enumerate(layers)]
+    names = [set(stage.state_dict()) for stage in stages]
+    assert names[0] == {"tok_emb.weight", "pos_emb.weight"} | {n for n in model.state_dict() if n.startswith(("blocks.0.", "blocks.1."))}
+    assert names[2] == {"tok_emb.weight", "ln_f.weight", "ln_f.bias"} | {n for n in model.state_dict() if n.startswith("blocks.3.")}
+    assert set().union(*names) == set(model.state_dict())
+    tokens = token_batches()[0, :2, :-1]
+    x = tokens
+    for stage in stages:
+        x = stage(x)
+    assert torch.equal(x, model(tokens))

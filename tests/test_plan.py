@@ -178,3 +178,26 @@ def test_render_plan_shows_numbers_with_units():
     assert "125.7 TFLOP/s" in text
     assert "GB of 80 GB" in text
     assert "does not fit" in text
+
+
+def test_plan_reports_the_schedules_bubble_and_the_command_for_its_layout():
+    import json as _json
+
+    from conftest import run_cli
+
+    plain = plan_layout("gpt3-175b", tp=8, pp=16, dp=8, global_batch=1536)
+    interleaved = plan_layout("gpt3-175b", tp=8, pp=16, dp=8, global_batch=1536, schedule="interleaved-1f1b", virtual=2)
+    m, p = plain["micro_batches"], 16
+    assert plain["pipeline_bubble"] == pytest.approx((p - 1) / (m + p - 1))
+    assert interleaved["pipeline_bubble"] == pytest.approx(plain["pipeline_bubble"] / 2)
+    result = run_cli("plan", "--preset", "gpt3-175b", "--tp", "8", "--pp", "16", "--dp", "8", "--global-batch", "1536",
+                     "--schedule", "interleaved-1f1b", "--virtual", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    command = _json.loads(result.stdout)["command"]
+    assert "--set parallel.workers=1024 --set parallel.tp=8 --set parallel.pp=16" in command
+    assert "--set parallel.pp_schedule=interleaved-1f1b --set parallel.pp_virtual=2" in command
+    # a layout the trainer cannot run is not planned
+    refused = run_cli("plan", "--preset", "gpt3-175b", "--tp", "8", "--pp", "16", "--schedule", "interleaved-1f1b")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("error: parallel.pp_schedule=interleaved-1f1b runs several stages a rank: "
+                                      "set parallel.pp_virtual >= 2")

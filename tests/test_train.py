@@ -197,6 +197,46 @@ def test_a_run_checkpointed_at_one_layout_continues_at_another_as_one_worker_wou
     assert_trains_like(moved, eight_steps_on_one_worker, steps=8)
 
 
+PIPELINES = {  # GPipe is the first half of the pp2 -> pp1 resume test below; 1F1B is the default
+    "pp2-interleaved": ["parallel.workers=2", "parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b",
+                        "parallel.pp_virtual=2"],
+    "pp2xdp2": ["parallel.workers=4", "parallel.pp=2", "parallel.cpus_per_worker=0.5"],
+    "pp2xtp2": ["parallel.workers=4", "parallel.pp=2", "parallel.tp=2", "parallel.cpus_per_worker=0.5"],
+    "pp2xtp2xdp2": ["parallel.workers=8", "parallel.pp=2", "parallel.tp=2", "parallel.cpus_per_worker=0.25"],
+}
+
+
+@pytest.mark.parametrize("layout", list(PIPELINES))
+def test_a_pipelined_run_trains_as_one_worker_does(shakespeare, eight_steps_on_one_worker, tmp_path, layout):
+    """Pipeline parallelism alone (interleaved 1F1B, 2 stages a rank) and in 3D with FSDP and tensor
+    parallelism (1F1B): one worker's 8 steps, losses, grad norms and final weights."""
+    from mtnlg_ray.train.trainer import pretrain
+
+    run = Path(pretrain(train_config(shakespeare, tmp_path, layout, *PIPELINES[layout], "train.max_steps=8",
+                                     *EVERY_4))["run_dir"])
+    start = read_start_events(run)[0]
+    assert start["pp"] == 2 and start["world_size"] == int(PIPELINES[layout][0].split("=")[1])
+    assert start["trainable_parameters"] == read_start_events(eight_steps_on_one_worker)[0]["trainable_parameters"]
+    assert_trains_like(run, eight_steps_on_one_worker, steps=8)
+
+
+def test_a_run_stopped_under_pp2_continues_at_pp1_as_one_worker_would(shakespeare, tmp_path):
+    """3 steps at pp2 (GPipe), a checkpoint, the same run.name again on one worker to step 6: one
+    worker's 6 uninterrupted steps."""
+    from mtnlg_ray.train.trainer import pretrain
+
+    every_3 = ["checkpoint.every_steps=3", "train.eval_every=100"]
+    reference = Path(pretrain(train_config(shakespeare, tmp_path, "six", "parallel.workers=1", "train.max_steps=6",
+                                           *every_3))["run_dir"])
+    pretrain(train_config(shakespeare, tmp_path, "moved", "parallel.workers=2", "parallel.pp=2",
+                          "parallel.pp_schedule=gpipe", "train.max_steps=3", *every_3))
+    moved = Path(pretrain(train_config(shakespeare, tmp_path, "moved", "parallel.workers=1", "train.max_steps=6",
+                                       *every_3))["run_dir"])
+    assert [(s["pp"], s["resumed_from"]) for s in read_start_events(moved)] == [
+        (2, None), (1, {"step": 3, "world_size": 2})]
+    assert_trains_like(moved, reference, steps=6)
+
+
 def test_a_resumed_run_with_dropout_is_exactly_the_uninterrupted_run(shakespeare, tmp_path):
     """Dropout 0.1: the random masks after a resume continue the saved generator, so stopping at step 4
     and rerunning the same run.name to step 8 changes nothing, to the bit on one worker."""

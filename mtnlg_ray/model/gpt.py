@@ -250,25 +250,35 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-LayerNorm hidden states (B, T, d_model): what the LM head and task heads read."""
+        """Final-LayerNorm hidden states (B, T, d_model): what the LM head and task heads read.
+
+        A pipeline stage (see `pipeline_part`) runs only the pieces it holds: the embeddings if it is
+        the first (else `idx` are the previous stage's hidden states), its blocks, and the final
+        LayerNorm if it is the last.
+        """
         T = idx.shape[1]
         start = cache.length if cache is not None else 0
-        if start + T > self.config.seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.seq_len}")
-        if positions is None:
-            positions = torch.arange(start, start + T, device=idx.device)
-        x = self.tok_emb(idx) + self.pos_emb(positions)
-        if self.training and self.drop.p > 0:
-            x = self.drop(x)
+        if self.pos_emb is not None:
+            if start + T > self.config.seq_len:
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.seq_len}")
+            if positions is None:
+                positions = torch.arange(start, start + T, device=idx.device)
+            x = self.tok_emb(idx) + self.pos_emb(positions)
+            if self.training and self.drop.p > 0:
+                x = self.drop(x)
+        else:
+            x = idx
         recompute = self.config.activation_checkpointing and self.training and cache is None
         for i, block in enumerate(self.blocks):
+            if block is None:  # another pipeline stage's layer
+                continue
             if recompute:
                 x = checkpoint(block, x, None, i, attn_mask, use_reentrant=False)
             else:
                 x = block(x, cache, i, attn_mask)
         if cache is not None:
             cache.length += T
-        return self.ln_f(x)
+        return self.ln_f(x) if self.ln_f is not None else x
 
     def forward(
         self,
@@ -284,9 +294,28 @@ class GPT(nn.Module):
         rest saves a (T x vocab) product and its memory on every prompt.
         """
         h = self.hidden_states(idx, positions, cache, attn_mask)
+        if self.ln_f is None:  # a pipeline stage before the last: its output is the next one's input
+            return h
         if last_only:
             h = h[:, -1:]
         return self.head(h, self.tok_emb.weight)
+
+
+def pipeline_part(model: GPT, layers: range, first: bool, last: bool) -> GPT:
+    """`model` cut down, in place, to one pipeline stage: the blocks in `layers`, the embeddings on the
+    first stage, the final LayerNorm and LM head on the last. The last stage keeps the token embedding
+    too, as the tied LM head's weight (Megatron's second copy, whose gradient the two stages share).
+    Names stay those of the whole model (`blocks.7...`), so checkpoints move between layouts."""
+    for i in range(len(model.blocks)):
+        if i not in layers:
+            model.blocks[i] = None
+    if not first:
+        model.pos_emb = None
+        if not last:
+            model.tok_emb = None
+    if not last:
+        model.ln_f = None
+    return model
 
 
 def inference_layout(model: GPT) -> GPT:

@@ -114,6 +114,8 @@ def plan_layout(
     recompute: bool = True,
     distributed_optimizer: bool = False,
     sequence_parallel: bool = True,
+    schedule: str = "1f1b",
+    virtual: int = 1,
 ) -> dict:
     """Parameters, FLOPs, throughput and memory per GPU of `preset` on a tp × pp × dp layout.
 
@@ -178,7 +180,7 @@ def plan_layout(
     if pp > 1 and micro_batches < pp:
         warnings.append(
             f"{micro_batches} micro-batches per replica cannot fill {pp} pipeline stages: "
-            f"bubble is {(pp - 1) / micro_batches:.0%} of the iteration"
+            f"bubble is {(pp - 1) / (micro_batches + pp - 1) / virtual:.0%} of the iteration"
         )
     if tp > spec.gpus_per_node:
         warnings.append(f"tp {tp} spans more than one {spec.gpus_per_node}-GPU node: its all-reduces leave NVLink")
@@ -246,7 +248,11 @@ def plan_layout(
         "micro_batch": micro_batch,
         "micro_batches": micro_batches,
         "layers_per_stage": max(layers),
-        "pipeline_bubble": (pp - 1) / micro_batches,
+        # The share of an iteration a stage idles: (p - 1) / (m + p - 1) for GPipe and 1F1B, a v-th of
+        # that when each rank runs v interleaved stages.
+        "pipeline_bubble": (pp - 1) / (micro_batches + pp - 1) / virtual,
+        "pipeline_schedule": schedule if pp > 1 else None,
+        "pipeline_virtual": virtual,
         "params": counts.total,
         "params_per_gpu": max(p for p, _ in stages),
         "flops_per_iteration": flops,
@@ -312,7 +318,9 @@ def render_plan(result: dict) -> Table:
             f"{r['global_batch']} × {r['seq_len']} tokens "
             f"({r['micro_batches']} micro-batches of {r['micro_batch']} per replica)",
         ),
-        ("pipeline bubble", f"{r['pipeline_bubble']:.1%}"),
+        ("pipeline bubble" + (f" ({r['pipeline_schedule']}"
+                              + (f", {r['pipeline_virtual']} stages a rank)" if r["pipeline_virtual"] > 1 else ")")
+                              if r["pipeline_schedule"] else ""), f"{r['pipeline_bubble']:.1%}"),
         ("FLOPs per iteration (with recompute)", _si(r["flops_per_iteration"], "FLOP")),
         ("model FLOPs per iteration", _si(r["model_flops_per_iteration"], "FLOP")),
     ]

@@ -39,15 +39,35 @@ class TrainerState:
     world_size: int = 1
     dp: int = 1
     tp: int = 1
+    pp: int = 1
     best_metric: float | None = None  # fine-tuning: the best dev score so far (task.metric)
     stale_evals: int = 0  # fine-tuning: dev evaluations since the best one (early stopping)
 
 
-def save_sharded(directory: Path, model, optimizer, state: TrainerState, config: GPTConfig, rank: int) -> None:
-    """Write this rank's shards (a collective: every rank calls it with its own directory)."""
+# Optimizer state keyed by parameter name ("state.blocks.3.mlp.fc1.weight.exp_avg"), not by position
+# in a param group: so the parts of a pipeline stage each save their own, and a checkpoint written
+# at one layout (one part a rank, or several) loads at any other.
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def _bundle(parts: list, optimizers: list) -> tuple[dict, list[tuple[set, set]]]:
+    """Every part's model and optimizer state in one dict for DCP, and which keys are whose."""
+    model_state, optim_state, owners = {}, {}, []
+    for part, optimizer in zip(parts, optimizers):
+        part_model, part_optim = get_state_dict(part, optimizers=optimizer, options=_FLAT)
+        model_state.update(part_model)
+        optim_state.update(part_optim)
+        owners.append((set(part_model), set(part_optim)))
+    return {"model": model_state, "optim": optim_state}, owners
+
+
+def save_sharded(directory: Path, parts: list, optimizers: list, state: TrainerState, config: GPTConfig,
+                 rank: int) -> None:
+    """Write this rank's shards of its model parts (one, or a pipeline rank's stages) and their
+    optimizers (a collective: every rank calls it with its own directory)."""
     directory.mkdir(parents=True, exist_ok=True)
-    model_state, optim_state = get_state_dict(model, optimizers=optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory))
+    bundle, _ = _bundle(parts, optimizers)
+    dcp.save(bundle, checkpoint_id=str(directory))
     rng = {"torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state().tolist()  # this rank's device's generator (dropout on GPU)
@@ -57,12 +77,14 @@ def save_sharded(directory: Path, model, optimizer, state: TrainerState, config:
         (directory / MODEL_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
 
 
-def load_sharded(directory: Path, model, optimizer, rank: int) -> TrainerState:
-    """Load shards into the (already parallelised) model and optimizer, resharding if the world changed."""
-    model_state, optim_state = get_state_dict(model, optimizers=optimizer)
-    bundle = {"model": model_state, "optim": optim_state}
+def load_sharded(directory: Path, parts: list, optimizers: list, rank: int) -> TrainerState:
+    """Load shards into the (already parallelised) model parts and optimizers, resharding if the layout changed."""
+    bundle, owners = _bundle(parts, optimizers)
     dcp.load(bundle, checkpoint_id=str(directory))
-    set_state_dict(model, optimizers=optimizer, model_state_dict=bundle["model"], optim_state_dict=bundle["optim"])
+    for part, optimizer, (model_keys, optim_keys) in zip(parts, optimizers, owners):
+        set_state_dict(part, optimizers=optimizer, options=_FLAT,
+                       model_state_dict={k: bundle["model"][k] for k in model_keys},
+                       optim_state_dict={k: bundle["optim"][k] for k in optim_keys})
     rng_file = directory / f"rng-rank{rank}.json"
     if rng_file.is_file():
         rng = json.loads(rng_file.read_text())
@@ -108,8 +130,8 @@ class CheckpointManager:
     in the run directory into the model and optimizer, whatever layout wrote it, and returns its state.
     """
 
-    def __init__(self, run_dir: Path, model, optimizer, model_config: GPTConfig, rank: int) -> None:
-        self.run_dir, self.model, self.optimizer = run_dir, model, optimizer
+    def __init__(self, run_dir: Path, parts: list, optimizers: list, model_config: GPTConfig, rank: int) -> None:
+        self.run_dir, self.parts, self.optimizers = run_dir, parts, optimizers
         self.model_config, self.rank = model_config, rank
 
     def resume(self) -> TrainerState | None:
@@ -120,12 +142,12 @@ class CheckpointManager:
         newest = latest_checkpoint(self.run_dir)
         if newest is None:
             return None
-        return load_sharded(newest, self.model, self.optimizer, self.rank)
+        return load_sharded(newest, self.parts, self.optimizers, self.rank)
 
     def save(self, state: TrainerState, metrics: dict, report) -> None:
         """A collective: every rank calls it. `report(metrics, directory)` publishes the directory."""
         with tempfile.TemporaryDirectory(prefix="mtnlg-ckpt-") as tmp:
-            save_sharded(Path(tmp), self.model, self.optimizer, state, self.model_config, self.rank)
+            save_sharded(Path(tmp), self.parts, self.optimizers, state, self.model_config, self.rank)
             report(metrics, Path(tmp))
 
 

@@ -18,12 +18,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mtnlg_ray.config import Config
 from mtnlg_ray.errors import ConfigError
 from mtnlg_ray.model.flops import flops_per_token
-from mtnlg_ray.model.gpt import GPT, GPTConfig, parameter_kinds
+from mtnlg_ray.model.gpt import GPT, GPTConfig, parameter_kinds, pipeline_part
 from mtnlg_ray.train.checkpoint import (
     TrainerState,
     CheckpointManager,
@@ -34,6 +35,7 @@ from mtnlg_ray.train.parallel import (
     ParallelDims,
     clip_grad_norm,
     full_state_dict,
+    full_state_dict_of_stages,
     initialise_shards,
     local_grad_bytes,
     local_optimizer_bytes,
@@ -46,6 +48,7 @@ from mtnlg_ray.train.parallel import (
     parallelize,
     plain,
 )
+from mtnlg_ray.train.pipeline import PipelineRunner, stage_layers, stages_of_rank
 from mtnlg_ray.train.schedule import global_batch, learning_rate
 from mtnlg_ray.train.tasks import make_task
 
@@ -94,8 +97,10 @@ def model_config_for(cfg: Config, tokenizer_vocab: int) -> tuple[GPTConfig, dict
     return cfg.model.resolve(tokenizer_vocab=tokenizer_vocab), None
 
 
-def _build_model(cfg: Config, model_config: GPTConfig, task, dims: ParallelDims, mesh, device) -> nn.Module:
-    """The task's model on `device`, parallelized over `mesh`, with its starting weights.
+def _build_model(cfg: Config, model_config: GPTConfig, task, dims: ParallelDims, mesh, device,
+                 stage: tuple[range, bool, bool] | None = None) -> nn.Module:
+    """The task's model on `device`, parallelized over `mesh`, with its starting weights; with `stage`
+    (its layers, whether it is the first, whether the last), one pipeline stage of it.
 
     Built on the meta device, the parallel plan applied, then only each rank's shards are
     materialised and filled: no rank ever holds the whole model. Weights come from `init.checkpoint`
@@ -106,6 +111,8 @@ def _build_model(cfg: Config, model_config: GPTConfig, task, dims: ParallelDims,
     mixed = torch.bfloat16 if cfg.train.precision == "bf16" else None
     with torch.device("meta"):
         model = task.build(GPT(model_config))
+    if stage is not None:
+        pipeline_part(model, *stage)
     kinds = parameter_kinds(model)
     model = parallelize(model, mesh, fsdp=dims.fsdp, mixed_precision=mixed, sequence_parallel=dims.sequence_parallel,
                         activation_checkpointing=model_config.activation_checkpointing, compile=cfg.train.compile)
@@ -121,8 +128,22 @@ def _build_model(cfg: Config, model_config: GPTConfig, task, dims: ParallelDims,
         loaded = load_consolidated_slices(model, Path(cfg.init.checkpoint), wanted)
     fresh = {name: kind for name, kind in kinds.items() if name not in loaded}
     initialise_shards(model, fresh, model_config.init_std, cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)  # dropout starts from the seed, however the model was built
     return model
+
+
+def _build_parts(cfg: Config, model_config: GPTConfig, task, dims: ParallelDims, mesh, device):
+    """This rank's model parts and their stage indices: the whole model ([model], [0]), or with
+    pipeline parallelism the stages this pipeline rank runs."""
+    if dims.pp == 1:
+        parts, stage_ids = [_build_model(cfg, model_config, task, dims, mesh, device)], [0]
+    else:
+        num_stages = dims.pp * dims.pp_virtual
+        layers = stage_layers(model_config.n_layer, num_stages, list(dims.pp_layers) if dims.pp_layers else None)
+        stage_ids = stages_of_rank(mesh["pp"].get_local_rank(), dims.pp, dims.pp_virtual)
+        parts = [_build_model(cfg, model_config, task, dims, mesh, device,
+                              (layers[i], i == 0, i == num_stages - 1)) for i in stage_ids]
+    torch.manual_seed(cfg.train.seed)  # dropout starts from the seed, however the model was built
+    return parts, stage_ids
 
 
 def _better(value: float, best: float | None, metric: str) -> bool:
@@ -144,10 +165,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    dims = ParallelDims(world=world, tp=cfg.parallel.tp, pp=cfg.parallel.pp, fsdp=cfg.parallel.fsdp,
-                        bf16=cfg.train.precision == "bf16", sequence_parallel=cfg.parallel.sequence_parallel)
+    par = cfg.parallel
+    dims = ParallelDims(world=world, tp=par.tp, pp=par.pp, fsdp=par.fsdp, bf16=cfg.train.precision == "bf16",
+                        sequence_parallel=par.sequence_parallel, pp_schedule=par.pp_schedule,
+                        pp_virtual=par.pp_virtual, pp_layers=tuple(par.pp_layers) if par.pp_layers else None)
     mesh = dims.build_mesh(device.type)
-    tp, dp, dp_rank = dims.tp, dims.dp, mesh["dp"].get_local_rank()
+    tp, pp, dp, dp_rank = dims.tp, dims.pp, dims.dp, mesh["dp"].get_local_rank()
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0)
 
     model_config, _ = model_config_for(cfg, loop_config["vocab_size"])
@@ -155,19 +178,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
     seq_len = task.seq_len
     if model_config.seq_len < seq_len:
         raise ValueError(f"model context {model_config.seq_len} < packed sequence length {seq_len}")
-    if task.kind == "lm" and tp > 1 and dims.sequence_parallel and seq_len % tp:
-        raise ConfigError(f"parallel.sequence_parallel: the packed sequences of {cfg.data.path} have {seq_len} tokens, "
-                          f"not a multiple of parallel.tp={tp}; set parallel.sequence_parallel=false")
 
     dims.validate(model_config)
-    model = _build_model(cfg, model_config, task, dims, mesh, device)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-        betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps,
-    )
+    if pp > 1 and not hasattr(task, "pipeline_loss"):
+        raise ConfigError(f"parallel.pp={pp}: task.kind={task.kind} does not run under pipeline parallelism; "
+                          "set parallel.pp=1")
+    parts, stage_ids = _build_parts(cfg, model_config, task, dims, mesh, device)
+    model = parts[0]
+    optimizers = [torch.optim.AdamW(param_groups(part, cfg.train.weight_decay), lr=cfg.train.lr,
+                                    betas=(cfg.train.beta1, cfg.train.beta2), eps=cfg.train.eps) for part in parts]
+    pipeline = None
+    if pp > 1:
+        pipeline = PipelineRunner(parts, stage_ids, pp * dims.pp_virtual, mesh, device, dims.pp_schedule,
+                                  task.pipeline_loss)
 
-    state = TrainerState(world_size=world, dp=dp, tp=tp)
-    checkpoints = CheckpointManager(run_dir, model, optimizer, model_config, rank)
+    state = TrainerState(world_size=world, dp=dp, tp=tp, pp=pp)
+    checkpoints = CheckpointManager(run_dir, parts, optimizers, model_config, rank)
     resumed_from = None
     previous = checkpoints.resume()
     if previous is not None:
@@ -176,7 +202,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         resumed_from = {"step": previous.step, "world_size": previous.world_size}
 
     # Measured once setup is done (model built, sharded, loaded; optimizer made), before any step.
-    param_bytes = max_over_world(local_param_bytes(model), device)
+    param_bytes = max_over_world(local_param_bytes(parts), device)
     peak_rss = max_over_world(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, device)  # Linux: KiB
 
     examples = len(task)
@@ -185,12 +211,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     peak = cfg.train.peak_tflops or measured_peak_tflops(device)
     step_flops = flops_per_token(model_config, seq_len)
     metric = cfg.task.dev_metric
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.write(event="start", stage=stage, world_size=world, dp=dp, tp=tp, step=state.step, resumed_from=resumed_from,
+    trainable = model_trainable_parameters(parts, pipeline)
+    log.write(event="start", stage=stage, world_size=world, dp=dp, tp=tp, pp=pp, step=state.step, resumed_from=resumed_from,
               peak_tflops_per_worker=round(peak, 3), pid=os.getpid(), threads=torch.get_num_threads(),
               examples=examples, trainable_parameters=trainable, local_param_bytes=int(param_bytes),
               peak_rss_bytes=int(peak_rss), time=time.time())
-    print(f"[rank {rank}] world size {world} (dp {dp} x tp {tp}), starting at step {state.step}"
+    print(f"[rank {rank}] world size {world} (pp {pp} x dp {dp} x tp {tp}), starting at step {state.step}"
           + (f", resumed from a checkpoint written at world size {resumed_from['world_size']}" if resumed_from else ""),
           flush=True)
 
@@ -211,27 +237,37 @@ def train_loop_per_worker(loop_config: dict) -> None:
         indices = rank_slice(everyone, dp_rank, dp)
         accum = len(indices) // micro
         lr = learning_rate(state.tokens, cfg.train)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        local_loss = torch.zeros((), device=device)
-        for i in range(accum):
-            sync = i == accum - 1
-            context = no_grad_sync(model) if not sync else nullcontext()
-            with context, loss_parallel_context(mesh):
-                loss = plain(task.loss(model, indices[i * micro : (i + 1) * micro], device)) / accum
-                loss.backward()
-            local_loss += loss.detach()
-        grad_norm = clip_grad_norm(model, cfg.train.grad_clip) if cfg.train.grad_clip > 0 else float("nan")
-        optimizer.step()
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        if pipeline is not None:
+            # The micro-batches of gradient accumulation are the pipeline's micro-batches.
+            local_loss = pipeline.train_step(*task.inputs_targets(task.train, indices, device), accum)
+        else:
+            model.train()
+            local_loss = torch.zeros((), device=device)
+            for i in range(accum):
+                sync = i == accum - 1
+                context = no_grad_sync(model) if not sync else nullcontext()
+                with context, loss_parallel_context(mesh):
+                    loss = plain(task.loss(model, indices[i * micro : (i + 1) * micro], device)) / accum
+                    loss.backward()
+                local_loss += loss.detach()
+        duplicates = pipeline.duplicates if pipeline is not None else ()
+        grad_norm = (clip_grad_norm(parts, cfg.train.grad_clip, pp=pp, exclude=duplicates)
+                     if cfg.train.grad_clip > 0 else float("nan"))
+        for optimizer in optimizers:
+            optimizer.step()
         if first_step:
             # What training holds once everything exists: gradients and the optimizer's moments.
             first_step = False
-            held = {"local_grad_bytes": local_grad_bytes(model), "local_optimizer_bytes": local_optimizer_bytes(optimizer),
+            held = {"local_grad_bytes": local_grad_bytes(parts),
+                    "local_optimizer_bytes": sum(local_optimizer_bytes(o) for o in optimizers),
                     "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
             log.write(event="memory", step=state.step + 1, local_param_bytes=int(param_bytes),
                       **{key: int(max_over_world(value, device)) for key, value in held.items()})
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         epoch_before = state.cursor // examples
         step_tokens = task.tokens(everyone)
         state.step += 1
@@ -248,7 +284,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         epoch_ended = state.cursor // examples > epoch_before
         due = epoch_ended if task.eval_every_steps is None else state.step % task.eval_every_steps == 0
         if due or finished():
-            dev = task.evaluate(model, device, micro, mesh)
+            dev = (task.evaluate(model, device, micro, mesh) if pipeline is None
+                   else _evaluate_pipeline(pipeline, task, micro, mesh, device))
             if epoch_ended or task.eval_every_steps is None:
                 metrics["epoch"] = state.cursor / examples
             if dev is not None:
@@ -258,7 +295,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if dev is not None and task.keeps_best:
                 if _better(dev[metric], state.best_metric, metric):
                     state.best_metric, state.stale_evals = dev[metric], 0
-                    _save_consolidated(model, task, model_config, run_dir / "best", tokenizer_file, rank,
+                    _save_consolidated(parts, task, model_config, run_dir / "best", tokenizer_file, rank,
                                        {"trained": {"step": state.step, "dev": {metric: dev[metric]}}})
                     metrics["best"] = True
                 else:
@@ -266,7 +303,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     stopped_early = cfg.train.patience is not None and state.stale_evals >= cfg.train.patience
         log.write(**metrics)
         if state.step % cfg.checkpoint.every_steps == 0 or finished() or stopped_early:
-            state.world_size, state.dp, state.tp = world, dp, tp
+            state.world_size, state.dp, state.tp, state.pp = world, dp, tp, pp
             checkpoints.save(state, metrics, lambda values, directory: ray.train.report(
                 values, checkpoint=ray.train.Checkpoint.from_directory(str(directory))))
             log.write(event="checkpoint", step=state.step, world_size=world)
@@ -281,18 +318,48 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if rank == 0:
             _replace_dir(run_dir / "best", final)
     else:
-        _save_consolidated(model, task, model_config, final, tokenizer_file, rank, trained)
+        _save_consolidated(parts, task, model_config, final, tokenizer_file, rank, trained, pipeline)
     if rank == 0:
         log.write(event="done", step=state.step, tokens=state.tokens, final=str(final), stopped_early=stopped_early,
                   best_metric=state.best_metric)
 
 
-def _save_consolidated(model, task, model_config: GPTConfig, output: Path, tokenizer_file: Path, rank: int,
-                       extra: dict) -> None:
+def _save_consolidated(parts: list, task, model_config: GPTConfig, output: Path, tokenizer_file: Path, rank: int,
+                       extra: dict, pipeline=None) -> None:
     """Gather the full weights (a collective) and let rank 0 write them as a consolidated checkpoint."""
-    full = full_state_dict(model)
+    if pipeline is None:
+        full = full_state_dict(parts[0])
+    else:
+        full = full_state_dict_of_stages(parts, pipeline.mesh)
+        with torch.device("meta"):
+            order = list(GPT(model_config).state_dict())
+        full = {name: full[name] for name in order if name in full}
     if rank == 0:
         task.save(full, model_config, output, tokenizer_file, extra)
+
+
+def _evaluate_pipeline(pipeline, task, micro: int, mesh, device) -> dict | None:
+    """The held-out loss through the pipeline: this rank's share of the eval micro-batches, whole ones only."""
+    if len(task.val) == 0:
+        return None
+    mine = task.eval_indices(micro, mesh)
+    batches = max(1, len(mine) // micro)
+    mine = mine[: batches * micro] if len(mine) >= micro else mine
+    loss = pipeline.evaluate(*task.inputs_targets(task.val, mine, device), batches)
+    return {"loss": mean_over_dp(loss, mesh)}
+
+
+def model_trainable_parameters(parts: list, pipeline) -> int:
+    """Trainable parameters of the whole model, counted once (a collective under pipeline parallelism)."""
+    duplicates = pipeline.duplicates if pipeline is not None else ()
+    count = sum(p.numel() for part in parts for p in part.parameters()
+                if p.requires_grad and not any(p is d for d in duplicates))
+    if pipeline is None:
+        return count
+    # Stages hold distinct parameters; DTensor shapes are global, so one (dp, tp) rank's count is its stage's.
+    total = torch.tensor([count], dtype=torch.float64, device=pipeline.device)
+    dist.all_reduce(total, group=pipeline.mesh["pp"].get_group())
+    return int(total.item())
 
 
 def _replace_dir(source: Path, target: Path) -> None:

@@ -72,6 +72,9 @@ class ParallelDims:
     fsdp: bool = True
     bf16: bool = False
     sequence_parallel: bool = True
+    pp_schedule: str = "1f1b"
+    pp_virtual: int = 1
+    pp_layers: tuple[int, ...] | None = None
 
     @property
     def dp(self) -> int:
@@ -79,8 +82,8 @@ class ParallelDims:
 
     @property
     def shards_weights(self) -> bool:
-        """Whether a rank holds only part of the weights (tensor parallel, or FSDP with something to do)."""
-        return self.tp > 1 or self.fsdp_active
+        """Whether a rank holds only part of the weights (pipeline or tensor parallel, or FSDP with something to do)."""
+        return self.pp > 1 or self.tp > 1 or self.fsdp_active
 
     @property
     def fsdp_active(self) -> bool:
@@ -89,12 +92,15 @@ class ParallelDims:
         return self.fsdp and (self.dp > 1 or self.bf16)
 
     def validate(self, model_config: GPTConfig) -> None:
-        if self.pp != 1:
-            raise ConfigError(f"parallel.pp={self.pp}: pipeline parallelism is not implemented yet; set parallel.pp=1")
+        from mtnlg_ray.train.pipeline import check_schedule, stage_layers
+
         if self.tp < 1:
             raise ConfigError(f"parallel.tp: expected a positive integer, got {self.tp}")
-        if self.world % self.tp:
-            raise ConfigError(f"parallel.tp={self.tp} must divide the number of workers ({self.world})")
+        if self.pp < 1:
+            raise ConfigError(f"parallel.pp: expected a positive integer, got {self.pp}")
+        if self.world % (self.tp * self.pp):
+            what = f"parallel.tp x parallel.pp = {self.tp * self.pp}" if self.pp > 1 else f"parallel.tp={self.tp}"
+            raise ConfigError(f"{what} must divide the number of workers ({self.world})")
         _tp_divides(model_config, self.tp)
         if self.tp > 1 and self.sequence_parallel and model_config.seq_len % self.tp:
             raise ConfigError(
@@ -103,17 +109,26 @@ class ParallelDims:
             )
         if self.tp > 1 and not self.fsdp:
             raise ConfigError(f"parallel.fsdp=false (DDP) works only with parallel.tp=1, got parallel.tp={self.tp}")
+        if self.pp > 1 and not self.fsdp:
+            raise ConfigError(f"parallel.fsdp=false (DDP) works only with parallel.pp=1, got parallel.pp={self.pp}")
         if self.bf16 and not self.fsdp:
             raise ConfigError("train.precision=bf16 needs parallel.fsdp=true (DDP keeps fp32 weights)")
+        if self.pp > 1:
+            check_schedule(self.pp_schedule, self.pp, self.pp_virtual)
+            layers = list(self.pp_layers) if self.pp_layers is not None else None
+            stage_layers(model_config.n_layer, self.pp * self.pp_virtual, layers)
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The 2D ("dp", "tp") mesh over all ranks of the default process group; tp ranks are neighbours."""
-        if self.tp < 1 or self.world % self.tp:
+        """The device mesh over all ranks of the default process group: ("dp", "tp"), or with
+        pipeline parallelism ("pp", "dp", "tp"); tp ranks are neighbours, pipeline stages farthest apart."""
+        if self.tp < 1 or self.pp < 1 or self.world % (self.tp * self.pp):
             raise ConfigError(f"parallel.tp={self.tp} must divide the number of workers ({self.world})")
         if dist.is_initialized() and dist.get_world_size() != self.world:
             raise ConfigError(
                 f"build_mesh: world_size={self.world} but the process group has {dist.get_world_size()} ranks"
             )
+        if self.pp > 1:
+            return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
         return init_device_mesh(device_type, (self.dp, self.tp), mesh_dim_names=("dp", "tp"))
 
 
@@ -138,23 +153,30 @@ def check_layout(
     fsdp: bool = True,
     precision: str = "fp32",
     sequence_parallel: bool = True,
+    pp_schedule: str = "1f1b",
+    pp_virtual: int = 1,
+    pp_layers: list[int] | None = None,
 ) -> None:
     """Refuse, on the driver before any worker starts, a layout a worker's `ParallelDims` would reject.
 
-    Every worker count the run may get must be a multiple of tp, so dp stays whole: an elastic
-    [min, max] range may start any count between its ends, which with tp > 1 allows a fixed count only.
+    Every worker count the run may get must be a multiple of tp x pp, so dp stays whole: an elastic
+    [min, max] range may start any count between its ends, which with tp x pp > 1 allows a fixed count only.
     """
     low, high = (workers, workers) if isinstance(workers, int) else workers
-    bad = [w for w in range(low, high + 1) if tp >= 1 and w % tp]
-    if bad and pp == 1:
+    group = tp * pp
+    bad = [w for w in range(low, high + 1) if group >= 1 and w % group]
+    if bad:
         shown = list(workers) if not isinstance(workers, int) else workers
-        fix = "give a fixed worker count that is a multiple of tp" if low != high else "use a multiple of tp"
+        what = f"parallel.tp={tp}" if pp == 1 else f"parallel.tp={tp} x parallel.pp={pp}"
+        unit = "tp" if pp == 1 else "tp x pp"
+        fix = f"give a fixed worker count that is a multiple of {unit}" if low != high else f"use a multiple of {unit}"
         raise ConfigError(
-            f"parallel.workers: {shown} with parallel.tp={tp} allows {bad[0]} workers, not a multiple of tp "
+            f"parallel.workers: {shown} with {what} allows {bad[0]} workers, not a multiple of {unit} "
             f"(dp would not be whole); {fix}"
         )
-    ParallelDims(world=high, tp=tp, pp=pp, fsdp=fsdp, bf16=precision == "bf16",
-                 sequence_parallel=sequence_parallel).validate(model_config)
+    ParallelDims(world=high, tp=tp, pp=pp, fsdp=fsdp, bf16=precision == "bf16", sequence_parallel=sequence_parallel,
+                 pp_schedule=pp_schedule, pp_virtual=pp_virtual,
+                 pp_layers=tuple(pp_layers) if pp_layers is not None else None).validate(model_config)
 
 
 def build_mesh(world_size: int, tp: int, device_type: str) -> DeviceMesh:
@@ -215,20 +237,27 @@ def apply_tp(gpt: GPT, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     LM head reads the same shard, so each rank computes its slice of the logits. Sequence parallel
     (optional): LayerNorms and dropout inside the blocks run on T/tp positions.
     """
-    parallelize_module(gpt, tp_mesh, {
-        "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-        "head": PrepareModuleInput(input_layouts=(Replicate(), None), desired_input_layouts=(Replicate(), None)),
-    })
+    if gpt.tok_emb is not None:
+        parallelize_module(gpt.tok_emb, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()))
+    parallelize_module(gpt.head, tp_mesh, PrepareModuleInput(input_layouts=(Replicate(), None),
+                                                             desired_input_layouts=(Replicate(), None)))
     gpt.head.register_forward_hook(_gather_logits)
     plan = SEQUENCE_PARALLEL_BLOCK_PLAN if sequence_parallel else BLOCK_TP_PLAN
-    for block in gpt.blocks:
+    for block in _blocks(gpt):
         parallelize_module(block, tp_mesh, dict(plan))
-    if sequence_parallel:
-        gpt.blocks[0]._sequence_mesh = tp_mesh
-        gpt.blocks[0].register_forward_pre_hook(_scatter_sequence)
+    if sequence_parallel and gpt.pos_emb is not None:  # the embedding's stage: split the sequence there
+        first = gpt.blocks[0]
+        first._sequence_mesh = tp_mesh
+        first.register_forward_pre_hook(_scatter_sequence)
+    if sequence_parallel and gpt.ln_f is not None:
         # The final LayerNorm reads the whole sequence again (as do task heads on hidden states).
         parallelize_module(gpt.ln_f, tp_mesh, PrepareModuleInput(
             input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True))
+
+
+def _blocks(gpt: GPT) -> list[nn.Module]:
+    """The blocks this model (or pipeline stage) holds."""
+    return [block for block in gpt.blocks if block is not None]
 
 
 def apply_ac(gpt: GPT) -> None:
@@ -237,18 +266,20 @@ def apply_ac(gpt: GPT) -> None:
     if gpt.config.activation_checkpointing:
         return
     for i, block in enumerate(gpt.blocks):
-        gpt.blocks[i] = checkpoint_wrapper(block)
+        if block is not None:
+            gpt.blocks[i] = checkpoint_wrapper(block)
 
 
 def apply_compile(gpt: GPT) -> None:
     # Per block, as torchtitan does: identical blocks reuse one graph, and FSDP's hooks stay outside it.
     for i, block in enumerate(gpt.blocks):
-        gpt.blocks[i] = torch.compile(block)
+        if block is not None:
+            gpt.blocks[i] = torch.compile(block)
 
 
 def apply_fsdp(model: nn.Module, gpt: GPT, dp_mesh: DeviceMesh, mixed_precision: torch.dtype | None) -> None:
     policy = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
-    for block in gpt.blocks:
+    for block in _blocks(gpt):
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
     # The root unit holds tok_emb, pos_emb and ln_f. tok_emb must not get a unit of its own:
     # the tied LM head reads it again after the blocks, when a separate unit would have resharded it.
@@ -274,8 +305,9 @@ def parallelize(
     its GPT and the root FSDP unit is the whole task model. The training loss must run inside
     `loss_parallel_context(mesh)`.
     """
-    dims = ParallelDims(world=mesh.size(), tp=mesh["tp"].size(), fsdp=fsdp, bf16=mixed_precision is not None,
-                        sequence_parallel=sequence_parallel)
+    # One pipeline stage's (dp, tp) slice of the mesh: the ranks that hold this part.
+    dims = ParallelDims(world=mesh["dp"].size() * mesh["tp"].size(), tp=mesh["tp"].size(), fsdp=fsdp,
+                        bf16=mixed_precision is not None, sequence_parallel=sequence_parallel)
     gpt = model if isinstance(model, GPT) else model.backbone
     dims.validate(gpt.config)
     if dims.tp > 1:
@@ -312,18 +344,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 @torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+def clip_grad_norm(model: nn.Module | list[nn.Module], max_norm: float, pp: int = 1,
+                   exclude: tuple[nn.Parameter, ...] = ()) -> float:
     """Clip all gradients to a global L2 norm of `max_norm`; returns the norm before clipping.
 
     A collective: every rank calls it and gets the same float. FSDP and TP leave gradients as
     DTensors on two meshes (2D for tensor-parallel weights, the dp mesh for replicated ones), which
     `torch.nn.utils.clip_grad_norm_` cannot stack. Instead each rank sums the squares it holds,
-    weighted by 1 / (ranks holding the same elements), and one all-reduce over all ranks adds them
-    (every rank of the default group holds a part or a copy of the model).
+    weighted by 1 / (ranks holding the same elements), and one all-reduce over all ranks adds them.
+    `model` is the model, or a pipeline rank's parts (then the world / pp ranks of a stage hold each
+    of its parameters, as shards or copies); `exclude` are parameters counted elsewhere (the last
+    stage's copy of the tied embedding).
     """
+    parts = model if isinstance(model, list) else [model]
+    params = [p for part in parts for p in part.parameters() if not any(p is e for e in exclude)]
     world = dist.get_world_size() if dist.is_initialized() else 1
+    holders = world // pp
     squares = []
-    for param in model.parameters():
+    for param in params:
         grad = param.grad
         if grad is None:
             continue
@@ -337,19 +375,20 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
             shards = math.prod(grad.device_mesh.size(i) for i, p in placements if not p.is_replicate())
             grad = grad.to_local()
         # float64: an fp32 norm of the embedding gradient is off by ~3e-5 relative on CPU.
-        squares.append(torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2 * (shards / world))
-    if not squares:
-        return 0.0
-    total = torch.stack(squares).sum()
+        squares.append(torch.linalg.vector_norm(grad, dtype=torch.float64) ** 2 * (shards / holders))
+    device = params[0].device if params else torch.device("cpu")
+    # A rank with nothing to add still joins the all-reduce.
+    total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(total)
     norm = float(total.sqrt())
     # A Python float scales DTensor and plain gradients alike (a tensor coefficient would mix types).
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
-        for param in model.parameters():
-            if param.grad is not None:
-                param.grad.mul_(coef)
+        for part in parts:
+            for param in part.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(coef)
     return norm
 
 
@@ -391,9 +430,9 @@ def initialise_shards(model: nn.Module, kinds: dict[str, tuple[str, tuple[int, .
         set_model_state_dict(model, {name: initial_value(name, kind, shape, std, seed)}, options=options)
 
 
-def local_param_bytes(model: nn.Module) -> int:
+def local_param_bytes(model: nn.Module | list[nn.Module]) -> int:
     """Bytes of parameters this rank holds: its shards of sharded ones, whole copies of the rest."""
-    return sum(_local_bytes(param) for param in model.parameters())
+    return sum(_local_bytes(param) for part in _parts(model) for param in part.parameters())
 
 
 def _local_bytes(tensor: torch.Tensor) -> int:
@@ -401,9 +440,13 @@ def _local_bytes(tensor: torch.Tensor) -> int:
     return local.numel() * local.element_size()
 
 
-def local_grad_bytes(model: nn.Module) -> int:
+def local_grad_bytes(model: nn.Module | list[nn.Module]) -> int:
     """Bytes of gradients this rank holds (its shards of sharded parameters' gradients)."""
-    return sum(_local_bytes(p.grad) for p in model.parameters() if p.grad is not None)
+    return sum(_local_bytes(p.grad) for part in _parts(model) for p in part.parameters() if p.grad is not None)
+
+
+def _parts(model: nn.Module | list[nn.Module]) -> list[nn.Module]:
+    return model if isinstance(model, list) else [model]
 
 
 def local_optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -432,6 +475,28 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     # DCP lists compiled blocks after the root's own tensors; restore registration order.
     order = [_unwrapped_name(model, name) for name in model.state_dict()]
     return {name: state[name] for name in order if name in state} | state
+
+
+def full_state_dict_of_stages(parts: list[nn.Module], mesh: DeviceMesh) -> dict[str, torch.Tensor]:
+    """The whole model on rank 0 (empty elsewhere) from every pipeline stage's parts, as
+    `GPT().state_dict()` names them. A collective: every rank gathers its parts' full weights within
+    its stage, and the first (dp, tp) rank of each stage sends them to rank 0."""
+    options = StateDictOptions(full_state_dict=True)
+    mine: dict[str, torch.Tensor] = {}
+    for part in parts:
+        state = get_model_state_dict(part, options=options)
+        mine.update({_unwrapped_name(part, name): value.detach().cpu() for name, value in state.items()})
+    if mesh["dp"].get_local_rank() != 0 or mesh["tp"].get_local_rank() != 0:
+        return {}
+    gathered: list = [None] * mesh["pp"].size()
+    pp_group = mesh["pp"].get_group()
+    dist.gather_object(mine, gathered if dist.get_rank() == 0 else None, dst=0, group=pp_group)
+    if dist.get_rank() != 0:
+        return {}
+    merged: dict[str, torch.Tensor] = {}
+    for stage_state in gathered:
+        merged.update(stage_state)
+    return merged
 
 
 _WRAPPER_PARTS = {"_orig_mod", "_checkpoint_wrapped_module"}

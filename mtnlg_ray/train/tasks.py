@@ -42,9 +42,28 @@ class LMTask:
     def build(self, backbone: GPT, init_head=None) -> nn.Module:
         return backbone
 
+    def inputs_targets(self, shards: TokenShards, indices: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = shards.rows(indices).to(device)
+        return rows[:, :-1], rows[:, 1:]
+
     def loss(self, model: nn.Module, indices: np.ndarray, device) -> torch.Tensor:
-        rows = self.train.rows(indices).to(device)
-        return lm_loss(model(rows[:, :-1]), rows[:, 1:])
+        inputs, targets = self.inputs_targets(self.train, indices, device)
+        return lm_loss(model(inputs), targets)
+
+    @staticmethod
+    def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of one micro-batch from the last stage's output (a pipeline schedule's `loss_fn`)."""
+        return plain(lm_loss(logits, targets))
+
+    def eval_indices(self, batch: int, mesh=None) -> np.ndarray:
+        """This rank's held-out sequences: an equal share of the first `eval_batches` micro-batches a dp
+        rank, or, when there are fewer held-out sequences than ranks, all of them everywhere (every
+        rank must run the same number of forwards: FSDP gathers weights in each one)."""
+        dp = mesh["dp"].size() if mesh is not None else 1
+        dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
+        wanted = batch * self.cfg.train.eval_batches
+        count = min(len(self.val), wanted * dp) // dp * dp
+        return rank_slice(np.arange(count), dp_rank, dp) if count else np.arange(len(self.val))[:wanted]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device, batch: int, mesh=None) -> dict | None:
@@ -52,13 +71,7 @@ class LMTask:
         if len(self.val) == 0:
             return None
         model.eval()
-        dp = mesh["dp"].size() if mesh is not None else 1
-        dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
-        wanted = batch * self.cfg.train.eval_batches
-        # Every rank must run the same number of forwards (FSDP gathers weights in each one): an equal
-        # share each, or, when there are fewer held-out sequences than ranks, all of them everywhere.
-        count = min(len(self.val), wanted * dp) // dp * dp
-        mine = rank_slice(np.arange(count), dp_rank, dp) if count else np.arange(len(self.val))[:wanted]
+        mine = self.eval_indices(batch, mesh)
         total = torch.zeros((), device=device)
         batches = 0
         for start in range(0, len(mine), batch):

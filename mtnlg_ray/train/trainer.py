@@ -114,9 +114,47 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
     if model_config.seq_len < shards.seq_len:
         raise ConfigError(f"model.seq_len ({model_config.seq_len}) is shorter than the dataset's packed "
                           f"sequences ({shards.seq_len}); re-pack with --set pack.seq_len={model_config.seq_len}")
+    tp = cfg.parallel.tp
+    if tp > 1 and cfg.parallel.sequence_parallel and shards.seq_len % tp:
+        raise ConfigError(f"parallel.sequence_parallel: the packed sequences of {dataset} have {shards.seq_len} "
+                          f"tokens, not a multiple of parallel.tp={tp}; re-pack or set parallel.sequence_parallel=false")
     if cfg.train.max_steps is None and cfg.train.max_tokens is None and cfg.train.epochs < 1:
         raise ConfigError("train: set max_steps, max_tokens or epochs")
     return run_training("pretrain", "lm", cfg, model_config, vocab, dataset / "tokenizer" / "tokenizer.json", on_record)
+
+
+def check_run_layout(cfg: Config, model_config, task: str) -> None:
+    """Everything about the parallel layout a worker would refuse, refused on the driver in one line:
+    the dimensions against the model and worker counts, the pipeline schedule against every batch
+    size of the run, and the tasks pipeline parallelism cannot run."""
+    from mtnlg_ray.train.parallel import check_layout
+
+    par = cfg.parallel
+    check_layout(model_config, par.workers, par.tp, par.pp, fsdp=par.fsdp, precision=cfg.train.precision,
+                 sequence_parallel=par.sequence_parallel, pp_schedule=par.pp_schedule, pp_virtual=par.pp_virtual,
+                 pp_layers=par.pp_layers)
+    if task != "lm" and par.pp > 1:
+        raise ConfigError(f"parallel.pp={par.pp}: fine-tuning (task.kind={task}) does not run under pipeline "
+                          "parallelism yet (its task head and dev evaluation run on whole models); set "
+                          "parallel.pp=1 and split the model with parallel.tp and FSDP")
+    check_pipeline_batches(cfg)
+
+
+def check_pipeline_batches(cfg: Config) -> None:
+    """With an interleaved pipeline schedule, every global batch the run uses (the ramp-up's steps and
+    the full batch) must give whole rounds of micro-batches; checked before any worker starts."""
+    from mtnlg_ray.train.pipeline import check_micro_batches
+
+    par, train = cfg.parallel, cfg.train
+    if par.pp == 1:
+        return
+    workers = par.workers if isinstance(par.workers, int) else par.workers[1]
+    dp = workers // (par.tp * par.pp)
+    batches = {train.global_batch_size}
+    if train.batch_rampup is not None:
+        batches |= set(range(train.batch_rampup.start, train.global_batch_size, train.batch_rampup.increment))
+    for batch in sorted(batches):
+        check_micro_batches(par.pp_schedule, batch // (train.micro_batch_size * dp), par.pp)
 
 
 def run_training(
@@ -139,10 +177,7 @@ def run_training(
 
     from mtnlg_ray.runtime import ensure_ray
     from mtnlg_ray.train.loop import train_loop_per_worker
-    from mtnlg_ray.train.parallel import check_layout
-
-    check_layout(model_config, cfg.parallel.workers, cfg.parallel.tp, cfg.parallel.pp, fsdp=cfg.parallel.fsdp,
-                 precision=cfg.train.precision, sequence_parallel=cfg.parallel.sequence_parallel)
+    check_run_layout(cfg, model_config, task)
     ensure_ray()
     waiting = check_capacity(cfg.parallel)  # before anything is written
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
