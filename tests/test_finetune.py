@@ -150,6 +150,10 @@ def test_bad_fine_tuning_input_is_one_line_and_exit_2(tiny_checkpoint, word_file
     broken.write_text('{"sentence": "ok", "label": "pos"}\n{"sentence": "cut\n')
     assert_one_line_error(finetune_cli(tiny_checkpoint, broken), "broken.jsonl:2", "not valid JSON")
 
+    # pipeline parallelism runs pretraining only: fine-tuning under it is refused before anything starts
+    assert_one_line_error(finetune_cli(tiny_checkpoint, train, "--set", "parallel.workers=2", "--set", "parallel.pp=2"),
+                          "parallel.pp=2: fine-tuning (task.kind=classification)", "set parallel.pp=1")
+
 
 def test_a_checkpoint_of_another_vocabulary_is_one_line(tiny_checkpoint, word_files, tmp_path):
     from mtnlg_ray.tokenizer import train_tokenizer
