@@ -153,6 +153,8 @@ def test_bad_fine_tuning_input_is_one_line_and_exit_2(tiny_checkpoint, word_file
     # pipeline parallelism runs pretraining only: fine-tuning under it is refused before anything starts
     assert_one_line_error(finetune_cli(tiny_checkpoint, train, "--set", "parallel.workers=2", "--set", "parallel.pp=2"),
                           "parallel.pp=2: fine-tuning (task.kind=classification)", "set parallel.pp=1")
+    assert_one_line_error(finetune_cli(tiny_checkpoint, train, "--set", "parallel.workers=2", "--set", "parallel.tp=2",
+                                       "--set", "task.mode=lora"), "task.mode=lora works with parallel.tp=1", "got parallel.tp=2")
 
 
 def test_a_checkpoint_of_another_vocabulary_is_one_line(tiny_checkpoint, word_files, tmp_path):
@@ -299,3 +301,46 @@ def test_a_given_teacher_must_classify_the_tasks_labels(self_trained, tokenizer_
         "--set", f"run.storage_path={work / 'runs'}", "--set", "run.name=mismatch",
     )
     assert_one_line_error(result, "selftrain.teacher", "classifies ['neg', 'pos']", "['x', 'y']")
+
+
+def test_classification_and_sft_train_under_tensor_and_sequence_parallelism(ray_session, tiny_checkpoint, word_files,
+                                                                             tmp_path):
+    """tp2 with sequence parallelism (the vocabulary split, batches padded to a multiple of tp, the
+    classification head replicated): the classifier takes one worker's steps, and SFT learns."""
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.trainer import finetune
+    from mtnlg_ray.train.plot import read_metrics
+
+    def classify(name: str, *layout: str) -> list[dict]:
+        cfg = load_config(overrides=[
+            f"init.checkpoint={tiny_checkpoint}", f"data.train={word_files / 'train.tsv'}",
+            f"data.dev={word_files / 'dev.tsv'}", "data.text_field=sentence", "task.labels=[pos, neg]",
+            "train.epochs=1", "train.micro_batch_size=4", "train.global_batch_size=8", "train.lr=1e-3",
+            "train.peak_tflops=1.0", f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", *layout,
+        ], stage="finetune")
+        finetune(cfg)
+        return read_metrics(tmp_path / "runs" / name)
+
+    one, tp2 = classify("one", "parallel.workers=1"), classify("tp2", "parallel.workers=2", "parallel.tp=2")
+    assert len(one) == len(tp2) == 5  # 40 examples, 8 a step
+    for a, b in zip(one, tp2):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-3 * a["grad_norm"]
+    assert tp2[-1]["dev"]["accuracy"] == one[-1]["dev"]["accuracy"]
+
+    pairs = [(f"colour of {thing}:", f" {colour}") for thing, colour in
+             [("sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black")]]
+    for split, repeats in (("sft", 4), ("sft_dev", 1)):
+        with (tmp_path / f"{split}.jsonl").open("w") as fh:
+            for _ in range(repeats):
+                for prompt, completion in pairs:
+                    fh.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+    cfg = load_config(overrides=[
+        f"init.checkpoint={tiny_checkpoint}", f"data.train={tmp_path / 'sft.jsonl'}", f"data.dev={tmp_path / 'sft_dev.jsonl'}",
+        "task.kind=sft", "task.metric=loss", "train.epochs=3", "train.lr=3e-3", "train.micro_batch_size=4",
+        "train.global_batch_size=8", "train.peak_tflops=1.0", "parallel.workers=2", "parallel.tp=2",
+        f"run.storage_path={tmp_path / 'runs'}", "run.name=sft-tp2",
+    ], stage="finetune")
+    result = finetune(cfg)
+    history = [d["loss"] for d in result["dev_history"]]
+    assert len(history) == 3 and history[-1] < history[0]
+    assert "exact_match" in result["dev"]  # greedy decoding through the split model ran
