@@ -106,6 +106,8 @@ class ReadSection(Section):
     # In file mode a .txt over max_chars is cut, at paragraphs (else lines), into documents of at
     # most this many characters: well under clean.max_words (100,000 words is ~550,000 characters).
     piece_chars: int = Field(100_000, ge=1)
+    # The JSONL field (Parquet column) holding each document's URL, for filter.url_blocklist.
+    url_field: str | None = None
     weights: dict[str, float] = {}  # INPUT as given → blend weight (MT-NLG mixes sources by weight)
 
     @field_validator("weights")
@@ -144,7 +146,29 @@ class DecontamSection(Section):
     max_splits: int = Field(10, ge=0)  # a document cut into more pieces than this is dropped
 
 
+class LangSection(Section):
+    """Language identification (langid.py, offline): keep only these ISO 639-1 codes; null keeps all."""
+
+    keep: list[str] | None = None
+    min_confidence: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class PiiSection(Section):
+    # Replace e-mail addresses, phone numbers, IP addresses and card numbers by <EMAIL>, <PHONE>, <IP>, <CARD>.
+    redact: bool = False
+
+
+class FilterSection(Section):
+    # A file of domains, one a line ('#' comments); documents whose read.url_field is on one of them,
+    # or on a subdomain of one, are rejected ("url_blocklist").
+    url_blocklist: str | None = None
+
+
 class DedupSection(Section):
+    # CCNet's boilerplate removal: a line found in at least line_min_docs documents is removed from
+    # all of them; a document left under clean.min_words words is rejected ("short_after_line_dedup").
+    lines: bool = False
+    line_min_docs: int = Field(3, ge=2)
     exact: bool = True
     fuzzy: bool = True
     threshold: float = Field(0.8, gt=0.0, le=1.0)
@@ -289,6 +313,9 @@ class Config(Section):
     tokenizer: TokenizerSection = TokenizerSection()
     pack: PackSection = PackSection()
     read: ReadSection = ReadSection()
+    lang: LangSection = LangSection()
+    pii: PiiSection = PiiSection()
+    filter: FilterSection = FilterSection()
     clean: CleanSection = CleanSection()
     label: LabelSection = LabelSection()
     dedup: DedupSection = DedupSection()

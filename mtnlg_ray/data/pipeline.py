@@ -1,7 +1,8 @@
 """`mtnlg-ray data prepare`: one Ray Data pipeline from raw INPUTs to a dataset directory.
 
-read → clean → dedup → pseudo-label → decontaminate → (sort) → docs/ → tokenizer → blend →
-tokenize + pack → tokens/. Every record that leaves the corpus lands in `rejected/` with its
+read → URL filter → language → PII → clean → line dedup → exact / fuzzy dedup → pseudo-label →
+decontaminate → (sort) → docs/ → tokenizer → blend → tokenize + pack → tokens/ (the optional
+stages when configured). Every record that leaves the corpus lands in `rejected/` with its
 stage and reason; `manifest.json` records counts in and out and the time of every stage.
 Bad records never stop the run; only a missing input, a bad config or an unwritable output do.
 """
@@ -34,14 +35,16 @@ _COPY_BITS = 52  # blended copies sort after the originals: copy << 52 | seq
 
 
 def read_batch(
-    batch: pa.Table, text_field: str, txt_mode: str, max_chars: int, piece_chars: int | None = None
+    batch: pa.Table, text_field: str, txt_mode: str, max_chars: int, piece_chars: int | None = None,
+    url_field: str | None = None,
 ) -> pa.Table:
-    """Each input row names one file; the output holds one row per record of those files."""
-    rows: dict[str, list] = {k: [] for k in ("id", "text", "source", "location", "seq", "reason", "detail")}
+    """Each input row names one file; the output holds one row per record of those files (and its
+    `url` when `url_field` is set)."""
+    rows: dict[str, list] = {k: [] for k in ("id", "text", "source", "location", "seq", "reason", "detail", "url")}
     for item, source, file_index in zip(
         batch.column("item").to_pylist(), batch.column("source").to_pylist(), batch.column("file_index").to_pylist()
     ):
-        for number, record in enumerate(iter_records(item, text_field, txt_mode, max_chars, piece_chars)):
+        for number, record in enumerate(iter_records(item, text_field, txt_mode, max_chars, piece_chars, url_field)):
             rows["id"].append(document_id(record.location))
             rows["text"].append(record.text)
             rows["source"].append(source)
@@ -49,6 +52,8 @@ def read_batch(
             rows["seq"].append((file_index << _SEQ_BITS) | number)
             rows["reason"].append(record.reason)
             rows["detail"].append(record.detail)
+            rows["url"].append(record.url)
+    urls = {"url": pa.array(rows["url"], pa.string())} if url_field else {}
     return pa.table(
         {
             "id": pa.array(rows["id"], pa.string()),
@@ -58,6 +63,7 @@ def read_batch(
             "seq": pa.array(rows["seq"], pa.int64()),
             "reason": pa.array(rows["reason"], pa.string()),
             "detail": pa.array(rows["detail"], pa.string()),
+            **urls,
         }
     )
 
@@ -127,6 +133,8 @@ class PipelineRun:
     stages: list[StageReport] = field(default_factory=list)
     rejected_parts: list = field(default_factory=list)
     split_files: int = 0  # .txt files over read.max_chars, cut into several documents
+    pii_redacted: dict[str, int] = field(default_factory=dict)  # replacements by kind (pii.redact)
+    repeated_lines: int | None = None  # distinct lines removed as boilerplate (dedup.lines)
     on_stage: Callable[[StageReport], None] | None = None
 
     def record(self, report: StageReport) -> None:
@@ -218,6 +226,7 @@ def _read_stage(run: PipelineRun, items: list[tuple[str, list[str]]], config: Co
             "txt_mode": config.read.txt_mode,
             "max_chars": config.read.max_chars,
             "piece_chars": config.read.piece_chars,
+            "url_field": config.read.url_field,
         },
     ).materialize()
     note = f"{len(files)} files"
@@ -233,6 +242,27 @@ def _read_stage(run: PipelineRun, items: list[tuple[str, list[str]]], config: Co
     if not docs.count():
         raise NothingLeft("read")
     return docs
+
+
+def _redact(run: PipelineRun, docs):
+    """The PII stage: redacted documents (nothing rejected); the replacements counted by kind."""
+    from mtnlg_ray.data.pii import KINDS, redact_batch
+
+    redacted = docs.map_batches(redact_batch, batch_format="pyarrow").materialize()
+    columns = [f"pii_{kind}" for kind in KINDS]
+    for kind, column in zip(KINDS, columns):
+        run.pii_redacted[kind] = int(redacted.sum(column) or 0)
+    return _split(redacted.drop_columns(columns), "pii")
+
+
+def _remove_repeated_lines(run: PipelineRun, docs, config: Config):
+    """The line dedup stage: lines in at least dedup.line_min_docs documents removed from all of them."""
+    from mtnlg_ray.data.lines import remove_lines_batch, repeated_lines
+
+    repeated = repeated_lines(docs, config.dedup.line_min_docs)
+    run.repeated_lines = len(repeated)
+    return _split(docs.map_batches(remove_lines_batch, batch_format="pyarrow",
+                                   fn_kwargs={"repeated": repeated, "min_words": config.clean.min_words}), "line dedup")
 
 
 def split_files_batch(batch: pa.Table, txt_files: list[str]) -> pa.Table:
@@ -284,6 +314,8 @@ def _manifest_head(inputs: Sequence[str], run: PipelineRun, rejected: dict[str, 
             for s in run.stages
         ],
         "split_files": run.split_files,
+        **({"pii_redacted": run.pii_redacted} if run.pii_redacted else {}),
+        **({"repeated_lines_removed": run.repeated_lines} if run.repeated_lines is not None else {}),
         "rejected": rejected,
         "documents": documents,
     }
@@ -333,6 +365,7 @@ def prepare_dataset(
         raise InputError(f"read.weights: '{unknown[0]}' is not one of the INPUTs ({', '.join(inputs)})")
     if config.label.labeler is not None and config.label.model is None:
         raise InputError("label.model: the labeller needs a model path (set label.model)")
+    _check_curation(config)
     _prepare_output(output)
     _start_pipeline()
 
@@ -380,11 +413,30 @@ def prepare_dataset(
         },
         "seq_len": config.pack.seq_len,
         "pack": packed,
-        "config": config.model_dump(mode="json", include={"read", "clean", "dedup", "label", "decontam", "pack"}),
+        "config": config.model_dump(mode="json", include={"read", "filter", "lang", "pii", "clean", "dedup", "label",
+                                                          "decontam", "pack"}),
         "seconds": round(time.perf_counter() - started, 3),
     }
     _write_manifest(output, manifest)
     return manifest
+
+
+def _check_curation(config: Config) -> None:
+    """The curation settings a stage would trip on, refused before any work: one line each."""
+    if config.filter.url_blocklist:
+        from mtnlg_ray.data.urls import read_blocklist
+
+        if not config.read.url_field:
+            raise InputError("filter.url_blocklist: set read.url_field to the field that holds each document's URL")
+        read_blocklist(config.filter.url_blocklist)
+    if config.lang.keep is not None:
+        from mtnlg_ray.data.language import known_languages
+
+        known = known_languages()
+        unknown = [code for code in config.lang.keep if code not in known]
+        if unknown or not config.lang.keep:
+            raise InputError(f"lang.keep: expected ISO 639-1 codes the identifier knows (such as en, fr, de), "
+                             f"got {unknown[0]!r}" if unknown else "lang.keep: expected at least one language code")
 
 
 def _curate(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config):
@@ -397,11 +449,33 @@ def _curate(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config
     docs = _read_stage(run, items, config)
     read_counts = _count_by(docs, "source")
 
+    # Cheap filters first, as NeMo Curator, DataTrove and Dolma order them: URL, language, PII, then cleaning.
+    if config.filter.url_blocklist:
+        from mtnlg_ray.data.urls import read_blocklist, url_batch
+
+        domains = read_blocklist(config.filter.url_blocklist)
+        docs = _run_stage(run, "url filter", docs, lambda d: _split(
+            d.map_batches(url_batch, fn_kwargs={"domains": domains}, batch_format="pyarrow"), "url filter"),
+            note=f"{len(domains)} blocked domains")
+
+    if config.lang.keep is not None:
+        from mtnlg_ray.data.language import language_batch
+
+        docs = _run_stage(run, "language", docs, lambda d: _split(d.map_batches(
+            language_batch, fn_kwargs={"keep": config.lang.keep, "min_confidence": config.lang.min_confidence},
+            batch_format="pyarrow"), "language"), note=f"keep {', '.join(config.lang.keep)}")
+
+    if config.pii.redact:
+        docs = _run_stage(run, "pii", docs, lambda d: _redact(run, d))
+
     if config.clean.enabled:
         from mtnlg_ray.data.clean import clean_batch
 
         docs = _run_stage(run, "clean", docs, lambda d: _split(
             d.map_batches(clean_batch, fn_kwargs={"cfg": config.clean}, batch_format="pyarrow"), "clean"))
+
+    if config.dedup.lines:
+        docs = _run_stage(run, "line dedup", docs, lambda d: _remove_repeated_lines(run, d, config))
 
     if config.dedup.exact or config.dedup.fuzzy:
         from mtnlg_ray.data.dedup import dedup_documents

@@ -54,6 +54,7 @@ class Record:
     text: str | None
     reason: str = ""
     detail: str = ""
+    url: str = ""  # from read.url_field, when set and present
 
 
 # The columns of a rejected/ row, whatever stage rejected it.
@@ -101,6 +102,7 @@ def iter_records(
     txt_mode: str = "file",
     max_chars: int | None = None,
     piece_chars: int | None = None,
+    url_field: str | None = None,
 ) -> Iterator[Record]:
     """Records of one resolved item (a file path, a URI, or `builtin:python-docs`).
 
@@ -114,7 +116,7 @@ def iter_records(
         records = (Record(f"{item}:{i}", text) for i, text in enumerate(python_docs_texts()))
     else:
         cut = min(piece_chars or max_chars, max_chars) if max_chars is not None else None
-        records = _read_file(item, text_field, txt_mode, max_chars, cut)
+        records = _read_file(item, text_field, txt_mode, max_chars, cut, url_field)
     for record in records:
         if not record.reason and max_chars is not None and len(record.text) > max_chars:
             yield Record(record.location, None, "oversized", f"{len(record.text)} characters > {max_chars}")
@@ -216,7 +218,8 @@ def _open(item: str):
 
 
 def _read_file(
-    item: str, text_field: str, txt_mode: str, max_chars: int | None, piece_chars: int | None
+    item: str, text_field: str, txt_mode: str, max_chars: int | None, piece_chars: int | None,
+    url_field: str | None = None,
 ) -> Iterator[Record]:
     import pyarrow as pa
 
@@ -227,13 +230,13 @@ def _read_file(
                 data = fh.read()
             yield from _txt_records(item, data, txt_mode, max_chars, piece_chars)
         elif name.endswith(".parquet"):
-            yield from _parquet_records(item, text_field)
+            yield from _parquet_records(item, text_field, url_field)
         elif name.endswith(".jsonl.gz"):
             with _open(item) as raw, gzip.open(raw, "rb") as lines:
-                yield from _jsonl_records(item, lines, text_field)
+                yield from _jsonl_records(item, lines, text_field, url_field)
         else:
             with _open(item) as lines:
-                yield from _jsonl_records(item, lines, text_field)
+                yield from _jsonl_records(item, lines, text_field, url_field)
     except (OSError, EOFError, zlib.error, pa.ArrowException) as err:
         kind = "gzip" if name.endswith(".gz") else "Parquet" if name.endswith(".parquet") else "text"
         yield Record(item, None, "unreadable_file", f"not a readable {kind} file ({err})")
@@ -317,7 +320,7 @@ def _paragraphs(text: str) -> Iterator[tuple[int, str]]:
         yield first, "\n".join(lines)
 
 
-def _jsonl_records(item: str, lines, text_field: str) -> Iterator[Record]:
+def _jsonl_records(item: str, lines, text_field: str, url_field: str | None = None) -> Iterator[Record]:
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue  # blank lines (a trailing newline) are not records
@@ -344,7 +347,8 @@ def _jsonl_records(item: str, lines, text_field: str) -> Iterator[Record]:
         elif not _is_utf8(text):
             yield Record(where, None, "bad_utf8", "text holds a lone surrogate")
         else:
-            yield Record(where, text)
+            url = record.get(url_field) if url_field else None
+            yield Record(where, text, url=url if isinstance(url, str) else "")
 
 
 def _is_utf8(text: str) -> bool:
@@ -356,7 +360,7 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _parquet_records(item: str, text_field: str) -> Iterator[Record]:
+def _parquet_records(item: str, text_field: str, url_field: str | None = None) -> Iterator[Record]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -371,8 +375,10 @@ def _parquet_records(item: str, text_field: str) -> Iterator[Record]:
             yield Record(item, None, "missing_column", f"column {text_field!r} is {column_type}, expected string")
             return
         row = 0
-        for batch in parquet.iter_batches(columns=[text_field]):
-            for text in batch.column(0).to_pylist():
+        with_url = url_field is not None and url_field in names and url_field != text_field
+        for batch in parquet.iter_batches(columns=[text_field, url_field] if with_url else [text_field]):
+            urls = batch.column(1).to_pylist() if with_url else [None] * batch.num_rows
+            for text, url in zip(batch.column(0).to_pylist(), urls):
                 where = f"{item}:{row}"
                 row += 1
                 if text is None:
@@ -380,4 +386,4 @@ def _parquet_records(item: str, text_field: str) -> Iterator[Record]:
                 elif not text:
                     yield Record(where, None, "empty", f"column {text_field!r} is empty")
                 else:
-                    yield Record(where, text)
+                    yield Record(where, text, url=url if isinstance(url, str) else "")

@@ -1,9 +1,9 @@
 """`train_loop_per_worker`: the one training loop every Ray Train worker runs, for pretraining and fine-tuning.
 
-Builds the (dp, tp) mesh and the model (from the preset or `init.checkpoint`), lets the task wrap it
-(the language model as is; a classification head, LoRA or a frozen backbone for fine-tuning),
-parallelises it, resumes from the latest checkpoint if there is one, and steps through the MT-NLG
-schedule: batch ramp-up with gradient accumulation at a fixed micro-batch, LR warm-up and cosine
+Builds the (pp, dp, tp) mesh and this rank's part of the model (from the seed or `init.checkpoint`,
+on the meta device first), lets the task (`train/tasks.py`) wrap it, parallelises it, resumes from the
+newest checkpoint if there is one, and steps through the MT-NLG schedule: batch ramp-up with gradient
+accumulation at a fixed micro-batch (the pipeline's micro-batches under pp), LR warm-up and cosine
 decay by tokens, AdamW (0.9, 0.95), clipping. Rank 0 appends one JSON line per step to `metrics.jsonl`.
 """
 

@@ -1,0 +1,192 @@
+"""Curation stages: language identification, PII redaction, repeated-line removal and the URL blocklist.
+
+The corpus is written here (short articles in English, French, German and Spanish, made up for these
+tests), with planted personal data, one boilerplate line in ten documents and three documents from a
+blocked domain.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_cli
+from mtnlg_ray.data.lines import line_key
+from mtnlg_ray.data.pii import luhn_valid, redact
+from mtnlg_ray.data.urls import blocked_domain, read_blocklist
+from mtnlg_ray.errors import InputError
+
+ENGLISH = [
+    "The river council met on Monday to discuss the new footbridge, which engineers say will carry twice the "
+    "traffic of the old wooden crossing and should open before the autumn rains arrive in the valley.",
+    "Farmers in the northern hills reported an early harvest this year, crediting a mild spring and careful "
+    "irrigation, although several growers warned that prices at the regional market remain stubbornly low.",
+    "A small museum on the harbour front has reopened after two years of repairs, with a new gallery devoted "
+    "to the fishing families who built the town and a workshop where children can learn to mend nets.",
+    "Researchers at the university have published a long study of city birds, finding that sparrows now nest "
+    "later in the season than they did thirty years ago, probably because streets stay warm at night.",
+    "The local library will extend its opening hours during the examination period, giving students quiet "
+    "rooms until midnight, free tea in the reading hall and access to a growing collection of old maps.",
+    "After a decade of planning, the mountain railway finally received approval to replace its ageing carriages "
+    "with lighter ones that climb faster, use less power and leave more room for bicycles and luggage.",
+    "Volunteers spent the weekend clearing plastic from the southern beaches, collecting more than four hundred "
+    "bags of rubbish and recording every item so that scientists can trace where the waste comes from.",
+    "The orchestra announced a season of free concerts in parks across the county, opening with a programme of "
+    "folk dances arranged for strings and ending with a choir of schoolchildren singing by lantern light.",
+    "Bakers across the island are competing this month for the title of best rye loaf, judged on crust, crumb "
+    "and flavour by a panel of retired millers who have promised to taste every entry without exception.",
+    "A retired teacher has donated her garden to the village as a public orchard, planting apple, pear and plum "
+    "trees along the paths and asking only that the fruit be shared freely among the neighbours each year.",
+    "Engineers testing a new kind of tidal turbine off the western cape say the first months went better than "
+    "expected, with the machine producing steady power through storms that stopped the older designs.",
+    "The town hall clock, silent since a lightning strike last winter, chimed again on Sunday after a local "
+    "watchmaker spent three months rebuilding its gears by hand from drawings found in the county archive.",
+    "Cyclists welcomed the opening of a coastal trail that links five fishing villages, although some walkers "
+    "asked the council to add benches, shade and clear signs showing where the path crosses the main road.",
+    "A survey of the old quarry found rare orchids growing on its lower terraces, and the owners have agreed to "
+    "leave that part untouched while they turn the rest of the site into a swimming lake for the summer.",
+    "Students from the technical college built a solar boat that crossed the bay in under an hour, beating last "
+    "year's record and drawing a crowd of families who cheered from the pier as it reached the harbour.",
+    "The county hospital opened a new children's ward painted by local artists, with murals of forests, whales "
+    "and hot air balloons that nurses say help young patients feel calmer before their operations.",
+]
+FOREIGN = {
+    "fr": [
+        "Le conseil municipal a voté hier soir la rénovation complète de la vieille halle du marché, qui accueillera "
+        "de nouveau les producteurs de la région chaque samedi matin dès le printemps prochain.",
+        "Les pêcheurs du port se plaignent depuis des semaines de la hausse du prix du carburant, qui rend chaque "
+        "sortie en mer plus coûteuse alors que les prises restent modestes pour la saison.",
+        "Une exposition consacrée aux anciens métiers du bois ouvre ses portes au musée départemental, avec des "
+        "ateliers pour les enfants et des démonstrations de sculpture tous les dimanches après-midi.",
+    ],
+    "de": [
+        "Der Gemeinderat hat am Dienstag beschlossen, die alte Brücke über den Fluss bis zum Herbst zu erneuern, "
+        "damit Radfahrer und Fußgänger die Innenstadt wieder sicher erreichen können.",
+        "Im Stadtpark findet am Wochenende ein großes Fest mit Musik, Theater und regionalen Spezialitäten statt, "
+        "zu dem die Veranstalter mehrere tausend Besucher aus der ganzen Umgebung erwarten.",
+        "Die Bibliothek verlängert während der Prüfungszeit ihre Öffnungszeiten, damit Studierende bis Mitternacht "
+        "in ruhigen Räumen lernen und die historische Kartensammlung nutzen können.",
+    ],
+    "es": [
+        "El ayuntamiento aprobó ayer un plan para plantar mil árboles en los barrios del sur de la ciudad, donde "
+        "los vecinos llevan años pidiendo más sombra y espacios verdes para los niños.",
+        "Los agricultores de la comarca celebraron una cosecha abundante gracias a las lluvias de la primavera, "
+        "aunque advierten que los precios en el mercado regional siguen siendo demasiado bajos.",
+        "Un grupo de voluntarios limpió durante el fin de semana las playas del norte y recogió cientos de bolsas "
+        "de basura que ahora estudiarán los científicos de la universidad para conocer su origen.",
+    ],
+}
+BOILERPLATE = "Subscribe to our newsletter for the latest stories from around the region."
+PII = {
+    "email": "reader.letters@example-news.org",
+    "phone": "(415) 555-0134",
+    "ip": "203.0.113.42",
+    "card": "4111 1111 1111 1111",
+    "intl_phone": "+44 20 7946 0958",
+    "ipv6": "2001:db8::8a2e:370:7334",
+}
+LOOK_ALIKES = ["2024-01-15", "version 3.11.4", "ISBN 978-3-16-148410-0", "12:30:45", "4111 1111 1111 1112"]
+
+
+def write_corpus(folder: Path) -> tuple[Path, Path]:
+    """corpus.jsonl (text + url) and blocklist.txt; returns their paths."""
+    rows = []
+    for i, text in enumerate(ENGLISH):
+        if i < 10:
+            text = f"{text}\n{BOILERPLATE}"
+        if i == 0:
+            text += f"\nLetters to the editor: {PII['email']}, or call {PII['phone']} or {PII['intl_phone']}."
+        if i == 1:
+            text += f"\nThe survey server at {PII['ip']} (and {PII['ipv6']}) logged the answers."
+        if i == 2:
+            text += f"\nDonations by card {PII['card']} are welcome."
+        if i == 3:
+            text += "\nUpdated " + ", ".join(LOOK_ALIKES) + "."
+        rows.append({"text": text, "url": f"https://news.example.com/story/{i}"})
+    for language, texts in FOREIGN.items():
+        for i, text in enumerate(texts):
+            rows.append({"text": text, "url": f"https://{language}.example.net/{i}"})
+    blocked = ["https://spam.example.biz/a", "http://deep.sub.spam.example.biz/b", "https://clickbait.example/c"]
+    for i, url in enumerate(blocked):
+        rows.append({"text": f"Story {i}: you will never believe what happened next in this small town today, "
+                             f"readers say it changed everything about how they shop for shoes online.",
+                     "url": url})
+    corpus = folder / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    blocklist = folder / "blocklist.txt"
+    blocklist.write_text("# domains we never train on\nspam.example.biz\nclickbait.example\n", encoding="utf-8")
+    return corpus, blocklist
+
+
+def test_pii_is_redacted_and_look_alikes_survive():
+    text = " ".join(PII.values()) + " | " + " ".join(LOOK_ALIKES)
+    clean, counts = redact(text)
+    for value in PII.values():
+        assert value not in clean
+    for value in LOOK_ALIKES:
+        assert value in clean
+    assert counts == {"email": 1, "phone": 2, "ip": 2, "card": 1}
+    assert clean.startswith("<EMAIL> <PHONE> <IP> <CARD> <PHONE> <IP>")
+    assert luhn_valid("4111111111111111") and not luhn_valid("4111111111111112")
+
+
+def test_blocklist_matches_domains_and_their_subdomains_only(tmp_path):
+    listed = {"spam.example.biz", "clickbait.example"}
+    assert blocked_domain("https://spam.example.biz/x", listed) == "spam.example.biz"
+    assert blocked_domain("http://a.b.spam.example.biz", listed) == "spam.example.biz"
+    assert blocked_domain("https://notspam.example.biz/x", listed) is None  # not a subdomain
+    assert blocked_domain("clickbait.example/path", listed) == "clickbait.example"  # no scheme
+    assert blocked_domain("https://example.biz", listed) is None
+    bad = tmp_path / "bad.txt"
+    bad.write_text("fine.example\nhttp://not a domain/\n")
+    with pytest.raises(InputError, match=r"bad.txt:2: expected a domain"):
+        read_blocklist(bad)
+
+
+def test_line_keys_ignore_case_and_surrounding_space():
+    assert line_key("  Subscribe to our newsletter ") == line_key("subscribe TO our newsletter")
+
+
+def test_one_prepare_curates_a_mixed_corpus(ray_session, tmp_path):
+    """Must-show of the issue: foreign documents rejected for `language`, blocked ones for `url_blocklist`,
+    every English article kept, and no planted PII or boilerplate line left in any kept text."""
+    corpus, blocklist = write_corpus(tmp_path)
+    out = tmp_path / "data"
+    result = run_cli("data", "prepare", str(corpus), "--output", str(out), "--set", "lang.keep=[en]",
+                     "--set", "pii.redact=true", "--set", "dedup.lines=true", "--set", "read.url_field=url",
+                     "--set", f"filter.url_blocklist={blocklist}", "--set", "tokenizer.vocab_size=300",
+                     "--set", "pack.seq_len=32", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["stages"]][:6] == ["read", "url filter", "language", "pii", "clean", "line dedup"]
+    rejected = pq.read_table(out / "rejected").to_pylist()
+    by_reason: dict[str, list] = {}
+    for row in rejected:
+        by_reason.setdefault(row["reason"], []).append(row)
+    assert len(by_reason.pop("language")) == 9
+    assert len(by_reason.pop("url_blocklist")) == 3
+    assert by_reason == {}
+    docs = pq.read_table(out / "docs").to_pylist()
+    assert len(docs) == len(ENGLISH) and {d["language"] for d in docs} == {"en"}
+    kept = "\n".join(d["text"] for d in docs)
+    assert not any(value in kept for value in PII.values())
+    assert "newsletter" not in kept
+    assert all(value in kept for value in LOOK_ALIKES)
+    assert manifest["pii_redacted"] == {"email": 1, "phone": 2, "ip": 2, "card": 1}
+    assert manifest["repeated_lines_removed"] == 1
+
+
+def test_curation_settings_that_cannot_work_are_one_line_and_exit_2(tmp_path):
+    corpus, blocklist = write_corpus(tmp_path)
+    unknown = run_cli("data", "prepare", str(corpus), "--output", str(tmp_path / "a"), "--set", "lang.keep=[en, xx]")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == ("error: lang.keep: expected ISO 639-1 codes the identifier knows "
+                                      "(such as en, fr, de), got 'xx'")
+    no_field = run_cli("data", "prepare", str(corpus), "--output", str(tmp_path / "b"),
+                       "--set", f"filter.url_blocklist={blocklist}")
+    assert no_field.returncode == 2
+    assert no_field.stderr.strip() == ("error: filter.url_blocklist: set read.url_field to the field that holds "
+                                       "each document's URL")
