@@ -106,6 +106,9 @@ class ReadSection(Section):
     # In file mode a .txt over max_chars is cut, at paragraphs (else lines), into documents of at
     # most this many characters: well under clean.max_words (100,000 words is ~550,000 characters).
     piece_chars: int = Field(100_000, ge=1)
+    # A local .txt larger than this is read by several tasks, one block each (cut at paragraph, else
+    # line, boundaries), so no task and not the driver ever holds the whole file.
+    block_bytes: int = Field(64 * 2**20, ge=1024)
     # The JSONL field (Parquet column) holding each document's URL, for filter.url_blocklist.
     url_field: str | None = None
     weights: dict[str, float] = {}  # INPUT as given → blend weight (MT-NLG mixes sources by weight)

@@ -255,10 +255,15 @@ def test_line_mode_keeps_one_document_per_line(ray_session, tmp_path):
     lines = [f"{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for i in range(300)]
     corpus = tmp_path / "lines.txt"
     corpus.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    # Blocks of 1 KiB: the file is read by several tasks, and the documents, their order and their
+    # line numbers are those of one whole read.
     config = load_config(overrides=["read.txt_mode=line", "clean.enabled=false", "dedup.fuzzy=false",
-                                    "tokenizer.vocab_size=300", "pack.seq_len=16"], stage="prepare")
+                                    "tokenizer.vocab_size=300", "pack.seq_len=16", "read.block_bytes=1024"],
+                         stage="prepare")
     manifest = prepare_dataset([str(corpus)], tmp_path / "ds", config)
     assert manifest["documents"] == 300 and manifest["rejected"] == {}
+    read = manifest["stages"][0]
+    assert read["in"] == 1 and "read tasks: large .txt files in blocks" in read["note"]
     docs = pq.read_table(tmp_path / "ds" / "docs").to_pylist()
     assert [d["text"] for d in docs] == lines
     assert [d["location"] for d in docs] == [f"{corpus}:{i}" for i in range(1, 301)]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from mtnlg_ray.data.read import iter_records
 
 
@@ -78,3 +80,42 @@ def test_paragraph_mode_and_blank_files(tmp_path):
     blank.write_text("\n  \n", encoding="utf-8")
     for mode in ("file", "paragraph", "line"):
         assert [(r.location, r.reason) for r in iter_records(str(blank), txt_mode=mode)] == [(str(blank), "empty")]
+
+
+@pytest.mark.parametrize("mode", ["paragraph", "line", "file"])
+def test_a_large_txt_read_in_blocks_gives_the_records_of_the_whole_file(tmp_path, mode):
+    """Blocks end at paragraph (line) boundaries and carry their first line number: read block by
+    block, the file's records are those of one whole read (file mode: the same paragraphs, in pieces)."""
+    from mtnlg_ray.data.read import iter_records, txt_blocks
+
+    rng = random.Random(3)
+    paragraphs = []
+    for p in range(300):
+        lines = [" ".join(rng.choice(["ox", "élan", "river", "stone", "über"]) for _ in range(rng.randint(1, 12)))
+                 for _ in range(rng.randint(1, 6))]
+        paragraphs.append("\n".join(lines))
+    paragraphs.append("\n".join(["one very long paragraph"] * 200))  # longer than a block: cut at lines
+    text = "\n\n".join(paragraphs) + "\n"
+    path = tmp_path / "big.txt"
+    path.write_bytes(text.replace("\n\n", "\r\n\n", 7).encode("utf-8"))  # a few Windows blank lines too
+    blocks = txt_blocks(str(path), 2048, mode, chunk_bytes=1000)
+    assert len(blocks) > 10
+    assert blocks[0][0] == 0 and blocks[-1][1] == path.stat().st_size
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))  # contiguous
+    data = path.read_bytes()
+    for start, end, first in blocks:
+        assert start == 0 or data[start - 1 : start] == b"\n"  # never inside a line
+        assert data[:start].count(b"\n") + 1 == first
+
+    def read(byte_range=None):
+        return [(r.location, r.text) for r in iter_records(str(path), txt_mode=mode, max_chars=10**6,
+                                                             piece_chars=1500, byte_range=byte_range)]
+
+    blocked = [record for block in blocks for record in read(tuple(block))]
+    if mode == "file":
+        whole = "\n".join(t for _, t in read())  # one document: the file is under max_chars
+        lines = [line.removesuffix("\r") for line in whole.split("\n") if line.strip()]
+        assert [line for _, t in blocked for line in t.split("\n") if line.strip()] == lines
+        assert all(len(t) <= 1500 for _, t in blocked)
+    else:
+        assert blocked == read()

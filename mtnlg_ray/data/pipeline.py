@@ -41,10 +41,14 @@ def read_batch(
     """Each input row names one file; the output holds one row per record of those files (and its
     `url` when `url_field` is set)."""
     rows: dict[str, list] = {k: [] for k in ("id", "text", "source", "location", "seq", "reason", "detail", "url")}
-    for item, source, file_index in zip(
-        batch.column("item").to_pylist(), batch.column("source").to_pylist(), batch.column("file_index").to_pylist()
+    ranges = batch.column("byte_range").to_pylist() if "byte_range" in batch.column_names else [None] * batch.num_rows
+    for item, source, file_index, byte_range in zip(
+        batch.column("item").to_pylist(), batch.column("source").to_pylist(), batch.column("file_index").to_pylist(),
+        ranges,
     ):
-        for number, record in enumerate(iter_records(item, text_field, txt_mode, max_chars, piece_chars, url_field)):
+        byte_range = tuple(byte_range) if byte_range else None
+        records = iter_records(item, text_field, txt_mode, max_chars, piece_chars, url_field, byte_range)
+        for number, record in enumerate(records):
             rows["id"].append(document_id(record.location))
             rows["text"].append(record.text)
             rows["source"].append(source)
@@ -213,10 +217,13 @@ def _read_stage(run: PipelineRun, items: list[tuple[str, list[str]]], config: Co
     import ray.data
 
     start = time.perf_counter()
-    files = [
-        {"item": item, "source": spec, "file_index": index}
-        for index, (spec, item) in enumerate((spec, item) for spec, found in items for item in found)
-    ]
+    # One read task per file, or per block of a large local .txt; `file_index` orders them (seq).
+    parts = []
+    for spec, found in items:
+        for item in found:
+            for byte_range in _blocks(item, config):
+                parts.append({"item": item, "source": spec, "byte_range": byte_range})
+    files = [{**part, "file_index": index} for index, part in enumerate(parts)]
     raw = ray.data.from_items(files, override_num_blocks=max(1, len(files))).map_batches(
         read_batch,
         batch_size=1,
@@ -229,8 +236,10 @@ def _read_stage(run: PipelineRun, items: list[tuple[str, list[str]]], config: Co
             "url_field": config.read.url_field,
         },
     ).materialize()
-    note = f"{len(files)} files"
-    txt_files = [f["item"] for f in files if f["item"].lower().endswith(".txt")]
+    names = list(dict.fromkeys(f["item"] for f in files))
+    blocked = len(files) - len(names)
+    note = f"{len(names)} files" + (f" ({len(files)} read tasks: large .txt files in blocks)" if blocked else "")
+    txt_files = [item for item in names if item.lower().endswith(".txt")]
     if config.read.txt_mode == "file" and txt_files:
         run.split_files = _count_split_files(raw, txt_files)
         if run.split_files:
@@ -238,7 +247,7 @@ def _read_stage(run: PipelineRun, items: list[tuple[str, list[str]]], config: Co
             note += f", {run.split_files} over {config.read.max_chars:,} characters cut into pieces of <= {piece:,}"
     docs, rejected = _split(raw, "read")
     run.rejected_parts.append(rejected)
-    run.record(StageReport("read", len(files), docs.count(), rejected.count(), time.perf_counter() - start, note))
+    run.record(StageReport("read", len(names), docs.count(), rejected.count(), time.perf_counter() - start, note))
     if not docs.count():
         raise NothingLeft("read")
     return docs
@@ -263,6 +272,21 @@ def _remove_repeated_lines(run: PipelineRun, docs, config: Config):
     run.repeated_lines = len(repeated)
     return _split(docs.map_batches(remove_lines_batch, batch_format="pyarrow",
                                    fn_kwargs={"repeated": repeated, "min_words": config.clean.min_words}), "line dedup")
+
+
+def _blocks(item: str, config: Config) -> list[list[int] | None]:
+    """The byte ranges a file is read in: several for a local .txt over read.block_bytes, else one
+    (None: the whole file)."""
+    if not item.lower().endswith(".txt") or "://" in item or item == "builtin:python-docs":
+        return [None]
+    try:
+        if os.path.getsize(item) <= config.read.block_bytes:
+            return [None]
+    except OSError:
+        return [None]  # the read task reports it
+    from mtnlg_ray.data.read import txt_blocks
+
+    return [list(block) for block in txt_blocks(item, config.read.block_bytes, config.read.txt_mode)]
 
 
 def split_files_batch(batch: pa.Table, txt_files: list[str]) -> pa.Table:

@@ -14,6 +14,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -103,6 +105,7 @@ def iter_records(
     max_chars: int | None = None,
     piece_chars: int | None = None,
     url_field: str | None = None,
+    byte_range: tuple[int, int, int] | None = None,
 ) -> Iterator[Record]:
     """Records of one resolved item (a file path, a URI, or `builtin:python-docs`).
 
@@ -111,12 +114,14 @@ def iter_records(
     boundaries, at line boundaries inside a paragraph that is itself too long, each located at its
     first line; "paragraph" makes one document per run of non-blank lines and "line" one per
     non-empty line. A record over `max_chars` characters becomes a rejected record ("oversized").
+    `byte_range` (start, end, number of its first line) reads one block of a large local .txt
+    (`txt_blocks`): its records are those the whole file would give there (in file mode, pieces).
     """
     if item == BUILTIN_PYTHON_DOCS:
         records = (Record(f"{item}:{i}", text) for i, text in enumerate(python_docs_texts()))
     else:
         cut = min(piece_chars or max_chars, max_chars) if max_chars is not None else None
-        records = _read_file(item, text_field, txt_mode, max_chars, cut, url_field)
+        records = _read_file(item, text_field, txt_mode, max_chars, cut, url_field, byte_range)
     for record in records:
         if not record.reason and max_chars is not None and len(record.text) > max_chars:
             yield Record(record.location, None, "oversized", f"{len(record.text)} characters > {max_chars}")
@@ -219,13 +224,19 @@ def _open(item: str):
 
 def _read_file(
     item: str, text_field: str, txt_mode: str, max_chars: int | None, piece_chars: int | None,
-    url_field: str | None = None,
+    url_field: str | None = None, byte_range: tuple[int, int, int] | None = None,
 ) -> Iterator[Record]:
     import pyarrow as pa
 
     name = item.lower()
     try:
-        if name.endswith(".txt"):
+        if name.endswith(".txt") and byte_range is not None:
+            start, end, first_line = byte_range
+            with open(item, "rb") as fh:
+                fh.seek(start)
+                data = fh.read(end - start)
+            yield from _txt_records(item, data, txt_mode, max_chars, piece_chars, first_line - 1, start)
+        elif name.endswith(".txt"):
             with _open(item) as fh:
                 data = fh.read()
             yield from _txt_records(item, data, txt_mode, max_chars, piece_chars)
@@ -243,27 +254,89 @@ def _read_file(
 
 
 def _txt_records(
-    item: str, data: bytes, txt_mode: str, max_chars: int | None, piece_chars: int | None
+    item: str, data: bytes, txt_mode: str, max_chars: int | None, piece_chars: int | None,
+    line_offset: int = 0, byte_offset: int | None = None,
 ) -> Iterator[Record]:
+    """Records of a .txt file's bytes, or (`byte_offset` given) of one block of it starting after
+    `line_offset` lines."""
+    block = byte_offset is not None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        yield Record(item, None, "bad_utf8", f"invalid UTF-8 at byte {err.start}")
+        line = line_offset + data[: err.start].count(b"\n") + 1
+        where = f"{item}:{line}" if block else item
+        yield Record(where, None, "bad_utf8", f"invalid UTF-8 at byte {err.start + (byte_offset or 0)}")
         return
     if not text.strip():
-        yield Record(item, None, "empty", "empty file" if not text else "only white space")
+        if not block:  # a block of blank lines between paragraphs is nothing to report
+            yield Record(item, None, "empty", "empty file" if not text else "only white space")
     elif txt_mode == "line":
-        for number, line in enumerate(_lines(text), start=1):
+        for number, line in enumerate(_lines(text), start=line_offset + 1):
             if line.strip():
                 yield Record(f"{item}:{number}", line)
     elif txt_mode == "paragraph":
         for first_line, paragraph in _paragraphs(text):
-            yield Record(f"{item}:{first_line}", paragraph)
-    elif max_chars is None or len(text) <= max_chars:
+            yield Record(f"{item}:{first_line + line_offset}", paragraph)
+    elif not block and (max_chars is None or len(text) <= max_chars):
         yield Record(item, text)
     else:
-        for first_line, piece in _pieces(text, piece_chars):
-            yield Record(f"{item}:{first_line}", piece)
+        for first_line, piece in _pieces(text, piece_chars or max_chars or len(text)):
+            yield Record(f"{item}:{first_line + line_offset}", piece)
+
+
+# A paragraph boundary: a newline followed by a blank line (with or without a carriage return).
+_PARAGRAPH_BREAK = re.compile(rb"\n\r?\n")
+
+
+def txt_blocks(path: str, block_bytes: int, txt_mode: str, chunk_bytes: int = 1 << 23) -> list[tuple[int, int, int]]:
+    """(start, end, first line number) of each block of a local .txt file read in parts.
+
+    Blocks are about `block_bytes` long and end at a paragraph boundary (at a line boundary in line
+    mode, and in file mode inside a paragraph longer than a block), so no document, line or UTF-8
+    character is split. The file is scanned in `chunk_bytes` pieces: memory stays flat whatever its size.
+    """
+    blocks: list[tuple[int, int, int]] = []
+    block_start, block_first = 0, 1
+    target = block_bytes
+    consumed, newlines = 0, 0  # buf holds the file from `consumed`; `newlines` before it
+    buf = b""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size <= block_bytes:
+            return [(0, size, 1)]
+        while True:
+            chunk = fh.read(chunk_bytes)
+            buf += chunk
+            while target < size:
+                at = max(0, target - consumed)
+                found = None if txt_mode == "line" else _PARAGRAPH_BREAK.search(buf, at)
+                long_paragraph = txt_mode == "file" and (consumed + len(buf) - target > block_bytes or not chunk)
+                if found is None and (txt_mode == "line" or long_paragraph):
+                    # line mode, or in file mode (cut into pieces at lines anyway) a paragraph longer
+                    # than a block: end at the next line. A paragraph-mode block ends only between
+                    # paragraphs, each being a document.
+                    line_end = buf.find(b"\n", at)
+                    cut = line_end + 1 if line_end >= 0 else None
+                else:
+                    cut = found.start() + 1 if found is not None else None
+                if cut is None:
+                    break
+                boundary = consumed + cut
+                first = newlines + buf[:cut].count(b"\n") + 1
+                if boundary > block_start:
+                    blocks.append((block_start, boundary, block_first))
+                    block_start, block_first = boundary, first
+                target = boundary + block_bytes
+            if not chunk:
+                break
+            # Keep what a later search may still need (from the current target on); count the rest.
+            keep_from = max(0, min(len(buf), target - consumed) - 2)
+            newlines += buf[:keep_from].count(b"\n")
+            consumed += keep_from
+            buf = buf[keep_from:]
+    if size > block_start:
+        blocks.append((block_start, size, block_first))
+    return blocks
 
 
 def _pieces(text: str, piece_chars: int) -> Iterator[tuple[int, str]]:
