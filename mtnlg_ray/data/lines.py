@@ -57,5 +57,5 @@ def repeated_lines(docs, min_docs: int) -> set[str]:
 
 
 def _frequent_batch(batch: pa.Table, min_docs: int) -> pa.Table:
-    count = batch.column(batch.column_names.index("count()") if "count()" in batch.column_names else 1)
-    return batch.filter(pc.greater_equal(count, min_docs)).select(["line"])
+    # Ray Data names a groupby's count column "count()".
+    return batch.filter(pc.greater_equal(batch.column("count()"), min_docs)).select(["line"])

@@ -114,6 +114,7 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
     if model_config.seq_len < shards.seq_len:
         raise ConfigError(f"model.seq_len ({model_config.seq_len}) is shorter than the dataset's packed "
                           f"sequences ({shards.seq_len}); re-pack with --set pack.seq_len={model_config.seq_len}")
+    check_run_layout(cfg, model_config, "lm")  # the layout's own mistakes first
     tp = cfg.parallel.tp
     if tp > 1 and cfg.parallel.sequence_parallel and shards.seq_len % tp:
         raise ConfigError(f"parallel.sequence_parallel: the packed sequences of {dataset} have {shards.seq_len} "
