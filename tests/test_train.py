@@ -142,6 +142,28 @@ def test_sigkilled_worker_resumes_to_the_same_final_weights(shakespeare, tmp_pat
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
+@pytest.mark.slow  # 1-2 minutes; the pp2 layouts and resume are in the default run, this adds the failure
+def test_a_sigkilled_pipeline_worker_resumes_to_the_same_final_weights(shakespeare, tmp_path):
+    """pp2 (1F1B): rank 0 killed a few steps after the checkpoint at step 10; Ray Train restarts both
+    stages from it and the run ends with the weights of one that was never interrupted."""
+    from mtnlg_ray.train.trainer import pretrain
+
+    settings = ["parallel.workers=2", "parallel.pp=2", "train.max_steps=30", "run.max_failures=2",
+                "checkpoint.every_steps=10"]
+    clean = pretrain(train_config(shakespeare, tmp_path, "clean", *settings))
+    killed: dict = {}
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    watcher = threading.Thread(target=_kill_after_checkpoint, args=(metrics, 10, killed))
+    watcher.start()
+    interrupted = pretrain(train_config(shakespeare, tmp_path, "killed", *settings))
+    watcher.join()
+    assert killed and killed["after_step"] < 30, "the worker was never killed mid-run"
+    starts = read_start_events(tmp_path / "killed")
+    assert [(s["pp"], s["resumed_from"]) for s in starts] == [(2, None), (2, {"step": 10, "world_size": 2})]
+    a, b = final_weights(Path(clean["run_dir"])), final_weights(Path(interrupted["run_dir"]))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
 @pytest.mark.slow  # 2-3 minutes: kept out of the default run so CI stays under 25 minutes on 2 cores
 def test_rerunning_the_same_run_resumes_from_its_newest_checkpoint_at_another_world_size(shakespeare, tmp_path):
     from mtnlg_ray.train.trainer import pretrain
