@@ -123,22 +123,29 @@ def _kill_after_checkpoint(metrics: Path, at_step: int, killed: dict) -> None:
         time.sleep(0.05)
 
 
-def test_sigkilled_worker_resumes_to_the_same_final_weights(shakespeare, tmp_path):
+def _clean_and_killed_runs(shakespeare: Path, tmp_path: Path, *settings: str) -> tuple[Path, Path, dict]:
+    """30 steps with a checkpoint every 10, run once undisturbed ("clean") and once with the first
+    worker SIGKILLed a few steps after the step-10 checkpoint ("killed"); their run directories and
+    what was killed. Fails unless the kill really landed mid-run."""
     from mtnlg_ray.train.trainer import pretrain
 
-    settings = ["parallel.workers=1", "train.max_steps=30", "run.max_failures=2", "checkpoint.every_steps=10"]
+    settings = (*settings, "train.max_steps=30", "run.max_failures=2", "checkpoint.every_steps=10")
     clean = pretrain(train_config(shakespeare, tmp_path, "clean", *settings))
     killed: dict = {}
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    watcher = threading.Thread(target=_kill_after_checkpoint, args=(metrics, 10, killed))
+    watcher = threading.Thread(target=_kill_after_checkpoint, args=(tmp_path / "killed" / "metrics.jsonl", 10, killed))
     watcher.start()
     interrupted = pretrain(train_config(shakespeare, tmp_path, "killed", *settings))
     watcher.join()
     assert killed and killed["after_step"] < 30, "the worker was never killed mid-run"
-    starts = [json.loads(l) for l in metrics.read_text().splitlines() if '"event": "start"' in l]
+    return Path(clean["run_dir"]), Path(interrupted["run_dir"]), killed
+
+
+def test_sigkilled_worker_resumes_to_the_same_final_weights(shakespeare, tmp_path):
+    clean, interrupted, killed = _clean_and_killed_runs(shakespeare, tmp_path, "parallel.workers=1")
+    starts = read_start_events(interrupted)
     assert len(starts) == 2 and starts[1]["resumed_from"]["step"] == killed["after_step"]
     assert starts[1]["pid"] != killed["pid"]
-    a, b = final_weights(Path(clean["run_dir"])), final_weights(Path(interrupted["run_dir"]))
+    a, b = final_weights(clean), final_weights(interrupted)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
@@ -146,21 +153,10 @@ def test_sigkilled_worker_resumes_to_the_same_final_weights(shakespeare, tmp_pat
 def test_a_sigkilled_pipeline_worker_resumes_to_the_same_final_weights(shakespeare, tmp_path):
     """pp2 (1F1B): rank 0 killed a few steps after the checkpoint at step 10; Ray Train restarts both
     stages from it and the run ends with the weights of one that was never interrupted."""
-    from mtnlg_ray.train.trainer import pretrain
-
-    settings = ["parallel.workers=2", "parallel.pp=2", "train.max_steps=30", "run.max_failures=2",
-                "checkpoint.every_steps=10"]
-    clean = pretrain(train_config(shakespeare, tmp_path, "clean", *settings))
-    killed: dict = {}
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    watcher = threading.Thread(target=_kill_after_checkpoint, args=(metrics, 10, killed))
-    watcher.start()
-    interrupted = pretrain(train_config(shakespeare, tmp_path, "killed", *settings))
-    watcher.join()
-    assert killed and killed["after_step"] < 30, "the worker was never killed mid-run"
-    starts = read_start_events(tmp_path / "killed")
+    clean, interrupted, _ = _clean_and_killed_runs(shakespeare, tmp_path, "parallel.workers=2", "parallel.pp=2")
+    starts = read_start_events(interrupted)
     assert [(s["pp"], s["resumed_from"]) for s in starts] == [(2, None), (2, {"step": 10, "world_size": 2})]
-    a, b = final_weights(Path(clean["run_dir"])), final_weights(Path(interrupted["run_dir"]))
+    a, b = final_weights(clean), final_weights(interrupted)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
 
 
