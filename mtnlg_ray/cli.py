@@ -244,13 +244,25 @@ def serve(
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Model id clients send (default: folder name)."),
     max_batch: int = typer.Option(16, "--max-batch", help="Sequences decoded together per replica."),
     max_waiting: int = typer.Option(64, "--max-waiting", help="Queued requests per replica; more get 503 + Retry-After."),
+    kv_cache_tokens: Optional[int] = typer.Option(
+        None, "--kv-cache-tokens",
+        help="Token slots in each replica's paged KV cache (default: max-batch x the context). A request joins "
+             "when blocks for its prompt + max_tokens are free, else it waits."),
+    block_size: int = typer.Option(16, "--block-size", help="Tokens per KV cache block."),
+    prefill_chunk: int = typer.Option(
+        256, "--prefill-chunk", help="Prompt tokens read per step; a longer prompt is read in chunks between "
+                                     "decode steps, so running streams keep their pace."),
+    prefix_cache: bool = typer.Option(
+        True, "--prefix-cache/--no-prefix-cache",
+        help="Reuse the KV blocks of an earlier prompt's identical beginning (system prompts, few-shot examples)."),
     num_cpus: float = typer.Option(1.0, "--num-cpus", help="CPUs per replica (also its torch threads)."),
     num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPUs per replica (1 puts the model on cuda in bf16)."),
 ) -> None:
     """Serve the checkpoint on Ray Serve with an OpenAI-compatible API; Ctrl-C stops it.
 
     Endpoints: POST /v1/completions and /v1/chat/completions (add "stream": true for server-sent events),
-    GET /v1/models, GET /health. Concurrent requests decode together in one continuous batch per replica.
+    GET /v1/models, GET /health. Concurrent requests decode together in one continuous batch per replica,
+    over a paged KV cache with prefix caching; /health reports the cache's blocks and prefix hit rate.
 
     Runs on the connected Ray cluster (RAY_ADDRESS or `ray start`), else on a local one.
     For a long-lived deployment: `serve deploy mtnlg_ray/configs/serve.yaml`.
@@ -272,7 +284,8 @@ def serve(
     args = parse_args({
         "checkpoint": str(checkpoint), "model_name": model_name, "api_key": api_key, "max_batch": max_batch,
         "max_waiting": max_waiting, "num_replicas": replicas, "autoscale": autoscale, "num_cpus": num_cpus,
-        "num_gpus": num_gpus,
+        "num_gpus": num_gpus, "kv_cache_tokens": kv_cache_tokens, "block_size": block_size,
+        "prefill_chunk": prefill_chunk, "prefix_cache": prefix_cache,
     })
     url = serve_model(args, host=host, port=port)
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""

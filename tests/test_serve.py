@@ -60,7 +60,7 @@ def server(ray_session, long_checkpoint):
                              "stream_chunks_per_s": 10_000, "max_chunks_per_s": 10_000}),
                   name="main", route_prefix="/", blocking=False)
         serve.run(build_app({"checkpoint": str(long_checkpoint), "model_name": "tiny", "num_cpus": 0,
-                             "api_key": API_KEY, "max_batch": 1, "max_waiting": 1}),
+                             "api_key": API_KEY, "max_batch": 1, "max_waiting": 1, "kv_cache_tokens": 512}),
                   name="tight", route_prefix="/tight", blocking=False)
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -99,53 +99,156 @@ def _tiny_model(seq_len: int = 64):
     return GPT(dataclasses.replace(PRESETS["tiny"], seq_len=seq_len, vocab_size=256)).eval()
 
 
+def _run_alone(decoder: ContinuousDecoder, prompt: list[int], params: SamplingParams) -> list[int]:
+    seq_id = decoder.add(prompt, params)
+    assert seq_id is not None
+    tokens = []
+    while seq_id in decoder:
+        tokens += [e.token for e in decoder.step() if e.seq_id == seq_id]
+    return tokens
+
+
 def test_continuous_batching_equals_generate_for_each_request_alone(one_thread):
-    """Requests join at random steps (through cache re-alignments) and each gets `generate`'s tokens."""
-    model = _tiny_model(seq_len=32)
+    """Requests join at random steps, prompts are read in 7-token chunks, and the 120-slot pool is too
+    small for everyone at once (requests wait for blocks, cached blocks get evicted): each request
+    still gets exactly `generate`'s tokens, greedy and seeded sampling alike."""
+    model = _tiny_model(seq_len=64)
     rng = random.Random(0)
-    prompts = [[rng.randrange(256) for _ in range(rng.randrange(1, 20))] for _ in range(16)]
+    prompts = [[rng.randrange(256) for _ in range(rng.randrange(1, 50))] for _ in range(16)]
     params = [SamplingParams(max_tokens=rng.randrange(1, 30), temperature=0.0 if i % 2 else 0.9, top_k=20 * (i % 3),
-                             seed=i) for i in range(16)]
+                             top_p=0.8 if i % 4 == 1 else 1.0, seed=i) for i in range(16)]
     expected = [generate(model, [p], sp)[0].tokens for p, sp in zip(prompts, params)]
 
-    decoder = ContinuousDecoder(model, max_rows=3)
+    decoder = ContinuousDecoder(model, max_rows=3, kv_cache_tokens=120, block_size=4, prefill_chunk=7)
     got: dict[int, list[int]] = {}
     owner: dict[int, int] = {}
     pending = list(range(16))
-    realigned = False
+    waited_for_blocks = chunked = False
     while pending or len(decoder):
         while pending and decoder.free_rows and rng.random() < 0.6:
-            i = pending.pop(0)
-            seq_id, first = decoder.add(prompts[i], params[i])
-            owner[seq_id] = i
-            got[i] = [first.token]
-        before = decoder.length
+            seq_id = decoder.add(prompts[pending[0]], params[pending[0]])
+            if seq_id is None:  # a free row but not enough free blocks
+                waited_for_blocks = True
+                break
+            owner[seq_id] = pending.pop(0)
+            got[owner[seq_id]] = []
+        chunked |= decoder.stats()["prefilling"] > 0 and any(
+            len(prompts[i]) > 7 and not got[i] for i in got)
         for emitted in decoder.step():
             got[owner[emitted.seq_id]].append(emitted.token)
-        realigned |= decoder.length < before
-    assert realigned  # the window filled up at least once
     assert [got[i] for i in range(16)] == expected
+    stats = decoder.stats()
+    assert waited_for_blocks and chunked and stats["evicted_blocks"] > 0
+    assert stats["kv_blocks_used"] == 0  # every finished sequence gave its blocks back
 
 
 def test_seeded_request_gives_the_same_tokens_whatever_joins_the_batch(one_thread):
     model = _tiny_model()
-    mine = ([5, 6, 7], SamplingParams(max_tokens=30, temperature=1.0, seed=42))
+    mine = ([5, 6, 7], SamplingParams(max_tokens=30, temperature=1.0, top_k=40, top_p=0.9, seed=42))
 
     def run(others: int) -> list[int]:
         decoder = ContinuousDecoder(model, max_rows=8)
         for k in range(others):  # busy rows that started earlier, with unseeded sampling
             decoder.add([k + 1] * (k + 2), SamplingParams(max_tokens=50, temperature=1.0))
             decoder.step()
-        seq_id, first = decoder.add(*mine)
-        tokens = [first.token]
-        while seq_id in {row.seq_id for row in decoder.rows}:
-            tokens += [e.token for e in decoder.step() if e.seq_id == seq_id]
-        return tokens
+        return _run_alone(decoder, *mine)
 
     alone = run(0)
     assert len(alone) == 30
     assert run(3) == alone
     assert run(7) == alone
+    assert alone == generate(model, [mine[0]], mine[1])[0].tokens  # what `mtnlg-ray generate --seed 42` gives
+
+
+def test_batch_wide_sampling_keeps_to_top_k_and_top_p_and_draws_in_proportion():
+    from mtnlg_ray.model.generate import sample_next
+
+    logits = torch.tensor([[4.0, 3.0, 2.5, 2.0, 0.0, -1.0, -2.0, -3.0]]).repeat(3, 1)
+    params = [SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=0.5, top_p=0.9),
+              SamplingParams(temperature=0.0)]
+    draws = torch.stack([sample_next(logits, params, [s, s + 1, s + 2], [0, 0, 0]) for s in range(0, 12000, 3)])
+    assert set(draws[:, 2].tolist()) == {0}  # greedy row
+    for row, allowed in ((0, torch.softmax(logits[0, :3], dim=0)), (1, None)):
+        counts = torch.bincount(draws[:, row], minlength=8).double() / len(draws)
+        if allowed is None:  # top-p 0.9 at temperature 0.5: token 0 has 0.83 of the mass, 0 and 1 have 0.94
+            probs = torch.softmax(logits[1] / 0.5, dim=0)
+            allowed = probs[:2] / probs[:2].sum()
+        k = len(allowed)
+        assert counts[k:].sum() == 0
+        assert torch.allclose(counts[:k], allowed.double(), atol=0.03), (row, counts, allowed)
+
+
+def test_prefix_cache_shares_blocks_and_evicts_least_recently_used(one_thread):
+    model = _tiny_model(seq_len=128)
+    rng = random.Random(1)
+    system = [rng.randrange(256) for _ in range(40)]  # a shared "system prompt": 10 full blocks of 4
+    first, second = system + [1, 2, 3], system + [9, 8]
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+    decoder = ContinuousDecoder(model, max_rows=4, kv_cache_tokens=40 * 4, block_size=4, prefill_chunk=16)
+
+    a = decoder.add(first, greedy)
+    tokens = {a: [e.token for e in decoder.step()]}  # 43 tokens in 16-token chunks: 3 steps to the first token
+    while not tokens[a]:
+        tokens[a] = [e.token for e in decoder.step()]
+    b = decoder.add(second, greedy)
+    tokens[b] = []
+    seq_a, seq_b = decoder.sequences[a], decoder.sequences[b]
+    assert seq_b.blocks[:10] == seq_a.blocks[:10]  # the same physical blocks, referenced twice
+    assert all(decoder.pool.refs[block] == 2 for block in seq_a.blocks[:10])
+    assert seq_b.cached == 40  # only the 2 new tokens are left to read
+    while len(decoder):
+        for e in decoder.step():
+            tokens[e.seq_id].append(e.token)
+    assert tokens[a] == generate(model, [first], greedy)[0].tokens
+    assert tokens[b] == generate(model, [second], greedy)[0].tokens
+    assert decoder.stats()["prefix_hit_tokens"] == 40
+
+    # Unreferenced cached blocks are evicted oldest first: run another prompt, then fill the pool.
+    other = [rng.randrange(256) for _ in range(41)]
+    _run_alone(decoder, other, greedy)
+    assert len(decoder.pool.match(system + [0])[0]) == 10 and len(decoder.pool.match(other)[0]) == 10
+    filler = [rng.randrange(256) for _ in range(60)]
+    _run_alone(decoder, filler, SamplingParams(max_tokens=4, temperature=0))
+    assert decoder.stats()["evicted_blocks"] > 0
+    assert len(decoder.pool.match(system + [0])[0]) < 10  # used longest ago: evicted first
+    assert len(decoder.pool.match(other)[0]) == 10
+
+    off = ContinuousDecoder(model, max_rows=4, block_size=4, prefix_cache=False)
+    _run_alone(off, first, greedy)
+    assert _run_alone(off, second, greedy) == tokens[b] and off.stats()["prefix_hit_tokens"] == 0
+
+
+def test_a_full_pool_makes_requests_wait_and_a_long_prompt_is_read_between_decode_steps(one_thread):
+    model = _tiny_model(seq_len=128)
+    decoder = ContinuousDecoder(model, max_rows=4, kv_cache_tokens=64, block_size=8, prefill_chunk=16)
+    running = decoder.add([1, 2, 3], SamplingParams(max_tokens=30, temperature=0))
+    decoder.step()
+    # 70 prompt tokens + 10 new ones need 10 blocks; the pool has 8, 4 of them promised: never fits.
+    assert not decoder.fits(list(range(70)), SamplingParams(max_tokens=10))
+    long_prompt = [(7 * i) % 256 for i in range(33)]  # 33 + 8 - 1 tokens: 5 blocks, 4 are free
+    assert decoder.add(long_prompt, SamplingParams(max_tokens=8, temperature=0)) is None
+    while running in decoder:
+        decoder.step()
+    joined = decoder.add(long_prompt, SamplingParams(max_tokens=8, temperature=0))
+    assert joined is not None  # the finished sequence's blocks made room
+
+    # With a stream running, the 33-token prompt takes three 16-token chunks, one per step, and the
+    # running stream gets a token in each of those steps.
+    decoder.remove(joined)
+    running = decoder.add([4, 5], SamplingParams(max_tokens=20, temperature=0))
+    decoder.step()
+    joined = decoder.add(long_prompt, SamplingParams(max_tokens=8, temperature=0))
+    steps = 0
+    while not decoder.sequences[joined].produced:
+        emitted = decoder.step()
+        steps += 1
+        assert any(e.seq_id == running for e in emitted)
+    assert steps == 3
+
+    # Prompts that join together are read in one batch: one prefill call gives each its first token.
+    batch = ContinuousDecoder(model, max_rows=4)
+    ids = [batch.add([i + 1] * (i + 2), SamplingParams(max_tokens=5, temperature=0)) for i in range(3)]
+    assert sorted(e.seq_id for e in batch.prefill()) == sorted(ids)
 
 
 def test_scheduler_drops_a_cancelled_request_before_it_finishes(one_thread):
@@ -337,6 +440,15 @@ def test_prompt_lists_stop_strings_models_and_health(client, server):
     health = _health(server)
     assert health["status"] == "ok" and health["model"] == "tiny"
 
+    # The same long prompt twice: the second reads its keys from the prefix cache, and says the same.
+    prompt = "The list type supports slicing and sorting. " * 8
+    texts = [client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+             for _ in range(2)]
+    after = _health(server)
+    assert texts[0] == texts[1]
+    assert after["prefix_hit_tokens"] - health["prefix_hit_tokens"] >= 48  # at least three 16-token blocks
+    assert 0 < after["prefix_cache_hit_rate"] <= 1 and after["kv_blocks_used"] == 0
+
 
 def test_seeded_sampling_over_http_ignores_concurrent_requests(client, server):
     args = dict(model="tiny", prompt="for ", max_tokens=40, temperature=0.9, top_p=0.95, seed=7)
@@ -453,6 +565,10 @@ def test_over_capacity_is_503_with_retry_after_never_a_hang(server):
             assert int(retry_after) >= 1
             assert body["error"]["code"] == "overloaded"
     assert _health(server, "/tight")["waiting"] == 0
+    # More than the replica's 512-slot KV cache could ever hold is a 400 at once, not a wait forever.
+    too_big = requests.post(f"{server}/tight/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                            json={"prompt": "while", "max_tokens": 600}, timeout=30)
+    assert too_big.status_code == 400 and "kv_cache_tokens" in too_big.json()["error"]["message"]
 
 
 def test_client_disconnect_stops_its_generation(server):

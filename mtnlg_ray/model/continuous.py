@@ -1,10 +1,12 @@
-"""Continuous batching: sequences join and leave a running batch between decode steps.
+"""Continuous batching over a paged KV cache: sequences join and leave a running batch between steps.
 
-The batch shares one KV cache whose rows all write their next key at the same column, as in
-`decode`; a joining sequence is prefilled on its own and its keys are copied into a free row so
-that they end at that column. Each row keeps its own positions, its own key range (a mask hides
-everything else) and its own seeded sampler, so its text does not depend on what else is in the
-batch. The Serve deployment drives this from one thread; nothing here knows about Ray.
+`add` admits a prompt when a batch row and enough cache blocks for its whole answer are free (a
+prompt that starts with cached blocks reuses them); `decode` advances every sequence that has its
+first token by one token; `prefill` computes up to `prefill_chunk` prompt tokens of the sequences
+still reading their prompts, all in one batch, so a long prompt is read in chunks between decode
+steps instead of stalling them. Each sequence samples from its own seed and token counter, so its
+text does not depend on what else is in the batch. The Serve deployment drives this from one
+thread; nothing here knows about Ray.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mtnlg_ray.model.generate import SamplingParams, check_prompt, sample_next
-from mtnlg_ray.model.gpt import GPT, KVCache
+from mtnlg_ray.model.generate import SamplingParams, check_prompt, random_seed, sample_next
+from mtnlg_ray.model.gpt import GPT
+from mtnlg_ray.model.paged import TRASH_BLOCK, BlockPool, PagedBatch, block_key
 
 
 @dataclass
@@ -28,160 +31,228 @@ class Emitted:
 
 
 @dataclass
-class _Row:
+class _Sequence:
     seq_id: int
+    prompt_len: int
     params: SamplingParams
-    generator: torch.Generator
-    start: int  # first cache column holding one of this row's keys
-    position: int  # position of `token`, the next input (of the last prompt token before the first)
-    token: int = 0
+    seed: int
+    tokens: list[int]  # the prompt, then each generated token: token i sits at position i
+    blocks: list[int] = field(default_factory=list)  # the block table
+    reserved: int = 0  # blocks promised by the pool, not yet taken
+    cached: int = 0  # tokens whose keys are in the cache
     produced: int = 0
-
-
-@dataclass
-class _RowsView:
-    """The first rows of the shared cache, seen from `start`: what `GPT.forward` reads and writes."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    length: int
-    key_valid: torch.Tensor = field(repr=False)
+    registered: int = 0  # full blocks offered to the prefix cache
+    key: bytes = b""  # the prefix-cache key of the last of those
 
 
 class ContinuousDecoder:
-    """A batch of up to `max_rows` sequences that `add` joins, `step` advances and `remove` drops."""
+    """Up to `max_rows` sequences over one block pool of `kv_cache_tokens` token slots."""
 
-    def __init__(self, model: GPT, max_rows: int, eos_id: int | None = None, vocab_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        model: GPT,
+        max_rows: int,
+        eos_id: int | None = None,
+        vocab_limit: int | None = None,
+        kv_cache_tokens: int | None = None,
+        block_size: int = 16,
+        prefill_chunk: int = 256,
+        prefix_cache: bool = True,
+    ) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be positive, got {max_rows}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be positive, got {prefill_chunk}")
         self.model = model
         self.config = model.config
         self.max_rows = max_rows
         self.eos_id = eos_id
         self.vocab_limit = min(vocab_limit or self.config.vocab_size, self.config.vocab_size)
+        self.prefill_chunk = prefill_chunk
         self.device = model.tok_emb.weight.device
-        self.dtype = model.tok_emb.weight.dtype
-        # Twice the context: every row's keys fit in one context, so after re-aligning the rows at
-        # least a context's worth of steps pass before the next re-alignment.
-        self.window = 2 * self.config.seq_len
-        self.cache = KVCache(self.config, max_rows, self.window, self.device, self.dtype)
-        self.length = 0  # the column the next decode step writes
-        self.rows: list[_Row] = []  # row i of the batch lives in cache row i
+        # Default: room for every row to fill the whole context, what a dense cache would hold.
+        tokens = kv_cache_tokens if kv_cache_tokens is not None else max_rows * self.config.seq_len
+        num_blocks = -(-tokens // block_size) + 1  # + the padding block
+        self.pool = BlockPool(self.config, num_blocks, block_size, self.device, model.tok_emb.weight.dtype,
+                              prefix_cache=prefix_cache)
+        self.sequences: dict[int, _Sequence] = {}  # in admission order
         self._ids = itertools.count()
+        self._positions = torch.arange(self.config.seq_len, device=self.device)
+        self._in_block = torch.arange(block_size, device=self.device)
 
     @property
     def free_rows(self) -> int:
-        return self.max_rows - len(self.rows)
+        return self.max_rows - len(self.sequences)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.sequences)
 
-    @torch.inference_mode()
-    def add(self, prompt: list[int], params: SamplingParams) -> tuple[int, Emitted]:
-        """Prefill a prompt into a free row; returns its sequence id and its first token."""
-        if not self.free_rows:
-            raise RuntimeError("no free row: check free_rows before add")
+    def __contains__(self, seq_id: int) -> bool:
+        return seq_id in self.sequences
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.pool.usable_blocks * self.pool.block_size
+
+    def cache_tokens_needed(self, prompt_len: int, max_tokens: int) -> int:
+        """Slots a request takes at most: its last token is never fed back, and nothing goes past the context."""
+        return min(prompt_len + max_tokens - 1, self.config.seq_len)
+
+    def fits(self, prompt: list[int], params: SamplingParams) -> bool:
+        """Whether the request could ever be admitted (with the pool empty)."""
+        return self.cache_tokens_needed(len(prompt), params.max_tokens) <= self.capacity_tokens
+
+    def add(self, prompt: list[int], params: SamplingParams) -> int | None:
+        """Admit a prompt and return its sequence id, or None while no row or not enough cache is free.
+
+        Nothing is computed here: `prefill` reads the prompt and makes its first token.
+        """
         check_prompt(prompt, self.config.seq_len)
-        n = len(prompt)
-        # Prefilling alone keeps the prompt's attention exactly what a batch of one computes.
-        own = KVCache(self.config, 1, n, self.device, self.dtype)
-        idx = torch.as_tensor(prompt, dtype=torch.long, device=self.device)[None]
-        logits = self.model(idx, cache=own, last_only=True)[:, -1, : self.vocab_limit]
-
-        if not self.rows:
-            self.length = 0
-        if n > self.length:
-            self._realign(n)
-        r = len(self.rows)
-        start = self.length - n
-        self.cache.k[:, r, :, start : self.length] = own.k[:, 0]
-        self.cache.v[:, r, :, start : self.length] = own.v[:, 0]
-        self.cache.key_valid[r] = False
-        self.cache.key_valid[r, start : self.length] = True
-
-        generator = torch.Generator(device=self.device)
-        if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(params.seed)
-        row = _Row(next(self._ids), params, generator, start=start, position=n - 1)
-        self.rows.append(row)
-        token = int(sample_next(logits, [params], [generator])[0])
-        return row.seq_id, self._emit(row, token)
-
-    @torch.inference_mode()
-    def step(self) -> list[Emitted]:
-        """One decode step for every row: each row's next token; finished rows leave the batch."""
-        if not self.rows:
-            return []
-        if self.length >= self.window:
-            self._realign(0)
-        n = len(self.rows)
-        first = min(row.start for row in self.rows)
-        self.cache.key_valid[:n, self.length] = True
-        view = _RowsView(
-            k=self.cache.k[:, :n, :, first:],
-            v=self.cache.v[:, :n, :, first:],
-            length=self.length - first,
-            key_valid=self.cache.key_valid[:n, first:],
-        )
-        mask = None
-        if any(row.start != first for row in self.rows):
-            # Rows that joined later own fewer columns; hide the older ones from them.
-            mask = view.key_valid[:, None, None, : view.length + 1]
-        tokens = torch.tensor([[row.token] for row in self.rows], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
-        logits = self.model(tokens, positions=positions, cache=view, attn_mask=mask)[:, -1, : self.vocab_limit]
-        self.length += 1
-        sampled = sample_next(logits, [row.params for row in self.rows], [row.generator for row in self.rows])
-        emitted = [self._emit(row, token) for row, token in zip(list(self.rows), sampled.tolist())]
-        return emitted
+        if not self.free_rows:
+            return None
+        pool = self.pool
+        need = pool.blocks_for(self.cache_tokens_needed(len(prompt), params.max_tokens))
+        matched, key = pool.match(prompt)
+        unreferenced = sum(1 for b in matched if pool.refs[b] == 0)
+        if need - len(matched) > pool.available - unreferenced:
+            return None
+        pool.acquire(matched)
+        pool.reserved += need - len(matched)
+        pool.counts["prompt_tokens"] += len(prompt)
+        pool.counts["prefix_hit_tokens"] += len(matched) * pool.block_size
+        seq = _Sequence(next(self._ids), len(prompt), params,
+                        params.seed if params.seed is not None else random_seed(), list(prompt),
+                        blocks=list(matched), reserved=need - len(matched),
+                        cached=len(matched) * pool.block_size, registered=len(matched), key=key)
+        self.sequences[seq.seq_id] = seq
+        return seq.seq_id
 
     def remove(self, seq_id: int) -> bool:
-        """Drop a sequence (finished or cancelled); False if it is not in the batch."""
-        for r, row in enumerate(self.rows):
-            if row.seq_id == seq_id:
-                break
-        else:
+        """Drop a sequence (finished or cancelled) and give back its blocks; False if it is not here."""
+        seq = self.sequences.pop(seq_id, None)
+        if seq is None:
             return False
-        last = len(self.rows) - 1
-        if r != last:
-            # Move the last row into the hole, so the live rows stay the first rows of the cache.
-            moved = self.rows[last]
-            cols = slice(moved.start, self.length)
-            self.cache.k[:, r, :, cols] = self.cache.k[:, last, :, cols]
-            self.cache.v[:, r, :, cols] = self.cache.v[:, last, :, cols]
-            self.cache.key_valid[r] = self.cache.key_valid[last]
-            self.rows[r] = moved
-        self.rows.pop()
+        self.pool.release(seq.blocks)
+        self.pool.reserved -= seq.reserved
         return True
 
-    def _emit(self, row: _Row, token: int) -> Emitted:
-        row.token = token
-        row.produced += 1
-        row.position += 1
+    def step(self) -> list[Emitted]:
+        """A decode step for the running sequences, then a prefill chunk for the joining ones."""
+        return self.decode() + self.prefill()
+
+    @torch.inference_mode()
+    def decode(self) -> list[Emitted]:
+        """One token for every sequence past its prompt; finished sequences leave the batch."""
+        seqs = [s for s in self.sequences.values() if s.produced]
+        if not seqs:
+            return []
+        for s in seqs:
+            self._take_blocks(s, s.cached + 1)
+        cached = torch.tensor([s.cached for s in seqs], device=self.device)
+        L = max(s.cached for s in seqs) + 1
+        read = self._read_slots(seqs, L)
+        write = read.gather(1, cached[:, None]).view(-1)
+        mask = None
+        if any(s.cached != L - 1 for s in seqs):  # shorter rows must not see the slots past their end
+            mask = (self._positions[:L][None, :] <= cached[:, None])[:, None, None, :]
+        tokens = torch.tensor([[s.tokens[s.cached]] for s in seqs], device=self.device)
+        logits = self.model(tokens, positions=cached[:, None], cache=PagedBatch(self.pool, write, read),
+                            attn_mask=mask)[:, -1, : self.vocab_limit]
+        for s in seqs:
+            s.cached += 1
+            self._register_full_blocks(s)
+        return self._sample(seqs, logits)
+
+    @torch.inference_mode()
+    def prefill(self) -> list[Emitted]:
+        """Up to `prefill_chunk` prompt tokens of the joining sequences (oldest first), as one batch;
+        a sequence whose prompt is now all read gets its first token."""
+        budget, chunks = self.prefill_chunk, []
+        for s in self.sequences.values():
+            if s.cached >= s.prompt_len:
+                continue
+            n = min(s.prompt_len - s.cached, budget)
+            chunks.append((s, n))
+            budget -= n
+            if not budget:
+                break
+        if not chunks:
+            return []
+        seqs = [s for s, _ in chunks]
+        for s, n in chunks:
+            self._take_blocks(s, s.cached + n)
+        C, T = len(chunks), max(n for _, n in chunks)
+        L = max(s.cached + n for s, n in chunks)
+        read = self._read_slots(seqs, L)
+        idx = torch.zeros(C, T, dtype=torch.long)
+        write = torch.full((C, T), TRASH_BLOCK * self.pool.block_size, dtype=torch.long, device=self.device)
+        starts = torch.tensor([s.cached for s in seqs], device=self.device)
+        ends = torch.tensor([s.cached + n for s, n in chunks], device=self.device)
+        for c, (s, n) in enumerate(chunks):
+            idx[c, :n] = torch.tensor(s.tokens[s.cached : s.cached + n])
+            write[c, :n] = read[c, s.cached : s.cached + n]
+        positions = (starts[:, None] + self._positions[:T][None, :]).clamp(max=self.config.seq_len - 1)
+        mask = None
+        if C > 1 or int(starts[0]) > 0:
+            # Query t of row c sees the row's keys up to its own position, and never past its chunk's
+            # end (so padding queries stay finite); the cached prefix counts as the row's own keys.
+            keys = self._positions[:L][None, None, :]
+            mask = ((keys <= positions[:, :, None]) & (keys < ends[:, None, None]))[:, None]
+        hidden = self.model.hidden_states(idx.to(self.device), positions, cache=PagedBatch(self.pool, write.view(-1),
+                                                                                           read), attn_mask=mask)
+        done = []
+        for c, (s, n) in enumerate(chunks):
+            s.cached += n
+            self._register_full_blocks(s)
+            if s.cached == s.prompt_len:
+                done.append((c, n))
+        if not done:
+            return []
+        last = hidden[[c for c, _ in done], [n - 1 for _, n in done]]  # each row's last prompt position
+        logits = self.model.head(last, self.model.tok_emb.weight)[:, : self.vocab_limit]
+        return self._sample([chunks[c][0] for c, _ in done], logits)
+
+    def stats(self) -> dict:
+        prefilling = sum(1 for s in self.sequences.values() if not s.produced)
+        return {"prefilling": prefilling, **self.pool.stats()}
+
+    def _take_blocks(self, seq: _Sequence, tokens: int) -> None:
+        """Give `seq` blocks for its first `tokens` positions, out of what it has reserved."""
+        while len(seq.blocks) * self.pool.block_size < tokens:
+            seq.blocks.append(self.pool.allocate())
+            seq.reserved -= 1
+            self.pool.reserved -= 1
+
+    def _read_slots(self, seqs: list[_Sequence], length: int) -> torch.Tensor:
+        """(B, length) cache slots of each sequence's positions 0..length-1 (the trash block past its blocks)."""
+        width = self.pool.blocks_for(length)
+        table = torch.tensor([s.blocks[:width] + [TRASH_BLOCK] * (width - len(s.blocks[:width])) for s in seqs],
+                             dtype=torch.long, device=self.device)
+        return (table[:, :, None] * self.pool.block_size + self._in_block).view(len(seqs), -1)[:, :length]
+
+    def _register_full_blocks(self, seq: _Sequence) -> None:
+        bs = self.pool.block_size
+        if not self.pool.prefix_cache:
+            return
+        while (seq.registered + 1) * bs <= seq.cached:
+            i = seq.registered
+            seq.key = block_key(seq.key, seq.tokens[i * bs : (i + 1) * bs])
+            self.pool.register(seq.blocks[i], seq.key)
+            seq.registered += 1
+
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[Emitted]:
+        tokens = sample_next(logits, [s.params for s in seqs], [s.seed for s in seqs], [s.produced for s in seqs])
+        return [self._emit(s, token) for s, token in zip(seqs, tokens.tolist())]
+
+    def _emit(self, seq: _Sequence, token: int) -> Emitted:
+        seq.tokens.append(token)
+        seq.produced += 1
         finish = None
-        if row.params.stop_at_eos and token == self.eos_id:
+        if seq.params.stop_at_eos and token == self.eos_id:
             finish = "stop"
-        elif row.produced >= row.params.max_tokens or row.position >= self.config.seq_len:
+        elif seq.produced >= seq.params.max_tokens or len(seq.tokens) > self.config.seq_len:
             # The same limits as `decode`: a token at position seq_len would have no position embedding.
             finish = "length"
         if finish:
-            self.remove(row.seq_id)
-        return Emitted(row.seq_id, token, finish)
-
-    def _realign(self, length: int) -> None:
-        """Move every row's keys so they end at column max(length, longest row): frees the columns after it."""
-        target = max([length] + [self.length - row.start for row in self.rows])
-        for r, row in enumerate(self.rows):
-            span = self.length - row.start
-            new_start = target - span
-            if new_start != row.start:
-                src = slice(row.start, self.length)
-                dst = slice(new_start, target)
-                self.cache.k[:, r, :, dst] = self.cache.k[:, r, :, src].clone()
-                self.cache.v[:, r, :, dst] = self.cache.v[:, r, :, src].clone()
-            self.cache.key_valid[r] = False
-            self.cache.key_valid[r, new_start:target] = True
-            row.start = new_start
-        self.length = target
+            self.remove(seq.seq_id)
+        return Emitted(seq.seq_id, token, finish)

@@ -1,8 +1,8 @@
 """Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling.
 
 Several prompts of different lengths decode together: rows are left-padded, a key mask hides the
-padding, and each row samples with its own seeded generator, so a row's text does not depend on
-what else is in the batch. `decode` yields one token per row per step (for streaming);
+padding, and each row draws from its own seed and token counter, so a row's text does not depend
+on what else is in the batch. `decode` yields one token per row per step (for streaming);
 `generate` collects the results.
 """
 
@@ -52,31 +52,72 @@ def check_prompt(prompt: Sequence[int], context: int) -> None:
         )
 
 
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 tensors holding 32-bit values, with no product past 2**48."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # MurmurHash3's finaliser: every input bit flips about half of the output bits.
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def uniform_draws(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One number in (0, 1] per row, a function of (seed, counter) alone (float64).
+
+    A counter-based generator: row i's draw for its n-th token depends on nothing else in the batch
+    and needs no generator object per row, so a whole batch draws in a few tensor ops.
+    """
+    lo, hi = seeds & 0xFFFFFFFF, (seeds >> 32) & 0xFFFFFFFF
+    h = _mix32(lo ^ _mix32(hi ^ _mix32((counters + 0x9E3779B9) & 0xFFFFFFFF)))
+    return (h.double() + 1.0) / 2.0**32
+
+
+def random_seed() -> int:
+    """A seed for a request that gave none, from torch's global generator (so `torch.manual_seed` fixes it)."""
+    return int(torch.randint(0, 2**62, ()).item())
+
+
 def sample_next(
-    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
+    logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int]
 ) -> torch.Tensor:
-    """One token per row from last-position logits (B, V), each row under its own settings."""
+    """One token per row from last-position logits (B, V), each row under its own settings.
+
+    Temperature, top-k and top-p apply to the whole batch at once; the draw is inverse-CDF sampling
+    with `uniform_draws(seed, counter)`, where the counter is the index of the token being made. So a
+    seeded row gets the same text whatever else is in the batch, in `decode` and in the server alike.
+    """
+    greedy = logits.argmax(dim=-1)
     if all(p.temperature == 0 for p in params):
-        return logits.argmax(dim=-1)
-    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-    for row, (p, gen) in enumerate(zip(params, generators)):
-        scores = logits[row].float()
-        if p.temperature == 0:
-            out[row] = scores.argmax()
-            continue
-        scores = scores / p.temperature
-        if 0 < p.top_k < scores.numel():
-            kth = torch.topk(scores, p.top_k).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
-            drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= p.top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        out[row] = torch.multinomial(probs, 1, generator=gen)[0]
-    return out
+        return greedy
+    device = logits.device
+    B, V = logits.shape
+    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+    scores = logits.float() / temperature[:, None]
+    top_k = [p.top_k if 0 < p.top_k < V else 0 for p in params]
+    if any(top_k):
+        k = torch.tensor(top_k, device=device)
+        kth = torch.topk(scores, max(top_k), dim=-1).values.gather(1, (k - 1).clamp(min=0)[:, None])
+        kth = kth.masked_fill(k[:, None] == 0, float("-inf"))
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if any(p.top_p < 1.0 for p in params):
+        top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params], device=device)
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
+        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p[:, None]
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+    cdf = probs.double().cumsum(dim=-1)
+    u = uniform_draws(torch.tensor([s % 2**63 for s in seeds], dtype=torch.int64, device=device),
+                      torch.tensor(list(counters), dtype=torch.int64, device=device))
+    # The first token whose cumulative mass reaches u * total: u > 0, so never a token of zero mass.
+    sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp(max=V - 1)
+    is_greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
+    return torch.where(is_greedy, greedy, sampled)
 
 
 @torch.inference_mode()
@@ -127,14 +168,12 @@ def decode(
         mask = mask[:, None]  # (B, 1, width, width)
     logits = model(idx, positions=positions, cache=cache, attn_mask=mask, last_only=True)[:, -1, :vocab_limit]
 
-    generators = [
-        torch.Generator(device=device).manual_seed(p.seed) if p.seed is not None else None for p in per_row
-    ]
+    seeds = [p.seed if p.seed is not None else random_seed() for p in per_row]
     next_pos = lengths.clone()
     done = [False] * batch
     produced = [0] * batch
     while True:
-        tokens = sample_next(logits, per_row, generators)
+        tokens = sample_next(logits, per_row, seeds, produced)
         step: list[int | None] = []
         for row, token in enumerate(tokens.tolist()):
             if done[row]:

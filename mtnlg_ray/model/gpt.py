@@ -114,7 +114,8 @@ class KVCache:
     """Keys and values of every layer for a batch of sequences, preallocated to `max_len`.
 
     Rows are left-padded, so every row writes its next token at the same index (`length`);
-    `key_valid` marks which slots hold real tokens.
+    `key_valid` marks which slots hold real tokens. The serving engine's paged cache
+    (`model/paged.py`) offers attention the same `update` and `length`.
     """
 
     def __init__(self, config: GPTConfig, batch: int, max_len: int, device, dtype) -> None:
@@ -124,6 +125,14 @@ class KVCache:
         self.key_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.length = 0
         self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one layer's new keys and values (B, T, heads, head_dim) at `length`; return all of
+        that layer's keys and values so far, (B, heads, length + T, head_dim)."""
+        start, end = self.length, self.length + k.shape[1]
+        self.k[layer, :, :, start:end] = k.transpose(1, 2)
+        self.v[layer, :, :, start:end] = v.transpose(1, 2)
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -145,13 +154,12 @@ class CausalSelfAttention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, -1, 3, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(dim=3))  # each (B, heads, T, head_dim)
-        if cache is not None:
-            start = cache.length
-            cache.k[layer, :, :, start : start + T] = k
-            cache.v[layer, :, :, start : start + T] = v
-            k = cache.k[layer, :, :, : start + T]
-            v = cache.v[layer, :, :, : start + T]
+        q, k, v = qkv.unbind(dim=3)  # each (B, T, heads, head_dim)
+        q = q.transpose(1, 2)
+        if cache is None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        else:  # store the new keys, attend over every key of the sequence so far
+            k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
         if attn_mask is None:
             # No mask means plain causal attention over a sequence that starts at position 0,

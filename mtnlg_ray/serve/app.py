@@ -52,6 +52,12 @@ class ServeArgs(BaseModel):
     max_batch: int = 16  # sequences decoded together per replica
     max_waiting: int = 64  # requests queued per replica beyond the batch; more get 503 + Retry-After
     max_tokens: int | None = None  # most tokens one request may ask for; default: the context
+    # The paged KV cache: one pool of blocks per replica. Requests are admitted when blocks for their
+    # whole answer are free (else they wait, and past max_waiting get 503), so the pool never runs out.
+    kv_cache_tokens: int | None = None  # token slots in the pool; default: max_batch x the context
+    block_size: int = 16  # tokens per cache block
+    prefill_chunk: int = 256  # prompt tokens read per step between decode steps (long prompts take several)
+    prefix_cache: bool = True  # reuse the cached blocks of an earlier prompt's identical beginning
     # How often chunks go out. After its first chunk, a stream's chunks come at least
     # max(1 / stream_chunks_per_s, running streams / max_chunks_per_s) seconds apart, each carrying
     # every token made since the last. Each chunk costs the replica about 1.5 ms of Python (HTTP,
@@ -71,10 +77,10 @@ class ServeArgs(BaseModel):
             value = [part.strip() for part in value.split(",")]
         return value
 
-    @field_validator("max_batch", "max_waiting", "num_replicas")
+    @field_validator("max_batch", "max_waiting", "num_replicas", "block_size", "prefill_chunk", "kv_cache_tokens")
     @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
             raise ValueError(f"expected a positive integer, got {value}")
         return value
 
@@ -122,6 +128,10 @@ class ServerMetrics:
         )
         self.running = metrics.Gauge("mtnlg_running_requests", description="Sequences in the decode batch.")
         self.waiting = metrics.Gauge("mtnlg_waiting_requests", description="Requests waiting for a batch slot.")
+        self.kv_blocks_used = metrics.Gauge("mtnlg_kv_cache_blocks_used",
+                                            description="KV cache blocks held by running sequences.")
+        self.prefix_hit_rate = metrics.Gauge(
+            "mtnlg_prefix_cache_hit_rate", description="Share of prompt tokens whose keys came from the prefix cache.")
 
     def finished(self, endpoint: str, status: int, started: float) -> None:
         self.requests.inc(1, tags={"endpoint": endpoint, "status": str(status)})
@@ -174,6 +184,8 @@ class TextGeneratorServer:
         self.scheduler = BatchScheduler(
             self.generator.model, self.generator.eos, self.generator.vocab,
             max_batch=self.args.max_batch, max_waiting=self.args.max_waiting,
+            kv_cache_tokens=self.args.kv_cache_tokens, block_size=self.args.block_size,
+            prefill_chunk=self.args.prefill_chunk, prefix_cache=self.args.prefix_cache,
         )
         self.metrics = ServerMetrics()
         self.created = int(time.time())
@@ -291,7 +303,8 @@ class TextGeneratorServer:
         if body.max_tokens is not None:
             max_tokens = body.max_tokens
         else:  # OpenAI's defaults: 16 for completions, the rest of the context for chat; within our limits
-            max_tokens = min(default_max or context, context - len(ids), self.max_tokens)
+            room = self.scheduler.decoder.capacity_tokens - len(ids) + 1
+            max_tokens = max(1, min(default_max or context, context - len(ids), self.max_tokens, room))
         if max_tokens > self.max_tokens:
             raise APIError(400, f"max_tokens: {max_tokens} is over this server's limit of {self.max_tokens}",
                            param="max_tokens", code="invalid_value")
@@ -299,6 +312,11 @@ class TextGeneratorServer:
             raise APIError(400, f"max_tokens: the prompt's {len(ids)} tokens plus max_tokens {max_tokens} exceed "
                            f"the model's context of {context} tokens", param="max_tokens",
                            code="context_length_exceeded")
+        needed = self.scheduler.decoder.cache_tokens_needed(len(ids), max_tokens)
+        if needed > self.scheduler.decoder.capacity_tokens:
+            raise APIError(400, f"max_tokens: the prompt's {len(ids)} tokens plus max_tokens {max_tokens} need "
+                           f"{needed} tokens of KV cache; this server holds {self.scheduler.decoder.capacity_tokens}"
+                           " (kv_cache_tokens)", param="max_tokens", code="context_length_exceeded")
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=float(body.temperature),
                                     top_k=body.top_k, top_p=float(body.top_p), seed=body.seed)
@@ -321,6 +339,8 @@ class TextGeneratorServer:
         stats = self.scheduler.stats()
         self.metrics.running.set(stats["running"])
         self.metrics.waiting.set(stats["waiting"])
+        self.metrics.kv_blocks_used.set(stats["kv_blocks_used"])
+        self.metrics.prefix_hit_rate.set(stats["prefix_cache_hit_rate"])
 
     def _chunk_interval(self) -> float:
         running = len(self.scheduler.running)

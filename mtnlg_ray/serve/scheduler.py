@@ -1,7 +1,8 @@
 """The decode loop of one Serve replica: a thread that runs a `ContinuousDecoder` for every request.
 
-Requests wait in a bounded queue and join the running batch between decode steps; each finished or
-cancelled one leaves it at once. Tokens travel back to the request's asyncio loop; a client that
+Requests wait in a bounded queue and join the running batch between decode steps once a row and
+cache blocks for their answer are free; their prompts are read in chunks between decode steps, and
+each finished or cancelled one leaves at once. Tokens travel back to the request's asyncio loop; a client that
 goes away cancels its request and the loop drops its row before the next step.
 """
 
@@ -13,6 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
+from mtnlg_ray.errors import InputError
 from mtnlg_ray.model.continuous import ContinuousDecoder, Emitted
 from mtnlg_ray.model.generate import SamplingParams
 from mtnlg_ray.model.gpt import GPT
@@ -75,20 +77,15 @@ class TokenStream:
 class BatchScheduler:
     """Owns the model's decode loop thread; `submit` is safe to call from any asyncio loop."""
 
-    def __init__(
-        self,
-        model: GPT,
-        eos_id: int | None,
-        vocab_limit: int | None,
-        max_batch: int = 16,
-        max_waiting: int = 64,
-    ) -> None:
-        self.decoder = ContinuousDecoder(model, max_batch, eos_id=eos_id, vocab_limit=vocab_limit)
+    def __init__(self, model: GPT, eos_id: int | None, vocab_limit: int | None, max_batch: int = 16,
+                 max_waiting: int = 64, **engine) -> None:
+        """`engine`: the `ContinuousDecoder`'s cache settings (kv_cache_tokens, block_size,
+        prefill_chunk, prefix_cache)."""
+        self.decoder = ContinuousDecoder(model, max_batch, eos_id=eos_id, vocab_limit=vocab_limit, **engine)
         self.max_waiting = max_waiting
         self.waiting: collections.deque[TokenStream] = collections.deque()
         self.running: dict[int, TokenStream] = {}
         self.counts = {"finished": 0, "cancelled": 0, "tokens": 0, "steps": 0}
-        self.error: BaseException | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
@@ -110,7 +107,7 @@ class BatchScheduler:
         return self._thread.is_alive()
 
     def stats(self) -> dict:
-        return {"running": len(self.running), "waiting": len(self.waiting), **self.counts}
+        return {"running": len(self.running), "waiting": len(self.waiting), **self.counts, **self.decoder.stats()}
 
     def close(self) -> None:
         self._stop = True
@@ -126,12 +123,13 @@ class BatchScheduler:
                 self._wake.clear()
             try:
                 self._drop_cancelled()
+                # Running streams get their tokens before a joining prompt's chunk is computed.
+                self._deliver(self.decoder.decode())
                 self._admit()
-                self._deliver(self.decoder.step())
+                self._deliver(self.decoder.prefill())
                 if self.running:
                     self.counts["steps"] += 1
             except Exception as exc:  # a bug: fail the requests in flight, keep serving new ones
-                self.error = exc
                 for stream in list(self.running.values()):
                     self.decoder.remove(stream.seq_id)
                     stream._put(exc)
@@ -145,22 +143,35 @@ class BatchScheduler:
                 self.counts["cancelled"] += 1
 
     def _admit(self) -> None:
+        """Waiting requests join in order while a row and cache blocks for their whole answer are free;
+        when the head of the queue does not fit, it (and everything behind it) waits for blocks."""
         while self.decoder.free_rows:
             with self._lock:
                 if not self.waiting:
                     return
-                stream = self.waiting.popleft()
+                stream = self.waiting[0]
             if stream.cancelled:
+                self._pop(stream)
                 self.counts["cancelled"] += 1
                 continue
             try:
-                seq_id, first = self.decoder.add(stream.prompt, stream.params)
+                if not self.decoder.fits(stream.prompt, stream.params):
+                    raise InputError(f"prompt + max_tokens: need {len(stream.prompt) + stream.params.max_tokens - 1} "
+                                     f"tokens of KV cache; this replica holds {self.decoder.capacity_tokens}")
+                seq_id = self.decoder.add(stream.prompt, stream.params)
             except Exception as exc:
+                self._pop(stream)
                 stream._put(exc)
                 continue
+            if seq_id is None:
+                return
+            self._pop(stream)
             stream.seq_id = seq_id
             self.running[seq_id] = stream
-            self._deliver([first])
+
+    def _pop(self, stream: TokenStream) -> None:
+        with self._lock:
+            self.waiting.remove(stream)
 
     def _deliver(self, emitted: list[Emitted]) -> None:
         # One wake-up per event loop per step, not one per token: with a full batch that is the
