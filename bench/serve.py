@@ -8,8 +8,18 @@ loop and the one-client run are each timed again at the end, and the table uses 
 (the JSON keeps each), so drift during the run shows and favours neither side.
 Replica and bare loop get the same number of torch threads. Prints a table; writes JSON with --output.
 
+The engine's own measurements follow on the same replica, each `--trials` times:
+- **batching**: 16 clients send the static batch's 16 prompts at once, sampled (temperature 0.8, top-p
+  0.95, seed i: the same tokens `generate` makes), `--sampled-tokens` each: aggregate tokens/s against
+  bare `generate` on those prompts as one static batch (target >= 0.85x);
+- **prefix cache**: time to the first token of a request whose first `--prefix-tokens` tokens an
+  earlier request already read, against a same-length request that shares nothing (target <= 0.3x);
+- **chunked prefill**: the longest gap between a running stream's chunks while a `--long-tokens`
+  prompt joins, against that prompt's prefill time alone (target <= 0.5x).
+
     python bench/serve.py
     python bench/serve.py --preset small --max-tokens 128 --requests 3 --threads 1 --output bench/results/serve.json
+    python bench/serve.py --preset gpt3-125m --threads 2 --concurrency 1,16 --requests 1 --max-tokens 48
 """
 
 from __future__ import annotations
@@ -19,11 +29,13 @@ import asyncio
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -138,6 +150,110 @@ async def clients(url: str, model: str, concurrency: int, requests: int, max_tok
     }
 
 
+def token_text(generator: TextGenerator, tokens: int, seed: int) -> str:
+    """Made-up text of about `tokens` tokens (`seed` picks the words, so texts share nothing)."""
+    rng = random.Random(seed)
+    words = [rng.choice(WORDS) + rng.choice(["", "s", "ed", "er"]) for _ in range(tokens)]
+    ids = generator.tokenizer.encode(" ".join(words)).ids[:tokens]
+    return generator.decode_ids(ids)
+
+
+async def first_token_s(session, url: str, body: dict) -> tuple[float, int]:
+    """Seconds to a one-token completion (its first token) and the prompt's length in tokens."""
+    start = time.perf_counter()
+    async with session.post(f"{url}/v1/completions", json={**body, "max_tokens": 1, "temperature": 0}) as response:
+        if response.status != 200:
+            raise SystemExit(f"HTTP {response.status}: {await response.text()}")
+        usage = (await response.json())["usage"]
+    return time.perf_counter() - start, usage["prompt_tokens"]
+
+
+async def prefix_hit_vs_miss(url: str, model: str, generator: TextGenerator, prefix_tokens: int, trial: int) -> dict:
+    """TTFT of a prompt whose first `prefix_tokens` tokens were read before, and of one sharing nothing."""
+    import aiohttp
+
+    prefix = token_text(generator, prefix_tokens, seed=1000 + trial)
+    fresh = token_text(generator, prefix_tokens, seed=2000 + trial)
+    tail = [" The river walks.", " A stone builds.", " The garden keeps."]
+    async with aiohttp.ClientSession() as session:
+        await first_token_s(session, url, {"model": model, "prompt": prefix + tail[0]})  # fills the cache
+        hit, hit_len = await first_token_s(session, url, {"model": model, "prompt": prefix + tail[1]})
+        miss, miss_len = await first_token_s(session, url, {"model": model, "prompt": fresh + tail[2]})
+    return {"hit_ttft_s": hit, "miss_ttft_s": miss, "hit_prompt_tokens": hit_len, "miss_prompt_tokens": miss_len,
+            "ratio": hit / miss}
+
+
+async def gap_while_long_prompt_joins(url: str, model: str, generator: TextGenerator, long_tokens: int,
+                                      trial: int) -> dict:
+    """The longest pause in a running stream while a long prompt joins, against that prompt's prefill alone."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        alone, _ = await first_token_s(session, url, {"model": model,
+                                                      "prompt": token_text(generator, long_tokens, 3000 + trial)})
+        arrivals: list[float] = []
+        joined: dict = {}
+
+        async def running_stream() -> None:
+            body = {"model": model, "prompt": token_text(generator, 16, 4000 + trial),
+                    "max_tokens": generator.context - 32, "temperature": 0, "stream": True}
+            async with session.post(f"{url}/v1/completions", json=body) as response:
+                async for line in response.content:
+                    if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                        arrivals.append(time.perf_counter())
+                    if "end" in joined and arrivals[-1] > joined["end"] + 0.5:
+                        return
+
+        async def long_prompt() -> None:
+            while len(arrivals) < 10:  # the stream is under way
+                await asyncio.sleep(0.01)
+            joined["start"] = time.perf_counter()
+            joined["ttft_s"], joined["prompt_tokens"] = await first_token_s(
+                session, url, {"model": model, "prompt": token_text(generator, long_tokens, 5000 + trial)})
+            joined["end"] = time.perf_counter()
+
+        await asyncio.gather(running_stream(), long_prompt())
+    if arrivals[-1] < joined["end"]:
+        raise SystemExit("the running stream ended before the long prompt joined; try another --seed")
+    window = [t for t in arrivals if joined["start"] <= t <= joined["end"] + 0.5]
+    before = [t for t in arrivals if t < joined["start"]]
+    gaps = [b - a for a, b in zip(before[-1:] + window, window)]
+    steady = [b - a for a, b in zip(before[:-1], before[1:])]
+    return {"prefill_alone_s": alone, "joined_ttft_s": joined["ttft_s"], "long_prompt_tokens": joined["prompt_tokens"],
+            "longest_gap_s": max(gaps), "steady_gap_s": statistics.median(steady), "ratio": max(gaps) / alone}
+
+
+async def sampled_clients(url: str, model: str, texts: list[str], max_tokens: int) -> dict:
+    """Every prompt at once, one client each, sampled with seed i: aggregate tokens/s."""
+    import aiohttp
+
+    async def one(session, i: int) -> int:
+        body = {"model": model, "prompt": texts[i], "max_tokens": max_tokens, "temperature": 0.8, "top_p": 0.95,
+                "seed": i, "stream": True, "stream_options": {"include_usage": True}}
+        tokens = 0
+        async with session.post(f"{url}/v1/completions", json=body) as response:
+            async for line in response.content:
+                if line.startswith(b"data: {") and b'"usage": {' in line:
+                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+        return tokens
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(session, i) for i in range(len(texts)))))
+        wall = time.perf_counter() - start
+    return {"clients": len(texts), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
+
+
+def sampled_static_batch(generator: TextGenerator, texts: list[str], max_tokens: int) -> dict:
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=i) for i in range(len(texts))]
+    ids = [generator.encode(t) for t in texts]
+    start = time.perf_counter()
+    results = generate(generator.model, ids, params, eos_id=generator.eos, vocab_limit=generator.vocab)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(r.tokens) for r in results)
+    return {"batch": len(texts), "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -154,6 +270,12 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--max-chunks-per-s", type=float, default=100.0, help="the replica's chunk budget")
     parser.add_argument("--stream-chunks-per-s", type=float, default=25.0, help="one stream's chunk budget")
+    parser.add_argument("--sampled-tokens", type=int, default=48, help="tokens per client in the batching run")
+    parser.add_argument("--prefix-tokens", type=int, default=1500,
+                        help="shared prefix of the prefix-cache run (at most 70%% of the context)")
+    parser.add_argument("--long-tokens", type=int, default=1700,
+                        help="the joining prompt of the chunked-prefill run (at most 85%% of the context)")
+    parser.add_argument("--trials", type=int, default=3, help="repeats of each engine measurement")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -174,6 +296,9 @@ def main() -> None:
         bare_loop(generator, bare_texts[:1], args.max_tokens)  # warm-up
         bare_first = bare_loop(generator, bare_texts, args.max_tokens)
         static = bare_static_batch(generator, prompts(max(levels), args.prompt_words), args.max_tokens)
+        batch_texts = prompts(16, args.prompt_words)
+        sampled_static = [sampled_static_batch(generator, batch_texts, args.sampled_tokens)
+                          for _ in range(args.trials)]
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
         with socket.socket() as s:
@@ -195,9 +320,20 @@ def main() -> None:
             first["runs"] = [dict(first), again]
             for key in ("aggregate_tok_s", "stream_tok_s", "ttft_s", "ttft_p90_s"):
                 first[key] = (first["runs"][0][key] + again[key]) / 2
+        prefix_tokens = min(args.prefix_tokens, int(0.7 * generator.context))
+        long_tokens = min(args.long_tokens, int(0.85 * generator.context))
+        engine = {"sampled": [], "prefix": [], "gap": []}
+        for trial in range(args.trials):
+            engine["sampled"].append(asyncio.run(sampled_clients(url, "bench", batch_texts, args.sampled_tokens)))
+            engine["prefix"].append(asyncio.run(prefix_hit_vs_miss(url, "bench", generator, prefix_tokens, trial)))
+            engine["gap"].append(asyncio.run(gap_while_long_prompt_joins(url, "bench", generator, long_tokens,
+                                                                         trial)))
+        health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read())
         serve.shutdown()
         ray.shutdown()
         bare_last = bare_loop(generator, bare_texts, args.max_tokens)
+        sampled_static += [sampled_static_batch(generator, batch_texts, args.sampled_tokens)
+                           for _ in range(args.trials)]
 
     bare = {"tok_s": (bare_first["tok_s"] + bare_last["tok_s"]) / 2,
             "ttft_s": (bare_first["ttft_s"] + bare_last["ttft_s"]) / 2,
@@ -218,7 +354,16 @@ def main() -> None:
         "served": served,
         "single_stream_vs_bare": one["stream_tok_s"] / bare["tok_s"],
         "aggregate_top_vs_one_client": top["aggregate_tok_s"] / one["aggregate_tok_s"],
-        "targets": {"single_stream_vs_bare": 0.8, "aggregate_16_vs_one_client": 5.0},
+        "targets": {"single_stream_vs_bare": 0.8, "aggregate_16_vs_one_client": 5.0,
+                    "sampled_16_vs_static_batch": 0.85, "prefix_hit_vs_miss_ttft": 0.3,
+                    "longest_gap_vs_prefill_alone": 0.5},
+        "engine": engine,
+        "sampled_static_batch": sampled_static,
+        "sampled_16_vs_static_batch": statistics.median(r["tok_s"] for r in engine["sampled"])
+        / statistics.median(r["tok_s"] for r in sampled_static),
+        "prefix_hit_vs_miss_ttft": statistics.median(r["ratio"] for r in engine["prefix"]),
+        "longest_gap_vs_prefill_alone": statistics.median(r["ratio"] for r in engine["gap"]),
+        "replica_health": health,
     }
 
     print(f"\n{args.preset}, {args.max_tokens} new tokens, greedy, {args.threads} torch thread(s), "
@@ -235,6 +380,19 @@ def main() -> None:
           f"{bare_first['tok_s']:.0f} and {bare_last['tok_s']:.0f} tok/s)")
     print(f"aggregate at {top['clients']} clients / one client: {result['aggregate_top_vs_one_client']:.2f} "
           f"(target >= 5)")
+    static_tok_s = statistics.median(r["tok_s"] for r in sampled_static)
+    print(f"\n16 clients at once, sampled, {args.sampled_tokens} tokens each: "
+          f"{', '.join(str(round(r['tok_s'])) for r in engine['sampled'])} tok/s against the static batch's "
+          f"{', '.join(str(round(r['tok_s'])) for r in sampled_static)}: median ratio "
+          f"{result['sampled_16_vs_static_batch']:.2f} (target >= 0.85)")
+    print("prefix cache, TTFT hit / miss: " + ", ".join(
+        f"{1000 * r['hit_ttft_s']:.0f} / {1000 * r['miss_ttft_s']:.0f} ms ({r['hit_prompt_tokens']} tokens)"
+        for r in engine["prefix"]) + f": median ratio {result['prefix_hit_vs_miss_ttft']:.3f} (target <= 0.3)")
+    print("chunked prefill, longest gap / prefill alone: " + ", ".join(
+        f"{1000 * r['longest_gap_s']:.0f} / {1000 * r['prefill_alone_s']:.0f} ms (steady "
+        f"{1000 * r['steady_gap_s']:.0f} ms, {r['long_prompt_tokens']} tokens)" for r in engine["gap"])
+        + f": median ratio {result['longest_gap_vs_prefill_alone']:.2f} (target <= 0.5)")
+    print(f"replica: prefix-cache hit rate {health['prefix_cache_hit_rate']:.2f}, static batch {static_tok_s:.0f} tok/s")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2) + "\n")
