@@ -19,3 +19,12 @@ class CheckpointError(MtnlgError):
 
 class InputError(MtnlgError):
     """An input path, prompt or record cannot be used."""
+
+
+def first_line(value: object) -> str:
+    """The first line of an exception's (or any value's) text, for one-line messages; the exception's
+    type name when it has no text."""
+    text = str(value).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(value).__name__ if isinstance(value, BaseException) else ""

@@ -24,7 +24,7 @@ from mtnlg_ray.checkpoint import (
     save_state_dict,
     tokenizer_path,
 )
-from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
+from mtnlg_ray.errors import CheckpointError, ConfigError, InputError, first_line
 from mtnlg_ray.model.gpt import GPTConfig
 from mtnlg_ray.publish import publish_directory
 from mtnlg_ray.tokenizer import EOS, eos_id, load_tokenizer
@@ -272,7 +272,7 @@ def _read_hf_weights(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
             # weights_only: a .bin is a pickle, and loading one must not be able to run code.
             state = torch.load(pickled, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
-            raise InputError(f"{pickled}: not a plain tensor state dict ({_first_line(exc)})") from None
+            raise InputError(f"{pickled}: not a plain tensor state dict ({first_line(exc)})") from None
         if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
             raise InputError(f"{pickled}: expected a dict of tensor names to tensors")
         return state, pickled
@@ -285,7 +285,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable or truncated safetensors file ({_first_line(exc)})") from None
+        raise InputError(f"{path}: unreadable or truncated safetensors file ({first_line(exc)})") from None
 
 
 def _hf_model_tensors(weights: dict, weights_file: Path, hf: dict, config_file: Path) -> dict[str, torch.Tensor]:
@@ -353,8 +353,3 @@ def _refuse_to_clobber(output: Path, source: Path, marker: str) -> None:
 
 def _write_json(path: Path, body: dict) -> None:
     path.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

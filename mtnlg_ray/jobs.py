@@ -1,17 +1,14 @@
-"""Ray Jobs for the pipeline's stages: `mtnlg-ray submit STAGE ...` runs a stage's own command on a cluster.
+"""A plain Ray Jobs client for the pipeline's stages: submit a `JobSpec`, follow, list and stop jobs.
 
-`build_job` parses the stage's arguments with that stage's CLI command and validates its config on
-this machine, so a bad key fails before anything is sent; it makes local paths absolute and
-resolves the config into one file. `submit` ships that file (working_dir) and this package
-(py_modules) with the job and runs `python -m mtnlg_ray <stage command>` on the cluster; the rest
-follows, lists and stops jobs through Ray's job server (the dashboard address, port 8265).
+The CLI builds the spec (`mtnlg_ray/cli/jobspec.py`: the stage's arguments parsed and its config
+resolved on this machine). `submit` ships that config (working_dir) and this package (py_modules)
+with the job and runs `python -m mtnlg_ray <stage command>` on the cluster; the rest follows, lists
+and stops jobs through Ray's job server (the dashboard address, port 8265).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import os
 import re
 import shlex
 import shutil
@@ -19,28 +16,14 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from enum import Enum
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from mtnlg_ray.errors import ConfigError, MtnlgError
+from mtnlg_ray.dashboard import connect
+from mtnlg_ray.errors import MtnlgError, first_line
+from mtnlg_ray.local_cluster import is_running, read_state
 
-# Stage name → the words of its own command (`mtnlg-ray data prepare ...`).
-STAGES: dict[str, tuple[str, ...]] = {
-    "prepare": ("data", "prepare"),
-    "label": ("data", "label"),
-    "pretrain": ("pretrain",),
-    "finetune": ("finetune",),
-    "self-train": ("self-train",),
-    "serve": ("serve",),
-}
-# The shipped config a stage starts from when no --config is given (as its command loads it).
-CONFIG_STAGES = {"prepare": "prepare", "label": "prepare", "pretrain": "pretrain", "finetune": "finetune",
-                 "self-train": "selftrain"}
-# Config keys that hold local paths: made absolute here, since the job runs in a directory of Ray's.
-PATH_KEYS = ("data.path", "data.train", "data.dev", "tokenizer.path", "label.model", "init.checkpoint",
-             "run.storage_path", "selftrain.unlabelled", "selftrain.teacher", "decontam.eval_files")
 CONFIG_NAME = "config.yaml"  # the resolved config, at the top of the job's working_dir
 LOG_TAIL_LINES = 20
 # What `mtnlg-ray serve` prints once its replicas are up.
@@ -73,85 +56,10 @@ class JobOutcome:
     url: str | None = None  # serve: where the endpoint answers
 
 
-def build_job(stage: str, args: list[str], cwd: str | Path | None = None, env: list[str] = ()) -> JobSpec:
-    """Parse and validate a stage's arguments here; relative paths become absolute against `cwd`."""
-    cwd = Path(cwd) if cwd is not None else Path.cwd()
-    if stage not in STAGES:
-        raise MtnlgError(f"unknown stage '{stage}' (expected one of {', '.join(STAGES)})")
-    env_vars = _parse_env(env)
-    words = STAGES[stage]
-    command = _stage_command(words)
-    ctx = _parse(command, words, args)
-    argv = list(words)
-    config_param = _param(command, "--config")
-    set_param = _param(command, "--set")
-    for param in command.params:
-        if param in (config_param, set_param):
-            continue
-        argv += _tokens(param, ctx.params.get(param.name), ctx.get_parameter_source(param.name), cwd)
-    config_yaml = None
-    if config_param is not None:
-        import yaml
-
-        overrides = list(ctx.params.get(set_param.name) or []) if set_param is not None else []
-        if stage == "label":  # `data label` lays its --labeler and --model over the config
-            overrides += [f"label.labeler={ctx.params['labeler']}", f"label.model={ctx.params['model']}"]
-        config = _load_stage_config(stage, ctx.params.get(config_param.name), overrides)
-        _absolute_config_paths(config, cwd)
-        config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-        argv += ["--config", CONFIG_NAME]
-    return JobSpec(stage=stage, argv=argv, config_yaml=config_yaml, env_vars=env_vars)
-
-
-def connect(address: str):
-    """A JobSubmissionClient for the cluster whose dashboard (or GCS) is at `address`."""
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
-
-    # Ray's client logs each package upload and socket close at INFO; what matters is printed by us.
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith(("ray.dashboard", "ray._private.runtime_env")):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    # Ray lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS win over the address it is given; ours must win.
-    saved = {key: os.environ.pop(key) for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if key in os.environ}
-    try:
-        try:
-            return JobSubmissionClient(address)
-        except AuthenticationError:
-            if not _send_local_token():
-                raise
-            return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as exc:
-        raise MtnlgError(f"cannot reach a Ray cluster's job server at {address} ({_first_line(exc)})") from None
-    finally:
-        os.environ.update(saved)
-
-
-def _send_local_token() -> bool:
-    """Send this machine's Ray token (~/.ray/auth_token) to a cluster that asked for one.
-
-    `ray start` turns token authentication on by itself when a token exists, but Ray's clients only
-    send it under RAY_AUTH_MODE=token; an explicit RAY_AUTH_MODE is left as the user set it.
-    """
-    from ray._private.authentication import authentication_token_setup as token_setup
-
-    if os.environ.get(token_setup.AUTH_MODE_ENV_VAR):
-        return False
-    quiet = logging.getLogger(token_setup.__name__)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # it warns that token auth is on, which is why we are here
-    try:
-        return token_setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    finally:
-        quiet.setLevel(level)
-
-
 def resolve_address(address: str | None) -> str:
     """The given address, else the cluster `mtnlg-ray local up` started on this machine."""
     if address:
         return address
-    from mtnlg_ray.local_cluster import is_running, read_state
-
     local = read_state()
     if local is not None and is_running(local):
         return local.dashboard_url
@@ -160,28 +68,24 @@ def resolve_address(address: str | None) -> str:
 
 
 def submit(
-    stage: str,
-    args: list[str],
+    spec: JobSpec,
     address: str | None = None,
     *,
     no_wait: bool = False,
-    env: list[str] = (),
     job_id: str | None = None,
-    cwd: str | Path | None = None,
     on_submitted: Callable[[str, str], None] | None = None,
     on_log: Callable[[str], None] | None = None,
 ) -> JobOutcome:
-    """Validate here, submit as a Ray Job, then follow its log to the end (or return at once with `no_wait`).
+    """Submit `spec` as a Ray Job, then follow its log to the end (or return at once with `no_wait`).
 
     A serve job never ends by itself: with `no_wait` this returns once its endpoint is up, with the URL.
     """
-    spec = build_job(stage, args, cwd, env)
     address = resolve_address(address)
     client = connect(address)
     submitted = _submit_spec(client, spec, address, job_id)
     if on_submitted is not None:
         on_submitted(submitted, address)
-    if stage == "serve" and no_wait:
+    if spec.stage == "serve" and no_wait:
         return wait_until_serving(client, submitted, address)
     if no_wait:
         return JobOutcome(submitted, str(client.get_job_status(submitted)), 0)
@@ -231,10 +135,10 @@ def outcome(client, job_id: str) -> JobOutcome:
     if status == "SUCCEEDED":
         return JobOutcome(job_id, status, 0)
     if status not in ("FAILED", "STOPPED"):
-        return JobOutcome(job_id, status, 0, message=_first_line(info.message or ""))
+        return JobOutcome(job_id, status, 0, message=first_line(info.message or ""))
     code = info.driver_exit_code if isinstance(info.driver_exit_code, int) and info.driver_exit_code > 0 else 1
     lines = client.get_job_logs(job_id).rstrip("\n").splitlines()
-    return JobOutcome(job_id, status, code, message=_first_line(info.message or ""),
+    return JobOutcome(job_id, status, code, message=first_line(info.message or ""),
                       log_tail="\n".join(lines[-LOG_TAIL_LINES:]))
 
 
@@ -304,7 +208,7 @@ def _submit_spec(client, spec: JobSpec, address: str, job_id: str | None) -> str
         return client.submit_job(entrypoint=spec.entrypoint, runtime_env=runtime_env, submission_id=job_id,
                                  metadata={"mtnlg_stage": spec.stage})
     except (RuntimeError, ValueError, ConnectionError) as exc:
-        raise MtnlgError(f"submitting the {spec.stage} job to {address} failed: {_first_line(exc)}") from None
+        raise MtnlgError(f"submitting the {spec.stage} job to {address} failed: {first_line(exc)}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -315,112 +219,7 @@ def _job_info(client, job_id: str):
     except RuntimeError as exc:
         if "404" in str(exc) or "does not exist" in str(exc):
             raise MtnlgError(f"no job '{job_id}' on this cluster (`mtnlg-ray jobs list` shows them)") from None
-        raise MtnlgError(f"job '{job_id}': {_first_line(exc)}") from None
-
-
-def _stage_command(words: tuple[str, ...]):
-    """The click command behind `mtnlg-ray <words>`: the stage parses its own arguments."""
-    import typer
-
-    from mtnlg_ray.cli import app
-
-    command = typer.main.get_command(app)
-    for word in words:
-        sub = getattr(command, "commands", {}).get(word)
-        if sub is None:
-            raise MtnlgError(f"this mtnlg-ray has no `{' '.join(words)}` command to submit")
-        command = sub
-    return command
-
-
-def _parse(command, words: tuple[str, ...], args: list[str]):
-    import click
-    import typer
-
-    usage_errors = tuple({click.ClickException, typer.TyperException})  # typer >= 0.20 ships its own click
-    try:
-        return command.make_context(" ".join(words), list(args), resilient_parsing=False)
-    except usage_errors as exc:
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        raise MtnlgError(f"submit {' '.join(words)}: {_first_line(message)}") from None
-
-
-def _param(command, flag: str):
-    return next((p for p in command.params if flag in getattr(p, "opts", ())), None)
-
-
-def _tokens(param, value, source, cwd: Path) -> list[str]:
-    """A parsed parameter back as command-line tokens, paths made absolute; defaults are left out."""
-    if param.param_type_name == "argument":  # the stages' positional arguments are all INPUTs
-        values = value if isinstance(value, (list, tuple)) else [value]
-        return [_local_path(str(v), cwd) for v in values if v is not None]
-    if source is None or getattr(source, "name", "") != "COMMANDLINE":
-        return []  # defaults and environment variables are the cluster's own to supply
-    flag = next((o for o in param.opts if o.startswith("--")), param.opts[0])
-    if getattr(param, "is_flag", False) and isinstance(value, bool):
-        if value:
-            return [flag]
-        return [param.secondary_opts[0]] if param.secondary_opts else []
-    tokens: list[str] = []
-    for item in (value if getattr(param, "multiple", False) else [value]):
-        parts = item if isinstance(item, tuple) else (item,)
-        tokens += [flag, *(_token(part, cwd) for part in parts)]
-    return tokens
-
-
-def _token(value, cwd: Path) -> str:
-    if isinstance(value, PurePath):
-        return _local_path(str(value), cwd)
-    if isinstance(value, Enum):
-        return str(value.value)
-    return str(value)
-
-
-def _local_path(value: str, cwd: Path) -> str:
-    """Absolute form of a local path or glob; URIs and builtin: inputs are left as they are."""
-    if not value or "://" in value or value.startswith("builtin:"):
-        return value
-    expanded = os.path.expanduser(value)
-    return expanded if os.path.isabs(expanded) else os.path.normpath(os.path.join(cwd, expanded))
-
-
-def _load_stage_config(stage: str, path, overrides: list[str]):
-    from mtnlg_ray.config import load_config, shipped_config
-
-    config_stage = CONFIG_STAGES[stage]
-    if path is None:
-        try:
-            shipped_config(config_stage)
-        except ConfigError:
-            config_stage = "pretrain"  # a stage whose own defaults have not shipped yet
-    return load_config(path, overrides, stage=config_stage)
-
-
-def _absolute_config_paths(config, cwd: Path) -> None:
-    for key in PATH_KEYS:
-        section_name, name = key.split(".")
-        section = getattr(config, section_name, None)
-        if section is None or name not in type(section).model_fields:
-            continue
-        value = getattr(section, name)
-        if isinstance(value, str):
-            setattr(section, name, _local_path(value, cwd))
-        elif isinstance(value, list):
-            setattr(section, name, [_local_path(v, cwd) if isinstance(v, str) else v for v in value])
-    read = getattr(config, "read", None)
-    if read is not None and read.weights:
-        # Weights are keyed by INPUT as given, and the INPUTs are made absolute the same way.
-        read.weights = {_local_path(source, cwd): weight for source, weight in read.weights.items()}
-
-
-def _parse_env(items) -> dict[str, str]:
-    env = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise MtnlgError(f"--env {item}: expected KEY=VALUE")
-        env[key.strip()] = value
-    return env
+        raise MtnlgError(f"job '{job_id}': {first_line(exc)}") from None
 
 
 def _reachable_url(url: str, address: str) -> str:
@@ -430,11 +229,6 @@ def _reachable_url(url: str, address: str) -> str:
     if parsed.hostname == "0.0.0.0" and head:
         return url.replace("0.0.0.0", head, 1)
     return url
-
-
-def _first_line(value) -> str:
-    text = str(value).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _write_stdout(text: str) -> None:

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mtnlg_ray.dashboard import connect
 from mtnlg_ray.errors import MtnlgError
 from mtnlg_ray.runtime import NICENESS_VARIABLE, WORKER_NICENESS
 
@@ -179,8 +180,6 @@ def _stop_session(session_id: int, grace_s: float = 5.0) -> None:
 
 
 def _wait_for_job_server(url: str, deadline: float) -> bool:
-    from mtnlg_ray.jobs import connect
-
     while True:
         try:
             connect(url)

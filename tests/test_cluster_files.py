@@ -18,7 +18,8 @@ import ray
 import yaml
 
 from conftest import run_cli
-from mtnlg_ray.jobs import STAGES, build_job
+from mtnlg_ray.cli.jobspec import STAGES
+from mtnlg_ray.cli.jobspec import build_job as build_job_under
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -26,6 +27,15 @@ LAUNCHER_FILES = ["aws.yaml", "gcp.yaml"]
 KUBERAY_FILES = {"raycluster.yaml": "RayCluster", "rayjob-pretrain.yaml": "RayJob", "rayservice.yaml": "RayService"}
 # <registry>/mtnlg-ray:<version>-<variant>, what the Dockerfile's header says to tag and push.
 IMAGE = re.compile(r"^[\w.-]+(?::\d+)?/(?:[\w.-]+/)*mtnlg-ray:(?P<version>[\w.]+)-(?P<variant>cpu|gpu)$")
+
+
+def build_job(stage: str, args: list[str], **kwargs):
+    """The job `mtnlg-ray submit STAGE ARGS` would send, parsed by the real `mtnlg-ray` command tree."""
+    import typer
+
+    from mtnlg_ray.cli import app
+
+    return build_job_under(typer.main.get_command(app), stage, args, **kwargs)
 
 
 def load(path: Path):

@@ -22,13 +22,22 @@ import pytest
 import requests
 
 from mtnlg_ray.errors import ConfigError, MtnlgError
-from mtnlg_ray.jobs import build_job
+from mtnlg_ray.cli.jobspec import build_job as build_job_under
 
 ROOT = Path(__file__).resolve().parents[1]
 EXE = shutil.which("mtnlg-ray") or str(Path(sys.executable).parent / "mtnlg-ray")
 TINY_PREPARE = ["--set", "read.txt_mode=paragraph", "--set", "clean.enabled=false", "--set", "dedup.exact=false",
                 "--set", "dedup.fuzzy=false", "--set", "tokenizer.vocab_size=300", "--set", "pack.seq_len=32",
                 "--set", "pack.val_fraction=0.1"]
+
+
+def build_job(stage: str, args: list[str], **kwargs):
+    """The job `mtnlg-ray submit STAGE ARGS` would send, parsed by the real `mtnlg-ray` command tree."""
+    import typer
+
+    from mtnlg_ray.cli import app
+
+    return build_job_under(typer.main.get_command(app), stage, args, **kwargs)
 
 
 @dataclass
@@ -149,7 +158,7 @@ def test_build_job_makes_local_paths_absolute_and_leaves_uris_alone(tmp_path):
 
 def test_every_path_key_submit_rewrites_is_a_config_key():
     from mtnlg_ray.config import Config
-    from mtnlg_ray.jobs import PATH_KEYS
+    from mtnlg_ray.cli.jobspec import PATH_KEYS
 
     for key in PATH_KEYS:
         section, name = key.split(".")

@@ -37,7 +37,8 @@ from mtnlg_ray.data.quality import QualityModel, train_quality_classifier
 from mtnlg_ray.data.read import iter_texts
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
 from mtnlg_ray.model import lm_loss
-from mtnlg_ray.model.classifier import GPTClassifier, classification_input, load_classifier, save_classifier
+from mtnlg_ray.checkpoint import load_classifier, save_classifier
+from mtnlg_ray.model.classifier import GPTClassifier, classification_input
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
 
 SHAKESPEARE = (SHARED_DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")

@@ -9,7 +9,8 @@ from rich.console import Console
 
 from mtnlg_ray.errors import ConfigError
 from mtnlg_ray.model.flops import GPUS, flops_per_token, matmul_parameters, megatron_flops_per_iteration
-from mtnlg_ray.model.plan import plan_layout, render_plan
+from mtnlg_ray.cli.render import render_plan
+from mtnlg_ray.model.plan import plan_layout
 from mtnlg_ray.model.presets import build_on_meta, get_preset
 
 

@@ -21,13 +21,20 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from mtnlg_ray.checkpoint import CONFIG, load_checkpoint, read_checkpoint_config, tokenizer_path
+from mtnlg_ray.checkpoint import (
+    CONFIG,
+    classification_task,
+    load_checkpoint,
+    load_classifier,
+    read_checkpoint_config,
+    tokenizer_path,
+)
 from mtnlg_ray.config import LabelSection
 from mtnlg_ray.data.columns import column as _column, texts as _texts, with_column as _with_column
 from mtnlg_ray.data.quality import QualityLabeler
 from mtnlg_ray.data.read import REJECTED_COLUMNS
 from mtnlg_ray.errors import CheckpointError, ConfigError
-from mtnlg_ray.model.classifier import classification_input, classification_task, load_classifier
+from mtnlg_ray.model.classifier import classification_input
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
 
 STAGE = "label"

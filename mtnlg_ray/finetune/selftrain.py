@@ -176,7 +176,7 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
 def _check_teacher(cfg: Config, labels: list[str]) -> None:
     """`selftrain.teacher` must be a classifier of exactly the task's labels, in the same order."""
     from mtnlg_ray.checkpoint import read_checkpoint_config
-    from mtnlg_ray.model.classifier import classification_task
+    from mtnlg_ray.checkpoint import classification_task
 
     teacher = Path(cfg.selftrain.teacher).expanduser().resolve()
     task = classification_task(read_checkpoint_config(teacher), teacher / "config.json")

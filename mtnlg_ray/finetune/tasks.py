@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtnlg_ray.checkpoint import save_classifier
 from mtnlg_ray.config import Config
 from mtnlg_ray.finetune.data import check_labels, read_classification, read_sft
 from mtnlg_ray.finetune.metrics import classification_metrics
-from mtnlg_ray.model.classifier import GPTClassifier, classification_input, save_classifier
+from mtnlg_ray.model.classifier import GPTClassifier, classification_input
 from mtnlg_ray.model.gpt import GPT, GPTConfig, lm_loss
 from mtnlg_ray.model.lora import apply_lora, merge_lora
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer

@@ -12,8 +12,6 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from rich.table import Table
-
 from mtnlg_ray.errors import ConfigError
 from mtnlg_ray.model.flops import flops_per_token, get_gpu, megatron_flops_per_iteration
 from mtnlg_ray.model.gpt import GPTConfig
@@ -279,77 +277,4 @@ def plan_layout(
     return result
 
 
-def _si(value: float, unit: str) -> str:
-    for factor, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.2f} {prefix}{unit}"
-    return f"{value:.2f} {unit}"
-
-
-def _bytes(gb: float) -> str:
-    return _si(gb * GB, "B")
-
-
-def _count(value: int) -> str:
-    for factor, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if value >= factor:
-            return f"{value / factor:.2f} {suffix} ({value:,})"
-    return f"{value:,}"
-
-
-def render_plan(result: dict) -> Table:
-    """A two-column table of `plan_layout`'s result, numbers with units, warnings last."""
-    r = result
-    table = Table(
-        title=f"{r['preset']} on {r['gpus']} × {r['gpu']} (tp {r['tp']} · pp {r['pp']} · dp {r['dp']})",
-        caption="* counted in the total",
-    )
-    table.add_column("quantity")
-    table.add_column("value", justify="right")
-    m = r["memory_gb_per_gpu"]
-    mark_opt = ("", " *") if r["distributed_optimizer"] else (" *", "")
-    mark_act = ("", " *") if r["recompute"] else (" *", "")
-    rows = [
-        ("parameters", _count(r["params"])),
-        ("parameters per GPU (most on one stage)", _count(r["params_per_gpu"])),
-        ("layers per stage", str(r["layers_per_stage"])),
-        (
-            "batch per iteration",
-            f"{r['global_batch']} × {r['seq_len']} tokens "
-            f"({r['micro_batches']} micro-batches of {r['micro_batch']} per replica)",
-        ),
-        ("pipeline bubble" + (f" ({r['pipeline_schedule']}"
-                              + (f", {r['pipeline_virtual']} stages a rank)" if r["pipeline_virtual"] > 1 else ")")
-                              if r["pipeline_schedule"] else ""), f"{r['pipeline_bubble']:.1%}"),
-        ("FLOPs per iteration (with recompute)", _si(r["flops_per_iteration"], "FLOP")),
-        ("model FLOPs per iteration", _si(r["model_flops_per_iteration"], "FLOP")),
-    ]
-    if r["iter_time"] is not None:
-        rows += [
-            ("iteration time", f"{r['iter_time']:.2f} s"),
-            ("throughput per GPU", f"{r['tflops_per_gpu']:.1f} TFLOP/s (HFU {r['hfu']:.1%})"),
-            ("MFU", f"{r['mfu']:.1%}"),
-            ("tokens per second", f"{r['tokens_per_second']:,.0f}"),
-        ]
-    rows += [
-        ("memory: bf16 weights *", _bytes(m["weights"])),
-        ("memory: bf16 gradients *", _bytes(m["grads"])),
-        ("memory: fp32 master + Adam" + mark_opt[0], _bytes(m["optimizer"])),
-        (f"memory: same, split over dp {r['dp']}" + mark_opt[1], _bytes(m["optimizer_distributed"])),
-        ("memory: activations" + mark_act[0], _bytes(m["activations"])),
-        ("memory: activations, full recompute" + mark_act[1], _bytes(m["activations_recompute"])),
-        (
-            f"memory: total per GPU (stage {r['busiest_stage']})",
-            f"{_bytes(m['total'])} of {m['capacity']:.0f} GB",
-        ),
-        ("fits", "yes" if r["fits"] else "[bold red]no[/]"),
-        (f"mtnlg-ray's trainer: fp32 weights + grads + Adam, FSDP over dp {r['dp']}", _bytes(m["fsdp_fp32_state"])),
-    ]
-    for name, value in rows:
-        table.add_row(name, value)
-    for warning in r["warnings"]:
-        table.add_row("[yellow]warning[/]", f"[yellow]{warning}[/]")
-    return table
-
-
-__all__ = ["plan_layout", "render_plan"]
+__all__ = ["plan_layout"]

@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import AsyncIterator, Literal
+from typing import AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -524,7 +524,10 @@ def build_app(args: dict | ServeArgs):
     return TextGeneratorServer.options(**options).bind(cfg.model_dump())
 
 
-def serve_model(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, name: str = "mtnlg") -> str:
+APP_NAME = "mtnlg"  # the Serve application `mtnlg-ray serve` deploys
+
+
+def serve_model(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
     """Deploy on the connected Ray cluster (or a local one) and return the base URL once replicas are up."""
     from mtnlg_ray.runtime import ensure_ray
 
@@ -535,3 +538,24 @@ def serve_model(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, name
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
+
+
+def serve_until_stopped(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
+                        on_ready: Callable[[str], None] | None = None) -> None:
+    """`serve_model`, then block until Ctrl-C or SIGTERM (a `kill` or a container stop) and delete the app."""
+    import signal
+
+    url = serve_model(args, host=host, port=port, name=name)
+    if on_ready is not None:
+        on_ready(url)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        serve.delete(name)

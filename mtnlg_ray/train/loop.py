@@ -190,7 +190,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     pipeline = None
     if pp > 1:
         pipeline = PipelineRunner(parts, stage_ids, pp * dims.pp_virtual, mesh, device, dims.pp_schedule,
-                                  task.pipeline_loss)
+                                  task.pipeline_loss, loss_context=lambda: loss_parallel_context(mesh))
 
     state = TrainerState(world_size=world, dp=dp, tp=tp, pp=pp)
     checkpoints = CheckpointManager(run_dir, parts, optimizers, model_config, rank)

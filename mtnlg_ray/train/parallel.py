@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mtnlg_ray.errors import ConfigError
 from mtnlg_ray.model.gpt import GPT, GPTConfig, initial_value
+from mtnlg_ray.train.pipeline import check_schedule, stage_layers
 
 # Megatron's split of one block. qkv is laid out head by head, so its column shards are whole heads
 # and attention runs on local heads with no communication; proj and fc2 all-reduce their outputs.
@@ -92,8 +93,6 @@ class ParallelDims:
         return self.fsdp and (self.dp > 1 or self.bf16)
 
     def validate(self, model_config: GPTConfig) -> None:
-        from mtnlg_ray.train.pipeline import check_schedule, stage_layers
-
         if self.tp < 1:
             raise ConfigError(f"parallel.tp: expected a positive integer, got {self.tp}")
         if self.pp < 1:

@@ -10,7 +10,8 @@ summing the two copies' gradients every step, as Megatron does).
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -160,9 +161,12 @@ class PipelineRunner:
     pipeline stages, and keeps the tied embedding's two copies equal."""
 
     def __init__(self, parts: list[nn.Module], stage_ids: list[int], num_stages: int, mesh: DeviceMesh,
-                 device: torch.device, schedule: str, loss_fn: Callable) -> None:
+                 device: torch.device, schedule: str, loss_fn: Callable,
+                 loss_context: Callable[[], ContextManager] = contextlib.nullcontext) -> None:
+        """`loss_context()` is entered around every schedule run (the loss-parallel context under tp)."""
         self.parts, self.stage_ids, self.num_stages = parts, stage_ids, num_stages
         self.mesh, self.device, self.schedule, self.loss_fn = mesh, device, schedule, loss_fn
+        self.loss_context = loss_context
         self.holds_first, self.holds_last = 0 in stage_ids, num_stages - 1 in stage_ids
         pp = mesh["pp"].size()
         self.tied = TiedEmbeddingSync(mesh, parts, first_rank=0, last_rank=pp - 1)
@@ -179,13 +183,11 @@ class PipelineRunner:
         return self._schedules[key]
 
     def _run(self, schedule, inputs: torch.Tensor, targets: torch.Tensor, train: bool) -> torch.Tensor:
-        from mtnlg_ray.train.parallel import loss_parallel_context
-
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.holds_first else ()
         kwargs = {"target": targets, "losses": losses} if self.holds_last else {}
         kwargs["return_outputs"] = False  # the losses are all the loop needs
-        with loss_parallel_context(self.mesh):
+        with self.loss_context():
             (schedule.step if train else schedule.eval)(*args, **kwargs)
         mean = torch.stack([loss.detach() for loss in losses]).mean() if losses else torch.zeros((), device=self.device)
         # Only the last stage computed a loss: the pipeline's other ranks learn it by a sum.

@@ -1,0 +1,66 @@
+"""The `mtnlg-ray` Typer application and its command groups; the command modules register on them.
+
+A user error (`MtnlgError`) becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+
+from mtnlg_ray.errors import MtnlgError
+
+
+class _App(typer.Typer):
+    """Typer that reports user errors as one line and exit code 2 instead of a traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except MtnlgError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+
+app = _App(
+    name="mtnlg-ray",
+    help=(
+        "The Megatron-Turing NLG recipe on Ray: curate a corpus, pretrain and fine-tune a GPT, serve it.\n\n"
+        "Start with `mtnlg-ray tokenizer train builtin:python-docs --vocab-size 4096 --output tok`, then "
+        "`mtnlg-ray init --preset tiny --tokenizer tok --output ckpt` and "
+        "`mtnlg-ray generate --checkpoint ckpt --prompt 'def '`."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+tokenizer_app = typer.Typer(help="Train the byte-level BPE tokenizer.", no_args_is_help=True)
+export_app = typer.Typer(help="Write a checkpoint in another project's format.", no_args_is_help=True)
+import_app = typer.Typer(help="Read a checkpoint from another project's format.", no_args_is_help=True)
+data_app = typer.Typer(help="Build a training corpus on Ray Data: read, clean, dedup, label, decontaminate, pack.",
+                       no_args_is_help=True)
+config_app = typer.Typer(help="Inspect stage configs: shipped defaults, files and --set overrides.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(export_app, name="export")
+app.add_typer(import_app, name="import")
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+INPUT_HELP = "Files, folders or globs of .txt / .jsonl(.gz) / .parquet, URIs (s3://, gs://, file://), or builtin:python-docs."
+SET_HELP = "Override one config key, e.g. --set dedup.threshold=0.85 (repeatable)."
+local_app = typer.Typer(help="A one-machine Ray cluster to submit jobs to: `ray start --head` on 127.0.0.1.",
+                        no_args_is_help=True)
+jobs_app = typer.Typer(help="Ray Jobs on a cluster: list, status, logs, stop.", no_args_is_help=True)
+app.add_typer(local_app, name="local")
+app.add_typer(jobs_app, name="jobs")
+
+ADDRESS_HELP = ("The cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS, else the cluster "
+                "`mtnlg-ray local up` started here).")
+
+
+
+def main() -> None:
+    app()
+

@@ -1,0 +1,108 @@
+"""Corpus commands: `data prepare`, `data label`, `data train-quality-classifier`, `tokenizer train`
+and `config show`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from mtnlg_ray.cli.app import INPUT_HELP, SET_HELP, config_app, data_app, tokenizer_app
+from mtnlg_ray.cli.render import print_manifest_summary, stage_printer
+
+
+@data_app.command("prepare")
+def data_prepare(
+    inputs: List[str] = typer.Argument(..., metavar="INPUT...", help=INPUT_HELP),
+    output: Path = typer.Option(..., "--output", "-o", help="Dataset directory to write (manifest.json, docs/, rejected/, tokens/, tokenizer/)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped prepare.yaml)."),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Run the whole corpus pipeline on Ray (the connected cluster, or a local one it starts).
+
+    Bad records never stop the run: each lands in rejected/ with its stage and reason.
+    """
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.data.pipeline import prepare_dataset
+
+    cfg = load_config(config, overrides, stage="prepare")
+    console, show = stage_printer()
+    with console.status("running the corpus pipeline on Ray…"):
+        manifest = prepare_dataset(inputs, output, cfg, on_stage=show)
+    print_manifest_summary(console, manifest, output)
+
+
+@data_app.command("label")
+def data_label(
+    input: List[str] = typer.Argument(..., metavar="INPUT...", help=INPUT_HELP),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for docs/ (with label columns), rejected/, manifest.json."),
+    labeler: str = typer.Option(..., "--labeler", help="quality | perplexity | classifier"),
+    model: Path = typer.Option(..., "--model", help="Quality model dir, LM checkpoint, or classifier checkpoint."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped prepare.yaml)."),
+    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Run only the pseudo-labelling stage (an actor pool, the model loaded once per actor)."""
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.data.pipeline import label_corpus
+
+    cfg = load_config(config, [*overrides, f"label.labeler={labeler}", f"label.model={model}"], stage="prepare")
+    console, show = stage_printer()
+    with console.status(f"labelling with {labeler}…"):
+        manifest = label_corpus(input, output, cfg)
+    print_manifest_summary(console, manifest, output)
+
+
+@data_app.command("train-quality-classifier")
+def data_train_quality_classifier(
+    positive: List[str] = typer.Option(..., "--positive", help="INPUT of curated text (repeatable)."),
+    negative: List[str] = typer.Option(..., "--negative", help="INPUT of raw / unwanted text (repeatable)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the model (safetensors + JSON, no pickle)."),
+    epochs: int = typer.Option(5, "--epochs", help="Passes over the training documents."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train / holdout split and the initialisation."),
+) -> None:
+    """Train the GPT-3 / MT-NLG style quality classifier: hashed word n-grams + logistic regression."""
+    from mtnlg_ray.data.quality import train_quality_classifier
+
+    metrics = train_quality_classifier(positive, negative, output, epochs=epochs, seed=seed)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+@config_app.command("show")
+def config_show(
+    stage: str = typer.Option("pretrain", "--stage", help="Whose shipped defaults to start from."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file to read instead of the defaults."),
+    overrides: List[str] = typer.Option([], "--set", help="Override one key, e.g. --set train.max_steps=20."),
+) -> None:
+    """Print the fully resolved config (file + --set overrides, validated) as YAML."""
+    import yaml
+
+    from mtnlg_ray.config import load_config
+
+    resolved = load_config(config, overrides, stage=stage)
+    if stage == "pretrain":
+        # The layout a cluster would run, checked as the trainer will before any worker starts.
+        from mtnlg_ray.train.trainer import check_run_layout
+
+        check_run_layout(resolved, resolved.model.resolve(), "lm")
+    typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), nl=False)
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    inputs: List[str] = typer.Argument(
+        ...,
+        metavar="INPUT...",
+        help="Files, folders or globs of .txt / .jsonl(.gz) / .parquet, or builtin:python-docs.",
+    ),
+    vocab_size: int = typer.Option(8192, "--vocab-size", help="Number of tokens, <|endoftext|> included."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory to write tokenizer.json into."),
+) -> None:
+    """Train a GPT-2-style byte-level BPE tokenizer; any UTF-8 text round-trips exactly."""
+    from mtnlg_ray.tokenizer import load_tokenizer, train_tokenizer
+
+    path = train_tokenizer(inputs, vocab_size, output)
+    typer.echo(f"wrote {path} ({load_tokenizer(path).get_vocab_size()} tokens)")
+
+

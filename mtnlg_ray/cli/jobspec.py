@@ -1,0 +1,162 @@
+"""A stage's Ray Job, built on this machine: `mtnlg-ray submit STAGE ...` parses the stage's arguments
+with that stage's own CLI command and validates its config here, so a bad key fails before anything is
+sent; local paths become absolute and the config is resolved into one file (`JobSpec`), which
+`mtnlg_ray.jobs` then submits.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path, PurePath
+
+from mtnlg_ray.errors import ConfigError, MtnlgError, first_line
+from mtnlg_ray.jobs import CONFIG_NAME, JobSpec
+
+# Stage name → the words of its own command (`mtnlg-ray data prepare ...`).
+STAGES: dict[str, tuple[str, ...]] = {
+    "prepare": ("data", "prepare"),
+    "label": ("data", "label"),
+    "pretrain": ("pretrain",),
+    "finetune": ("finetune",),
+    "self-train": ("self-train",),
+    "serve": ("serve",),
+}
+# The shipped config a stage starts from when no --config is given (as its command loads it).
+CONFIG_STAGES = {"prepare": "prepare", "label": "prepare", "pretrain": "pretrain", "finetune": "finetune",
+                 "self-train": "selftrain"}
+# Config keys that hold local paths: made absolute here, since the job runs in a directory of Ray's.
+PATH_KEYS = ("data.path", "data.train", "data.dev", "tokenizer.path", "label.model", "init.checkpoint",
+             "run.storage_path", "selftrain.unlabelled", "selftrain.teacher", "decontam.eval_files")
+
+
+def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, env: list[str] = ()) -> JobSpec:
+    """Parse and validate a stage's arguments with its command under `root` (the `mtnlg-ray` click
+    group); relative paths become absolute against `cwd`."""
+    cwd = Path(cwd) if cwd is not None else Path.cwd()
+    if stage not in STAGES:
+        raise MtnlgError(f"unknown stage '{stage}' (expected one of {', '.join(STAGES)})")
+    env_vars = _parse_env(env)
+    words = STAGES[stage]
+    command = _stage_command(root, words)
+    ctx = _parse(command, words, args)
+    argv = list(words)
+    config_param = _param(command, "--config")
+    set_param = _param(command, "--set")
+    for param in command.params:
+        if param in (config_param, set_param):
+            continue
+        argv += _tokens(param, ctx.params.get(param.name), ctx.get_parameter_source(param.name), cwd)
+    config_yaml = None
+    if config_param is not None:
+        import yaml
+
+        overrides = list(ctx.params.get(set_param.name) or []) if set_param is not None else []
+        if stage == "label":  # `data label` lays its --labeler and --model over the config
+            overrides += [f"label.labeler={ctx.params['labeler']}", f"label.model={ctx.params['model']}"]
+        config = _load_stage_config(stage, ctx.params.get(config_param.name), overrides)
+        _absolute_config_paths(config, cwd)
+        config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+        argv += ["--config", CONFIG_NAME]
+    return JobSpec(stage=stage, argv=argv, config_yaml=config_yaml, env_vars=env_vars)
+
+
+def _stage_command(root, words: tuple[str, ...]):
+    """The click command behind `mtnlg-ray <words>`: the stage parses its own arguments."""
+    command = root
+    for word in words:
+        sub = getattr(command, "commands", {}).get(word)
+        if sub is None:
+            raise MtnlgError(f"this mtnlg-ray has no `{' '.join(words)}` command to submit")
+        command = sub
+    return command
+
+
+def _parse(command, words: tuple[str, ...], args: list[str]):
+    import click
+    import typer
+
+    usage_errors = tuple({click.ClickException, typer.TyperException})  # typer >= 0.20 ships its own click
+    try:
+        return command.make_context(" ".join(words), list(args), resilient_parsing=False)
+    except usage_errors as exc:
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        raise MtnlgError(f"submit {' '.join(words)}: {first_line(message)}") from None
+
+
+def _param(command, flag: str):
+    return next((p for p in command.params if flag in getattr(p, "opts", ())), None)
+
+
+def _tokens(param, value, source, cwd: Path) -> list[str]:
+    """A parsed parameter back as command-line tokens, paths made absolute; defaults are left out."""
+    if param.param_type_name == "argument":  # the stages' positional arguments are all INPUTs
+        values = value if isinstance(value, (list, tuple)) else [value]
+        return [_local_path(str(v), cwd) for v in values if v is not None]
+    if source is None or getattr(source, "name", "") != "COMMANDLINE":
+        return []  # defaults and environment variables are the cluster's own to supply
+    flag = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+    if getattr(param, "is_flag", False) and isinstance(value, bool):
+        if value:
+            return [flag]
+        return [param.secondary_opts[0]] if param.secondary_opts else []
+    tokens: list[str] = []
+    for item in (value if getattr(param, "multiple", False) else [value]):
+        parts = item if isinstance(item, tuple) else (item,)
+        tokens += [flag, *(_token(part, cwd) for part in parts)]
+    return tokens
+
+
+def _token(value, cwd: Path) -> str:
+    if isinstance(value, PurePath):
+        return _local_path(str(value), cwd)
+    if isinstance(value, Enum):
+        return str(value.value)
+    return str(value)
+
+
+def _local_path(value: str, cwd: Path) -> str:
+    """Absolute form of a local path or glob; URIs and builtin: inputs are left as they are."""
+    if not value or "://" in value or value.startswith("builtin:"):
+        return value
+    expanded = os.path.expanduser(value)
+    return expanded if os.path.isabs(expanded) else os.path.normpath(os.path.join(cwd, expanded))
+
+
+def _load_stage_config(stage: str, path, overrides: list[str]):
+    from mtnlg_ray.config import load_config, shipped_config
+
+    config_stage = CONFIG_STAGES[stage]
+    if path is None:
+        try:
+            shipped_config(config_stage)
+        except ConfigError:
+            config_stage = "pretrain"  # a stage whose own defaults have not shipped yet
+    return load_config(path, overrides, stage=config_stage)
+
+
+def _absolute_config_paths(config, cwd: Path) -> None:
+    for key in PATH_KEYS:
+        section_name, name = key.split(".")
+        section = getattr(config, section_name, None)
+        if section is None or name not in type(section).model_fields:
+            continue
+        value = getattr(section, name)
+        if isinstance(value, str):
+            setattr(section, name, _local_path(value, cwd))
+        elif isinstance(value, list):
+            setattr(section, name, [_local_path(v, cwd) if isinstance(v, str) else v for v in value])
+    read = getattr(config, "read", None)
+    if read is not None and read.weights:
+        # Weights are keyed by INPUT as given, and the INPUTs are made absolute the same way.
+        read.weights = {_local_path(source, cwd): weight for source, weight in read.weights.items()}
+
+
+def _parse_env(items) -> dict[str, str]:
+    env = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise MtnlgError(f"--env {item}: expected KEY=VALUE")
+        env[key.strip()] = value
+    return env

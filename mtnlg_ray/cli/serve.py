@@ -1,0 +1,99 @@
+"""Generation commands: `generate` (one prompt, in this process) and `serve` (the OpenAI-compatible
+server on Ray Serve, until Ctrl-C)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mtnlg_ray.cli.app import app
+from mtnlg_ray.errors import MtnlgError
+
+
+@app.command("generate")
+def generate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Most new tokens; stops earlier at <|endoftext|>."),
+    temperature: float = typer.Option(1.0, "--temperature", help="0 for greedy decoding."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of this mass."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k likeliest tokens (0: all)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Same seed, same text."),
+) -> None:
+    """Continue a prompt with the model, streaming the new text to stdout."""
+    from mtnlg_ray.inference import TextGenerator
+    from mtnlg_ray.model.generate import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    generator = TextGenerator(checkpoint)
+    for piece in generator.stream(prompt, params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command("serve")
+def serve(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 accepts other machines."),
+    port: int = typer.Option(8000, "--port", help="HTTP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MTNLG_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1 (or set MTNLG_API_KEY)."),
+    replicas: int = typer.Option(1, "--replicas", help="Fixed number of replicas, each holding the model once."),
+    autoscale: Optional[str] = typer.Option(None, "--autoscale", metavar="MIN,MAX",
+                                            help="Scale replicas between MIN and MAX on load instead of --replicas."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Model id clients send (default: folder name)."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Sequences decoded together per replica."),
+    max_waiting: int = typer.Option(64, "--max-waiting", help="Queued requests per replica; more get 503 + Retry-After."),
+    kv_cache_tokens: Optional[int] = typer.Option(
+        None, "--kv-cache-tokens",
+        help="Token slots in each replica's paged KV cache (default: max-batch x the context). A request joins "
+             "when blocks for its prompt + max_tokens are free, else it waits."),
+    block_size: int = typer.Option(16, "--block-size", help="Tokens per KV cache block."),
+    prefill_chunk: int = typer.Option(
+        256, "--prefill-chunk", help="Prompt tokens read per step; a longer prompt is read in chunks between "
+                                     "decode steps, so running streams keep their pace."),
+    prefix_cache: bool = typer.Option(
+        True, "--prefix-cache/--no-prefix-cache",
+        help="Reuse the KV blocks of an earlier prompt's identical beginning (system prompts, few-shot examples)."),
+    num_cpus: float = typer.Option(1.0, "--num-cpus", help="CPUs per replica (also its torch threads)."),
+    num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPUs per replica (1 puts the model on cuda in bf16)."),
+) -> None:
+    """Serve the checkpoint on Ray Serve with an OpenAI-compatible API; Ctrl-C stops it.
+
+    Endpoints: POST /v1/completions and /v1/chat/completions (add "stream": true for server-sent events),
+    GET /v1/models, GET /health. Concurrent requests decode together in one continuous batch per replica,
+    over a paged KV cache with prefix caching; /health reports the cache's blocks and prefix hit rate.
+
+    Runs on the connected Ray cluster (RAY_ADDRESS or `ray start`), else on a local one.
+    For a long-lived deployment: `serve deploy mtnlg_ray/configs/serve.yaml`.
+
+    Example: `mtnlg-ray serve -c work/ckpt`, then
+    `curl localhost:8000/v1/completions -d '{"prompt": "def ", "max_tokens": 32, "temperature": 0}'`
+    or any OpenAI client with base_url http://localhost:8000/v1.
+    """
+    from mtnlg_ray.serve.app import parse_args, serve_until_stopped
+
+    if autoscale and replicas != 1:
+        raise MtnlgError("--replicas and --autoscale: give one of them, not both")
+    args = parse_args({
+        "checkpoint": str(checkpoint), "model_name": model_name, "api_key": api_key, "max_batch": max_batch,
+        "max_waiting": max_waiting, "num_replicas": replicas, "autoscale": autoscale, "num_cpus": num_cpus,
+        "num_gpus": num_gpus, "kv_cache_tokens": kv_cache_tokens, "block_size": block_size,
+        "prefill_chunk": prefill_chunk, "prefix_cache": prefix_cache,
+    })
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+
+    def ready(url: str) -> None:
+        typer.echo(f"serving {args.name} at {url}/v1  (health: {url}/health)")
+        typer.echo(
+            f"try:  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+            f"-d '{{\"model\": \"{args.name}\", \"prompt\": \"def \", \"max_tokens\": 32, \"temperature\": 0}}'"
+        )
+        typer.echo("Ctrl-C to stop.", err=True)
+
+    serve_until_stopped(args, host=host, port=port, on_ready=ready)
+    typer.echo("stopped.", err=True)

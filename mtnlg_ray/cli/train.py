@@ -1,0 +1,325 @@
+"""Model commands: `init`, `plan`, `pretrain`, `finetune`, `self-train`, `evaluate`, `plot`, `export hf`,
+`import hf` and `quickstart` (the whole pipeline on the built-in corpus)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from mtnlg_ray.cli.app import app, export_app, import_app
+from mtnlg_ray.cli.render import dev_line, finetune_printer, stage_printer
+
+
+@app.command("init")
+def init(
+    preset: str = typer.Option(..., "--preset", help="Model shape: tiny, small, gpt3-125m ... mtnlg-530b."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Directory (or file) holding tokenizer.json."),
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Context length (default: the preset's)."),
+) -> None:
+    """Write a randomly initialised checkpoint (init std sqrt(1/(3h)), as in MT-NLG)."""
+    from mtnlg_ray.checkpoint import init_checkpoint, load_checkpoint
+
+    path = init_checkpoint(preset, tokenizer, output, seed=seed, seq_len=seq_len)
+    model, _ = load_checkpoint(path)
+    c = model.config
+    typer.echo(
+        f"wrote {path}: {preset}, {model.num_parameters():,} parameters, "
+        f"{c.n_layer} layers, d_model {c.d_model}, {c.n_head} heads, context {c.seq_len}, vocab {c.vocab_size}"
+    )
+
+
+@export_app.command("hf")
+def export_hf(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory."),
+    output: Path = typer.Option(..., "--output", "-o", help="Directory for the Hugging Face model."),
+) -> None:
+    """Write a directory that transformers' GPT2LMHeadModel and AutoTokenizer load, with equal logits."""
+    from mtnlg_ray.export import export_hf as run
+
+    typer.echo(f"wrote {run(checkpoint, output)}")
+
+
+@import_app.command("hf")
+def import_hf(
+    input: Path = typer.Option(..., "--input", "-i", help="Local Hugging Face GPT-2 directory (with tokenizer.json)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
+) -> None:
+    """Turn a local Hugging Face GPT-2 directory into a consolidated checkpoint."""
+    from mtnlg_ray.export import import_hf as run
+
+    typer.echo(f"wrote {run(input, output)}")
+
+
+@app.command("plan")
+def plan(
+    preset: str = typer.Option(..., "--preset", help="Model shape, e.g. mtnlg-530b."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size (GPUs inside a node)."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size (stages)."),
+    dp: int = typer.Option(1, "--dp", help="Data-parallel size (model replicas)."),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per iteration."),
+    micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per GPU per forward."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sequence length (default: the preset's)."),
+    vocab_size: Optional[int] = typer.Option(
+        None, "--vocab-size", help="Padded vocabulary, as your tokenizer gives it (default: the preset's)."),
+    iter_time: Optional[float] = typer.Option(None, "--iter-time", help="Measured seconds per iteration."),
+    gpu: str = typer.Option("a100-80gb", "--gpu", help="a100-80gb, h100-80gb or h200-141gb."),
+    schedule: str = typer.Option("1f1b", "--schedule", help="Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, "
+                                 "interleaved-zero-bubble."),
+    virtual: int = typer.Option(1, "--virtual", help="Pipeline stages a rank (interleaved schedules: 2 or more)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Parameters, per-GPU memory, FLOPs per iteration and, given --iter-time, TFLOP/s per GPU.
+
+    Only layouts `mtnlg-ray pretrain` can run are planned (the same checks, one line and exit 2
+    otherwise), and the plan ends with the pretrain command for its layout.
+    """
+    import dataclasses
+
+    from mtnlg_ray.cli.render import render_plan
+    from mtnlg_ray.model.plan import plan_layout
+    from mtnlg_ray.model.presets import get_preset
+    from mtnlg_ray.train.parallel import check_layout
+
+    shape = get_preset(preset)
+    shape = dataclasses.replace(shape, seq_len=seq_len or shape.seq_len, vocab_size=vocab_size or shape.vocab_size)
+    check_layout(shape, tp * pp * dp, tp, pp, pp_schedule=schedule, pp_virtual=virtual)
+    result = plan_layout(
+        preset, tp, pp, dp,
+        global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len, iter_time=iter_time, gpu=gpu,
+        vocab_size=vocab_size, schedule=schedule, virtual=virtual,
+    )
+    sets = [f"model.preset={preset}", f"parallel.workers={tp * pp * dp}", f"parallel.tp={tp}", f"parallel.pp={pp}"]
+    if pp > 1:
+        sets += [f"parallel.pp_schedule={schedule}"] + ([f"parallel.pp_virtual={virtual}"] if virtual > 1 else [])
+    sets += [f"train.global_batch_size={result['global_batch']}", f"train.micro_batch_size={micro_batch}",
+             "parallel.use_gpu=true", "train.precision=bf16"]
+    result["command"] = "mtnlg-ray pretrain " + " ".join(f"--set {item}" for item in sets)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+
+    console = Console()
+    console.print(render_plan(result))
+    console.print(result["command"], soft_wrap=True)
+
+
+@app.command("pretrain")
+def pretrain(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped pretrain.yaml)."),
+    overrides: List[str] = typer.Option([], "--set", help="Override one config key, e.g. --set train.max_steps=20 (repeatable)."),
+) -> None:
+    """Pretrain on Ray Train (FSDP2 + tensor parallel, elastic, fault tolerant) with the MT-NLG schedule.
+
+    Needs data.path: a dataset from `mtnlg-ray data prepare`. Running the same command again with
+    the same run.name resumes from the newest checkpoint. Ends with a consolidated checkpoint in
+    <run.storage_path>/<run.name>/final.
+    """
+    from rich.console import Console
+
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.train.trainer import pretrain as run
+
+    cfg = load_config(config, overrides, stage="pretrain")
+    console = Console(stderr=True)
+
+    def show(record: dict) -> None:
+        if record.get("event") == "start":
+            resumed = record.get("resumed_from")
+            extra = f", resumed at step {resumed['step']} (written at world size {resumed['world_size']})" if resumed else ""
+            console.print(f"[bold]world size {record['world_size']}[/bold] (dp {record['dp']} × tp {record['tp']}){extra}")
+        elif record.get("event") == "checkpoint":
+            console.print(f"[dim]checkpoint at step {record['step']}[/dim]")
+        elif "loss" in record:
+            val = f"  val {record['val_loss']:.4f}" if record.get("val_loss") is not None else ""
+            console.print(
+                f"step {record['step']:>6}  loss {record['loss']:.4f}{val}  lr {record['lr']:.2e}  "
+                f"batch {record['global_batch']}  {record['tokens_per_s']:,.0f} tok/s  "
+                f"MFU {100 * record['mfu']:.1f}%  |g| {record['grad_norm']:.2f}"
+            )
+
+    result = run(cfg, on_record=show)
+    console.print(f"final weights: {result['final']}  (metrics in {result['run_dir']}/metrics.jsonl)")
+    typer.echo(result["final"])
+
+
+@app.command("plot")
+def plot(
+    run_dir: Path = typer.Argument(..., help="A run directory (<run.storage_path>/<run.name>) holding metrics.jsonl."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (default: RUN_DIR/loss.png)."),
+) -> None:
+    """Plot training and validation loss of a run to loss.png."""
+    from mtnlg_ray.train.plot import plot_losses
+
+    typer.echo(f"wrote {plot_losses(run_dir, output)}")
+
+
+@app.command("finetune")
+def finetune(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped finetune.yaml)."),
+    overrides: List[str] = typer.Option([], "--set", help="Override one config key, e.g. --set data.train=train.tsv (repeatable)."),
+) -> None:
+    """Fine-tune a checkpoint on Ray Train: classification (a head) or SFT (prompt → completion).
+
+    Needs data.train (TSV / CSV / JSONL / Parquet) and init.checkpoint (a consolidated checkpoint or
+    a pretraining run directory; or tokenizer.path for random weights). task.mode picks full
+    fine-tuning, LoRA (merged into the saved weights) or a frozen backbone. With data.dev, the dev
+    set is scored after every epoch and the best epoch becomes <run.storage_path>/<run.name>/final.
+
+    Example: mtnlg-ray finetune --set init.checkpoint=runs/pretrain --set data.train=train.tsv
+    --set data.dev=dev.tsv --set data.text_field=sentence
+    """
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.trainer import finetune as run
+
+    cfg = load_config(config, overrides, stage="finetune")
+    console, show = finetune_printer()
+    result = run(cfg, on_record=show)
+    if result["dev"]:
+        console.print(f"best {result['metric']}: {result['dev'][result['metric']]:.4f}  ({dev_line(result['dev'], '')})")
+    console.print(f"final weights: {result['final']}  (metrics in {result['run_dir']}/metrics.jsonl)")
+    typer.echo(result["final"])
+
+
+@app.command("self-train")
+def self_train(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped selftrain.yaml)."),
+    overrides: List[str] = typer.Option([], "--set", help="Override one config key, e.g. --set selftrain.rounds=1 (repeatable)."),
+) -> None:
+    """Self-training with pseudo-labels: teacher → label the pool on the actor pool → student, for N rounds.
+
+    Round 0 fine-tunes a teacher on data.train. Each round the teacher labels selftrain.unlabelled
+    through the corpus pipeline's classifier labeller (a Ray Data actor pool); predictions with
+    confidence >= selftrain.threshold (default 0.5; selftrain.per_class_top_k for class balance,
+    selftrain.soft_labels for the teacher's confidence as the target) join the labelled set, and a
+    student is fine-tuned on both from init.checkpoint. Writes self_train_report.json and
+    self_train.png in <run.storage_path>/<run.name>.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.selftrain import self_train as run
+
+    cfg = load_config(config, overrides, stage="selftrain")
+    console, show = finetune_printer()
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "round":
+            kept = f", pseudo-labels kept {event['kept']}" if event.get("kept") else ""
+            console.print(f"[bold]round {event['round']}[/bold]: {event['role']} on {event['train']:,} examples{kept}")
+        elif event["event"] == "label":
+            console.print(f"[bold]round {event['round']}[/bold]: labelling {event['pool']:,} pool texts with the teacher")
+
+    report = run(cfg, on_event=on_event, on_record=show)
+    table = Table(title=f"self-training: {report['labelled']:,} labelled, {report['pool']:,} in the pool, "
+                        f"threshold {report['threshold']}")
+    for column in ("round", "train examples", "kept per class", "pseudo-label acc", "dev acc", "dev macro F1", "seconds"):
+        table.add_column(column, justify="right")
+    for r in report["rounds"]:
+        def num(x):
+            return "-" if x is None else f"{x:.4f}"
+        table.add_row(str(r["round"]), f"{r['train_examples']:,}",
+                      ", ".join(f"{k}: {v:,}" for k, v in r["kept_per_class"].items()) or "-",
+                      num(r["pseudo_label_accuracy"]), num(r["dev_accuracy"]), num(r["dev_macro_f1"]), f"{r['seconds']:.0f}")
+    Console().print(table)
+    console.print(f"report: {Path(report['final']).parents[1] / 'self_train_report.json'}  plot: {report['plot']}")
+    typer.echo(report["final"])
+
+
+@app.command("evaluate")
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory."),
+    data: List[str] = typer.Option(..., "--data", "-d",
+                                   help="lm: INPUT text (file, folder, glob, builtin:python-docs) or a dataset dir "
+                                        "from `data prepare`; classification: a labelled TSV / CSV / JSONL / Parquet."),
+    task: str = typer.Option("lm", "--task", help="lm (perplexity, bits per byte) or classification."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Column or JSON field holding the text (default: text)."),
+    label_field: str = typer.Option("label", "--label-field", help="Column holding the gold label (classification)."),
+    split: str = typer.Option("val", "--split", help="Which packed split of a dataset dir to score (lm)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+) -> None:
+    """Score a checkpoint: perplexity and bits per byte (lm), or accuracy and P/R/F1 (classification)."""
+    from mtnlg_ray.finetune.evaluate import evaluate as run
+
+    result = run(checkpoint, data, task, text_field=text_field, label_field=label_field, split=split)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if result["task"] == "lm":
+        console.print(f"{result['tokens']:,} tokens, {result['bytes']:,} bytes: loss {result['loss']:.4f} nats/token, "
+                      f"perplexity {result['perplexity']:.2f}, {result['bits_per_byte']:.4f} bits per byte")
+        return
+    table = Table(title=f"{result['n']:,} examples: accuracy {result['accuracy']:.4f}, macro F1 {result['macro_f1']:.4f}")
+    for column in ("label", "precision", "recall", "F1", "support"):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    for label, row in result["per_class"].items():
+        table.add_row(label, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+    table.add_row("macro", f"{result['macro_precision']:.4f}", f"{result['macro_recall']:.4f}",
+                  f"{result['macro_f1']:.4f}", str(result["n"]))
+    console.print(table)
+
+
+@app.command("quickstart")
+def quickstart(
+    workdir: Path = typer.Option(Path("quickstart"), "--workdir", help="Where every artifact goes."),
+    smoke: bool = typer.Option(False, "--smoke", help="Tiny sizes for CI: every stage runs, in about a third of the time."),
+    port: int = typer.Option(8000, "--port", help="HTTP port the server answers its one request on."),
+) -> None:
+    """The whole pipeline on the built-in corpus on a local Ray (about 7 minutes on 2 cores).
+
+    Trains a quality classifier, prepares builtin:python-docs with it as the pseudo-labeller on
+    the actor pool, pretrains the tiny GPT on 2 Ray Train workers, fine-tunes a classifier on a
+    task built from the corpus, serves the pretrained model and answers one request, then prints
+    where each artifact is and how to query a server.
+    """
+    from rich.console import Console
+
+    from mtnlg_ray.quickstart import quickstart as run
+
+    console = Console(stderr=True)
+
+    def on_step(name: str, detail: str) -> None:
+        console.rule(f"[bold]{name}[/bold]")
+        console.print(detail)
+
+    def on_record(record: dict) -> None:
+        if "dev" in record:
+            console.print(f"  epoch {record['epoch']:.2f}  {dev_line(record['dev'], '')}")
+        elif "loss" in record and (record["step"] % 25 == 0 or "val_loss" in record):
+            val = f"  val {record['val_loss']:.3f}" if record.get("val_loss") is not None else ""
+            console.print(f"  step {record['step']:>4}  loss {record['loss']:.3f}{val}  {record['tokens_per_s']:,.0f} tok/s")
+
+    _, show_stage = stage_printer()
+    result = run(workdir, smoke=smoke, port=port, on_step=on_step, on_record=on_record, on_stage=show_stage)
+    # Plain lines, not a table: paths stay whole for copying, whatever the terminal width.
+    quality = result["quality"]
+    val = result["pretrain"]["val_loss"]
+    acc = result["finetune"]["dev_accuracy"]
+    typer.echo(f"quickstart finished in {result['seconds']:.0f}s; artifacts:")
+    typer.echo(f"  quality classifier     {quality['path']}  (holdout accuracy {quality.get('holdout_accuracy', float('nan')):.3f})")
+    typer.echo(f"  curated dataset        {result['data']['path']}  ({result['data']['documents']:,} documents kept, "
+               f"{result['data']['rejected']:,} rejected; see its manifest.json and rejected/)")
+    typer.echo(f"  pretrained GPT         {result['pretrain']['path']}  (loss {result['pretrain']['loss']:.3f}"
+               + (f", val {val:.3f})" if val is not None else ")"))
+    typer.echo(f"  fine-tuned classifier  {result['finetune']['path']}"
+               + (f"  (dev accuracy {acc:.3f})" if acc is not None else ""))
+    serve = result["serve"]
+    typer.echo(f"served answer to {serve['prompt']!r}: {serve['completion']!r}")
+    typer.echo(f"serve it again:  mtnlg-ray serve --checkpoint {result['pretrain']['path']}")
+    body = json.dumps({"prompt": serve["prompt"], "max_tokens": 24,
+                       **{k: serve[k] for k in ("temperature", "top_p", "seed")}})
+    typer.echo(f"then query it:   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{body}'")
+    typer.echo(f"classify text:   mtnlg-ray evaluate -c {result['finetune']['path']} -d {result['workdir']}/task/dev.jsonl "
+               "--task classification")
+
+
