@@ -1,7 +1,8 @@
-"""Publishing a folder of files (a checkpoint, an export, a quality model) all at once.
+"""Publishing a folder of files (a checkpoint, an export, a quality model) or one file (a manifest, a
+tokenizer, a report) all at once.
 
-The folder is written in full under a hidden sibling name and renamed into place, so a reader sees
-the old folder or the new one, never a mix; it gets the permissions any folder the user makes gets.
+Everything is written in full under a hidden sibling name, synced, and renamed into place, so a reader
+sees the old version or the new one, never a mix; it gets the permissions anything the user makes gets.
 """
 
 from __future__ import annotations
@@ -44,6 +45,27 @@ def publish_directory(output: Path, write: Callable[[Path], None]) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return output
+
+
+def publish_file(path: Path, text: str) -> Path:
+    """Write `text` to a hidden sibling of `path`, sync it, and rename it to `path` (replacing it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def copy_directory(source: Path, output: Path) -> Path:
+    """Publish a copy of the folder `source` as `output` (e.g. a run's best checkpoint as its final one)."""
+    return publish_directory(output, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True))
 
 
 def current_umask() -> int:

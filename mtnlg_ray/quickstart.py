@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from mtnlg_ray.config import load_config
+from mtnlg_ray.publish import publish_file
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,6 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
     finally:
         serve.delete("mtnlg")
     result["seconds"] = round(time.perf_counter() - started, 1)
-    (work / "quickstart.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    publish_file(work / "quickstart.json", json.dumps(result, indent=2) + "\n")
     step("done", f"everything is under {work}")
     return result

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from mtnlg_ray.data.read import iter_texts
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
+from mtnlg_ray.publish import publish_file
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def train_tokenizer(
 
     output.mkdir(parents=True, exist_ok=True)
     path = output / TOKENIZER_FILE
-    _write_atomically(path, tok.to_str())
+    publish_file(path, tok.to_str())
     log.info("trained %d tokens on %d documents: %s", tok.get_vocab_size(), texts.documents, path)
     return path
 
@@ -123,18 +123,6 @@ def _tokenizer_file(path: str | Path) -> Path:
     if not file.is_file():
         raise CheckpointError(f"{file}: no such file (`mtnlg-ray tokenizer train` writes one)")
     return file
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class _CountedTexts:

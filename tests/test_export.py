@@ -173,6 +173,8 @@ def test_published_folders_are_readable_by_everyone_under_the_usual_umask(checkp
     import os
     import stat
 
+    from mtnlg_ray.publish import copy_directory, publish_file
+
     def modes(folder: Path) -> set[int]:
         return {stat.S_IMODE(folder.stat().st_mode)} | {stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()}
 
@@ -182,6 +184,13 @@ def test_published_folders_are_readable_by_everyone_under_the_usual_umask(checkp
         back = import_hf(hf, tmp_path / "back")
         assert stat.S_IMODE(hf.stat().st_mode) == 0o755 and stat.S_IMODE(back.stat().st_mode) == 0o755
         assert all(mode & 0o044 == 0o044 for mode in modes(hf) | modes(back))  # group and others read every file
+        # A run's final = its best checkpoint, and single files (manifests, reports), publish the same way.
+        final = copy_directory(checkpoint, tmp_path / "run" / "final")
+        assert stat.S_IMODE(final.stat().st_mode) == 0o755 and all(m & 0o044 == 0o044 for m in modes(final))
+        assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in checkpoint.iterdir())
+        report = publish_file(tmp_path / "run" / "report.json", "{}\n")
+        assert report.read_text() == "{}\n" and stat.S_IMODE(report.stat().st_mode) == 0o644
+        assert [p.name for p in report.parent.iterdir() if p.name.startswith(".")] == []  # no staging left
         os.umask(0o077)
         private = export_hf(checkpoint, tmp_path / "private")
         assert stat.S_IMODE(private.stat().st_mode) == 0o700

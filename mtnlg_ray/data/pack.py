@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from mtnlg_ray.config import PackSection
+from mtnlg_ray.publish import publish_file
 
 _TOKENIZERS: dict[str, object] = {}
 
@@ -117,7 +118,7 @@ class SequenceWriter:
         self.result.dropped_tail_tokens = int(len(self.pending))
         self._flush("train")
         self._flush("val")
-        (self.output / "index.json").write_text(json.dumps(self.result.to_json(), indent=2) + "\n")
+        publish_file(self.output / "index.json", json.dumps(self.result.to_json(), indent=2) + "\n")
         return self.result
 
 

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from mtnlg_ray.config import Config
 from mtnlg_ray.data.read import REJECTED_COLUMNS, document_id, iter_records, iter_texts, resolve_inputs
 from mtnlg_ray.errors import InputError
+from mtnlg_ray.publish import publish_file
 
 FORMAT = "mtnlg-ray/dataset/v1"
 _SEQ_BITS = 32  # seq = file index << 32 | record index: the corpus order, kept through every stage
@@ -346,9 +347,7 @@ def _manifest_head(inputs: Sequence[str], run: PipelineRun, rejected: dict[str, 
 
 
 def _write_manifest(output: Path, manifest: dict) -> None:
-    tmp = output / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, output / "manifest.json")
+    publish_file(output / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
 
 def _start_pipeline() -> None:

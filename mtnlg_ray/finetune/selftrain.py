@@ -18,6 +18,7 @@ from typing import Callable
 
 from mtnlg_ray.config import Config
 from mtnlg_ray.errors import ConfigError, InputError
+from mtnlg_ray.publish import publish_file
 
 
 def _run_config(cfg: Config, name: str, train: str) -> Config:
@@ -168,7 +169,7 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         teacher = result["final"]
 
     report["final"] = teacher
-    (root / "self_train_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    publish_file(root / "self_train_report.json", json.dumps(report, indent=2) + "\n")
     report["plot"] = str(plot_self_training(report, root / "self_train.png"))
     return report
 

@@ -13,6 +13,7 @@ from typing import Callable
 
 from mtnlg_ray.config import Config
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
+from mtnlg_ray.publish import publish_file
 
 WARMUP_FRACTION = 0.05  # of the run's tokens, when train.warmup_tokens is not set
 
@@ -141,5 +142,5 @@ def finetune(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
     summary = {k: v for k, v in result.items() if k != "records"}
     summary.update(task=cfg.task.kind, metric=cfg.task.dev_metric, labels=cfg.task.labels,
                    dev=best[-1]["dev"] if best else (dev[-1] if dev else None), dev_history=dev)
-    (Path(result["run_dir"]) / "finetune_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    publish_file(Path(result["run_dir"]) / "finetune_summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

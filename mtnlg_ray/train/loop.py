@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,6 +24,7 @@ from mtnlg_ray.config import Config
 from mtnlg_ray.errors import ConfigError
 from mtnlg_ray.model.flops import flops_per_token
 from mtnlg_ray.model.gpt import GPT, GPTConfig, parameter_kinds, pipeline_part
+from mtnlg_ray.publish import copy_directory
 from mtnlg_ray.train.checkpoint import (
     TrainerState,
     CheckpointManager,
@@ -316,7 +316,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if task.keeps_best and (run_dir / "best").is_dir():
         # The final checkpoint of a fine-tuning run is its best on the dev set.
         if rank == 0:
-            _replace_dir(run_dir / "best", final)
+            copy_directory(run_dir / "best", final)
     else:
         _save_consolidated(parts, task, model_config, final, tokenizer_file, rank, trained, pipeline)
     if rank == 0:
@@ -361,10 +361,3 @@ def model_trainable_parameters(parts: list, pipeline) -> int:
     dist.all_reduce(total, group=pipeline.mesh["pp"].get_group())
     return int(total.item())
 
-
-def _replace_dir(source: Path, target: Path) -> None:
-    staging = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source, staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
