@@ -8,8 +8,9 @@ validated `Config`, which the stage function receives. Unknown keys and bad valu
 from __future__ import annotations
 
 from importlib import resources
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -17,6 +18,48 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mtnlg_ray.errors import ConfigError
 from mtnlg_ray.model.gpt import GPTConfig, pad_vocab
 from mtnlg_ray.model.presets import PRESETS, get_preset
+
+
+LOCAL_PATH = "local-path"  # field metadata: the value is a local path (or a list of them) on the user's machine
+# Declared here once; `absolute_paths` makes every such field absolute (submit, the trainers, self-training).
+PathStr = Annotated[str, LOCAL_PATH]
+OptionalPath = Annotated[str | None, LOCAL_PATH]
+PathList = Annotated[list[str], LOCAL_PATH]
+
+
+def absolute_path(value: str, cwd: str | Path | None = None) -> str:
+    """A local path or glob made absolute against `cwd` (default: here); URIs and builtin: inputs are kept."""
+    if not value or "://" in value or value.startswith("builtin:"):
+        return value
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        return os.path.normpath(expanded)
+    return os.path.normpath(os.path.join(Path.cwd() if cwd is None else cwd, expanded))
+
+
+def absolute_paths(config: BaseModel, cwd: str | Path | None = None) -> BaseModel:
+    """A copy of `config` whose path fields (declared `PathStr` / `OptionalPath` / `PathList`) are absolute:
+    Ray workers and jobs do not run in the directory the user gave them in."""
+    updates = {}
+    for name in type(config).model_fields:
+        section = getattr(config, name)
+        if not isinstance(section, BaseModel):
+            continue
+        changes: dict[str, Any] = {}
+        for field, info in type(section).model_fields.items():
+            if LOCAL_PATH not in info.metadata:
+                continue
+            value = getattr(section, field)
+            if isinstance(value, str):
+                changes[field] = absolute_path(value, cwd)
+            elif isinstance(value, list):
+                changes[field] = [absolute_path(v, cwd) if isinstance(v, str) else v for v in value]
+        if isinstance(section, ReadSection) and section.weights:
+            # Weights are keyed by INPUT as given, and the INPUTs are made absolute the same way.
+            changes["weights"] = {absolute_path(k, cwd): w for k, w in section.weights.items()}
+        if changes:
+            updates[name] = section.model_copy(update=changes)
+    return config.model_copy(update=updates)
 
 
 class Section(BaseModel):
@@ -54,15 +97,15 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    path: str | None = None
-    train: str | None = None
-    dev: str | None = None
+    path: OptionalPath = None
+    train: OptionalPath = None
+    dev: OptionalPath = None
     text_field: str = "text"
     label_field: str = "label"
 
 
 class TokenizerSection(Section):
-    path: str | None = None
+    path: OptionalPath = None
     vocab_size: int = Field(8192, ge=257)
 
 
@@ -75,7 +118,7 @@ class PackSection(Section):
 
 class LabelSection(Section):
     labeler: Literal["quality", "perplexity", "classifier"] | None = None
-    model: str | None = None
+    model: OptionalPath = None
     # quality: documents under `threshold` are dropped ("threshold") or kept with GPT-3's Pareto
     # sampling (keep when pareto(alpha) > 1 - quality); classifier: predictions under it are not labels.
     threshold: float = Field(0.5, ge=0.0, le=1.0)
@@ -142,7 +185,7 @@ class CleanSection(Section):
 class DecontamSection(Section):
     """Remove evaluation text from training data, as GPT-3 / MT-NLG did."""
 
-    eval_files: list[str] = []  # INPUTs holding the evaluation sets
+    eval_files: PathList = []  # INPUTs holding the evaluation sets
     ngram: int = Field(13, ge=1)  # word n-grams that count as a match
     window: int = Field(200, ge=0)  # characters cut on each side of a match
     min_fragment: int = Field(200, ge=0)  # pieces shorter than this are dropped
@@ -164,7 +207,7 @@ class PiiSection(Section):
 class FilterSection(Section):
     # A file of domains, one a line ('#' comments); documents whose read.url_field is on one of them,
     # or on a subdomain of one, are rejected ("url_blocklist").
-    url_blocklist: str | None = None
+    url_blocklist: OptionalPath = None
 
 
 class DedupSection(Section):
@@ -257,12 +300,12 @@ class CheckpointSection(Section):
 
 class RunSection(Section):
     name: str = "run"
-    storage_path: str = "runs"
+    storage_path: PathStr = "runs"
     max_failures: int = Field(2, ge=0)
 
 
 class InitSection(Section):
-    checkpoint: str | None = None
+    checkpoint: OptionalPath = None
 
 
 class LoraSection(Section):
@@ -302,12 +345,12 @@ class SelfTrainSection(Section):
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     per_class_top_k: int | None = Field(None, ge=1)
     soft_labels: bool = False
-    unlabelled: str | None = None
+    unlabelled: OptionalPath = None
     # Epochs of each student over labelled + pseudo-labelled data (default: train.epochs); a pool
     # much larger than the labelled set needs fewer passes than the teacher.
     student_epochs: int | None = Field(None, ge=1)
     # A classification checkpoint to use as the round-0 teacher instead of fine-tuning one on data.train.
-    teacher: str | None = None
+    teacher: OptionalPath = None
 
 
 class Config(Section):

@@ -156,13 +156,28 @@ def test_build_job_makes_local_paths_absolute_and_leaves_uris_alone(tmp_path):
         build_job("prepare", ["corpus/"], cwd=tmp_path)
 
 
-def test_every_path_key_submit_rewrites_is_a_config_key():
-    from mtnlg_ray.config import Config
-    from mtnlg_ray.cli.jobspec import PATH_KEYS
+def test_every_path_field_is_made_absolute_and_nothing_else(tmp_path):
+    """Path fields are declared once (config.py's path types); `absolute_paths`, which submit, the trainers
+    and self-training all use, rewrites exactly those, including ones added after submit was written."""
+    from mtnlg_ray.config import LOCAL_PATH, Config, absolute_paths
 
-    for key in PATH_KEYS:
-        section, name = key.split(".")
-        assert name in Config.model_fields[section].annotation.model_fields, key
+    declared = {f"{section}.{name}" for section, info in Config.model_fields.items()
+                for name, field in getattr(info.annotation, "model_fields", {}).items() if LOCAL_PATH in field.metadata}
+    assert {"data.path", "data.train", "data.dev", "tokenizer.path", "label.model", "init.checkpoint",
+            "run.storage_path", "selftrain.unlabelled", "selftrain.teacher", "decontam.eval_files",
+            "filter.url_blocklist"} <= declared
+    config = Config.model_validate({
+        "data": {"path": "d", "train": "~/t.tsv", "dev": "s3://bucket/dev.tsv"}, "tokenizer": {"path": "tok"},
+        "decontam": {"eval_files": ["e1.jsonl", "builtin:python-docs"]}, "filter": {"url_blocklist": "block.txt"},
+        "read": {"weights": {"a.txt": 2.0}}, "run": {"name": "keep-me"}})
+    done = absolute_paths(config, tmp_path)
+    assert done.data.path == str(tmp_path / "d") and done.data.train == str(Path("~/t.tsv").expanduser())
+    assert done.data.dev == "s3://bucket/dev.tsv"  # URIs and builtin: inputs stay as they are
+    assert done.decontam.eval_files == [str(tmp_path / "e1.jsonl"), "builtin:python-docs"]
+    assert done.filter.url_blocklist == str(tmp_path / "block.txt") and done.tokenizer.path == str(tmp_path / "tok")
+    assert done.run.storage_path == str(tmp_path / "runs") and done.run.name == "keep-me"
+    assert done.read.weights == {str(tmp_path / "a.txt"): 2.0}
+    assert config.data.path == "d"  # a copy: the given config is unchanged
 
 
 def test_submit_with_no_cluster_anywhere_is_one_line(tmp_path):

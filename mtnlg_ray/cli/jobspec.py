@@ -6,10 +6,10 @@ sent; local paths become absolute and the config is resolved into one file (`Job
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path, PurePath
 
+from mtnlg_ray.config import absolute_path, absolute_paths
 from mtnlg_ray.errors import ConfigError, MtnlgError, first_line
 from mtnlg_ray.jobs import CONFIG_NAME, JobSpec
 
@@ -25,9 +25,6 @@ STAGES: dict[str, tuple[str, ...]] = {
 # The shipped config a stage starts from when no --config is given (as its command loads it).
 CONFIG_STAGES = {"prepare": "prepare", "label": "prepare", "pretrain": "pretrain", "finetune": "finetune",
                  "self-train": "selftrain"}
-# Config keys that hold local paths: made absolute here, since the job runs in a directory of Ray's.
-PATH_KEYS = ("data.path", "data.train", "data.dev", "tokenizer.path", "label.model", "init.checkpoint",
-             "run.storage_path", "selftrain.unlabelled", "selftrain.teacher", "decontam.eval_files")
 
 
 def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, env: list[str] = ()) -> JobSpec:
@@ -55,7 +52,7 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
         if stage == "label":  # `data label` lays its --labeler and --model over the config
             overrides += [f"label.labeler={ctx.params['labeler']}", f"label.model={ctx.params['model']}"]
         config = _load_stage_config(stage, ctx.params.get(config_param.name), overrides)
-        _absolute_config_paths(config, cwd)
+        config = absolute_paths(config, cwd)
         config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
         argv += ["--config", CONFIG_NAME]
     return JobSpec(stage=stage, argv=argv, config_yaml=config_yaml, env_vars=env_vars)
@@ -92,7 +89,7 @@ def _tokens(param, value, source, cwd: Path) -> list[str]:
     """A parsed parameter back as command-line tokens, paths made absolute; defaults are left out."""
     if param.param_type_name == "argument":  # the stages' positional arguments are all INPUTs
         values = value if isinstance(value, (list, tuple)) else [value]
-        return [_local_path(str(v), cwd) for v in values if v is not None]
+        return [absolute_path(str(v), cwd) for v in values if v is not None]
     if source is None or getattr(source, "name", "") != "COMMANDLINE":
         return []  # defaults and environment variables are the cluster's own to supply
     flag = next((o for o in param.opts if o.startswith("--")), param.opts[0])
@@ -109,18 +106,10 @@ def _tokens(param, value, source, cwd: Path) -> list[str]:
 
 def _token(value, cwd: Path) -> str:
     if isinstance(value, PurePath):
-        return _local_path(str(value), cwd)
+        return absolute_path(str(value), cwd)
     if isinstance(value, Enum):
         return str(value.value)
     return str(value)
-
-
-def _local_path(value: str, cwd: Path) -> str:
-    """Absolute form of a local path or glob; URIs and builtin: inputs are left as they are."""
-    if not value or "://" in value or value.startswith("builtin:"):
-        return value
-    expanded = os.path.expanduser(value)
-    return expanded if os.path.isabs(expanded) else os.path.normpath(os.path.join(cwd, expanded))
 
 
 def _load_stage_config(stage: str, path, overrides: list[str]):
@@ -133,23 +122,6 @@ def _load_stage_config(stage: str, path, overrides: list[str]):
         except ConfigError:
             config_stage = "pretrain"  # a stage whose own defaults have not shipped yet
     return load_config(path, overrides, stage=config_stage)
-
-
-def _absolute_config_paths(config, cwd: Path) -> None:
-    for key in PATH_KEYS:
-        section_name, name = key.split(".")
-        section = getattr(config, section_name, None)
-        if section is None or name not in type(section).model_fields:
-            continue
-        value = getattr(section, name)
-        if isinstance(value, str):
-            setattr(section, name, _local_path(value, cwd))
-        elif isinstance(value, list):
-            setattr(section, name, [_local_path(v, cwd) if isinstance(v, str) else v for v in value])
-    read = getattr(config, "read", None)
-    if read is not None and read.weights:
-        # Weights are keyed by INPUT as given, and the INPUTs are made absolute the same way.
-        read.weights = {_local_path(source, cwd): weight for source, weight in read.weights.items()}
 
 
 def _parse_env(items) -> dict[str, str]:

@@ -113,9 +113,9 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         raise ConfigError(f"task.kind: self-training labels a pool with a classifier; got {cfg.task.kind}")
     if not cfg.selftrain.unlabelled:
         raise ConfigError("selftrain.unlabelled: set it to the unlabelled pool (TSV / CSV / JSONL / Parquet)")
-    unlabelled = Path(cfg.selftrain.unlabelled).expanduser().resolve()
     checked, _, _, _ = prepare_finetune(cfg)  # every file and the start checkpoint, before any training
     cfg = checked.model_copy(update={"train": cfg.train})  # each round sizes its own default schedule
+    unlabelled = Path(cfg.selftrain.unlabelled)  # absolute now, as every path field of `checked`
     labels = list(checked.task.labels)
     if cfg.selftrain.teacher:
         _check_teacher(cfg, labels)
@@ -176,10 +176,9 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
 
 def _check_teacher(cfg: Config, labels: list[str]) -> None:
     """`selftrain.teacher` must be a classifier of exactly the task's labels, in the same order."""
-    from mtnlg_ray.checkpoint import read_checkpoint_config
-    from mtnlg_ray.checkpoint import classification_task
+    from mtnlg_ray.checkpoint import classification_task, read_checkpoint_config
 
-    teacher = Path(cfg.selftrain.teacher).expanduser().resolve()
+    teacher = Path(cfg.selftrain.teacher)
     task = classification_task(read_checkpoint_config(teacher), teacher / "config.json")
     if task["labels"] != labels:
         raise ConfigError(f"selftrain.teacher: {teacher} classifies {task['labels']}, the task has {labels}")
@@ -189,10 +188,10 @@ def _given_teacher(cfg: Config, labels: list[str]) -> dict:
     """`selftrain.teacher` as round 0, scored on the dev set."""
     from mtnlg_ray.finetune.evaluate import evaluate_classification
 
-    teacher = Path(cfg.selftrain.teacher).expanduser().resolve()
+    teacher = Path(cfg.selftrain.teacher)
     dev = None
     if cfg.data.dev:
-        dev = evaluate_classification(teacher, Path(cfg.data.dev).expanduser().resolve(), cfg.data.text_field,
+        dev = evaluate_classification(teacher, Path(cfg.data.dev), cfg.data.text_field,
                                       cfg.data.label_field)
     return {"final": str(teacher), "dev": dev}
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from mtnlg_ray.config import Config
+from mtnlg_ray.config import Config, absolute_paths
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
 from mtnlg_ray.publish import publish_file
 
@@ -31,7 +31,7 @@ def _tokenizer(cfg: Config) -> Path:
     from mtnlg_ray.checkpoint import tokenizer_path
     from mtnlg_ray.tokenizer import tokenizer_hash
 
-    given = Path(cfg.tokenizer.path).expanduser().resolve() if cfg.tokenizer.path else None
+    given = Path(cfg.tokenizer.path) if cfg.tokenizer.path else None  # absolute: see _resolve
     if given is not None and given.is_dir():
         given = given / "tokenizer.json"
     if cfg.init.checkpoint is None:
@@ -48,18 +48,11 @@ def _tokenizer(cfg: Config) -> Path:
 
 
 def _resolve(cfg: Config) -> Config:
-    def absolute(value: str | None) -> str | None:
-        return str(Path(value).expanduser().resolve()) if value else value
-
     if cfg.data.train is None:
         raise ConfigError("data.train: set it to the labelled training file (TSV, CSV, JSONL or Parquet)")
+    cfg = absolute_paths(cfg)
     init = str(start_checkpoint(cfg.init.checkpoint)) if cfg.init.checkpoint else None
-    return cfg.model_copy(update={
-        "data": cfg.data.model_copy(update={"train": absolute(cfg.data.train), "dev": absolute(cfg.data.dev)}),
-        "init": cfg.init.model_copy(update={"checkpoint": init}),
-        "tokenizer": cfg.tokenizer.model_copy(update={"path": absolute(cfg.tokenizer.path)}),
-        "run": cfg.run.model_copy(update={"storage_path": absolute(cfg.run.storage_path)}),
-    })
+    return cfg.model_copy(update={"init": cfg.init.model_copy(update={"checkpoint": init})})
 
 
 def _check_task(cfg: Config, tokenizer_file: Path, seq_len: int) -> tuple[Config, int, int]:

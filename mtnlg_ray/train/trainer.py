@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from mtnlg_ray.config import Config
+from mtnlg_ray.config import Config, absolute_paths
 from mtnlg_ray.errors import ConfigError, InputError
 from mtnlg_ray.train.checkpoint import latest_checkpoint
 
@@ -33,11 +33,7 @@ def resolve_paths(cfg: Config) -> Config:
     """Absolute paths: Ray workers do not run in the driver's working directory."""
     if cfg.data.path is None:
         raise ConfigError("data.path: set it to a dataset directory from `mtnlg-ray data prepare`")
-    updates = {"data": cfg.data.model_copy(update={"path": str(Path(cfg.data.path).expanduser().resolve())}),
-               "run": cfg.run.model_copy(update={"storage_path": str(Path(cfg.run.storage_path).expanduser().resolve())})}
-    if cfg.init.checkpoint:
-        updates["init"] = cfg.init.model_copy(update={"checkpoint": str(Path(cfg.init.checkpoint).expanduser().resolve())})
-    return cfg.model_copy(update=updates)
+    return absolute_paths(cfg)
 
 
 def follow(path: Path, stop: threading.Event, on_record: Callable[[dict], None], start_at: int = 0) -> None:
