@@ -15,16 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from common import command_line, quiet_ray_data
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mtnlg_ray.config import DedupSection  # noqa: E402
-from mtnlg_ray.data.dedup import (  # noqa: E402
+from mtnlg_ray.config import DedupSection
+from mtnlg_ray.data.minhash import (
     MinHashBands,
     candidate_pairs,
     estimated_jaccard,
@@ -167,13 +164,9 @@ def end_to_end(ids: list[str], texts: list[str], cfg: DedupSection, cpus: int) -
     import ray
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    from ray.data import DataContext
-
     from mtnlg_ray.data.dedup import dedup_documents
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
+    quiet_ray_data()
     items = [{"id": i, "text": t, "source": "bench", "location": i} for i, t in zip(ids, texts)]
     ds = ray.data.from_items(items).materialize()
     t0 = time.perf_counter()
@@ -243,7 +236,7 @@ def main() -> None:
               f"removed {len(removed)}, should remove {len(expected)}: "
               f"recall {hits / max(len(expected), 1):.3f}, precision {hits / max(len(removed), 1):.3f}")
     print()
-    print("command: python bench/dedup.py " + " ".join(sys.argv[1:]))
+    print("command: " + command_line())
 
 
 if __name__ == "__main__":

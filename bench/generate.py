@@ -11,7 +11,6 @@ The token sequences must match before a time counts. Prints tokens/s, ours/HF, a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -20,18 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import transformers
+from common import build_checkpoint, write_result
+from transformers import GPT2LMHeadModel
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import GPT2LMHeadModel  # noqa: E402
-
-from mtnlg_ray.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from mtnlg_ray.config import ModelSection  # noqa: E402
-from mtnlg_ray.export import export_hf  # noqa: E402
-from mtnlg_ray.model.generate import SamplingParams, generate  # noqa: E402
-from mtnlg_ray.model.gpt import GPT, inference_layout  # noqa: E402
-from mtnlg_ray.tokenizer import eos_id, load_tokenizer, train_tokenizer  # noqa: E402
+from mtnlg_ray.checkpoint import load_checkpoint, tokenizer_path
+from mtnlg_ray.export import export_hf
+from mtnlg_ray.model.generate import SamplingParams, generate
+from mtnlg_ray.model.gpt import GPT, inference_layout
+from mtnlg_ray.tokenizer import eos_id, load_tokenizer
 
 # Prompts are cut from this text; with random weights their content does not matter, only their ids.
 PROMPT_TEXT = (
@@ -49,16 +46,10 @@ def build_models(
     preset: str, seq_len: int, vocab: int, workdir: Path, seed: int
 ) -> tuple[GPT, GPT2LMHeadModel, list[int], int]:
     """Our model and HF's GPT-2 with the same weights, both read back from disk; plus text ids and EOS."""
-    tok_file = train_tokenizer(["builtin:python-docs"], vocab, workdir / "tokenizer", show_progress=False)
-    tok = load_tokenizer(tok_file)
-    config = ModelSection(preset=preset, seq_len=seq_len).resolve(tokenizer_vocab=tok.get_vocab_size())
-    torch.manual_seed(seed)
-    model = GPT(config)
-    model.reset_parameters(seed=seed)
-    save_checkpoint(model, workdir / "ckpt", tokenizer_json=tok_file)
-    del model
-    export_hf(workdir / "ckpt", workdir / "hf")
-    ours, _ = load_checkpoint(workdir / "ckpt")
+    ckpt = build_checkpoint(preset, vocab, workdir, seed, seq_len=seq_len)
+    tok = load_tokenizer(tokenizer_path(ckpt))
+    export_hf(ckpt, workdir / "hf")
+    ours, _ = load_checkpoint(ckpt)
     inference_layout(ours)  # as TextGenerator (mtnlg-ray generate, Serve) loads it
     hf = GPT2LMHeadModel.from_pretrained(workdir / "hf", dtype=torch.float32).eval()
     return ours, hf, tok.encode(PROMPT_TEXT).ids, eos_id(tok)
@@ -251,7 +242,7 @@ def main() -> None:
     print("command: python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
     if args.json:
         result = {"setup": header, "rows": rows, "scaling": scaling, "other_processes_cpus": others}
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.json, result)
 
 
 if __name__ == "__main__":

@@ -19,14 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: F401  (puts this checkout on sys.path before the mtnlg_ray imports)
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import torch  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-
-from mtnlg_ray.model import GPT, PRESETS, lm_loss  # noqa: E402
-from mtnlg_ray.model.flops import flops_per_token, get_gpu  # noqa: E402
-from mtnlg_ray.model.generate import SamplingParams, generate  # noqa: E402
+from mtnlg_ray.model import GPT, PRESETS, lm_loss
+from mtnlg_ray.model.flops import flops_per_token, get_gpu
+from mtnlg_ray.model.generate import SamplingParams, generate
 
 
 def timed(fn, reps: int, warmup: int) -> float:

@@ -22,24 +22,20 @@ import platform
 import random
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pyarrow as pa
+import ray
+import torch
+from common import build_checkpoint, command_line, quiet_ray_data, write_result
 
-import pyarrow as pa  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-
-from mtnlg_ray.checkpoint import init_checkpoint  # noqa: E402
-from mtnlg_ray.config import LabelSection  # noqa: E402
-from mtnlg_ray.data.builtin import python_docs_texts  # noqa: E402
-from mtnlg_ray.data.label import LABELERS, PerplexityLabeler, QualityLabeler, label_documents  # noqa: E402
-from mtnlg_ray.data.quality import train_quality_classifier  # noqa: E402
-from mtnlg_ray.runtime import ensure_ray  # noqa: E402
-from mtnlg_ray.tokenizer import train_tokenizer  # noqa: E402
+from mtnlg_ray.config import LabelSection
+from mtnlg_ray.data.builtin import python_docs_texts
+from mtnlg_ray.data.label import LABELERS, PerplexityLabeler, QualityLabeler, label_documents
+from mtnlg_ray.data.quality import train_quality_classifier
+from mtnlg_ray.runtime import ensure_ray
 
 
 def corpus(n: int, chars: int) -> list[dict]:
@@ -60,8 +56,7 @@ def junk(rng: random.Random, words: list[str]) -> str:
 
 
 def build_models(workdir: Path, want_quality: bool) -> dict[str, Path]:
-    tok = train_tokenizer(["builtin:python-docs"], 512, workdir / "tokenizer", show_progress=False)
-    models = {"perplexity": init_checkpoint("tiny", tok, workdir / "tiny", seed=0)}
+    models = {"perplexity": build_checkpoint("tiny", 512, workdir, seed=0)}
     if want_quality:
         texts = list(python_docs_texts())
         words = re.findall(r"[a-z]+", " ".join(texts).lower())
@@ -147,9 +142,7 @@ def main() -> None:
         if not args.skip_quality:
             runs["quality"] = (docs[: args.quality_docs], args.quality_batch_size)
         ensure_ray(num_cpus=max(os.cpu_count() or 1, max(args.actors)))
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
+        quiet_ray_data()
         for kind, (run_docs, batch) in runs.items():
             rows += bracketed(kind, models[kind], run_docs, batch, args.actors, args.repeats)
         ray.shutdown()
@@ -164,12 +157,12 @@ def main() -> None:
         print(f"{r['labeller']:<11} {r['docs']:>6} {r['batch']:>6} {r['actors']:>6} {r['loop']:>11.1f} "
               f"{r['pool']:>11.1f} {r['ratio']:>9.2f}× {r['steady']:>10.1f} {r['steady_ratio']:>9.2f}× "
               f"{r['first_s']:>12.1f}")
-    command = "python bench/label.py " + " ".join(sys.argv[1:])
+    command = command_line()
     print("\ncommand: " + command)
     if args.output:
         result = {"command": command, "machine": platform.machine(), "cpus": os.cpu_count(),
                   "torch": torch.__version__, "ray": ray.__version__, "rows": rows}
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.output, result)
 
 
 if __name__ == "__main__":

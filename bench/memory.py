@@ -19,33 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from common import SHAKESPEARE, metrics_records, prepare_packed, write_result
 
-import torch  # noqa: E402
+from mtnlg_ray.config import load_config
+from mtnlg_ray.model.gpt import GPT, GPTConfig, lm_loss
+from mtnlg_ray.model.plan import plan_layout
 
-from mtnlg_ray.config import load_config  # noqa: E402
-from mtnlg_ray.model.gpt import GPT, GPTConfig, lm_loss  # noqa: E402
-from mtnlg_ray.model.plan import plan_layout  # noqa: E402
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 GIB = 2**30
 LAYOUTS = {"tp4": ["parallel.workers=4", "parallel.tp=4"], "dp4": ["parallel.workers=4", "parallel.fsdp=true"]}
-
-
-def prepare(output: Path, seq_len: int, vocab: int) -> Path:
-    from mtnlg_ray.data.pipeline import prepare_dataset
-
-    config = load_config(
-        overrides=["read.txt_mode=paragraph", "clean.enabled=false", "dedup.exact=false", "dedup.fuzzy=false",
-                   f"tokenizer.vocab_size={vocab}", f"pack.seq_len={seq_len}", "pack.val_fraction=0.02"],
-        stage="prepare",
-    )
-    prepare_dataset([str(SHAKESPEARE)], output, config)
-    return output
 
 
 def run_layout(name: str, args: argparse.Namespace, dataset: Path, runs: Path) -> dict:
@@ -57,7 +42,7 @@ def run_layout(name: str, args: argparse.Namespace, dataset: Path, runs: Path) -
         "train.eval_batches=1", "train.peak_tflops=1.0", "parallel.cpus_per_worker=0.5", *LAYOUTS[name],
     ]
     result = pretrain(load_config(overrides=settings, stage="pretrain"))
-    records = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(result["run_dir"])
     start = next(r for r in records if r.get("event") == "start")
     held = next(r for r in records if r.get("event") == "memory")
     shape = json.loads((Path(result["run_dir"]) / "final" / "config.json").read_text())["model"]
@@ -90,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="mtnlg-memory-") as tmp:
-        dataset = prepare(Path(tmp) / "data", args.seq_len, args.vocab)
+        dataset = prepare_packed(str(SHAKESPEARE), Path(tmp) / "data", args.seq_len, args.vocab)
         measured = {name: run_layout(name, args, dataset, Path(tmp) / "runs") for name in LAYOUTS}
 
     start = measured["tp4"]["start"]
@@ -133,8 +118,7 @@ def main() -> None:
     print("(GiB per rank, the largest rank; state = params + grads + Adam; plan = `mtnlg-ray plan`'s "
           "fsdp_fp32_state for the same layout)")
     if args.out:
-        args.out.write_text(json.dumps({"preset": args.preset, "parameters": params, "bound": bound, "rows": rows},
-                                       indent=2) + "\n")
+        write_result(args.out, {"preset": args.preset, "parameters": params, "bound": bound, "rows": rows})
 
 
 if __name__ == "__main__":

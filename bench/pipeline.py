@@ -14,35 +14,19 @@ batch): tokens/s of each, as a ratio. Step times are the median of the steps aft
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from common import SHAKESPEARE, metrics_records, prepare_packed, write_result
 
-import numpy as np  # noqa: E402
+from mtnlg_ray.config import load_config
 
-from mtnlg_ray.config import load_config  # noqa: E402
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 LAYOUTS = {
     "1f1b": ["parallel.pp=2", "parallel.pp_schedule=1f1b"],
     "interleaved-1f1b": ["parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b", "parallel.pp_virtual=2"],
 }
-
-
-def prepare(output: Path, seq_len: int) -> Path:
-    from mtnlg_ray.data.pipeline import prepare_dataset
-
-    config = load_config(
-        overrides=["read.txt_mode=paragraph", "clean.enabled=false", "dedup.exact=false", "dedup.fuzzy=false",
-                   "tokenizer.vocab_size=2048", f"pack.seq_len={seq_len}", "pack.val_fraction=0.02"],
-        stage="prepare",
-    )
-    prepare_dataset([str(SHAKESPEARE)], output, config)
-    return output
 
 
 def step_times(args, dataset: Path, runs: Path, name: str, batch: int, layout: list[str]) -> tuple[float, float]:
@@ -56,7 +40,7 @@ def step_times(args, dataset: Path, runs: Path, name: str, batch: int, layout: l
         "train.peak_tflops=1.0", "parallel.workers=2", *layout,
     ]
     result = pretrain(load_config(overrides=settings, stage="pretrain"))
-    records = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(result["run_dir"])
     # The last step also evaluates and writes the final checkpoint: left out.
     steps = [r for r in records if "loss" in r][args.skip : -1]
     return statistics.median(r["step_time"] for r in steps), statistics.median(r["tokens_per_s"] for r in steps)
@@ -77,7 +61,7 @@ def main() -> None:
 
     results: dict = {"bubble": {}, "throughput": {}}
     with tempfile.TemporaryDirectory(prefix="mtnlg-pipeline-") as tmp:
-        dataset = prepare(Path(tmp) / "data", args.seq_len)
+        dataset = prepare_packed(str(SHAKESPEARE), Path(tmp) / "data", args.seq_len, vocab=2048)
         runs = Path(tmp) / "runs"
         for schedule, layout in LAYOUTS.items():
             virtual = 2 if "interleaved" in schedule else 1
@@ -100,7 +84,7 @@ def main() -> None:
     print(f"tokens/s at {max(counts) * args.micro} sequences a step: pp2 (1F1B) {pp2:,.0f}, dp2 (FSDP) {dp2:,.0f}, "
           f"pp2/dp2 = {pp2 / dp2:.2f}x")
     if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, **results}, indent=2) + "\n")
+        write_result(args.out, {"args": vars(args) | {"out": str(args.out)}, **results})
 
 
 if __name__ == "__main__":

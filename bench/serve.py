@@ -41,13 +41,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from common import build_checkpoint  # noqa: E402
 
-from mtnlg_ray.checkpoint import save_checkpoint  # noqa: E402
-from mtnlg_ray.config import ModelSection  # noqa: E402
 from mtnlg_ray.inference import TextGenerator  # noqa: E402
 from mtnlg_ray.model.generate import SamplingParams, decode, generate  # noqa: E402
-from mtnlg_ray.model.gpt import GPT  # noqa: E402
-from mtnlg_ray.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 # Prompts are windows of these words; with random weights only their ids matter.
 WORDS = (
@@ -60,15 +57,6 @@ WORDS = (
 
 def prompts(count: int, words: int) -> list[str]:
     return [" ".join((WORDS * 2)[i % len(WORDS) : i % len(WORDS) + words]) for i in range(count)]
-
-
-def build_checkpoint(preset: str, vocab: int, workdir: Path, seed: int) -> Path:
-    tok_file = train_tokenizer(["builtin:python-docs"], vocab, workdir / "tokenizer", show_progress=False)
-    config = ModelSection(preset=preset).resolve(tokenizer_vocab=load_tokenizer(tok_file).get_vocab_size())
-    torch.manual_seed(seed)
-    model = GPT(config)
-    model.reset_parameters(seed=seed)
-    return save_checkpoint(model, workdir / "ckpt", tokenizer_json=tok_file) or workdir / "ckpt"
 
 
 def bare_loop(generator: TextGenerator, texts: list[str], max_tokens: int) -> dict:

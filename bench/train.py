@@ -20,34 +20,18 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
+from common import SHAKESPEARE, command_line, metrics_records, prepare_packed, write_result
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from mtnlg_ray.config import load_config  # noqa: E402
-from mtnlg_ray.model.flops import flops_per_token  # noqa: E402
-from mtnlg_ray.model.gpt import GPT, lm_loss  # noqa: E402
-from mtnlg_ray.model.presets import build_on_meta  # noqa: E402
-
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-
-
-def prepare(source: str, output: Path, seq_len: int, vocab: int) -> Path:
-    from mtnlg_ray.data.pipeline import prepare_dataset
-
-    config = load_config(
-        overrides=["read.txt_mode=paragraph", "clean.enabled=false", "dedup.exact=false", "dedup.fuzzy=false",
-                   f"tokenizer.vocab_size={vocab}", f"pack.seq_len={seq_len}", "pack.val_fraction=0.02"],
-        stage="prepare",
-    )
-    prepare_dataset([source], output, config)
-    return output
+from mtnlg_ray.config import load_config
+from mtnlg_ray.model.flops import flops_per_token
+from mtnlg_ray.model.gpt import GPT, lm_loss
+from mtnlg_ray.model.presets import build_on_meta
 
 
 def train_settings(args: argparse.Namespace, dataset: Path, runs: Path, peak: float) -> list[str]:
@@ -66,7 +50,7 @@ def run_ours(settings: list[str]) -> tuple[list[float], dict]:
     from mtnlg_ray.train.trainer import pretrain
 
     result = pretrain(load_config(overrides=settings, stage="pretrain"))
-    records = [json.loads(line) for line in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    records = metrics_records(result["run_dir"])
     start = next(r for r in records if r.get("event") == "start")
     # Wall time from one step's record to the next: whatever the loop does between steps (reporting
     # to Ray Train, logging) counts, not only the step itself (`step_time`).
@@ -126,7 +110,7 @@ def main() -> None:
     ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False, configure_logging=False)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        dataset = prepare(args.data, Path(tmp) / "dataset", args.seq_len, args.vocab_size)
+        dataset = prepare_packed(args.data, Path(tmp) / "dataset", args.seq_len, args.vocab_size)
         peak = max(measured_peak_tflops(torch.device("cpu")) for _ in range(3))
         settings = train_settings(args, dataset, Path(tmp) / "runs", peak)
         cfg = load_config(overrides=settings, stage="pretrain")
@@ -176,9 +160,9 @@ def main() -> None:
           f"{bare_runs[1]:.0f}) | {bare_tok_s:.0f} | 1.00× | {result['bare_mfu'] * 100:.1f} % |")
     print()
     print(f"worker torch threads: {result['worker_threads']}")
-    print("command: python bench/train.py " + " ".join(sys.argv[1:]))
+    print("command: " + command_line())
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.json, result)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ from mtnlg_ray.data.dedup import (
     EXACT_DUPLICATE,
     NEAR_DUPLICATE,
     REJECTED_COLUMNS,
-    MinHashBands,
     _connected_components,
     _local_components,
+    dedup_documents,
+)
+from mtnlg_ray.data.minhash import (
+    MinHashBands,
     bucket_pairs,
     candidate_pairs,
-    dedup_documents,
     estimated_jaccard,
     normalize_text,
     shingle_hashes,
