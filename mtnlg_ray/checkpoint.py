@@ -58,7 +58,7 @@ def save_state_dict(
 ) -> Path:
     """Like `save_checkpoint` for weights already gathered into one state dict (e.g. from DCP shards)."""
     output = Path(output)
-    _check_state(state, expected_shapes(config), output / WEIGHTS)
+    check_tensor_shapes(state, expected_shapes(config), output / WEIGHTS)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in {**state, **(extra_tensors or {})}.items()}
     body = {"format": FORMAT, "model": config.to_dict(), **(extra or {})}
     _write_atomically(output, tensors, body, tokenizer_json)
@@ -97,18 +97,18 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def _check_state(state: dict, expected: dict, where: Path) -> None:
+def check_tensor_shapes(state: dict, expected: dict, where: Path, error: type[Exception] = CheckpointError,
+                        model: str = "this model config", expects: str = "config expects") -> None:
+    """Name the first missing, unexpected or misshapen tensor of `state` against `expected` (name → shape)."""
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise CheckpointError(f"{where}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
+        raise error(f"{where}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
     extra = sorted(set(state) - set(expected))
     if extra:
-        raise CheckpointError(f"{where}: unexpected tensor '{extra[0]}' for this model config")
+        raise error(f"{where}: unexpected tensor '{extra[0]}' for {model}")
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
-            raise CheckpointError(
-                f"{where}: tensor '{name}' has shape {list(state[name].shape)}, config expects {list(shape)}"
-            )
+            raise error(f"{where}: tensor '{name}' has shape {list(state[name].shape)}, {expects} {list(shape)}")
 
 
 def read_checkpoint_config(path: str | Path) -> dict:
@@ -119,14 +119,23 @@ def read_checkpoint_config(path: str | Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a checkpoint directory holding {WEIGHTS} and {CONFIG}")
     config_file = path / CONFIG
-    if not config_file.is_file():
-        raise CheckpointError(f"{config_file}: missing (is {path} a consolidated checkpoint?)")
-    try:
-        body = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config_file}: not valid JSON ({exc})") from None
-    if not isinstance(body, dict) or not isinstance(body.get("model"), dict):
+    body = read_json_object(config_file, f"is {path} a consolidated checkpoint?")
+    if not isinstance(body.get("model"), dict):
         raise CheckpointError(f"{config_file}: expected an object with a 'model' section")
+    return body
+
+
+def read_json_object(path: Path, what: str, error: type[Exception] = CheckpointError) -> dict:
+    """A JSON file holding an object; one line naming the file when it is missing (`what` says what was
+    expected there), not JSON, or not an object."""
+    if not path.is_file():
+        raise error(f"{path}: missing ({what})")
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise error(f"{path}: expected a JSON object")
     return body
 
 
@@ -151,7 +160,7 @@ def load_checkpoint(
         raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({exc})") from None
     expected = expected_shapes(config)
     model_keys = {k: v for k, v in state.items() if k in expected}
-    _check_state(model_keys, expected, weights)
+    check_tensor_shapes(model_keys, expected, weights)
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(model_keys, assign=True)

@@ -18,9 +18,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mtnlg_ray.checkpoint import (
+    check_tensor_shapes,
     expected_shapes,
     load_checkpoint,
     model_state,
+    read_json_object,
     save_state_dict,
     tokenizer_path,
 )
@@ -208,14 +210,7 @@ def _end_of_text_id(tokenizer_file: Path, vocab_size: int, error: type) -> int:
 
 
 def _read_hf_config(path: Path) -> dict:
-    if not path.is_file():
-        raise InputError(f"{path}: missing (is {path.parent} a Hugging Face model directory?)")
-    try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise InputError(f"{path}: expected a JSON object")
+    body = read_json_object(path, f"is {path.parent} a Hugging Face model directory?", error=InputError)
     if body.get("model_type") != "gpt2":
         raise InputError(f"{path}: model_type is {body.get('model_type')!r}; only 'gpt2' can be imported")
     return {**_GPT2_DEFAULTS, **body}
@@ -317,18 +312,8 @@ def _check_hf_shapes(state: dict[str, torch.Tensor], config: GPTConfig, weights_
     """Name every missing, unexpected or misshapen tensor in GPT-2's terms, before any is converted."""
     meta = {name: torch.empty(shape, device="meta") for name, shape in expected_shapes(config).items()}
     expected = {name: tuple(t.shape) for name, t in to_hf_state(meta, config).items()}
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise InputError(f"{weights_file}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise InputError(f"{weights_file}: unexpected tensor '{extra[0]}' for a GPT-2 of this config")
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise InputError(
-                f"{weights_file}: tensor '{name}' has shape {list(state[name].shape)}, "
-                f"config.json implies {list(shape)}"
-            )
+    check_tensor_shapes(state, expected, weights_file, error=InputError, model="a GPT-2 of this config",
+                        expects="config.json implies")
 
 
 def _refuse_to_clobber(output: Path, source: Path, marker: str) -> None:

@@ -1,4 +1,5 @@
-"""Connecting to Ray: the cluster a user points at (RAY_ADDRESS or a running `ray start`), else a local one.
+"""Where code runs: the Ray cluster a user points at (RAY_ADDRESS or a running `ray start`), else a local
+one, and the torch device a model runs on when nobody says.
 
 Stage functions call `ensure_ray()` once; they never start a second Ray inside a driver that
 already has one (tests, notebooks, Ray Jobs).
@@ -93,3 +94,12 @@ def launched_with_autoscaler() -> bool:
     from pathlib import Path
 
     return Path("~/ray_bootstrap_config.yaml").expanduser().exists()
+
+
+def default_device(device: str | None = None):
+    """`device` as a torch device; None or "auto" means CUDA when this process sees a GPU, else the CPU."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -35,17 +35,13 @@ from mtnlg_ray.data.quality import QualityLabeler
 from mtnlg_ray.data.read import REJECTED_COLUMNS
 from mtnlg_ray.errors import CheckpointError, ConfigError
 from mtnlg_ray.model.classifier import classification_input
+from mtnlg_ray.runtime import default_device
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
 
 STAGE = "label"
 REJECTED_SCHEMA = pa.schema([(name, pa.string()) for name in REJECTED_COLUMNS])
 # Tokens per forward pass: windows of similar length are batched up to this many (padded) tokens.
 MAX_BATCH_TOKENS = 8192
-
-
-def _default_device(device: str | None) -> torch.device:
-    # An actor granted no GPU sees none (Ray empties CUDA_VISIBLE_DEVICES), so this is CPU there.
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -106,7 +102,7 @@ class PerplexityLabeler:
         device: str | None = None,
         max_batch_tokens: int = MAX_BATCH_TOKENS,
     ) -> None:
-        self.device = _default_device(device)
+        self.device = default_device(device)
         self.model, _ = load_checkpoint(checkpoint, device=self.device)
         self.tokenizer = load_tokenizer(tokenizer_path(checkpoint))
         if self.tokenizer.get_vocab_size() > self.model.config.vocab_size:
@@ -173,7 +169,7 @@ class ClassifierLabeler:
         device: str | None = None,
         max_batch_tokens: int = MAX_BATCH_TOKENS,
     ) -> None:
-        self.device = _default_device(device)
+        self.device = default_device(device)
         self.model, self.labels = load_classifier(checkpoint, device=self.device)
         self.tokenizer = load_tokenizer(tokenizer_path(checkpoint))
         if self.tokenizer.get_vocab_size() > self.model.backbone.config.vocab_size:

@@ -18,12 +18,9 @@ import numpy as np
 import torch
 
 from mtnlg_ray.errors import InputError
+from mtnlg_ray.runtime import default_device
 
 LN2 = math.log(2.0)
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _byte_lengths(tokenizer) -> np.ndarray:
@@ -43,7 +40,7 @@ def evaluate_lm_text(checkpoint: str | Path, inputs: list[str], text_field: str 
     texts = [t for t in iter_texts(inputs, text_field, skipped) if t]
     if not texts:
         raise InputError(f"{' '.join(inputs)}: no text to evaluate on")
-    scorer = PerplexityLabeler(checkpoint, device=_device())
+    scorer = PerplexityLabeler(checkpoint, device=default_device())
     counts = [len(e.ids) for e in scorer.tokenizer.encode_batch(texts, add_special_tokens=False)]
     nll = 0.0
     for start in range(0, len(texts), 256):
@@ -69,7 +66,7 @@ def evaluate_lm_tokens(checkpoint: str | Path, dataset: Path, split: str = "val"
     if theirs.is_file() and tokenizer_hash(own) != tokenizer_hash(theirs):
         raise InputError(f"{dataset}: tokenized with another tokenizer than {checkpoint}; "
                          "evaluate on text instead, or on a dataset prepared with the checkpoint's tokenizer")
-    device = _device()
+    device = default_device()
     model, _ = load_checkpoint(checkpoint, device=device)
     if data.seq_len > model.config.seq_len:
         raise InputError(f"{dataset}: sequences of {data.seq_len} tokens exceed the model's context of "
@@ -100,7 +97,7 @@ def evaluate_classification(checkpoint: str | Path, data: str | Path, text_field
 
     ClassifierLabeler.check(checkpoint)
     rows = read_classification(data, text_field, label_field)
-    labeler = ClassifierLabeler(checkpoint, device=_device())
+    labeler = ClassifierLabeler(checkpoint, device=default_device())
     check_labels(rows, labeler.labels, f"the labels of {checkpoint}")
     predicted, _ = labeler.predict(rows.texts)
     index = {label: i for i, label in enumerate(labeler.labels)}

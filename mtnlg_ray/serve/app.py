@@ -165,6 +165,7 @@ class TextGeneratorServer:
         import torch
 
         from mtnlg_ray.inference import TextGenerator
+        from mtnlg_ray.runtime import default_device
 
         self.args = parse_args(args)
         # Ray sizes OMP threads from num_cpus; make torch agree, with at least one thread.
@@ -173,10 +174,8 @@ class TextGeneratorServer:
         # interval it can wait that long behind the HTTP event loop on every op of a decode step.
         # bench/serve.py on 2 CPUs: 0.5 ms took one stream from 0.5x to ~0.8x the bare loop, 0.1 ms to ~0.85x.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
-        device = self.args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = getattr(torch, self.args.dtype) if self.args.dtype else (torch.bfloat16 if device == "cuda" else None)
+        device = default_device(self.args.device)
+        dtype = getattr(torch, self.args.dtype) if self.args.dtype else (torch.bfloat16 if device.type == "cuda" else None)
         self.generator = TextGenerator(self.args.checkpoint, device=device, dtype=dtype)
         self.generator.model.eval()
         self.model_name = self.args.name
