@@ -169,12 +169,6 @@ def load_checkpoint(
     return model, body
 
 
-def load_extra_tensors(path: str | Path, prefix: str) -> dict[str, torch.Tensor]:
-    """Tensors stored beside the model under `prefix` (e.g. a classification head)."""
-    state = load_file(str(Path(path) / WEIGHTS))
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
 def tokenizer_path(path: str | Path) -> Path:
     """The checkpoint's tokenizer.json, or one clear line when it has none."""
     file = Path(path) / TOKENIZER

@@ -14,7 +14,6 @@ from mtnlg_ray.config import DedupSection
 from mtnlg_ray.data.dedup import (
     EXACT_DUPLICATE,
     NEAR_DUPLICATE,
-    REJECTED_COLUMNS,
     _connected_components,
     _local_components,
     dedup_documents,
@@ -27,6 +26,7 @@ from mtnlg_ray.data.minhash import (
     normalize_text,
     shingle_hashes,
 )
+from mtnlg_ray.data.read import REJECTED_COLUMNS
 
 _rng = random.Random(1234)
 VOCAB = ["".join(_rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(_rng.randint(3, 9))) for _ in range(2000)]

@@ -18,7 +18,7 @@ import ray.data
 from ray.data.expressions import col
 
 from mtnlg_ray.data.minhash import MinHashBands, bucket_pairs, estimated_jaccard, exact_digest, normalize_text
-from mtnlg_ray.data.read import REJECTED_COLUMNS
+from mtnlg_ray.data.read import rejected_schema
 
 if TYPE_CHECKING:
     from mtnlg_ray.config import DedupSection
@@ -187,7 +187,7 @@ def _local_components(edges: pa.Table) -> pa.Table:
 
 
 def _empty_rejected() -> ray.data.Dataset:
-    return ray.data.from_arrow(pa.table({c: pa.array([], pa.string()) for c in REJECTED_COLUMNS}))
+    return ray.data.from_arrow(rejected_schema().empty_table())
 
 
 # Batch and group functions. Groups are coarse shards of the real key (see _SHARDS_PER_PARTITION),

@@ -32,14 +32,14 @@ from mtnlg_ray.checkpoint import (
 from mtnlg_ray.config import LabelSection
 from mtnlg_ray.data.columns import column as _column, texts as _texts, with_column as _with_column
 from mtnlg_ray.data.quality import QualityLabeler
-from mtnlg_ray.data.read import REJECTED_COLUMNS
+from mtnlg_ray.data.read import rejected_schema
 from mtnlg_ray.errors import CheckpointError, ConfigError
 from mtnlg_ray.model.classifier import classification_input
 from mtnlg_ray.runtime import default_device
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
 
 STAGE = "label"
-REJECTED_SCHEMA = pa.schema([(name, pa.string()) for name in REJECTED_COLUMNS])
+REJECTED_SCHEMA = rejected_schema()
 # Tokens per forward pass: windows of similar length are batched up to this many (padded) tokens.
 MAX_BATCH_TOKENS = 8192
 

@@ -66,6 +66,13 @@ REJECTED_COLUMNS = ("id", "source", "location", "stage", "reason", "detail")
 FILE_REASONS = frozenset({"unreadable_file", "missing_column"})
 
 
+def rejected_schema():
+    """The Arrow schema of every rejected/ row: the `REJECTED_COLUMNS`, all strings."""
+    import pyarrow as pa
+
+    return pa.schema([(name, pa.string()) for name in REJECTED_COLUMNS])
+
+
 def iter_texts(
     inputs: Sequence[str], text_field: str = "text", skipped: Counter[str] | None = None
 ) -> Iterator[str]:

@@ -82,11 +82,6 @@ class ParallelDims:
         return self.world // (self.tp * self.pp)
 
     @property
-    def shards_weights(self) -> bool:
-        """Whether a rank holds only part of the weights (pipeline or tensor parallel, or FSDP with something to do)."""
-        return self.pp > 1 or self.tp > 1 or self.fsdp_active
-
-    @property
     def fsdp_active(self) -> bool:
         # One data-parallel rank has nothing to shard: FSDP would only add hooks and copies to every
         # step, unless it is also what casts the weights to bf16.
