@@ -34,7 +34,7 @@ from mtnlg_ray.data.columns import column as _column, texts as _texts, with_colu
 from mtnlg_ray.data.quality import QualityLabeler
 from mtnlg_ray.data.read import rejected_schema
 from mtnlg_ray.errors import CheckpointError, ConfigError
-from mtnlg_ray.model.classifier import classification_input
+from mtnlg_ray.model.classifier import classification_input, pad_right
 from mtnlg_ray.runtime import default_device
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
 
@@ -56,13 +56,6 @@ def _length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     if current:
         groups.append(current)
     return groups
-
-
-def _pad_right(rows: list[list[int]], device: torch.device, fill: int = 0) -> torch.Tensor:
-    out = torch.full((len(rows), max(map(len, rows))), fill, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out.to(device)
 
 
 def perplexity_windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -137,8 +130,8 @@ class PerplexityLabeler:
         nll = np.zeros(len(texts))
         count = np.zeros(len(texts), dtype=np.int64)
         for group in _length_batches([len(x) for x in inputs], self.max_batch_tokens):
-            idx = _pad_right([inputs[i] for i in group], self.device)
-            tgt = _pad_right([targets[i] for i in group], self.device, fill=-100)
+            idx = pad_right([inputs[i] for i in group], 0).to(self.device)
+            tgt = pad_right([targets[i] for i in group], -100).to(self.device)
             logits = self.model(idx).float()
             loss = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100, reduction="none")
             row_nll = loss.sum(dim=1).double().cpu().numpy()
@@ -196,7 +189,7 @@ class ClassifierLabeler:
         best = np.zeros(len(texts), dtype=np.int64)
         confidence = np.zeros(len(texts))
         for group in _length_batches([len(r) for r in rows], self.max_batch_tokens):
-            idx = _pad_right([rows[i] for i in group], self.device)
+            idx = pad_right([rows[i] for i in group], 0).to(self.device)
             lengths = torch.tensor([len(rows[i]) for i in group], device=self.device)
             probs = torch.softmax(self.model(idx, lengths).float(), dim=-1)
             top, arg = probs.max(dim=-1)

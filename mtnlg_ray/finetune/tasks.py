@@ -10,7 +10,6 @@ ranks run the same forwards (FSDP and tensor parallelism need that) and agree on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,23 +20,13 @@ from mtnlg_ray.checkpoint import save_classifier
 from mtnlg_ray.config import Config
 from mtnlg_ray.finetune.data import check_labels, read_classification, read_sft
 from mtnlg_ray.finetune.metrics import classification_metrics
-from mtnlg_ray.model.classifier import GPTClassifier, classification_input
+from mtnlg_ray.model.classifier import GPTClassifier, classification_input, pad_right
 from mtnlg_ray.model.gpt import GPT, GPTConfig, lm_loss
 from mtnlg_ray.model.lora import apply_lora, merge_lora
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
 
 # Higher is better for these dev metrics; lower for the rest (losses).
 HIGHER_IS_BETTER = {"accuracy", "macro_f1", "exact_match"}
-
-
-def pad_right(rows: Sequence[Sequence[int]], fill: int, multiple: int = 1) -> torch.Tensor:
-    """Rows padded on the right to one width, a multiple of `multiple` (sequence parallel splits the
-    positions evenly across tensor-parallel ranks; attention is causal, so the padding changes nothing)."""
-    width = -(-max(len(r) for r in rows) // multiple) * multiple
-    out = torch.full((len(rows), width), fill, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return out
 
 
 def _adapt(model: nn.Module, backbone: GPT, cfg: Config) -> nn.Module:

@@ -62,3 +62,13 @@ def classification_input(ids: Sequence[int], eos: int, seq_len: int) -> list[int
     gives an empty text one token. Fine-tuning and the labeller both encode text this way.
     """
     return [*ids[: seq_len - 1], eos]
+
+
+def pad_right(rows: Sequence[Sequence[int]], fill: int, multiple: int = 1) -> torch.Tensor:
+    """Rows padded on the right to one width, a multiple of `multiple` (sequence parallel splits the
+    positions evenly across tensor-parallel ranks; attention is causal, so the padding changes nothing)."""
+    width = -(-max(len(r) for r in rows) // multiple) * multiple
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
