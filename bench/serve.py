@@ -141,9 +141,13 @@ async def clients(url: str, model: str, concurrency: int, requests: int, max_tok
 def token_text(generator: TextGenerator, tokens: int, seed: int) -> str:
     """Made-up text of about `tokens` tokens (`seed` picks the words, so texts share nothing)."""
     rng = random.Random(seed)
-    words = [rng.choice(WORDS) + rng.choice(["", "s", "ed", "er"]) for _ in range(tokens)]
-    ids = generator.tokenizer.encode(" ".join(words)).ids[:tokens]
-    return generator.decode_ids(ids)
+    words = [rng.choice(WORDS) + rng.choice(["", "s", "ed", "er"]) for _ in range(2 * tokens)]
+    ids = generator.tokenizer.encode(" ".join(words)).ids
+    # Decoding and encoding again can merge tokens at the cut: take as many ids as give `tokens` back.
+    cut = tokens
+    while len(generator.tokenizer.encode(generator.decode_ids(ids[:cut])).ids) < tokens:
+        cut += 1
+    return generator.decode_ids(ids[:cut])
 
 
 async def first_token_s(session, url: str, body: dict) -> tuple[float, int]:
@@ -260,7 +264,7 @@ def main() -> None:
     parser.add_argument("--stream-chunks-per-s", type=float, default=25.0, help="one stream's chunk budget")
     parser.add_argument("--sampled-tokens", type=int, default=48, help="tokens per client in the batching run")
     parser.add_argument("--prefix-tokens", type=int, default=1500,
-                        help="shared prefix of the prefix-cache run (at most 70%% of the context)")
+                        help="shared prefix of the prefix-cache run (at most 75%% of the context)")
     parser.add_argument("--long-tokens", type=int, default=1700,
                         help="the joining prompt of the chunked-prefill run (at most 85%% of the context)")
     parser.add_argument("--trials", type=int, default=3, help="repeats of each engine measurement")
@@ -308,7 +312,7 @@ def main() -> None:
             first["runs"] = [dict(first), again]
             for key in ("aggregate_tok_s", "stream_tok_s", "ttft_s", "ttft_p90_s"):
                 first[key] = (first["runs"][0][key] + again[key]) / 2
-        prefix_tokens = min(args.prefix_tokens, int(0.7 * generator.context))
+        prefix_tokens = min(args.prefix_tokens, int(0.75 * generator.context))
         long_tokens = min(args.long_tokens, int(0.85 * generator.context))
         engine = {"sampled": [], "prefix": [], "gap": []}
         for trial in range(args.trials):
