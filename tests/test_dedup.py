@@ -305,3 +305,21 @@ def test_distributed_components_match_the_reference(runs):
     result = runs["components"].result()
     assert {r["u"]: r["v"] for r in result} == _reference_roots(CC_EDGES)
     assert len(result) == len(_reference_roots(CC_EDGES))
+
+
+def test_one_byte_fingerprints_estimate_jaccard_without_bias():
+    """Band rows carry one byte of each MinHash value; chance agreements (1 in 256) are corrected for."""
+    from mtnlg_ray.data.minhash import estimated_jaccard, fingerprint_jaccard
+
+    rng = np.random.default_rng(0)
+    pairs, perms, equal = 2000, 260, 182  # Jaccard 0.7 between the two signatures of every pair
+    left = rng.integers(0, 2**32, (pairs, perms), dtype=np.uint64).astype(np.uint32)
+    right = left ^ rng.integers(1, 2**32, (pairs, perms), dtype=np.uint64).astype(np.uint32)  # all differ...
+    right[:, :equal] = left[:, :equal]  # ...except the first `equal` values
+    signatures = np.concatenate([left, right])
+    a, b = np.arange(pairs), np.arange(pairs) + pairs
+    full = estimated_jaccard(signatures, a, b)
+    assert np.all(full == equal / perms)
+    agreement = estimated_jaccard((signatures & 0xFF).astype(np.uint8), a, b)
+    assert agreement.mean() - equal / perms > 0.0008  # uncorrected: (1 - J) / 256 = 0.0012 too high
+    assert abs(fingerprint_jaccard(agreement).mean() - equal / perms) < 0.0004

@@ -17,7 +17,14 @@ import ray
 import ray.data
 from ray.data.expressions import col
 
-from mtnlg_ray.data.minhash import MinHashBands, bucket_pairs, estimated_jaccard, exact_digest, normalize_text
+from mtnlg_ray.data.minhash import (
+    MinHashBands,
+    bucket_pairs,
+    estimated_jaccard,
+    exact_digest,
+    fingerprint_jaccard,
+    normalize_text,
+)
 from mtnlg_ray.data.read import rejected_schema
 
 if TYPE_CHECKING:
@@ -243,8 +250,8 @@ def _fixed_width_column(matrix: np.ndarray) -> pa.Array:
 def _key_rows(batch: pa.Table, *, minhash: MinHashBands | None, exact: bool, shards: int) -> pa.Table:
     """Per document: one exact row (key = 128-bit digest) and one row per band (key = bucket hash).
 
-    Columns: kind (0 exact, 1 band), key (16 bytes), id, signature (band rows only; the whole
-    signature rides along so a bucket can check its pairs), shard (a coarse slice of key).
+    Columns: kind (0 exact, 1 band), key (16 bytes), id, signature (band rows only: the low byte of
+    each MinHash value rides along so a bucket can check its pairs), shard (a coarse slice of key).
     """
     normalized = [normalize_text(t or "") for t in batch.column("text").to_pylist()]
     n = len(normalized)
@@ -258,11 +265,15 @@ def _key_rows(batch: pa.Table, *, minhash: MinHashBands | None, exact: bool, sha
         buckets = minhash.bucket_keys(signatures).reshape(-1).view(np.uint64)
         keys = np.stack((buckets, np.zeros_like(buckets)), axis=1)
         rows = np.repeat(np.arange(n), minhash.bands)
-        parts.append((np.ones(rows.size, np.int8), keys, rows, _fixed_width_column(signatures).take(pa.array(rows))))
+        # Each band row carries the document's signature for verifying its bucket's pairs, one byte a
+        # value: 4x less to shuffle and spill (the whole uint32 signature on 20 band rows is 20.8 KB a
+        # document, 79 GB for 2 GB of paragraphs); _key_edges corrects the bias of 8-bit collisions.
+        fingerprints = (signatures & np.uint32(0xFF)).astype(np.uint8)
+        parts.append((np.ones(rows.size, np.int8), keys, rows, _fixed_width_column(fingerprints).take(pa.array(rows))))
     kind = np.concatenate([p[0] for p in parts])
     keys = np.concatenate([p[1] for p in parts])
     rows = np.concatenate([p[2] for p in parts])
-    width = 4 * minhash.num_perm if minhash is not None else 4
+    width = minhash.num_perm if minhash is not None else 1
     signatures = pa.concat_arrays(
         [p[3] if p[3] is not None else pa.nulls(p[2].size, pa.binary(width)) for p in parts]
     )
@@ -298,9 +309,9 @@ def _key_edges(group: pa.Table, *, threshold: float) -> pa.Table:
     left, right = bucket_pairs(run[band_start:])
     left, right = left + band_start, right + band_start
     if left.size:
-        width = table.schema.field(_SIG).type.byte_width // 4
-        signatures = _fixed_width_matrix(table.column(_SIG), np.uint32, width)
-        similar = estimated_jaccard(signatures, left, right) >= threshold - 1e-9
+        width = table.schema.field(_SIG).type.byte_width
+        fingerprints = _fixed_width_matrix(table.column(_SIG), np.uint8, width)
+        similar = fingerprint_jaccard(estimated_jaccard(fingerprints, left, right)) >= threshold - 1e-9
         left, right = left[similar], right[similar]
     ids = table.column("id")
     near = pa.table({"u": ids.take(pa.array(right)), "v": ids.take(pa.array(left))})

@@ -185,6 +185,13 @@ def estimated_jaccard(signatures: np.ndarray, left: np.ndarray, right: np.ndarra
     return out
 
 
+def fingerprint_jaccard(agreement: np.ndarray, bits: int = 8) -> np.ndarray:
+    """Jaccard from the agreement of `bits`-bit fingerprints of MinHash values: unequal values still
+    agree with probability 2**-bits, so agreement = J + (1 - J) / 2**bits; solved for J."""
+    chance = 1.0 / (1 << bits)
+    return (agreement - chance) / (1.0 - chance)
+
+
 def candidate_pairs(bucket_keys: np.ndarray) -> np.ndarray:
     """In-process LSH: unique (i, j), i < j, of documents sharing a bucket in at least one band.
 
