@@ -78,20 +78,29 @@ def bare_loop(generator: TextGenerator, texts: list[str], max_tokens: int) -> di
     return {"tok_s": statistics.mean(rates), "ttft_s": statistics.mean(ttft), "tokens": tokens}
 
 
-def bare_static_batch(generator: TextGenerator, texts: list[str], max_tokens: int) -> dict:
-    """All prompts in one left-padded `generate` call: the in-process ceiling for batching."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+def bare_static_batch(generator: TextGenerator, texts: list[str], max_tokens: int,
+                      sampling: list[dict] | None = None) -> dict:
+    """All prompts in one left-padded `generate` call: the in-process ceiling for batching. Greedy, or
+    row i with `sampling[i]` (SamplingParams fields)."""
+    params = [SamplingParams(max_tokens=max_tokens, **(sampling[i] if sampling else {"temperature": 0.0}))
+              for i in range(len(texts))]
     ids = [generator.encode(t) for t in texts]
     start = time.perf_counter()
     results = generate(generator.model, ids, params, eos_id=generator.eos, vocab_limit=generator.vocab)
     seconds = time.perf_counter() - start
     tokens = sum(len(r.tokens) for r in results)
-    return {"batch": len(texts), "tok_s": tokens / seconds, "tokens": tokens}
+    return {"batch": len(texts), "tok_s": tokens / seconds, "tokens": tokens, "seconds": seconds}
 
 
-async def one_stream(session, url: str, model: str, prompt: str, max_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+def sampled(i: int) -> dict:
+    """The sampling of the batching run's request i: what the served and the static batch both use."""
+    return {"temperature": 0.8, "top_p": 0.95, "seed": i}
+
+
+async def one_stream(session, url: str, model: str, prompt: str, max_tokens: int,
+                     sampling: dict | None = None) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, **(sampling or {"temperature": 0}),
+            "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     first = None
     tokens = 0
@@ -195,9 +204,12 @@ async def gap_while_long_prompt_joins(url: str, model: str, generator: TextGener
                         arrivals.append(time.perf_counter())
                     if "end" in joined and arrivals[-1] > joined["end"] + 0.5:
                         return
+            joined["stream_ended"] = True
 
         async def long_prompt() -> None:
             while len(arrivals) < 10:  # the stream is under way
+                if "stream_ended" in joined:  # a model so fast the whole answer came in a few chunks
+                    raise SystemExit("the running stream ended before the long prompt joined; use a larger preset")
                 await asyncio.sleep(0.01)
             joined["start"] = time.perf_counter()
             joined["ttft_s"], joined["prompt_tokens"] = await first_token_s(
@@ -216,34 +228,16 @@ async def gap_while_long_prompt_joins(url: str, model: str, generator: TextGener
 
 
 async def sampled_clients(url: str, model: str, texts: list[str], max_tokens: int) -> dict:
-    """Every prompt at once, one client each, sampled with seed i: aggregate tokens/s."""
+    """Every prompt at once, one client each, request i sampled with `sampled(i)`: aggregate tokens/s."""
     import aiohttp
-
-    async def one(session, i: int) -> int:
-        body = {"model": model, "prompt": texts[i], "max_tokens": max_tokens, "temperature": 0.8, "top_p": 0.95,
-                "seed": i, "stream": True, "stream_options": {"include_usage": True}}
-        tokens = 0
-        async with session.post(f"{url}/v1/completions", json=body) as response:
-            async for line in response.content:
-                if line.startswith(b"data: {") and b'"usage": {' in line:
-                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-        return tokens
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         start = time.perf_counter()
-        tokens = sum(await asyncio.gather(*(one(session, i) for i in range(len(texts)))))
+        runs = await asyncio.gather(*(one_stream(session, url, model, text, max_tokens, sampled(i))
+                                      for i, text in enumerate(texts)))
         wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] for r in runs)
     return {"clients": len(texts), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
-
-
-def sampled_static_batch(generator: TextGenerator, texts: list[str], max_tokens: int) -> dict:
-    params = [SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=i) for i in range(len(texts))]
-    ids = [generator.encode(t) for t in texts]
-    start = time.perf_counter()
-    results = generate(generator.model, ids, params, eos_id=generator.eos, vocab_limit=generator.vocab)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(r.tokens) for r in results)
-    return {"batch": len(texts), "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds}
 
 
 def load_average() -> list[float]:
@@ -289,7 +283,8 @@ def main() -> None:
         bare_first = bare_loop(generator, bare_texts, args.max_tokens)
         static = bare_static_batch(generator, prompts(max(levels), args.prompt_words), args.max_tokens)
         batch_texts = prompts(16, args.prompt_words)
-        sampled_static = [sampled_static_batch(generator, batch_texts, args.sampled_tokens)
+        batch_sampling = [sampled(i) for i in range(len(batch_texts))]
+        sampled_static = [bare_static_batch(generator, batch_texts, args.sampled_tokens, batch_sampling)
                           for _ in range(args.trials)]
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -324,7 +319,7 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
         bare_last = bare_loop(generator, bare_texts, args.max_tokens)
-        sampled_static += [sampled_static_batch(generator, batch_texts, args.sampled_tokens)
+        sampled_static += [bare_static_batch(generator, batch_texts, args.sampled_tokens, batch_sampling)
                            for _ in range(args.trials)]
 
     bare = {"tok_s": (bare_first["tok_s"] + bare_last["tok_s"]) / 2,
@@ -384,7 +379,8 @@ def main() -> None:
         f"{1000 * r['longest_gap_s']:.0f} / {1000 * r['prefill_alone_s']:.0f} ms (steady "
         f"{1000 * r['steady_gap_s']:.0f} ms, {r['long_prompt_tokens']} tokens)" for r in engine["gap"])
         + f": median ratio {result['longest_gap_vs_prefill_alone']:.2f} (target <= 0.5)")
-    print(f"replica: prefix-cache hit rate {health['prefix_cache_hit_rate']:.2f}, static batch {static_tok_s:.0f} tok/s")
+    print(f"replica: prefix-cache hit rate {health['prefix_cache_hit_rate']:.2f}, "
+          f"static batch {static_tok_s:.0f} tok/s")
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2) + "\n")

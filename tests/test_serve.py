@@ -19,6 +19,7 @@ import requests
 import torch
 import yaml
 
+from mtnlg_ray.errors import InputError
 from mtnlg_ray.model.continuous import ContinuousDecoder
 from mtnlg_ray.model.generate import SamplingParams, generate
 from conftest import run_cli
@@ -225,6 +226,8 @@ def test_a_full_pool_makes_requests_wait_and_a_long_prompt_is_read_between_decod
     decoder.step()
     # 70 prompt tokens + 10 new ones need 10 blocks; the pool has 8, 4 of them promised: never fits.
     assert not decoder.fits(list(range(70)), SamplingParams(max_tokens=10))
+    with pytest.raises(InputError, match="79 tokens of KV cache; this decoder holds 64"):
+        decoder.add(list(range(70)), SamplingParams(max_tokens=10))
     long_prompt = [(7 * i) % 256 for i in range(33)]  # 33 + 8 - 1 tokens: 5 blocks, 4 are free
     assert decoder.add(long_prompt, SamplingParams(max_tokens=8, temperature=0)) is None
     while running in decoder:

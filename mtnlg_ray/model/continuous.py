@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mtnlg_ray.errors import InputError
 from mtnlg_ray.model.generate import SamplingParams, check_prompt, random_seed, sample_next
 from mtnlg_ray.model.gpt import GPT
 from mtnlg_ray.model.paged import TRASH_BLOCK, BlockPool, PagedBatch, block_key
@@ -103,27 +104,26 @@ class ContinuousDecoder:
         return self.cache_tokens_needed(len(prompt), params.max_tokens) <= self.capacity_tokens
 
     def add(self, prompt: list[int], params: SamplingParams) -> int | None:
-        """Admit a prompt and return its sequence id, or None while no row or not enough cache is free.
-
-        Nothing is computed here: `prefill` reads the prompt and makes its first token.
+        """Admit a prompt and return its sequence id, or None while no row or not enough cache is free
+        (an `InputError` if the pool could never hold it). Nothing is computed here: `prefill` reads
+        the prompt and makes its first token.
         """
         check_prompt(prompt, self.config.seq_len)
+        needed = self.cache_tokens_needed(len(prompt), params.max_tokens)
+        if needed > self.capacity_tokens:
+            raise InputError(f"prompt + max_tokens: need {needed} tokens of KV cache; this decoder holds "
+                             f"{self.capacity_tokens} (kv_cache_tokens)")
         if not self.free_rows:
             return None
-        pool = self.pool
-        need = pool.blocks_for(self.cache_tokens_needed(len(prompt), params.max_tokens))
-        matched, key = pool.match(prompt)
-        unreferenced = sum(1 for b in matched if pool.refs[b] == 0)
-        if need - len(matched) > pool.available - unreferenced:
+        need = self.pool.blocks_for(needed)
+        admitted = self.pool.admit(prompt, need)
+        if admitted is None:
             return None
-        pool.acquire(matched)
-        pool.reserved += need - len(matched)
-        pool.counts["prompt_tokens"] += len(prompt)
-        pool.counts["prefix_hit_tokens"] += len(matched) * pool.block_size
+        matched, key = admitted
         seq = _Sequence(next(self._ids), len(prompt), params,
                         params.seed if params.seed is not None else random_seed(), list(prompt),
                         blocks=list(matched), reserved=need - len(matched),
-                        cached=len(matched) * pool.block_size, registered=len(matched), key=key)
+                        cached=len(matched) * self.pool.block_size, registered=len(matched), key=key)
         self.sequences[seq.seq_id] = seq
         return seq.seq_id
 
@@ -132,8 +132,7 @@ class ContinuousDecoder:
         seq = self.sequences.pop(seq_id, None)
         if seq is None:
             return False
-        self.pool.release(seq.blocks)
-        self.pool.reserved -= seq.reserved
+        self.pool.release(seq.blocks, unused=seq.reserved)
         return True
 
     def step(self) -> list[Emitted]:
@@ -193,7 +192,7 @@ class ContinuousDecoder:
             write[c, :n] = read[c, s.cached : s.cached + n]
         positions = (starts[:, None] + self._positions[:T][None, :]).clamp(max=self.config.seq_len - 1)
         mask = None
-        if C > 1 or int(starts[0]) > 0:
+        if C > 1 or chunks[0][0].cached > 0:
             # Query t of row c sees the row's keys up to its own position, and never past its chunk's
             # end (so padding queries stay finite); the cached prefix counts as the row's own keys.
             keys = self._positions[:L][None, None, :]
@@ -221,19 +220,19 @@ class ContinuousDecoder:
         while len(seq.blocks) * self.pool.block_size < tokens:
             seq.blocks.append(self.pool.allocate())
             seq.reserved -= 1
-            self.pool.reserved -= 1
 
     def _read_slots(self, seqs: list[_Sequence], length: int) -> torch.Tensor:
         """(B, length) cache slots of each sequence's positions 0..length-1 (the trash block past its blocks)."""
         width = self.pool.blocks_for(length)
-        table = torch.tensor([s.blocks[:width] + [TRASH_BLOCK] * (width - len(s.blocks[:width])) for s in seqs],
-                             dtype=torch.long, device=self.device)
+        rows = [s.blocks[:width] for s in seqs]
+        table = torch.tensor([row + [TRASH_BLOCK] * (width - len(row)) for row in rows], dtype=torch.long,
+                             device=self.device)
         return (table[:, :, None] * self.pool.block_size + self._in_block).view(len(seqs), -1)[:, :length]
 
     def _register_full_blocks(self, seq: _Sequence) -> None:
-        bs = self.pool.block_size
         if not self.pool.prefix_cache:
             return
+        bs = self.pool.block_size
         while (seq.registered + 1) * bs <= seq.cached:
             i = seq.registered
             seq.key = block_key(seq.key, seq.tokens[i * bs : (i + 1) * bs])

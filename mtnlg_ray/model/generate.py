@@ -95,7 +95,7 @@ def sample_next(
     if all(p.temperature == 0 for p in params):
         return greedy
     device = logits.device
-    B, V = logits.shape
+    V = logits.shape[1]
     temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
     scores = logits.float() / temperature[:, None]
     top_k = [p.top_k if 0 < p.top_k < V else 0 for p in params]

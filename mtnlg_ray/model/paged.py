@@ -78,13 +78,25 @@ class BlockPool:
             key = next_key
         return blocks, key
 
-    def acquire(self, blocks: list[int]) -> None:
-        for block in blocks:
+    def admit(self, prompt: list[int], need: int) -> tuple[list[int], bytes] | None:
+        """Promise a new sequence `need` blocks in all: the cached blocks its prompt starts with (now
+        referenced) and the last one's key, the rest to `allocate` later. None, and nothing changed,
+        while the pool cannot promise them."""
+        matched, key = self.match(prompt)
+        unreferenced = sum(1 for b in matched if self.refs[b] == 0)  # counted in `available` until taken
+        if need - len(matched) > self.available - unreferenced:
+            return None
+        for block in matched:
             self.refs[block] += 1
             self.evictable.pop(block, None)
+        self.reserved += need - len(matched)
+        self.counts["prompt_tokens"] += len(prompt)
+        self.counts["prefix_hit_tokens"] += len(matched) * self.block_size
+        return matched, key
 
     def allocate(self) -> int:
-        """A block for one reference: a free one, else the least recently used cached one."""
+        """One of the blocks `admit` promised: a free one, else the least recently used cached one."""
+        self.reserved -= 1
         if self.free:
             block = self.free.popleft()
         elif self.evictable:
@@ -96,7 +108,9 @@ class BlockPool:
         self.refs[block] = 1
         return block
 
-    def release(self, blocks: list[int]) -> None:
+    def release(self, blocks: list[int], unused: int = 0) -> None:
+        """Drop a sequence's references to `blocks`, and the `unused` blocks it was promised but never took."""
+        self.reserved -= unused
         for block in blocks:
             self.refs[block] -= 1
             if self.refs[block] == 0:

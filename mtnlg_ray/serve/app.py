@@ -175,7 +175,8 @@ class TextGeneratorServer:
         # bench/serve.py on 2 CPUs: 0.5 ms took one stream from 0.5x to ~0.8x the bare loop, 0.1 ms to ~0.85x.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         device = default_device(self.args.device)
-        dtype = getattr(torch, self.args.dtype) if self.args.dtype else (torch.bfloat16 if device.type == "cuda" else None)
+        default_dtype = torch.bfloat16 if device.type == "cuda" else None
+        dtype = getattr(torch, self.args.dtype) if self.args.dtype else default_dtype
         self.generator = TextGenerator(self.args.checkpoint, device=device, dtype=dtype)
         self.generator.model.eval()
         self.model_name = self.args.name
