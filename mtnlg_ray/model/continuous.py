@@ -212,7 +212,9 @@ class ContinuousDecoder:
         return self._sample([chunks[c][0] for c, _ in done], logits)
 
     def stats(self) -> dict:
-        prefilling = sum(1 for s in self.sequences.values() if not s.produced)
+        # Called from the server's event loop while the decode thread adds and removes sequences: list()
+        # copies the dict's values in one step under the GIL, iterating the live view could fail.
+        prefilling = sum(1 for s in list(self.sequences.values()) if not s.produced)
         return {"prefilling": prefilling, **self.pool.stats()}
 
     def _take_blocks(self, seq: _Sequence, tokens: int) -> None:
