@@ -89,7 +89,9 @@ def main() -> None:
             corpus = Path(tmp) / f"corpus-{scale}x.txt"
             paragraphs = generate(corpus, args.megabytes * scale, seed=scale)
             proc = subprocess.run([sys.executable, __file__, "--one", str(corpus), str(Path(tmp) / f"out-{scale}x")],
-                                  capture_output=True, text=True, check=True)
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(f"{scale}x failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
             result = json.loads(proc.stdout.strip().splitlines()[-1])
             result |= {"megabytes": corpus.stat().st_size / 1e6, "paragraphs": paragraphs,
                        "docs_per_s_per_cpu": result["documents_read"] / result["seconds"] / cpus}

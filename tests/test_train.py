@@ -190,8 +190,9 @@ def eight_steps_on_one_worker(shakespeare, tmp_path_factory) -> Path:
     [
         # tp2, then FSDP over dp2
         (["parallel.workers=2", "parallel.tp=2"], ["parallel.workers=2"], [(1, 2), (2, 1)]),
-        # FSDP over dp2, then tp2
-        (["parallel.workers=2"], ["parallel.workers=2", "parallel.tp=2"], [(2, 1), (1, 2)]),
+        # FSDP over dp2, then tp2: tp2-then-dp2 reversed, so only in the -m slow run (50 s of CI budget)
+        pytest.param(["parallel.workers=2"], ["parallel.workers=2", "parallel.tp=2"], [(2, 1), (1, 2)],
+                     marks=pytest.mark.slow),
         # a 2D layout, FSDP over dp2 x tp2 on 4 gloo workers sharing 2 cores, then a single worker
         (["parallel.workers=4", "parallel.tp=2", "parallel.cpus_per_worker=0.5"], ["parallel.workers=1"],
          [(2, 2), (1, 1)]),
@@ -224,7 +225,13 @@ PIPELINES = {  # GPipe is the first half of the pp2 -> pp1 resume test below; 1F
 }
 
 
-@pytest.mark.parametrize("layout", list(PIPELINES))
+# pp2xdp2 and pp2xtp2 are the two halves of pp2xtp2xdp2, which the default run keeps; -m slow adds them
+# (about 70 s of the 30-minute CI budget).
+SLOW_PIPELINES = {"pp2xdp2", "pp2xtp2"}
+
+
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_PIPELINES else name
+                                    for name in PIPELINES])
 def test_a_pipelined_run_trains_as_one_worker_does(shakespeare, eight_steps_on_one_worker, tmp_path, layout):
     """Pipeline parallelism alone (interleaved 1F1B, 2 stages a rank) and in 3D with FSDP and tensor
     parallelism (1F1B): one worker's 8 steps, losses, grad norms and final weights."""
