@@ -25,10 +25,10 @@ def read_tsv(path: Path) -> list[dict]:
 
 def write_tsv(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["sentence", "label"], delimiter="\t",
+        writer = csv.DictWriter(fh, fieldnames=["label", "sentence"], delimiter="\t",
                                 quoting=csv.QUOTE_NONE, escapechar="\\", lineterminator="\n")
         writer.writeheader()
-        writer.writerows({"sentence": r["sentence"], "label": r["label"]} for r in rows)
+        writer.writerows({"label": r["label"], "sentence": r["sentence"]} for r in rows)
 
 
 def main() -> None:
