@@ -57,7 +57,7 @@ def main() -> None:
     train, dev = read_tsv(out / "labelled.tsv"), read_tsv(out / "dev.tsv")
     baseline = tfidf_baseline(train, dev)
     scores: dict[str, dict[str, dict]] = {kind: {} for kind in KINDS}
-    for checkpoint in sorted((out / "checkpoints").iterdir()):
+    for checkpoint in sorted((out / "checkpoints").glob("*-seed*")):
         kind, _, seed = checkpoint.name.rpartition("-seed")
         if kind in scores and seed.isdigit():
             scores[kind][seed] = evaluate_classification(checkpoint, out / "dev.tsv", text_field="sentence")
