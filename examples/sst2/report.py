@@ -12,32 +12,27 @@ trained on the same labelled rows, and the wall time of each step.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 from pathlib import Path
+
+from make_splits import read_tsv  # this folder is on sys.path when the script runs
 
 KINDS = ("random", "pretrained", "selftrained")
 TITLES = {"random": "fine-tuned from random weights", "pretrained": "fine-tuned from the pretrained model",
           "selftrained": "self-trained (noisy student) from the pretrained model"}
 
 
-def read_tsv(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-
-
-def tfidf_baseline(train: list[dict], dev: list[dict]) -> dict:
+def tfidf_baseline(train, dev) -> dict:
     """Word uni- and bigram TF-IDF, logistic regression with C picked by 5-fold cross-validation on `train`."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegressionCV
     from sklearn.metrics import accuracy_score, f1_score
 
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
-    features = vectorizer.fit_transform([r["sentence"] for r in train])
-    model = LogisticRegressionCV(Cs=10, cv=5, max_iter=2000).fit(features, [r["label"] for r in train])
-    predicted = model.predict(vectorizer.transform([r["sentence"] for r in dev]))
-    gold = [r["label"] for r in dev]
+    model = LogisticRegressionCV(Cs=10, cv=5, scoring="accuracy", max_iter=2000).fit(vectorizer.fit_transform(train.texts), train.labels)
+    predicted = model.predict(vectorizer.transform(dev.texts))
+    gold = dev.labels
     return {"accuracy": float(accuracy_score(gold, predicted)),
             "macro_f1": float(f1_score(gold, predicted, average="macro")), "C": float(model.C_[0])}
 
@@ -51,24 +46,25 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="the run's output folder (run.sh's OUT)")
     args = parser.parse_args()
 
+    from mtnlg_ray.finetune.data import read_classification
     from mtnlg_ray.finetune.evaluate import evaluate_classification
 
     out = args.out
-    train, dev = read_tsv(out / "labelled.tsv"), read_tsv(out / "dev.tsv")
+    train, dev = (read_classification(out / name, "sentence", "label") for name in ("labelled.tsv", "dev.tsv"))
     baseline = tfidf_baseline(train, dev)
     scores: dict[str, dict[str, dict]] = {kind: {} for kind in KINDS}
     for checkpoint in sorted((out / "checkpoints").glob("*-seed*")):
         kind, _, seed = checkpoint.name.rpartition("-seed")
         if kind in scores and seed.isdigit():
             scores[kind][seed] = evaluate_classification(checkpoint, out / "dev.tsv", text_field="sentence")
-    timings = [row for row in read_tsv(out / "timings.tsv")] if (out / "timings.tsv").is_file() else []
+    timings = read_tsv(out / "timings.tsv") if (out / "timings.tsv").is_file() else []
 
-    lines = [f"# SST-2 with {len(train):,} labels: dev accuracy ({len(dev)} sentences)", "",
+    lines = [f"# SST-2 with {len(train.rows):,} labels: dev accuracy ({len(dev.rows)} sentences)", "",
              "| model | seeds | accuracy (mean ± sd) | macro F1 (mean ± sd) | per seed (accuracy) |",
              "|---|---:|---:|---:|---|",
              f"| TF-IDF (1-2 grams) + logistic regression, C={baseline['C']:.3g} by 5-fold CV | - | "
              f"{baseline['accuracy']:.4f} | {baseline['macro_f1']:.4f} | deterministic |"]
-    summary = {"labelled": len(train), "dev": len(dev), "tfidf_lr": baseline, "kinds": {}, "timings": timings}
+    summary = {"labelled": len(train.rows), "dev": len(dev.rows), "tfidf_lr": baseline, "kinds": {}, "timings": timings}
     for kind in KINDS:
         runs = scores[kind]
         if not runs:
