@@ -318,7 +318,7 @@ class LoraSection(Section):
 class TaskSection(Section):
     kind: Literal["classification", "sft"] = "classification"
     labels: list[str] | None = None  # classification; default: the labels found in data.train, sorted
-    pooling: Literal["last", "mean"] = "last"
+    pooling: Literal["last", "mean"] = "mean"
     # full: every weight trains; lora: adapters on task.lora.targets, the rest frozen; frozen: only the head.
     mode: Literal["full", "lora", "frozen"] = "full"
     lora: LoraSection = LoraSection()
