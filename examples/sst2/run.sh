@@ -52,7 +52,7 @@ for seed in $seeds; do
   timed "fine-tune pretrained seed $seed" mtnlg-ray finetune "${common[@]}" --set run.name="pretrained-seed$seed" \
     --set init.checkpoint="$runs/pretrain"
   keep "$runs/pretrained-seed$seed/final" "pretrained-seed$seed"
-  timed "self-train seed $seed ($rounds rounds)" mtnlg-ray self-train --config "$here/selftrain.yaml" \
+  timed "self-train seed $seed, rounds: $rounds" mtnlg-ray self-train --config "$here/selftrain.yaml" \
     --set data.train="$out/labelled.tsv" --set data.dev="$out/dev.tsv" --set init.checkpoint="$runs/pretrain" \
     --set selftrain.unlabelled="$out/pool.tsv" --set selftrain.teacher="$out/checkpoints/pretrained-seed$seed" \
     --set selftrain.rounds="$rounds" --set train.seed="$seed" \
