@@ -254,11 +254,19 @@ class TrainSection(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(8, ge=1)  # micro-batches of the held-out split per evaluation
-    epochs: int = Field(1, ge=1)
+    # Passes over the training examples. Unset: no limit when max_steps or max_tokens ends the run
+    # (`--set train.max_steps=300` runs 300 steps however small the corpus), else one pass.
+    epochs: int | None = Field(None, ge=1)
     peak_tflops: float | None = Field(None, gt=0.0)  # per worker, for MFU; measured with a matmul when unset
     compile: bool = False
     # Fine-tuning: stop after this many dev evaluations (one per epoch) without a better task.metric.
     patience: int | None = Field(None, ge=1)
+
+    def epoch_limit(self) -> int | None:
+        """The passes over the data that end the run, or None when only max_steps / max_tokens do."""
+        if self.epochs is not None:
+            return self.epochs
+        return None if self.max_steps is not None or self.max_tokens is not None else 1
 
 
 class ParallelSection(Section):

@@ -71,3 +71,12 @@ def test_model_section_resolves_preset_with_tokenizer_vocab():
     config = load_config(overrides=["model.preset=small", "model.seq_len=64"])
     shape = config.model.resolve(tokenizer_vocab=1000)
     assert (shape.n_layer, shape.d_model, shape.seq_len, shape.vocab_size) == (6, 384, 64, 1024)
+
+
+def test_max_steps_is_not_cut_short_by_an_unset_epoch_count():
+    """`--set train.max_steps=300` on a corpus of 232 steps a pass runs 300 steps (issue 18: it stopped at 232)."""
+    assert load_config(overrides=["train.max_steps=300"]).train.epoch_limit() is None
+    assert load_config(overrides=["train.max_steps=null", "train.max_tokens=5000"]).train.epoch_limit() is None
+    assert load_config(overrides=["train.max_steps=null"]).train.epoch_limit() == 1  # nothing else ends the run
+    assert load_config(overrides=["train.max_steps=300", "train.epochs=2"]).train.epoch_limit() == 2
+    assert load_config(stage="finetune").train.epoch_limit() == 10

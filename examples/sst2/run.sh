@@ -14,7 +14,7 @@ set -euo pipefail
 sst2=${1:?usage: run.sh SST2_DIR OUT (SST2_DIR holds train.tsv and dev.tsv)}
 out=${2:?usage: run.sh SST2_DIR OUT}
 here=$(cd "$(dirname "$0")" && pwd)
-steps=${PRETRAIN_STEPS:-2000}
+steps=${PRETRAIN_STEPS:-1200}
 seeds=${SEEDS:-0 1 2}
 rounds=${ROUNDS:-2}
 mkdir -p "$out/checkpoints"

@@ -88,7 +88,8 @@ def _check_task(cfg: Config, tokenizer_file: Path, seq_len: int) -> tuple[Config
 
 def _default_schedule(cfg: Config, epoch_tokens: int, examples_hint: int) -> Config:
     """Unless set, warm up over the first 5% of the run's tokens and decay over all of them."""
-    run_tokens = cfg.train.epochs * epoch_tokens
+    epochs = cfg.train.epoch_limit()
+    run_tokens = epochs * epoch_tokens if epochs is not None else float("inf")  # then max_steps / max_tokens bound it
     if cfg.train.max_tokens is not None:
         run_tokens = min(run_tokens, cfg.train.max_tokens)
     if cfg.train.max_steps is not None and examples_hint:
@@ -96,7 +97,7 @@ def _default_schedule(cfg: Config, epoch_tokens: int, examples_hint: int) -> Con
         run_tokens = min(run_tokens, int(cfg.train.max_steps * cfg.train.global_batch_size * per_sequence))
     update = {}
     if "decay_tokens" not in cfg.train.model_fields_set:
-        update["decay_tokens"] = max(1, run_tokens)
+        update["decay_tokens"] = max(1, int(run_tokens))
     if "warmup_tokens" not in cfg.train.model_fields_set:
         update["warmup_tokens"] = int(WARMUP_FRACTION * run_tokens)
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)}) if update else cfg

@@ -207,7 +207,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     examples = len(task)
     order = GlobalOrder(examples, cfg.train.seed)
-    stop_cursor = cfg.train.epochs * examples  # when neither max_steps nor max_tokens ends the run first
+    epoch_limit = cfg.train.epoch_limit()  # None: max_steps or max_tokens ends the run
     peak = cfg.train.peak_tflops or measured_peak_tflops(device)
     step_flops = flops_per_token(model_config, seq_len)
     metric = cfg.task.dev_metric
@@ -225,7 +225,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             return True
         if cfg.train.max_tokens is not None:
             return state.tokens >= cfg.train.max_tokens
-        return state.cursor >= stop_cursor
+        return epoch_limit is not None and state.cursor >= epoch_limit * examples
 
     micro = cfg.train.micro_batch_size
     stopped_early = False

@@ -115,8 +115,6 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
     if tp > 1 and cfg.parallel.sequence_parallel and shards.seq_len % tp:
         raise ConfigError(f"parallel.sequence_parallel: the packed sequences of {dataset} have {shards.seq_len} "
                           f"tokens, not a multiple of parallel.tp={tp}; re-pack or set parallel.sequence_parallel=false")
-    if cfg.train.max_steps is None and cfg.train.max_tokens is None and cfg.train.epochs < 1:
-        raise ConfigError("train: set max_steps, max_tokens or epochs")
     return run_training("pretrain", "lm", cfg, model_config, vocab, dataset / "tokenizer" / "tokenizer.json", on_record)
 
 
