@@ -296,7 +296,8 @@ def test_sft_with_lora_on_two_fsdp_workers_learns_and_saves_merged_weights(ray_s
     cfg = load_config(overrides=[
         f"init.checkpoint={tiny_checkpoint}", f"data.train={tmp_path / 'sft.jsonl'}", f"data.dev={tmp_path / 'dev.jsonl'}",
         "task.kind=sft", "task.mode=lora", "task.lora.rank=8", "task.lora.targets=[qkv, proj, fc1, fc2]",
-        "task.metric=loss", "train.epochs=4", "train.lr=1e-2", "train.micro_batch_size=4", "train.global_batch_size=8",
+        "task.metric=loss", "model.dropout=0", "train.epochs=4", "train.lr=1e-2", "train.micro_batch_size=4",
+        "train.global_batch_size=8",
         "train.peak_tflops=1.0", "parallel.workers=2", f"run.storage_path={tmp_path / 'runs'}", "run.name=sft",
     ], stage="finetune")
     result = finetune(cfg)
@@ -348,7 +349,8 @@ def test_classification_and_sft_train_under_tensor_and_sequence_parallelism(ray_
         cfg = load_config(overrides=[
             f"init.checkpoint={tiny_checkpoint}", f"data.train={word_files / 'train.tsv'}",
             f"data.dev={word_files / 'dev.tsv'}", "data.text_field=sentence", "task.labels=[pos, neg]",
-            "train.epochs=1", "train.micro_batch_size=4", "train.global_batch_size=8", "train.lr=1e-3",
+            "model.dropout=0", "train.epochs=1", "train.micro_batch_size=4", "train.global_batch_size=8",
+            "train.lr=1e-3",
             "train.peak_tflops=1.0", f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}", *layout,
         ], stage="finetune")
         finetune(cfg)
@@ -369,8 +371,8 @@ def test_classification_and_sft_train_under_tensor_and_sequence_parallelism(ray_
                     fh.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
     cfg = load_config(overrides=[
         f"init.checkpoint={tiny_checkpoint}", f"data.train={tmp_path / 'sft.jsonl'}", f"data.dev={tmp_path / 'sft_dev.jsonl'}",
-        "task.kind=sft", "task.metric=loss", "train.epochs=3", "train.lr=3e-3", "train.micro_batch_size=4",
-        "train.global_batch_size=8", "train.peak_tflops=1.0", "parallel.workers=2", "parallel.tp=2",
+        "task.kind=sft", "task.metric=loss", "model.dropout=0", "train.epochs=3", "train.lr=3e-3",
+        "train.micro_batch_size=4", "train.global_batch_size=8", "train.peak_tflops=1.0", "parallel.workers=2", "parallel.tp=2",
         f"run.storage_path={tmp_path / 'runs'}", "run.name=sft-tp2",
     ], stage="finetune")
     result = finetune(cfg)
