@@ -19,15 +19,23 @@ GREEK = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma".split()
 PLACES = "river mountain forest ocean desert valley island canyon meadow glacier".split()
 
 
-def write_word_task(path: Path, n: int, seed: int) -> None:
-    """A task a tiny model learns in a few steps: Greek-letter sentences are "pos", place names "neg"."""
+def write_task(path: Path, n: int, seed: int, sentence) -> None:
+    """`n` rows of a pos/neg TSV (sentence, label): each label drawn at random, `sentence(rng, label)` its text."""
     rng = random.Random(seed)
     with path.open("w", encoding="utf-8") as fh:
         fh.write("sentence\tlabel\n")
         for _ in range(n):
             label = rng.choice(["pos", "neg"])
-            words = GREEK if label == "pos" else PLACES
-            fh.write(" ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) + f"\t{label}\n")
+            fh.write(sentence(rng, label) + f"\t{label}\n")
+
+
+def write_word_task(path: Path, n: int, seed: int) -> None:
+    """A task a tiny model learns in a few steps: Greek-letter sentences are "pos", place names "neg"."""
+    def sentence(rng, label):
+        words = GREEK if label == "pos" else PLACES
+        return " ".join(rng.choice(words) for _ in range(rng.randint(3, 10)))
+
+    write_task(path, n, seed, sentence)
 
 
 # ---------------------------------------------------------------- metrics
@@ -191,14 +199,12 @@ FILLER = ("the a of function value list class module file return object string n
 
 def write_sentiment_task(path: Path, n: int, seed: int) -> None:
     """SST-2 in miniature: one polar word somewhere in 6-16 neutral ones decides the label."""
-    rng = random.Random(seed)
-    with path.open("w", encoding="utf-8") as fh:
-        fh.write("sentence\tlabel\n")
-        for _ in range(n):
-            label = rng.choice(["pos", "neg"])
-            words = [rng.choice(FILLER) for _ in range(rng.randint(6, 16))]
-            words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "pos" else NEGATIVE))
-            fh.write(" ".join(words) + f"\t{label}\n")
+    def sentence(rng, label):
+        words = [rng.choice(FILLER) for _ in range(rng.randint(6, 16))]
+        words.insert(rng.randrange(len(words) + 1), rng.choice(POSITIVE if label == "pos" else NEGATIVE))
+        return " ".join(words)
+
+    write_task(path, n, seed, sentence)
 
 
 def test_shipped_defaults_learn_a_sentiment_like_task(tiny_checkpoint, tmp_path):
