@@ -249,6 +249,7 @@ def test_self_training_runs_teacher_labelling_and_student(self_trained):
     report = json.loads((root / "self_train_report.json").read_text())
     teacher, student = report["rounds"]
     assert report["labelled"] == 96 and report["pool"] == 160 and report["threshold"] == 0.8
+    assert report["student_token_dropout"] == 0.2  # noisy students by default
     assert teacher["dev_accuracy"] >= 0.9  # a separable task: the loop really trains
     kept = sum(student["kept_per_class"].values())
     assert 0 < kept <= 160 and student["train_examples"] == 96 + kept
@@ -385,3 +386,17 @@ def test_classification_and_sft_train_under_tensor_and_sequence_parallelism(ray_
     history = [d["loss"] for d in result["dev_history"]]
     assert len(history) == 3 and history[-1] < history[0]
     assert "exact_match" in result["dev"]  # greedy decoding through the split model ran
+
+
+def test_token_dropout_drops_text_tokens_but_never_the_closing_eos_or_every_token():
+    from mtnlg_ray.model.classifier import drop_tokens
+
+    rng = np.random.default_rng(0)
+    row = list(range(100, 140)) + [0]  # 40 text tokens, then EOS
+    assert drop_tokens(row, 0.0, rng) == row
+    noisy = [drop_tokens(row, 0.25, rng) for _ in range(200)]
+    assert all(r[-1] == 0 and set(r[:-1]) <= set(row[:-1]) and r[:-1] == sorted(r[:-1]) for r in noisy)
+    kept = np.mean([len(r) - 1 for r in noisy])
+    assert 27 < kept < 33  # 30 of 40 expected
+    assert all(len(drop_tokens([7, 0], 0.99, rng)) == 2 for _ in range(50))  # a one-token text keeps its token
+    assert drop_tokens([0], 0.5, rng) == [0]  # an empty text is just EOS

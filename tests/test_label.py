@@ -471,7 +471,9 @@ def test_unconfident_predictions_become_null_labels(ray_session, classifier_chec
     docs = documents(40, start=200)
     expected = by_id(ClassifierLabeler(path)(pa.Table.from_pylist(docs)).to_pylist())
     threshold = float(np.median([r["confidence"] for r in expected.values()]))
-    cfg = LabelSection(labeler="classifier", model=str(path), threshold=threshold, actors=(1, 1), batch_size=16)
+    # label.threads=2: the actor's forward passes take two threads and label exactly as one does.
+    cfg = LabelSection(labeler="classifier", model=str(path), threshold=threshold, actors=(1, 1), batch_size=16,
+                       threads=2)
     kept, rejected = filter_labelled(label_documents(ray.data.from_items(docs), cfg), cfg)
     rows = by_id(kept.take_all())
     assert sorted(rows) == sorted(expected) and rejected.count() == 0
@@ -484,3 +486,14 @@ def test_unconfident_predictions_become_null_labels(ray_session, classifier_chec
         else:
             assert rows[doc_id]["label"] == want["label"]
     assert 10 <= nulls <= 30
+
+
+def test_label_threads_set_the_labellers_torch_threads(classifier_checkpoint):
+    path, _ = classifier_checkpoint
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            ClassifierLabeler(path, threads=threads)
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)

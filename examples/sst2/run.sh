@@ -7,14 +7,14 @@
 # pretrained model, (c) self-train from (b) as the first teacher. Each row's classifier is copied to
 # OUT/checkpoints/{random,pretrained,selftrained}-seedN/, each step's wall time goes to
 # OUT/timings.tsv, and report.py scores them all beside TF-IDF + logistic regression on the same
-# labels into OUT/results.md. About 100 minutes on 2 CPU cores.
+# labels into OUT/results.md. About 85 minutes on 2 CPU cores.
 #
 # Smaller runs for trying the script: PRETRAIN_STEPS=20 SEEDS=0 ROUNDS=1 bash examples/sst2/run.sh ...
 set -euo pipefail
 sst2=${1:?usage: run.sh SST2_DIR OUT (SST2_DIR holds train.tsv and dev.tsv)}
 out=${2:?usage: run.sh SST2_DIR OUT}
 here=$(cd "$(dirname "$0")" && pwd)
-steps=${PRETRAIN_STEPS:-1200}
+steps=${PRETRAIN_STEPS:-1600}
 seeds=${SEEDS:-0 1 2}
 rounds=${ROUNDS:-2}
 mkdir -p "$out/checkpoints"

@@ -44,6 +44,12 @@ REJECTED_SCHEMA = rejected_schema()
 MAX_BATCH_TOKENS = 8192
 
 
+def _set_threads(threads: int | None) -> None:
+    """CPU threads for this actor's forward passes (label.threads); Ray gives a 1-CPU actor one."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def _length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
     """Indices grouped by similar length, each group's padded size (rows × longest) within `max_tokens`."""
     groups: list[list[int]] = []
@@ -94,7 +100,9 @@ class PerplexityLabeler:
         stride: int | None = None,
         device: str | None = None,
         max_batch_tokens: int = MAX_BATCH_TOKENS,
+        threads: int | None = None,
     ) -> None:
+        _set_threads(threads)
         self.device = default_device(device)
         self.model, _ = load_checkpoint(checkpoint, device=self.device)
         self.tokenizer = load_tokenizer(tokenizer_path(checkpoint))
@@ -161,7 +169,9 @@ class ClassifierLabeler:
         text_field: str = "text",
         device: str | None = None,
         max_batch_tokens: int = MAX_BATCH_TOKENS,
+        threads: int | None = None,
     ) -> None:
+        _set_threads(threads)
         self.device = default_device(device)
         self.model, self.labels = load_classifier(checkpoint, device=self.device)
         self.tokenizer = load_tokenizer(tokenizer_path(checkpoint))
@@ -230,7 +240,8 @@ def label_documents(ds: ray.data.Dataset, cfg: LabelSection, text_field: str = "
     return ds.map_batches(
         labeler,
         fn_constructor_args=(str(cfg.model),),
-        fn_constructor_kwargs={"text_field": text_field},
+        fn_constructor_kwargs={"text_field": text_field,
+                               **({"threads": cfg.threads} if cfg.threads and cfg.labeler != "quality" else {})},
         compute=ray.data.ActorPoolStrategy(min_size=low, max_size=high),
         num_cpus=1,
         num_gpus=cfg.num_gpus,

@@ -4,7 +4,8 @@ Round 0 fine-tunes a teacher on the labelled set. Each later round runs the teac
 with the corpus pipeline's `classifier` labeller on the Ray Data actor pool; predictions with
 confidence >= `selftrain.threshold` (optionally only the `per_class_top_k` most confident per class,
 optionally as soft labels) join the labelled set, and a student is fine-tuned on both from the same
-start checkpoint as the teacher. The student becomes the next round's teacher. Everything each
+start checkpoint as the teacher, with input noise (`student_token_dropout`) so that it learns more
+than a copy of the teacher. The student becomes the next round's teacher. Everything each
 round did goes to `self_train_report.json` and `self_train.png` in the run directory.
 """
 
@@ -126,6 +127,7 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
     labelled = read_classification(checked.data.train, cfg.data.text_field, cfg.data.label_field)
     report = {"labels": labels, "metric": metric, "threshold": cfg.selftrain.threshold,
               "per_class_top_k": cfg.selftrain.per_class_top_k, "soft_labels": cfg.selftrain.soft_labels,
+              "student_token_dropout": cfg.selftrain.student_token_dropout,
               "labelled": len(labelled.rows), "pool": pool_size, "rounds": []}
 
     started = time.perf_counter()
@@ -158,11 +160,7 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         _write_training_set(cfg, labelled.rows, pseudo, labels, out / "train.jsonl")
         emit(event="round", round=number, role="student", train=len(labelled.rows) + len(pseudo),
              kept={x: kept.get(x, 0) for x in labels}, pseudo_accuracy=accuracy)
-        student_cfg = _run_config(cfg, f"{cfg.run.name}/round{number}", str(out / "train.jsonl"))
-        if cfg.selftrain.student_epochs is not None:
-            student_cfg = student_cfg.model_copy(update={"train": cfg.train.model_copy(
-                update={"epochs": cfg.selftrain.student_epochs})})
-        result = finetune(student_cfg, on_record=on_record)
+        result = finetune(_student_config(cfg, number, out / "train.jsonl"), on_record=on_record)
         report["rounds"].append(_round_entry(number, result, len(labelled.rows) + len(pseudo), len(rows),
                                              {x: kept.get(x, 0) for x in labels}, accuracy, started))
         emit(event="done", **report["rounds"][-1])
@@ -172,6 +170,15 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
     publish_file(root / "self_train_report.json", json.dumps(report, indent=2) + "\n")
     report["plot"] = str(plot_self_training(report, root / "self_train.png"))
     return report
+
+
+def _student_config(cfg: Config, number: int, train: Path) -> Config:
+    """Round `number`'s student: from the start checkpoint, on labelled + pseudo-labelled data, with its noise."""
+    student = _run_config(cfg, f"{cfg.run.name}/round{number}", str(train))
+    update = {"token_dropout": cfg.selftrain.student_token_dropout}
+    train_update = {} if cfg.selftrain.student_epochs is None else {"epochs": cfg.selftrain.student_epochs}
+    return student.model_copy(update={"task": cfg.task.model_copy(update=update),
+                                      "train": cfg.train.model_copy(update=train_update)})
 
 
 def _check_teacher(cfg: Config, labels: list[str]) -> None:

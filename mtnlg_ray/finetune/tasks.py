@@ -20,7 +20,7 @@ from mtnlg_ray.checkpoint import save_classifier
 from mtnlg_ray.config import Config
 from mtnlg_ray.finetune.data import check_labels, read_classification, read_sft
 from mtnlg_ray.finetune.metrics import classification_metrics
-from mtnlg_ray.model.classifier import GPTClassifier, classification_input, pad_right
+from mtnlg_ray.model.classifier import GPTClassifier, classification_input, drop_tokens, pad_right
 from mtnlg_ray.model.gpt import GPT, GPTConfig, lm_loss
 from mtnlg_ray.model.lora import apply_lora, merge_lora
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
@@ -77,6 +77,7 @@ class ClassificationTask:
                 self.targets[i] = np.asarray(row.probs, dtype=np.float32) / max(sum(row.probs), 1e-12)
             else:
                 self.targets[i, index[row.label]] = 1.0
+        self.noise = np.random.default_rng([cfg.train.seed, 0])  # see begin_step
         self.dev_rows, self.dev_gold = [], []
         if cfg.data.dev:
             dev = read_classification(cfg.data.dev, cfg.data.text_field, cfg.data.label_field)
@@ -91,6 +92,11 @@ class ClassificationTask:
     def __len__(self) -> int:
         return len(self.train_rows)
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """Each training example's tokens, for length-grouped batches (train.group_by_length)."""
+        return np.array([len(row) for row in self.train_rows])
+
     def tokens(self, indices: np.ndarray) -> int:
         return int(sum(len(self.train_rows[i]) for i in indices))
 
@@ -103,8 +109,16 @@ class ClassificationTask:
     def _inputs(self, rows: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
         return pad_right(rows, self.eos, self.multiple).to(device), torch.tensor([len(r) for r in rows], device=device)
 
+    def begin_step(self, step: int) -> None:
+        """Input noise (task.token_dropout) drawn from the seed and the step alone: a resumed run drops
+        the tokens the uninterrupted one did."""
+        self.noise = np.random.default_rng([self.cfg.train.seed, step])
+
     def loss(self, model: nn.Module, indices: np.ndarray, device) -> torch.Tensor:
-        idx, lengths = self._inputs([self.train_rows[i] for i in indices], device)
+        rows = [self.train_rows[i] for i in indices]
+        if self.cfg.task.token_dropout > 0:
+            rows = [drop_tokens(row, self.cfg.task.token_dropout, self.noise) for row in rows]
+        idx, lengths = self._inputs(rows, device)
         logits = model(idx, lengths).float()
         return F.cross_entropy(logits, torch.from_numpy(self.targets[indices]).to(device))
 
@@ -155,6 +169,10 @@ class SFTTask:
 
     def __len__(self) -> int:
         return len(self.train)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(ids) for ids, _ in self.train])
 
     def tokens(self, indices: np.ndarray) -> int:
         return int(sum(len(self.train[i][0]) for i in indices))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,6 +63,18 @@ def classification_input(ids: Sequence[int], eos: int, seq_len: int) -> list[int
     gives an empty text one token. Fine-tuning and the labeller both encode text this way.
     """
     return [*ids[: seq_len - 1], eos]
+
+
+def drop_tokens(row: Sequence[int], rate: float, rng: np.random.Generator) -> list[int]:
+    """`row` with each token before its closing EOS dropped with probability `rate` (input noise).
+
+    At least one text token stays when the row has any, so a short text never becomes empty.
+    """
+    text, eos = list(row[:-1]), row[-1]
+    if rate <= 0 or not text:
+        return list(row)
+    kept = [t for t, drop in zip(text, rng.random(len(text)) < rate) if not drop]
+    return [*(kept or [text[int(rng.integers(len(text)))]]), eos]
 
 
 def pad_right(rows: Sequence[Sequence[int]], fill: int, multiple: int = 1) -> torch.Tensor:

@@ -44,18 +44,41 @@ class TokenShards:
         return torch.from_numpy(out)
 
 
-class GlobalOrder:
-    """Which sequence comes at each global position: a seeded permutation per epoch."""
+# Length grouping: a shuffled epoch is cut into windows of this many groups, each window sorted by
+# length, cut into groups and the groups shuffled again.
+GROUPS_PER_WINDOW = 32
 
-    def __init__(self, size: int, seed: int) -> None:
+
+class GlobalOrder:
+    """Which example comes at each global position: a seeded permutation per epoch.
+
+    With `lengths` (variable-length fine-tuning examples) and a `group` size, each run of `group`
+    positions holds examples of similar length, so a batch pads little. It is still a permutation
+    of the epoch, drawn from the seed alone: every layout and every resume sees the same order.
+    """
+
+    def __init__(self, size: int, seed: int, lengths: np.ndarray | None = None, group: int = 1) -> None:
         if size == 0:
             raise InputError("the dataset has no training sequences; use more text or a smaller pack.seq_len")
         self.size = size
         self.seed = seed
+        self.lengths = None if lengths is None or group < 2 else np.asarray(lengths)
+        self.group = group
 
     @lru_cache(maxsize=2)
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.size)
+        if self.lengths is None:
+            return order
+        window = self.group * GROUPS_PER_WINDOW
+        out = []
+        for start in range(0, self.size, window):
+            part = order[start : start + window]
+            part = part[np.argsort(self.lengths[part], kind="stable")]
+            groups = [part[i : i + self.group] for i in range(0, len(part), self.group)]
+            out.extend(groups[i] for i in rng.permutation(len(groups)))
+        return np.concatenate(out)
 
     def take(self, cursor: int, count: int) -> np.ndarray:
         positions = np.arange(cursor, cursor + count)

@@ -206,7 +206,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     peak_rss = max_over_world(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, device)  # Linux: KiB
 
     examples = len(task)
-    order = GlobalOrder(examples, cfg.train.seed)
+    lengths = getattr(task, "lengths", None) if cfg.train.group_by_length else None
+    order = GlobalOrder(examples, cfg.train.seed, lengths, cfg.train.global_batch_size)
     epoch_limit = cfg.train.epoch_limit()  # None: max_steps or max_tokens ends the run
     peak = cfg.train.peak_tflops or measured_peak_tflops(device)
     step_flops = flops_per_token(model_config, seq_len)
@@ -240,6 +241,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for optimizer in optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
+        if hasattr(task, "begin_step"):
+            task.begin_step(state.step)
         if pipeline is not None:
             # The micro-batches of gradient accumulation are the pipeline's micro-batches.
             local_loss = pipeline.train_step(*task.inputs_targets(task.train, indices, device), accum)
