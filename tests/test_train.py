@@ -486,7 +486,10 @@ def test_length_grouped_order_is_each_epochs_permutation_and_pads_far_less():
         return int((lengths[batches].max(axis=1) * 32).sum())
 
     real = int(lengths[grouped.take(0, 2976)].sum())
-    assert padded(grouped) < 1.15 * real < 0.65 * padded(plain)  # 1.07x the real tokens against 1.87x
+    assert padded(grouped) < 1.25 * real < 0.7 * padded(plain)  # 1.12x the real tokens against 1.85x
     # Still shuffled: the batches do not run from short to long through the epoch.
     means = lengths[grouped.take(0, 2976).reshape(-1, 32)].mean(axis=1)
     assert abs(np.corrcoef(np.arange(len(means)), means)[0, 1]) < 0.3
+    # A set smaller than two windows (here 2 x 8 groups of 32) keeps its plain shuffle.
+    small = lengths[:500]
+    assert np.array_equal(GlobalOrder(500, 5, small, 32).take(0, 500), GlobalOrder(500, 5).take(0, 500))
