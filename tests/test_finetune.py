@@ -400,3 +400,44 @@ def test_token_dropout_drops_text_tokens_but_never_the_closing_eos_or_every_toke
     assert 27 < kept < 33  # 30 of 40 expected
     assert all(len(drop_tokens([7, 0], 0.99, rng)) == 2 for _ in range(50))  # a one-token text keeps its token
     assert drop_tokens([0], 0.5, rng) == [0]  # an empty text is just EOS
+
+
+def test_token_dropout_noise_comes_from_seed_step_and_example_alone(tiny_checkpoint, tmp_path):
+    """Whatever the layout or micro-batch an example lands in, it loses the same tokens at a step."""
+    from mtnlg_ray.checkpoint import load_checkpoint
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.tasks import ClassificationTask
+    from mtnlg_ray.model.gpt import GPTConfig
+
+    write_word_task(tmp_path / "train.tsv", 64, seed=0)
+    _, body = load_checkpoint(tiny_checkpoint)
+    model_config = GPTConfig.from_dict(body["model"])
+
+    def task(rate: float) -> ClassificationTask:
+        cfg = load_config(overrides=[f"data.train={tmp_path / 'train.tsv'}", "data.text_field=sentence",
+                                     "task.labels=[neg, pos]", f"task.token_dropout={rate}"], stage="finetune")
+        return ClassificationTask(cfg, tiny_checkpoint / "tokenizer.json", model_config)
+
+    noisy, plain = task(0.3), task(0.0)
+    everyone = np.arange(64)
+    plain.begin_step(5)
+    assert plain.noisy_rows(everyone) == [plain.train_rows[i] for i in everyone]
+    noisy.begin_step(5)
+    together = noisy.noisy_rows(everyone)
+    assert together == [noisy.noisy_rows(np.array([i]))[0] for i in everyone[::-1]][::-1]
+    assert sum(map(len, together)) < sum(map(len, noisy.train_rows))
+    noisy.begin_step(6)
+    assert noisy.noisy_rows(everyone) != together  # a new step, new noise
+    noisy.begin_step(5)
+    assert noisy.noisy_rows(everyone) == together  # a resumed step, the same noise
+
+
+def test_a_student_config_carries_its_noise_and_epochs():
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.selftrain import _student_config
+
+    cfg = load_config(overrides=["selftrain.student_epochs=3", "run.name=st", "train.epochs=10"], stage="selftrain")
+    student = _student_config(cfg, 2, Path("/pool/round2/train.jsonl"))
+    assert student.task.token_dropout == 0.2 and student.train.epochs == 3
+    assert student.data.train == "/pool/round2/train.jsonl" and student.run.name == "st/round2"
+    assert cfg.task.token_dropout == 0.0  # the teacher reads clean text

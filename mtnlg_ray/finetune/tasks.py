@@ -77,7 +77,7 @@ class ClassificationTask:
                 self.targets[i] = np.asarray(row.probs, dtype=np.float32) / max(sum(row.probs), 1e-12)
             else:
                 self.targets[i, index[row.label]] = 1.0
-        self.noise = np.random.default_rng([cfg.train.seed, 0])  # see begin_step
+        self.step = 0  # see begin_step
         self.dev_rows, self.dev_gold = [], []
         if cfg.data.dev:
             dev = read_classification(cfg.data.dev, cfg.data.text_field, cfg.data.label_field)
@@ -110,14 +110,20 @@ class ClassificationTask:
         return pad_right(rows, self.eos, self.multiple).to(device), torch.tensor([len(r) for r in rows], device=device)
 
     def begin_step(self, step: int) -> None:
-        """Input noise (task.token_dropout) drawn from the seed and the step alone: a resumed run drops
-        the tokens the uninterrupted one did."""
-        self.noise = np.random.default_rng([self.cfg.train.seed, step])
+        self.step = step
+
+    def noisy_rows(self, indices: np.ndarray) -> list[list[int]]:
+        """The training rows at `indices` with task.token_dropout applied. Each example's dropped tokens
+        come from the seed, the step and its index alone: the same whatever the layout or micro-batch,
+        and a resumed run drops what the uninterrupted one did."""
+        rate = self.cfg.task.token_dropout
+        if rate <= 0:
+            return [self.train_rows[i] for i in indices]
+        return [drop_tokens(self.train_rows[i], rate, np.random.default_rng([self.cfg.train.seed, self.step, int(i)]))
+                for i in indices]
 
     def loss(self, model: nn.Module, indices: np.ndarray, device) -> torch.Tensor:
-        rows = [self.train_rows[i] for i in indices]
-        if self.cfg.task.token_dropout > 0:
-            rows = [drop_tokens(row, self.cfg.task.token_dropout, self.noise) for row in rows]
+        rows = self.noisy_rows(indices)
         idx, lengths = self._inputs(rows, device)
         logits = model(idx, lengths).float()
         return F.cross_entropy(logits, torch.from_numpy(self.targets[indices]).to(device))

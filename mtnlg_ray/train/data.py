@@ -74,13 +74,17 @@ class GlobalOrder:
         order = rng.permutation(self.size)
         if self.lengths is None:
             return order
+        # Batches start at multiples of `group` counted over the whole run, so when the epoch size is
+        # not a multiple, this epoch's first `lead` positions finish the batch the last epoch began.
+        lead = (-epoch * self.size) % self.group
+        out = [order[:lead]]
         window = self.group * GROUPS_PER_WINDOW
-        out = []
-        for start in range(0, self.size, window):
+        for start in range(lead, self.size, window):
             part = order[start : start + window]
             part = part[np.argsort(self.lengths[part], kind="stable")]
             groups = [part[i : i + self.group] for i in range(0, len(part), self.group)]
-            out.extend(groups[i] for i in rng.permutation(len(groups)))
+            tail = [groups.pop()] if len(groups[-1]) < self.group else []  # a short last group stays last
+            out.extend([*(groups[i] for i in rng.permutation(len(groups))), *tail])
         return np.concatenate(out)
 
     def take(self, cursor: int, count: int) -> np.ndarray:
