@@ -404,14 +404,13 @@ def test_token_dropout_drops_text_tokens_but_never_the_closing_eos_or_every_toke
 
 def test_token_dropout_noise_comes_from_seed_step_and_example_alone(tiny_checkpoint, tmp_path):
     """Whatever the layout or micro-batch an example lands in, it loses the same tokens at a step."""
-    from mtnlg_ray.checkpoint import load_checkpoint
+    from mtnlg_ray.checkpoint import read_checkpoint_config
     from mtnlg_ray.config import load_config
     from mtnlg_ray.finetune.tasks import ClassificationTask
     from mtnlg_ray.model.gpt import GPTConfig
 
     write_word_task(tmp_path / "train.tsv", 64, seed=0)
-    _, body = load_checkpoint(tiny_checkpoint)
-    model_config = GPTConfig.from_dict(body["model"])
+    model_config = GPTConfig.from_dict(read_checkpoint_config(tiny_checkpoint)["model"])
 
     def task(rate: float) -> ClassificationTask:
         cfg = load_config(overrides=[f"data.train={tmp_path / 'train.tsv'}", "data.text_field=sentence",
