@@ -440,3 +440,90 @@ def test_a_student_config_carries_its_noise_and_epochs():
     assert student.task.token_dropout == 0.2 and student.train.epochs == 3
     assert student.data.train == "/pool/round2/train.jsonl" and student.run.name == "st/round2"
     assert cfg.task.token_dropout == 0.0  # the teacher reads clean text
+
+
+# ---------------------------------------------------------------- the bag-of-n-grams teacher
+
+
+def test_ngram_classifier_learns_and_reloads_to_the_same_probabilities(tmp_path):
+    from mtnlg_ray.errors import CheckpointError, ConfigError
+    from mtnlg_ray.finetune.data import read_classification
+    from mtnlg_ray.finetune.ngram import NgramClassifier, fit_ngram_classifier
+
+    write_word_task(tmp_path / "train.tsv", 96, seed=0)
+    write_word_task(tmp_path / "dev.tsv", 64, seed=1)
+    train = read_classification(tmp_path / "train.tsv", "sentence", "label")
+    dev = read_classification(tmp_path / "dev.tsv", "sentence", "label")
+    model = fit_ngram_classifier(train.texts, train.labels, ["neg", "pos"], seed=0)
+    predicted, confidence = model.predict(dev.texts)
+    assert predicted == dev.labels  # separable by words: every dev sentence right
+    assert (confidence > 0.5).all() and (confidence <= 1.0).all()
+    # Another seed shuffles differently: the fit depends on it, but learns as well.
+    other = fit_ngram_classifier(train.texts, train.labels, ["neg", "pos"], seed=1)
+    assert not np.array_equal(other.weight, model.weight)
+    assert other.predict(dev.texts)[0] == dev.labels
+
+    model.save(tmp_path / "ngram")
+    loaded = NgramClassifier.load(tmp_path / "ngram")
+    assert loaded.labels == ["neg", "pos"]
+    np.testing.assert_allclose(loaded.predict_proba(dev.texts), model.predict_proba(dev.texts), rtol=0, atol=1e-6)
+    (tmp_path / "ngram" / "weights.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="weights.safetensors: unreadable"):
+        NgramClassifier.load(tmp_path / "ngram")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not an n-gram classifier"):
+        model.save(tmp_path / "notes")
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def ngram_self_trained(tmp_path_factory, tokenizer_dir):
+    """`mtnlg-ray self-train` with `selftrain.ngram_teacher`: round 0 is the n-gram classifier, not a GPT."""
+    work = tmp_path_factory.mktemp("selftrain_ngram")
+    write_word_task(work / "labelled.tsv", 96, seed=0)
+    write_word_task(work / "dev.tsv", 64, seed=1)
+    write_word_task(work / "pool.tsv", 160, seed=2)
+    result = run_cli(
+        "self-train", "--set", f"tokenizer.path={tokenizer_dir}", "--set", "model.preset=tiny",
+        "--set", "model.n_layer=2", "--set", "model.seq_len=32",
+        "--set", f"data.train={work / 'labelled.tsv'}", "--set", f"data.dev={work / 'dev.tsv'}",
+        "--set", "data.text_field=sentence", "--set", f"selftrain.unlabelled={work / 'pool.tsv'}",
+        "--set", "selftrain.ngram_teacher=true", "--set", "selftrain.per_class_top_k=60",
+        "--set", "selftrain.rounds=1", "--set", "train.epochs=2", "--set", "train.global_batch_size=16",
+        "--set", "train.lr=3e-3", "--set", "train.peak_tflops=1.0", "--set", f"run.storage_path={work / 'runs'}",
+        "--set", "run.name=ngram", timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, result
+
+
+def test_an_ngram_teacher_labels_the_pool_and_a_gpt_student_learns_from_it(ngram_self_trained):
+    from mtnlg_ray.finetune.ngram import NgramClassifier
+
+    work, result = ngram_self_trained
+    root = work / "runs" / "ngram"
+    report = json.loads((root / "self_train_report.json").read_text())
+    teacher, student = report["rounds"]
+    assert teacher["checkpoint"] == str(root / "round0" / "ngram")
+    assert teacher["dev_accuracy"] == 1.0  # words decide the label: a bag of n-grams gets all of dev
+    model = NgramClassifier.load(root / "round0" / "ngram")
+    assert model.metrics["dev"]["accuracy"] == 1.0 and model.metrics["train"] == 96
+    assert not (root / "round0" / "final").exists()  # no GPT teacher was fine-tuned
+    # The labeller ran the n-gram model over the pool: 60 per class, all matching the hidden labels.
+    assert student["kept_per_class"] == {"neg": 60, "pos": 60}
+    assert student["pseudo_label_accuracy"] == 1.0
+    assert student["train_examples"] == 96 + 120
+    assert student["dev_accuracy"] >= 0.9
+    assert report["final"] == str(root / "round1" / "final")
+
+
+def test_an_ngram_teacher_and_a_given_teacher_are_one_line_error(ngram_self_trained, tokenizer_dir):
+    work, _ = ngram_self_trained
+    result = run_cli(
+        "self-train", "--set", f"tokenizer.path={tokenizer_dir}", "--set", f"data.train={work / 'labelled.tsv'}",
+        "--set", "data.text_field=sentence", "--set", f"selftrain.unlabelled={work / 'pool.tsv'}",
+        "--set", "selftrain.ngram_teacher=true", "--set", f"selftrain.teacher={work / 'runs' / 'ngram' / 'round1' / 'final'}",
+        "--set", f"run.storage_path={work / 'runs'}", "--set", "run.name=both",
+    )
+    assert_one_line_error(result, "selftrain.ngram_teacher", "not both")

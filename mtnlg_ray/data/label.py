@@ -34,6 +34,7 @@ from mtnlg_ray.data.columns import column as _column, texts as _texts, with_colu
 from mtnlg_ray.data.quality import QualityLabeler
 from mtnlg_ray.data.read import rejected_schema
 from mtnlg_ray.errors import CheckpointError, ConfigError
+from mtnlg_ray.finetune.ngram import NgramClassifier, is_ngram_classifier
 from mtnlg_ray.model.classifier import classification_input, pad_right
 from mtnlg_ray.runtime import default_device
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
@@ -158,6 +159,8 @@ class ClassifierLabeler:
 
     Text is encoded as fine-tuning encodes it (`classification_input`: the first seq_len - 1
     tokens, then EOS). `filter_labelled` turns predictions under `label.threshold` into nulls.
+    An n-gram classifier folder (`mtnlg_ray/finetune/ngram.py`, self-training's bag-of-words
+    teacher) is labelled with the same columns.
     """
 
     columns = ("label", "confidence")
@@ -171,6 +174,10 @@ class ClassifierLabeler:
         max_batch_tokens: int = MAX_BATCH_TOKENS,
         threads: int | None = None,
     ) -> None:
+        self.text_field = text_field
+        self.ngram = NgramClassifier.load(checkpoint) if is_ngram_classifier(checkpoint) else None
+        if self.ngram is not None:
+            return
         _set_threads(threads)
         self.device = default_device(device)
         self.model, self.labels = load_classifier(checkpoint, device=self.device)
@@ -182,15 +189,19 @@ class ClassifierLabeler:
             )
         self.eos = eos_id(self.tokenizer)
         self.max_batch_tokens = max_batch_tokens
-        self.text_field = text_field
 
     @staticmethod
     def check(checkpoint: str | Path) -> None:
+        if is_ngram_classifier(checkpoint):
+            NgramClassifier.load(checkpoint)
+            return
         classification_task(read_checkpoint_config(checkpoint), Path(checkpoint) / CONFIG)
         tokenizer_path(checkpoint)
 
     @torch.inference_mode()
     def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        if self.ngram is not None:
+            return self.ngram.predict(texts)
         seq_len = self.model.backbone.config.seq_len
         rows = [
             classification_input(enc.ids, self.eos, seq_len)

@@ -114,6 +114,8 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         raise ConfigError(f"task.kind: self-training labels a pool with a classifier; got {cfg.task.kind}")
     if not cfg.selftrain.unlabelled:
         raise ConfigError("selftrain.unlabelled: set it to the unlabelled pool (TSV / CSV / JSONL / Parquet)")
+    if cfg.selftrain.teacher and cfg.selftrain.ngram_teacher:
+        raise ConfigError("selftrain.ngram_teacher: set it or selftrain.teacher, not both (each is round 0's teacher)")
     checked, _, _, _ = prepare_finetune(cfg)  # every file and the start checkpoint, before any training
     cfg = checked.model_copy(update={"train": cfg.train})  # each round sizes its own default schedule
     unlabelled = Path(cfg.selftrain.unlabelled)  # absolute now, as every path field of `checked`
@@ -134,6 +136,8 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
     emit(event="round", round=0, role="teacher", train=len(labelled.rows))
     if cfg.selftrain.teacher:
         result = _given_teacher(cfg, labels)
+    elif cfg.selftrain.ngram_teacher:
+        result = _ngram_teacher(cfg, labelled, labels, root / "round0" / "ngram")
     else:
         result = finetune(_run_config(checked, f"{cfg.run.name}/round0", checked.data.train), on_record=on_record)
     report["rounds"].append(_round_entry(0, result, len(labelled.rows), 0, {}, None, started))
@@ -201,6 +205,24 @@ def _given_teacher(cfg: Config, labels: list[str]) -> dict:
         dev = evaluate_classification(teacher, Path(cfg.data.dev), cfg.data.text_field,
                                       cfg.data.label_field)
     return {"final": str(teacher), "dev": dev}
+
+
+def _ngram_teacher(cfg: Config, labelled, labels: list[str], out: Path) -> dict:
+    """Round 0 as a bag-of-n-grams classifier fit on the labelled set, scored on the dev set."""
+    from mtnlg_ray.finetune.data import read_classification
+    from mtnlg_ray.finetune.metrics import classification_metrics
+    from mtnlg_ray.finetune.ngram import fit_ngram_classifier
+
+    model = fit_ngram_classifier(labelled.texts, labelled.labels, labels, seed=cfg.train.seed)
+    dev = None
+    if cfg.data.dev:
+        data = read_classification(cfg.data.dev, cfg.data.text_field, cfg.data.label_field)
+        predicted, _ = model.predict(data.texts)
+        index = {label: i for i, label in enumerate(labels)}
+        dev = classification_metrics([index[x] for x in data.labels], [index[x] for x in predicted], labels)
+        model.metrics["dev"] = dev
+    model.save(out)
+    return {"final": str(out), "dev": dev}
 
 
 def _round_entry(number: int, result: dict, train_size: int, labelled_pool: int, kept: dict,
