@@ -225,20 +225,21 @@ def test_shipped_defaults_learn_a_sentiment_like_task(tiny_checkpoint, tmp_path)
 @pytest.fixture(scope="module")
 def self_trained(tmp_path_factory, tokenizer_dir):
     """`mtnlg-ray self-train` as a user runs it: a random-init teacher, one round of pseudo-labels, a student."""
-    work = tmp_path_factory.mktemp("selftrain")
+    return run_self_training(tmp_path_factory.mktemp("selftrain"), tokenizer_dir, "st",
+                             "selftrain.threshold=0.8", "train.epochs=4", "selftrain.student_epochs=1")
+
+
+def run_self_training(work: Path, tokenizer_dir: Path, name: str, *settings: str):
+    """One round of `mtnlg-ray self-train` on the word task at toy size, as `run.name=name`; `settings` add --set's."""
     write_word_task(work / "labelled.tsv", 96, seed=0)
     write_word_task(work / "dev.tsv", 64, seed=1)
     write_word_task(work / "pool.tsv", 160, seed=2)
-    result = run_cli(
-        "self-train", "--set", f"tokenizer.path={tokenizer_dir}", "--set", "model.preset=tiny",
-        "--set", "model.n_layer=2", "--set", "model.seq_len=32",
-        "--set", f"data.train={work / 'labelled.tsv'}", "--set", f"data.dev={work / 'dev.tsv'}",
-        "--set", "data.text_field=sentence", "--set", f"selftrain.unlabelled={work / 'pool.tsv'}",
-        "--set", "selftrain.rounds=1", "--set", "selftrain.threshold=0.8", "--set", "train.epochs=4",
-        "--set", "train.global_batch_size=16", "--set", "selftrain.student_epochs=1",
-        "--set", "train.lr=3e-3", "--set", "train.peak_tflops=1.0", "--set", f"run.storage_path={work / 'runs'}",
-        "--set", "run.name=st", timeout=600,
-    )
+    sets = [f"tokenizer.path={tokenizer_dir}", "model.preset=tiny", "model.n_layer=2", "model.seq_len=32",
+            f"data.train={work / 'labelled.tsv'}", f"data.dev={work / 'dev.tsv'}", "data.text_field=sentence",
+            f"selftrain.unlabelled={work / 'pool.tsv'}", "selftrain.rounds=1", "train.global_batch_size=16",
+            "train.lr=3e-3", "train.peak_tflops=1.0", f"run.storage_path={work / 'runs'}", f"run.name={name}",
+            *settings]
+    result = run_cli("self-train", *[arg for value in sets for arg in ("--set", value)], timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return work, result
 
@@ -480,22 +481,8 @@ def test_ngram_classifier_learns_and_reloads_to_the_same_probabilities(tmp_path)
 @pytest.fixture(scope="module")
 def ngram_self_trained(tmp_path_factory, tokenizer_dir):
     """`mtnlg-ray self-train` with `selftrain.ngram_teacher`: round 0 is the n-gram classifier, not a GPT."""
-    work = tmp_path_factory.mktemp("selftrain_ngram")
-    write_word_task(work / "labelled.tsv", 96, seed=0)
-    write_word_task(work / "dev.tsv", 64, seed=1)
-    write_word_task(work / "pool.tsv", 160, seed=2)
-    result = run_cli(
-        "self-train", "--set", f"tokenizer.path={tokenizer_dir}", "--set", "model.preset=tiny",
-        "--set", "model.n_layer=2", "--set", "model.seq_len=32",
-        "--set", f"data.train={work / 'labelled.tsv'}", "--set", f"data.dev={work / 'dev.tsv'}",
-        "--set", "data.text_field=sentence", "--set", f"selftrain.unlabelled={work / 'pool.tsv'}",
-        "--set", "selftrain.ngram_teacher=true", "--set", "selftrain.per_class_top_k=60",
-        "--set", "selftrain.rounds=1", "--set", "train.epochs=2", "--set", "train.global_batch_size=16",
-        "--set", "train.lr=3e-3", "--set", "train.peak_tflops=1.0", "--set", f"run.storage_path={work / 'runs'}",
-        "--set", "run.name=ngram", timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return work, result
+    return run_self_training(tmp_path_factory.mktemp("selftrain_ngram"), tokenizer_dir, "ngram",
+                             "selftrain.ngram_teacher=true", "selftrain.per_class_top_k=60", "train.epochs=2")
 
 
 def test_an_ngram_teacher_labels_the_pool_and_a_gpt_student_learns_from_it(ngram_self_trained):
