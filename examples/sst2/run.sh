@@ -8,7 +8,7 @@
 # bag-of-n-grams teacher fit on the labels. Each row's classifier is copied to
 # OUT/checkpoints/{random,pretrained,selftrained}-seedN/, each step's wall time goes to
 # OUT/timings.tsv, and report.py scores them all beside TF-IDF + logistic regression on the same
-# labels into OUT/results.md. 70 minutes on 2 CPU cores when measured (BENCHMARKS.md).
+# labels into OUT/results.md. 79 minutes on 2 CPU cores when last measured (BENCHMARKS.md).
 #
 # Smaller runs for trying the script: PRETRAIN_STEPS=20 SEEDS=0 ROUNDS=1 bash examples/sst2/run.sh ...
 set -euo pipefail
