@@ -505,6 +505,27 @@ def test_an_ngram_teacher_labels_the_pool_and_a_gpt_student_learns_from_it(ngram
     assert report["final"] == str(root / "round1" / "final")
 
 
+def test_evaluate_scores_an_ngram_teacher_as_self_training_did(ngram_self_trained):
+    """`mtnlg-ray evaluate --task classification` reads the n-gram folder as it reads a fine-tuned GPT."""
+    work, _ = ngram_self_trained
+    teacher = work / "runs" / "ngram" / "round0" / "ngram"
+    swapped = work / "dev_swapped.tsv"  # every gold label flipped: the same predictions now score 0
+    lines = (work / "dev.tsv").read_text().splitlines()
+    flip = {"neg": "pos", "pos": "neg"}
+    rows = (line.rsplit("\t", 1) for line in lines[1:])  # sentence, label
+    swapped.write_text("\n".join([lines[0], *(f"{text}\t{flip[label]}" for text, label in rows)]) + "\n")
+    scores = {}
+    for name, data in (("dev", work / "dev.tsv"), ("swapped", swapped)):
+        result = run_cli("evaluate", "--checkpoint", str(teacher), "--data", str(data), "--task", "classification",
+                         "--text-field", "sentence", "--json")
+        assert result.returncode == 0, result.stderr[-2000:]
+        scores[name] = json.loads(result.stdout)
+    assert scores["dev"]["labels"] == ["neg", "pos"] and scores["dev"]["n"] == 64
+    report = json.loads((work / "runs" / "ngram" / "self_train_report.json").read_text())
+    assert scores["dev"]["accuracy"] == report["rounds"][0]["dev_accuracy"] == 1.0
+    assert scores["swapped"]["accuracy"] == 0.0
+
+
 def test_an_ngram_teacher_and_a_given_teacher_are_one_line_error(ngram_self_trained, tokenizer_dir):
     work, _ = ngram_self_trained
     result = run_cli(

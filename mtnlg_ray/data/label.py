@@ -177,6 +177,7 @@ class ClassifierLabeler:
         self.text_field = text_field
         self.ngram = NgramClassifier.load(checkpoint) if is_ngram_classifier(checkpoint) else None
         if self.ngram is not None:
+            self.labels = self.ngram.labels
             return
         _set_threads(threads)
         self.device = default_device(device)

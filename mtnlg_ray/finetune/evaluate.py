@@ -107,16 +107,17 @@ def evaluate_classification(checkpoint: str | Path, data: str | Path, text_field
 
 def evaluate(checkpoint: str | Path, data: list[str], task: str = "lm", text_field: str | None = None,
              label_field: str = "label", split: str = "val") -> dict:
-    """The entry point of `mtnlg-ray evaluate`."""
+    """The entry point of `mtnlg-ray evaluate`. A classifier is a fine-tuned GPT or an n-gram
+    classifier folder (self-training's bag-of-words teacher); a language model is a GPT checkpoint."""
     from mtnlg_ray.checkpoint import read_checkpoint_config
 
-    read_checkpoint_config(checkpoint)  # one clear line for a missing or broken checkpoint
     if task == "classification":
         if len(data) != 1:
             raise InputError(f"--data: classification takes one labelled file, got {len(data)}")
         return evaluate_classification(checkpoint, data[0], text_field or "text", label_field)
     if task != "lm":
         raise InputError(f"--task: expected lm or classification, got {task!r}")
+    read_checkpoint_config(checkpoint)  # one clear line for a missing or broken checkpoint
     if len(data) == 1 and (Path(data[0]) / "tokens" / "index.json").is_file():
         return evaluate_lm_tokens(checkpoint, Path(data[0]), split)
     return evaluate_lm_text(checkpoint, data, text_field or "text")

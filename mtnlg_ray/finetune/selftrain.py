@@ -208,20 +208,19 @@ def _given_teacher(cfg: Config, labels: list[str]) -> dict:
 
 
 def _ngram_teacher(cfg: Config, labelled, labels: list[str], out: Path) -> dict:
-    """Round 0 as a bag-of-n-grams classifier fit on the labelled set, scored on the dev set."""
-    from mtnlg_ray.finetune.data import read_classification
-    from mtnlg_ray.finetune.metrics import classification_metrics
+    """Round 0 as a bag-of-n-grams classifier fit on the labelled set, scored on the dev set the way
+    `mtnlg-ray evaluate --task classification` scores it (its metrics are also kept in ngram.json)."""
+    from mtnlg_ray.finetune.evaluate import evaluate_classification
     from mtnlg_ray.finetune.ngram import fit_ngram_classifier
 
     model = fit_ngram_classifier(labelled.texts, labelled.labels, labels, seed=cfg.train.seed)
+    model.save(out)
     dev = None
     if cfg.data.dev:
-        data = read_classification(cfg.data.dev, cfg.data.text_field, cfg.data.label_field)
-        predicted, _ = model.predict(data.texts)
-        index = {label: i for i, label in enumerate(labels)}
-        dev = classification_metrics([index[x] for x in data.labels], [index[x] for x in predicted], labels)
+        scored = evaluate_classification(out, cfg.data.dev, cfg.data.text_field, cfg.data.label_field)
+        dev = {k: v for k, v in scored.items() if k not in ("task", "labels")}
         model.metrics["dev"] = dev
-    model.save(out)
+        model.save(out)
     return {"final": str(out), "dev": dev}
 
 
