@@ -1,0 +1,164 @@
+"""Fine-tuning levers that are not `mtnlg-ray finetune` options, tried on an SST-2 run's pretrained model.
+
+    python bench/sst2_levers.py --run OUT [--seed 0] [--token-dropout 0.1] [--freeze-embeddings]
+                                [--lm-weight 0.5] [--layer-decay 0.8 --head-lr 1e-3] [--head-only-epochs 2]
+
+OUT is an `examples/sst2/run.sh` output folder: its pretrained model (OUT/runs/pretrain/final), its
+1,000 labels (OUT/labelled.tsv) and the dev split (OUT/dev.tsv). One process, no Ray: a plain loop
+with fine-tuning's defaults (mean pooling, dropout 0.1, batch 32, AdamW 0.9/0.95 at LR 3e-4 with
+weight decay 0.1, 5 % warm-up then cosine to 10 %, clip 1.0, up to 10 epochs, best dev epoch, patience 3),
+plus the lever asked for:
+
+- `--freeze-embeddings`: the token embeddings stay as pretrained (words seen in the 1,000 labels do not
+  drift away from those that are not);
+- `--lm-weight W`: GPT-1's auxiliary objective, W x the next-token loss on the labelled texts;
+- `--layer-decay D`: block i of L trains at LR x D^(L - i), the head at `--head-lr`;
+- `--head-only-epochs N`: only the head trains for the first N epochs (linear probe, then fine-tune).
+
+It prints one JSON line: the best dev accuracy and the accuracy after every epoch. Its batches are
+not grouped by length, so its base numbers differ from the command's; compare levers with its own base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import numpy as np
+
+import common  # noqa: F401  (this checkout on sys.path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="an examples/sst2/run.sh output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--random-init", action="store_true", help="the pretrained shape, random weights")
+    parser.add_argument("--token-dropout", type=float, default=0.0)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--freeze-embeddings", action="store_true")
+    parser.add_argument("--lm-weight", type=float, default=0.0)
+    parser.add_argument("--layer-decay", type=float, default=1.0)
+    parser.add_argument("--head-lr", type=float, default=None)
+    parser.add_argument("--head-only-epochs", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    print(json.dumps(run(args)), flush=True)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from pathlib import Path
+
+    import torch
+    import torch.nn.functional as F
+
+    from mtnlg_ray.checkpoint import load_checkpoint
+    from mtnlg_ray.finetune.data import read_classification
+    from mtnlg_ray.model.classifier import GPTClassifier, classification_input, drop_tokens, pad_right
+    from mtnlg_ray.tokenizer import eos_id, load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.run)
+    start = out / "runs" / "pretrain" / "final"
+    gpt, _ = load_checkpoint(start)
+    if args.random_init:
+        gpt.reset_parameters()
+    tokenizer = load_tokenizer(start / "tokenizer.json")
+    eos = eos_id(tokenizer)
+    train = read_classification(out / "labelled.tsv", "sentence", "label")
+    dev = read_classification(out / "dev.tsv", "sentence", "label")
+    labels = sorted(set(train.labels))
+
+    def encode(texts):
+        return [classification_input(e.ids, eos, gpt.config.seq_len)
+                for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    train_rows, dev_rows = encode(train.texts), encode(dev.texts)
+    train_y = torch.tensor([labels.index(x) for x in train.labels])
+    dev_y = np.array([labels.index(x) for x in dev.labels])
+    model = GPTClassifier(gpt, len(labels), "mean")
+    model.train()
+    if args.freeze_embeddings:
+        gpt.tok_emb.weight.requires_grad_(False)
+
+    n_layer = len(gpt.blocks)
+
+    def depth(name: str) -> int:  # 0 embeddings, i + 1 block i, n_layer + 1 the final norm and the head
+        if "blocks." in name:
+            return int(name.split("blocks.")[1].split(".")[0]) + 1
+        return n_layer + 1 if name.startswith("head.") or "ln_f" in name else 0
+
+    groups = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        lr = args.lr * args.layer_decay ** (n_layer + 1 - depth(name))
+        if name.startswith("head.") and args.head_lr:
+            lr = args.head_lr
+        groups.append({"params": [param], "lr": lr, "peak": lr, "weight_decay": 0.1 if param.ndim >= 2 else 0.0})
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+    batch = 32
+    per_epoch = math.ceil(len(train_rows) / batch)
+    total = per_epoch * args.epochs
+    warmup = max(1, int(0.05 * total))
+
+    def scale(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    @torch.no_grad()
+    def accuracy() -> float:
+        model.eval()
+        predicted = []
+        for i in range(0, len(dev_rows), 128):
+            rows = dev_rows[i : i + 128]
+            predicted.append(model(pad_right(rows, eos), torch.tensor([len(r) for r in rows])).argmax(-1))
+        model.train()
+        return float((torch.cat(predicted).numpy() == dev_y).mean())
+
+    rng = np.random.default_rng(args.seed)
+    step, best, stale, history, started = 0, 0.0, 0, [], time.perf_counter()
+    for epoch in range(args.epochs):
+        head_only = epoch < args.head_only_epochs
+        for name, param in model.named_parameters():
+            if not (args.freeze_embeddings and "tok_emb" in name):
+                param.requires_grad_(name.startswith("head.") or not head_only)
+        order = rng.permutation(len(train_rows))
+        for b in range(per_epoch):
+            idx = order[b * batch : (b + 1) * batch]
+            rows = [drop_tokens(train_rows[i], args.token_dropout, rng) for i in idx]
+            x, lengths = pad_right(rows, eos), torch.tensor([len(r) for r in rows])
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak"] * scale(step)
+            if args.lm_weight > 0:
+                h = gpt.hidden_states(x)
+                real = (torch.arange(h.shape[1]) < lengths[:, None]).float()
+                logits = model.head((h * real[..., None]).sum(1) / lengths[:, None])
+                next_token = gpt.head(h[:, :-1], gpt.tok_emb.weight)
+                targets = x[:, 1:].masked_fill(real[:, 1:] == 0, -100)
+                loss = F.cross_entropy(logits, train_y[idx]) + args.lm_weight * F.cross_entropy(
+                    next_token.reshape(-1, next_token.shape[-1]), targets.reshape(-1), ignore_index=-100)
+            else:
+                loss = F.cross_entropy(model(x, lengths), train_y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+        history.append(round(accuracy(), 4))
+        best, stale = (history[-1], 0) if history[-1] > best else (best, stale + 1)
+        if stale >= args.patience:
+            break
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "threads")}
+    return {"settings": settings, "best_dev_accuracy": best, "per_epoch": history,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+if __name__ == "__main__":
+    main()
