@@ -47,6 +47,11 @@ def main() -> None:
     parser.add_argument("--head-only-epochs", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    from pathlib import Path
+
+    for need in ("runs/pretrain/final/config.json", "labelled.tsv", "dev.tsv"):
+        if not (Path(args.run) / need).is_file():
+            parser.error(f"--run: {Path(args.run) / need} is missing; give an examples/sst2/run.sh output folder")
     print(json.dumps(run(args)), flush=True)
 
 
