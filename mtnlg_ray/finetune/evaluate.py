@@ -92,17 +92,24 @@ def _lm_numbers(nll: float, tokens: int, size: int, **extra) -> dict:
 def evaluate_classification(checkpoint: str | Path, data: str | Path, text_field: str = "text",
                             label_field: str = "label") -> dict:
     from mtnlg_ray.data.label import ClassifierLabeler
-    from mtnlg_ray.finetune.data import check_labels, read_classification
-    from mtnlg_ray.finetune.metrics import classification_metrics
+    from mtnlg_ray.finetune.data import read_classification
 
     ClassifierLabeler.check(checkpoint)
     rows = read_classification(data, text_field, label_field)
     labeler = ClassifierLabeler(checkpoint, device=default_device())
-    check_labels(rows, labeler.labels, f"the labels of {checkpoint}")
-    predicted, _ = labeler.predict(rows.texts)
-    index = {label: i for i, label in enumerate(labeler.labels)}
-    metrics = classification_metrics([index[x] for x in rows.labels], [index[x] for x in predicted], labeler.labels)
-    return {"task": "classification", "labels": labeler.labels, **metrics}
+    return {"task": "classification", "labels": labeler.labels, **classifier_metrics(labeler, rows, checkpoint)}
+
+
+def classifier_metrics(classifier, rows, where: str | Path) -> dict:
+    """Accuracy and P/R/F1 of `classifier` (anything with `labels` and `predict(texts) -> (labels,
+    confidence)`: the classifier labeller, an n-gram classifier) on labelled `rows`."""
+    from mtnlg_ray.finetune.data import check_labels
+    from mtnlg_ray.finetune.metrics import classification_metrics
+
+    check_labels(rows, classifier.labels, f"the labels of {where}")
+    predicted, _ = classifier.predict(rows.texts)
+    index = {label: i for i, label in enumerate(classifier.labels)}
+    return classification_metrics([index[x] for x in rows.labels], [index[x] for x in predicted], classifier.labels)
 
 
 def evaluate(checkpoint: str | Path, data: list[str], task: str = "lm", text_field: str | None = None,

@@ -208,19 +208,18 @@ def _given_teacher(cfg: Config, labels: list[str]) -> dict:
 
 
 def _ngram_teacher(cfg: Config, labelled, labels: list[str], out: Path) -> dict:
-    """Round 0 as a bag-of-n-grams classifier fit on the labelled set, scored on the dev set the way
-    `mtnlg-ray evaluate --task classification` scores it (its metrics are also kept in ngram.json)."""
-    from mtnlg_ray.finetune.evaluate import evaluate_classification
+    """Round 0 as a bag-of-n-grams classifier fit on the labelled set, scored on the dev set as
+    `mtnlg-ray evaluate --task classification` scores it (the metrics are also kept in ngram.json)."""
+    from mtnlg_ray.finetune.data import read_classification
+    from mtnlg_ray.finetune.evaluate import classifier_metrics
     from mtnlg_ray.finetune.ngram import fit_ngram_classifier
 
     model = fit_ngram_classifier(labelled.texts, labelled.labels, labels, seed=cfg.train.seed)
-    model.save(out)
     dev = None
     if cfg.data.dev:
-        scored = evaluate_classification(out, cfg.data.dev, cfg.data.text_field, cfg.data.label_field)
-        dev = {k: v for k, v in scored.items() if k not in ("task", "labels")}
-        model.metrics["dev"] = dev
-        model.save(out)
+        rows = read_classification(cfg.data.dev, cfg.data.text_field, cfg.data.label_field)
+        dev = model.metrics["dev"] = classifier_metrics(model, rows, cfg.data.dev)
+    model.save(out)
     return {"final": str(out), "dev": dev}
 
 
