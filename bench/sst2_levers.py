@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -47,8 +48,6 @@ def main() -> None:
     parser.add_argument("--head-only-epochs", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    from pathlib import Path
-
     for need in ("runs/pretrain/final/config.json", "labelled.tsv", "dev.tsv"):
         if not (Path(args.run) / need).is_file():
             parser.error(f"--run: {Path(args.run) / need} is missing; give an examples/sst2/run.sh output folder")
@@ -56,15 +55,15 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pathlib import Path
-
     import torch
     import torch.nn.functional as F
 
     from mtnlg_ray.checkpoint import load_checkpoint
+    from mtnlg_ray.config import TrainSection
     from mtnlg_ray.finetune.data import read_classification
     from mtnlg_ray.model.classifier import GPTClassifier, classification_input, drop_tokens, pad_right
     from mtnlg_ray.tokenizer import eos_id, load_tokenizer
+    from mtnlg_ray.train.schedule import learning_rate
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -110,12 +109,8 @@ def run(args: argparse.Namespace) -> dict:
     batch = 32
     per_epoch = math.ceil(len(train_rows) / batch)
     total = per_epoch * args.epochs
-    warmup = max(1, int(0.05 * total))
-
-    def scale(step: int) -> float:
-        if step < warmup:
-            return step / warmup
-        return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    # Fine-tuning's schedule counted in steps: each group's peak times this factor.
+    schedule = TrainSection(lr=1.0, min_lr_ratio=0.1, warmup_tokens=max(1, int(0.05 * total)), decay_tokens=total)
 
     @torch.no_grad()
     def accuracy() -> float:
@@ -140,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
             rows = [drop_tokens(train_rows[i], args.token_dropout, rng) for i in idx]
             x, lengths = pad_right(rows, eos), torch.tensor([len(r) for r in rows])
             for group in optimizer.param_groups:
-                group["lr"] = group["peak"] * scale(step)
+                group["lr"] = group["peak"] * learning_rate(step, schedule)
             if args.lm_weight > 0:
                 h = gpt.hidden_states(x)
                 real = (torch.arange(h.shape[1]) < lengths[:, None]).float()
