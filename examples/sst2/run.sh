@@ -8,9 +8,11 @@
 # bag-of-n-grams teacher fit on the labels. Each row's classifier is copied to
 # OUT/checkpoints/{random,pretrained,selftrained}-seedN/, each step's wall time goes to
 # OUT/timings.tsv, and report.py scores them all beside TF-IDF + logistic regression on the same
-# labels into OUT/results.md. 79 minutes on 2 CPU cores when last measured (BENCHMARKS.md).
+# labels into OUT/results.md. 79 minutes on 2 CPU cores when last measured whole, with VOCAB=4096;
+# the 8,192-token vocabulary (the default since) makes pretraining about 1.3x slower (BENCHMARKS.md).
 #
 # Smaller runs for trying the script: PRETRAIN_STEPS=20 SEEDS=0 ROUNDS=1 bash examples/sst2/run.sh ...
+# VOCAB=N sets the BPE vocabulary the sentences are tokenized with (default 8192).
 set -euo pipefail
 sst2=${1:?usage: run.sh SST2_DIR OUT (SST2_DIR holds train.tsv and dev.tsv)}
 out=${2:?usage: run.sh SST2_DIR OUT}
@@ -18,6 +20,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 steps=${PRETRAIN_STEPS:-1600}
 seeds=${SEEDS:-0 1 2}
 rounds=${ROUNDS:-1}
+vocab=${VOCAB:-8192}
 mkdir -p "$out/checkpoints"
 out=$(cd "$out" && pwd)
 runs="$out/runs"
@@ -38,7 +41,7 @@ keep() {  # keep RUN_FINAL NAME: the consolidated classifier as OUT/checkpoints/
 
 timed "split 1,000 labelled / pool" python "$here/make_splits.py" --sst2 "$sst2" --out "$out"
 timed "data prepare (67k sentences)" mtnlg-ray data prepare "$out/pretrain.jsonl" --output "$out/pretrain_data" \
-  --set clean.enabled=false --set dedup.fuzzy=false --set tokenizer.vocab_size=4096 \
+  --set clean.enabled=false --set dedup.fuzzy=false --set tokenizer.vocab_size="$vocab" \
   --set pack.seq_len=128 --set pack.val_fraction=0.02
 timed "pretrain ($steps steps)" mtnlg-ray pretrain --config "$here/pretrain.yaml" \
   --set data.path="$out/pretrain_data" --set train.max_steps="$steps" --set train.decay_tokens=$((steps * 32 * 128)) \
