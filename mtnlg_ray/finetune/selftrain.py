@@ -218,7 +218,7 @@ def _ngram_teacher(cfg: Config, labelled, labels: list[str], out: Path) -> dict:
     dev = None
     if cfg.data.dev:
         rows = read_classification(cfg.data.dev, cfg.data.text_field, cfg.data.label_field)
-        dev = model.metrics["dev"] = classifier_metrics(model, rows, cfg.data.dev)
+        dev = model.metrics["dev"] = classifier_metrics(model, rows, out)
     model.save(out)
     return {"final": str(out), "dev": dev}
 
