@@ -8,8 +8,8 @@
 # bag-of-n-grams teacher fit on the labels. Each row's classifier is copied to
 # OUT/checkpoints/{random,pretrained,selftrained}-seedN/, each step's wall time goes to
 # OUT/timings.tsv, and report.py scores them all beside TF-IDF + logistic regression on the same
-# labels into OUT/results.md. 79 minutes on 2 CPU cores when last measured whole, with VOCAB=4096;
-# the 8,192-token vocabulary (the default since) makes pretraining about 1.3x slower (BENCHMARKS.md).
+# labels into OUT/results.md. 81 minutes on 2 CPU cores when last measured whole (VOCAB=8192,
+# pretraining 48 of them; BENCHMARKS.md).
 #
 # Smaller runs for trying the script: PRETRAIN_STEPS=20 SEEDS=0 ROUNDS=1 bash examples/sst2/run.sh ...
 # VOCAB=N sets the BPE vocabulary the sentences are tokenized with (default 8192).
