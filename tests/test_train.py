@@ -33,12 +33,14 @@ def shakespeare(ray_session, tmp_path_factory) -> Path:
     return output
 
 
-def train_config(dataset: Path, runs: Path, name: str, *extra: str):
+def train_config(dataset: Path, runs: Path, name: str, *extra: str, decay_tokens: int | None = 20000):
+    """A `tiny` pretraining config for the tests; decay_tokens=None leaves the decay to the run's default."""
+    decay = [f"train.decay_tokens={decay_tokens}"] if decay_tokens is not None else []
     return load_config(
         overrides=[
             f"data.path={dataset}", f"run.storage_path={runs}", f"run.name={name}",
             "model.preset=tiny", "model.seq_len=64", "train.max_steps=20", "train.global_batch_size=8",
-            "train.micro_batch_size=2", "train.lr=3e-3", "train.warmup_tokens=2048", "train.decay_tokens=20000",
+            "train.micro_batch_size=2", "train.lr=3e-3", "train.warmup_tokens=2048", *decay,
             "train.eval_every=10", "train.eval_batches=2", "checkpoint.every_steps=10", "train.peak_tflops=1.0",
             *extra,
         ],
@@ -284,18 +286,28 @@ def test_a_resumed_run_with_dropout_is_exactly_the_uninterrupted_run(shakespeare
 
 def test_batch_rampup_follows_its_schedule_and_any_layout_trains_on_the_same_batches(shakespeare, tmp_path):
     """Ramp 4 → 8 sequences after 1,024 tokens (4 steps of 4 x 64 tokens): the global batch per step is
-    the schedule's, and one worker and two (FSDP) see the same batches, hence the same losses."""
+    the schedule's, and one worker and two (FSDP) see the same batches, hence the same losses. With
+    train.decay_tokens unset, the cosine decays over the 3,072 tokens the ramped run takes (8 full
+    batches would be 4,096)."""
+    import math
+
     from mtnlg_ray.train.plot import read_metrics
     from mtnlg_ray.train.trainer import pretrain
 
     settings = ["train.max_steps=8", "train.global_batch_size=8", "train.micro_batch_size=2",
-                "train.batch_rampup={'start': 4, 'increment': 4, 'tokens': 1024}", "train.eval_every=100"]
+                "train.batch_rampup={'start': 4, 'increment': 4, 'tokens': 1024}", "train.eval_every=100",
+                "train.warmup_tokens=512"]
     runs = {workers: read_metrics(Path(pretrain(train_config(
-        shakespeare, tmp_path, f"ramp{workers}", f"parallel.workers={workers}", *settings))["run_dir"]))
+        shakespeare, tmp_path, f"ramp{workers}", f"parallel.workers={workers}", *settings,
+        decay_tokens=None))["run_dir"]))
         for workers in (1, 2)}
+    before = [0, 256, 512, 768, 1024, 1536, 2048, 2560]  # tokens when each step's LR is set
+    expected = [3e-3 * t / 512 if t < 512 else 3e-4 + 2.7e-3 * 0.5 * (1 + math.cos(math.pi * (t - 512) / 2560))
+                for t in before]
     for records in runs.values():
         assert [r["global_batch"] for r in records] == [4, 4, 4, 4, 8, 8, 8, 8]
         assert [r["tokens"] for r in records] == [256, 512, 768, 1024, 1536, 2048, 2560, 3072]
+        assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-6)
     for one, two in zip(runs[1], runs[2]):
         assert abs(one["loss"] - two["loss"]) <= 1e-4 and abs(one["grad_norm"] - two["grad_norm"]) <= 1e-3 * one["grad_norm"]
 
@@ -368,14 +380,33 @@ def test_elastic_run_continues_on_fewer_workers_after_one_is_killed(shakespeare,
     assert_trains_like(tmp_path / "elastic", reference, steps=30)
 
 
+def test_unset_decay_tokens_decay_over_the_run_and_a_set_one_is_kept():
+    """`mtnlg-ray pretrain --set train.max_steps=300` decays over those 300 steps, not a fixed token count."""
+    from mtnlg_ray.train.schedule import learning_rate, run_tokens
+    from mtnlg_ray.train.trainer import decay_over_the_run
+
+    cfg = load_config(overrides=["model.preset=small", "train.max_steps=300"], stage="pretrain")
+    cfg = decay_over_the_run(cfg, 128)
+    assert cfg.train.decay_tokens == 300 * 32 * 128
+    floor = cfg.train.lr * cfg.train.min_lr_ratio
+    assert learning_rate(299 * 32 * 128, cfg.train) < 1.001 * floor  # the last step's LR
+    assert learning_rate(244 * 32 * 128, cfg.train) > 1.5 * floor  # where the old fixed 1M-token decay hit it
+    kept = load_config(overrides=["train.max_steps=300", "train.decay_tokens=1000000"], stage="pretrain")
+    assert decay_over_the_run(kept, 128).train.decay_tokens == 1_000_000
+    by_tokens = load_config(overrides=["train.max_tokens=50000"], stage="pretrain").train  # and max_steps 200
+    assert run_tokens(by_tokens, 128) == 13 * 32 * 128  # the step that crosses 50,000 tokens is the last
+    assert run_tokens(by_tokens.model_copy(update={"max_steps": None}), 128) == 50_000
+    assert run_tokens(by_tokens.model_copy(update={"max_steps": None, "max_tokens": None}), 128) is None
+
+
 @pytest.mark.slow
 def test_tiny_model_learns_shakespeare_below_unigram_entropy(shakespeare, tmp_path):
     from mtnlg_ray.data.pack import read_sequences
     from mtnlg_ray.train.trainer import pretrain
 
     result = pretrain(train_config(shakespeare, tmp_path, "learn", "train.max_steps=150", "train.global_batch_size=16",
-                                   "train.micro_batch_size=8", "train.warmup_tokens=5000", "train.decay_tokens=160000",
-                                   "train.eval_every=50", "train.eval_batches=4", "checkpoint.every_steps=150"))
+                                   "train.micro_batch_size=8", "train.warmup_tokens=5000",
+                                   "train.eval_every=50", "train.eval_batches=4", "checkpoint.every_steps=150", decay_tokens=None))
     tokens = read_sequences(shakespeare / "tokens", "train")[:, 1:].reshape(-1)
     counts = np.bincount(tokens)
     p = counts[counts > 0] / counts.sum()
@@ -383,6 +414,9 @@ def test_tiny_model_learns_shakespeare_below_unigram_entropy(shakespeare, tmp_pa
     val_loss = result["metrics"]["val_loss"]
     print(f"validation loss {val_loss:.3f} nats vs unigram entropy {unigram_entropy:.3f} nats")
     assert val_loss < unigram_entropy - 0.3
+    # train.decay_tokens unset: the cosine spans the 150 steps, so the last step runs at the floor, 3e-4
+    steps = [row for row in map(json.loads, (Path(result["run_dir"]) / "metrics.jsonl").open()) if "lr" in row]
+    assert steps[-1]["step"] == 150 and steps[-1]["lr"] < 3e-4 * 1.01 and steps[len(steps) // 2]["lr"] > 3 * 3e-4
     plot = run_cli("plot", result["run_dir"])
     assert plot.returncode == 0 and (Path(result["run_dir"]) / "loss.png").stat().st_size > 1000
 

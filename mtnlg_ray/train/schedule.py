@@ -33,3 +33,19 @@ def global_batch(tokens: int, cfg: TrainSection, dp: int) -> int:
         stage = min(steps, int(tokens / (ramp.tokens / steps)))
         target = min(target, ramp.start + stage * ramp.increment)
     return max(unit, (target // unit) * unit)
+
+
+def run_tokens(cfg: TrainSection, seq_len: int) -> int | None:
+    """Tokens a run of `seq_len`-token sequences consumes before `max_steps` / `max_tokens` end it.
+
+    Follows the batch ramp-up step by step (at one data-parallel rank; more ranks round each batch
+    down to whole micro-batches, so they take at most this many). None when neither bound is set.
+    """
+    if cfg.max_steps is None:
+        return cfg.max_tokens
+    tokens = 0
+    for _ in range(cfg.max_steps):
+        if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
+            break
+        tokens += global_batch(tokens, cfg, 1) * seq_len
+    return tokens

@@ -17,6 +17,7 @@ from pathlib import Path
 from mtnlg_ray.config import Config, absolute_paths
 from mtnlg_ray.errors import ConfigError, InputError
 from mtnlg_ray.train.checkpoint import latest_checkpoint
+from mtnlg_ray.train.schedule import run_tokens
 
 
 def _dataset_vocab(dataset: Path) -> int:
@@ -111,11 +112,26 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
         raise ConfigError(f"model.seq_len ({model_config.seq_len}) is shorter than the dataset's packed "
                           f"sequences ({shards.seq_len}); re-pack with --set pack.seq_len={model_config.seq_len}")
     check_run_layout(cfg, model_config, "lm")  # the layout's own mistakes first
+    cfg = decay_over_the_run(cfg, shards.seq_len)
     tp = cfg.parallel.tp
     if tp > 1 and cfg.parallel.sequence_parallel and shards.seq_len % tp:
         raise ConfigError(f"parallel.sequence_parallel: the packed sequences of {dataset} have {shards.seq_len} "
                           f"tokens, not a multiple of parallel.tp={tp}; re-pack or set parallel.sequence_parallel=false")
     return run_training("pretrain", "lm", cfg, model_config, vocab, dataset / "tokenizer" / "tokenizer.json", on_record)
+
+
+def decay_over_the_run(cfg: Config, seq_len: int) -> Config:
+    """Unless `train.decay_tokens` is set, the cosine reaches its floor on the run's last step.
+
+    A run bounded by `train.max_steps` or `train.max_tokens` then decays over exactly the tokens it
+    trains on, whatever its length; an unbounded run keeps MT-NLG's 340B-token decay.
+    """
+    if "decay_tokens" in cfg.train.model_fields_set:
+        return cfg
+    total = run_tokens(cfg.train, seq_len)
+    if not total:
+        return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"decay_tokens": total})})
 
 
 def check_run_layout(cfg: Config, model_config, task: str) -> None:
