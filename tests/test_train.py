@@ -402,11 +402,13 @@ def test_unset_decay_tokens_decay_over_the_run_and_a_set_one_is_kept():
 @pytest.mark.slow
 def test_tiny_model_learns_shakespeare_below_unigram_entropy(shakespeare, tmp_path):
     from mtnlg_ray.data.pack import read_sequences
+    from mtnlg_ray.train.plot import read_metrics
     from mtnlg_ray.train.trainer import pretrain
 
     result = pretrain(train_config(shakespeare, tmp_path, "learn", "train.max_steps=150", "train.global_batch_size=16",
                                    "train.micro_batch_size=8", "train.warmup_tokens=5000",
-                                   "train.eval_every=50", "train.eval_batches=4", "checkpoint.every_steps=150", decay_tokens=None))
+                                   "train.eval_every=50", "train.eval_batches=4", "checkpoint.every_steps=150",
+                                   decay_tokens=None))
     tokens = read_sequences(shakespeare / "tokens", "train")[:, 1:].reshape(-1)
     counts = np.bincount(tokens)
     p = counts[counts > 0] / counts.sum()
@@ -415,7 +417,7 @@ def test_tiny_model_learns_shakespeare_below_unigram_entropy(shakespeare, tmp_pa
     print(f"validation loss {val_loss:.3f} nats vs unigram entropy {unigram_entropy:.3f} nats")
     assert val_loss < unigram_entropy - 0.3
     # train.decay_tokens unset: the cosine spans the 150 steps, so the last step runs at the floor, 3e-4
-    steps = [row for row in map(json.loads, (Path(result["run_dir"]) / "metrics.jsonl").open()) if "lr" in row]
+    steps = read_metrics(Path(result["run_dir"]))
     assert steps[-1]["step"] == 150 and steps[-1]["lr"] < 3e-4 * 1.01 and steps[len(steps) // 2]["lr"] > 3 * 3e-4
     plot = run_cli("plot", result["run_dir"])
     assert plot.returncode == 0 and (Path(result["run_dir"]) / "loss.png").stat().st_size > 1000
