@@ -54,34 +54,3 @@ def test_report_scores_every_checkpoint_beside_tfidf_and_times_each_step(tiny_ch
     results = (out / "results.md").read_text()
     assert "| fine-tuned from the pretrained model | 2 |" in results
     assert "| **total** | **2.0 min** |" in results
-
-
-WORDNET_TEXT = Path(__file__).resolve().parents[1] / "examples" / "sst2" / "wordnet_text.py"
-
-
-def test_wordnet_text_writes_one_document_per_synset_in_sst_spelling(tmp_path):
-    # Two synsets written for this test in WordNet's data-file layout (offset, lexfile, part, word count
-    # in hex, word/lex-id pairs, pointers | gloss), after the licence lines that start with a space.
-    wordnet = tmp_path / "dict"
-    wordnet.mkdir()
-    (wordnet / "data.adj").write_text(
-        "  1 This header line is not a synset.\n"
-        '00000010 00 s 03 Grim(a) 0 bleak 0 grim 1 001 & 00000020 a 0000 | dark and cheerless; "a bleak outlook"; '
-        '"the crew\'s grim faces"  \n'
-        "00000020 00 a 01 sunny_side_up 0 000 | cheerful, as if in the sun  \n")
-    (wordnet / "data.verb").write_text("00000030 29 v 01 grin 0 000 | smile broadly  \n")
-    out = tmp_path / "wordnet.jsonl"
-    done = subprocess.run([sys.executable, str(WORDNET_TEXT), "--wordnet", str(wordnet), "--out", str(out)],
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "data.adv: not found" in done.stderr  # adj,adv,verb by default; no adv here
-
-    done = subprocess.run([sys.executable, str(WORDNET_TEXT), "--wordnet", str(wordnet), "--out", str(out),
-                           "--parts", "adj,verb"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    docs = [json.loads(line)["text"] for line in out.read_text().splitlines()]
-    assert docs == [
-        "grim , bleak : dark and cheerless ; a bleak outlook ; the crew 's grim faces",
-        "sunny side up : cheerful , as if in the sun",
-        "grin : smile broadly",
-    ]
-    assert "3 synsets" in done.stdout

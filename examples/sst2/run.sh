@@ -13,8 +13,6 @@
 #
 # Smaller runs for trying the script: PRETRAIN_STEPS=20 SEEDS=0 ROUNDS=1 bash examples/sst2/run.sh ...
 # VOCAB=N sets the BPE vocabulary the sentences are tokenized with (default 8192).
-# EXTRA_TEXT="A.jsonl B.jsonl" adds unlabelled general text to the pretraining corpus only (for example
-# WordNet's glosses from wordnet_text.py); the tokenizer is then trained on the SST-2 sentences alone.
 set -euo pipefail
 sst2=${1:?usage: run.sh SST2_DIR OUT (SST2_DIR holds train.tsv and dev.tsv)}
 out=${2:?usage: run.sh SST2_DIR OUT}
@@ -23,7 +21,6 @@ steps=${PRETRAIN_STEPS:-1600}
 seeds=${SEEDS:-0 1 2}
 rounds=${ROUNDS:-1}
 vocab=${VOCAB:-8192}
-read -r -a extra <<< "${EXTRA_TEXT:-}"
 mkdir -p "$out/checkpoints"
 out=$(cd "$out" && pwd)
 runs="$out/runs"
@@ -43,15 +40,8 @@ keep() {  # keep RUN_FINAL NAME: the consolidated classifier as OUT/checkpoints/
 }
 
 timed "split 1,000 labelled / pool" python "$here/make_splits.py" --sst2 "$sst2" --out "$out"
-tokenizer=()
-if (( ${#extra[@]} )); then
-  timed "tokenizer (SST-2 sentences)" mtnlg-ray tokenizer train "$out/pretrain.jsonl" --vocab-size "$vocab" \
-    --output "$out/tokenizer"
-  tokenizer=(--set tokenizer.path="$out/tokenizer")
-fi
-timed "data prepare (67k sentences${extra[*]:+ + ${extra[*]}})" mtnlg-ray data prepare "$out/pretrain.jsonl" \
-  "${extra[@]}" --output "$out/pretrain_data" \
-  --set clean.enabled=false --set dedup.fuzzy=false --set tokenizer.vocab_size="$vocab" "${tokenizer[@]}" \
+timed "data prepare (67k sentences)" mtnlg-ray data prepare "$out/pretrain.jsonl" --output "$out/pretrain_data" \
+  --set clean.enabled=false --set dedup.fuzzy=false --set tokenizer.vocab_size="$vocab" \
   --set pack.seq_len=128 --set pack.val_fraction=0.02
 timed "pretrain ($steps steps)" mtnlg-ray pretrain --config "$here/pretrain.yaml" \
   --set data.path="$out/pretrain_data" --set train.max_steps="$steps" --set train.decay_tokens=$((steps * 32 * 128)) \
