@@ -111,7 +111,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         dataset = prepare_packed(args.data, Path(tmp) / "dataset", args.seq_len, args.vocab_size)
-        peak = max(measured_peak_tflops(torch.device("cpu")) for _ in range(3))
+        peak = measured_peak_tflops(torch.device("cpu"), trials=15)
         settings = train_settings(args, dataset, Path(tmp) / "runs", peak)
         cfg = load_config(overrides=settings, stage="pretrain")
         vocab = json.loads((dataset / "manifest.json").read_text())["tokenizer"]["vocab_size"]
@@ -121,7 +121,7 @@ def main() -> None:
         bare_before = run_bare(cfg, model_config, dataset, args.steps)
         ours_times, start = run_ours(settings)
         bare_after = run_bare(cfg, model_config, dataset, args.steps)
-        peak_after = max(measured_peak_tflops(torch.device("cpu")) for _ in range(3))
+        peak_after = measured_peak_tflops(torch.device("cpu"), trials=15)
     ray.shutdown()
 
     window = slice(args.skip, args.steps - 1)
