@@ -13,7 +13,6 @@ near 0.5 means prompt-based fine-tuning (a head initialised from the verbalizer 
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 from pathlib import Path
 
@@ -25,6 +24,7 @@ WORDS = (("good", "bad"), ("great", "terrible"), ("best", "worst"))
 
 def main() -> None:
     from mtnlg_ray.checkpoint import load_checkpoint
+    from mtnlg_ray.finetune.data import read_classification
     from mtnlg_ray.tokenizer import load_tokenizer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,9 +37,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, _ = load_checkpoint(args.checkpoint)
     tok = load_tokenizer(args.tokenizer / "tokenizer.json")
-    with args.dev.open(encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-    labels = [row["label"] == "1" for row in rows]
+    rows = read_classification(args.dev, "sentence", "label").rows
+    labels = [row.label == "1" for row in rows]
     limit = model.config.seq_len
 
     print("| prompt | positive / negative word | raw accuracy | median-calibrated accuracy |")
@@ -48,8 +47,8 @@ def main() -> None:
         last_logits = []
         with torch.no_grad():
             for row in rows:
-                ids = tok.encode(row["sentence"].strip() + prompt).ids[-limit:]
-                last_logits.append(model(torch.tensor([ids]))[0, -1])
+                ids = tok.encode(row.text.strip() + prompt).ids[-limit:]
+                last_logits.append(model(torch.tensor([ids]), last_only=True)[0, -1])
         for pos, neg in WORDS:
             word_ids = [tok.encode(" " + w).ids for w in (pos, neg)]
             if any(len(ids) != 1 for ids in word_ids):

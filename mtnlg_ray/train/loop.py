@@ -58,7 +58,8 @@ def measured_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float3
 
     The fastest of `trials` timings. Another process can only slow a timing down, so the fastest is the
     closest to what the worker reaches. A single timing, taken at a busy moment, once measured 0.086
-    TFLOP/s on a 2-core VM that gives 0.14, and that run logged MFU of 120-128 %.
+    TFLOP/s on a 2-core VM whose idle reading is 0.18, and that run logged MFU of 120-128 %. A burst
+    longer than all the trials still reads low.
     """
     n = 1024 if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
