@@ -7,6 +7,7 @@ import re
 import socket
 
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import run_cli
 from mtnlg_ray.quickstart import PROMPT, SMOKE
@@ -36,6 +37,18 @@ def test_quickstart_smoke_runs_every_stage_and_says_where_everything_is(tmp_path
     assert events[0]["world_size"] == 2
     assert events[-1]["event"] == "done" and events[-1]["step"] == SMOKE.pretrain_steps
     assert (work / "runs" / "pretrain" / "final" / "model.safetensors").is_file()
+    # no peak configured: the worker timed its matmul peak at start-up and again a few steps in, kept
+    # the higher reading, and every step's MFU after that is against it
+    from mtnlg_ray.train.loop import PEAK_REMEASURE_STEP
+
+    [peak] = [e for e in events if e.get("event") == "peak"]
+    assert peak["step"] == PEAK_REMEASURE_STEP
+    assert peak["peak_tflops_per_worker"] >= events[0]["peak_tflops_per_worker"] > 0
+    later = [e for e in events if "mfu" in e and e["step"] > PEAK_REMEASURE_STEP]
+    assert later and all(
+        e["mfu"] == pytest.approx(events[0]["flops_per_token"] * e["tokens_per_s"]
+                                  / (peak["peak_tflops_per_worker"] * 1e12 * e["world_size"]), rel=0.01)
+        for e in later)
 
     # the fine-tuned classifier knows its two labels and scored its dev set
     config = json.loads((work / "runs" / "finetune" / "final" / "config.json").read_text())
