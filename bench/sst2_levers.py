@@ -2,6 +2,7 @@
 
     python bench/sst2_levers.py --run OUT [--seed 0] [--token-dropout 0.1] [--freeze-embeddings]
                                 [--lm-weight 0.5] [--layer-decay 0.8 --head-lr 1e-3] [--head-only-epochs 2]
+                                [--pooling max] [--channel terrible,great]
 
 OUT is an `examples/sst2/run.sh` output folder: its pretrained model (OUT/runs/pretrain/final), its
 1,000 labels (OUT/labelled.tsv) and the dev split (OUT/dev.tsv). One process, no Ray: a plain loop
@@ -13,7 +14,12 @@ plus the lever asked for:
   drift away from those that are not);
 - `--lm-weight W`: GPT-1's auxiliary objective, W x the next-token loss on the labelled texts;
 - `--layer-decay D`: block i of L trains at LR x D^(L - i), the head at `--head-lr`;
-- `--head-only-epochs N`: only the head trains for the first N epochs (linear probe, then fine-tune).
+- `--head-only-epochs N`: only the head trains for the first N epochs (linear probe, then fine-tune);
+- `--pooling max|mean+max`: the head reads each feature's largest value over the text's positions (a
+  sentiment word counts as much in a long sentence as in a short phrase), or that beside the mean;
+- `--channel WORDS`: no head. The language model itself classifies, as a noisy channel: the score of
+  label i is log p(text | EOS, i-th word of WORDS), and the loss is cross-entropy over those scores,
+  one word per label in the labels' sorted order (SST-2: 0 then 1, so `terrible,great`).
 
 It prints one JSON line: the best dev accuracy and the accuracy after every epoch. Its batches are
 not grouped by length, so its base numbers differ from the command's; compare levers with its own base.
@@ -46,8 +52,12 @@ def main() -> None:
     parser.add_argument("--layer-decay", type=float, default=1.0)
     parser.add_argument("--head-lr", type=float, default=None)
     parser.add_argument("--head-only-epochs", type=int, default=0)
+    parser.add_argument("--pooling", choices=("mean", "max", "mean+max"), default="mean")
+    parser.add_argument("--channel", default=None, metavar="WORDS", help="comma-separated, one word per label")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.lm_weight > 0 and (args.pooling != "mean" or args.channel):
+        parser.error("--lm-weight works with mean pooling and a head, not with --pooling or --channel")
     for need in ("runs/pretrain/final/config.json", "labelled.tsv", "dev.tsv"):
         if not (Path(args.run) / need).is_file():
             parser.error(f"--run: {Path(args.run) / need} is missing; give an examples/sst2/run.sh output folder")
@@ -86,6 +96,8 @@ def run(args: argparse.Namespace) -> dict:
     train_y = torch.tensor([labels.index(x) for x in train.labels])
     dev_y = np.array([labels.index(x) for x in dev.labels])
     model = GPTClassifier(gpt, len(labels), "mean")
+    if args.pooling != "mean" or args.channel:
+        model = pooled_or_channel(model, args.pooling, channel_prompts(args.channel, tokenizer, labels, eos))
     model.train()
     if args.freeze_embeddings:
         gpt.tok_emb.weight.requires_grad_(False)
@@ -158,6 +170,61 @@ def run(args: argparse.Namespace) -> dict:
     settings = {k: v for k, v in vars(args).items() if k not in ("run", "threads")}
     return {"settings": settings, "best_dev_accuracy": best, "per_epoch": history,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def channel_prompts(words: str | None, tokenizer, labels: list, eos: int) -> list[list[int]] | None:
+    """For `--channel`: the tokens that open a text under each label (EOS, then the label's word)."""
+    if words is None:
+        return None
+    split = words.split(",")
+    if len(split) != len(labels):
+        raise SystemExit(f"--channel: {len(split)} words for {len(labels)} labels ({labels}); give one each")
+    return [[eos, *tokenizer.encode(" " + w, add_special_tokens=False).ids] for w in split]
+
+
+def pooled_or_channel(classifier, pooling: str, prompts: list[list[int]] | None):
+    """`classifier` with max or mean+max pooling (a new head), or (with prompts) the language model as a
+    channel classifier.
+
+    Called as the classifier is, on (B, T) right-padded rows that end in EOS and their lengths.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    gpt = classifier.backbone
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = gpt
+            width = gpt.config.d_model * (2 if pooling == "mean+max" else 1)
+            self.head = nn.Linear(width, classifier.n_labels)
+            with torch.no_grad():
+                self.head.weight.normal_(0.0, gpt.config.init_std)
+                self.head.bias.zero_()
+
+        def forward(self, idx, lengths):
+            if prompts is not None:
+                return torch.stack([self.log_likelihood(prompt, idx, lengths) for prompt in prompts], dim=1)
+            h = gpt.hidden_states(idx)
+            real = torch.arange(h.shape[1])[None, :] < lengths[:, None]
+            largest = h.masked_fill(~real[..., None], float("-inf")).amax(dim=1)
+            if pooling == "max":
+                return self.head(largest)
+            mean = (h * real[..., None]).sum(dim=1) / lengths[:, None]
+            return self.head(torch.cat([mean, largest], dim=-1))
+
+        def log_likelihood(self, prompt, idx, lengths):
+            """log p(row's text and closing EOS | prompt), per row."""
+            B, P = idx.shape[0], len(prompt)
+            x = torch.cat([torch.tensor(prompt).expand(B, P), idx], dim=1)
+            logp = F.log_softmax(gpt(x)[:, P - 1 : -1], dim=-1)
+            scored = logp.gather(-1, idx[..., None])[..., 0]
+            real = torch.arange(idx.shape[1])[None, :] < lengths[:, None]
+            return (scored * real).sum(dim=1)
+
+    return Wrapped()
 
 
 if __name__ == "__main__":
