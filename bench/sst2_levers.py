@@ -2,7 +2,7 @@
 
     python bench/sst2_levers.py --run OUT [--seed 0] [--token-dropout 0.1] [--freeze-embeddings]
                                 [--lm-weight 0.5] [--layer-decay 0.8 --head-lr 1e-3] [--head-only-epochs 2]
-                                [--pooling max] [--channel terrible,great]
+                                [--pooling max] [--channel terrible,great] [--leading-eos]
 
 OUT is an `examples/sst2/run.sh` output folder: its pretrained model (OUT/runs/pretrain/final), its
 1,000 labels (OUT/labelled.tsv) and the dev split (OUT/dev.tsv). One process, no Ray: a plain loop
@@ -19,7 +19,9 @@ plus the lever asked for:
   sentiment word counts as much in a long sentence as in a short phrase), or that beside the mean;
 - `--channel WORDS`: no head. The language model itself classifies, as a noisy channel: the score of
   label i is log p(text | EOS, i-th word of WORDS), and the loss is cross-entropy over those scores,
-  one word per label in the labels' sorted order (SST-2: 0 then 1, so `terrible,great`).
+  one word per label in the labels' sorted order (SST-2: 0 then 1, so `terrible,great`);
+- `--leading-eos`: every text opens with EOS, as each document does in packed pretraining (it follows
+  the previous one's EOS), instead of starting cold at position 0.
 
 It prints one JSON line: the best dev accuracy and the accuracy after every epoch. Its batches are
 not grouped by length, so its base numbers differ from the command's; compare levers with its own base.
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--layer-decay", type=float, default=1.0)
     parser.add_argument("--head-lr", type=float, default=None)
     parser.add_argument("--head-only-epochs", type=int, default=0)
+    parser.add_argument("--leading-eos", action="store_true")
     parser.add_argument("--pooling", choices=("mean", "max", "mean+max"), default="mean")
     parser.add_argument("--channel", default=None, metavar="WORDS", help="comma-separated, one word per label")
     parser.add_argument("--threads", type=int, default=2)
@@ -93,6 +96,8 @@ def run(args: argparse.Namespace) -> dict:
                 for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     train_rows, dev_rows = encode(train.texts), encode(dev.texts)
+    if args.leading_eos:
+        train_rows, dev_rows = ([[eos, *r[-(gpt.config.seq_len - 1):]] for r in rows] for rows in (train_rows, dev_rows))
     train_y = torch.tensor([labels.index(x) for x in train.labels])
     dev_y = np.array([labels.index(x) for x in dev.labels])
     model = GPTClassifier(gpt, len(labels), "mean")
