@@ -1,5 +1,6 @@
 """The CLI as a user runs it: real processes, real exit codes, one line per user error."""
 
+import json
 import shutil
 
 import pytest
@@ -94,6 +95,23 @@ def test_prompt_too_long_is_one_line(tiny_checkpoint):
 def test_unknown_config_key_is_one_line():
     result = run_cli("config", "show", "--set", "train.warmup=5")
     assert_one_line_error(result, "unknown key 'train.warmup'")
+
+
+def test_config_show_prints_the_decay_pretrain_will_use(tmp_path):
+    """Unset, `train.decay_tokens` is the run's own tokens: `config show` prints that, not MT-NLG's 340B."""
+    import yaml
+
+    def decay(*overrides: str) -> int:
+        sets = [arg for key in overrides for arg in ("--set", key)]
+        result = run_cli("config", "show", "--stage", "pretrain", "--set", "model.preset=small", *sets)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return yaml.safe_load(result.stdout)["train"]["decay_tokens"]
+
+    assert decay("train.max_steps=300", f"data.path={tmp_path}") == 300 * 32 * 256  # small's context: 256
+    (tmp_path / "manifest.json").write_text(json.dumps({"seq_len": 128}))  # a corpus packed at 128 tokens
+    assert decay("train.max_steps=300", f"data.path={tmp_path}") == 300 * 32 * 128
+    assert decay("train.max_steps=300", "train.decay_tokens=1000000") == 1_000_000
+    assert decay("train.max_steps=null") == 340_000_000_000  # an unbounded run keeps MT-NLG's decay
 
 
 def test_bad_preset_and_bad_plan_are_one_line(tmp_path, tokenizer_dir):

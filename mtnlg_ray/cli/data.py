@@ -83,10 +83,22 @@ def config_show(
     resolved = load_config(config, overrides, stage=stage)
     if stage == "pretrain":
         # The layout a cluster would run, checked as the trainer will before any worker starts.
-        from mtnlg_ray.train.trainer import check_run_layout
+        from mtnlg_ray.train.trainer import check_run_layout, decay_over_the_run
 
-        check_run_layout(resolved, resolved.model.resolve(), "lm")
+        model = resolved.model.resolve()
+        check_run_layout(resolved, model, "lm")
+        # An unset decay_tokens decays over a bounded run's tokens, as pretrain will: the sequences
+        # are data.path's packed length when it can be read (pretrain reports a broken corpus),
+        # else the model's context.
+        resolved = decay_over_the_run(resolved, _packed_seq_len(resolved.data.path) or model.seq_len)
     typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), nl=False)
+
+
+def _packed_seq_len(path) -> int | None:
+    try:
+        return int(json.loads((Path(path) / "manifest.json").read_text())["seq_len"]) if path else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 @tokenizer_app.command("train")
