@@ -260,7 +260,7 @@ class TrainSection(Section):
     # Passes over the training examples. Unset: no limit when max_steps or max_tokens ends the run
     # (`--set train.max_steps=300` runs 300 steps however small the corpus), else one pass.
     epochs: int | None = Field(None, ge=1)
-    peak_tflops: float | None = Field(None, gt=0.0)  # per worker, for MFU; unset: timed at start-up and 3 steps in
+    peak_tflops: float | None = Field(None, gt=0.0)  # per worker, for MFU; unset: timed in the run's precision
     compile: bool = False
     # Fine-tuning: stop after this many dev evaluations (one per epoch) without a better task.metric.
     patience: int | None = Field(None, ge=1)

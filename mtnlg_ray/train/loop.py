@@ -53,7 +53,7 @@ from mtnlg_ray.train.schedule import global_batch, learning_rate
 from mtnlg_ray.train.tasks import make_task
 
 
-# Steps into a run (or a resumed run) after which the worker times its matmul peak again.
+# Steps into a run (or a resumed run) after which a CPU worker times its matmul peak again.
 PEAK_REMEASURE_STEP = 3
 
 
@@ -63,12 +63,15 @@ def measured_peak_tflops(device: torch.device, dtype: torch.dtype = torch.float3
     The fastest of `trials` timings. Another process can only slow a timing down, so the fastest is the
     closest to what the worker reaches. A single timing, taken at a busy moment, once measured 0.086
     TFLOP/s on a 2-core VM whose idle reading is 0.18, and that run logged MFU of 120-128 %. A burst
-    longer than all the trials still reads low (0.129 at one start, MFU 106 %), so the training loop
-    times it again `PEAK_REMEASURE_STEP` steps in and keeps the higher reading.
+    longer than all the trials still reads low (0.129 at one start, MFU 106 %), so on CPU the training
+    loop times it again `PEAK_REMEASURE_STEP` steps in and keeps the higher reading.
     """
     n = 1024 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # Its own generator: a draw from the global one would shift the dropout masks of a run that
+    # times its peak after restoring a checkpoint's generator states (resume must be exact).
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     for _ in range(2):
         a @ b
     reps = 3 if device.type == "cpu" else 20
@@ -223,7 +226,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     lengths = getattr(task, "lengths", None) if cfg.train.group_by_length else None
     order = GlobalOrder(examples, cfg.train.seed, lengths, cfg.train.global_batch_size)
     epoch_limit = cfg.train.epoch_limit()  # None: max_steps or max_tokens ends the run
-    peak = cfg.train.peak_tflops or measured_peak_tflops(device)
+    # The peak of the precision the matmuls run in (FSDP casts the compute copies to bf16).
+    matmul_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    peak = cfg.train.peak_tflops or measured_peak_tflops(device, matmul_dtype)
     step_flops = flops_per_token(model_config, seq_len)
     metric = cfg.task.dev_metric
     trainable = model_trainable_parameters(parts, pipeline)
@@ -248,10 +253,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     first_step = True
     remeasure_at = state.step + PEAK_REMEASURE_STEP
     while not finished() and not stopped_early:
-        if state.step == remeasure_at and not cfg.train.peak_tflops:
-            # Start-up (Ray, data readers, other workers building) can slow the first reading;
-            # a few steps in, the worker runs as it will for the rest of the run.
-            peak = max(peak, measured_peak_tflops(device))
+        if state.step == remeasure_at and not cfg.train.peak_tflops and device.type == "cpu":
+            # Start-up (Ray, data readers, other workers building) competes for the CPU cores and
+            # can slow the first reading; a few steps in, the worker runs as it will for the rest of
+            # the run. (A GPU's reading does not share cores, and its 8192² matrices would need
+            # memory the optimizer's moments now hold.)
+            peak = max(peak, measured_peak_tflops(device, matmul_dtype))
             log.write(event="peak", step=state.step, peak_tflops_per_worker=round(peak, 6))
         started = time.perf_counter()
         batch = global_batch(state.tokens, cfg.train, dp)
