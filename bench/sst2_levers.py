@@ -61,6 +61,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.lm_weight > 0 and (args.pooling != "mean" or args.channel):
         parser.error("--lm-weight works with mean pooling and a head, not with --pooling or --channel")
+    if args.channel and (args.head_only_epochs or args.leading_eos or args.pooling != "mean"):
+        parser.error("--channel has no head and opens each text with its own prompt: "
+                     "not with --head-only-epochs, --leading-eos or --pooling")
+    if args.leading_eos and args.token_dropout > 0:
+        parser.error("--leading-eos: not with --token-dropout (the dropout would drop the leading EOS too)")
     for need in ("runs/pretrain/final/config.json", "labelled.tsv", "dev.tsv"):
         if not (Path(args.run) / need).is_file():
             parser.error(f"--run: {Path(args.run) / need} is missing; give an examples/sst2/run.sh output folder")
@@ -91,18 +96,21 @@ def run(args: argparse.Namespace) -> dict:
     dev = read_classification(out / "dev.tsv", "sentence", "label")
     labels = sorted(set(train.labels))
 
+    prompts = channel_prompts(args.channel, tokenizer, labels, eos)
+    # Room in the context for what goes in front of each text: a leading EOS, or a channel prompt.
+    in_front = 1 if args.leading_eos else max(map(len, prompts or []), default=0)
+
     def encode(texts):
-        return [classification_input(e.ids, eos, gpt.config.seq_len)
+        rows = [classification_input(e.ids, eos, gpt.config.seq_len - in_front)
                 for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+        return [[eos, *r] for r in rows] if args.leading_eos else rows
 
     train_rows, dev_rows = encode(train.texts), encode(dev.texts)
-    if args.leading_eos:
-        train_rows, dev_rows = ([[eos, *r[-(gpt.config.seq_len - 1):]] for r in rows] for rows in (train_rows, dev_rows))
     train_y = torch.tensor([labels.index(x) for x in train.labels])
     dev_y = np.array([labels.index(x) for x in dev.labels])
     model = GPTClassifier(gpt, len(labels), "mean")
     if args.pooling != "mean" or args.channel:
-        model = pooled_or_channel(model, args.pooling, channel_prompts(args.channel, tokenizer, labels, eos))
+        model = pooled_or_channel(model, args.pooling, prompts)
     model.train()
     if args.freeze_embeddings:
         gpt.tok_emb.weight.requires_grad_(False)
