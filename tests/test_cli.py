@@ -108,7 +108,8 @@ def test_config_show_prints_the_decay_pretrain_will_use(tmp_path):
         return yaml.safe_load(result.stdout)["train"]["decay_tokens"]
 
     assert decay("train.max_steps=300", f"data.path={tmp_path}") == 300 * 32 * 256  # small's context: 256
-    (tmp_path / "manifest.json").write_text(json.dumps({"seq_len": 128}))  # a corpus packed at 128 tokens
+    (tmp_path / "tokens").mkdir()  # a corpus packed at 128 tokens (its index; the shards are not read)
+    (tmp_path / "tokens" / "index.json").write_text(json.dumps({"seq_len": 128, "shards": {"train": []}}))
     assert decay("train.max_steps=300", f"data.path={tmp_path}") == 300 * 32 * 128
     assert decay("train.max_steps=300", "train.decay_tokens=1000000") == 1_000_000
     assert decay("train.max_steps=null") == 340_000_000_000  # an unbounded run keeps MT-NLG's decay

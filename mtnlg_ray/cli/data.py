@@ -88,16 +88,19 @@ def config_show(
         model = resolved.model.resolve()
         check_run_layout(resolved, model, "lm")
         # An unset decay_tokens decays over a bounded run's tokens, as pretrain will: the sequences
-        # are data.path's packed length when it can be read (pretrain reports a broken corpus),
-        # else the model's context.
+        # are data.path's packed length, read as pretrain reads it, when the corpus is there
+        # (pretrain reports a broken one), else the model's context.
         resolved = decay_over_the_run(resolved, _packed_seq_len(resolved.data.path) or model.seq_len)
     typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), nl=False)
 
 
 def _packed_seq_len(path) -> int | None:
+    from mtnlg_ray.errors import InputError
+    from mtnlg_ray.train.data import TokenShards
+
     try:
-        return int(json.loads((Path(path) / "manifest.json").read_text())["seq_len"]) if path else None
-    except (OSError, ValueError, KeyError, TypeError):
+        return TokenShards(path, "train").seq_len if path else None
+    except (InputError, OSError, ValueError, KeyError, TypeError):
         return None
 
 
