@@ -115,6 +115,33 @@ def test_config_show_prints_the_decay_pretrain_will_use(tmp_path):
     assert decay("train.max_steps=null") == 340_000_000_000  # an unbounded run keeps MT-NLG's decay
 
 
+def test_config_show_prints_the_schedule_finetune_derives_from_its_data(tiny_checkpoint, tmp_path):
+    """Unset, fine-tuning warms up over 5% of its run's tokens and decays over all of them: 10 epochs of
+    each text's tokens plus its closing EOS. `config show --stage finetune` prints those numbers."""
+    import yaml
+    from tokenizers import Tokenizer
+
+    texts = ["a fine film", "dull , slow and long", "the best of the year", "not worth the ticket"] * 5
+    train = tmp_path / "train.tsv"
+    train.write_text("label\tsentence\n" + "".join(f"{i % 2}\t{t}\n" for i, t in enumerate(texts)))
+    tokenizer = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
+    epoch_tokens = sum(len(tokenizer.encode(t, add_special_tokens=False).ids) + 1 for t in texts)
+
+    shown = run_cli("config", "show", "--stage", "finetune", "--set", f"init.checkpoint={tiny_checkpoint}",
+                    "--set", f"data.train={train}", "--set", "data.text_field=sentence")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    config = yaml.safe_load(shown.stdout)
+    assert config["train"]["decay_tokens"] == 10 * epoch_tokens
+    assert config["train"]["warmup_tokens"] == int(0.05 * 10 * epoch_tokens)
+    assert config["task"]["labels"] == ["0", "1"]  # found in data.train, as the run finds them
+
+    bare = run_cli("config", "show", "--stage", "finetune")  # no data: the field defaults, said to be so
+    assert bare.returncode == 0 and "finetune derives them from data.train's tokens" in bare.stderr
+    assert yaml.safe_load(bare.stdout)["train"]["decay_tokens"] == 340_000_000_000
+    assert_one_line_error(run_cli("config", "show", "--stage", "finetune", "--set", f"init.checkpoint={tiny_checkpoint}",
+                                  "--set", f"data.train={train}"), "train.tsv:1: no column 'text'")
+
+
 def test_bad_preset_and_bad_plan_are_one_line(tmp_path, tokenizer_dir):
     result = run_cli("init", "--preset", "gpt5", "--tokenizer", str(tokenizer_dir), "--output", str(tmp_path / "c"))
     assert_one_line_error(result, "unknown preset 'gpt5'")

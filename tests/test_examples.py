@@ -54,3 +54,47 @@ def test_report_scores_every_checkpoint_beside_tfidf_and_times_each_step(tiny_ch
     results = (out / "results.md").read_text()
     assert "| fine-tuned from the pretrained model | 2 |" in results
     assert "| **total** | **2.0 min** |" in results
+
+
+SPLITS = REPORT.parent / "make_splits.py"
+SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
+
+
+def test_make_splits_partitions_the_train_rows_and_refuses_what_is_not_sst2(tmp_path):
+    source = tmp_path / "sst2"
+    source.mkdir()
+    rows = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines()[:1201]  # header + 1,200 rows
+    (source / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (source / "dev.tsv").write_text((SST2 / "dev.tsv").read_text(encoding="utf-8"), encoding="utf-8")
+
+    def split(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(SPLITS), "--sst2", str(source), "--out", str(tmp_path / "out"),
+                               *extra], capture_output=True, text=True, timeout=120)
+
+    done = split()
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "out"
+    labelled = (out / "labelled.tsv").read_text(encoding="utf-8").splitlines()
+    pool = (out / "pool.tsv").read_text(encoding="utf-8").splitlines()
+    assert labelled[0] == pool[0] == "label\tsentence"
+    assert len(labelled) == 1001 and len(pool) == 201
+    assert sorted(labelled[1:] + pool[1:]) == sorted(rows[1:])  # every row once, in one split or the other
+    texts = [json.loads(line)["text"] for line in (out / "pretrain.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert texts == [row.split("\t", 1)[1] for row in rows[1:]]  # all 1,200 sentences, no labels
+    assert split("--seed", "1").returncode == 0
+    assert (out / "labelled.tsv").read_text(encoding="utf-8").splitlines() != labelled  # the seed draws the sample
+
+    def refused(*fragments: str, extra: tuple[str, ...] = ()) -> None:
+        result = split(*extra)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and all(fragment in lines[0] for fragment in fragments), result.stderr
+
+    refused("train.tsv: 1200 rows, expected more than --labelled 1200", extra=("--labelled", "1200"))
+    (source / "train.tsv").write_text("\n".join(rows[:5] + ["positive\tnot a 0 / 1 label"]) + "\n", encoding="utf-8")
+    refused("train.tsv:6: label 'positive', expected 0 or 1")
+    (source / "train.tsv").write_text("sentence\tscore\nfine\t1\n", encoding="utf-8")
+    refused("train.tsv:1: expected the header line 'label<TAB>sentence'")
+    (source / "dev.tsv").unlink()
+    (source / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    refused("dev.tsv: missing (the SST-2 folder must hold train.tsv and dev.tsv)")

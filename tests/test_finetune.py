@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,27 @@ def test_a_checkpoint_of_another_vocabulary_is_one_line(tiny_checkpoint, word_fi
     train_tokenizer([str(tmp_path / "words.txt")], 300, other, show_progress=False)
     result = finetune_cli(tiny_checkpoint, word_files / "train.tsv", "--set", f"tokenizer.path={other}")
     assert_one_line_error(result, "its tokenizer differs from tokenizer.path", "another vocabulary")
+
+
+def test_init_checkpoint_mistakes_are_one_line_even_where_only_a_worker_sees_them(tiny_checkpoint, word_files, tmp_path):
+    """A checkpoint without its weights is refused on the driver; one whose config.json no longer
+    matches its tensors is seen only by the worker that loads them, and still comes back as one line."""
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(tiny_checkpoint, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    assert_one_line_error(finetune_cli(no_weights, word_files / "train.tsv"), "no_weights/model.safetensors: missing")
+
+    reshaped = tmp_path / "reshaped"
+    shutil.copytree(tiny_checkpoint, reshaped)
+    body = json.loads((reshaped / "config.json").read_text())
+    body["model"]["d_model"] = 64  # the file still holds 128-wide tensors
+    (reshaped / "config.json").write_text(json.dumps(body))
+    result = finetune_cli(reshaped, word_files / "train.tsv", "--set", "run.max_failures=0")
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]  # Ray's start-up notes aside
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "reshaped/model.safetensors: tensor 'tok_emb.weight' has shape [" in errors[0]
+    assert "128], the model expects [" in errors[0] and errors[0].endswith("64]")
 
 
 def test_readers_name_the_file_and_line(tmp_path):

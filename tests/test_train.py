@@ -472,6 +472,32 @@ def test_cli_pretrain_asking_for_more_workers_than_cpus_exits_2_at_once(shakespe
     assert "Traceback" not in result.stderr
 
 
+def test_a_dataset_without_training_sequences_is_refused_before_a_worker_starts(ray_session, tmp_path):
+    """Text shorter than one packed sequence prepares an empty dataset; pretraining it says so in one
+    line (it used to fail inside the worker, a Ray traceback after every retry)."""
+    from mtnlg_ray.data.pipeline import prepare_dataset
+    from mtnlg_ray.errors import InputError
+    from mtnlg_ray.train.trainer import pretrain
+
+    from rich.console import Console
+
+    from mtnlg_ray.cli.render import print_manifest_summary
+
+    (tmp_path / "short.txt").write_text("To be, or not to be.\n\nThat is the question.\n")
+    dataset = tmp_path / "short"
+    manifest = prepare_dataset([str(tmp_path / "short.txt")], dataset, load_config(
+        overrides=["clean.enabled=false", "dedup.fuzzy=false", "tokenizer.vocab_size=300", "pack.seq_len=64"],
+        stage="prepare"))
+    console = Console(record=True, width=200)
+    print_manifest_summary(console, manifest, dataset)  # what `data prepare` prints at its end
+    assert "warning: no training sequences, so pretrain will refuse this dataset" in console.export_text()
+    with pytest.raises(InputError) as err:
+        pretrain(train_config(dataset, tmp_path / "runs", "empty"))
+    assert str(err.value) == (f"{dataset}: no training sequences (packed at pack.seq_len=64); prepare more text, "
+                              "or a smaller pack.seq_len with `data prepare --set pack.seq_len=N`")
+    assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
 def test_activation_checkpointing_from_init_checkpoint_recomputes_every_block(tiny_checkpoint):
     """`model.activation_checkpointing=true` on a run that starts from a checkpoint: the model the
     loop builds runs each block's forward twice a step (once more in backward), with the same gradients."""

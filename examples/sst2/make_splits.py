@@ -15,12 +15,33 @@ import csv
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
 
 
+class BadInput(Exception):
+    """A file that is not SST-2's: one line naming the file (and line) and what was expected."""
+
+
 def read_tsv(path: Path) -> list[dict]:
+    """SST-2's `label<TAB>sentence` rows, every label 0 or 1 and every sentence non-empty."""
+    if not path.is_file():
+        raise BadInput(f"{path}: missing (the SST-2 folder must hold train.tsv and dev.tsv)")
     with path.open(encoding="utf-8", newline="") as fh:
-        return list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if not reader.fieldnames or not {"label", "sentence"} <= set(reader.fieldnames):
+            raise BadInput(f"{path}:1: expected the header line 'label<TAB>sentence', got {reader.fieldnames}")
+        rows = []
+        for row in reader:
+            line = reader.line_num
+            if row["label"] not in ("0", "1"):
+                raise BadInput(f"{path}:{line}: label {row['label']!r}, expected 0 or 1")
+            if not (row["sentence"] or "").strip():
+                raise BadInput(f"{path}:{line}: empty sentence")
+            rows.append(row)
+    if not rows:
+        raise BadInput(f"{path}: no rows after the header")
+    return rows
 
 
 def write_tsv(path: Path, rows: list[dict]) -> None:
@@ -39,7 +60,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    train = read_tsv(args.sst2 / "train.tsv")
+    try:
+        train = read_tsv(args.sst2 / "train.tsv")
+        read_tsv(args.sst2 / "dev.tsv")
+        if len(train) <= args.labelled:
+            raise BadInput(f"{args.sst2 / 'train.tsv'}: {len(train)} rows, expected more than --labelled "
+                           f"{args.labelled} (the rest are the unlabelled pool)")
+    except BadInput as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "pretrain.jsonl").open("w", encoding="utf-8") as fh:
         for row in train:

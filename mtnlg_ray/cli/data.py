@@ -91,6 +91,15 @@ def config_show(
         # are data.path's packed length, read as pretrain reads it, when the corpus is there
         # (pretrain reports a broken one), else the model's context.
         resolved = decay_over_the_run(resolved, _packed_seq_len(resolved.data.path) or model.seq_len)
+    elif stage == "finetune" and resolved.data.train:
+        # Warm-up and decay as finetune derives them from data.train's tokens, after the checks it
+        # makes before a worker starts (the files, their labels, the start checkpoint and tokenizer).
+        from mtnlg_ray.finetune.trainer import prepare_finetune
+
+        resolved = prepare_finetune(resolved)[0]
+    elif stage == "finetune" and not {"warmup_tokens", "decay_tokens"} <= resolved.train.model_fields_set:
+        typer.echo("note: train.warmup_tokens and train.decay_tokens below are the field defaults; unless set, "
+                   "finetune derives them from data.train's tokens (set data.train to see them)", err=True)
     typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), nl=False)
 
 

@@ -48,6 +48,9 @@ def print_manifest_summary(console, manifest: dict, output: Path) -> None:
             f"{manifest['documents']:,} documents → {pack['train_sequences']:,} train + {pack['val_sequences']:,} "
             f"val sequences of {pack['seq_len'] + 1} tokens in {output / 'tokens'}"
         )
+        if not pack["train_sequences"]:
+            console.print("[yellow]warning: no training sequences, so pretrain will refuse this dataset: prepare "
+                          "more text, or pack shorter sequences with --set pack.seq_len=N[/yellow]")
 
 
 

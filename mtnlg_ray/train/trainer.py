@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mtnlg_ray.config import Config, absolute_paths
-from mtnlg_ray.errors import ConfigError, InputError
+from mtnlg_ray.errors import ConfigError, InputError, MtnlgError
 from mtnlg_ray.train.checkpoint import latest_checkpoint
 from mtnlg_ray.train.schedule import run_tokens
 
@@ -111,6 +111,9 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
     if model_config.seq_len < shards.seq_len:
         raise ConfigError(f"model.seq_len ({model_config.seq_len}) is shorter than the dataset's packed "
                           f"sequences ({shards.seq_len}); re-pack with --set pack.seq_len={model_config.seq_len}")
+    if not len(shards):
+        raise InputError(f"{dataset}: no training sequences (packed at pack.seq_len={shards.seq_len}); prepare more "
+                         "text, or a smaller pack.seq_len with `data prepare --set pack.seq_len=N`")
     check_run_layout(cfg, model_config, "lm")  # the layout's own mistakes first
     cfg = decay_over_the_run(cfg, shards.seq_len)
     tp = cfg.parallel.tp
@@ -236,6 +239,13 @@ def run_training(
         threading.Thread(target=_say_while_waiting, args=(waiting, records, stop), daemon=True).start()
     try:
         trainer.fit()
+    except ray.train.WorkerGroupError as failed:
+        # A mistake only a worker could see (an init checkpoint without its weights, a tensor of
+        # another shape) is the user's to fix: one line, not Ray's traceback of every rank.
+        user_error = next((e for e in failed.worker_failures.values() if isinstance(e, MtnlgError)), None)
+        if user_error is None:
+            raise
+        raise user_error from None
     finally:
         stop.set()
         watcher.join(timeout=10)
