@@ -2,7 +2,7 @@
 
     python bench/sst2_levers.py --run OUT [--seed 0] [--token-dropout 0.1] [--freeze-embeddings]
                                 [--lm-weight 0.5] [--layer-decay 0.8 --head-lr 1e-3] [--head-only-epochs 2]
-                                [--pooling max] [--channel terrible,great] [--leading-eos]
+                                [--pooling max] [--channel terrible,great] [--leading-eos] [--echo]
 
 OUT is an `examples/sst2/run.sh` output folder: its pretrained model (OUT/runs/pretrain/final), its
 1,000 labels (OUT/labelled.tsv) and the dev split (OUT/dev.tsv). One process, no Ray: a plain loop
@@ -21,7 +21,10 @@ plus the lever asked for:
   label i is log p(text | EOS, i-th word of WORDS), and the loss is cross-entropy over those scores,
   one word per label in the labels' sorted order (SST-2: 0 then 1, so `terrible,great`);
 - `--leading-eos`: every text opens with EOS, as each document does in packed pretraining (it follows
-  the previous one's EOS), instead of starting cold at position 0.
+  the previous one's EOS), instead of starting cold at position 0;
+- `--echo`: the model reads each text twice (text, EOS, text, EOS) and the head reads the mean over
+  the second copy, whose every position has seen the whole text once: a causal model's states with
+  the right context a bidirectional one would have (the "echo embeddings" of Springer et al., 2024).
 
 It prints one JSON line: the best dev accuracy and the accuracy after every epoch. Its batches are
 not grouped by length, so its base numbers differ from the command's; compare levers with its own base.
@@ -57,6 +60,7 @@ def main() -> None:
     parser.add_argument("--leading-eos", action="store_true")
     parser.add_argument("--pooling", choices=("mean", "max", "mean+max"), default="mean")
     parser.add_argument("--channel", default=None, metavar="WORDS", help="comma-separated, one word per label")
+    parser.add_argument("--echo", action="store_true", help="read each text twice, pool over the second copy")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.lm_weight > 0 and (args.pooling != "mean" or args.channel):
@@ -64,6 +68,10 @@ def main() -> None:
     if args.channel and (args.head_only_epochs or args.leading_eos or args.pooling != "mean"):
         parser.error("--channel has no head and opens each text with its own prompt: "
                      "not with --head-only-epochs, --leading-eos or --pooling")
+    if args.echo and (args.channel or args.leading_eos or args.pooling != "mean" or args.lm_weight > 0
+                      or args.token_dropout > 0):
+        parser.error("--echo: mean pooling over the second copy, not with --channel, --leading-eos, --pooling, "
+                     "--lm-weight or --token-dropout (which would drop other tokens from each copy)")
     if args.leading_eos and args.token_dropout > 0:
         parser.error("--leading-eos: not with --token-dropout (the dropout would drop the leading EOS too)")
     for need in ("runs/pretrain/final/config.json", "labelled.tsv", "dev.tsv"):
@@ -101,16 +109,18 @@ def run(args: argparse.Namespace) -> dict:
     in_front = 1 if args.leading_eos else max(map(len, prompts or []), default=0)
 
     def encode(texts):
-        rows = [classification_input(e.ids, eos, gpt.config.seq_len - in_front)
-                for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+        room = gpt.config.seq_len // 2 if args.echo else gpt.config.seq_len - in_front
+        rows = [classification_input(e.ids, eos, room) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+        if args.echo:
+            return [r + r for r in rows]
         return [[eos, *r] for r in rows] if args.leading_eos else rows
 
     train_rows, dev_rows = encode(train.texts), encode(dev.texts)
     train_y = torch.tensor([labels.index(x) for x in train.labels])
     dev_y = np.array([labels.index(x) for x in dev.labels])
     model = GPTClassifier(gpt, len(labels), "mean")
-    if args.pooling != "mean" or args.channel:
-        model = pooled_or_channel(model, args.pooling, prompts)
+    if args.pooling != "mean" or args.channel or args.echo:
+        model = pooled_or_channel(model, "echo" if args.echo else args.pooling, prompts)
     model.train()
     if args.freeze_embeddings:
         gpt.tok_emb.weight.requires_grad_(False)
@@ -196,8 +206,8 @@ def channel_prompts(words: str | None, tokenizer, labels: list, eos: int) -> lis
 
 
 def pooled_or_channel(classifier, pooling: str, prompts: list[list[int]] | None):
-    """`classifier` with max or mean+max pooling (a new head), or (with prompts) the language model as a
-    channel classifier.
+    """`classifier` with max, mean+max or echo pooling (a new head), or (with prompts) the language model
+    as a channel classifier.
 
     Called as the classifier is, on (B, T) right-padded rows that end in EOS and their lengths.
     """
@@ -222,6 +232,9 @@ def pooled_or_channel(classifier, pooling: str, prompts: list[list[int]] | None)
                 return torch.stack([self.log_likelihood(prompt, idx, lengths) for prompt in prompts], dim=1)
             h = gpt.hidden_states(idx)
             real = torch.arange(h.shape[1])[None, :] < lengths[:, None]
+            if pooling == "echo":  # rows are two equal copies: the mean over the second
+                second = real & (torch.arange(h.shape[1])[None, :] >= (lengths // 2)[:, None])
+                return self.head((h * second[..., None]).sum(dim=1) / (lengths - lengths // 2)[:, None])
             largest = h.masked_fill(~real[..., None], float("-inf")).amax(dim=1)
             if pooling == "max":
                 return self.head(largest)

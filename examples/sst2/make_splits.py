@@ -24,6 +24,12 @@ class BadInput(Exception):
 
 
 def read_tsv(path: Path) -> list[dict]:
+    """The rows of a tab-separated file with a header line, as dicts (report.py reads timings.tsv so)."""
+    with path.open(encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def read_sst2(path: Path) -> list[dict]:
     """SST-2's `label<TAB>sentence` rows, every label 0 or 1 and every sentence non-empty."""
     if not path.is_file():
         raise BadInput(f"{path}: missing (the SST-2 folder must hold train.tsv and dev.tsv)")
@@ -61,8 +67,8 @@ def main() -> None:
     args = parser.parse_args()
 
     try:
-        train = read_tsv(args.sst2 / "train.tsv")
-        read_tsv(args.sst2 / "dev.tsv")
+        train = read_sst2(args.sst2 / "train.tsv")
+        read_sst2(args.sst2 / "dev.tsv")
         if len(train) <= args.labelled:
             raise BadInput(f"{args.sst2 / 'train.tsv'}: {len(train)} rows, expected more than --labelled "
                            f"{args.labelled} (the rest are the unlabelled pool)")
