@@ -147,13 +147,8 @@ def load_checkpoint(
     """Load a consolidated checkpoint into a `GPT` in eval mode; returns (model, config.json body)."""
     path = Path(path)
     body = read_checkpoint_config(path)
-    try:
-        config = GPTConfig.from_dict(body["model"], source=str(path / CONFIG))
-    except (TypeError, ConfigError) as exc:
-        raise CheckpointError(f"{path / CONFIG}: {exc}") from None
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: missing")
+    config = _model_config(path, body)
+    weights = _weights_file(path)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -167,6 +162,46 @@ def load_checkpoint(
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
     return model, body
+
+
+def _model_config(path: Path, body: dict) -> GPTConfig:
+    try:
+        return GPTConfig.from_dict(body["model"], source=str(path / CONFIG))
+    except (TypeError, ConfigError) as exc:
+        raise CheckpointError(f"{path / CONFIG}: {exc}") from None
+
+
+def _weights_file(path: Path) -> Path:
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    return weights
+
+
+def check_checkpoint(path: str | Path) -> dict:
+    """What loading the checkpoint would refuse, found from config.json and the safetensors header
+    alone (no tensor is read): the driver calls it before Ray workers or actors load the weights,
+    which would otherwise fail there, behind Ray's traceback and retries. Returns config.json's body.
+
+    Checks the config, that the weights file is there and readable, every backbone tensor's name and
+    shape, and a classification checkpoint's head against its labels.
+    """
+    path = Path(path)
+    body = read_checkpoint_config(path)
+    config = _model_config(path, body)
+    weights = _weights_file(path)
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({exc})") from None
+    expected = expected_shapes(config)
+    if isinstance(body.get("task"), dict) and body["task"].get("kind") == "classification":
+        n = len(classification_task(body, path / CONFIG)["labels"])
+        expected = {**expected, f"{HEAD}weight": (n, config.d_model), f"{HEAD}bias": (n,)}
+    stored = {key: torch.empty(shape, device="meta") for key, shape in shapes.items() if key in expected}
+    check_tensor_shapes(stored, expected, weights)  # other tensors are ignored, as loading ignores them
+    return body
 
 
 def tokenizer_path(path: str | Path) -> Path:

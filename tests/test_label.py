@@ -7,6 +7,7 @@ import gc
 import os
 import random
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -276,7 +277,8 @@ def test_classifier_checkpoint_round_trip_and_labeler_equals_direct_forward(clas
     assert len(set(table.column("label").to_pylist())) > 1
 
 
-def test_a_wrong_model_is_one_line_before_any_actor_starts(ray_session, tiny_checkpoint, tmp_path):
+def test_a_wrong_model_is_one_line_before_any_actor_starts(ray_session, tiny_checkpoint, classifier_checkpoint,
+                                                              tmp_path):
     with pytest.raises(CheckpointError, match="not a classification checkpoint") as err:
         load_classifier(tiny_checkpoint)
     assert "\n" not in str(err.value)
@@ -289,6 +291,27 @@ def test_a_wrong_model_is_one_line_before_any_actor_starts(ray_session, tiny_che
         label_documents(ds, LabelSection(labeler="perplexity", model=str(tmp_path / "nowhere")))
     with pytest.raises(ConfigError, match="label.model"):
         label_documents(ds, LabelSection(labeler="perplexity"))
+    # Weights the config no longer describes, or no weights: found from the header before the pool
+    # starts (an actor loading them used to die in its constructor, behind Ray's traceback).
+    reshaped = tmp_path / "reshaped"
+    shutil.copytree(tiny_checkpoint, reshaped)
+    body = json.loads((reshaped / "config.json").read_text())
+    body["model"]["n_layer"] = 5
+    (reshaped / "config.json").write_text(json.dumps(body))
+    with pytest.raises(CheckpointError, match=r"reshaped/model.safetensors: missing tensor 'blocks.4.\S+'"):
+        label_documents(ds, LabelSection(labeler="perplexity", model=str(reshaped)))
+    (reshaped / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="reshaped/model.safetensors: missing$"):
+        label_documents(ds, LabelSection(labeler="perplexity", model=str(reshaped)))
+    more_labels = tmp_path / "more_labels"
+    shutil.copytree(classifier_checkpoint[0], more_labels)
+    body = json.loads((more_labels / "config.json").read_text())
+    body["task"]["labels"] = [*body["task"]["labels"], "another"]  # the head still has one output fewer
+    (more_labels / "config.json").write_text(json.dumps(body))
+    n = len(LABELS)
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor 'head.weight' has shape [{n}, 128], config expects "
+                                                        f"[{n + 1}, 128]")):
+        label_documents(ds, LabelSection(labeler="classifier", model=str(more_labels)))
     with pytest.raises(ConfigError, match="label.labeler"):
         filter_labelled(ds, LabelSection())
 

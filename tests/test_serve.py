@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import random
 import socket
 import time
@@ -339,12 +340,19 @@ def test_serve_args_and_shipped_config(long_checkpoint):
         parse_args({"checkpoint": "c", "autoscale": "5,2"})
 
 
-def test_serve_cli_help_and_bad_checkpoint(tmp_path):
+def test_serve_cli_help_and_bad_checkpoint(tiny_checkpoint, tmp_path):
     shown = run_cli("serve", "--help")
     assert shown.returncode == 0 and "curl" in shown.stdout and "--api-key" in shown.stdout
     missing = run_cli("serve", "--checkpoint", str(tmp_path / "nope"))
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: not a checkpoint directory (no config.json)"]
+    # No weights: one line before Ray starts, not replicas that die loading them.
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(tiny_checkpoint, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    refused = run_cli("serve", "--checkpoint", str(no_weights))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [f"error: {no_weights / 'model.safetensors'}: missing"]
 
 
 # --- the API over HTTP ------------------------------------------------------------------------------

@@ -498,6 +498,63 @@ def test_a_dataset_without_training_sequences_is_refused_before_a_worker_starts(
     assert not (tmp_path / "runs").exists()  # refused before anything was written
 
 
+def test_a_broken_token_folder_is_one_line_naming_the_file(shakespeare, tmp_path):
+    """A shard missing, cut short or of another width, or an index without its shard list: one
+    InputError line each (they used to be numpy's or json's traceback)."""
+    import shutil
+
+    from mtnlg_ray.errors import InputError
+    from mtnlg_ray.train.data import TokenShards
+
+    dataset = tmp_path / "copy"
+    shutil.copytree(shakespeare, dataset)
+    tokens = dataset / "tokens"
+    first = tokens / json.loads((tokens / "index.json").read_text())["shards"]["train"][0]
+    whole = first.read_bytes()
+
+    def refused(message: str) -> None:
+        with pytest.raises(InputError) as err:
+            TokenShards(dataset, "train")
+        assert str(err.value).startswith(message) and "\n" not in str(err.value), str(err.value)
+
+    assert len(TokenShards(dataset, "train")) > 0
+    first.unlink()
+    refused(f"{first}: missing (tokens/index.json lists it)")
+    first.write_bytes(whole[:100])
+    refused(f"{first}: not a readable token shard")
+    np.save(first, np.zeros((4, 10), dtype=np.uint16))
+    refused(f"{first}: shape [4, 10], expected [sequences, 65]")
+    (tokens / "index.json").write_text(json.dumps({"seq_len": 64}))
+    refused(f"{tokens / 'index.json'}: not a token index of `data prepare` (KeyError")
+
+
+def test_a_user_error_raised_on_a_worker_comes_back_as_itself(ray_session, tmp_path):
+    """What only a worker sees reaches the CLI as the user's one-line error, not as Ray's
+    WorkerGroupError; a bug (any other exception) keeps Ray's error and its traceback."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mtnlg_ray.errors import CheckpointError
+    from mtnlg_ray.train.trainer import fit_raising_user_errors
+
+    def _fails_with(config: dict) -> None:  # local, so Ray ships it by value (workers cannot import tests/)
+        from mtnlg_ray.errors import CheckpointError
+
+        raise (CheckpointError if config["user"] else RuntimeError)("shard.safetensors: tensor 'x' has shape [2]")
+
+    def trainer(user: bool) -> TorchTrainer:
+        return TorchTrainer(_fails_with, train_loop_config={"user": user},
+                            scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                            run_config=ray.train.RunConfig(name=f"fails-{user}", storage_path=str(tmp_path),
+                                                           failure_config=ray.train.FailureConfig(max_failures=0)))
+
+    with pytest.raises(CheckpointError) as err:
+        fit_raising_user_errors(trainer(user=True))
+    assert str(err.value) == "shard.safetensors: tensor 'x' has shape [2]"
+    with pytest.raises(ray.train.WorkerGroupError, match="RuntimeError: shard.safetensors"):
+        fit_raising_user_errors(trainer(user=False))
+
+
 def test_activation_checkpointing_from_init_checkpoint_recomputes_every_block(tiny_checkpoint):
     """`model.activation_checkpointing=true` on a run that starts from a checkpoint: the model the
     loop builds runs each block's forward twice a step (once more in backward), with the same gradients."""

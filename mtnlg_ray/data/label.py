@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from mtnlg_ray.checkpoint import (
     CONFIG,
+    check_checkpoint,
     classification_task,
     load_checkpoint,
     load_classifier,
-    read_checkpoint_config,
     tokenizer_path,
 )
 from mtnlg_ray.config import LabelSection
@@ -122,7 +122,7 @@ class PerplexityLabeler:
 
     @staticmethod
     def check(checkpoint: str | Path) -> None:
-        read_checkpoint_config(checkpoint)
+        check_checkpoint(checkpoint)
         tokenizer_path(checkpoint)
 
     @torch.inference_mode()
@@ -196,7 +196,7 @@ class ClassifierLabeler:
         if is_ngram_classifier(checkpoint):
             NgramClassifier.load(checkpoint)
             return
-        classification_task(read_checkpoint_config(checkpoint), Path(checkpoint) / CONFIG)
+        classification_task(check_checkpoint(checkpoint), Path(checkpoint) / CONFIG)
         tokenizer_path(checkpoint)
 
     @torch.inference_mode()

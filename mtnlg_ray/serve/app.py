@@ -531,9 +531,13 @@ def serve_model(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, name
     """Deploy on the connected Ray cluster (or a local one) and return the base URL once replicas are up."""
     from mtnlg_ray.runtime import ensure_ray
 
+    from mtnlg_ray.checkpoint import check_checkpoint, tokenizer_path
+
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise CheckpointError(f"{checkpoint}: not a checkpoint directory (no config.json)")
+    check_checkpoint(checkpoint)  # here, in one line, not as replicas that die while loading it
+    tokenizer_path(checkpoint)
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix="/", blocking=False)

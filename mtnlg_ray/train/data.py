@@ -25,12 +25,29 @@ class TokenShards:
         index_file = self.dataset / "tokens" / "index.json"
         if not index_file.is_file():
             raise InputError(f"{index_file}: missing (is {self.dataset} a dataset from `mtnlg-ray data prepare`?)")
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-        self.seq_len = int(index["seq_len"])
-        self.shards = [np.load(self.dataset / "tokens" / name, mmap_mode="r", allow_pickle=False)
-                       for name in index["shards"][split]]
+        try:
+            index = json.loads(index_file.read_text(encoding="utf-8"))
+            self.seq_len = int(index["seq_len"])
+            names = list(index["shards"][split])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{index_file}: not a token index of `data prepare` ({type(exc).__name__}: {exc}); "
+                             "prepare the dataset again") from None
+        self.shards = [self._shard(self.dataset / "tokens" / name) for name in names]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
         self.split = split
+
+    def _shard(self, path: Path) -> np.ndarray:
+        """One memory-mapped shard: (sequences, seq_len + 1) token ids, or one line naming the file."""
+        if not path.is_file():
+            raise InputError(f"{path}: missing (tokens/index.json lists it); prepare the dataset again")
+        try:
+            shard = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputError(f"{path}: not a readable token shard ({exc}); prepare the dataset again") from None
+        if shard.ndim != 2 or shard.shape[1] != self.seq_len + 1:
+            raise InputError(f"{path}: shape {list(shard.shape)}, expected [sequences, {self.seq_len + 1}] "
+                             f"(index.json's seq_len {self.seq_len} + 1); prepare the dataset again")
+        return shard
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mtnlg_ray.config import Config
-from mtnlg_ray.errors import CheckpointError, ConfigError
+from mtnlg_ray.errors import ConfigError
 from mtnlg_ray.model.flops import flops_per_token
 from mtnlg_ray.model.gpt import GPT, GPTConfig, parameter_kinds, pipeline_part
 from mtnlg_ray.publish import copy_directory
@@ -104,12 +104,10 @@ class MetricsLog:
 def model_config_for(cfg: Config, tokenizer_vocab: int) -> tuple[GPTConfig, dict | None]:
     """The shape to train: the init checkpoint's, or the preset with the tokenizer's vocabulary."""
     if cfg.init.checkpoint:
-        from mtnlg_ray.checkpoint import WEIGHTS, read_checkpoint_config
+        from mtnlg_ray.checkpoint import check_checkpoint
 
-        body = read_checkpoint_config(cfg.init.checkpoint)
-        weights = Path(cfg.init.checkpoint) / WEIGHTS
-        if not weights.is_file():  # here, on the driver, before any worker starts to load it
-            raise CheckpointError(f"{weights}: missing")
+        # The driver calls this before any worker starts: a missing or misshapen tensor is one line here.
+        body = check_checkpoint(cfg.init.checkpoint)
         shape = GPTConfig.from_dict(body["model"])
         # The checkpoint fixes the shape; how to train it (dropout, recomputation) is this run's choice.
         return GPTConfig(**{**shape.to_dict(), "dropout": cfg.model.dropout,

@@ -137,6 +137,21 @@ def decay_over_the_run(cfg: Config, seq_len: int) -> Config:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"decay_tokens": total})})
 
 
+def fit_raising_user_errors(trainer):
+    """`trainer.fit()`, except that a user's mistake (`MtnlgError`) raised on a worker comes back as
+    itself, so the CLI prints its one line, not Ray's traceback of every rank. The driver checks what
+    it can before workers start; this covers what only a worker sees."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.WorkerGroupError as failed:
+        user_error = next((e for e in failed.worker_failures.values() if isinstance(e, MtnlgError)), None)
+        if user_error is None:
+            raise
+        raise user_error from None
+
+
 def check_run_layout(cfg: Config, model_config, task: str) -> None:
     """Everything about the parallel layout a worker would refuse, refused on the driver in one line:
     the dimensions against the model and worker counts, the pipeline schedule against every batch
@@ -238,14 +253,7 @@ def run_training(
         # An autoscaling cluster short of room: say what is awaited until the workers start.
         threading.Thread(target=_say_while_waiting, args=(waiting, records, stop), daemon=True).start()
     try:
-        trainer.fit()
-    except ray.train.WorkerGroupError as failed:
-        # A mistake only a worker could see (an init checkpoint without its weights, a tensor of
-        # another shape) is the user's to fix: one line, not Ray's traceback of every rank.
-        user_error = next((e for e in failed.worker_failures.values() if isinstance(e, MtnlgError)), None)
-        if user_error is None:
-            raise
-        raise user_error from None
+        fit_raising_user_errors(trainer)
     finally:
         stop.set()
         watcher.join(timeout=10)
