@@ -178,13 +178,14 @@ def _weights_file(path: Path) -> Path:
     return weights
 
 
-def check_checkpoint(path: str | Path) -> dict:
+def check_checkpoint(path: str | Path, classifier: bool = False) -> dict:
     """What loading the checkpoint would refuse, found from config.json and the safetensors header
     alone (no tensor is read): the driver calls it before Ray workers or actors load the weights,
     which would otherwise fail there, behind Ray's traceback and retries. Returns config.json's body.
 
-    Checks the config, that the weights file is there and readable, every backbone tensor's name and
-    shape, and a classification checkpoint's head against its labels.
+    Checks the config, that the weights file is there and readable, and every backbone tensor's name
+    and shape; with `classifier`, also the task section and the head against its labels (as
+    `load_classifier` does; a language model's reader ignores both, and so does this check then).
     """
     path = Path(path)
     body = read_checkpoint_config(path)
@@ -196,7 +197,7 @@ def check_checkpoint(path: str | Path) -> dict:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({exc})") from None
     expected = expected_shapes(config)
-    if isinstance(body.get("task"), dict) and body["task"].get("kind") == "classification":
+    if classifier:
         n = len(classification_task(body, path / CONFIG)["labels"])
         expected = {**expected, f"{HEAD}weight": (n, config.d_model), f"{HEAD}bias": (n,)}
     stored = {key: torch.empty(shape, device="meta") for key, shape in shapes.items() if key in expected}

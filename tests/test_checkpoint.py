@@ -117,3 +117,56 @@ def test_resume_passes_over_a_checkpoint_copied_only_in_part(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_10"
     (tmp_path / "checkpoint_10" / "rng-rank1.json").unlink()  # nor one rank's RNG state
     assert latest_checkpoint(tmp_path) is None
+
+
+def _corrupt(path, how: str) -> None:
+    weights, config = path / "model.safetensors", path / "config.json"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif how == "garbage":
+        weights.write_bytes(b"\x00\x01not a safetensors file")
+    elif how == "missing":
+        weights.unlink()
+    else:  # a config.json that no longer describes the tensors
+        body = json.loads(config.read_text())
+        body["model"][how] = 2 * body["model"][how]
+        config.write_text(json.dumps(body))
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "missing", "d_model", "n_layer"])
+def test_the_header_check_refuses_what_loading_refuses(saved, how):
+    """`check_checkpoint` (what drivers run before workers load weights) refuses each broken
+    checkpoint that `load_checkpoint` refuses, with a line naming the same file."""
+    from mtnlg_ray.checkpoint import check_checkpoint
+
+    _, path = saved
+    assert check_checkpoint(path)["model"]["n_layer"] == 4  # the intact one passes
+    _corrupt(path, how)
+    with pytest.raises(CheckpointError) as loading:
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError) as checking:
+        check_checkpoint(path)
+    weights = f"{path / 'model.safetensors'}: "
+    assert str(loading.value).startswith(weights) and str(checking.value).startswith(weights)
+    assert "\n" not in str(checking.value)
+
+
+def test_the_header_check_reads_a_classifier_as_loading_it_would(saved, tmp_path):
+    """A classifier passes as a language model (its head ignored, as `load_checkpoint` ignores it) and
+    as a classifier; a task section a classifier reader refuses fails only the classifier check."""
+    from mtnlg_ray.checkpoint import check_checkpoint, load_classifier, save_classifier
+    from mtnlg_ray.model.classifier import GPTClassifier
+
+    model, _ = saved
+    path = save_classifier(GPTClassifier(model, 3, "mean"), ["a", "b", "c"], tmp_path / "clf")
+    check_checkpoint(path)
+    assert check_checkpoint(path, classifier=True)["task"]["labels"] == ["a", "b", "c"]
+    body = json.loads((path / "config.json").read_text())
+    body["task"]["labels"] = ["a", "b"]  # the head still has three outputs
+    (path / "config.json").write_text(json.dumps(body))
+    load_checkpoint(path)
+    check_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"expected \[2, 128\] for 2 labels"):
+        load_classifier(path)
+    with pytest.raises(CheckpointError, match=r"tensor 'head.weight' has shape \[3, 128\], config expects \[2, 128\]"):
+        check_checkpoint(path, classifier=True)

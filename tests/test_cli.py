@@ -140,6 +140,10 @@ def test_config_show_prints_the_schedule_finetune_derives_from_its_data(tiny_che
     assert yaml.safe_load(bare.stdout)["train"]["decay_tokens"] == 340_000_000_000
     assert_one_line_error(run_cli("config", "show", "--stage", "finetune", "--set", f"init.checkpoint={tiny_checkpoint}",
                                   "--set", f"data.train={train}"), "train.tsv:1: no column 'text'")
+    assert_one_line_error(run_cli("config", "show", "--stage", "finetune", "--set", f"init.checkpoint={tiny_checkpoint}",
+                                  "--set", f"data.train={train}", "--set", "data.text_field=sentence",
+                                  "--set", "parallel.workers=2", "--set", "parallel.pp=2"),
+                          "parallel.pp=2: fine-tuning (task.kind=classification)")
 
 
 def test_bad_preset_and_bad_plan_are_one_line(tmp_path, tokenizer_dir):

@@ -506,11 +506,20 @@ def test_a_broken_token_folder_is_one_line_naming_the_file(shakespeare, tmp_path
     from mtnlg_ray.errors import InputError
     from mtnlg_ray.train.data import TokenShards
 
+    from mtnlg_ray.train.trainer import pretrain
+
     dataset = tmp_path / "copy"
     shutil.copytree(shakespeare, dataset)
     tokens = dataset / "tokens"
-    first = tokens / json.loads((tokens / "index.json").read_text())["shards"]["train"][0]
+    index = json.loads((tokens / "index.json").read_text())
+    first = tokens / index["shards"]["train"][0]
     whole = first.read_bytes()
+
+    val = tokens / index["shards"]["val"][0]  # only the workers' evaluation reads it: refused before they start
+    val.write_bytes(val.read_bytes()[:100])
+    with pytest.raises(InputError, match=f"^{val}: not a readable token shard"):
+        pretrain(train_config(dataset, tmp_path / "runs", "broken-val"))
+    assert not (tmp_path / "runs").exists()
 
     def refused(message: str) -> None:
         with pytest.raises(InputError) as err:

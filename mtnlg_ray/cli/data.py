@@ -95,11 +95,17 @@ def config_show(
         # Warm-up and decay as finetune derives them from data.train's tokens, after the checks it
         # makes before a worker starts (the files, their labels, the start checkpoint and tokenizer).
         from mtnlg_ray.finetune.trainer import prepare_finetune
+        from mtnlg_ray.train.trainer import check_run_layout
 
-        resolved = prepare_finetune(resolved)[0]
-    elif stage == "finetune" and not {"warmup_tokens", "decay_tokens"} <= resolved.train.model_fields_set:
-        typer.echo("note: train.warmup_tokens and train.decay_tokens below are the field defaults; unless set, "
-                   "finetune derives them from data.train's tokens (set data.train to see them)", err=True)
+        resolved, model, _, _ = prepare_finetune(resolved)
+        check_run_layout(resolved, model, resolved.task.kind)
+    elif stage == "finetune":
+        unset = [key for key in ("warmup_tokens", "decay_tokens") if key not in resolved.train.model_fields_set]
+        if unset:
+            keys = " and ".join(f"train.{key}" for key in unset)
+            verb, noun, it = ("is", "default", "it") if len(unset) == 1 else ("are", "defaults", "them")
+            typer.echo(f"note: {keys} below {verb} the field {noun}; unless set, finetune derives {it} from "
+                       f"data.train's tokens (set data.train to see {it})", err=True)
     typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), nl=False)
 
 

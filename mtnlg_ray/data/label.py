@@ -22,9 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mtnlg_ray.checkpoint import (
-    CONFIG,
     check_checkpoint,
-    classification_task,
     load_checkpoint,
     load_classifier,
     tokenizer_path,
@@ -196,7 +194,7 @@ class ClassifierLabeler:
         if is_ngram_classifier(checkpoint):
             NgramClassifier.load(checkpoint)
             return
-        classification_task(check_checkpoint(checkpoint), Path(checkpoint) / CONFIG)
+        check_checkpoint(checkpoint, classifier=True)
         tokenizer_path(checkpoint)
 
     @torch.inference_mode()

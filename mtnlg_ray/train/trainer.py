@@ -111,6 +111,7 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
     if model_config.seq_len < shards.seq_len:
         raise ConfigError(f"model.seq_len ({model_config.seq_len}) is shorter than the dataset's packed "
                           f"sequences ({shards.seq_len}); re-pack with --set pack.seq_len={model_config.seq_len}")
+    TokenShards(dataset, "val")  # read by the workers' evaluation: a broken shard is one line here, too
     if not len(shards):
         raise InputError(f"{dataset}: no training sequences (packed at pack.seq_len={shards.seq_len}); prepare more "
                          "text, or a smaller pack.seq_len with `data prepare --set pack.seq_len=N`")
