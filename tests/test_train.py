@@ -187,6 +187,23 @@ def eight_steps_on_one_worker(shakespeare, tmp_path_factory) -> Path:
                                       *EVERY_4))["run_dir"])
 
 
+def test_a_rerun_with_another_model_shape_is_refused_not_resumed_from_part_of_the_old_one(
+        shakespeare, eight_steps_on_one_worker):
+    """DCP reads only the tensors the new model asks for: a re-run of the same run with 2 layers instead
+    of 4 used to continue from the old model's first two blocks. Now it is one line, and nothing of
+    the run is touched. (A run choice, such as model.dropout, may still change on resume.)"""
+    from mtnlg_ray.train.trainer import pretrain
+
+    run_dir = eight_steps_on_one_worker
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError) as err:
+        pretrain(train_config(shakespeare, run_dir.parent, "single", "parallel.workers=1", "train.max_steps=12",
+                              *EVERY_4, "model.n_layer=2"))
+    assert f"{run_dir}: the run resumes from checkpoint_" in str(err.value)
+    assert "a model with n_layer 4, but this run's model has n_layer 2" in str(err.value)
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
 @pytest.mark.parametrize(
     ("first", "then", "layouts"),
     [

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from mtnlg_ray.errors import CheckpointError
+from mtnlg_ray.errors import CheckpointError, ConfigError
 from mtnlg_ray.model.gpt import GPTConfig
 
 STATE_FILE = "trainer_state.json"
@@ -75,6 +75,26 @@ def save_sharded(directory: Path, parts: list, optimizers: list, state: TrainerS
     if rank == 0:
         (directory / STATE_FILE).write_text(json.dumps(asdict(state), indent=2) + "\n")
         (directory / MODEL_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+# What a run may change when it resumes: how it trains the model, not the model's shape.
+RUN_CHOICES = ("dropout", "activation_checkpointing")
+
+
+def check_resume_shape(directory: Path, config: GPTConfig) -> None:
+    """A run resumes only into the model shape its checkpoint holds: DCP reads just the tensors the
+    new model asks for, so a re-run with fewer layers would continue from part of the old model."""
+    stored = json.loads((directory / MODEL_FILE).read_text()) if (directory / MODEL_FILE).is_file() else None
+    if stored is None:
+        return
+    wanted = config.to_dict()
+    for key, value in stored.items():
+        if key not in RUN_CHOICES and key in wanted and wanted[key] != value:
+            raise ConfigError(
+                f"{directory.parent}: the run resumes from {directory.name}, a model with {key} {value}, but this "
+                f"run's model has {key} {wanted[key]}; re-run with the same model, or start a new run under "
+                "another run.name"
+            )
 
 
 def load_sharded(directory: Path, parts: list, optimizers: list, rank: int) -> TrainerState:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mtnlg_ray.config import Config, absolute_paths
 from mtnlg_ray.errors import ConfigError, InputError, MtnlgError
-from mtnlg_ray.train.checkpoint import latest_checkpoint
+from mtnlg_ray.train.checkpoint import check_resume_shape, latest_checkpoint
 from mtnlg_ray.train.schedule import run_tokens
 
 
@@ -213,6 +213,8 @@ def run_training(
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = latest_checkpoint(run_dir)
+    if resume is not None:
+        check_resume_shape(resume, model_config)  # the workers resume from this same checkpoint
     metrics_file = run_dir / "metrics.jsonl"
     if resume is None:
         if metrics_file.exists():
