@@ -241,6 +241,18 @@ def test_shipped_defaults_learn_a_sentiment_like_task(tiny_checkpoint, tmp_path)
     config = json.loads((tmp_path / "runs" / "finetune" / "final" / "config.json").read_text())
     assert config["task"]["pooling"] == "mean"
 
+    # The same run again with a third label: its checkpoints hold a 2-output head. One line on the
+    # driver (it was a size-mismatch traceback from the worker, after every retry), the run untouched.
+    before = (tmp_path / "runs" / "finetune" / "metrics.jsonl").read_bytes()
+    again = run_cli("finetune", "--set", f"init.checkpoint={tiny_checkpoint}", "--set", f"data.train={tmp_path / 'train.tsv'}",
+                    "--set", "data.text_field=sentence", "--set", f"run.storage_path={tmp_path / 'runs'}",
+                    "--set", "task.labels=[neg, pos, mixed]")
+    assert again.returncode == 2, again.stderr[-3000:]
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    assert "a classifier of 2 labels, but this run's task has 3" in errors[0]
+    assert (tmp_path / "runs" / "finetune" / "metrics.jsonl").read_bytes() == before
+
 
 @pytest.fixture(scope="module")
 def self_trained(tmp_path_factory, tokenizer_dir):

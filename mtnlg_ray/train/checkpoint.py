@@ -81,20 +81,28 @@ def save_sharded(directory: Path, parts: list, optimizers: list, state: TrainerS
 RUN_CHOICES = ("dropout", "activation_checkpointing")
 
 
-def check_resume_shape(directory: Path, config: GPTConfig) -> None:
-    """A run resumes only into the model shape its checkpoint holds: DCP reads just the tensors the
-    new model asks for, so a re-run with fewer layers would continue from part of the old model."""
-    stored = json.loads((directory / MODEL_FILE).read_text()) if (directory / MODEL_FILE).is_file() else None
-    if stored is None:
-        return
-    wanted = config.to_dict()
-    for key, value in stored.items():
-        if key not in RUN_CHOICES and key in wanted and wanted[key] != value:
-            raise ConfigError(
-                f"{directory.parent}: the run resumes from {directory.name}, a model with {key} {value}, but this "
-                f"run's model has {key} {wanted[key]}; re-run with the same model, or start a new run under "
-                "another run.name"
-            )
+def check_resume_shape(directory: Path, config: GPTConfig, n_labels: int | None = None) -> None:
+    """A run resumes only into the model its checkpoint holds, checked on the driver: DCP reads just
+    the tensors the new model asks for, so a re-run with fewer layers would continue from part of the
+    old model, and a classifier of another label count would fail on a worker.
+
+    `n_labels`: the classifier head's outputs when the run fine-tunes a classifier.
+    """
+    def refuse(what: str, now: str) -> None:
+        raise ConfigError(f"{directory.parent}: the run resumes from {directory.name}, {what}, but this run's "
+                          f"{now}; re-run with the same model and task, or start a new run under another run.name")
+
+    if (directory / MODEL_FILE).is_file():
+        stored, wanted = json.loads((directory / MODEL_FILE).read_text()), config.to_dict()
+        for key, value in stored.items():
+            if key not in RUN_CHOICES and key in wanted and wanted[key] != value:
+                refuse(f"a model with {key} {value}", f"model has {key} {wanted[key]}")
+    if n_labels is not None:
+        head = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata.get("model.head.weight")
+        if head is None:
+            refuse("a checkpoint without a classification head", f"task is a classifier of {n_labels} labels")
+        if head.size[0] != n_labels:
+            refuse(f"a classifier of {head.size[0]} labels", f"task has {n_labels}")
 
 
 def load_sharded(directory: Path, parts: list, optimizers: list, rank: int) -> TrainerState:

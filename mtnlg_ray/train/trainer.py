@@ -213,8 +213,9 @@ def run_training(
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = latest_checkpoint(run_dir)
-    if resume is not None:
-        check_resume_shape(resume, model_config)  # the workers resume from this same checkpoint
+    if resume is not None:  # the workers resume from this same checkpoint
+        labels = cfg.task.labels if task == "classification" else None
+        check_resume_shape(resume, model_config, len(labels) if labels else None)
     metrics_file = run_dir / "metrics.jsonl"
     if resume is None:
         if metrics_file.exists():
