@@ -178,6 +178,17 @@ def _weights_file(path: Path) -> Path:
     return weights
 
 
+def stored_shapes(path: str | Path) -> tuple[Path, dict[str, tuple[int, ...]]]:
+    """The checkpoint's weights file and each tensor's shape in it, from the safetensors header alone
+    (no tensor is read); one line when the file is missing or unreadable."""
+    weights = _weights_file(Path(path))
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return weights, {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({exc})") from None
+
+
 def check_checkpoint(path: str | Path, classifier: bool = False) -> dict:
     """What loading the checkpoint would refuse, found from config.json and the safetensors header
     alone (no tensor is read): the driver calls it before Ray workers or actors load the weights,
@@ -190,12 +201,7 @@ def check_checkpoint(path: str | Path, classifier: bool = False) -> dict:
     path = Path(path)
     body = read_checkpoint_config(path)
     config = _model_config(path, body)
-    weights = _weights_file(path)
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({exc})") from None
+    weights, shapes = stored_shapes(path)
     expected = expected_shapes(config)
     if classifier:
         n = len(classification_task(body, path / CONFIG)["labels"])

@@ -529,9 +529,8 @@ APP_NAME = "mtnlg"  # the Serve application `mtnlg-ray serve` deploys
 
 def serve_model(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
     """Deploy on the connected Ray cluster (or a local one) and return the base URL once replicas are up."""
-    from mtnlg_ray.runtime import ensure_ray
-
     from mtnlg_ray.checkpoint import check_checkpoint, tokenizer_path
+    from mtnlg_ray.runtime import ensure_ray
 
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.json").is_file():

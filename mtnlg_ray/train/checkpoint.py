@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from safetensors import safe_open
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -24,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from mtnlg_ray.checkpoint import stored_shapes
 from mtnlg_ray.errors import CheckpointError, ConfigError
 from mtnlg_ray.model.gpt import GPTConfig
 
@@ -193,11 +193,7 @@ def load_consolidated_slices(model, checkpoint_dir: Path, names: set[str]) -> se
     A collective: every rank calls it. A parameter the file lacks is left for the caller to
     initialise; one the file has in another shape is one clear line.
     """
-    weights = Path(checkpoint_dir) / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: missing")
-    with safe_open(str(weights), framework="pt") as handle:
-        stored = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    weights, stored = stored_shapes(checkpoint_dir)
     state = get_model_state_dict(model)
     wanted: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
