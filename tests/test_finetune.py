@@ -558,12 +558,42 @@ def test_evaluate_scores_an_ngram_teacher_as_self_training_did(ngram_self_traine
     assert scores["swapped"]["accuracy"] == 0.0
 
 
-def test_an_ngram_teacher_and_a_given_teacher_are_one_line_error(ngram_self_trained, tokenizer_dir):
-    work, _ = ngram_self_trained
-    result = run_cli(
-        "self-train", "--set", f"tokenizer.path={tokenizer_dir}", "--set", f"data.train={work / 'labelled.tsv'}",
-        "--set", "data.text_field=sentence", "--set", f"selftrain.unlabelled={work / 'pool.tsv'}",
-        "--set", "selftrain.ngram_teacher=true", "--set", f"selftrain.teacher={work / 'runs' / 'ngram' / 'round1' / 'final'}",
-        "--set", f"run.storage_path={work / 'runs'}", "--set", "run.name=both",
-    )
-    assert_one_line_error(result, "selftrain.ngram_teacher", "not both")
+def test_a_given_teacher_beside_the_ngram_teacher_labels_by_the_mean_of_their_probabilities(ngram_self_trained,
+                                                                                           tokenizer_dir):
+    """Both `selftrain.teacher` and `selftrain.ngram_teacher`: round 0 is a mixture folder whose
+    probabilities are the mean of the n-gram classifier's and the given GPT's; self-training labels
+    the pool with it, and `evaluate` reads it as it reads any classifier."""
+
+    from mtnlg_ray.data.label import ClassifierLabeler, write_classifier_mix
+    from mtnlg_ray.errors import CheckpointError
+    from mtnlg_ray.finetune.data import read_classification
+
+    base, _ = ngram_self_trained
+    gpt = base / "runs" / "ngram" / "round1" / "final"  # the earlier run's GPT student, as a given teacher
+    (base / "mixed").mkdir(exist_ok=True)
+    work, _ = run_self_training(base / "mixed", tokenizer_dir, "mixed", f"selftrain.teacher={gpt}",
+                                "selftrain.ngram_teacher=true", "selftrain.per_class_top_k=60", "train.epochs=1")
+    root = work / "runs" / "mixed"
+    report = json.loads((root / "self_train_report.json").read_text())
+    teacher, student = report["rounds"]
+    assert teacher["checkpoint"] == str(root / "round0" / "mix")
+    assert student["kept_per_class"] == {"neg": 60, "pos": 60} and student["pseudo_label_accuracy"] == 1.0
+
+    dev = read_classification(work / "dev.tsv", "sentence", "label")
+    mixed, ngram, given = (ClassifierLabeler(path, device="cpu")
+                           for path in (root / "round0" / "mix", root / "round0" / "ngram", gpt))
+    p_ngram, p_given = ngram.probabilities(dev.texts), given.probabilities(dev.texts)
+    assert np.abs(p_ngram - p_given).max() > 1e-3  # two different classifiers, so the mean is not either
+    np.testing.assert_allclose(mixed.probabilities(dev.texts), (p_ngram + p_given) / 2, rtol=0, atol=1e-12)
+    labels, confidence = mixed.predict(dev.texts)
+    np.testing.assert_allclose(confidence, ((p_ngram + p_given) / 2).max(axis=1), rtol=0, atol=1e-12)
+
+    scored = run_cli("evaluate", "--checkpoint", str(root / "round0" / "mix"), "--data", str(work / "dev.tsv"),
+                     "--task", "classification", "--text-field", "sentence", "--json")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    expected = sum(x == y for x, y in zip(labels, dev.labels)) / len(dev.labels)
+    assert json.loads(scored.stdout)["accuracy"] == teacher["dev_accuracy"] == expected
+
+    write_classifier_mix([root / "round0" / "ngram"], ["pos", "neg"], work / "reordered")
+    with pytest.raises(CheckpointError, match="classifies"):
+        ClassifierLabeler(work / "reordered", device="cpu")

@@ -8,16 +8,17 @@
 # every train sentence as plain text, weighted SST_WEIGHT times (default 3), beside the IMDb reviews in
 # SST-2's spelling (imdb_text.py); then, for seeds 0, 1 and 2: (a) fine-tune from random weights,
 # (b) fine-tune from the pretrained model with 10 % of each text's tokens dropped (TOKEN_DROPOUT),
-# (c) self-train from the pretrained model with a bag-of-n-grams teacher fit on the labels. Each
+# (c) self-train from the pretrained model; its teacher is the mean of a bag-of-n-grams classifier
+# fit on the labels and (b)'s classifier (MIX_TEACHER=0: the n-gram classifier alone). Each
 # row's classifier is copied to OUT/checkpoints/{random,pretrained,selftrained}-seedN/, each step's
 # wall time goes to OUT/timings.tsv, and report.py scores them all beside TF-IDF + logistic
-# regression on the same labels into OUT/results.md. 81 minutes on 2 CPU cores when last measured
-# whole (pretraining 58 of them; BENCHMARKS.md, 2026-12-05, later).
+# regression on the same labels into OUT/results.md. About 85 minutes on 2 CPU cores (pretraining 58
+# of them; BENCHMARKS.md, 2026-12-05, later).
 #
 # Smaller runs for trying the script: PRETRAIN_STEPS=20 SEEDS=0 ROUNDS=1 bash examples/sst2/run.sh ...
 # VOCAB=N sets the BPE vocabulary the text is tokenized with (default 8192).
 # IMDB=0 pretrains on the SST-2 sentences alone (the recipe before 2026-12-05: with PRETRAIN_STEPS=1600
-# and TOKEN_DROPOUT=0, pretrained fine-tune 0.688 where the default gives 0.734; BENCHMARKS.md).
+# TOKEN_DROPOUT=0 and MIX_TEACHER=0: pretrained fine-tune 0.688 where the default gives 0.734; BENCHMARKS.md).
 set -euo pipefail
 sst2=${1:?usage: run.sh SST2_DIR OUT (SST2_DIR holds train.tsv and dev.tsv)}
 out=${2:?usage: run.sh SST2_DIR OUT}
@@ -29,6 +30,7 @@ vocab=${VOCAB:-8192}
 imdb=${IMDB:-1}
 sst_weight=${SST_WEIGHT:-3}
 token_dropout=${TOKEN_DROPOUT:-0.1}
+mix_teacher=${MIX_TEACHER:-1}
 mkdir -p "$out/checkpoints"
 out=$(cd "$out" && pwd)
 runs="$out/runs"
@@ -71,9 +73,11 @@ for seed in $seeds; do
   timed "fine-tune pretrained seed $seed" mtnlg-ray finetune "${common[@]}" --set run.name="pretrained-seed$seed" \
     --set init.checkpoint="$runs/pretrain" --set task.token_dropout="$token_dropout"
   keep "$runs/pretrained-seed$seed/final" "pretrained-seed$seed"
+  mixed=()  # round 0 labels with the mean of the n-gram classifier and (b)'s classifier
+  [[ $mix_teacher == 1 ]] && mixed=(--set selftrain.teacher="$out/checkpoints/pretrained-seed$seed")
   timed "self-train seed $seed, rounds: $rounds" mtnlg-ray self-train --config "$here/selftrain.yaml" \
     --set data.train="$out/labelled.tsv" --set data.dev="$out/dev.tsv" --set init.checkpoint="$runs/pretrain" \
-    --set selftrain.unlabelled="$out/pool.tsv" \
+    --set selftrain.unlabelled="$out/pool.tsv" "${mixed[@]}" \
     --set selftrain.rounds="$rounds" --set train.seed="$seed" \
     --set run.storage_path="$runs" --set run.name="selftrained-seed$seed"
   keep "$runs/selftrained-seed$seed/round$rounds/final" "selftrained-seed$seed"

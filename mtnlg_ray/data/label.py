@@ -158,7 +158,8 @@ class ClassifierLabeler:
     Text is encoded as fine-tuning encodes it (`classification_input`: the first seq_len - 1
     tokens, then EOS). `filter_labelled` turns predictions under `label.threshold` into nulls.
     An n-gram classifier folder (`mtnlg_ray/finetune/ngram.py`, self-training's bag-of-words
-    teacher) is labelled with the same columns.
+    teacher) is labelled with the same columns, and so is a mixture folder (`mix.json`, written by
+    `write_classifier_mix`): the mean of its member classifiers' probabilities.
     """
 
     columns = ("label", "confidence")
@@ -173,6 +174,15 @@ class ClassifierLabeler:
         threads: int | None = None,
     ) -> None:
         self.text_field = text_field
+        self.members: list[ClassifierLabeler] = []
+        if is_classifier_mix(checkpoint):
+            members, self.labels = read_classifier_mix(checkpoint)
+            self.members = [ClassifierLabeler(m, text_field, device, max_batch_tokens, threads) for m in members]
+            for member, path in zip(self.members, members):
+                if member.labels != self.labels:
+                    raise CheckpointError(f"{checkpoint}: member {path} classifies {member.labels}, "
+                                          f"the mixture {self.labels}")
+            return
         self.ngram = NgramClassifier.load(checkpoint) if is_ngram_classifier(checkpoint) else None
         if self.ngram is not None:
             self.labels = self.ngram.labels
@@ -191,6 +201,10 @@ class ClassifierLabeler:
 
     @staticmethod
     def check(checkpoint: str | Path) -> None:
+        if is_classifier_mix(checkpoint):
+            for member in read_classifier_mix(checkpoint)[0]:
+                ClassifierLabeler.check(member)
+            return
         if is_ngram_classifier(checkpoint):
             NgramClassifier.load(checkpoint)
             return
@@ -198,29 +212,70 @@ class ClassifierLabeler:
         tokenizer_path(checkpoint)
 
     @torch.inference_mode()
-    def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+    def probabilities(self, texts: list[str]) -> np.ndarray:
+        """P(label) of each text, [texts, labels] in `self.labels`' order."""
+        if self.members:
+            return np.mean([member.probabilities(texts) for member in self.members], axis=0)
         if self.ngram is not None:
-            return self.ngram.predict(texts)
+            return self.ngram.predict_proba(texts)
         seq_len = self.model.backbone.config.seq_len
         rows = [
             classification_input(enc.ids, self.eos, seq_len)
             for enc in self.tokenizer.encode_batch(texts, add_special_tokens=False)
         ]
-        best = np.zeros(len(texts), dtype=np.int64)
-        confidence = np.zeros(len(texts))
+        probs = np.zeros((len(texts), len(self.labels)))
         for group in _length_batches([len(r) for r in rows], self.max_batch_tokens):
             idx = pad_right([rows[i] for i in group], 0).to(self.device)
             lengths = torch.tensor([len(rows[i]) for i in group], device=self.device)
-            probs = torch.softmax(self.model(idx, lengths).float(), dim=-1)
-            top, arg = probs.max(dim=-1)
-            best[group] = arg.cpu().numpy()
-            confidence[group] = top.double().cpu().numpy()
-        return [self.labels[i] for i in best], confidence
+            probs[group] = torch.softmax(self.model(idx, lengths).float(), dim=-1).double().cpu().numpy()
+        return probs
+
+    def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
+        probs = self.probabilities(texts)
+        return [self.labels[i] for i in probs.argmax(axis=1)], probs.max(axis=1)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         labels, confidence = self.predict(_texts(batch, self.text_field))
         batch = _with_column(batch, "label", pa.array(labels, pa.string()))
         return _with_column(batch, "confidence", pa.array(confidence, pa.float64()))
+
+
+MIX = "mix.json"
+MIX_FORMAT = "mtnlg-ray/classifier-mix/v1"
+
+
+def is_classifier_mix(path: str | Path) -> bool:
+    return (Path(path) / MIX).is_file()
+
+
+def read_classifier_mix(path: str | Path) -> tuple[list[Path], list[str]]:
+    """The member classifiers (absolute paths) and labels of a mixture folder."""
+    import json
+
+    meta_file = Path(path) / MIX
+    try:
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format") != MIX_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {MIX_FORMAT!r}")
+        members, labels = [Path(m) for m in meta["members"]], [str(x) for x in meta["labels"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{meta_file}: not a classifier mixture ({err})") from None
+    if not members:
+        raise CheckpointError(f"{meta_file}: a classifier mixture needs at least one member")
+    return members, labels
+
+
+def write_classifier_mix(members: list[str | Path], labels: list[str], output: str | Path) -> Path:
+    """A folder that classifies by the mean of `members`' probabilities; every labeller reads it."""
+    import json
+
+    from mtnlg_ray.publish import publish_file
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    meta = {"format": MIX_FORMAT, "members": [str(Path(m).resolve()) for m in members], "labels": list(labels)}
+    publish_file(output / MIX, json.dumps(meta, indent=2) + "\n")
+    return output
 
 
 LABELERS = {"quality": QualityLabeler, "perplexity": PerplexityLabeler, "classifier": ClassifierLabeler}

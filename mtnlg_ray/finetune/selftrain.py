@@ -114,8 +114,6 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         raise ConfigError(f"task.kind: self-training labels a pool with a classifier; got {cfg.task.kind}")
     if not cfg.selftrain.unlabelled:
         raise ConfigError("selftrain.unlabelled: set it to the unlabelled pool (TSV / CSV / JSONL / Parquet)")
-    if cfg.selftrain.teacher and cfg.selftrain.ngram_teacher:
-        raise ConfigError("selftrain.ngram_teacher: set it or selftrain.teacher, not both (each is round 0's teacher)")
     checked, _, _, _ = prepare_finetune(cfg)  # every file and the start checkpoint, before any training
     cfg = checked.model_copy(update={"train": cfg.train})  # each round sizes its own default schedule
     unlabelled = Path(cfg.selftrain.unlabelled)  # absolute now, as every path field of `checked`
@@ -134,7 +132,9 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
 
     started = time.perf_counter()
     emit(event="round", round=0, role="teacher", train=len(labelled.rows))
-    if cfg.selftrain.teacher:
+    if cfg.selftrain.teacher and cfg.selftrain.ngram_teacher:
+        result = _mixed_teacher(cfg, labelled, labels, root / "round0")
+    elif cfg.selftrain.teacher:
         result = _given_teacher(cfg, labels)
     elif cfg.selftrain.ngram_teacher:
         result = _ngram_teacher(cfg, labelled, labels, root / "round0" / "ngram")
@@ -221,6 +221,20 @@ def _ngram_teacher(cfg: Config, labelled, labels: list[str], out: Path) -> dict:
         dev = model.metrics["dev"] = classifier_metrics(model, rows, out)
     model.save(out)
     return {"final": str(out), "dev": dev}
+
+
+def _mixed_teacher(cfg: Config, labelled, labels: list[str], out: Path) -> dict:
+    """Both `selftrain.teacher` and `selftrain.ngram_teacher`: round 0 fits the n-gram classifier and
+    labels with the mean of its and the given teacher's probabilities (`round0/mix`, scored on dev)."""
+    from mtnlg_ray.data.label import write_classifier_mix
+    from mtnlg_ray.finetune.evaluate import evaluate_classification
+
+    ngram = _ngram_teacher(cfg, labelled, labels, out / "ngram")
+    mix = write_classifier_mix([ngram["final"], cfg.selftrain.teacher], labels, out / "mix")
+    dev = None
+    if cfg.data.dev:
+        dev = evaluate_classification(mix, Path(cfg.data.dev), cfg.data.text_field, cfg.data.label_field)
+    return {"final": str(mix), "dev": dev}
 
 
 def _round_entry(number: int, result: dict, train_size: int, labelled_pool: int, kept: dict,
