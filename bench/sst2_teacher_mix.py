@@ -17,28 +17,22 @@ from pathlib import Path
 import numpy as np
 
 
-def gpt_probabilities(labeler, texts: list[str], labels: list[str]) -> np.ndarray:
-    """Class probabilities of a binary classifier from its (label, confidence) predictions."""
-    predicted, confidence = labeler.predict(texts)
-    probs = np.zeros((len(texts), 2))
-    for i, (label, p) in enumerate(zip(predicted, confidence)):
-        j = labels.index(label)
-        probs[i, j], probs[i, 1 - j] = p, 1.0 - p
-    return probs
+def kept_accuracy(probs: np.ndarray, gold: np.ndarray, labels: list[str], top_k: int, threshold: float) -> float:
+    """How many of the predictions self-training would keep (`select_pseudo_labels`) are right."""
+    from mtnlg_ray.finetune.selftrain import select_pseudo_labels
 
-
-def top_k_accuracy(probs: np.ndarray, gold: np.ndarray, k: int) -> float:
-    predicted, confidence = probs.argmax(1), probs.max(1)
-    kept = np.concatenate([np.flatnonzero(predicted == c)[np.argsort(-confidence[predicted == c])][:k]
-                           for c in range(probs.shape[1])])
-    return float((predicted[kept] == gold[kept]).mean())
+    rows = [{"pool_index": i, "label": labels[j], "confidence": float(p[j])}
+            for i, (j, p) in enumerate(zip(probs.argmax(axis=1), probs))]
+    kept = select_pseudo_labels(rows, labels, threshold, top_k)
+    return sum(labels[gold[r["pool_index"]]] == r["label"] for r in kept) / len(kept)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--top-k", type=int, default=6000)
+    parser.add_argument("--top-k", type=int, default=6000, help="selftrain.per_class_top_k")
+    parser.add_argument("--threshold", type=float, default=0.5, help="selftrain.threshold")
     args = parser.parse_args()
 
     from mtnlg_ray.data.label import ClassifierLabeler
@@ -55,12 +49,13 @@ def main() -> None:
         row = {"seed": seed}
         for split, rows in (("dev", dev), ("pool", pool)):
             gold = np.array([labels.index(y) for y in rows.labels])
-            p_ngram, p_gpt = ngram.predict_proba(rows.texts), gpt_probabilities(gpt, rows.texts, labels)
+            p_ngram = ngram.predict_proba(rows.texts)
+            p_gpt = gpt.probabilities(rows.texts)[:, [gpt.labels.index(x) for x in labels]]
             for name, probs in (("ngram", p_ngram), ("gpt", p_gpt), ("mean", (p_ngram + p_gpt) / 2)):
                 if split == "dev":
                     row[f"dev_{name}"] = float((probs.argmax(1) == gold).mean())
                 else:
-                    row[f"pseudo_{name}"] = top_k_accuracy(probs, gold, args.top_k)
+                    row[f"pseudo_{name}"] = kept_accuracy(probs, gold, labels, args.top_k, args.threshold)
         print(json.dumps(row), flush=True)
         results.append(row)
     for key in results[0]:

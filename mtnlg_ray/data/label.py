@@ -10,6 +10,7 @@ rejected documents. Sits between dedup and packing in the data pipeline.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,7 @@ from mtnlg_ray.data.read import rejected_schema
 from mtnlg_ray.errors import CheckpointError, ConfigError
 from mtnlg_ray.finetune.ngram import NgramClassifier, is_ngram_classifier
 from mtnlg_ray.model.classifier import classification_input, pad_right
+from mtnlg_ray.publish import publish_file
 from mtnlg_ray.runtime import default_device
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
 
@@ -250,8 +252,6 @@ def is_classifier_mix(path: str | Path) -> bool:
 
 def read_classifier_mix(path: str | Path) -> tuple[list[Path], list[str]]:
     """The member classifiers (absolute paths) and labels of a mixture folder."""
-    import json
-
     meta_file = Path(path) / MIX
     try:
         meta = json.loads(meta_file.read_text())
@@ -267,10 +267,6 @@ def read_classifier_mix(path: str | Path) -> tuple[list[Path], list[str]]:
 
 def write_classifier_mix(members: list[str | Path], labels: list[str], output: str | Path) -> Path:
     """A folder that classifies by the mean of `members`' probabilities; every labeller reads it."""
-    import json
-
-    from mtnlg_ray.publish import publish_file
-
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     meta = {"format": MIX_FORMAT, "members": [str(Path(m).resolve()) for m in members], "labels": list(labels)}
