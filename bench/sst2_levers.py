@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--pooling", choices=("mean", "max", "mean+max"), default="mean")
     parser.add_argument("--channel", default=None, metavar="WORDS", help="comma-separated, one word per label")
     parser.add_argument("--echo", action="store_true", help="read each text twice, pool over the second copy")
+    parser.add_argument("--ema", type=float, default=0.0,
+                        help="score an exponential moving average of the weights with this per-step decay")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.lm_weight > 0 and (args.pooling != "mean" or args.channel):
@@ -147,8 +149,23 @@ def run(args: argparse.Namespace) -> dict:
     # Fine-tuning's schedule counted in steps: each group's peak times this factor.
     schedule = TrainSection(lr=1.0, min_lr_ratio=0.1, warmup_tokens=max(1, int(0.05 * total)), decay_tokens=total)
 
+    averaged = [p.detach().clone() for p in model.parameters()] if args.ema else None
+
+    def swap_average() -> None:  # the averaged weights in, the trained ones out (and back on the next call)
+        for p, a in zip(model.parameters(), averaged):
+            p.data, a.data = a.data, p.data
+
     @torch.no_grad()
     def accuracy() -> float:
+        if averaged is not None:
+            swap_average()
+            try:
+                return score()
+            finally:
+                swap_average()
+        return score()
+
+    def score() -> float:
         model.eval()
         predicted = []
         for i in range(0, len(dev_rows), 128):
@@ -185,6 +202,8 @@ def run(args: argparse.Namespace) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            if averaged is not None:
+                torch._foreach_lerp_(averaged, [p.detach() for p in model.parameters()], 1.0 - args.ema)
             step += 1
         history.append(round(accuracy(), 4))
         best, stale = (history[-1], 0) if history[-1] > best else (best, stale + 1)
