@@ -380,6 +380,10 @@ class SelfTrainSection(Section):
     # With `teacher` set too, round 0 labels with the mean of both classifiers' probabilities
     # (SST-2, IMDb-pretrained fine-tune as `teacher`: 92.2 % of the kept 12,000 right against 90.0 %).
     ngram_teacher: bool = False
+    # With `ngram_teacher`: the n-gram classifier stays in every later round's teacher too, which then
+    # labels with the mean of its and the previous round's student's probabilities (a student alone
+    # as teacher makes the errors it learned; SST-2, round 2: 0.77 against the round-1 student's 0.75).
+    ngram_every_round: bool = False
 
 
 class Config(Section):

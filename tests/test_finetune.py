@@ -597,3 +597,48 @@ def test_a_given_teacher_beside_the_ngram_teacher_labels_by_the_mean_of_their_pr
     write_classifier_mix([root / "round0" / "ngram"], ["pos", "neg"], work / "reordered")
     with pytest.raises(CheckpointError, match="classifies"):
         ClassifierLabeler(work / "reordered", device="cpu")
+
+
+def test_ngram_every_round_keeps_the_ngram_classifier_in_every_later_teacher(ngram_self_trained, tokenizer_dir):
+    """`selftrain.ngram_every_round`: round 2 labels the pool with the mean of the n-gram classifier's
+    and the round-1 student's probabilities (`round2/teacher`), not with the student alone, and the
+    run's final checkpoint is still the last student."""
+    from mtnlg_ray.data.label import ClassifierLabeler, read_classifier_mix
+    from mtnlg_ray.finetune.selftrain import _pseudo_labels
+
+    base, _ = ngram_self_trained
+    (base / "every").mkdir(exist_ok=True)
+    work, result = run_self_training(base / "every", tokenizer_dir, "every", "selftrain.ngram_teacher=true",
+                                     "selftrain.ngram_every_round=true", "selftrain.rounds=2",
+                                     "selftrain.per_class_top_k=60", "train.epochs=1")
+    root = work / "runs" / "every"
+    report = json.loads((root / "self_train_report.json").read_text())
+    ngram_round, first, second = report["rounds"]
+    assert ngram_round["checkpoint"] == str(root / "round0" / "ngram")
+    assert first["next_teacher"] == str(root / "round2" / "teacher") and "next_teacher" not in second
+    members, labels = read_classifier_mix(root / "round2" / "teacher")
+    assert members == [(root / "round0" / "ngram").resolve(), (root / "round1" / "final").resolve()]
+    assert labels == report["labels"]
+    assert report["final"] == str(root / "round2" / "final")
+    assert "round 2: teacher = the n-gram classifier + the last student" in result.stderr  # progress
+
+    # Round 2's pseudo-labels carry the mixture's confidences, which the student alone does not give.
+    rows = _pseudo_labels(root / "round2" / "pseudo" / "docs")
+    texts = [r["text"] for r in rows]
+    mixed, student = (ClassifierLabeler(path, device="cpu") for path in (root / "round2" / "teacher",
+                                                                        root / "round1" / "final"))
+    _, mixed_confidence = mixed.predict(texts)
+    _, student_confidence = student.predict(texts)
+    np.testing.assert_allclose([r["confidence"] for r in rows], mixed_confidence, rtol=0, atol=1e-5)
+    assert np.abs(np.asarray(student_confidence) - np.asarray(mixed_confidence)).max() > 1e-2
+    scored = run_cli("evaluate", "--checkpoint", str(root / "round2" / "teacher"), "--data", str(work / "dev.tsv"),
+                     "--task", "classification", "--text-field", "sentence", "--json")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert json.loads(scored.stdout)["accuracy"] == first["next_teacher_dev_accuracy"]
+
+
+def test_ngram_every_round_without_the_ngram_teacher_is_one_line_error(tmp_path):
+    result = run_cli("self-train", "--set", f"data.train={tmp_path / 'missing.tsv'}",
+                     "--set", f"selftrain.unlabelled={tmp_path / 'pool.tsv'}",
+                     "--set", "selftrain.ngram_every_round=true")
+    assert_one_line_error(result, "selftrain.ngram_every_round")

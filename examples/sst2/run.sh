@@ -8,13 +8,16 @@
 # every train sentence as plain text, weighted SST_WEIGHT times (default 3), beside the IMDb reviews in
 # SST-2's spelling (imdb_text.py); then, for seeds 0, 1 and 2: (a) fine-tune from random weights,
 # (b) fine-tune from the pretrained model with 10 % of each text's tokens dropped (TOKEN_DROPOUT),
-# (c) self-train from the pretrained model; its teacher is the mean of a bag-of-n-grams classifier
-# fit on the labels and (b)'s classifier (MIX_TEACHER=0: the n-gram classifier alone). Each
-# row's classifier is copied to OUT/checkpoints/{random,pretrained,selftrained}-seedN/, each step's
-# wall time goes to OUT/timings.tsv, and report.py scores them all beside TF-IDF + logistic
-# regression on the same labels into OUT/results.md. About 85 minutes on 2 CPU cores (pretraining 58
-# of them; BENCHMARKS.md, 2026-12-05, later).
+# (c) self-train from the pretrained model for ROUNDS rounds (default 2); round 1's teacher is the mean
+# of a bag-of-n-grams classifier fit on the labels and (b)'s classifier, round 2's the mean of the same
+# n-gram classifier and round 1's GPT student (MIX_TEACHER=0: the n-gram classifier alone in round 1,
+# the student alone after). Each row's classifier is copied to OUT/checkpoints/{random,pretrained,
+# selftrained}-seedN/, each step's wall time goes to OUT/timings.tsv, and report.py scores them all
+# beside TF-IDF + logistic regression on the same labels into OUT/results.md. About 90 minutes on 2
+# CPU cores, 58 of them pretraining (BENCHMARKS.md, 2026-12-05, evening).
 #
+# FROM=EARLIER_OUT reuses an earlier run's split, prepared data and pretrained model (and copies those
+# steps' times into timings.tsv), to try fine-tuning and self-training settings without pretraining again.
 # Smaller runs for trying the script: PRETRAIN_STEPS=20 SEEDS=0 ROUNDS=1 bash examples/sst2/run.sh ...
 # VOCAB=N sets the BPE vocabulary the text is tokenized with (default 8192).
 # IMDB=0 pretrains on the SST-2 sentences alone (the recipe before 2026-12-05: with PRETRAIN_STEPS=1600
@@ -25,12 +28,13 @@ out=${2:?usage: run.sh SST2_DIR OUT}
 here=$(cd "$(dirname "$0")" && pwd)
 steps=${PRETRAIN_STEPS:-3600}
 seeds=${SEEDS:-0 1 2}
-rounds=${ROUNDS:-1}
+rounds=${ROUNDS:-2}
 vocab=${VOCAB:-8192}
 imdb=${IMDB:-1}
 sst_weight=${SST_WEIGHT:-3}
 token_dropout=${TOKEN_DROPOUT:-0.1}
 mix_teacher=${MIX_TEACHER:-1}
+from=${FROM:-}
 mkdir -p "$out/checkpoints"
 out=$(cd "$out" && pwd)
 runs="$out/runs"
@@ -49,20 +53,30 @@ keep() {  # keep RUN_FINAL NAME: the consolidated classifier as OUT/checkpoints/
   cp -r "$1" "$out/checkpoints/$2"
 }
 
-timed "split 1,000 labelled / pool" python "$here/make_splits.py" --sst2 "$sst2" --out "$out"
-inputs=("$out/pretrain.jsonl")
-blend=()
-if [[ $imdb == 1 ]]; then
-  timed "IMDb reviews in SST-2's spelling" python "$here/imdb_text.py" --dev "$out/dev.tsv" --out "$out/imdb.jsonl"
-  inputs+=("$out/imdb.jsonl")
-  blend=(--set "read.weights={'$out/pretrain.jsonl': $sst_weight}")
+if [[ -n $from ]]; then  # an earlier run's split, data and pretrained model; its times for those steps
+  from=$(cd "$from" && pwd)
+  [[ -d $from/runs/pretrain/final ]] || { echo "error: FROM=$from: no runs/pretrain/final there" >&2; exit 2; }
+  cp "$from"/{labelled,dev,pool}.tsv "$out/"
+  ln -sfn "$from/pretrain_data" "$out/pretrain_data"
+  mkdir -p "$runs" && ln -sfn "$from/runs/pretrain" "$runs/pretrain"
+  awk -F'\t' -v from="$from" 'NR > 1 && $1 !~ /^(fine-tune|self-train)/ { printf "%s (FROM %s)\t%s\n", $1, from, $2 }' \
+    "$from/timings.tsv" >> "$out/timings.tsv"
+else
+  timed "split 1,000 labelled / pool" python "$here/make_splits.py" --sst2 "$sst2" --out "$out"
+  inputs=("$out/pretrain.jsonl")
+  blend=()
+  if [[ $imdb == 1 ]]; then
+    timed "IMDb reviews in SST-2's spelling" python "$here/imdb_text.py" --dev "$out/dev.tsv" --out "$out/imdb.jsonl"
+    inputs+=("$out/imdb.jsonl")
+    blend=(--set "read.weights={'$out/pretrain.jsonl': $sst_weight}")
+  fi
+  timed "data prepare" mtnlg-ray data prepare "${inputs[@]}" --output "$out/pretrain_data" "${blend[@]}" \
+    --set clean.enabled=false --set dedup.fuzzy=false --set tokenizer.vocab_size="$vocab" \
+    --set pack.seq_len=128 --set pack.val_fraction=0.02
+  timed "pretrain ($steps steps)" mtnlg-ray pretrain --config "$here/pretrain.yaml" \
+    --set data.path="$out/pretrain_data" --set train.max_steps="$steps" --set train.decay_tokens=$((steps * 32 * 128)) \
+    --set run.storage_path="$runs" --set run.name=pretrain
 fi
-timed "data prepare" mtnlg-ray data prepare "${inputs[@]}" --output "$out/pretrain_data" "${blend[@]}" \
-  --set clean.enabled=false --set dedup.fuzzy=false --set tokenizer.vocab_size="$vocab" \
-  --set pack.seq_len=128 --set pack.val_fraction=0.02
-timed "pretrain ($steps steps)" mtnlg-ray pretrain --config "$here/pretrain.yaml" \
-  --set data.path="$out/pretrain_data" --set train.max_steps="$steps" --set train.decay_tokens=$((steps * 32 * 128)) \
-  --set run.storage_path="$runs" --set run.name=pretrain
 
 for seed in $seeds; do
   common=(--config "$here/finetune.yaml" --set data.train="$out/labelled.tsv" --set data.dev="$out/dev.tsv"
@@ -73,8 +87,9 @@ for seed in $seeds; do
   timed "fine-tune pretrained seed $seed" mtnlg-ray finetune "${common[@]}" --set run.name="pretrained-seed$seed" \
     --set init.checkpoint="$runs/pretrain" --set task.token_dropout="$token_dropout"
   keep "$runs/pretrained-seed$seed/final" "pretrained-seed$seed"
-  mixed=()  # round 0 labels with the mean of the n-gram classifier and (b)'s classifier
-  [[ $mix_teacher == 1 ]] && mixed=(--set selftrain.teacher="$out/checkpoints/pretrained-seed$seed")
+  mixed=()  # each round labels with the mean of the n-gram classifier and (b)'s classifier / the last student
+  [[ $mix_teacher == 1 ]] && mixed=(--set selftrain.teacher="$out/checkpoints/pretrained-seed$seed"
+                                    --set selftrain.ngram_every_round=true)
   timed "self-train seed $seed, rounds: $rounds" mtnlg-ray self-train --config "$here/selftrain.yaml" \
     --set data.train="$out/labelled.tsv" --set data.dev="$out/dev.tsv" --set init.checkpoint="$runs/pretrain" \
     --set selftrain.unlabelled="$out/pool.tsv" "${mixed[@]}" \

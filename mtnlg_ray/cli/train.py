@@ -213,6 +213,10 @@ def self_train(
         if event["event"] == "round":
             kept = f", pseudo-labels kept {event['kept']}" if event.get("kept") else ""
             console.print(f"[bold]round {event['round']}[/bold]: {event['role']} on {event['train']:,} examples{kept}")
+        elif event["event"] == "teacher":
+            scored = f" (dev accuracy {event['dev_accuracy']:.4f})" if event.get("dev_accuracy") is not None else ""
+            console.print(f"[bold]round {event['round']}[/bold]: teacher = the n-gram classifier + the last "
+                          f"student{scored}")
         elif event["event"] == "label":
             console.print(f"[bold]round {event['round']}[/bold]: labelling {event['pool']:,} pool texts with the teacher")
 

@@ -5,7 +5,8 @@ with the corpus pipeline's `classifier` labeller on the Ray Data actor pool; pre
 confidence >= `selftrain.threshold` (optionally only the `per_class_top_k` most confident per class,
 optionally as soft labels) join the labelled set, and a student is fine-tuned on both from the same
 start checkpoint as the teacher, with input noise (`student_token_dropout`) so that it learns more
-than a copy of the teacher. The student becomes the next round's teacher. Everything each
+than a copy of the teacher. The student becomes the next round's teacher (with
+`ngram_every_round`, mixed with round 0's n-gram classifier: `roundN/teacher`). Everything each
 round did goes to `self_train_report.json` and `self_train.png` in the run directory.
 """
 
@@ -114,6 +115,9 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         raise ConfigError(f"task.kind: self-training labels a pool with a classifier; got {cfg.task.kind}")
     if not cfg.selftrain.unlabelled:
         raise ConfigError("selftrain.unlabelled: set it to the unlabelled pool (TSV / CSV / JSONL / Parquet)")
+    if cfg.selftrain.ngram_every_round and not cfg.selftrain.ngram_teacher:
+        raise ConfigError("selftrain.ngram_every_round keeps the n-gram classifier in every round's teacher: "
+                          "set selftrain.ngram_teacher=true too")
     checked, _, _, _ = prepare_finetune(cfg)  # every file and the start checkpoint, before any training
     cfg = checked.model_copy(update={"train": cfg.train})  # each round sizes its own default schedule
     unlabelled = Path(cfg.selftrain.unlabelled)  # absolute now, as every path field of `checked`
@@ -142,7 +146,7 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         result = finetune(_run_config(checked, f"{cfg.run.name}/round0", checked.data.train), on_record=on_record)
     report["rounds"].append(_round_entry(0, result, len(labelled.rows), 0, {}, None, started))
     emit(event="done", **report["rounds"][-1])
-    teacher = result["final"]
+    final = teacher = result["final"]
 
     for number in range(1, cfg.selftrain.rounds + 1):
         started = time.perf_counter()
@@ -168,9 +172,14 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         report["rounds"].append(_round_entry(number, result, len(labelled.rows) + len(pseudo), len(rows),
                                              {x: kept.get(x, 0) for x in labels}, accuracy, started))
         emit(event="done", **report["rounds"][-1])
-        teacher = result["final"]
+        final = teacher = result["final"]
+        if cfg.selftrain.ngram_every_round and number < cfg.selftrain.rounds:
+            teacher = _mix_with_ngram(root / "round0" / "ngram", final, labels, root / f"round{number + 1}" / "teacher")
+            dev = _dev_metrics(cfg, teacher)
+            report["rounds"][-1].update(next_teacher=teacher, next_teacher_dev_accuracy=dev and dev.get("accuracy"))
+            emit(event="teacher", round=number + 1, teacher=teacher, dev_accuracy=dev and dev.get("accuracy"))
 
-    report["final"] = teacher
+    report["final"] = final
     publish_file(root / "self_train_report.json", json.dumps(report, indent=2) + "\n")
     report["plot"] = str(plot_self_training(report, root / "self_train.png"))
     return report
@@ -197,14 +206,7 @@ def _check_teacher(cfg: Config, labels: list[str]) -> None:
 
 def _given_teacher(cfg: Config, labels: list[str]) -> dict:
     """`selftrain.teacher` as round 0, scored on the dev set."""
-    from mtnlg_ray.finetune.evaluate import evaluate_classification
-
-    teacher = Path(cfg.selftrain.teacher)
-    dev = None
-    if cfg.data.dev:
-        dev = evaluate_classification(teacher, Path(cfg.data.dev), cfg.data.text_field,
-                                      cfg.data.label_field)
-    return {"final": str(teacher), "dev": dev}
+    return {"final": str(cfg.selftrain.teacher), "dev": _dev_metrics(cfg, cfg.selftrain.teacher)}
 
 
 def _ngram_teacher(cfg: Config, labelled, labels: list[str], out: Path) -> dict:
@@ -226,15 +228,25 @@ def _ngram_teacher(cfg: Config, labelled, labels: list[str], out: Path) -> dict:
 def _mixed_teacher(cfg: Config, labelled, labels: list[str], out: Path) -> dict:
     """Both `selftrain.teacher` and `selftrain.ngram_teacher`: round 0 fits the n-gram classifier and
     labels with the mean of its and the given teacher's probabilities (`round0/mix`, scored on dev)."""
-    from mtnlg_ray.data.label import write_classifier_mix
+    ngram = _ngram_teacher(cfg, labelled, labels, out / "ngram")
+    mix = _mix_with_ngram(Path(ngram["final"]), cfg.selftrain.teacher, labels, out / "mix")
+    return {"final": mix, "dev": _dev_metrics(cfg, mix)}
+
+
+def _dev_metrics(cfg: Config, classifier: str | Path) -> dict | None:
+    """`classifier` scored on data.dev as `mtnlg-ray evaluate --task classification` scores it (None without dev)."""
     from mtnlg_ray.finetune.evaluate import evaluate_classification
 
-    ngram = _ngram_teacher(cfg, labelled, labels, out / "ngram")
-    mix = write_classifier_mix([ngram["final"], cfg.selftrain.teacher], labels, out / "mix")
-    dev = None
-    if cfg.data.dev:
-        dev = evaluate_classification(mix, Path(cfg.data.dev), cfg.data.text_field, cfg.data.label_field)
-    return {"final": str(mix), "dev": dev}
+    if not cfg.data.dev:
+        return None
+    return evaluate_classification(Path(classifier), Path(cfg.data.dev), cfg.data.text_field, cfg.data.label_field)
+
+
+def _mix_with_ngram(ngram: Path, other: str | Path, labels: list[str], out: Path) -> str:
+    """A teacher that labels with the mean of the n-gram classifier's and `other`'s probabilities."""
+    from mtnlg_ray.data.label import write_classifier_mix
+
+    return str(write_classifier_mix([str(ngram), str(other)], labels, out))
 
 
 def _round_entry(number: int, result: dict, train_size: int, labelled_pool: int, kept: dict,
