@@ -382,7 +382,7 @@ class SelfTrainSection(Section):
     ngram_teacher: bool = False
     # With `ngram_teacher`: the n-gram classifier stays in every later round's teacher too, which then
     # labels with the mean of its and the previous round's student's probabilities (a student alone
-    # as teacher hands on the errors it learned; SST-2, 3 seeds: round-2 students 0.766 against 0.758).
+    # as teacher hands on the errors it learned; SST-2, 3 seeds: round-2 students 0.766 against round 1's 0.758).
     ngram_every_round: bool = False
 
 

@@ -20,7 +20,7 @@ from make_splits import read_tsv  # this folder is on sys.path when the script r
 
 KINDS = ("random", "pretrained", "selftrained")
 TITLES = {"random": "fine-tuned from random weights", "pretrained": "fine-tuned from the pretrained model",
-          "selftrained": "self-trained: noisy GPT students of n-gram + GPT teachers, from the pretrained model"}
+          "selftrained": "self-trained: noisy GPT students from the pretrained model"}
 
 
 def tfidf_baseline(train, dev) -> dict:

@@ -17,7 +17,8 @@
 # CPU cores, 58 of them pretraining (BENCHMARKS.md, 2026-12-05, evening).
 #
 # FROM=EARLIER_OUT reuses an earlier run's split, prepared data and pretrained model (and copies those
-# steps' times into timings.tsv), to try fine-tuning and self-training settings without pretraining again.
+# steps' times into timings.tsv), to try fine-tuning and self-training settings without pretraining again;
+# IMDB, VOCAB, SST_WEIGHT and PRETRAIN_STEPS then have no effect.
 # Smaller runs for trying the script: PRETRAIN_STEPS=20 SEEDS=0 ROUNDS=1 bash examples/sst2/run.sh ...
 # VOCAB=N sets the BPE vocabulary the text is tokenized with (default 8192).
 # IMDB=0 pretrains on the SST-2 sentences alone (the recipe before 2026-12-05, with PRETRAIN_STEPS=1600
@@ -39,6 +40,17 @@ from=${FROM:-}
 mkdir -p "$out/checkpoints"
 out=$(cd "$out" && pwd)
 runs="$out/runs"
+if [[ -n $from ]]; then  # checked before anything in OUT is written
+  [[ -d $from ]] || { echo "error: FROM=$from: no such folder (give an earlier run.sh OUT)" >&2; exit 2; }
+  from=$(cd "$from" && pwd)
+  for need in runs/pretrain/final pretrain_data timings.tsv labelled.tsv dev.tsv pool.tsv; do
+    [[ -e $from/$need ]] || { echo "error: FROM=$from: no $need there (give an earlier run.sh OUT)" >&2; exit 2; }
+  done
+  [[ $from != "$out" ]] || { echo "error: FROM=$from is OUT itself; give a new OUT" >&2; exit 2; }
+  for own in "$out/pretrain_data" "$runs/pretrain"; do
+    [[ ! -e $own || -L $own ]] || { echo "error: $own exists: with FROM, OUT must not hold its own data" >&2; exit 2; }
+  done
+fi
 printf 'step\tseconds\n' > "$out/timings.tsv"
 
 timed() {  # timed NAME COMMAND...: run it, append its wall time to timings.tsv
@@ -55,8 +67,6 @@ keep() {  # keep RUN_FINAL NAME: the consolidated classifier as OUT/checkpoints/
 }
 
 if [[ -n $from ]]; then  # an earlier run's split, data and pretrained model; its times for those steps
-  from=$(cd "$from" && pwd)
-  [[ -d $from/runs/pretrain/final ]] || { echo "error: FROM=$from: no runs/pretrain/final there" >&2; exit 2; }
   cp "$from"/{labelled,dev,pool}.tsv "$out/"
   ln -sfn "$from/pretrain_data" "$out/pretrain_data"
   mkdir -p "$runs" && ln -sfn "$from/runs/pretrain" "$runs/pretrain"
