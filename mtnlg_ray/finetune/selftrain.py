@@ -103,6 +103,7 @@ def _write_training_set(cfg: Config, labelled_rows, pseudo: list[dict], labels: 
 def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
                on_record: Callable[[dict], None] | None = None) -> dict:
     """Run round 0 (teacher) and `selftrain.rounds` student rounds; returns the report."""
+    from mtnlg_ray.data.label import write_classifier_mix
     from mtnlg_ray.data.pipeline import label_corpus
     from mtnlg_ray.finetune.data import read_classification
     from mtnlg_ray.finetune.trainer import finetune, prepare_finetune
@@ -136,12 +137,13 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
 
     started = time.perf_counter()
     emit(event="round", round=0, role="teacher", train=len(labelled.rows))
+    ngram_dir = root / "round0" / "ngram"  # the n-gram teacher, when there is one
     if cfg.selftrain.teacher and cfg.selftrain.ngram_teacher:
-        result = _mixed_teacher(cfg, labelled, labels, root / "round0")
+        result = _mixed_teacher(cfg, labelled, labels, ngram_dir, root / "round0" / "mix")
     elif cfg.selftrain.teacher:
         result = _given_teacher(cfg, labels)
     elif cfg.selftrain.ngram_teacher:
-        result = _ngram_teacher(cfg, labelled, labels, root / "round0" / "ngram")
+        result = _ngram_teacher(cfg, labelled, labels, ngram_dir)
     else:
         result = finetune(_run_config(checked, f"{cfg.run.name}/round0", checked.data.train), on_record=on_record)
     report["rounds"].append(_round_entry(0, result, len(labelled.rows), 0, {}, None, started))
@@ -174,10 +176,11 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         emit(event="done", **report["rounds"][-1])
         final = teacher = result["final"]
         if cfg.selftrain.ngram_every_round and number < cfg.selftrain.rounds:
-            teacher = _mix_with_ngram(root / "round0" / "ngram", final, labels, root / f"round{number + 1}" / "teacher")
+            teacher = str(write_classifier_mix([ngram_dir, final], labels, root / f"round{number + 1}" / "teacher"))
             dev = _dev_metrics(cfg, teacher)
-            report["rounds"][-1].update(next_teacher=teacher, next_teacher_dev_accuracy=dev and dev.get("accuracy"))
-            emit(event="teacher", round=number + 1, teacher=teacher, dev_accuracy=dev and dev.get("accuracy"))
+            dev_accuracy = dev and dev.get("accuracy")
+            report["rounds"][-1].update(next_teacher=teacher, next_teacher_dev_accuracy=dev_accuracy)
+            emit(event="teacher", round=number + 1, teacher=teacher, dev_accuracy=dev_accuracy)
 
     report["final"] = final
     publish_file(root / "self_train_report.json", json.dumps(report, indent=2) + "\n")
@@ -225,11 +228,13 @@ def _ngram_teacher(cfg: Config, labelled, labels: list[str], out: Path) -> dict:
     return {"final": str(out), "dev": dev}
 
 
-def _mixed_teacher(cfg: Config, labelled, labels: list[str], out: Path) -> dict:
+def _mixed_teacher(cfg: Config, labelled, labels: list[str], ngram_dir: Path, out: Path) -> dict:
     """Both `selftrain.teacher` and `selftrain.ngram_teacher`: round 0 fits the n-gram classifier and
-    labels with the mean of its and the given teacher's probabilities (`round0/mix`, scored on dev)."""
-    ngram = _ngram_teacher(cfg, labelled, labels, out / "ngram")
-    mix = _mix_with_ngram(Path(ngram["final"]), cfg.selftrain.teacher, labels, out / "mix")
+    labels with the mean of its and the given teacher's probabilities (`out`, scored on dev)."""
+    from mtnlg_ray.data.label import write_classifier_mix
+
+    ngram = _ngram_teacher(cfg, labelled, labels, ngram_dir)
+    mix = str(write_classifier_mix([ngram["final"], cfg.selftrain.teacher], labels, out))
     return {"final": mix, "dev": _dev_metrics(cfg, mix)}
 
 
@@ -240,13 +245,6 @@ def _dev_metrics(cfg: Config, classifier: str | Path) -> dict | None:
     if not cfg.data.dev:
         return None
     return evaluate_classification(Path(classifier), Path(cfg.data.dev), cfg.data.text_field, cfg.data.label_field)
-
-
-def _mix_with_ngram(ngram: Path, other: str | Path, labels: list[str], out: Path) -> str:
-    """A teacher that labels with the mean of the n-gram classifier's and `other`'s probabilities."""
-    from mtnlg_ray.data.label import write_classifier_mix
-
-    return str(write_classifier_mix([str(ngram), str(other)], labels, out))
 
 
 def _round_entry(number: int, result: dict, train_size: int, labelled_pool: int, kept: dict,
