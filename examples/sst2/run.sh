@@ -22,8 +22,8 @@
 # Smaller runs for trying the script: PRETRAIN_STEPS=20 SEEDS=0 ROUNDS=1 bash examples/sst2/run.sh ...
 # VOCAB=N sets the BPE vocabulary the text is tokenized with (default 8192).
 # IMDB=0 pretrains on the SST-2 sentences alone (the recipe before 2026-12-05, with PRETRAIN_STEPS=1600
-# TOKEN_DROPOUT=0 MIX_TEACHER=0 ROUNDS=1 and 4-epoch students: pretrained fine-tune 0.688 where the
-# default gives 0.752; BENCHMARKS.md).
+# TOKEN_DROPOUT=0 MIX_TEACHER=0 ROUNDS=1, 4-epoch students and model.dropout 0.1 in pretrain.yaml:
+# pretrained fine-tune 0.688 where the default gives 0.752; BENCHMARKS.md).
 set -euo pipefail
 sst2=${1:?usage: run.sh SST2_DIR OUT (SST2_DIR holds train.tsv and dev.tsv)}
 out=${2:?usage: run.sh SST2_DIR OUT}
