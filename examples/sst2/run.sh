@@ -85,7 +85,7 @@ else
     --set clean.enabled=false --set dedup.fuzzy=false --set tokenizer.vocab_size="$vocab" \
     --set pack.seq_len=128 --set pack.val_fraction=0.02
   timed "pretrain ($steps steps)" mtnlg-ray pretrain --config "$here/pretrain.yaml" \
-    --set data.path="$out/pretrain_data" --set train.max_steps="$steps" --set train.decay_tokens=$((steps * 32 * 128)) \
+    --set data.path="$out/pretrain_data" --set train.max_steps="$steps" \
     --set run.storage_path="$runs" --set run.name=pretrain
 fi
 
