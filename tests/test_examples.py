@@ -139,3 +139,59 @@ def test_imdb_text_writes_only_imdb_reviews_in_sst2_spelling_and_drops_dev_overl
     bad = run("--dev", str(dev), "--out", str(out), "--csv", str(reviews))
     assert bad.returncode == 2 and bad.stderr.splitlines() == [
         f"error: {reviews}:1: expected a header with 'text' and 'source', got ['review', 'score']"]
+
+
+GROW_POOL = REPORT.parent / "grow_pool.py"
+
+
+def test_grow_pool_adds_seeded_review_sentences_without_labels_and_refuses_bad_input(tmp_path):
+    pool = tmp_path / "pool.tsv"
+    pool.write_text("label\tsentence\n1\ta gorgeous , witty film\n0\tthe plot goes nowhere at all .\n", encoding="utf-8")
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("label\tsentence\n0\tbad .\n1\twe loved the cast and the music .\n"
+                   "1\tsadly for some , it is a long and winding and very lovely road .\n", encoding="utf-8")
+    reviews = tmp_path / "imdb.jsonl"
+    long_ok = " ".join(["word"] * 39) + " ."  # 40 tokens: the longest kept
+    too_long = " ".join(["word"] * 40) + " ."  # 41
+    docs = ["i loved every minute of this film . too short ! the plot goes nowhere at all . why make it ?",
+            "the acting is wooden and the script is a mess . ok . five tokens are here .",
+            "six tokens are here for you . honestly , we loved the cast and the music . ",
+            "a long and winding and very lovely road . i think this one is bad .",
+            f"{long_ok} {too_long}"]
+    reviews.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs) + "\n", encoding="utf-8")
+    out = tmp_path / "grown.jsonl"
+
+    def grow(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(GROW_POOL), "--pool", str(pool), "--reviews", str(reviews),
+                               "--dev", str(dev), "--out", str(out), *extra], capture_output=True, text=True, timeout=120)
+
+    done = grow("--sentences", "10")
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    # The pool's phrases first, with their labels (for the report's score only), then review sentences
+    # of 6-40 tokens without a label. Cut: "too short !", "ok .", "why make it ?", "five tokens are here ."
+    # and the 41-token one; the sentence the pool holds; the one holding a dev sentence of 6-12 tokens;
+    # the one that is part of a dev sentence. "i think this one is bad ." holds dev's "bad ." and stays.
+    assert rows[:2] == [{"sentence": "a gorgeous , witty film", "label": "1"},
+                        {"sentence": "the plot goes nowhere at all .", "label": "0"}]
+    assert sorted(r["sentence"] for r in rows[2:]) == sorted([
+        "i loved every minute of this film .", "the acting is wooden and the script is a mess .",
+        "six tokens are here for you .", "i think this one is bad .", long_ok])
+    assert all(set(r) == {"sentence"} for r in rows[2:])
+    assert "2 pool phrases + 5 IMDb sentences" in done.stdout and "2 skipped for overlapping dev.tsv" in done.stdout
+
+    first = grow("--sentences", "2")
+    sample = out.read_text(encoding="utf-8")
+    assert first.returncode == 0 and grow("--sentences", "2").returncode == 0
+    assert out.read_text(encoding="utf-8") == sample  # the same seed draws the same sentences
+    assert len(sample.splitlines()) == 4
+    assert grow("--sentences", "2", "--seed", "1").returncode == 0
+    assert out.read_text(encoding="utf-8") != sample
+
+    reviews.write_text(json.dumps({"text": 5}) + "\n", encoding="utf-8")
+    bad = grow()
+    assert bad.returncode == 2 and bad.stderr.splitlines() == [
+        f"error: {reviews}:1: expected a JSON object with a 'text' field holding text"]
+    pool.write_text("sentence\tscore\nfine\t1\n", encoding="utf-8")
+    bad = grow()
+    assert bad.returncode == 2 and "pool.tsv:1: expected the header line 'label<TAB>sentence'" in bad.stderr

@@ -287,6 +287,7 @@ def test_self_training_runs_teacher_labelling_and_student(self_trained):
     kept = sum(student["kept_per_class"].values())
     assert 0 < kept <= 160 and student["train_examples"] == 96 + kept
     assert student["pseudo_label_accuracy"] >= 0.9  # confident predictions match the pool's hidden labels
+    assert student["pseudo_labels_scored"] == kept and teacher["pseudo_labels_scored"] is None  # every pool row has gold
     assert student["dev_accuracy"] >= 0.9
     lines = (root / "round1" / "train.jsonl").read_text().splitlines()
     assert len(lines) == 96 + kept
@@ -473,6 +474,30 @@ def test_a_student_config_carries_its_noise_and_epochs():
     assert student.task.token_dropout == 0.2 and student.train.epochs == 3
     assert student.data.train == "/pool/round2/train.jsonl" and student.run.name == "st/round2"
     assert cfg.task.token_dropout == 0.0  # the teacher reads clean text
+
+
+def test_a_pool_partly_without_gold_labels_scores_the_pseudo_labels_on_the_rows_that_have_one(tmp_path):
+    """A pool that adds unlabelled text to a labelled set (the SST-2 phrases plus IMDb sentences): the
+    report's pseudo-label accuracy counts only kept rows with a gold label, and says how many it scored."""
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.selftrain import _write_pool, pseudo_label_accuracy
+
+    cfg = load_config(overrides=["data.text_field=sentence"], stage="selftrain")
+    pool = tmp_path / "pool.jsonl"
+    rows = [{"sentence": "a fine film", "label": "pos"}, {"sentence": "no label here"},
+            {"sentence": "dull", "label": "neg"}, {"sentence": "empty label", "label": ""},
+            {"sentence": "a zero label", "label": "0"}, {"sentence": "a number", "label": 0}]
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    size, gold = _write_pool(cfg, pool, tmp_path / "out.jsonl")
+    assert size == 6 and gold == ["pos", None, "neg", None, "0", "0"]  # a label 0 is a label, not a missing one
+    texts = [json.loads(line)["text"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert texts == [r["sentence"] for r in rows]  # every row is labelled by the teacher, gold or not
+    kept = [{"pool_index": 0, "label": "pos"}, {"pool_index": 1, "label": "neg"}, {"pool_index": 2, "label": "pos"}]
+    assert pseudo_label_accuracy(kept, gold) == (0.5, 2)  # row 1 has no gold: not scored
+    assert pseudo_label_accuracy(kept[1:2], gold) == (None, 0)
+    pool.write_text(json.dumps({"sentence": "unlabelled only"}) + "\n", encoding="utf-8")
+    assert _write_pool(cfg, pool, tmp_path / "out.jsonl") == (1, None)
+    assert pseudo_label_accuracy(kept[:1], None) == (None, 0)
 
 
 # ---------------------------------------------------------------- the bag-of-n-grams teacher

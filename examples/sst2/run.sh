@@ -11,7 +11,9 @@
 # (c) self-train from the pretrained model for ROUNDS rounds (default 2); round 1's teacher is the mean
 # of a bag-of-n-grams classifier fit on the labels and (b)'s classifier, round 2's the mean of the same
 # n-gram classifier and round 1's GPT student (MIX_TEACHER=0: the n-gram classifier alone in round 1,
-# the student alone after). Each row's classifier is copied to OUT/checkpoints/{random,pretrained,
+# the student alone after). The teachers label the 66,349 pool phrases plus POOL_SENTENCES (default
+# 30,000) sentences cut from the pretraining's IMDb reviews (grow_pool.py; POOL_SENTENCES=0 or IMDB=0
+# leaves them out; with FROM, the earlier run's reviews), and the students learn at LR 1.5e-4 (selftrain.yaml). Each row's classifier is copied to OUT/checkpoints/{random,pretrained,
 # selftrained}-seedN/, each step's wall time goes to OUT/timings.tsv, and report.py scores them all
 # beside TF-IDF + logistic regression on the same labels into OUT/results.md. 97 minutes on 2
 # CPU cores, 65 of them pretraining (BENCHMARKS.md, 2026-12-05, night).
@@ -36,6 +38,7 @@ imdb=${IMDB:-1}
 sst_weight=${SST_WEIGHT:-3}
 token_dropout=${TOKEN_DROPOUT:-0.1}
 mix_teacher=${MIX_TEACHER:-1}
+pool_sentences=${POOL_SENTENCES:-30000}
 from=${FROM:-}
 mkdir -p "$out/checkpoints"
 out=$(cd "$out" && pwd)
@@ -69,11 +72,13 @@ keep() {  # keep RUN_FINAL NAME: the consolidated classifier as OUT/checkpoints/
 if [[ -n $from ]]; then  # an earlier run's split, data and pretrained model; its times for those steps
   cp "$from"/{labelled,dev,pool}.tsv "$out/"
   ln -sfn "$from/pretrain_data" "$out/pretrain_data"
+  if [[ -e $from/imdb.jsonl ]]; then ln -sfn "$from/imdb.jsonl" "$out/imdb.jsonl"; else rm -f "$out/imdb.jsonl"; fi
   mkdir -p "$runs" && ln -sfn "$from/runs/pretrain" "$runs/pretrain"
   awk -F'\t' -v from="$from" 'NR > 1 && $1 !~ /^(fine-tune|self-train)/ { printf "%s (FROM %s)\t%s\n", $1, from, $2 }' \
     "$from/timings.tsv" >> "$out/timings.tsv"
 else
   timed "split 1,000 labelled / pool" python "$here/make_splits.py" --sst2 "$sst2" --out "$out"
+  rm -f "$out/imdb.jsonl"  # an earlier IMDB=1 run's reviews must not reach an IMDB=0 run's pool
   inputs=("$out/pretrain.jsonl")
   blend=()
   if [[ $imdb == 1 ]]; then
@@ -87,6 +92,18 @@ else
   timed "pretrain ($steps steps)" mtnlg-ray pretrain --config "$here/pretrain.yaml" \
     --set data.path="$out/pretrain_data" --set train.max_steps="$steps" \
     --set run.storage_path="$runs" --set run.name=pretrain
+fi
+
+pool="$out/pool.tsv"  # self-training's pool: the SST-2 phrases, plus IMDb sentences from the pretraining reviews
+rm -f "$out/selftrain_pool.jsonl"
+if [[ $pool_sentences != 0 ]]; then
+  if [[ -e $out/imdb.jsonl ]]; then  # the name starts "self-train", so a later FROM run does this step again
+    timed "self-training pool + $pool_sentences IMDb sentences" python "$here/grow_pool.py" --pool "$out/pool.tsv" \
+      --reviews "$out/imdb.jsonl" --dev "$out/dev.tsv" --sentences "$pool_sentences" --out "$out/selftrain_pool.jsonl"
+    pool="$out/selftrain_pool.jsonl"
+  else
+    echo "note: no IMDb reviews (IMDB=0, or FROM a run without them): self-training labels pool.tsv alone" >&2
+  fi
 fi
 
 for seed in $seeds; do
@@ -103,7 +120,7 @@ for seed in $seeds; do
                                     --set selftrain.ngram_every_round=true)
   timed "self-train seed $seed, rounds: $rounds" mtnlg-ray self-train --config "$here/selftrain.yaml" \
     --set data.train="$out/labelled.tsv" --set data.dev="$out/dev.tsv" --set init.checkpoint="$runs/pretrain" \
-    --set selftrain.unlabelled="$out/pool.tsv" "${mixed[@]}" \
+    --set selftrain.unlabelled="$pool" "${mixed[@]}" \
     --set selftrain.rounds="$rounds" --set train.seed="$seed" \
     --set run.storage_path="$runs" --set run.name="selftrained-seed$seed"
   keep "$runs/selftrained-seed$seed/round$rounds/final" "selftrained-seed$seed"

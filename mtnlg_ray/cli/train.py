@@ -198,7 +198,8 @@ def self_train(
     confidence >= selftrain.threshold (default 0.5; selftrain.per_class_top_k for class balance,
     selftrain.soft_labels for the teacher's confidence as the target) join the labelled set, and a
     student is fine-tuned on both from init.checkpoint. Writes self_train_report.json and
-    self_train.png in <run.storage_path>/<run.name>.
+    self_train.png in <run.storage_path>/<run.name>. Pool rows may carry a gold label (data.label_field)
+    or not: training never reads it; the report scores the kept pseudo-labels of the rows that have one.
     """
     from rich.console import Console
     from rich.table import Table
@@ -225,12 +226,19 @@ def self_train(
                         f"threshold {report['threshold']}")
     for column in ("round", "train examples", "kept per class", "pseudo-label acc", "dev acc", "dev macro F1", "seconds"):
         table.add_column(column, justify="right")
+
+    def num(x):
+        return "-" if x is None else f"{x:.4f}"
+
+    def pseudo_cell(r: dict) -> str:  # scored over the kept rows with a gold label; say so when not all have one
+        scored, kept = r.get("pseudo_labels_scored"), sum(r["kept_per_class"].values())
+        partial = r["pseudo_label_accuracy"] is not None and scored is not None and scored < kept
+        return num(r["pseudo_label_accuracy"]) + (f" ({scored:,} scored)" if partial else "")
+
     for r in report["rounds"]:
-        def num(x):
-            return "-" if x is None else f"{x:.4f}"
         table.add_row(str(r["round"]), f"{r['train_examples']:,}",
                       ", ".join(f"{k}: {v:,}" for k, v in r["kept_per_class"].items()) or "-",
-                      num(r["pseudo_label_accuracy"]), num(r["dev_accuracy"]), num(r["dev_macro_f1"]), f"{r['seconds']:.0f}")
+                      pseudo_cell(r), num(r["dev_accuracy"]), num(r["dev_macro_f1"]), f"{r['seconds']:.0f}")
     Console().print(table)
     console.print(f"report: {Path(report['final']).parents[1] / 'self_train_report.json'}  plot: {report['plot']}")
     typer.echo(report["final"])

@@ -30,28 +30,37 @@ def _run_config(cfg: Config, name: str, train: str) -> Config:
     })
 
 
-def _write_pool(cfg: Config, unlabelled: Path, out: Path) -> tuple[int, list[str] | None]:
-    """The pool as JSONL for the labelling pipeline; returns its size and its gold labels when the file has them.
+def _write_pool(cfg: Config, unlabelled: Path, out: Path) -> tuple[int, list[str | None] | None]:
+    """The pool as JSONL for the labelling pipeline; returns its size and, when some rows have one, each
+    row's gold label (None for a row without it, as in a pool that adds unlabelled text to a labelled set).
 
     Gold labels never reach training: they only score the pseudo-labels in the report.
     """
     from mtnlg_ray.finetune.data import read_table
 
-    gold: list[str] | None = []
-    count = 0
+    gold: list[str | None] = []
     with out.open("w", encoding="utf-8") as fh:
         for where, row in read_table(unlabelled, [cfg.data.text_field], optional=[cfg.data.label_field]):
             text = row[cfg.data.text_field]
             if not isinstance(text, str):
                 raise InputError(f"{where}: field {cfg.data.text_field!r} must be text")
             fh.write(json.dumps({"text": text}) + "\n")
-            if gold is not None:
-                label = row.get(cfg.data.label_field)
-                gold = None if label is None else [*gold, str(label).strip()]
-            count += 1
-    if count == 0:
+            label = row.get(cfg.data.label_field)
+            gold.append(None if label is None or not str(label).strip() else str(label).strip())
+    if not gold:
         raise InputError(f"{unlabelled}: the unlabelled pool is empty")
-    return count, gold
+    return len(gold), gold if any(label is not None for label in gold) else None
+
+
+def pseudo_label_accuracy(pseudo: list[dict], gold: list[str | None] | None) -> tuple[float | None, int]:
+    """How many of the kept pseudo-labels agree with the pool's gold labels, over the kept rows that have
+    one; (accuracy or None, how many kept rows were scored)."""
+    if gold is None:
+        return None, 0
+    scored = [r for r in pseudo if gold[r["pool_index"]] is not None]
+    if not scored:
+        return None, 0
+    return sum(gold[r["pool_index"]] == r["label"] for r in scored) / len(scored), len(scored)
 
 
 def _pseudo_labels(docs_dir: Path) -> list[dict]:
@@ -163,16 +172,14 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         rows = _pseudo_labels(out / "pseudo" / "docs")
         pseudo = select_pseudo_labels(rows, labels, cfg.selftrain.threshold, cfg.selftrain.per_class_top_k)
         kept = Counter(r["label"] for r in pseudo)
-        accuracy = None
-        if gold is not None and pseudo:
-            accuracy = sum(gold[r["pool_index"]] == r["label"] for r in pseudo) / len(pseudo)
+        accuracy, scored = pseudo_label_accuracy(pseudo, gold)
         out.mkdir(parents=True, exist_ok=True)
         _write_training_set(cfg, labelled.rows, pseudo, labels, out / "train.jsonl")
         emit(event="round", round=number, role="student", train=len(labelled.rows) + len(pseudo),
              kept={x: kept.get(x, 0) for x in labels}, pseudo_accuracy=accuracy)
         result = finetune(_student_config(cfg, number, out / "train.jsonl"), on_record=on_record)
         report["rounds"].append(_round_entry(number, result, len(labelled.rows) + len(pseudo), len(rows),
-                                             {x: kept.get(x, 0) for x in labels}, accuracy, started))
+                                             {x: kept.get(x, 0) for x in labels}, accuracy, started, scored))
         emit(event="done", **report["rounds"][-1])
         final = teacher = result["final"]
         if cfg.selftrain.ngram_every_round and number < cfg.selftrain.rounds:
@@ -248,11 +255,12 @@ def _dev_metrics(cfg: Config, classifier: str | Path) -> dict | None:
 
 
 def _round_entry(number: int, result: dict, train_size: int, labelled_pool: int, kept: dict,
-                 pseudo_accuracy: float | None, started: float) -> dict:
+                 pseudo_accuracy: float | None, started: float, scored: int | None = None) -> dict:
     dev = result.get("dev") or {}
     return {
         "round": number, "role": "teacher" if number == 0 else "student", "train_examples": train_size,
         "pool_labelled": labelled_pool, "kept_per_class": kept, "pseudo_label_accuracy": pseudo_accuracy,
+        "pseudo_labels_scored": scored,  # the kept rows whose pool row has a gold label
         "dev_accuracy": dev.get("accuracy"), "dev_macro_f1": dev.get("macro_f1"),
         "checkpoint": result["final"], "seconds": round(time.perf_counter() - started, 1),
     }
