@@ -11,9 +11,10 @@
 # (c) self-train from the pretrained model for ROUNDS rounds (default 2); round 1's teacher is the mean
 # of a bag-of-n-grams classifier fit on the labels and (b)'s classifier, round 2's the mean of the same
 # n-gram classifier and round 1's GPT student (MIX_TEACHER=0: the n-gram classifier alone in round 1,
-# the student alone after). The teachers label the 66,349 pool phrases plus POOL_SENTENCES (default
-# 30,000) sentences cut from the pretraining's IMDb reviews (grow_pool.py; POOL_SENTENCES=0 or IMDB=0
-# leaves them out; with FROM, the earlier run's reviews), and the students learn at LR 1.5e-4 (selftrain.yaml). Each row's classifier is copied to OUT/checkpoints/{random,pretrained,
+# the student alone after). The teachers label the 66,349 pool phrases; POOL_SENTENCES=N adds N
+# sentences cut from the pretraining's IMDb reviews (grow_pool.py; with FROM, the earlier run's reviews;
+# 30,000 gave 0.781 for 0.780 without, inside the noise, and took the run to 100.4 min: BENCHMARKS.md,
+# 2026-12-06). The students learn at LR 1.5e-4 (selftrain.yaml). Each row's classifier is copied to OUT/checkpoints/{random,pretrained,
 # selftrained}-seedN/, each step's wall time goes to OUT/timings.tsv, and report.py scores them all
 # beside TF-IDF + logistic regression on the same labels into OUT/results.md. 97 minutes on 2
 # CPU cores, 65 of them pretraining (BENCHMARKS.md, 2026-12-05, night).
@@ -38,7 +39,7 @@ imdb=${IMDB:-1}
 sst_weight=${SST_WEIGHT:-3}
 token_dropout=${TOKEN_DROPOUT:-0.1}
 mix_teacher=${MIX_TEACHER:-1}
-pool_sentences=${POOL_SENTENCES:-30000}
+pool_sentences=${POOL_SENTENCES:-0}
 from=${FROM:-}
 mkdir -p "$out/checkpoints"
 out=$(cd "$out" && pwd)
