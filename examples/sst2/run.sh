@@ -14,10 +14,10 @@
 # the student alone after). The teachers label the 66,349 pool phrases; POOL_SENTENCES=N adds N
 # sentences cut from the pretraining's IMDb reviews (grow_pool.py; with FROM, the earlier run's reviews;
 # 30,000 gave 0.781 for 0.780 without, inside the noise, and took the run to 100.4 min: BENCHMARKS.md,
-# 2026-12-06). The students learn at LR 1.5e-4 (selftrain.yaml). Each row's classifier is copied to OUT/checkpoints/{random,pretrained,
-# selftrained}-seedN/, each step's wall time goes to OUT/timings.tsv, and report.py scores them all
-# beside TF-IDF + logistic regression on the same labels into OUT/results.md. 97 minutes on 2
-# CPU cores, 65 of them pretraining (BENCHMARKS.md, 2026-12-05, night).
+# 2026-12-06). The students learn at LR 1.5e-4 (selftrain.yaml). Each row's classifier is copied to
+# OUT/checkpoints/{random,pretrained,selftrained}-seedN/, each step's wall time goes to OUT/timings.tsv,
+# and report.py scores them all beside TF-IDF + logistic regression on the same labels into
+# OUT/results.md. 97 minutes on 2 CPU cores, 65 of them pretraining (BENCHMARKS.md, 2026-12-05, night).
 #
 # FROM=EARLIER_OUT reuses an earlier run's split, prepared data and pretrained model (and copies those
 # steps' times into timings.tsv), to try fine-tuning and self-training settings without pretraining again;
