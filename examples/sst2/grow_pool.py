@@ -22,11 +22,11 @@ import re
 import sys
 from pathlib import Path
 
+from imdb_text import DECONTAM_N  # data prepare's decontamination n-gram, by which imdb_text.py dropped reviews
 from make_splits import BadInput, read_sst2
 
 _SENTENCE_END = re.compile(r"(?<= [.!?]) ")  # SST-2's spelling puts spaces around an ending mark
 MIN_WORDS, MAX_WORDS = 6, 40  # tokens, punctuation included; dev sentences run 19 on average, shorter cuts are fragments
-DECONTAM_N = 13  # imdb_text.py dropped reviews sharing a word 13-gram with dev (data prepare's rule)
 
 
 def review_sentences(reviews: Path) -> list[str]:
