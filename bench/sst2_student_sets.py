@@ -75,7 +75,7 @@ def main() -> None:
     used = [json.loads(line) for line in (args.round / "train.jsonl").read_text().splitlines()]
     labelled = used[:report["labelled"]]  # train.jsonl holds the labelled rows first
     rows = read_predictions(args.round)
-    labels = sorted({str(r[args.label_field]) for r in labelled})
+    labels = report["labels"]
     threshold = report["threshold"]
     per_class = args.per_class or report["per_class_top_k"]
     if args.skip_spans:
