@@ -583,27 +583,33 @@ def test_evaluate_scores_an_ngram_teacher_as_self_training_did(ngram_self_traine
     assert scores["swapped"]["accuracy"] == 0.0
 
 
-def test_a_given_teacher_beside_the_ngram_teacher_labels_by_the_mean_of_their_probabilities(ngram_self_trained,
-                                                                                           tokenizer_dir):
+def test_a_given_teacher_beside_the_ngram_teacher_labels_by_their_mean_and_the_ngram_stays_every_round(
+        ngram_self_trained, tokenizer_dir):
     """Both `selftrain.teacher` and `selftrain.ngram_teacher`: round 0 is a mixture folder whose
     probabilities are the mean of the n-gram classifier's and the given GPT's; self-training labels
-    the pool with it, and `evaluate` reads it as it reads any classifier."""
+    the pool with it, and `evaluate` reads it as it reads any classifier. With
+    `selftrain.ngram_every_round`, round 2 labels the pool with the mean of the n-gram classifier's and
+    the round-1 student's probabilities (`round2/teacher`), not with the student alone, and the run's
+    final checkpoint is still the last student. (One run checks both: each costs a self-training run.)"""
 
-    from mtnlg_ray.data.label import ClassifierLabeler, write_classifier_mix
+    from mtnlg_ray.data.label import ClassifierLabeler, read_classifier_mix, write_classifier_mix
     from mtnlg_ray.errors import CheckpointError
     from mtnlg_ray.finetune.data import read_classification
+    from mtnlg_ray.finetune.selftrain import _pseudo_labels
 
     base, _ = ngram_self_trained
     gpt = base / "runs" / "ngram" / "round1" / "final"  # the earlier run's GPT student, as a given teacher
     (base / "mixed").mkdir(exist_ok=True)
-    work, _ = run_self_training(base / "mixed", tokenizer_dir, "mixed", f"selftrain.teacher={gpt}",
-                                "selftrain.ngram_teacher=true", "selftrain.per_class_top_k=60", "train.epochs=1")
+    work, result = run_self_training(base / "mixed", tokenizer_dir, "mixed", f"selftrain.teacher={gpt}",
+                                     "selftrain.ngram_teacher=true", "selftrain.ngram_every_round=true",
+                                     "selftrain.rounds=2", "selftrain.per_class_top_k=60", "train.epochs=1")
     root = work / "runs" / "mixed"
     report = json.loads((root / "self_train_report.json").read_text())
-    teacher, student = report["rounds"]
+    teacher, first, second = report["rounds"]
     assert teacher["checkpoint"] == str(root / "round0" / "mix")
-    assert student["kept_per_class"] == {"neg": 60, "pos": 60} and student["pseudo_label_accuracy"] == 1.0
+    assert first["kept_per_class"] == {"neg": 60, "pos": 60} and first["pseudo_label_accuracy"] == 1.0
 
+    # Round 0: the mean of the n-gram classifier and the given GPT.
     dev = read_classification(work / "dev.tsv", "sentence", "label")
     mixed, ngram, given = (ClassifierLabeler(path, device="cpu")
                            for path in (root / "round0" / "mix", root / "round0" / "ngram", gpt))
@@ -612,47 +618,25 @@ def test_a_given_teacher_beside_the_ngram_teacher_labels_by_the_mean_of_their_pr
     np.testing.assert_allclose(mixed.probabilities(dev.texts), (p_ngram + p_given) / 2, rtol=0, atol=1e-12)
     labels, confidence = mixed.predict(dev.texts)
     np.testing.assert_allclose(confidence, ((p_ngram + p_given) / 2).max(axis=1), rtol=0, atol=1e-12)
-
     scored = run_cli("evaluate", "--checkpoint", str(root / "round0" / "mix"), "--data", str(work / "dev.tsv"),
                      "--task", "classification", "--text-field", "sentence", "--json")
     assert scored.returncode == 0, scored.stderr[-2000:]
     expected = sum(x == y for x, y in zip(labels, dev.labels)) / len(dev.labels)
     assert json.loads(scored.stdout)["accuracy"] == teacher["dev_accuracy"] == expected
 
-    write_classifier_mix([root / "round0" / "ngram"], ["pos", "neg"], work / "reordered")
-    with pytest.raises(CheckpointError, match="classifies"):
-        ClassifierLabeler(work / "reordered", device="cpu")
-
-
-def test_ngram_every_round_keeps_the_ngram_classifier_in_every_later_teacher(ngram_self_trained, tokenizer_dir):
-    """`selftrain.ngram_every_round`: round 2 labels the pool with the mean of the n-gram classifier's
-    and the round-1 student's probabilities (`round2/teacher`), not with the student alone, and the
-    run's final checkpoint is still the last student."""
-    from mtnlg_ray.data.label import ClassifierLabeler, read_classifier_mix
-    from mtnlg_ray.finetune.selftrain import _pseudo_labels
-
-    base, _ = ngram_self_trained
-    (base / "every").mkdir(exist_ok=True)
-    work, result = run_self_training(base / "every", tokenizer_dir, "every", "selftrain.ngram_teacher=true",
-                                     "selftrain.ngram_every_round=true", "selftrain.rounds=2",
-                                     "selftrain.per_class_top_k=60", "train.epochs=1")
-    root = work / "runs" / "every"
-    report = json.loads((root / "self_train_report.json").read_text())
-    ngram_round, first, second = report["rounds"]
-    assert ngram_round["checkpoint"] == str(root / "round0" / "ngram")
+    # Round 2: the n-gram classifier beside round 1's student (the given GPT is not kept).
     assert first["next_teacher"] == str(root / "round2" / "teacher") and "next_teacher" not in second
-    members, labels = read_classifier_mix(root / "round2" / "teacher")
+    members, mix_labels = read_classifier_mix(root / "round2" / "teacher")
     assert members == [(root / "round0" / "ngram").resolve(), (root / "round1" / "final").resolve()]
-    assert labels == report["labels"]
+    assert mix_labels == report["labels"]
     assert report["final"] == str(root / "round2" / "final")
     assert "round 2: teacher = the n-gram classifier + the last student" in result.stderr  # progress
-
     # Round 2's pseudo-labels carry the mixture's confidences, which the student alone does not give.
     rows = _pseudo_labels(root / "round2" / "pseudo" / "docs")
     texts = [r["text"] for r in rows]
-    mixed, student = (ClassifierLabeler(path, device="cpu") for path in (root / "round2" / "teacher",
-                                                                        root / "round1" / "final"))
-    _, mixed_confidence = mixed.predict(texts)
+    second_teacher, student = (ClassifierLabeler(path, device="cpu")
+                               for path in (root / "round2" / "teacher", root / "round1" / "final"))
+    _, mixed_confidence = second_teacher.predict(texts)
     _, student_confidence = student.predict(texts)
     np.testing.assert_allclose([r["confidence"] for r in rows], mixed_confidence, rtol=0, atol=1e-5)
     assert np.abs(np.asarray(student_confidence) - np.asarray(mixed_confidence)).max() > 1e-2
@@ -660,6 +644,10 @@ def test_ngram_every_round_keeps_the_ngram_classifier_in_every_later_teacher(ngr
                      "--task", "classification", "--text-field", "sentence", "--json")
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert json.loads(scored.stdout)["accuracy"] == first["next_teacher_dev_accuracy"]
+
+    write_classifier_mix([root / "round0" / "ngram"], ["pos", "neg"], work / "reordered")
+    with pytest.raises(CheckpointError, match="classifies"):
+        ClassifierLabeler(work / "reordered", device="cpu")
 
 
 def test_ngram_every_round_without_the_ngram_teacher_is_one_line_error(tmp_path):
