@@ -10,7 +10,7 @@ The new set holds the labelled rows `--gold-copies` times, then the pool rows th
 
 - by default `self-train`'s own rule (the `--per-class` most confident predictions of each class at
   or over the run's threshold; `--per-class` defaults to the run's `per_class_top_k`, and then the set
-  is the round's train.jsonl byte for byte);
+  is the round's train.jsonl byte for byte, for a run without soft labels);
 - `--skip-spans`: in order of confidence, a pool text that is a word span of a row already kept is
   skipped, so the kept rows come from more distinct sentences (SST-2's pool holds every parse-tree
   phrase of each snippet, and most of a teacher's surest rows are phrases of the same few thousand).
