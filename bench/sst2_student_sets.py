@@ -29,18 +29,6 @@ from pathlib import Path
 import common  # noqa: F401  (this checkout on sys.path)
 
 
-def read_predictions(round_dir: Path) -> list[dict]:
-    """The teacher's label and confidence for every pool text, with its line in the pool as pool_index."""
-    import pyarrow.parquet as pq
-
-    rows = []
-    for part in sorted((round_dir / "pseudo" / "docs").glob("*.parquet")):
-        rows += pq.read_table(part, columns=["text", "label", "confidence", "location"]).to_pylist()
-    for row in rows:
-        row["pool_index"] = int(row.pop("location").rsplit(":", 1)[1])
-    return rows
-
-
 def keep_distinct(rows: list[dict], labels: list[str], threshold: float, per_class: int) -> list[dict]:
     """The most confident rows of each class, skipping any text that is a word span of a row kept before it."""
     spans: set[str] = set()
@@ -58,7 +46,7 @@ def keep_distinct(rows: list[dict], labels: list[str], threshold: float, per_cla
 
 def main() -> None:
     from mtnlg_ray.finetune.data import read_table
-    from mtnlg_ray.finetune.selftrain import select_pseudo_labels
+    from mtnlg_ray.finetune.selftrain import _pseudo_labels, select_pseudo_labels
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--round", type=Path, required=True, help="a self-train round folder (roundN)")
@@ -74,7 +62,7 @@ def main() -> None:
     report = json.loads((args.round.parent / "self_train_report.json").read_text())
     used = [json.loads(line) for line in (args.round / "train.jsonl").read_text().splitlines()]
     labelled = used[:report["labelled"]]  # train.jsonl holds the labelled rows first
-    rows = read_predictions(args.round)
+    rows = _pseudo_labels(args.round / "pseudo" / "docs")  # self-train's own reader: label, confidence, pool_index
     labels = report["labels"]
     threshold = report["threshold"]
     per_class = args.per_class or report["per_class_top_k"]
