@@ -111,16 +111,17 @@ def main() -> None:
     rows = _pseudo_labels(args.round / "pseudo" / "docs")  # self-train's own reader: label, confidence, pool_index
     labels = report["labels"]
     threshold = report["threshold"]
-    per_class = args.per_class or report["per_class_top_k"]
+    # A run without a per-class cap kept every confident row: a cap of the whole pool keeps the same.
+    per_class = args.per_class or report["per_class_top_k"] or len(rows)
     gold = {}
     for _, row in read_table(args.pool, [args.text_field, args.label_field]):
         gold.setdefault(row[args.text_field], str(row[args.label_field]))
     if args.skip_spans:
-        kept = keep_distinct(rows, labels, threshold, per_class or len(rows))
+        kept = keep_distinct(rows, labels, threshold, per_class)
     elif args.sample_over is not None:
-        kept = sample_over(rows, labels, args.sample_over, per_class or len(rows), args.seed)
+        kept = sample_over(rows, labels, args.sample_over, per_class, args.seed)
     elif args.random_gold:
-        kept = random_gold(gold, (per_class or len(rows)) * len(labels), args.seed)
+        kept = random_gold(gold, per_class * len(labels), args.seed)
     else:
         kept = select_pseudo_labels(rows, labels, threshold, per_class)
     if args.gold_labels:
