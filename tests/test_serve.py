@@ -279,6 +279,36 @@ def test_scheduler_drops_a_cancelled_request_before_it_finishes(one_thread):
         scheduler.close()
 
 
+def test_a_cancelled_waiting_request_gives_its_queue_place_back_at_once(one_thread):
+    from mtnlg_ray.serve.scheduler import BatchScheduler, Overloaded
+
+    model = _tiny_model(seq_len=CONTEXT)
+    scheduler = BatchScheduler(model, eos_id=None, vocab_limit=None, max_batch=1, max_waiting=1)
+    long = SamplingParams(max_tokens=CONTEXT - 3, temperature=0)
+
+    async def fill_cancel_and_submit_again() -> None:
+        running = scheduler.submit([1, 2, 3], long)
+        async for _ in running.batches():
+            break  # it holds the only batch row now
+        waiting = scheduler.submit([4, 5, 6], long)
+        with pytest.raises(Overloaded):
+            scheduler.submit([7, 8, 9], long)
+        waiting.cancel()  # a client that gave up: its place is free before the next decode step
+        again = scheduler.submit([7, 8, 9], long)
+        for stream in (running, again):
+            stream.cancel()
+
+    try:
+        asyncio.run(fill_cancel_and_submit_again())
+        deadline = time.monotonic() + 60
+        while (scheduler.stats()["running"] or scheduler.stats()["waiting"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stats = scheduler.stats()
+        assert stats["running"] == stats["waiting"] == 0 and stats["cancelled"] == 3
+    finally:
+        scheduler.close()
+
+
 def test_a_stream_sends_its_first_tokens_at_once_then_at_most_one_chunk_per_interval():
     from mtnlg_ray.serve.scheduler import TokenStream
 
@@ -429,7 +459,7 @@ def test_chat_is_a_completion_of_the_documented_template(client):
     assert streamed[-1].choices[0].finish_reason == chat.choices[0].finish_reason
 
 
-def test_prompt_lists_stop_strings_models_and_health(client, server):
+def test_prompt_lists_stop_strings_models_and_health(client, server, text_generator):
     singles = [client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0).choices[0].text
                for p in ("import ", "class ")]
     both = client.completions.create(model="tiny", prompt=["import ", "class "], max_tokens=12, temperature=0)
@@ -446,6 +476,22 @@ def test_prompt_lists_stop_strings_models_and_health(client, server):
     stopped = client.completions.create(model="tiny", prompt="import ", max_tokens=12, temperature=0, stop=[cut])
     assert stopped.choices[0].text == text[: text.index(cut)]
     assert stopped.choices[0].finish_reason == "stop"
+    # Usage counts the tokens up to the one that completed the stop string, not the rest of its chunk
+    # (the tight app's chunks carry several tokens, the main app's one each).
+    tokens = text_generator.complete(["import "], SamplingParams(max_tokens=12, temperature=0))[0][1].tokens
+    upto = next(k for k in range(1, len(tokens) + 1) if cut in text_generator.decode_ids(tokens[:k]))
+    for prefix, key in (("", "unused"), ("/tight", API_KEY)):
+        keyed = openai.OpenAI(base_url=f"{server}{prefix}/v1", api_key=key, max_retries=0, timeout=120)
+        usage = keyed.completions.create(model="tiny", prompt="import ", max_tokens=12, temperature=0,
+                                         stop=[cut]).usage
+        assert usage.completion_tokens == upto < len(tokens), prefix
+    # A temperature too small for float32 logits samples greedily, not NaN garbage.
+    assert client.completions.create(model="tiny", prompt="import ", max_tokens=12, temperature=1e-40,
+                                     seed=0).choices[0].text == text
+    # max_completion_tokens is max_tokens' newer name.
+    newer = requests.post(f"{server}/v1/completions", json={"prompt": "import ", "max_completion_tokens": 5,
+                                                            "temperature": 0}, timeout=60).json()
+    assert newer["usage"]["completion_tokens"] == 5 and text.startswith(newer["choices"][0]["text"])
 
     assert [m.id for m in client.models.list().data] == ["tiny"]
     health = _health(server)
@@ -513,6 +559,12 @@ MALFORMED = [
     (json.dumps({"prompt": "x", "top_p": 0}).encode(), 400),
     (json.dumps({"prompt": "hello " * CONTEXT}).encode(), 400),  # longer than the context
     (json.dumps({"prompt": ""}).encode(), 400),
+    (b'{"prompt": "x", "temperature": NaN}', 422),  # Python's JSON reads NaN
+    (b'{"prompt": "\\ud800 lone surrogate"}', 422),
+    (json.dumps({"prompt": "x", "stop": list("abcde")}).encode(), 422),  # OpenAI's limit is 4
+    (json.dumps({"prompt": "x", "max_tokens": 3, "max_completion_tokens": 4}).encode(), 422),
+    (json.dumps({"prompt": ["x"] * 81}).encode(), 400),  # more than max_batch + max_waiting could ever take
+    (b"[" * 100_000 + b"]" * 100_000, 400),  # deeper than the JSON parser recurses
 ]
 
 

@@ -8,6 +8,7 @@ on what else is in the batch. `decode` yields one token per row per step (for st
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -15,6 +16,8 @@ import torch
 
 from mtnlg_ray.errors import InputError
 from mtnlg_ray.model.gpt import GPT, KVCache
+
+MIN_TEMPERATURE = 1e-6  # smaller positive temperatures sample as this one (see sample_next)
 
 
 @dataclass(frozen=True)
@@ -29,11 +32,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
             raise InputError(f"max_tokens: expected a positive integer, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise InputError(f"temperature: expected a value >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InputError(f"temperature: expected a finite value >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise InputError(f"top_k: expected a value >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 < self.top_p <= 1.0:  # also refuses NaN
             raise InputError(f"top_p: expected a value in (0, 1], got {self.top_p}")
 
 
@@ -96,7 +99,10 @@ def sample_next(
         return greedy
     device = logits.device
     V = logits.shape[1]
-    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+    # Far below MIN_TEMPERATURE the scaled logits overflow float32 to inf and softmax gives NaN. At it, a
+    # token 1e-4 under the best logit already has e^-100 of its mass: sampling is greedy in all but ties.
+    temperature = torch.tensor([max(p.temperature, MIN_TEMPERATURE) if p.temperature else 1.0 for p in params],
+                               device=device)
     scores = logits.float() / temperature[:, None]
     top_k = [p.top_k if 0 < p.top_k < V else 0 for p in params]
     if any(top_k):

@@ -8,6 +8,7 @@ Each replica loads the checkpoint once and batches every request it holds into o
 import asyncio
 import hmac
 import json
+import logging
 import sys
 import time
 import uuid
@@ -33,6 +34,8 @@ from mtnlg_ray.serve.protocol import (
     validation_error,
 )
 from mtnlg_ray.serve.scheduler import BatchScheduler, Overloaded, TokenStream
+
+logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 SWITCH_INTERVAL_S = 0.0001
@@ -69,6 +72,13 @@ class ServeArgs(BaseModel):
     autoscale: tuple[int, int] | None = None  # (min, max) replicas, scaling on ongoing requests
     num_cpus: float = 1.0  # per replica; also its torch threads (at least one)
     num_gpus: float = 0.0
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():  # an empty key would let an empty bearer token in
+            raise ValueError("expected a non-empty key (leave it unset to serve without one)")
+        return value
 
     @field_validator("autoscale", mode="before")
     @classmethod
@@ -224,6 +234,11 @@ class TextGeneratorServer:
             prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             if not prompts:
                 raise APIError(422, "prompt: expected a string or a non-empty list of strings", param="prompt")
+            most = self.args.max_batch + self.args.max_waiting  # what an idle replica can take at once
+            if len(prompts) > most:
+                raise APIError(400, f"prompt: {len(prompts)} prompts in one request; this server takes at most "
+                               f"{most} (max_batch + max_waiting): send them in several requests",
+                               param="prompt", code="invalid_value")
             return await self._answer("completions", body, prompts, body.stop, default_max=16, started=started)
 
         started = time.perf_counter()
@@ -251,6 +266,11 @@ class TextGeneratorServer:
         except APIError as error:
             self.metrics.finished(endpoint, error.status, started)
             return _error_response(error)
+        except Exception as exc:  # a bug: still an OpenAI error body, counted, with the traceback in the log
+            logger.exception("%s request failed", endpoint)
+            self.metrics.finished(endpoint, 500, started)
+            return _error_response(APIError(500, f"internal error ({type(exc).__name__}: {exc})",
+                                            kind="server_error"))
         if not isinstance(response, StreamingResponse):  # a stream counts itself when it ends
             self.metrics.finished(endpoint, response.status_code, started)
         return response
@@ -270,6 +290,8 @@ class TextGeneratorServer:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"request body: expected JSON ({exc})", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "request body: JSON nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, f"request body: expected a JSON object, got {type(data).__name__}",
                            code="invalid_json")
@@ -361,6 +383,11 @@ class TextGeneratorServer:
             text, stopped = scanner.cut(text)
             if stopped:
                 stream.cancel()
+                # Tokens made after the one that completed the stop string were never the answer's.
+                ids = decoded.ids
+                usage["completion_tokens"] = next((
+                    k for k in range(len(ids) - len(new) + 1, len(ids) + 1)
+                    if scanner.cut(self.generator.decode_ids(ids[:k]))[1]), len(ids))
                 yield text[shown:], "stop"
                 return
             # A byte-level token can end inside a UTF-8 character: wait for the rest of it.

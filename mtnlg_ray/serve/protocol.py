@@ -7,9 +7,11 @@ prompt, sampling settings, stop strings, a seed and streaming. Fields OpenAI has
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator,
+                      model_validator)
 
 # The chat template: each message on its own paragraph as "<Role>: <content>", then "Assistant:"
 # for the reply, which ends at <|endoftext|>, max_tokens, or where the model starts a new turn.
@@ -18,6 +20,17 @@ CHAT_STOP = ["\n\nUser:", "\n\nSystem:"]
 
 Number = StrictFloat | StrictInt
 _TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+MAX_STOPS = 4  # stop strings per request, as OpenAI allows
+MAX_STOP_CHARS = 1000  # each one's length: every streamed chunk is scanned for all of them
+
+
+def _unicode(text: str) -> str:
+    """JSON's \\ud800 escapes decode to lone surrogates, which are not text a tokenizer can read."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"expected valid Unicode text, got a lone surrogate at character {exc.start}") from None
+    return text
 
 
 class StreamOptions(BaseModel):
@@ -31,6 +44,7 @@ class _Request(BaseModel):
 
     model: StrictStr | None = None
     max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None  # the newer name of max_tokens; either may be sent
     temperature: Number = 1.0
     top_p: Number = 1.0
     top_k: StrictInt = 0
@@ -47,18 +61,54 @@ class _Request(BaseModel):
             raise ValueError("only n=1 is supported; send the prompt again for more choices")
         return n
 
+    @field_validator("temperature", "top_p")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):  # Python's JSON reads NaN and Infinity
+            raise ValueError(f"expected a finite number, got {value}")
+        return value
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, stop):
         if isinstance(stop, str):
             stop = [stop]
-        if stop is not None and any(s == "" for s in stop):
-            raise ValueError("stop strings must not be empty")
+        if stop is None:
+            return stop
+        if len(stop) > MAX_STOPS:
+            raise ValueError(f"expected at most {MAX_STOPS} stop strings, got {len(stop)}")
+        for s in stop:
+            if s == "":
+                raise ValueError("stop strings must not be empty")
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"expected stop strings of at most {MAX_STOP_CHARS} characters, got {len(s)}")
+            _unicode(s)
         return stop
+
+    @model_validator(mode="after")
+    def _one_limit(self):
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError(f"max_tokens ({self.max_tokens}) and max_completion_tokens "
+                                 f"({self.max_completion_tokens}) disagree; send one of them")
+            self.max_tokens = self.max_completion_tokens
+        return self
 
 
 class CompletionRequest(_Request):
     prompt: StrictStr | list[StrictStr]
+
+    @field_validator("prompt")
+    @classmethod
+    def _text(cls, prompt):
+        if isinstance(prompt, str):
+            return _unicode(prompt)
+        for i, text in enumerate(prompt):
+            try:
+                _unicode(text)
+            except ValueError as exc:
+                raise ValueError(f"prompt {i}: {exc}") from None
+        return prompt
 
 
 class ChatMessage(BaseModel):
@@ -66,6 +116,11 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant"]
     content: StrictStr
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, content: str) -> str:
+        return _unicode(content)
 
 
 class ChatRequest(_Request):

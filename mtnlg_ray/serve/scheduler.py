@@ -95,8 +95,10 @@ class BatchScheduler:
         stream = TokenStream(prompt, params, asyncio.get_running_loop())
         with self._lock:
             # Free batch rows count as room too: a burst that arrives between two steps is not refused.
-            if len(self.waiting) >= self.max_waiting + self.decoder.free_rows:
-                raise Overloaded(f"{len(self.waiting)} requests already wait for a slot")
+            # A request cancelled since the last decode step holds no place in the queue.
+            queued = sum(not s.cancelled for s in self.waiting)
+            if queued >= self.max_waiting + self.decoder.free_rows:
+                raise Overloaded(f"{queued} requests already wait for a slot")
             self.waiting.append(stream)
         self._wake.set()
         return stream
@@ -140,6 +142,11 @@ class BatchScheduler:
                 self.decoder.remove(seq_id)
                 del self.running[seq_id]
                 self.counts["cancelled"] += 1
+        with self._lock:  # waiting ones too: clients that gave up while the batch was full
+            kept = [stream for stream in self.waiting if not stream.cancelled]
+            if len(kept) < len(self.waiting):
+                self.counts["cancelled"] += len(self.waiting) - len(kept)
+                self.waiting = collections.deque(kept)
 
     def _admit(self) -> None:
         """Waiting requests join in order while a row and cache blocks for their whole answer are free;
