@@ -48,6 +48,7 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `mtnlg-ray` as a user would: a separate process, its real exit code and output."""
     exe = shutil.which("mtnlg-ray") or str(Path(sys.executable).parent / "mtnlg-ray")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)  # a developer's cluster in the environment is not the one under test
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -68,9 +68,16 @@ def test_tokenizer_init_generate_round_trip(tmp_path):
     expected, _ = TextGenerator(tmp_path / "ckpt").complete(["def add"], SamplingParams(max_tokens=12, temperature=0))[0]
     assert greedy.stdout == expected + "\n"
 
-    first = run_cli(*args, "--seed", "5", "--top-p", "0.9")
-    second = run_cli(*args, "--seed", "5", "--top-p", "0.9")
-    assert first.returncode == 0 and first.stdout == second.stdout
+    # Sampled: the CLI's text is the seeded draw at its default temperature (1.0) with its top-p, and
+    # another seed draws other text.
+    sampled = run_cli(*args, "--seed", "5", "--top-p", "0.9")
+    assert sampled.returncode == 0, sampled.stderr
+    generator = TextGenerator(tmp_path / "ckpt")
+    drawn = {seed: generator.complete(["def add"], SamplingParams(max_tokens=12, top_p=0.9, seed=seed))[0][0]
+             for seed in (5, 6)}
+    assert sampled.stdout == drawn[5] + "\n" and drawn[5] != drawn[6] != expected
+    other = run_cli(*args, "--seed", "6", "--top-p", "0.9")
+    assert other.stdout == drawn[6] + "\n"
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):

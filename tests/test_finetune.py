@@ -401,7 +401,9 @@ def test_classification_and_sft_train_under_tensor_and_sequence_parallelism(ray_
     assert len(one) == len(tp2) == 5  # 40 examples, 8 a step
     for a, b in zip(one, tp2):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-3 * a["grad_norm"]
-    assert tp2[-1]["dev"]["accuracy"] == one[-1]["dev"]["accuracy"]
+    # The same predictions, but for an example whose two logits tie to the losses' 1e-4: at most one flips.
+    dev_rows = len((word_files / "dev.tsv").read_text().splitlines()) - 1
+    assert abs(tp2[-1]["dev"]["accuracy"] - one[-1]["dev"]["accuracy"]) <= 1 / dev_rows + 1e-9
 
     pairs = [(f"colour of {thing}:", f" {colour}") for thing, colour in
              [("sky", "blue"), ("grass", "green"), ("snow", "white"), ("coal", "black")]]

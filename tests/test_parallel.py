@@ -437,7 +437,7 @@ def test_clip_grad_norm_matches_torch_on_a_plain_model():
     assert torch_norm > 0.5 and torch_norm == pytest.approx(exact, rel=1e-4)  # torch sums in fp32
     assert clip_grad_norm(b, 0.5) == pytest.approx(exact, rel=1e-9)
     for pa, pb in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-8)  # the two norms differ in fp32 rounding
 
 
 def test_full_state_dict_drops_wrapper_prefixes():

@@ -201,7 +201,9 @@ def test_cli_prepare_exits_0_and_bad_config_exits_2(planted, tmp_path):
                      "--set", "tokenizer.vocab_size=300", "--set", "pack.seq_len=16")
     assert result.returncode == 0, result.stderr
     assert "bad_json 1" in result.stderr + result.stdout
-    assert (tmp_path / "ds" / "manifest.json").is_file()
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert manifest["rejected"]["bad_json"] == 1
+    assert manifest["documents"] + sum(manifest["rejected"].values()) == 5  # every record kept or rejected
     bad = run_cli("data", "prepare", str(small), "--output", str(tmp_path / "ds2"), "--set", "dedup.bandz=3")
     assert bad.returncode == 2 and "unknown key 'dedup.bandz'" in bad.stderr
 
