@@ -111,7 +111,7 @@ class TokenizerSection(Section):
 
 class PackSection(Section):
     seq_len: int = Field(128, ge=1)  # each packed sequence holds seq_len + 1 tokens (inputs and shifted targets)
-    val_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.01, ge=0.0, le=0.5)  # held out as every round(1 / val_fraction)-th sequence
     shard_sequences: int = Field(4096, ge=1)  # sequences per tokens/*.npy shard
     seed: int = 0
 

@@ -1,5 +1,7 @@
 """Unit tests of the per-document stages: cleaning heuristics, decontamination rules, packing."""
 
+import collections
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -92,3 +94,27 @@ def test_validation_split_is_seeded_and_never_empty(tmp_path):
     tiny.add_documents([np.arange(1, 17, dtype=np.uint32)])
     result = tiny.close()
     assert result.val_sequences == 1 and result.train_sequences == 1
+
+
+def test_blended_repeats_leave_out_what_validation_holds(tmp_path):
+    """read.weights 2: every document comes again after the originals. Each token id below belongs to
+    one place in one document, so a validation token found in train is text training saw."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 30, size=40)
+    docs = [np.arange(1000 * (i + 1), 1000 * (i + 1) + n, dtype=np.uint32) for i, n in enumerate(lengths)]
+    origins = np.arange(len(docs))
+    writer = SequenceWriter(tmp_path, PackSection(seq_len=15, val_fraction=0.2, seed=3), eos_id=0, vocab_size=70000)
+    writer.add_documents(docs[:25], origins[:25], np.zeros(25, bool))
+    writer.add_documents(docs[25:], origins[25:], np.zeros(15, bool))
+    writer.add_documents(docs, origins, np.ones(len(docs), bool))
+    result = writer.close()
+    train = collections.Counter(read_sequences(tmp_path, "train").reshape(-1).tolist())
+    val = collections.Counter(read_sequences(tmp_path, "val").reshape(-1).tolist())
+    del train[0], val[0]  # EOS
+    assert val and not val.keys() & train.keys()
+    # Nothing else was left out: a validation token was written once, every other token twice (but for
+    # the incomplete last sequence), and what the repeats left out is exactly the validation tokens.
+    assert set(val.values()) == {1}
+    tail = result.dropped_tail_tokens
+    assert sum(1 for n in train.values() if n != 2) <= tail and set(train.values()) <= {1, 2}
+    assert result.val_repeat_tokens_dropped == len(val)

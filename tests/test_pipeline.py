@@ -169,6 +169,7 @@ def test_validation_split_and_blend_weights(ray_session, planted, tmp_path):
     pack = manifest["pack"]
     assert pack["val_sequences"] > 0 and pack["train_sequences"] > 0
     assert all(i % 5 == pack["val_indices"][0] % 5 for i in pack["val_indices"])
+    assert pack["val_repeat_tokens_dropped"] > 0  # the second copies left out what validation holds
     # weight 2: every kept document is packed twice
     single = prepare_planted(planted, tmp_path / "single", "pack.val_fraction=0.2", "dedup.fuzzy=false")
     assert pack["documents"] == 2 * single["pack"]["documents"]

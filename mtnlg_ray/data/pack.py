@@ -49,18 +49,21 @@ class PackedCorpus:
     train_sequences: int = 0
     val_sequences: int = 0
     val_indices: list[int] = field(default_factory=list)  # positions of held-out sequences in the stream
+    # Blended repeats (read.weights > 1) leave out the tokens a validation sequence holds of their
+    # original, so validation never scores text that training saw; these are the tokens left out.
+    val_repeat_tokens_dropped: int = 0
     shards: dict[str, list[str]] = field(default_factory=lambda: {"train": [], "val": []})
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def is_validation(index: int, cfg: PackSection) -> bool:
-    """Every k-th sequence (k = 1 / val_fraction), starting at an offset chosen by the seed."""
+def validation_rule(cfg: PackSection) -> tuple[int, int] | None:
+    """(k, offset): every k-th sequence (k = 1 / val_fraction, rounded) from an offset the seed picks."""
     if cfg.val_fraction <= 0:
-        return False
+        return None
     every = max(2, round(1 / cfg.val_fraction))
-    return index % every == np.random.default_rng(cfg.seed).integers(every)
+    return every, int(np.random.default_rng(cfg.seed).integers(every))
 
 
 class SequenceWriter:
@@ -76,20 +79,43 @@ class SequenceWriter:
         self.pending = np.empty(0, dtype=dtype)
         self.split_rows: dict[str, list[np.ndarray]] = {"train": [], "val": []}
         self.index = 0
+        self._held: dict[int, list[tuple[int, int, int]]] = {}  # original's seq -> (sequence, begin, end)
+        self._rule = validation_rule(cfg)
+        self._repeats_from: int | None = None  # the first sequence holding a blended repeat: none is validation
         output.mkdir(parents=True, exist_ok=True)
 
-    def add_documents(self, token_lists: list[np.ndarray]) -> None:
+    def add_documents(self, token_lists: list[np.ndarray], origins: np.ndarray | None = None,
+                      repeats: np.ndarray | None = None) -> None:
+        """Append documents to the stream. With a blend, `origins` names each document's original
+        (its `seq`) and `repeats` marks the extra copies, which come after every original. Validation
+        sequences are drawn from the originals alone, and a copy leaves out the spans of its original
+        that they hold (the pieces around them go in as documents of their own): validation never
+        scores text that training saw."""
         if not token_lists:
             return
         eos = np.array([self.result.eos_id], dtype=self.dtype)
         pieces = [self.pending]
-        for ids in token_lists:
-            pieces.extend((ids.astype(self.dtype, copy=False), eos))
+        position = self.index * self.width + len(self.pending)  # where the next document starts
+        added = 0
+        for i, ids in enumerate(token_lists):
+            parts = [ids]
+            if origins is not None and repeats[i]:
+                if self._repeats_from is None:
+                    self._start_repeats(position // self.width)
+                parts = self._outside_validation(ids, self._held.get(int(origins[i]), []))
+            elif origins is not None:
+                held = self._validation_spans(position, len(ids))
+                if held:
+                    self._held[int(origins[i])] = held
+            for part in parts:
+                pieces.extend((part.astype(self.dtype, copy=False), eos))
+                position += len(part) + 1
+            added += bool(parts)
         stream = np.concatenate(pieces)
-        self.result.documents += len(token_lists)
+        self.result.documents += added
         whole = len(stream) // self.width
         for row in stream[: whole * self.width].reshape(whole, self.width):
-            split = "val" if is_validation(self.index, self.cfg) else "train"
+            split = "val" if self._is_validation(self.index) else "train"
             if split == "val":
                 self.result.val_indices.append(self.index)
             self.split_rows[split].append(row)
@@ -97,6 +123,40 @@ class SequenceWriter:
             if len(self.split_rows[split]) >= self.cfg.shard_sequences:
                 self._flush(split)
         self.pending = stream[whole * self.width :]
+
+    def _is_validation(self, index: int) -> bool:
+        if self._repeats_from is not None and index >= self._repeats_from:
+            return False
+        return self._rule is not None and index % self._rule[0] == self._rule[1]
+
+    def _start_repeats(self, sequence: int) -> None:
+        """The repeats begin inside `sequence` (not cut yet): it and every later one are train."""
+        self._repeats_from = sequence
+        for origin, spans in list(self._held.items()):
+            spans = [span for span in spans if span[0] < sequence]
+            if spans:
+                self._held[origin] = spans
+            else:
+                del self._held[origin]
+
+    def _validation_spans(self, start: int, length: int) -> list[tuple[int, int]]:
+        """(sequence, begin, end): the spans of a document at stream position `start` in validation sequences."""
+        spans = []
+        for k in range(start // self.width, (start + length) // self.width + 1):
+            if self._is_validation(k):
+                begin, end = max(0, k * self.width - start), min(length, (k + 1) * self.width - start)
+                if begin < end:
+                    spans.append((k, begin, end))
+        return spans
+
+    def _outside_validation(self, ids: np.ndarray, spans: list[tuple[int, int, int]]) -> list[np.ndarray]:
+        parts, cursor = [], 0
+        for _, begin, end in spans:
+            parts.append(ids[cursor:begin])
+            cursor = end
+        parts.append(ids[cursor:])
+        self.result.val_repeat_tokens_dropped += sum(end - begin for _, begin, end in spans)
+        return [part for part in parts if len(part)]
 
     def _flush(self, split: str) -> None:
         rows = self.split_rows[split]
@@ -110,8 +170,10 @@ class SequenceWriter:
         self.split_rows[split] = []
 
     def close(self) -> PackedCorpus:
-        # A validation split with nothing in it is no split: give it the last train sequence.
-        if self.cfg.val_fraction > 0 and not self.result.val_indices and self.split_rows["train"]:
+        # A validation split with nothing in it is no split: give it the last train sequence (not with
+        # a blend, whose last sequences repeat text that training holds).
+        if (self.cfg.val_fraction > 0 and not self.result.val_indices and self.split_rows["train"]
+                and self._repeats_from is None):
             if self.index >= 2:
                 self.split_rows["val"].append(self.split_rows["train"].pop())
                 self.result.val_indices.append(self.index - 1)

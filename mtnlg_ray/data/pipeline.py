@@ -570,7 +570,7 @@ def _pack(docs, output: Path, tokenizer_file: Path, config: Config) -> dict:
         blended = docs.map_batches(
             blend_batch, fn_kwargs={"weights": config.read.weights, "seed": config.pack.seed}, batch_format="pyarrow"
         ).sort("seq")
-    tokenized = blended.select_columns(["text"]).map_batches(
+    tokenized = blended.select_columns(["text", "seq"] if blended is not docs else ["text"]).map_batches(
         tokenize_batch, fn_kwargs={"tokenizer_path": str(tokenizer_file)}, batch_format="pyarrow"
     )
     writer = SequenceWriter(output / "tokens", config.pack, eos_id(tok), tok.get_vocab_size())
@@ -578,7 +578,11 @@ def _pack(docs, output: Path, tokenizer_file: Path, config: Config) -> dict:
         column = batch.column("tokens").combine_chunks()
         offsets = column.offsets.to_numpy()
         values = column.values.to_numpy(zero_copy_only=False)
-        writer.add_documents([values[offsets[i] : offsets[i + 1]] for i in range(len(column))])
+        origins = repeats = None
+        if "seq" in batch.column_names:  # blended: copy << _COPY_BITS | the original's seq
+            seq = batch.column("seq").to_numpy()
+            origins, repeats = seq & ((1 << _COPY_BITS) - 1), (seq >> _COPY_BITS) > 0
+        writer.add_documents([values[offsets[i] : offsets[i + 1]] for i in range(len(column))], origins, repeats)
     return writer.close().to_json()
 
 
