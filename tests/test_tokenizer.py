@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mtnlg_ray.data.builtin import BUILTIN_PYTHON_DOCS, MIN_DOC_CHARS, python_docs_texts
-from mtnlg_ray.data.read import iter_texts, resolve_inputs
+from mtnlg_ray.data.read import iter_texts, resolve_inputs, resolve_sources
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
 from mtnlg_ray.inference import IncrementalText
 from mtnlg_ray.tokenizer import (
@@ -144,6 +144,23 @@ def test_glob_and_repeated_inputs(tmp_path):
         str(tmp_path / "x2.txt"),
     ]
     assert list(iter_texts([str(tmp_path / "**" / "y.txt")])) == ["y.txt"]
+    # Across INPUTs too (the pipeline keeps each INPUT's files apart, for read.weights): a file two of
+    # them name is read once, for the first.
+    x1 = str(tmp_path / "x1.txt")
+    assert resolve_sources([pattern, x1]) == [(pattern, [x1, str(tmp_path / "x2.txt")]), (x1, [])]
+
+
+def test_a_weight_on_an_input_whose_files_an_earlier_one_reads_is_refused(tmp_path):
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.data.pipeline import prepare_dataset
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("some text", encoding="utf-8")
+    inputs = [str(tmp_path / "d"), str(tmp_path / "d" / "a.txt")]
+    config = load_config(overrides=[f"read.weights={{'{inputs[1]}': 2.0}}"], stage="prepare")
+    with pytest.raises(InputError, match="is read for an earlier INPUT"):
+        prepare_dataset(inputs, tmp_path / "out", config)
+    assert not (tmp_path / "out").exists()  # refused before any work
 
 
 def _jsonl_lines() -> list[str]:

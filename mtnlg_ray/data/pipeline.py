@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtnlg_ray.config import Config
-from mtnlg_ray.data.read import REJECTED_COLUMNS, document_id, iter_records, iter_texts, resolve_inputs
+from mtnlg_ray.data.read import (REJECTED_COLUMNS, document_id, iter_records, iter_texts, resolve_inputs,
+                                  resolve_sources)
 from mtnlg_ray.errors import InputError
 from mtnlg_ray.publish import publish_file
 
@@ -380,12 +381,16 @@ def prepare_dataset(
     """
     started = time.perf_counter()
     output = Path(output)
-    items = [(spec, resolve_inputs([spec])) for spec in inputs]  # bad inputs fail here, before any work
+    items = resolve_sources(inputs)  # bad inputs fail here, before any work
     for spec in config.decontam.eval_files:
         resolve_inputs([spec])
     unknown = sorted(set(config.read.weights) - set(inputs))
     if unknown:
         raise InputError(f"read.weights: '{unknown[0]}' is not one of the INPUTs ({', '.join(inputs)})")
+    for spec, found in items:
+        if not found and spec in config.read.weights:
+            raise InputError(f"read.weights: every file of '{spec}' is read for an earlier INPUT, so its weight "
+                             "would weigh nothing; list it first or weigh the INPUT that names its files")
     if config.label.labeler is not None and config.label.model is None:
         raise InputError("label.model: the labeller needs a model path (set label.model)")
     _check_curation(config)
@@ -600,7 +605,7 @@ def label_corpus(inputs: Sequence[str], output: str | Path, config: Config) -> d
         raise InputError("label: both --labeler and --model are needed")
     started = time.perf_counter()
     output = Path(output)
-    items = [(spec, resolve_inputs([spec])) for spec in inputs]
+    items = resolve_sources(inputs)
     _prepare_output(output)
     _start_pipeline()
     run = PipelineRun()

@@ -48,6 +48,17 @@ def resolve_inputs(inputs: Sequence[str]) -> list[str]:
     return list(resolved)
 
 
+def resolve_sources(inputs: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """(INPUT, its files) for each INPUT, a file named by several read once, for the first that names it."""
+    seen: set[str] = set()
+    sources = []
+    for spec in inputs:
+        files = [f for f in resolve_inputs([spec]) if f not in seen]
+        seen.update(files)
+        sources.append((spec, files))
+    return sources
+
+
 @dataclass(frozen=True)
 class Record:
     """One record of a file: a document when `reason` is empty, else a rejected record."""
