@@ -189,7 +189,9 @@ class DecontamSection(Section):
     """Remove evaluation text from training data, as GPT-3 / MT-NLG did."""
 
     eval_files: PathList = []  # INPUTs holding the evaluation sets
+    text_field: str = "text"  # the text of each .jsonl / .parquet evaluation record
     ngram: int = Field(13, ge=1)  # word n-grams that count as a match
+    min_words: int = Field(8, ge=1)  # a shorter evaluation item matches whole from this many words
     window: int = Field(200, ge=0)  # characters cut on each side of a match
     min_fragment: int = Field(200, ge=0)  # pieces shorter than this are dropped
     max_splits: int = Field(10, ge=0)  # a document cut into more pieces than this is dropped

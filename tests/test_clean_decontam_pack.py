@@ -66,6 +66,16 @@ def test_decontamination_follows_the_gpt3_rules():
     assert dropped is None and pieces == 12
 
 
+def test_a_short_evaluation_item_matches_whole_from_eight_words():
+    question = "What is the largest city on the northern coast?"  # 9 words: no 13-gram
+    grams = eval_ngrams([question, "Paris"], 13, min_words=8)
+    text, pieces = decontaminate(PROSE * 3 + " " + question.upper() + " " + PROSE * 3, grams, DecontamSection())
+    assert "NORTHERN COAST" not in text and pieces == 2
+    # a one-word item is too common to mean contamination: the word stays wherever it is
+    paris = PROSE * 3 + " Paris " + PROSE * 3
+    assert decontaminate(paris, grams, DecontamSection()) == (paris, 1)
+
+
 def test_packing_is_exact_and_drops_only_the_tail(tmp_path):
     cfg = PackSection(seq_len=7, val_fraction=0.0, shard_sequences=3)
     writer = SequenceWriter(tmp_path, cfg, eos_id=0, vocab_size=300)

@@ -189,6 +189,13 @@ def test_missing_input_and_unwritable_output_fail_up_front(ray_session, planted,
     with pytest.raises(InputError, match="holds no manifest.json"):
         prepare_dataset([str(planted["corpus"])], occupied, config)
     assert (occupied / "keep.txt").read_text() == "mine"
+    # evaluation records whose text is under another field would make decontamination a silent no-op
+    evals = tmp_path / "qa.jsonl"
+    evals.write_text(json.dumps({"question": "Which river runs through the old town of the capital city?"}) + "\n")
+    other_field = load_config(overrides=[f"decontam.eval_files=[{evals}]"], stage="prepare")
+    with pytest.raises(InputError, match=r"no evaluation text to match \(missing_field 1\).*decontam.text_field"):
+        prepare_dataset([str(planted["corpus"])], tmp_path / "never", other_field)
+    assert not (tmp_path / "never").exists()
 
 
 def test_cli_prepare_exits_0_and_bad_config_exits_2(planted, tmp_path):

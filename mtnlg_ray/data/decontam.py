@@ -1,7 +1,9 @@
 """Decontamination stage: cut evaluation text out of the training corpus (GPT-3 / MT-NLG rules).
 
 Word 13-grams of the evaluation files are collected once; a training document that shares one
-loses the matched span plus `window` characters on each side. Pieces shorter than
+loses the matched span plus `window` characters on each side. An evaluation item shorter than 13
+words matches as a whole when it has at least `min_words` words (GPT-3's floor of 8); shorter items
+are phrases too common to tell contamination from chance. Pieces shorter than
 `min_fragment` characters are dropped, and a document cut into more than `max_splits` pieces
 is dropped whole. Surviving pieces stay one document, joined by a blank line.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -25,36 +28,52 @@ def _gram_key(words: Iterable[str]) -> int:
     return int.from_bytes(hashlib.blake2b(" ".join(words).encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def eval_ngrams(texts: Iterable[str], n: int) -> frozenset[int]:
-    """Hashed, lowercased word n-grams of the evaluation texts (the whole text when shorter than n)."""
-    grams: set[int] = set()
+@dataclass(frozen=True)
+class EvalGrams:
+    """Hashed, lowercased word n-grams of the evaluation texts, and the window sizes to look them up with."""
+
+    keys: frozenset[int]
+    lengths: tuple[int, ...]  # n, and the lengths of the whole items shorter than n that count
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def eval_ngrams(texts: Iterable[str], n: int, min_words: int = 8) -> EvalGrams:
+    """The n-grams of every evaluation text; a text of `min_words` to n - 1 words is one key of its own."""
+    keys: set[int] = set()
+    lengths = {n}
     for text in texts:
         words = [w.lower() for w in _WORD.findall(text)]
-        if 0 < len(words) < n:
-            grams.add(_gram_key(words))
+        if min(min_words, n) <= len(words) < n:
+            keys.add(_gram_key(words))
+            lengths.add(len(words))
         for i in range(len(words) - n + 1):
-            grams.add(_gram_key(words[i : i + n]))
-    return frozenset(grams)
+            keys.add(_gram_key(words[i : i + n]))
+    return EvalGrams(frozenset(keys), tuple(sorted(lengths)))
 
 
-def contaminated_spans(text: str, grams: frozenset[int], n: int) -> list[tuple[int, int]]:
-    """Character spans of `text` covered by a matching n-gram, merged where they overlap."""
+def contaminated_spans(text: str, grams: EvalGrams) -> list[tuple[int, int]]:
+    """Character spans of `text` covered by a matching n-gram (or short item), merged where they overlap."""
     matches = list(_WORD.finditer(text))
     words = [m.group().lower() for m in matches]
+    found: list[tuple[int, int]] = []
+    for n in grams.lengths:
+        for i in range(len(words) - n + 1):
+            if _gram_key(words[i : i + n]) in grams.keys:
+                found.append((matches[i].start(), matches[i + n - 1].end()))
     spans: list[tuple[int, int]] = []
-    for i in range(len(words) - n + 1):
-        if _gram_key(words[i : i + n]) in grams:
-            start, end = matches[i].start(), matches[i + n - 1].end()
-            if spans and start <= spans[-1][1]:
-                spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
-            else:
-                spans.append((start, end))
+    for start, end in sorted(found):
+        if spans and start <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
+        else:
+            spans.append((start, end))
     return spans
 
 
-def decontaminate(text: str, grams: frozenset[int], cfg: DecontamSection) -> tuple[str | None, int]:
+def decontaminate(text: str, grams: EvalGrams, cfg: DecontamSection) -> tuple[str | None, int]:
     """(the text left, or None when the document is dropped; the number of pieces it was cut into)."""
-    spans = contaminated_spans(text, grams, cfg.ngram)
+    spans = contaminated_spans(text, grams)
     if not spans:
         return text, 1
     cuts: list[tuple[int, int]] = []
@@ -77,7 +96,7 @@ def decontaminate(text: str, grams: frozenset[int], cfg: DecontamSection) -> tup
     return ("\n\n".join(kept) if kept else None), split_count
 
 
-def decontaminate_batch(batch: pa.Table, grams: frozenset[int], cfg: DecontamSection) -> pa.Table:
+def decontaminate_batch(batch: pa.Table, grams: EvalGrams, cfg: DecontamSection) -> pa.Table:
     """Cut contaminated spans from `text`; dropped documents get reason "contaminated"."""
     texts, reasons, details = [], [], []
     for text in batch.column("text").to_pylist():

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,8 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtnlg_ray.config import Config
-from mtnlg_ray.data.read import (REJECTED_COLUMNS, document_id, iter_records, iter_texts, resolve_inputs,
-                                  resolve_sources)
+from mtnlg_ray.data.read import (REJECTED_COLUMNS, document_id, iter_records, iter_texts, resolve_sources)
 from mtnlg_ray.errors import InputError
 from mtnlg_ray.publish import publish_file
 
@@ -382,8 +382,7 @@ def prepare_dataset(
     started = time.perf_counter()
     output = Path(output)
     items = resolve_sources(inputs)  # bad inputs fail here, before any work
-    for spec in config.decontam.eval_files:
-        resolve_inputs([spec])
+    grams = _evaluation_grams(config.decontam)  # read up front: a bad evaluation file is one line, before any work
     unknown = sorted(set(config.read.weights) - set(inputs))
     if unknown:
         raise InputError(f"read.weights: '{unknown[0]}' is not one of the INPUTs ({', '.join(inputs)})")
@@ -399,7 +398,7 @@ def prepare_dataset(
 
     run = PipelineRun(on_stage=on_stage)
     try:
-        docs, read_counts = _curate(run, items, config)
+        docs, read_counts = _curate(run, items, config, grams)
     except NothingLeft as empty:
         raise _stop_on_empty(run, output, inputs, empty.stage, started) from None
 
@@ -467,7 +466,22 @@ def _check_curation(config: Config) -> None:
                              f"got {unknown[0]!r}" if unknown else "lang.keep: expected at least one language code")
 
 
-def _curate(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config):
+def _evaluation_grams(cfg):
+    """The n-grams of `decontam.eval_files`, or None without any; refuses files that give no text to match."""
+    from mtnlg_ray.data.decontam import eval_ngrams
+
+    if not cfg.eval_files:
+        return None
+    skipped: Counter[str] = Counter()
+    grams = eval_ngrams(iter_texts(cfg.eval_files, cfg.text_field, skipped), cfg.ngram, cfg.min_words)
+    if not grams:  # e.g. no record has decontam.text_field: decontamination would silently do nothing
+        reasons = ", ".join(f"{reason} {n:,}" for reason, n in sorted(skipped.items())) or "no text"
+        raise InputError(f"decontam.eval_files: no evaluation text to match ({reasons}); check "
+                         f"decontam.text_field ('{cfg.text_field}') and decontam.min_words ({cfg.min_words})")
+    return grams
+
+
+def _curate(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config, grams=None):
     """read → clean → dedup → label → decontaminate; the kept documents and the documents read per source.
 
     Raises `NothingLeft` from the first stage that leaves no document.
@@ -516,10 +530,7 @@ def _curate(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config
         docs = _run_stage(run, f"label ({config.label.labeler})", docs, lambda d: filter_labelled(
             label_documents(d, config.label), config.label))
 
-    if config.decontam.eval_files:
-        from mtnlg_ray.data.decontam import eval_ngrams
-
-        grams = eval_ngrams(iter_texts(config.decontam.eval_files), config.decontam.ngram)
+    if grams is not None:
         grams_ref = ray.put(grams)
         docs = _run_stage(run, "decontaminate", docs, lambda d: _split(
             d.map_batches(_decontaminate_with_ref, fn_kwargs={"grams_ref": [grams_ref], "cfg": config.decontam},
