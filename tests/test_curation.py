@@ -131,6 +131,12 @@ def test_pii_is_redacted_and_look_alikes_survive():
     assert counts == {"email": 1, "phone": 2, "ip": 2, "card": 1}
     assert clean.startswith("<EMAIL> <PHONE> <IP> <CARD> <PHONE> <IP>")
     assert luhn_valid("4111111111111111") and not luhn_valid("4111111111111112")
+    # an address that ends a sentence, US numbers written with spaces
+    assert redact("Server at 10.0.0.1. Call 415 555 0134 or (415) 555 0134.")[0] == \
+        "Server at <IP>. Call <PHONE> or <PHONE>."
+    # four-part versions and code stay: slices and Haskell's `::` are no IPv6 addresses
+    code = "version 2.0.1.3, Version: 1.2.3.4, v1.2.3.4, s[::-1] + x[::2] + a[1::2], f :: Int -> Int"
+    assert redact(code) == (code, {})
 
 
 def test_blocklist_matches_domains_and_their_subdomains_only(tmp_path):

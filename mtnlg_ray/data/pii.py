@@ -20,12 +20,17 @@ from mtnlg_ray.data.columns import with_column
 EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 # 16 digits in fours, Amex's 4-6-5, or an unbroken 15 or 16; separators one space or dash.
 CARD = re.compile(r"(?<![\d-])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{4}|\d{4}([ -]?)\d{6}\2\d{5})(?![\d-])")
-IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
+# Not inside a longer dotted number or a word ("v1.2.3.4"); a full stop may end the sentence after it.
+IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
+# A four-part number right after one of these words is a version, not an address.
+VERSION_WORDS = re.compile(r"(?:version|versions|release|ver|v|build|update|python|firmware)[.:]?\s*$",
+                           re.IGNORECASE)
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 PHONE = re.compile(
     r"(?<![\w+])(?:"
     r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"  # +44 20 7946 0958, +33 1 23 45 67 89
     r"|(?:\(\d{3}\)\s?|\d{3}[.-])\d{3}[.-]\d{4}"  # (415) 555-0134, 415-555-0134, 415.555.0134
+    r"|(?:\(\d{3}\)|\d{3}) \d{3} \d{4}"  # 415 555 0134, (415) 555 0134
     r")(?!\w)"
 )
 KINDS = ("email", "phone", "ip", "card")
@@ -47,7 +52,7 @@ def redact(text: str) -> tuple[str, Counter[str]]:
 
     def replace(kind: str, placeholder: str, valid=None):
         def substitute(match: re.Match) -> str:
-            if valid is not None and not valid(match.group(0)):
+            if valid is not None and not valid(match):
                 return match.group(0)
             counts[kind] += 1
             return placeholder
@@ -55,20 +60,26 @@ def redact(text: str) -> tuple[str, Counter[str]]:
         return substitute
 
     text = EMAIL.sub(replace("email", "<EMAIL>"), text)
-    text = CARD.sub(replace("card", "<CARD>", lambda s: luhn_valid(re.sub(r"\D", "", s))), text)
+    text = CARD.sub(replace("card", "<CARD>", lambda m: luhn_valid(re.sub(r"\D", "", m.group(0)))), text)
     text = IPV4.sub(replace("ip", "<IP>", _ipv4), text)
     text = IPV6.sub(replace("ip", "<IP>", _ipv6), text)
-    text = PHONE.sub(replace("phone", "<PHONE>", lambda s: 7 <= len(re.sub(r"\D", "", s)) <= 15), text)
+    text = PHONE.sub(replace("phone", "<PHONE>", lambda m: 7 <= len(re.sub(r"\D", "", m.group(0))) <= 15), text)
     return text, counts
 
 
-def _ipv4(candidate: str) -> bool:
-    return all(int(part) <= 255 and (part == "0" or not part.startswith("0")) for part in candidate.split("."))
+def _ipv4(match: re.Match) -> bool:
+    if VERSION_WORDS.search(match.string, max(0, match.start() - 12), match.start()):
+        return False
+    return all(int(part) <= 255 and (part == "0" or not part.startswith("0")) for part in match.group(0).split("."))
 
 
-def _ipv6(candidate: str) -> bool:
-    # At least one hex letter or a '::', so times like 12:30:45 stay.
+def _ipv6(match: re.Match) -> bool:
+    candidate = match.group(0)
+    # At least one hex letter or a '::', so times like 12:30:45 stay; and at least three groups, so
+    # code stays: slices (x[::2], x[1::2]) and Haskell's `f :: Int`.
     if "::" not in candidate and not re.search(r"[A-Fa-f]", candidate):
+        return False
+    if sum(1 for group in candidate.split(":") if group) < 3:
         return False
     try:
         ipaddress.IPv6Address(candidate)
