@@ -106,7 +106,7 @@ class DataSection(Section):
 
 class TokenizerSection(Section):
     path: OptionalPath = None
-    vocab_size: int = Field(8192, ge=257)
+    vocab_size: int = Field(8192, ge=258)  # 256 bytes, <|endoftext|> and one merge (tokenizer.MIN_VOCAB_SIZE)
 
 
 class PackSection(Section):

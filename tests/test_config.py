@@ -40,11 +40,14 @@ def test_file_values_and_overrides_stack(tmp_path):
         ("parallel.workers=[3, 1]", "parallel.workers: expected [min, max]"),
         ("train.beta2=1.5", "train.beta2"),
         ("train", "expected KEY=VALUE"),
+        # refused here, not after a whole curation run reaches the tokenizer or the split
+        ("tokenizer.vocab_size=257", "tokenizer.vocab_size: Input should be greater than or equal to 258"),
+        ("pack.val_fraction=0.6", "pack.val_fraction: Input should be less than or equal to 0.5"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
-        load_config(overrides=[override])
+        load_config(overrides=[override], stage="prepare")
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 

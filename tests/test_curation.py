@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -143,6 +144,12 @@ def test_blocklist_matches_domains_and_their_subdomains_only(tmp_path):
     listed = {"spam.example.biz", "clickbait.example"}
     assert blocked_domain("https://spam.example.biz/x", listed) == "spam.example.biz"
     assert blocked_domain("http://a.b.spam.example.biz", listed) == "spam.example.biz"
+    # a URL that cannot be parsed is one rejected document, not a failed run
+    from mtnlg_ray.data.urls import url_batch
+
+    checked = url_batch(pa.table({"url": ["http://[::1", "https://ok.example.org/a", "https://spam.example.biz/b"]}),
+                        sorted(listed))
+    assert checked.column("reason").to_pylist() == ["bad_url", "", "url_blocklist"]
     assert blocked_domain("https://notspam.example.biz/x", listed) is None  # not a subdomain
     assert blocked_domain("clickbait.example/path", listed) == "clickbait.example"  # no scheme
     assert blocked_domain("https://example.biz", listed) is None

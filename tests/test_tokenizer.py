@@ -211,6 +211,12 @@ def test_parquet_column(tmp_path):
         list(iter_texts([str(path)]))
     with pytest.raises(InputError, match="expected string"):
         list(iter_texts([str(path)], text_field="id"))
+    # A writer that stored bytes that are not UTF-8 as strings: those rows are rejected, the rest read.
+    raw = pa.array([b"first", b"caf\xe9 au lait", None, b"last"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": raw}), tmp_path / "latin1.parquet")
+    skipped = Counter()
+    assert list(iter_texts([str(tmp_path / "latin1.parquet")], skipped=skipped)) == ["first", "last"]
+    assert skipped == Counter(bad_utf8=1, missing_field=1)
 
 
 @pytest.mark.parametrize(

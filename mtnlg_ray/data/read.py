@@ -451,6 +451,25 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+_NOT_UTF8 = object()  # a Parquet string value whose bytes are not UTF-8 (writers do not all check)
+
+
+def _strings(column) -> list:
+    """The column's values; when some are not UTF-8, those become `_NOT_UTF8` and the rest still read."""
+    import pyarrow as pa
+
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        values = []
+        for raw in column.cast(pa.large_binary()).to_pylist():
+            try:
+                values.append(None if raw is None else raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                values.append(_NOT_UTF8)
+        return values
+
+
 def _parquet_records(item: str, text_field: str, url_field: str | None = None) -> Iterator[Record]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -468,11 +487,13 @@ def _parquet_records(item: str, text_field: str, url_field: str | None = None) -
         row = 0
         with_url = url_field is not None and url_field in names and url_field != text_field
         for batch in parquet.iter_batches(columns=[text_field, url_field] if with_url else [text_field]):
-            urls = batch.column(1).to_pylist() if with_url else [None] * batch.num_rows
-            for text, url in zip(batch.column(0).to_pylist(), urls):
+            urls = _strings(batch.column(1)) if with_url else [None] * batch.num_rows
+            for text, url in zip(_strings(batch.column(0)), urls):
                 where = f"{item}:{row}"
                 row += 1
-                if text is None:
+                if text is _NOT_UTF8:
+                    yield Record(where, None, "bad_utf8", f"column {text_field!r} is not valid UTF-8")
+                elif text is None:
                     yield Record(where, None, "missing_field", f"column {text_field!r} is null")
                 elif not text:
                     yield Record(where, None, "empty", f"column {text_field!r} is empty")

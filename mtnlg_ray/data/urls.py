@@ -46,7 +46,12 @@ def url_batch(batch: pa.Table, domains: list[str]) -> pa.Table:
     listed = set(domains)
     reasons, details = [], []
     for url in batch.column("url").to_pylist():
-        domain = blocked_domain(url, listed) if url else None
+        try:
+            domain = blocked_domain(url, listed) if url else None
+        except ValueError as err:  # urlsplit: "http://[::1" and the like; its domain cannot be checked
+            reasons.append("bad_url")
+            details.append(f"{url!r}: {err}")
+            continue
         reasons.append("url_blocklist" if domain else "")
         details.append(f"{url} is on {domain}" if domain else "")
     batch = with_column(batch, "reason", pa.array(reasons, pa.string()))
