@@ -107,6 +107,7 @@ def write_corpus(folder: Path) -> tuple[Path, Path]:
         if i == 3:
             text += "\nUpdated " + ", ".join(LOOK_ALIKES) + "."
         rows.append({"text": text, "url": f"https://news.example.com/story/{i}"})
+    rows += [dict(rows[5]), dict(rows[5])]  # one story syndicated three times: exact dedup keeps one
     for language, texts in FOREIGN.items():
         for i, text in enumerate(texts):
             rows.append({"text": text, "url": f"https://{language}.example.net/{i}"})
@@ -181,6 +182,8 @@ def test_one_prepare_curates_a_mixed_corpus(ray_session, tmp_path):
         by_reason.setdefault(row["reason"], []).append(row)
     assert len(by_reason.pop("language")) == 9
     assert len(by_reason.pop("url_blocklist")) == 3
+    # line dedup counts the three copies as one document, so their lines are no boilerplate
+    assert len(by_reason.pop("exact_duplicate")) == 2
     assert by_reason == {}
     docs = pq.read_table(out / "docs").to_pylist()
     assert len(docs) == len(ENGLISH) and {d["language"] for d in docs} == {"en"}

@@ -1,7 +1,7 @@
 """Repeated-line removal (`dedup.lines: true`), as CCNet removes boilerplate: a line that appears in
 at least `dedup.line_min_docs` documents (menus, cookie notices, "subscribe to our newsletter") is
-removed from every document. Line counts come from a Ray Data groupby over (line hash, document)
-pairs, like the other dedup steps; a document left under `clean.min_words` words is rejected with
+removed from every document. Line counts come from Ray Data groupbys over (line hash, document text
+hash) pairs, like the other dedup steps, so exact copies of a document count once; a document left under `clean.min_words` words is rejected with
 reason `short_after_line_dedup`.
 """
 
@@ -21,13 +21,19 @@ def line_key(line: str) -> str:
 
 
 def line_keys_batch(batch: pa.Table) -> pa.Table:
-    """One row per distinct non-empty line of each document: (line key, document id)."""
-    keys, ids = [], []
-    for doc_id, text in zip(batch.column("id").to_pylist(), batch.column("text").to_pylist()):
+    """One row per distinct non-empty line of each document: (line key, the document's exact-dedup key).
+
+    Documents are told apart by their text, not their id: the copies of a document that exact dedup
+    will reduce to one count once, so a page repeated three times does not make all its lines boilerplate."""
+    from mtnlg_ray.data.minhash import exact_digest, normalize_text
+
+    keys, docs = [], []
+    for text in batch.column("text").to_pylist():
+        doc = exact_digest(normalize_text(text)).hex()
         for key in {line_key(line) for line in text.split("\n") if line.strip()}:
             keys.append(key)
-            ids.append(doc_id)
-    return pa.table({"line": pa.array(keys, pa.string()), "id": pa.array(ids, pa.string())})
+            docs.append(doc)
+    return pa.table({"line": pa.array(keys, pa.string()), "doc": pa.array(docs, pa.string())})
 
 
 def remove_lines_batch(batch: pa.Table, repeated: set[str], min_words: int) -> pa.Table:
@@ -50,8 +56,9 @@ def remove_lines_batch(batch: pa.Table, repeated: set[str], min_words: int) -> p
 
 def repeated_lines(docs, min_docs: int) -> set[str]:
     """Keys of the lines found in at least `min_docs` documents (a Ray Data groupby)."""
-    pairs = docs.select_columns(["id", "text"]).map_batches(line_keys_batch, batch_format="pyarrow")
-    counts = pairs.groupby("line").count()
+    pairs = docs.select_columns(["text"]).map_batches(line_keys_batch, batch_format="pyarrow")
+    distinct = pairs.groupby(["line", "doc"]).count()  # one row per (line, distinct document text)
+    counts = distinct.select_columns(["line"]).groupby("line").count()
     frequent = counts.map_batches(_frequent_batch, fn_kwargs={"min_docs": min_docs}, batch_format="pyarrow")
     return {key for batch in frequent.iter_batches(batch_format="pyarrow") for key in batch.column("line").to_pylist()}
 
