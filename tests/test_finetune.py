@@ -657,3 +657,33 @@ def test_ngram_every_round_without_the_ngram_teacher_is_one_line_error(tmp_path)
                      "--set", f"selftrain.unlabelled={tmp_path / 'pool.tsv'}",
                      "--set", "selftrain.ngram_every_round=true")
     assert_one_line_error(result, "selftrain.ngram_every_round")
+
+
+def test_epochs_bound_a_run_that_max_tokens_also_bounds_and_an_early_stop_survives_a_restart(
+        ray_session, tiny_checkpoint, word_files, tmp_path):
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.trainer import finetune
+    from mtnlg_ray.train.loop import _recorded_best
+    from mtnlg_ray.train.plot import read_metrics
+
+    def run(name: str, *extra: str) -> list[dict]:
+        cfg = load_config(overrides=[
+            f"init.checkpoint={tiny_checkpoint}", f"data.train={word_files / 'train.tsv'}",
+            f"data.dev={word_files / 'dev.tsv'}", "data.text_field=sentence", "train.micro_batch_size=8",
+            "train.global_batch_size=8", "train.peak_tflops=1.0", f"run.storage_path={tmp_path / 'runs'}",
+            f"run.name={name}", *extra], stage="finetune")
+        finetune(cfg)
+        return [r for r in read_metrics(tmp_path / "runs" / name) if "loss" in r]
+
+    # Whichever bound comes first: one epoch (40 examples, 8 a step), however many tokens are allowed.
+    assert [r["step"] for r in run("bounded", "train.epochs=1", "train.max_tokens=1000000000")] == [1, 2, 3, 4, 5]
+
+    # An LR too small to change a prediction: epoch 2 is no better than epoch 1, and patience 1 stops there.
+    frozen = ("train.epochs=10", "train.patience=1", "train.lr=1e-12", "checkpoint.every_steps=1000")
+    first = run("stopped", *frozen)
+    assert first[-1]["step"] == 10 and sum(1 for r in first if "dev" in r) == 2
+    # Started again with the same run.name, it resumes stopped: no third epoch (metrics.jsonl holds both runs).
+    assert max(r["step"] for r in run("stopped", *frozen)) == 10
+    # best/ records the score it was saved with; a resumed run compares against that, not a stale checkpoint's
+    best = _recorded_best(tmp_path / "runs" / "stopped" / "best", "accuracy")
+    assert best == next(r for r in first if r.get("best"))["dev"]["accuracy"]

@@ -417,6 +417,39 @@ def test_unset_decay_tokens_decay_over_the_run_and_a_set_one_is_kept():
     assert run_tokens(by_tokens, 128) == 13 * 32 * 128  # the step that crosses 50,000 tokens is the last
     assert run_tokens(by_tokens.model_copy(update={"max_steps": None}), 128) == 50_000
     assert run_tokens(by_tokens.model_copy(update={"max_steps": None, "max_tokens": None}), 128) is None
+    # Batches as the workers take them: whole micro-batches (8) at each data-parallel rank, so 3 ranks
+    # take 24 of the 32 and 8 ranks 64; the decay follows, and still ends on the last step.
+    for workers, batch in ((3, 24), (8, 64)):
+        spread = load_config(overrides=["train.max_steps=200", f"parallel.workers={workers}"], stage="pretrain")
+        assert decay_over_the_run(spread, 128).train.decay_tokens == 200 * batch * 128
+    # A run that only its epochs end (max_steps unset) decays over them: one pass over 1,000
+    # sequences is 32 steps of 32, not MT-NLG's 340B tokens at the peak LR.
+    one_pass = load_config(overrides=["train.max_steps=null"], stage="pretrain")
+    assert decay_over_the_run(one_pass, 128, sequences=1000).train.decay_tokens == 32 * 32 * 128
+
+
+def test_held_out_loss_weighs_a_short_last_micro_batch_by_its_sequences(shakespeare):
+    import dataclasses
+
+    from mtnlg_ray.model import GPT, PRESETS, lm_loss
+    from mtnlg_ray.train.tasks import LMTask
+
+    cfg = load_config(overrides=[f"data.path={shakespeare}", "train.eval_batches=100000"], stage="pretrain")
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(PRESETS["tiny"], vocab_size=512, seq_len=64)).eval()
+    task = LMTask(cfg, None, model.config)
+    with torch.no_grad():
+        rows = task.val.rows(np.arange(len(task.val)))
+        per_row = torch.stack([lm_loss(model(r[None, :-1]), r[None, 1:]) for r in rows]).double()
+    # Two micro-batches over every held-out sequence, the second a short one: the split where the mean
+    # of the two batches' means is furthest from the mean over sequences.
+    n = len(per_row)
+    batch_means = {m: float(per_row[:m].mean() + per_row[m:].mean()) / 2 for m in range(n // 2 + 1, n)}
+    micro = max(batch_means, key=lambda m: abs(batch_means[m] - float(per_row.mean())))
+    assert len(task.eval_indices(micro)) == n and abs(batch_means[micro] - float(per_row.mean())) > 1e-3
+    with torch.no_grad():
+        got = task.evaluate(model, torch.device("cpu"), micro)["loss"]
+    assert got == pytest.approx(float(per_row.mean()), rel=1e-5)  # the mean over sequences, not over batches
 
 
 @pytest.mark.slow

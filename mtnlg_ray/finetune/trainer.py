@@ -93,8 +93,12 @@ def _default_schedule(cfg: Config, epoch_tokens: int, examples_hint: int) -> Con
     if cfg.train.max_tokens is not None:
         run_tokens = min(run_tokens, cfg.train.max_tokens)
     if cfg.train.max_steps is not None and examples_hint:
+        from mtnlg_ray.train.schedule import global_batch
+        from mtnlg_ray.train.trainer import planned_dp
+
         per_sequence = epoch_tokens / examples_hint
-        run_tokens = min(run_tokens, int(cfg.train.max_steps * cfg.train.global_batch_size * per_sequence))
+        batch = global_batch(0, cfg.train, planned_dp(cfg))  # as the workers take it: whole micro-batches a rank
+        run_tokens = min(run_tokens, int(cfg.train.max_steps * batch * per_sequence))
     update = {}
     if "decay_tokens" not in cfg.train.model_fields_set:
         update["decay_tokens"] = max(1, int(run_tokens))

@@ -218,6 +218,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state.step, state.tokens, state.cursor = previous.step, previous.tokens, previous.cursor
         state.best_metric, state.stale_evals = previous.best_metric, previous.stale_evals
         resumed_from = {"step": previous.step, "world_size": previous.world_size}
+        # best/ is written at every better dev score, checkpoints only every checkpoint.every_steps:
+        # best/ may be newer than the checkpoint. Only a model better than it may replace it.
+        recorded = _recorded_best(run_dir / "best", cfg.task.dev_metric) if task.keeps_best else None
+        if recorded is not None and _better(recorded, state.best_metric, cfg.task.dev_metric):
+            state.best_metric = recorded
 
     # Measured once setup is done (model built, sharded, loaded; optimizer made), before any step.
     param_bytes = max_over_world(local_param_bytes(parts), device)
@@ -242,15 +247,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
           + (f", resumed from a checkpoint written at world size {resumed_from['world_size']}" if resumed_from else ""),
           flush=True)
 
-    def finished() -> bool:
+    def finished() -> bool:  # whichever bound comes first
         if cfg.train.max_steps is not None and state.step >= cfg.train.max_steps:
             return True
-        if cfg.train.max_tokens is not None:
-            return state.tokens >= cfg.train.max_tokens
+        if cfg.train.max_tokens is not None and state.tokens >= cfg.train.max_tokens:
+            return True
         return epoch_limit is not None and state.cursor >= epoch_limit * examples
 
     micro = cfg.train.micro_batch_size
-    stopped_early = False
+    # A run that stopped on patience and is started again (the same run.name) stays stopped.
+    stopped_early = cfg.train.patience is not None and state.stale_evals >= cfg.train.patience
     first_step = True
     remeasure_at = state.step + PEAK_REMEASURE_STEP
     while not finished() and not stopped_early:
@@ -368,6 +374,17 @@ def _save_consolidated(parts: list, task, model_config: GPTConfig, output: Path,
         full = {name: full[name] for name in order if name in full}
     if rank == 0:
         task.save(full, model_config, output, tokenizer_file, extra)
+
+
+def _recorded_best(best_dir: Path, metric: str | None) -> float | None:
+    """The dev score `best_dir` was saved with (its config.json's "trained"), or None."""
+    if metric is None:
+        return None
+    try:
+        trained = json.loads((best_dir / "config.json").read_text()).get("trained", {})
+    except (OSError, ValueError):
+        return None
+    return trained.get("dev", {}).get(metric)
 
 
 def _evaluate_pipeline(pipeline, task, micro: int, mesh, device) -> dict | None:

@@ -35,17 +35,24 @@ def global_batch(tokens: int, cfg: TrainSection, dp: int) -> int:
     return max(unit, (target // unit) * unit)
 
 
-def run_tokens(cfg: TrainSection, seq_len: int) -> int | None:
-    """Tokens a run of `seq_len`-token sequences consumes before `max_steps` / `max_tokens` end it.
+def run_tokens(cfg: TrainSection, seq_len: int, dp: int = 1, examples: int | None = None) -> int | None:
+    """Tokens a run of `seq_len`-token sequences consumes before `max_steps`, `max_tokens` or its
+    epochs over `examples` sequences end it, whichever comes first.
 
-    Follows the batch ramp-up step by step (at one data-parallel rank; more ranks round each batch
-    down to whole micro-batches, so they take at most this many). None when neither bound is set.
+    Follows the batch ramp-up step by step, each batch whole micro-batches at `dp` data-parallel
+    ranks, as the workers take it. None when nothing bounds the run (or only epochs, with
+    `examples` unknown).
     """
-    if cfg.max_steps is None:
+    epochs = cfg.epoch_limit()
+    by_epochs = epochs * examples if epochs is not None and examples else None
+    if cfg.max_steps is None and by_epochs is None:
         return cfg.max_tokens
-    tokens = 0
-    for _ in range(cfg.max_steps):
-        if cfg.max_tokens is not None and tokens >= cfg.max_tokens:
-            break
-        tokens += global_batch(tokens, cfg, 1) * seq_len
+    tokens = cursor = step = 0
+    while not ((cfg.max_steps is not None and step >= cfg.max_steps)
+               or (cfg.max_tokens is not None and tokens >= cfg.max_tokens)
+               or (by_epochs is not None and cursor >= by_epochs)):
+        batch = global_batch(tokens, cfg, dp)
+        tokens += batch * seq_len
+        cursor += batch
+        step += 1
     return tokens

@@ -73,13 +73,11 @@ class LMTask:
         model.eval()
         mine = self.eval_indices(batch, mesh)
         total = torch.zeros((), device=device)
-        batches = 0
         for start in range(0, len(mine), batch):
             rows = self.val.rows(mine[start : start + batch]).to(device)
-            with loss_parallel_context(mesh):
-                total += plain(lm_loss(model(rows[:, :-1]), rows[:, 1:]))
-            batches += 1
-        return {"loss": mean_over_dp(total / batches, mesh)}
+            with loss_parallel_context(mesh):  # a short last micro-batch weighs by its sequences, not as a whole one
+                total += plain(lm_loss(model(rows[:, :-1]), rows[:, 1:])) * len(rows)
+        return {"loss": mean_over_dp(total / len(mine), mesh)}  # every rank holds as many sequences
 
     def save(self, state: dict, model_config: GPTConfig, output: Path, tokenizer_json: Path, extra: dict) -> Path:
         from mtnlg_ray.checkpoint import save_state_dict

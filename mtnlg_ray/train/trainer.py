@@ -116,7 +116,7 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
         raise InputError(f"{dataset}: no training sequences (packed at pack.seq_len={shards.seq_len}); prepare more "
                          "text, or a smaller pack.seq_len with `data prepare --set pack.seq_len=N`")
     check_run_layout(cfg, model_config, "lm")  # the layout's own mistakes first
-    cfg = decay_over_the_run(cfg, shards.seq_len)
+    cfg = decay_over_the_run(cfg, shards.seq_len, len(shards))
     tp = cfg.parallel.tp
     if tp > 1 and cfg.parallel.sequence_parallel and shards.seq_len % tp:
         raise ConfigError(f"parallel.sequence_parallel: the packed sequences of {dataset} have {shards.seq_len} "
@@ -124,15 +124,24 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
     return run_training("pretrain", "lm", cfg, model_config, vocab, dataset / "tokenizer" / "tokenizer.json", on_record)
 
 
-def decay_over_the_run(cfg: Config, seq_len: int) -> Config:
+def planned_dp(cfg: Config) -> int:
+    """Data-parallel ranks at the run's (largest) worker count: what the schedule is planned for."""
+    par = cfg.parallel
+    workers = par.workers if isinstance(par.workers, int) else par.workers[1]
+    return max(1, workers // (par.tp * par.pp))
+
+
+def decay_over_the_run(cfg: Config, seq_len: int, sequences: int | None = None) -> Config:
     """Unless `train.decay_tokens` is set, the cosine reaches its floor on the run's last step.
 
-    A run bounded by `train.max_steps` or `train.max_tokens` then decays over exactly the tokens it
-    trains on, whatever its length; an unbounded run keeps MT-NLG's 340B-token decay.
+    A run bounded by `train.max_steps`, `train.max_tokens` or `train.epochs` over its `sequences`
+    then decays over exactly the tokens it trains on, whatever its length, batches counted as the
+    workers take them (whole micro-batches at every data-parallel rank; an elastic run is planned
+    at its largest worker count); an unbounded run keeps MT-NLG's 340B-token decay.
     """
     if "decay_tokens" in cfg.train.model_fields_set:
         return cfg
-    total = run_tokens(cfg.train, seq_len)
+    total = run_tokens(cfg.train, seq_len, planned_dp(cfg), sequences)
     if not total:
         return cfg
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"decay_tokens": total})})
@@ -178,8 +187,7 @@ def check_pipeline_batches(cfg: Config) -> None:
     par, train = cfg.parallel, cfg.train
     if par.pp == 1:
         return
-    workers = par.workers if isinstance(par.workers, int) else par.workers[1]
-    dp = workers // (par.tp * par.pp)
+    dp = planned_dp(cfg)
     batches = {train.global_batch_size}
     if train.batch_rampup is not None:
         batches |= set(range(train.batch_rampup.start, train.global_batch_size, train.batch_rampup.increment))
