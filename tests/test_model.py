@@ -47,6 +47,19 @@ def test_kv_cache_greedy_equals_full_recompute_for_ragged_batch(model):
         assert result.finish_reason == "length"
 
 
+def test_a_short_row_keeps_its_own_context_beside_a_long_one(model):
+    """Each row generates until its own context is full, whatever the longest prompt in the batch."""
+    seq_len = model.config.seq_len
+    long, short = list(range(1, seq_len - 27)), [5, 6, 7, 8, 9]
+    params = SamplingParams(max_tokens=60, temperature=0)
+    together = generate(model, [long, short], params)
+    alone = [generate(model, [prompt], params)[0] for prompt in (long, short)]
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    assert len(together[0].tokens) == seq_len - len(long) + 1 and together[0].finish_reason == "length"
+    assert len(together[1].tokens) == 60
+    assert together[1].tokens == full_recompute_greedy(model, short, 60)
+
+
 def test_inference_layout_changes_memory_order_only(model):
     from mtnlg_ray.model.gpt import inference_layout
 

@@ -155,7 +155,10 @@ def decode(
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     width = int(lengths.max())
     max_new = max(p.max_tokens for p in per_row)
-    cache = KVCache(config, batch, min(config.seq_len, width + max_new), device, dtype)
+    # Left padding puts a short row's tokens in later slots than its positions: its context ends
+    # `width - len` slots after the longest row's, so the cache holds that many more.
+    room = [config.seq_len - len(p) + 1 for p in prompts]  # tokens a row can make before its context is full
+    cache = KVCache(config, batch, min(config.seq_len + width - int(lengths.min()), width + max_new), device, dtype)
 
     idx = torch.zeros(batch, width, dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
@@ -187,7 +190,8 @@ def decode(
                 continue
             step.append(token)
             produced[row] += 1
-            if (per_row[row].stop_at_eos and token == eos_id) or produced[row] >= per_row[row].max_tokens:
+            if ((per_row[row].stop_at_eos and token == eos_id) or produced[row] >= per_row[row].max_tokens
+                    or produced[row] >= room[row]):
                 done[row] = True
         yield step
         if all(done) or cache.length >= cache.max_len:
@@ -196,9 +200,9 @@ def decode(
         if padded:  # without padding every cached key is valid and no mask is needed
             cache.key_valid[:, cache.length] = True
             mask = cache.key_valid[:, None, None, : cache.length + 1]
-        logits = model(
-            tokens[:, None], positions=next_pos[:, None] if padded else None, cache=cache, attn_mask=mask
-        )[:, -1, :vocab_limit]
+        # A finished row still rides along (its tokens are dropped); keep its position inside the context.
+        positions = next_pos.clamp(max=config.seq_len - 1)[:, None] if padded else None
+        logits = model(tokens[:, None], positions=positions, cache=cache, attn_mask=mask)[:, -1, :vocab_limit]
         if padded:
             next_pos += 1
 

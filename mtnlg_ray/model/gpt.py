@@ -267,10 +267,12 @@ class GPT(nn.Module):
         T = idx.shape[1]
         start = cache.length if cache is not None else 0
         if self.pos_emb is not None:
-            if start + T > self.config.seq_len:
-                raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.seq_len}")
             if positions is None:
+                if start + T > self.config.seq_len:
+                    raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.config.seq_len}")
                 positions = torch.arange(start, start + T, device=idx.device)
+            elif int(positions.max()) >= self.config.seq_len:  # left-padded rows: slots run ahead of positions
+                raise ValueError(f"position {int(positions.max())} is past the context of {self.config.seq_len}")
             x = self.tok_emb(idx) + self.pos_emb(positions)
             if self.training and self.drop.p > 0:
                 x = self.drop(x)
