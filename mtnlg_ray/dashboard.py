@@ -12,7 +12,7 @@ from mtnlg_ray.errors import MtnlgError, first_line
 
 def connect(address: str):
     """A JobSubmissionClient for the cluster whose dashboard (or GCS) is at `address`."""
-    from ray.exceptions import AuthenticationError
+    from ray.exceptions import AuthenticationError, RpcError
     from ray.job_submission import JobSubmissionClient
 
     # Ray's client logs each package upload and socket close at INFO; what matters is printed by us.
@@ -28,7 +28,8 @@ def connect(address: str):
             if not _send_local_token():
                 raise
             return JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError, ValueError, AuthenticationError) as exc:
+    except (ConnectionError, RuntimeError, ValueError, AuthenticationError, RpcError) as exc:  # RpcError: a GCS
+        # address ("HOST:6379") where nothing answers; Ray gives up after its own timeout
         raise MtnlgError(f"cannot reach a Ray cluster's job server at {address} ({first_line(exc)})") from None
     finally:
         os.environ.update(saved)

@@ -45,6 +45,8 @@ def read_state(temp_dir: str | Path | None = None) -> LocalCluster | None:
     """The cluster `local up` recorded under `temp_dir`, whether or not it still runs."""
     path = Path(temp_dir or default_temp_dir()) / STATE_FILE
     try:
+        if path.stat().st_uid != os.getuid():  # /tmp/ray is everyone's: another user's file is not our cluster
+            return None
         return LocalCluster(**json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
@@ -69,7 +71,7 @@ def session_processes(session_id: int) -> list[int]:
 def is_running(cluster: LocalCluster) -> bool:
     """True while the cluster's own processes live (a session id alone could have been reused)."""
     pids = session_processes(cluster.session_id)
-    if not pids:
+    if not pids or not cluster.session_dir:  # an empty session_dir would match any process
         return False
     out = subprocess.run(["ps", "-o", "args=", "-p", ",".join(map(str, pids))], capture_output=True, text=True).stdout
     return cluster.session_dir in out
@@ -169,7 +171,7 @@ def _stop_session(session_id: int, grace_s: float = 5.0) -> None:
         for pid in pids:
             try:
                 os.kill(pid, sig)
-            except ProcessLookupError:
+            except (ProcessLookupError, PermissionError):  # gone, or not ours to stop
                 pass
         deadline = time.time() + wait_s
         while pids and time.time() < deadline:

@@ -171,3 +171,12 @@ def test_plan_json_reproduces_the_paper():
     assert abs(plan["params"] / 529.6e9 - 1) < 0.005
     assert abs(plan["tflops_per_gpu"] / 125.7 - 1) < 0.01
     assert plan["memory_gb_per_gpu"]["total"] > 0 and plan["flops_per_iteration"] > 1e19
+
+
+def test_config_show_takes_the_command_names_of_its_stages():
+    shown = run_cli("config", "show", "--stage", "self-train")
+    assert shown.returncode == 0, shown.stderr
+    assert "selftrain:" in shown.stdout and "rounds:" in shown.stdout
+    assert run_cli("config", "show", "--stage", "label").stdout == run_cli("config", "show", "--stage", "prepare").stdout
+    unknown = run_cli("config", "show", "--stage", "serve")
+    assert_one_line_error(unknown, "--stage: expected one of prepare, label, pretrain, finetune, self-train")

@@ -259,6 +259,28 @@ def test_readme_submit_commands_parse_and_validate(tmp_path):
         assert (ROOT / script).is_file(), script
 
 
+def test_a_served_job_gets_its_api_key_in_its_environment_never_in_its_entrypoint(tmp_path, monkeypatch):
+    """`jobs list` and the dashboard show entrypoints; a key from --api-key or MTNLG_API_KEY travels
+    as the job's MTNLG_API_KEY, which its `mtnlg-ray serve` reads (without it the job served unauthenticated)."""
+    ckpt = str(tmp_path / "ckpt")
+    monkeypatch.delenv("MTNLG_API_KEY", raising=False)
+    given = build_job("serve", ["-c", ckpt, "--api-key", "s3cret", "--host", "0.0.0.0"])
+    assert "s3cret" not in given.entrypoint and "--api-key" not in given.entrypoint
+    assert given.env_vars == {"MTNLG_API_KEY": "s3cret"} and "--host 0.0.0.0" in given.entrypoint
+    monkeypatch.setenv("MTNLG_API_KEY", "from-env")
+    inherited = build_job("serve", ["-c", ckpt])
+    assert inherited.env_vars == {"MTNLG_API_KEY": "from-env"} and "from-env" not in inherited.entrypoint
+    monkeypatch.delenv("MTNLG_API_KEY")
+    assert build_job("serve", ["-c", ckpt]).env_vars == {}
+
+
+def test_submit_finds_the_served_url_whatever_the_model_is_called():
+    from mtnlg_ray.jobs import SERVING_LINE
+
+    line = "serving my ckpt at http://10.0.0.5:8000/v1  (health: http://10.0.0.5:8000/health)"
+    assert SERVING_LINE.search(line).group(1) == "http://10.0.0.5:8000"
+
+
 @pytest.mark.parametrize("recipe", sorted((CLUSTER / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_recipes_are_layouts_the_trainer_runs(recipe):
     """`mtnlg-ray config show` validates each recipe as the trainer would (layout, schedule, batches)

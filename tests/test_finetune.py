@@ -314,6 +314,11 @@ def test_evaluate_reproduces_the_dev_accuracy_of_the_saved_student(self_trained)
         run_cli("evaluate", "--checkpoint", final, "--data", str(bad), "--task", "classification",
                 "--text-field", "sentence"),
         "bad_dev.tsv:2", "label 'maybe'")
+    # Exported to Hugging Face, the classifier's body is a language model; the CLI says the head stays behind.
+    exported = run_cli("export", "hf", "--checkpoint", final, "--output", str(work / "hf_student"))
+    assert exported.returncode == 0, exported.stderr
+    assert "classification head is not in the export" in exported.stderr
+    assert (work / "hf_student" / "model.safetensors").is_file()
 
 
 def test_sft_with_lora_on_two_fsdp_workers_learns_and_saves_merged_weights(ray_session, tiny_checkpoint, tmp_path):

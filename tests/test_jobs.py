@@ -293,3 +293,19 @@ def test_local_down_stops_every_process_of_its_cluster_and_nothing_else(local_ra
     assert not (local_ray.temp_dir / "ray_current_cluster").exists()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{local_ray.address}/api/version", timeout=5)
+
+
+def test_a_local_cluster_record_is_ours_only_if_we_own_it(tmp_path):
+    """/tmp/ray is writable by everyone: another user's record must not send our jobs to their cluster,
+    and a record without a session directory matches no process."""
+    from mtnlg_ray.local_cluster import STATE_FILE, LocalCluster, is_running, read_state
+
+    record = {"dashboard_url": "http://127.0.0.1:8265", "gcs_address": "127.0.0.1:6379", "session_id": os.getsid(0),
+              "session_dir": "", "temp_dir": str(tmp_path), "started_at": 0.0}
+    (tmp_path / STATE_FILE).write_text(json.dumps(record))
+    mine = read_state(tmp_path)
+    assert mine == LocalCluster(**record)
+    assert not is_running(mine)  # our own session is alive, but an empty session_dir proves nothing
+    if os.getuid() == 0:  # only root can hand the file to another user here
+        os.chown(tmp_path / STATE_FILE, 65534, 65534)
+        assert read_state(tmp_path) is None

@@ -523,3 +523,17 @@ def test_label_threads_set_the_labellers_torch_threads(classifier_checkpoint):
             assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_model_path_is_text_whatever_yaml_would_make_of_it(tmp_path):
+    """--model goes into the config as a string: "qm #2" is no YAML comment and "2024" no number."""
+    from conftest import run_cli
+
+    (tmp_path / "in.txt").write_text("Some text to label.\n", encoding="utf-8")
+    for name in ("qm #2", "2024"):
+        result = run_cli("data", "label", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out"),
+                         "--labeler", "quality", "--model", str(tmp_path / name))
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            f"error: {tmp_path / name / 'quality.json'}: missing, {tmp_path / name} is not a quality model "
+            "(`mtnlg-ray data train-quality-classifier` writes one)"]

@@ -11,6 +11,7 @@ import typer
 
 from mtnlg_ray.cli.app import INPUT_HELP, SET_HELP, config_app, data_app, tokenizer_app
 from mtnlg_ray.cli.render import print_manifest_summary, stage_printer
+from mtnlg_ray.errors import MtnlgError
 
 
 @data_app.command("prepare")
@@ -47,11 +48,18 @@ def data_label(
     from mtnlg_ray.config import load_config
     from mtnlg_ray.data.pipeline import label_corpus
 
-    cfg = load_config(config, [*overrides, f"label.labeler={labeler}", f"label.model={model}"], stage="prepare")
+    cfg = load_config(config, [*overrides, *label_overrides(labeler, model)], stage="prepare")
     console, show = stage_printer()
     with console.status(f"labelling with {labeler}…"):
         manifest = label_corpus(input, output, cfg)
     print_manifest_summary(console, manifest, output)
+
+
+def label_overrides(labeler, model) -> list[str]:
+    """--labeler and --model as `--set`s, quoted: a path is text, never YAML ("qm #2" is no comment)."""
+    import json
+
+    return [f"label.labeler={json.dumps(str(labeler))}", f"label.model={json.dumps(str(model))}"]
 
 
 @data_app.command("train-quality-classifier")
@@ -69,9 +77,16 @@ def data_train_quality_classifier(
     typer.echo(json.dumps(metrics, indent=2))
 
 
+# `--stage` takes a shipped config's name or the command that loads it.
+CONFIG_SHOW_STAGES = {"prepare": "prepare", "label": "prepare", "pretrain": "pretrain", "finetune": "finetune",
+                      "self-train": "selftrain", "selftrain": "selftrain"}
+
+
 @config_app.command("show")
 def config_show(
-    stage: str = typer.Option("pretrain", "--stage", help="Whose shipped defaults to start from."),
+    stage: str = typer.Option("pretrain", "--stage",
+                              help="Whose shipped defaults to start from: prepare (or label), pretrain, finetune, "
+                                   "self-train. (Serve's arguments: `mtnlg-ray serve --help`.)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file to read instead of the defaults."),
     overrides: List[str] = typer.Option([], "--set", help="Override one key, e.g. --set train.max_steps=20."),
 ) -> None:
@@ -80,6 +95,9 @@ def config_show(
 
     from mtnlg_ray.config import load_config
 
+    if stage not in CONFIG_SHOW_STAGES:
+        raise MtnlgError(f"--stage: expected one of prepare, label, pretrain, finetune, self-train; got {stage!r}")
+    stage = CONFIG_SHOW_STAGES[stage]
     resolved = load_config(config, overrides, stage=stage)
     if stage == "pretrain":
         # The layout a cluster would run, checked as the trainer will before any worker starts.
@@ -90,7 +108,8 @@ def config_show(
         # An unset decay_tokens decays over a bounded run's tokens, as pretrain will: the sequences
         # are data.path's packed length, read as pretrain reads it, when the corpus is there
         # (pretrain reports a broken one), else the model's context.
-        resolved = decay_over_the_run(resolved, _packed_seq_len(resolved.data.path) or model.seq_len)
+        seq_len, sequences = _packed(resolved.data.path)
+        resolved = decay_over_the_run(resolved, seq_len or model.seq_len, sequences)
     elif stage == "finetune" and resolved.data.train:
         # Warm-up and decay as finetune derives them from data.train's tokens, after the checks it
         # makes before a worker starts (the files, their labels, the start checkpoint and tokenizer).
@@ -109,14 +128,16 @@ def config_show(
     typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), nl=False)
 
 
-def _packed_seq_len(path) -> int | None:
+def _packed(path) -> tuple[int | None, int | None]:
+    """(sequence length, training sequences) of a packed corpus, or Nones when there is none to read."""
     from mtnlg_ray.errors import InputError
     from mtnlg_ray.train.data import TokenShards
 
     try:
-        return TokenShards(path, "train").seq_len if path else None
+        shards = TokenShards(path, "train") if path else None
     except (InputError, OSError, ValueError, KeyError, TypeError):
-        return None
+        shards = None
+    return (shards.seq_len, len(shards)) if shards is not None else (None, None)
 
 
 @tokenizer_app.command("train")

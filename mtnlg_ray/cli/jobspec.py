@@ -22,6 +22,9 @@ STAGES: dict[str, tuple[str, ...]] = {
     "self-train": ("self-train",),
     "serve": ("serve",),
 }
+# Options that carry a secret: a job gets them in its environment (the variable its command reads),
+# never in the entrypoint, which `jobs list` and the dashboard show.
+SECRET_OPTIONS = {"--api-key": "MTNLG_API_KEY"}
 # The shipped config a stage starts from when no --config is given (as its command loads it).
 CONFIG_STAGES = {"prepare": "prepare", "label": "prepare", "pretrain": "pretrain", "finetune": "finetune",
                  "self-train": "selftrain"}
@@ -43,6 +46,11 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
     for param in command.params:
         if param in (config_param, set_param):
             continue
+        secret = next((SECRET_OPTIONS[o] for o in getattr(param, "opts", ()) if o in SECRET_OPTIONS), None)
+        if secret is not None:  # from the command line or this machine's environment alike
+            if ctx.params.get(param.name) is not None:
+                env_vars.setdefault(secret, str(ctx.params[param.name]))
+            continue
         argv += _tokens(param, ctx.params.get(param.name), ctx.get_parameter_source(param.name), cwd)
     config_yaml = None
     if config_param is not None:
@@ -50,7 +58,9 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
 
         overrides = list(ctx.params.get(set_param.name) or []) if set_param is not None else []
         if stage == "label":  # `data label` lays its --labeler and --model over the config
-            overrides += [f"label.labeler={ctx.params['labeler']}", f"label.model={ctx.params['model']}"]
+            from mtnlg_ray.cli.data import label_overrides
+
+            overrides += label_overrides(ctx.params["labeler"], ctx.params["model"])
         config = _load_stage_config(stage, ctx.params.get(config_param.name), overrides)
         config = absolute_paths(config, cwd)
         config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -85,7 +85,10 @@ def serve(
         "num_gpus": num_gpus, "kv_cache_tokens": kv_cache_tokens, "block_size": block_size,
         "prefill_chunk": prefill_chunk, "prefix_cache": prefix_cache,
     })
-    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    if not 0 <= port <= 65535:
+        raise MtnlgError(f"--port: expected 0-65535, got {port}")
+    # The key itself is never printed: this line ends up in job logs.
+    auth = " -H \"Authorization: Bearer $MTNLG_API_KEY\"" if api_key else ""
 
     def ready(url: str) -> None:
         typer.echo(f"serving {args.name} at {url}/v1  (health: {url}/health)")

@@ -38,10 +38,20 @@ def export_hf(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the Hugging Face model."),
 ) -> None:
-    """Write a directory that transformers' GPT2LMHeadModel and AutoTokenizer load, with equal logits."""
+    """Write a directory that transformers' GPT2LMHeadModel and AutoTokenizer load, with equal logits.
+
+    A fine-tuned classifier exports its fine-tuned body as a language model; its classification head
+    has no place in GPT2LMHeadModel and stays behind (classify with `mtnlg-ray evaluate` or the
+    checkpoint itself)."""
+    from mtnlg_ray.checkpoint import read_checkpoint_config
     from mtnlg_ray.export import export_hf as run
 
-    typer.echo(f"wrote {run(checkpoint, output)}")
+    written = run(checkpoint, output)
+    typer.echo(f"wrote {written}")
+    task = read_checkpoint_config(checkpoint).get("task") or {}
+    if task.get("kind") == "classification":
+        typer.echo(f"note: {checkpoint} is a classifier ({', '.join(map(str, task.get('labels', [])))}); its "
+                   "classification head is not in the export, only the fine-tuned language model", err=True)
 
 
 @import_app.command("hf")

@@ -610,13 +610,15 @@ def label_corpus(inputs: Sequence[str], output: str | Path, config: Config) -> d
 
     Like `prepare_dataset`, a run left with no document writes rejected/ and manifest.json, then raises.
     """
-    from mtnlg_ray.data.label import filter_labelled, label_documents
+    from mtnlg_ray.data.label import LABELERS, filter_labelled, label_documents
 
     if config.label.labeler is None or config.label.model is None:
         raise InputError("label: both --labeler and --model are needed")
     started = time.perf_counter()
     output = Path(output)
     items = resolve_sources(inputs)
+    if config.label.labeler in LABELERS:  # a wrong model is one line before Ray starts (the pool checks again)
+        LABELERS[config.label.labeler].check(config.label.model)
     _prepare_output(output)
     _start_pipeline()
     run = PipelineRun()

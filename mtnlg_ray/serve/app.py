@@ -70,8 +70,8 @@ class ServeArgs(BaseModel):
     stream_chunks_per_s: float = Field(25.0, gt=0)  # one stream
     num_replicas: int = 1
     autoscale: tuple[int, int] | None = None  # (min, max) replicas, scaling on ongoing requests
-    num_cpus: float = 1.0  # per replica; also its torch threads (at least one)
-    num_gpus: float = 0.0
+    num_cpus: float = Field(1.0, ge=0.0)  # per replica; also its torch threads (at least one)
+    num_gpus: float = Field(0.0, ge=0.0)
 
     @field_validator("api_key")
     @classmethod
