@@ -130,7 +130,7 @@ def test_imdb_text_writes_only_imdb_reviews_in_sst2_spelling_and_drops_dev_overl
         "i did n't like it . it 's `` fine '' ( maybe ) ... ca n't say ; wo n't watch , u.s . viewers !",
         "they 're great , and she 'd agree .",
     ]  # the Rotten Tomatoes row is never read; the review holding a dev 13-gram is dropped
-    assert "1 dropped for a 13-gram of dev.tsv" in done.stdout
+    assert "1 dropped for text of dev.tsv" in done.stdout
 
     missing = run("--dev", str(tmp_path / "nope.tsv"), "--out", str(out), "--csv", str(reviews))
     assert missing.returncode == 2 and missing.stderr.splitlines() == [

