@@ -501,6 +501,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return Config.model_validate(data)
     except ValidationError as exc:
         loc = ".".join(str(p) for p in exc.errors()[0]["loc"])
-        # Blame the override that set this key when there is one, else the file.
-        blamed = [o for o in overrides if loc and loc.startswith(o.partition("=")[0].strip())]
+        # Blame the override that set this key when there is one (for a check across keys, such as
+        # train's batch sizes, one that set a key the message names), else the file.
+        keys = [o.partition("=")[0].strip() for o in overrides]
+        message = exc.errors()[0]["msg"]
+        blamed = [o for o, key in zip(overrides, keys) if loc and loc.startswith(key)]
+        blamed = blamed or [o for o, key in zip(overrides, keys) if not loc and key and key in message]
         raise _first_error(exc, f"--set {blamed[-1]}" if blamed else str(source)) from None

@@ -43,6 +43,8 @@ def test_file_values_and_overrides_stack(tmp_path):
         # refused here, not after a whole curation run reaches the tokenizer or the split
         ("tokenizer.vocab_size=257", "tokenizer.vocab_size: Input should be greater than or equal to 258"),
         ("pack.val_fraction=0.6", "pack.val_fraction: Input should be less than or equal to 0.5"),
+        # a check across keys blames the --set that broke it, not the shipped file
+        ("train.global_batch_size=33", "--set train.global_batch_size=33: train.global_batch_size (33) must be"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
