@@ -139,7 +139,7 @@ class SequenceWriter:
             else:
                 del self._held[origin]
 
-    def _validation_spans(self, start: int, length: int) -> list[tuple[int, int]]:
+    def _validation_spans(self, start: int, length: int) -> list[tuple[int, int, int]]:
         """(sequence, begin, end): the spans of a document at stream position `start` in validation sequences."""
         spans = []
         for k in range(start // self.width, (start + length) // self.width + 1):
