@@ -10,7 +10,6 @@ from typing import List, Optional
 import typer
 
 from mtnlg_ray.cli.app import INPUT_HELP, SET_HELP, config_app, data_app, tokenizer_app
-from mtnlg_ray.cli.jobspec import CONFIG_STAGES
 from mtnlg_ray.cli.render import print_manifest_summary, stage_printer
 from mtnlg_ray.errors import MtnlgError
 
@@ -78,8 +77,9 @@ def data_train_quality_classifier(
     typer.echo(json.dumps(metrics, indent=2))
 
 
-# `--stage` takes a stage's command name (as `submit` does) or its shipped config's name.
-CONFIG_SHOW_STAGES = {**CONFIG_STAGES, "selftrain": "selftrain"}
+# `--stage` takes a shipped config's name or the command that loads it.
+CONFIG_SHOW_STAGES = {"prepare": "prepare", "label": "prepare", "pretrain": "pretrain", "finetune": "finetune",
+                      "self-train": "selftrain", "selftrain": "selftrain"}
 
 
 @config_app.command("show")
@@ -96,7 +96,7 @@ def config_show(
     from mtnlg_ray.config import load_config
 
     if stage not in CONFIG_SHOW_STAGES:
-        raise MtnlgError(f"--stage: expected one of {', '.join(CONFIG_STAGES)}; got {stage!r}")
+        raise MtnlgError(f"--stage: expected one of prepare, label, pretrain, finetune, self-train; got {stage!r}")
     stage = CONFIG_SHOW_STAGES[stage]
     resolved = load_config(config, overrides, stage=stage)
     if stage == "pretrain":
