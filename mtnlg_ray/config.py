@@ -8,6 +8,7 @@ validated `Config`, which the stage function receives. Unknown keys and bad valu
 from __future__ import annotations
 
 from importlib import resources
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -417,6 +418,22 @@ class Config(Section):
                 f"train.micro_batch_size ({self.train.micro_batch_size})"
             )
         return self
+
+
+# The shipped config a command loads when no --config is given, by the stage names that `submit STAGE`
+# and `config show --stage` take.
+CONFIG_STAGES = {"prepare": "prepare", "label": "prepare", "pretrain": "pretrain", "finetune": "finetune",
+                 "self-train": "selftrain"}
+
+
+def set_text(key: str, value) -> str:
+    """`key=value` as a `--set`, the value quoted so YAML reads it as text ("my work #1" is no comment)."""
+    return f"{key}={json.dumps(str(value))}"
+
+
+def label_overrides(labeler, model) -> list[str]:
+    """`data label`'s --labeler and --model as the `--set`s it lays over its config."""
+    return [set_text("label.labeler", labeler), set_text("label.model", model)]
 
 
 def shipped_config(stage: str) -> Path:

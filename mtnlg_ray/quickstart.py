@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from mtnlg_ray.config import load_config
+from mtnlg_ray.config import load_config, set_text
 from mtnlg_ray.publish import publish_file
 
 
@@ -39,11 +39,6 @@ FULL = Sizes(documents=None, vocab=4096, seq_len=128, pretrain_steps=500, task_e
              quality_docs=600)
 SMOKE = Sizes(documents=150, vocab=512, seq_len=64, pretrain_steps=8, task_examples=96, finetune_epochs=1,
               quality_docs=120)
-
-
-def _text(path) -> str:
-    """A path as a `--set` value: quoted, so YAML reads it as text ("my work #1" is no comment)."""
-    return json.dumps(str(path))
 
 
 def _paragraphs(texts, min_words: int = 12, max_words: int = 80) -> list[str]:
@@ -149,7 +144,7 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
     step("prepare", f"{'a sample of ' if sizes.documents else ''}builtin:python-docs → clean → dedup → "
                     "quality pseudo-labels (actor pool) → tokenize + pack")
     prepare_cfg = load_config(overrides=[
-        "label.labeler=quality", f"label.model={_text(work / 'quality')}", "label.threshold=0.5",
+        "label.labeler=quality", set_text("label.model", work / "quality"), "label.threshold=0.5",
         f"tokenizer.vocab_size={sizes.vocab}", f"pack.seq_len={sizes.seq_len}", "pack.val_fraction=0.02",
     ], stage="prepare")
     manifest = prepare_dataset([corpus], work / "data", prepare_cfg, on_stage=on_stage)
@@ -158,7 +153,7 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
 
     step("pretrain", f"{sizes.pretrain_steps} steps of the tiny GPT on 2 Ray Train workers (FSDP)")
     pretrain_cfg = load_config(overrides=[
-        f"data.path={_text(work / 'data')}", f"run.storage_path={_text(work / 'runs')}", "run.name=pretrain",
+        set_text("data.path", work / "data"), set_text("run.storage_path", work / "runs"), "run.name=pretrain",
         f"model.seq_len={sizes.seq_len}", f"train.max_steps={sizes.pretrain_steps}", "parallel.workers=2",
         "train.epochs=1000",  # max_steps ends the run, not the end of the (small) corpus
         "train.micro_batch_size=8", "train.global_batch_size=32", "train.warmup_tokens=50000",
@@ -172,8 +167,9 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
     step("finetune", "a reference-vs-library classifier from the pretrained model")
     train_file, dev_file = reference_or_library_task(work / "task", sizes.task_examples)
     finetune_cfg = load_config(overrides=[
-        f"init.checkpoint={_text(trained['run_dir'])}", f"data.train={_text(train_file)}", f"data.dev={_text(dev_file)}",
-        f"train.epochs={sizes.finetune_epochs}", "train.lr=1e-3", f"run.storage_path={_text(work / 'runs')}",
+        set_text("init.checkpoint", trained["run_dir"]), set_text("data.train", train_file),
+        set_text("data.dev", dev_file),
+        f"train.epochs={sizes.finetune_epochs}", "train.lr=1e-3", set_text("run.storage_path", work / "runs"),
         "run.name=finetune",
     ], stage="finetune")
     tuned = finetune(finetune_cfg, on_record=on_record)

@@ -178,5 +178,14 @@ def test_config_show_takes_the_command_names_of_its_stages():
     assert shown.returncode == 0, shown.stderr
     assert "selftrain:" in shown.stdout and "rounds:" in shown.stdout
     assert run_cli("config", "show", "--stage", "label").stdout == run_cli("config", "show", "--stage", "prepare").stdout
+    assert run_cli("config", "show", "--stage", "selftrain").stdout == shown.stdout
     unknown = run_cli("config", "show", "--stage", "serve")
     assert_one_line_error(unknown, "--stage: expected one of prepare, label, pretrain, finetune, self-train")
+
+
+def test_every_submitted_stage_but_serve_has_a_shipped_config():
+    from mtnlg_ray.cli.jobspec import STAGES
+    from mtnlg_ray.config import CONFIG_STAGES, shipped_config
+
+    assert set(CONFIG_STAGES) == set(STAGES) - {"serve"}
+    assert all(shipped_config(name).is_file() for name in CONFIG_STAGES.values())

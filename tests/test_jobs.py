@@ -156,6 +156,13 @@ def test_build_job_makes_local_paths_absolute_and_leaves_uris_alone(tmp_path):
         build_job("prepare", ["corpus/"], cwd=tmp_path)
 
 
+def test_a_label_job_carries_its_labeler_and_model_path_as_text(tmp_path):
+    spec = build_job("label", ["docs/", "--output", "out", "--labeler", "quality", "--model", "qm #2"], cwd=tmp_path)
+    config = __import__("yaml").safe_load(spec.config_yaml)
+    assert config["label"]["labeler"] == "quality" and config["label"]["model"] == str(tmp_path / "qm #2")
+    assert "--labeler" in spec.argv and "quality" in spec.argv
+
+
 def test_every_path_field_is_made_absolute_and_nothing_else(tmp_path):
     """Path fields are declared once (config.py's path types); `absolute_paths`, which submit, the trainers
     and self-training all use, rewrites exactly those, including ones added after submit was written."""

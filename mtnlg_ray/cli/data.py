@@ -45,7 +45,7 @@ def data_label(
     overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Run only the pseudo-labelling stage (an actor pool, the model loaded once per actor)."""
-    from mtnlg_ray.config import load_config
+    from mtnlg_ray.config import label_overrides, load_config
     from mtnlg_ray.data.pipeline import label_corpus
 
     cfg = load_config(config, [*overrides, *label_overrides(labeler, model)], stage="prepare")
@@ -53,13 +53,6 @@ def data_label(
     with console.status(f"labelling with {labeler}…"):
         manifest = label_corpus(input, output, cfg)
     print_manifest_summary(console, manifest, output)
-
-
-def label_overrides(labeler, model) -> list[str]:
-    """--labeler and --model as `--set`s, quoted: a path is text, never YAML ("qm #2" is no comment)."""
-    import json
-
-    return [f"label.labeler={json.dumps(str(labeler))}", f"label.model={json.dumps(str(model))}"]
 
 
 @data_app.command("train-quality-classifier")
@@ -77,11 +70,6 @@ def data_train_quality_classifier(
     typer.echo(json.dumps(metrics, indent=2))
 
 
-# `--stage` takes a shipped config's name or the command that loads it.
-CONFIG_SHOW_STAGES = {"prepare": "prepare", "label": "prepare", "pretrain": "pretrain", "finetune": "finetune",
-                      "self-train": "selftrain", "selftrain": "selftrain"}
-
-
 @config_app.command("show")
 def config_show(
     stage: str = typer.Option("pretrain", "--stage",
@@ -93,11 +81,13 @@ def config_show(
     """Print the fully resolved config (file + --set overrides, validated) as YAML."""
     import yaml
 
-    from mtnlg_ray.config import load_config
+    from mtnlg_ray.config import CONFIG_STAGES, load_config
 
-    if stage not in CONFIG_SHOW_STAGES:
-        raise MtnlgError(f"--stage: expected one of prepare, label, pretrain, finetune, self-train; got {stage!r}")
-    stage = CONFIG_SHOW_STAGES[stage]
+    # A stage's command name or its shipped config's name ("selftrain").
+    stages = {**CONFIG_STAGES, **{name: name for name in CONFIG_STAGES.values()}}
+    if stage not in stages:
+        raise MtnlgError(f"--stage: expected one of {', '.join(CONFIG_STAGES)}; got {stage!r}")
+    stage = stages[stage]
     resolved = load_config(config, overrides, stage=stage)
     if stage == "pretrain":
         # The layout a cluster would run, checked as the trainer will before any worker starts.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path, PurePath
 
-from mtnlg_ray.config import absolute_path, absolute_paths
+from mtnlg_ray.config import CONFIG_STAGES, absolute_path, absolute_paths, label_overrides
 from mtnlg_ray.errors import ConfigError, MtnlgError, first_line
 from mtnlg_ray.jobs import CONFIG_NAME, JobSpec
 
@@ -25,9 +25,6 @@ STAGES: dict[str, tuple[str, ...]] = {
 # Options that carry a secret: a job gets them in its environment (the variable its command reads),
 # never in the entrypoint, which `jobs list` and the dashboard show.
 SECRET_OPTIONS = {"--api-key": "MTNLG_API_KEY"}
-# The shipped config a stage starts from when no --config is given (as its command loads it).
-CONFIG_STAGES = {"prepare": "prepare", "label": "prepare", "pretrain": "pretrain", "finetune": "finetune",
-                 "self-train": "selftrain"}
 
 
 def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, env: list[str] = ()) -> JobSpec:
@@ -58,8 +55,6 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
 
         overrides = list(ctx.params.get(set_param.name) or []) if set_param is not None else []
         if stage == "label":  # `data label` lays its --labeler and --model over the config
-            from mtnlg_ray.cli.data import label_overrides
-
             overrides += label_overrides(ctx.params["labeler"], ctx.params["model"])
         config = _load_stage_config(stage, ctx.params.get(config_param.name), overrides)
         config = absolute_paths(config, cwd)
