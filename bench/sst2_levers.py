@@ -3,6 +3,7 @@
     python bench/sst2_levers.py --run OUT [--seed 0] [--token-dropout 0.1] [--freeze-embeddings]
                                 [--lm-weight 0.5] [--layer-decay 0.8 --head-lr 1e-3] [--head-only-epochs 2]
                                 [--pooling max] [--channel terrible,great] [--leading-eos] [--echo]
+                                [--consistency OUT/pool.tsv [--uda-weight 1] [--uda-batch 64] ...]
 
 OUT is an `examples/sst2/run.sh` output folder: its pretrained model (OUT/runs/pretrain/final), its
 1,000 labels (OUT/labelled.tsv) and the dev split (OUT/dev.tsv). One process, no Ray: a plain loop
@@ -25,6 +26,13 @@ plus the lever asked for:
 - `--echo`: the model reads each text twice (text, EOS, text, EOS) and the head reads the mean over
   the second copy, whose every position has seen the whole text once: a causal model's states with
   the right context a bidirectional one would have (the "echo embeddings" of Springer et al., 2024).
+- `--consistency POOL`: unsupervised data augmentation (Xie et al., 2019) on the unlabelled pool's texts
+  (a TSV with a `sentence` column; its labels are never read). Every step also draws `--uda-batch` pool
+  texts; the model's own prediction on each whole text (no gradient, dropout off), sharpened by
+  `--uda-temperature`, is the target for its prediction on the text with `--uda-dropout` of its tokens
+  dropped, a KL term weighted by `--uda-weight` over the rows whose clean confidence reaches
+  `--uda-threshold`. No teacher and no pseudo-labels: the pool only asks the model to answer alike
+  for a text and its noisy copy.
 
 It prints one JSON line: the best dev accuracy and the accuracy after every epoch. Its batches are
 not grouped by length, so its base numbers differ from the command's; compare levers with its own base.
@@ -63,6 +71,12 @@ def main() -> None:
     parser.add_argument("--echo", action="store_true", help="read each text twice, pool over the second copy")
     parser.add_argument("--ema", type=float, default=0.0,
                         help="score an exponential moving average of the weights with this per-step decay")
+    parser.add_argument("--consistency", default=None, metavar="POOL", help="unlabelled TSV for the UDA term")
+    parser.add_argument("--uda-weight", type=float, default=1.0)
+    parser.add_argument("--uda-batch", type=int, default=64)
+    parser.add_argument("--uda-temperature", type=float, default=0.4)
+    parser.add_argument("--uda-threshold", type=float, default=0.8)
+    parser.add_argument("--uda-dropout", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.lm_weight > 0 and (args.pooling != "mean" or args.channel):
@@ -74,6 +88,9 @@ def main() -> None:
                       or args.token_dropout > 0):
         parser.error("--echo: mean pooling over the second copy, not with --channel, --leading-eos, --pooling, "
                      "--lm-weight or --token-dropout (which would drop other tokens from each copy)")
+    if args.consistency and (args.channel or args.echo or args.leading_eos or args.lm_weight > 0):
+        parser.error("--consistency: with a head over the text as it is, not --channel, --echo, --leading-eos "
+                     "or --lm-weight")
     if args.leading_eos and args.token_dropout > 0:
         parser.error("--leading-eos: not with --token-dropout (the dropout would drop the leading EOS too)")
     for need in ("runs/pretrain/final/config.json", "labelled.tsv", "dev.tsv"):
@@ -118,6 +135,7 @@ def run(args: argparse.Namespace) -> dict:
         return [[eos, *r] for r in rows] if args.leading_eos else rows
 
     train_rows, dev_rows = encode(train.texts), encode(dev.texts)
+    pool_rows = encode(read_classification(args.consistency, "sentence", "label").texts) if args.consistency else []
     train_y = torch.tensor([labels.index(x) for x in train.labels])
     dev_y = np.array([labels.index(x) for x in dev.labels])
     model = GPTClassifier(gpt, len(labels), "mean")
@@ -198,6 +216,8 @@ def run(args: argparse.Namespace) -> dict:
                     next_token.reshape(-1, next_token.shape[-1]), targets.reshape(-1), ignore_index=-100)
             else:
                 loss = F.cross_entropy(model(x, lengths), train_y[idx])
+            if pool_rows:
+                loss = loss + args.uda_weight * consistency_loss(model, pool_rows, eos, rng, args)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -212,6 +232,29 @@ def run(args: argparse.Namespace) -> dict:
     settings = {k: v for k, v in vars(args).items() if k not in ("run", "threads")}
     return {"settings": settings, "best_dev_accuracy": best, "per_epoch": history,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def consistency_loss(model, pool_rows, eos: int, rng, args):
+    """UDA's term: KL(sharpened clean prediction || prediction on a noisy copy), over the confident rows,
+    divided by the batch (so fewer confident rows weigh less)."""
+    import torch
+    import torch.nn.functional as F
+
+    from mtnlg_ray.model.classifier import drop_tokens, pad_right
+
+    rows = [pool_rows[i] for i in rng.integers(len(pool_rows), size=args.uda_batch)]
+    with torch.no_grad():
+        model.eval()
+        clean = model(pad_right(rows, eos), torch.tensor([len(r) for r in rows]))
+        model.train()
+        confident = F.softmax(clean, dim=-1).amax(dim=-1) >= args.uda_threshold
+        target = F.softmax(clean / args.uda_temperature, dim=-1)
+    if not bool(confident.any()):
+        return clean.new_zeros(())
+    noisy_rows = [drop_tokens(rows[i], args.uda_dropout, rng) for i in confident.nonzero()[:, 0].tolist()]
+    noisy = model(pad_right(noisy_rows, eos), torch.tensor([len(r) for r in noisy_rows]))
+    kl = F.kl_div(F.log_softmax(noisy, dim=-1), target[confident], reduction="sum")
+    return kl / len(rows)
 
 
 def channel_prompts(words: str | None, tokenizer, labels: list, eos: int) -> list[list[int]] | None:

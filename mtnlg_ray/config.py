@@ -114,7 +114,7 @@ class PackSection(Section):
     seq_len: int = Field(128, ge=1)  # each packed sequence holds seq_len + 1 tokens (inputs and shifted targets)
     val_fraction: float = Field(0.01, ge=0.0, le=0.5)  # held out as every round(1 / val_fraction)-th sequence
     shard_sequences: int = Field(4096, ge=1)  # sequences per tokens/*.npy shard
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
 
 
 class LabelSection(Section):
@@ -136,7 +136,7 @@ class LabelSection(Section):
     # (quality 4096: ~0.2 ms a document, so small batches would be mostly Ray's per-task cost;
     # perplexity and classifier 64, which batch their forward passes by tokens inside).
     batch_size: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
 
     @field_validator("actors")
     @classmethod
@@ -256,7 +256,7 @@ class TrainSection(Section):
     beta2: float = Field(0.95, ge=0.0, lt=1.0)
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
     precision: Literal["fp32", "bf16"] = "fp32"
     eval_every: int = Field(100, ge=1)
     eval_batches: int = Field(8, ge=1)  # micro-batches of the held-out split per evaluation
@@ -354,6 +354,15 @@ class TaskSection(Section):
         allowed = {"classification": ("accuracy", "macro_f1"), "sft": ("loss", "exact_match")}[self.kind]
         if self.metric is not None and self.metric not in allowed:
             raise ValueError(f"task.metric for task.kind={self.kind} must be one of {', '.join(allowed)}")
+        if self.kind == "sft" and self.mode == "frozen":
+            raise ValueError("task.mode=frozen leaves nothing to train for task.kind=sft; use full or lora")
+        if self.labels is not None:
+            blank = [x for x in self.labels if not x.strip()]
+            if blank:
+                raise ValueError(f"task.labels: {blank[0]!r} is no label name")
+            twice = next((x for x in self.labels if self.labels.count(x) > 1), None)
+            if twice is not None:
+                raise ValueError(f"task.labels lists {twice!r} twice")
         return self
 
     @property
@@ -490,6 +499,8 @@ def _first_error(exc: ValidationError, source: str) -> ConfigError:
         expected = f" (expected one of {', '.join(section.model_fields)})" if section is not None else ""
         return ConfigError(f"{source}: unknown key '{key}'{expected}")
     message = err["msg"].removeprefix("Value error, ")
+    if key and isinstance(err.get("input"), dict):  # a check across a section's keys: the message names them
+        return ConfigError(f"{source}: {message}")
     if key:
         return ConfigError(f"{source}: {key}: {message} (got {err.get('input')!r})")
     return ConfigError(f"{source}: {message}")
@@ -523,5 +534,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         keys = [o.partition("=")[0].strip() for o in overrides]
         message = exc.errors()[0]["msg"]
         blamed = [o for o, key in zip(overrides, keys) if loc and loc.startswith(key)]
-        blamed = blamed or [o for o, key in zip(overrides, keys) if not loc and key and key in message]
+        blamed = blamed or [o for o, key in zip(overrides, keys) if key and key in message]
         raise _first_error(exc, f"--set {blamed[-1]}" if blamed else str(source)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import random
 import shutil
 from pathlib import Path
@@ -73,6 +74,15 @@ def test_a_class_never_predicted_scores_zero_and_counts_in_the_macro_average():
                                          "support": 1 if label == "z" else 2}
     f1_x = 2 * (2 / 5) * 1.0 / (2 / 5 + 1.0)
     assert m["macro_f1"] == pytest.approx(f1_x / 3)
+
+
+def test_a_class_in_neither_the_gold_labels_nor_the_predictions_is_left_out_of_the_macro_average():
+    """As scikit-learn averages: perfect predictions on a dev set without class z score macro F1 1.0."""
+    m = classification_metrics([0, 1, 1, 0], [0, 1, 1, 0], ["x", "y", "z"])
+    assert m["macro_f1"] == 1.0 and m["macro_precision"] == 1.0 and m["macro_recall"] == 1.0
+    assert m["per_class"]["z"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    predicted_but_absent = classification_metrics([0, 1], [0, 2], ["x", "y", "z"])  # z predicted: it counts
+    assert predicted_but_absent["macro_f1"] == pytest.approx(1 / 3)
 
 
 # ---------------------------------------------------------------- LoRA
@@ -206,6 +216,61 @@ def test_readers_name_the_file_and_line(tmp_path):
     sft.write_text('{"prompt": "q", "completion": ""}\n')
     with pytest.raises(InputError, match="sft.jsonl:1: field 'completion' is empty"):
         read_sft(sft)
+
+
+def test_a_row_with_more_fields_than_its_header_is_refused_not_read_as_a_new_label(tmp_path):
+    """An unquoted comma in a CSV text (or a tab in a TSV one) used to move the rest of the text into the
+    label column: a third class, trained without a word."""
+    from mtnlg_ray.finetune.data import read_classification
+
+    csv_file = tmp_path / "train.csv"
+    csv_file.write_text('text,label\n"quoted, fine",pos\nslow, but worth it,pos\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"train.csv:3: expected 2 ','-separated fields, got 3 \(an unquoted comma"):
+        read_classification(csv_file, "text", "label")
+    tsv = tmp_path / "train.tsv"
+    tsv.write_text("sentence\tlabel\nfine\t1\nthe acting\there\t0\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"train.tsv:3: expected 2 '\\t'-separated fields, got 3 \(a tab inside"):
+        read_classification(tsv, "sentence", "label")
+    csv_file.write_text('text,label\n"quoted, fine",pos\n', encoding="utf-8")
+    assert read_classification(csv_file, "text", "label").texts == ["quoted, fine"]
+
+
+def test_a_field_longer_than_the_csv_modules_default_cap_is_read(tmp_path):
+    from mtnlg_ray.finetune.data import read_classification
+
+    long = " ".join(["word"] * 40_000)  # 200k characters, over csv's 131,072
+    tsv = tmp_path / "long.tsv"
+    tsv.write_text(f"sentence\tlabel\n{long}\t1\nshort\t0\n", encoding="utf-8")
+    assert [len(t) for t in read_classification(tsv, "sentence", "label").texts] == [len(long), 5]
+
+
+@pytest.mark.parametrize("probs", ["[-1.2, 0.8]", "[NaN, 1.0]", "[0, 0]", "[Infinity, 1]", "[true, false]"])
+def test_soft_labels_must_be_probabilities(tmp_path, probs):
+    """Logits or NaN as `probs` used to train: targets of -1.2e12, or a NaN loss that made every weight NaN."""
+    from mtnlg_ray.finetune.data import read_classification
+
+    rows = tmp_path / "soft.jsonl"
+    rows.write_text('{"text": "a", "label": "x", "probs": [0.9, 0.1]}\n'
+                    f'{{"text": "b", "label": "y", "probs": {probs}}}\n', encoding="utf-8")
+    with pytest.raises(InputError, match=r"soft.jsonl:2: field 'probs' must be a list of finite numbers >= 0"):
+        read_classification(rows, "text", "label")
+
+
+@pytest.mark.parametrize("override,blamed,message", [
+    ("task.labels=[neg,pos,neg]", "task.labels", "task.labels lists 'neg' twice"),
+    ("task.labels=[neg,'']", "task.labels", "'' is no label name"),
+    ("train.seed=-1", "train.seed", "greater than or equal to 0"),
+])
+def test_task_and_seed_mistakes_fail_at_config_time_and_blame_the_set(override, blamed, message):
+    """Duplicate labels used to train a head output that nothing reaches and fail only when best/ was
+    saved; a negative seed crashed numpy's generator on every worker."""
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^--set {re.escape(override)}: .*{re.escape(message)}"):
+        load_config(overrides=[override], stage="finetune")
+    with pytest.raises(ConfigError, match=r"^--set task.mode=frozen: task.mode=frozen leaves nothing to train"):
+        load_config(overrides=["task.kind=sft", "task.mode=frozen"], stage="finetune")
 
 
 # ---------------------------------------------------------------- real runs
@@ -502,6 +567,10 @@ def test_a_pool_partly_without_gold_labels_scores_the_pseudo_labels_on_the_rows_
     kept = [{"pool_index": 0, "label": "pos"}, {"pool_index": 1, "label": "neg"}, {"pool_index": 2, "label": "pos"}]
     assert pseudo_label_accuracy(kept, gold) == (0.5, 2)  # row 1 has no gold: not scored
     assert pseudo_label_accuracy(kept[1:2], gold) == (None, 0)
+    # pandas writes a label column with gaps as floats: 1.0 is the task's label "1", not "1.0"
+    pool.write_text(json.dumps({"sentence": "a", "label": 1.0}) + "\n" + json.dumps({"sentence": "b"}) + "\n",
+                    encoding="utf-8")
+    assert _write_pool(cfg, pool, tmp_path / "out.jsonl") == (2, ["1", None])
     pool.write_text(json.dumps({"sentence": "unlabelled only"}) + "\n", encoding="utf-8")
     assert _write_pool(cfg, pool, tmp_path / "out.jsonl") == (1, None)
     assert pseudo_label_accuracy(kept[:1], None) == (None, 0)
@@ -664,6 +733,19 @@ def test_ngram_every_round_without_the_ngram_teacher_is_one_line_error(tmp_path)
     assert_one_line_error(result, "selftrain.ngram_every_round")
 
 
+def test_a_resumed_run_replaying_the_step_best_was_saved_at_counts_it_as_the_best_not_as_stale():
+    """best/ is saved at each better dev score, checkpoints only every checkpoint.every_steps: a run resumed
+    from an older checkpoint meets best/'s evaluation again. Counted stale, it could end the run by
+    patience on that very epoch."""
+    from mtnlg_ray.train.loop import _is_best
+
+    assert _is_best(0.75, 0.75, "accuracy", replaying_best=True)
+    assert not _is_best(0.75, 0.75, "accuracy", replaying_best=False)
+    assert not _is_best(0.74, 0.75, "accuracy", replaying_best=True)  # it came out worse this time
+    assert _is_best(1.20, 1.20, "loss", replaying_best=True) and not _is_best(1.21, 1.20, "loss", replaying_best=True)
+    assert _is_best(0.5, None, "accuracy", replaying_best=False)
+
+
 def test_epochs_bound_a_run_that_max_tokens_also_bounds_and_an_early_stop_survives_a_restart(
         ray_session, tiny_checkpoint, word_files, tmp_path):
     from mtnlg_ray.config import load_config
@@ -691,4 +773,5 @@ def test_epochs_bound_a_run_that_max_tokens_also_bounds_and_an_early_stop_surviv
     assert max(r["step"] for r in run("stopped", *frozen)) == 10
     # best/ records the score it was saved with; a resumed run compares against that, not a stale checkpoint's
     best = _recorded_best(tmp_path / "runs" / "stopped" / "best", "accuracy")
-    assert best == next(r for r in first if r.get("best"))["dev"]["accuracy"]
+    saved = next(r for r in first if r.get("best"))
+    assert best == (saved["dev"]["accuracy"], saved["step"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -65,18 +66,27 @@ def read_table(path: str | Path, columns: Sequence[str], optional: Sequence[str]
 
 
 def _delimited(path: Path, columns, optional, delimiter: str):
+    # A field may be as long as a document: the csv module's default cap is 128 KiB.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    inside = "a tab inside a field" if delimiter == "\t" else "an unquoted comma inside a field? quote it"
     try:
         with path.open(encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
-            header = reader.fieldnames or []
-            missing = [c for c in columns if c not in header]
-            if missing:
-                raise InputError(f"{path}:1: no column {missing[0]!r} in the header (columns: {', '.join(header) or 'none'})")
-            for row in reader:
-                where = f"{path}:{reader.line_num}"
-                if any(row.get(c) is None for c in columns):
-                    raise InputError(f"{where}: expected {len(header)} {delimiter!r}-separated fields, got fewer")
-                yield where, {c: row[c] for c in [*columns, *optional] if c in row}
+            try:
+                header = reader.fieldnames or []
+                missing = [c for c in columns if c not in header]
+                if missing:
+                    raise InputError(f"{path}:1: no column {missing[0]!r} in the header (columns: {', '.join(header) or 'none'})")
+                for row in reader:
+                    where = f"{path}:{reader.line_num}"
+                    if any(row.get(c) is None for c in columns):
+                        raise InputError(f"{where}: expected {len(header)} {delimiter!r}-separated fields, got fewer")
+                    if None in row:  # DictReader's key for the fields past the header's
+                        raise InputError(f"{where}: expected {len(header)} {delimiter!r}-separated fields, got "
+                                         f"{len(header) + len(row[None])} ({inside})")
+                    yield where, {c: row[c] for c in [*columns, *optional] if c in row}
+            except csv.Error as err:
+                raise InputError(f"{path}:{reader.line_num}: {err}") from None
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
 
@@ -128,17 +138,30 @@ def read_classification(path: str | Path, text_field: str, label_field: str) -> 
         text, label = row[text_field], row[label_field]
         if not isinstance(text, str):
             raise InputError(f"{where}: field {text_field!r} must be text, got {type(text).__name__}")
-        if isinstance(label, float) and label.is_integer():
-            label = int(label)
         if isinstance(label, (dict, list)) or str(label).strip() == "":
             raise InputError(f"{where}: field {label_field!r} must be a label (a string or an integer), got {label!r}")
         probs = row.get("probs")
-        if probs is not None and not (isinstance(probs, list) and all(isinstance(p, (int, float)) for p in probs)):
-            raise InputError(f"{where}: field 'probs' must be a list of numbers, got {probs!r}")
-        out.rows.append(LabelledRow(text, str(label).strip(), where, probs))
+        if probs is not None and not _distribution(probs):
+            raise InputError(f"{where}: field 'probs' must be a list of finite numbers >= 0 with a positive sum "
+                             f"(probabilities, not logits), got {probs!r}")
+        out.rows.append(LabelledRow(text, label_text(label), where, probs))
     if not out.rows:
         raise InputError(f"{path}: no examples (the file is empty or holds only a header)")
     return out
+
+
+def label_text(label) -> str:
+    """A label as the task names it: 1.0 (a float column, as pandas writes one with gaps) is "1"."""
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)
+    return str(label).strip()
+
+
+def _distribution(probs) -> bool:
+    """Soft labels: a list of finite, non-negative numbers that sums to more than 0 (booleans are no numbers)."""
+    if not isinstance(probs, list) or not all(isinstance(p, (int, float)) and not isinstance(p, bool) for p in probs):
+        return False
+    return all(math.isfinite(p) and p >= 0 for p in probs) and sum(probs) > 0
 
 
 def check_labels(data: ClassificationSet, labels: Sequence[str], what: str) -> None:

@@ -1,8 +1,10 @@
 """Classification metrics from a confusion matrix: accuracy, and precision, recall, F1 per class and macro.
 
 A class the model never predicts has precision 0 (no true positives among zero predictions), and a
-class absent from the gold labels has recall 0: both count in the macro average, as scikit-learn
-does with `zero_division=0`, so a degenerate classifier cannot look good on macro F1.
+class absent from the gold labels but predicted has recall 0: both count in the macro average, as
+scikit-learn does with `zero_division=0`, so a degenerate classifier cannot look good on macro F1. A
+class in neither the gold labels nor the predictions (a dev set without it) is left out of the macro
+average, as scikit-learn leaves it out; the per-class table still lists it.
 """
 
 from __future__ import annotations
@@ -37,12 +39,17 @@ def classification_metrics(gold: Sequence[int], predicted: Sequence[int], labels
     recall = _ratio(true_pos, matrix.sum(axis=1))
     f1 = _ratio(2 * precision * recall, precision + recall)
     total = int(matrix.sum())
+    seen = (matrix.sum(axis=0) + matrix.sum(axis=1)) > 0  # in the gold labels or the predictions
+
+    def macro(values: np.ndarray) -> float:
+        return float(values[seen].mean()) if seen.any() else 0.0
+
     return {
         "n": total,
         "accuracy": float(true_pos.sum() / total) if total else 0.0,
-        "macro_precision": float(precision.mean()),
-        "macro_recall": float(recall.mean()),
-        "macro_f1": float(f1.mean()),
+        "macro_precision": macro(precision),
+        "macro_recall": macro(recall),
+        "macro_f1": macro(f1),
         "per_class": {
             label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for label, p, r, f, s in zip(labels, precision, recall, f1, matrix.sum(axis=1))

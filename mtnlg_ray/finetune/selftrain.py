@@ -36,7 +36,7 @@ def _write_pool(cfg: Config, unlabelled: Path, out: Path) -> tuple[int, list[str
 
     Gold labels never reach training: they only score the pseudo-labels in the report.
     """
-    from mtnlg_ray.finetune.data import read_table
+    from mtnlg_ray.finetune.data import label_text, read_table
 
     gold: list[str | None] = []
     with out.open("w", encoding="utf-8") as fh:
@@ -46,7 +46,7 @@ def _write_pool(cfg: Config, unlabelled: Path, out: Path) -> tuple[int, list[str
                 raise InputError(f"{where}: field {cfg.data.text_field!r} must be text")
             fh.write(json.dumps({"text": text}) + "\n")
             label = row.get(cfg.data.label_field)
-            gold.append(None if label is None or not str(label).strip() else str(label).strip())
+            gold.append(None if label is None or not str(label).strip() else label_text(label))
     if not gold:
         raise InputError(f"{unlabelled}: the unlabelled pool is empty")
     return len(gold), gold if any(label is not None for label in gold) else None
@@ -100,8 +100,11 @@ def soft_target(label: str, confidence: float, labels: list[str]) -> list[float]
 def _write_training_set(cfg: Config, labelled_rows, pseudo: list[dict], labels: list[str], out: Path) -> None:
     text_key, label_key = cfg.data.text_field, cfg.data.label_field
     with out.open("w", encoding="utf-8") as fh:
-        for row in labelled_rows:
-            fh.write(json.dumps({text_key: row.text, label_key: row.label}) + "\n")
+        for row in labelled_rows:  # soft labels of the labelled file stay with their rows
+            record = {text_key: row.text, label_key: row.label}
+            if row.probs is not None:
+                record["probs"] = row.probs
+            fh.write(json.dumps(record) + "\n")
         for row in pseudo:
             record = {text_key: row["text"], label_key: row["label"]}
             if cfg.selftrain.soft_labels:

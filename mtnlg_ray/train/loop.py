@@ -213,6 +213,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     state = TrainerState(world_size=world, dp=dp, tp=tp, pp=pp)
     checkpoints = CheckpointManager(run_dir, parts, optimizers, model_config, rank)
     resumed_from = None
+    replayed_best_step = None  # best/'s step when a resumed run will pass it again
     previous = checkpoints.resume()
     if previous is not None:
         state.step, state.tokens, state.cursor = previous.step, previous.tokens, previous.cursor
@@ -220,9 +221,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         resumed_from = {"step": previous.step, "world_size": previous.world_size}
         # best/ is written at every better dev score, checkpoints only every checkpoint.every_steps:
         # best/ may be newer than the checkpoint. Only a model better than it may replace it.
+        # Its step is replayed from the checkpoint and scores the same again: that evaluation is the best
+        # one, not a stale one, or patience would run out on the very epoch best/ holds.
         recorded = _recorded_best(run_dir / "best", cfg.task.dev_metric) if task.keeps_best else None
-        if recorded is not None and _better(recorded, state.best_metric, cfg.task.dev_metric):
-            state.best_metric = recorded
+        if recorded is not None and _better(recorded[0], state.best_metric, cfg.task.dev_metric):
+            state.best_metric = recorded[0]
+            replayed_best_step = recorded[1] if recorded[1] is not None and recorded[1] > state.step else None
 
     # Measured once setup is done (model built, sharded, loaded; optimizer made), before any step.
     param_bytes = max_over_world(local_param_bytes(parts), device)
@@ -331,7 +335,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if set(dev) != {"loss"}:
                     metrics["dev"] = dev
             if dev is not None and task.keeps_best:
-                if _better(dev[metric], state.best_metric, metric):
+                if _is_best(dev[metric], state.best_metric, metric, state.step == replayed_best_step):
                     state.best_metric, state.stale_evals = dev[metric], 0
                     _save_consolidated(parts, task, model_config, run_dir / "best", tokenizer_file, rank,
                                        {"trained": {"step": state.step, "dev": {metric: dev[metric]}}})
@@ -376,15 +380,23 @@ def _save_consolidated(parts: list, task, model_config: GPTConfig, output: Path,
         task.save(full, model_config, output, tokenizer_file, extra)
 
 
-def _recorded_best(best_dir: Path, metric: str | None) -> float | None:
-    """The dev score `best_dir` was saved with (its config.json's "trained"), or None."""
+def _recorded_best(best_dir: Path, metric: str | None) -> tuple[float, int | None] | None:
+    """The dev score `best_dir` was saved with and the step it was saved at (its config.json's
+    "trained"), or None."""
     if metric is None:
         return None
     try:
         trained = json.loads((best_dir / "config.json").read_text()).get("trained", {})
     except (OSError, ValueError):
         return None
-    return trained.get("dev", {}).get(metric)
+    score = trained.get("dev", {}).get(metric)
+    return None if score is None else (score, trained.get("step"))
+
+
+def _is_best(score: float, best: float | None, metric: str, replaying_best: bool) -> bool:
+    """Whether a dev score makes a new best/: it beats the best so far, or it is the evaluation best/
+    was saved from, replayed by a resumed run, and scores at least as well again."""
+    return _better(score, best, metric) or (replaying_best and best is not None and not _better(best, score, metric))
 
 
 def _evaluate_pipeline(pipeline, task, micro: int, mesh, device) -> dict | None:
