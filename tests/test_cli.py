@@ -189,3 +189,48 @@ def test_every_submitted_stage_but_serve_has_a_shipped_config():
 
     assert set(CONFIG_STAGES) == set(STAGES) - {"serve"}
     assert all(shipped_config(name).is_file() for name in CONFIG_STAGES.values())
+
+
+def _help_examples(group, words=()):
+    """(command words, example) for each `mtnlg-ray ...` command in a help's `Example:` / `Examples:`
+    paragraph: the backquoted ones, or else the paragraph's text split at semicolons."""
+    import re
+
+    if hasattr(group, "commands"):  # a group (typer vendors its own click: no isinstance check)
+        for name, command in group.commands.items():
+            yield from _help_examples(command, (*words, name))
+        return
+    for paragraph in (group.help or "").split("\n\n"):
+        text = " ".join(paragraph.split())
+        found = re.search(r"\bExamples?: (.*)", text)
+        if found is None:
+            continue
+        quoted = re.findall(r"`(mtnlg-ray [^`]*)`", found.group(1))
+        for example in quoted or found.group(1).split(";"):
+            yield words, example.strip()
+
+
+def test_the_examples_in_every_commands_help_name_options_and_config_keys_that_exist():
+    """Each example in a command's --help parses with that command, and every `--set` key in it is a key
+    of the stage's config: an example that was renamed away fails here, not on a user."""
+    import shlex
+
+    from mtnlg_ray.config import CONFIG_STAGES, load_config
+
+    root = typer.main.get_command(app)
+    examples = list(_help_examples(root))
+    commanded = {" ".join(words) for words, _ in examples}
+    assert {"pretrain", "finetune", "self-train", "data prepare", "data label", "evaluate", "generate", "plan",
+            "init", "tokenizer train", "config show", "serve"} <= commanded
+    for words, example in examples:
+        argv = shlex.split(example)
+        assert argv[: len(words) + 1] == ["mtnlg-ray", *words], example
+        command = root
+        for word in words:
+            command = command.commands[word]
+        context = command.make_context(" ".join(words), argv[len(words) + 1:], resilient_parsing=False)
+        sets = [s for s in context.params.get("overrides") or []]
+        stage = {"data prepare": "prepare", "data label": "label", "config show": context.params.get("stage")}.get(
+            " ".join(words), " ".join(words))
+        if sets:
+            load_config(overrides=sets, stage=CONFIG_STAGES[stage])

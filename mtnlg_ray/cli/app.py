@@ -28,9 +28,9 @@ app = _App(
     name="mtnlg-ray",
     help=(
         "The Megatron-Turing NLG recipe on Ray: curate a corpus, pretrain and fine-tune a GPT, serve it.\n\n"
-        "Start with `mtnlg-ray tokenizer train builtin:python-docs --vocab-size 4096 --output tok`, then "
-        "`mtnlg-ray init --preset tiny --tokenizer tok --output ckpt` and "
-        "`mtnlg-ray generate --checkpoint ckpt --prompt 'def '`."
+        "Start with `mtnlg-ray quickstart --workdir work`: every stage on the built-in corpus, on a local Ray. "
+        "Then each stage on its own: `data prepare`, `pretrain`, `finetune`, `self-train`, `serve`; "
+        "`submit STAGE` runs one as a Ray Job on a cluster."
     ),
     no_args_is_help=True,
     add_completion=False,
@@ -50,6 +50,7 @@ app.add_typer(data_app, name="data")
 
 INPUT_HELP = "Files, folders or globs of .txt / .jsonl(.gz) / .parquet, URIs (s3://, gs://, file://), or builtin:python-docs."
 SET_HELP = "Override one config key, e.g. --set dedup.threshold=0.85 (repeatable)."
+LABEL_SET_HELP = "Override one config key, e.g. --set label.threshold=0.7 or --set label.actors=[1,2] (repeatable)."
 local_app = typer.Typer(help="A one-machine Ray cluster to submit jobs to: `ray start --head` on 127.0.0.1.",
                         no_args_is_help=True)
 jobs_app = typer.Typer(help="Ray Jobs on a cluster: list, status, logs, stop.", no_args_is_help=True)

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from mtnlg_ray.cli.app import INPUT_HELP, SET_HELP, config_app, data_app, tokenizer_app
+from mtnlg_ray.cli.app import INPUT_HELP, LABEL_SET_HELP, SET_HELP, config_app, data_app, tokenizer_app
 from mtnlg_ray.cli.render import print_manifest_summary, stage_printer
 from mtnlg_ray.errors import MtnlgError
 
@@ -24,6 +24,8 @@ def data_prepare(
     """Run the whole corpus pipeline on Ray (the connected cluster, or a local one it starts).
 
     Bad records never stop the run: each lands in rejected/ with its stage and reason.
+
+    Example: mtnlg-ray data prepare builtin:python-docs corpus/ --output work/data --set pack.seq_len=256
     """
     from mtnlg_ray.config import load_config
     from mtnlg_ray.data.pipeline import prepare_dataset
@@ -42,9 +44,12 @@ def data_label(
     labeler: str = typer.Option(..., "--labeler", help="quality | perplexity | classifier"),
     model: Path = typer.Option(..., "--model", help="Quality model dir, LM checkpoint, or classifier checkpoint."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped prepare.yaml)."),
-    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    overrides: List[str] = typer.Option([], "--set", help=LABEL_SET_HELP),
 ) -> None:
-    """Run only the pseudo-labelling stage (an actor pool, the model loaded once per actor)."""
+    """Run only the pseudo-labelling stage (an actor pool, the model loaded once per actor).
+
+    Example: mtnlg-ray data label corpus/ --output labelled --labeler classifier --model runs/finetune/final
+    """
     from mtnlg_ray.config import label_overrides, load_config
     from mtnlg_ray.data.pipeline import label_corpus
 
@@ -78,7 +83,10 @@ def config_show(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file to read instead of the defaults."),
     overrides: List[str] = typer.Option([], "--set", help="Override one key, e.g. --set train.max_steps=20."),
 ) -> None:
-    """Print the fully resolved config (file + --set overrides, validated) as YAML."""
+    """Print the fully resolved config (file + --set overrides, validated) as YAML.
+
+    Example: mtnlg-ray config show --stage finetune --set train.lr=1e-4
+    """
     import yaml
 
     from mtnlg_ray.config import CONFIG_STAGES, load_config
@@ -140,7 +148,10 @@ def tokenizer_train(
     vocab_size: int = typer.Option(8192, "--vocab-size", help="Number of tokens, <|endoftext|> included."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write tokenizer.json into."),
 ) -> None:
-    """Train a GPT-2-style byte-level BPE tokenizer; any UTF-8 text round-trips exactly."""
+    """Train a GPT-2-style byte-level BPE tokenizer; any UTF-8 text round-trips exactly.
+
+    Example: mtnlg-ray tokenizer train builtin:python-docs --vocab-size 4096 --output tok
+    """
     from mtnlg_ray.tokenizer import load_tokenizer, train_tokenizer
 
     path = train_tokenizer(inputs, vocab_size, output)

@@ -23,7 +23,10 @@ def generate(
     top_k: int = typer.Option(0, "--top-k", help="Keep the k likeliest tokens (0: all)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Same seed, same text."),
 ) -> None:
-    """Continue a prompt with the model, streaming the new text to stdout."""
+    """Continue a prompt with the model, streaming the new text to stdout.
+
+    Example: mtnlg-ray generate -c runs/pretrain/final -p 'def ' --max-tokens 40
+    """
     from mtnlg_ray.inference import TextGenerator
     from mtnlg_ray.model.generate import SamplingParams
 

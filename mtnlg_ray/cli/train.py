@@ -21,7 +21,10 @@ def init(
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Context length (default: the preset's)."),
 ) -> None:
-    """Write a randomly initialised checkpoint (init std sqrt(1/(3h)), as in MT-NLG)."""
+    """Write a randomly initialised checkpoint (init std sqrt(1/(3h)), as in MT-NLG).
+
+    Example: mtnlg-ray init --preset tiny --tokenizer tok --output ckpt
+    """
     from mtnlg_ray.checkpoint import init_checkpoint, load_checkpoint
 
     path = init_checkpoint(preset, tokenizer, output, seed=seed, seq_len=seq_len)
@@ -87,6 +90,8 @@ def plan(
 
     Only layouts `mtnlg-ray pretrain` can run are planned (the same checks, one line and exit 2
     otherwise), and the plan ends with the pretrain command for its layout.
+
+    Example: mtnlg-ray plan --preset mtnlg-530b --tp 8 --pp 35 --dp 8 --global-batch 1920 --seq-len 2048
     """
     import dataclasses
 
@@ -129,6 +134,8 @@ def pretrain(
     Needs data.path: a dataset from `mtnlg-ray data prepare`. Running the same command again with
     the same run.name resumes from the newest checkpoint. Ends with a consolidated checkpoint in
     <run.storage_path>/<run.name>/final.
+
+    Example: mtnlg-ray pretrain --set data.path=work/data --set train.max_steps=200 --set parallel.workers=2
     """
     from rich.console import Console
 
@@ -210,6 +217,9 @@ def self_train(
     student is fine-tuned on both from init.checkpoint. Writes self_train_report.json and
     self_train.png in <run.storage_path>/<run.name>. Pool rows may carry a gold label (data.label_field)
     or not: training never reads it; the report scores the kept pseudo-labels of the rows that have one.
+
+    Example: mtnlg-ray self-train --set init.checkpoint=runs/pretrain --set data.train=train.tsv
+    --set data.dev=dev.tsv --set selftrain.unlabelled=pool.tsv --set selftrain.ngram_teacher=true
     """
     from rich.console import Console
     from rich.table import Table
@@ -256,7 +266,7 @@ def self_train(
 
 @app.command("evaluate")
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory (classification: also a self-train round0/ngram or round0/mix folder)."),
     data: List[str] = typer.Option(..., "--data", "-d",
                                    help="lm: INPUT text (file, folder, glob, builtin:python-docs) or a dataset dir "
                                         "from `data prepare`; classification: a labelled TSV / CSV / JSONL / Parquet."),
@@ -266,7 +276,11 @@ def evaluate(
     split: str = typer.Option("val", "--split", help="Which packed split of a dataset dir to score (lm)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
-    """Score a checkpoint: perplexity and bits per byte (lm), or accuracy and P/R/F1 (classification)."""
+    """Score a checkpoint: perplexity and bits per byte (lm), or accuracy and P/R/F1 (classification).
+
+    Examples: mtnlg-ray evaluate -c runs/pretrain/final -d builtin:python-docs;
+    mtnlg-ray evaluate -c runs/finetune/final -d dev.tsv --task classification --text-field sentence
+    """
     from mtnlg_ray.finetune.evaluate import evaluate as run
 
     result = run(checkpoint, data, task, text_field=text_field, label_field=label_field, split=split)
