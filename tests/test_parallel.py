@@ -368,6 +368,14 @@ def test_pipeline_settings_are_checked_before_anything_starts(options, expected)
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
+def test_zero_bubble_is_refused_where_fsdp_would_give_it_wrong_gradients():
+    check_layout(CONFIG, 2, tp=1, pp=2, pp_schedule="interleaved-zero-bubble", pp_virtual=2)  # dp 1, fp32
+    for workers, precision in ((4, "fp32"), (2, "bf16")):
+        with pytest.raises(ConfigError, match="interleaved-zero-bubble runs only without FSDP"):
+            check_layout(CONFIG, workers, tp=1, pp=2, precision=precision, pp_schedule="interleaved-zero-bubble",
+                         pp_virtual=2)
+
+
 @pytest.mark.parametrize(
     ("workers", "tp", "pp", "fsdp", "precision", "expected"),
     [

@@ -238,6 +238,8 @@ def test_a_run_checkpointed_at_one_layout_continues_at_another_as_one_worker_wou
 PIPELINES = {  # GPipe is the first half of the pp2 -> pp1 resume test below; 1F1B is the default
     "pp2-interleaved": ["parallel.workers=2", "parallel.pp=2", "parallel.pp_schedule=interleaved-1f1b",
                         "parallel.pp_virtual=2"],
+    "pp2-zero-bubble": ["parallel.workers=2", "parallel.pp=2", "parallel.pp_schedule=interleaved-zero-bubble",
+                        "parallel.pp_virtual=2"],
     "pp2xdp2": ["parallel.workers=4", "parallel.pp=2", "parallel.cpus_per_worker=0.5"],
     "pp2xtp2": ["parallel.workers=4", "parallel.pp=2", "parallel.tp=2", "parallel.cpus_per_worker=0.5"],
     "pp2xtp2xdp2": ["parallel.workers=8", "parallel.pp=2", "parallel.tp=2", "parallel.cpus_per_worker=0.25"],
@@ -245,8 +247,8 @@ PIPELINES = {  # GPipe is the first half of the pp2 -> pp1 resume test below; 1F
 
 
 # pp2xdp2 and pp2xtp2 are the two halves of pp2xtp2xdp2, which the default run keeps; -m slow adds them
-# (about 70 s of the 30-minute CI budget).
-SLOW_PIPELINES = {"pp2xdp2", "pp2xtp2"}
+# (about 70 s of the 30-minute CI budget) and zero bubble, which runs without FSDP only (dp 1, fp32).
+SLOW_PIPELINES = {"pp2xdp2", "pp2xtp2", "pp2-zero-bubble"}
 
 
 @pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_PIPELINES else name
@@ -261,6 +263,19 @@ def test_a_pipelined_run_trains_as_one_worker_does(shakespeare, eight_steps_on_o
     start = read_start_events(run)[0]
     assert start["pp"] == 2 and start["world_size"] == int(PIPELINES[layout][0].split("=")[1])
     assert start["trainable_parameters"] == read_start_events(eight_steps_on_one_worker)[0]["trainable_parameters"]
+    assert_trains_like(run, eight_steps_on_one_worker, steps=8)
+
+
+def test_ddp_trains_as_one_worker_does(shakespeare, eight_steps_on_one_worker, tmp_path):
+    """parallel.fsdp=false on 2 workers: DDP wraps the model once its weights are real (wrapping the
+    meta-device model used to fail on every worker), each rank holds all of it, and the 8 steps are
+    one worker's."""
+    from mtnlg_ray.train.trainer import pretrain
+
+    run = Path(pretrain(train_config(shakespeare, tmp_path, "ddp", "parallel.workers=2", "parallel.fsdp=false",
+                                     "train.max_steps=8", *EVERY_4))["run_dir"])
+    start, single = read_start_events(run)[0], read_start_events(eight_steps_on_one_worker)[0]
+    assert start["dp"] == 2 and start["local_param_bytes"] == single["local_param_bytes"]  # replicated
     assert_trains_like(run, eight_steps_on_one_worker, steps=8)
 
 

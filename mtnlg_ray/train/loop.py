@@ -46,6 +46,7 @@ from mtnlg_ray.train.parallel import (
     no_grad_sync,
     param_groups,
     parallelize,
+    wrap_ddp,
     plain,
 )
 from mtnlg_ray.train.pipeline import PipelineRunner, stage_layers, stages_of_rank
@@ -133,7 +134,8 @@ def _build_model(cfg: Config, model_config: GPTConfig, task, dims: ParallelDims,
         pipeline_part(model, *stage)
     kinds = parameter_kinds(model)
     model = parallelize(model, mesh, fsdp=dims.fsdp, mixed_precision=mixed, sequence_parallel=dims.sequence_parallel,
-                        activation_checkpointing=model_config.activation_checkpointing, compile=cfg.train.compile)
+                        activation_checkpointing=model_config.activation_checkpointing, compile=cfg.train.compile,
+                        ddp=False)
     model.to_empty(device=device)
     loaded: set[str] = set()
     if cfg.init.checkpoint:
@@ -146,7 +148,9 @@ def _build_model(cfg: Config, model_config: GPTConfig, task, dims: ParallelDims,
         loaded = load_consolidated_slices(model, Path(cfg.init.checkpoint), wanted)
     fresh = {name: kind for name, kind in kinds.items() if name not in loaded}
     initialise_shards(model, fresh, model_config.init_std, cfg.train.seed)
-    return model
+    slice_dims = ParallelDims(world=mesh["dp"].size() * mesh["tp"].size(), tp=mesh["tp"].size(), fsdp=dims.fsdp,
+                              bf16=mixed is not None)
+    return wrap_ddp(model, mesh, slice_dims)  # DDP (parallel.fsdp=false) hooks the real parameters
 
 
 def _build_parts(cfg: Config, model_config: GPTConfig, task, dims: ParallelDims, mesh, device):

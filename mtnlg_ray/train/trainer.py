@@ -172,6 +172,9 @@ def check_run_layout(cfg: Config, model_config, task: str) -> None:
     check_layout(model_config, par.workers, par.tp, par.pp, fsdp=par.fsdp, precision=cfg.train.precision,
                  sequence_parallel=par.sequence_parallel, pp_schedule=par.pp_schedule, pp_virtual=par.pp_virtual,
                  pp_layers=par.pp_layers)
+    if par.pp > 1 and par.pp_schedule == "interleaved-zero-bubble" and cfg.train.compile:
+        raise ConfigError("parallel.pp_schedule=interleaved-zero-bubble: torch's zero-bubble schedules refuse "
+                          "compiled stages; set train.compile=false or use interleaved-1f1b")
     if task != "lm" and par.pp > 1:
         raise ConfigError(f"parallel.pp={par.pp}: fine-tuning (task.kind={task}) does not run under pipeline "
                           "parallelism yet (its task head and dev evaluation run on whole models); set "
