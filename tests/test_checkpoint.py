@@ -119,6 +119,50 @@ def test_resume_passes_over_a_checkpoint_copied_only_in_part(tmp_path):
     assert latest_checkpoint(tmp_path) is None
 
 
+class _Planted:
+    """Unpickled, it makes a folder: what a planted pickle in a run directory could do instead of that."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_resume_runs_no_code_from_a_checkpoints_pickles(tmp_path):
+    """DCP keeps its metadata and the optimizer's non-tensor values as pickles. A planted `.metadata` is
+    passed over like a broken one (a truncated one used to crash every restart), and a planted value is
+    refused: neither runs."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from mtnlg_ray.train.checkpoint import SafeLoadPlanner, SafeReader, latest_checkpoint
+
+    marker = tmp_path / "ran"
+    for step in (10, 20, 30):
+        (tmp_path / f"checkpoint_{step}").mkdir()
+        _sharded_checkpoint(tmp_path / f"checkpoint_{step}", step, world=1)
+    (tmp_path / "checkpoint_30" / ".metadata").write_bytes(pickle.dumps(_Planted(str(marker))))
+    metadata = tmp_path / "checkpoint_20" / ".metadata"
+    metadata.write_bytes(metadata.read_bytes()[: metadata.stat().st_size // 2])
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_10"
+    assert not marker.exists()
+
+    planted = tmp_path / "planted_value"
+    dcp.save({"w": torch.ones(2), "lr": _Planted(str(marker))}, checkpoint_id=str(planted))
+    loaded = {"w": torch.zeros(2), "lr": 0.0}
+    with pytest.raises(dcp.api.CheckpointException, match="Weights only load failed"):
+        dcp.load(loaded, storage_reader=SafeReader(str(planted)), planner=SafeLoadPlanner())
+    assert not marker.exists()
+    dcp.save({"w": torch.ones(2), "lr": 3e-4, "betas": (0.9, 0.95)}, checkpoint_id=str(tmp_path / "plain"))
+    loaded = {"w": torch.zeros(2), "lr": 0.0, "betas": (0.0, 0.0)}
+    dcp.load(loaded, storage_reader=SafeReader(str(tmp_path / "plain")), planner=SafeLoadPlanner())
+    assert loaded["lr"] == 3e-4 and loaded["betas"] == (0.9, 0.95) and torch.equal(loaded["w"], torch.ones(2))
+
+
 def _corrupt(path, how: str) -> None:
     weights, config = path / "model.safetensors", path / "config.json"
     if how == "truncated":

@@ -7,14 +7,18 @@ data cursor), `rng-rank<N>.json` (each rank's RNG state) and `model.json` (the m
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, HuggingFaceStorageReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -42,6 +46,50 @@ class TrainerState:
     pp: int = 1
     best_metric: float | None = None  # fine-tuning: the best dev score so far (task.metric)
     stale_evals: int = 0  # fine-tuning: dev evaluations since the best one (early stopping)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's `.metadata` is a pickle: read it with only the classes DCP's own metadata is made of, so a
+    planted or corrupt file in a run directory cannot run code when a run resumes."""
+
+    _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("pathlib", "WindowsPath"), ("collections", "OrderedDict"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        torch_constant = module == "torch" and isinstance(getattr(torch, name, None),
+                                                           (torch.dtype, torch.layout, torch.memory_format))
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self._ALLOWED or torch_constant:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DCP checkpoint's metadata")
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader, its metadata read by `_MetadataUnpickler` instead of a plain `pickle.load`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as metadata_file:
+            metadata = _MetadataUnpickler(metadata_file).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(f"expected DCP metadata, got {type(metadata).__name__}")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, its non-tensor values (the optimizer's lr, betas, ...) read with
+    `torch.load(weights_only=True)`: DCP's own planner unpickles them with code execution allowed."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
 
 
 # Optimizer state keyed by parameter name ("state.blocks.3.mlp.fc1.weight.exp_avg"), not by position
@@ -98,7 +146,7 @@ def check_resume_shape(directory: Path, config: GPTConfig, n_labels: int | None 
             if key not in RUN_CHOICES and key in wanted and wanted[key] != value:
                 refuse(f"a model with {key} {value}", f"model has {key} {wanted[key]}")
     if n_labels is not None:
-        head = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata.get("model.head.weight")
+        head = SafeReader(str(directory)).read_metadata().state_dict_metadata.get("model.head.weight")
         if head is None:
             refuse("a checkpoint without a classification head", f"task is a classifier of {n_labels} labels")
         if head.size[0] != n_labels:
@@ -108,7 +156,7 @@ def check_resume_shape(directory: Path, config: GPTConfig, n_labels: int | None 
 def load_sharded(directory: Path, parts: list, optimizers: list, rank: int) -> TrainerState:
     """Load shards into the (already parallelised) model parts and optimizers, resharding if the layout changed."""
     bundle, owners = _bundle(parts, optimizers)
-    dcp.load(bundle, checkpoint_id=str(directory))
+    dcp.load(bundle, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner())
     for part, optimizer, (model_keys, optim_keys) in zip(parts, optimizers, owners):
         set_state_dict(part, optimizers=optimizer, options=_FLAT,
                        model_state_dict={k: bundle["model"][k] for k in model_keys},
@@ -140,9 +188,10 @@ def is_complete(directory: Path) -> bool:
     """Every file the checkpoint's DCP metadata names is there, and every rank's RNG state: a copy
     into the run directory cut short by a failure is passed over for the one before it."""
     try:
-        metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+        metadata = SafeReader(str(directory)).read_metadata()
         world = json.loads((directory / STATE_FILE).read_text())["world_size"]
-    except (OSError, ValueError, KeyError, EOFError, RuntimeError):
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError, AttributeError,
+            ImportError, IndexError, TypeError):  # what a truncated or foreign pickle raises
         return False
     files = {info.relative_path for info in (metadata.storage_data or {}).values()}
     files |= {f"rng-rank{rank}.json" for rank in range(world)}
