@@ -310,6 +310,8 @@ def test_a_resumed_run_with_dropout_is_exactly_the_uninterrupted_run(shakespeare
     pretrain(train_config(shakespeare, tmp_path, "halves", *settings, "train.max_steps=4"))
     halves = Path(pretrain(train_config(shakespeare, tmp_path, "halves", *settings, "train.max_steps=8"))["run_dir"])
     assert [s["resumed_from"] for s in read_start_events(halves)] == [None, {"step": 4, "world_size": 1}]
+    recorded = [json.loads(f.read_text()) for f in halves.glob("checkpoint_*/trainer_state.json")]
+    assert recorded and all((r["warmup_tokens"], r["decay_tokens"]) == (2048, 20000) for r in recorded)
     assert [r["loss"] for r in read_metrics(halves)] == [r["loss"] for r in read_metrics(whole)]
     a, b = final_weights(whole), final_weights(halves)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -413,6 +415,32 @@ def test_elastic_run_continues_on_fewer_workers_after_one_is_killed(shakespeare,
     reference = Path(pretrain(train_config(shakespeare, tmp_path, "reference", "parallel.workers=1",
                                            "train.max_steps=30", "train.eval_every=20"))["run_dir"])
     assert_trains_like(tmp_path / "elastic", reference, steps=30)
+
+
+def test_a_resumed_run_keeps_the_decay_it_started_with_at_another_worker_count(tmp_path):
+    """The default decay follows the data-parallel size: a run started on 1 worker and re-run on 3 used to
+    decay over 307,200 tokens instead of 409,600, and its LR dropped at the resume. The checkpoint
+    records the schedule, and a re-run of the same run.name keeps it unless train.decay_tokens is set."""
+    import torch.distributed.checkpoint as dcp
+
+    from mtnlg_ray.train.checkpoint import STATE_FILE, TrainerState
+    from mtnlg_ray.train.trainer import decay_over_the_run
+
+    def config(*extra):
+        return load_config(overrides=[f"run.storage_path={tmp_path}", "run.name=r", "train.max_steps=100",
+                                      "train.micro_batch_size=8", "train.global_batch_size=32", *extra],
+                           stage="pretrain")
+
+    started = decay_over_the_run(config("parallel.workers=1"), 128)
+    assert decay_over_the_run(config("parallel.workers=3"), 128).train.decay_tokens != started.train.decay_tokens
+    checkpoint = tmp_path / "r" / "checkpoint_50"
+    checkpoint.mkdir(parents=True)
+    dcp.save({"model": {"w": torch.zeros(2)}}, checkpoint_id=str(checkpoint))
+    (checkpoint / "rng-rank0.json").write_text("{}")
+    state = TrainerState(step=50, warmup_tokens=started.train.warmup_tokens, decay_tokens=started.train.decay_tokens)
+    (checkpoint / STATE_FILE).write_text(json.dumps(state.__dict__))
+    assert decay_over_the_run(config("parallel.workers=3"), 128).train.decay_tokens == started.train.decay_tokens
+    assert decay_over_the_run(config("parallel.workers=3", "train.decay_tokens=12345"), 128).train.decay_tokens == 12345
 
 
 def test_unset_decay_tokens_decay_over_the_run_and_a_set_one_is_kept():

@@ -87,7 +87,8 @@ def _check_task(cfg: Config, tokenizer_file: Path, seq_len: int) -> tuple[Config
 
 
 def _default_schedule(cfg: Config, epoch_tokens: int, examples_hint: int) -> Config:
-    """Unless set, warm up over the first 5% of the run's tokens and decay over all of them."""
+    """Unless set, warm up over the first 5% of the run's tokens and decay over all of them (a resumed
+    run: the warm-up and decay it started with)."""
     epochs = cfg.train.epoch_limit()
     run_tokens = epochs * epoch_tokens if epochs is not None else float("inf")  # then max_steps / max_tokens bound it
     if cfg.train.max_tokens is not None:
@@ -99,11 +100,14 @@ def _default_schedule(cfg: Config, epoch_tokens: int, examples_hint: int) -> Con
         per_sequence = epoch_tokens / examples_hint
         batch = global_batch(0, cfg.train, planned_dp(cfg))  # as the workers take it: whole micro-batches a rank
         run_tokens = min(run_tokens, int(cfg.train.max_steps * batch * per_sequence))
+    from mtnlg_ray.train.trainer import resumed_schedule
+
     update = {}
+    recorded = resumed_schedule(cfg)  # a resumed run keeps the schedule it started with
     if "decay_tokens" not in cfg.train.model_fields_set:
-        update["decay_tokens"] = max(1, int(run_tokens))
+        update["decay_tokens"] = recorded.get("decay_tokens") or max(1, int(run_tokens))
     if "warmup_tokens" not in cfg.train.model_fields_set:
-        update["warmup_tokens"] = int(WARMUP_FRACTION * run_tokens)
+        update["warmup_tokens"] = recorded.get("warmup_tokens", int(WARMUP_FRACTION * run_tokens))
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)}) if update else cfg
 
 

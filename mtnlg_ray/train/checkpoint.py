@@ -46,6 +46,20 @@ class TrainerState:
     pp: int = 1
     best_metric: float | None = None  # fine-tuning: the best dev score so far (task.metric)
     stale_evals: int = 0  # fine-tuning: dev evaluations since the best one (early stopping)
+    # The LR schedule the run trains with: a re-run resumes with it, though a default computed again
+    # at another worker count would differ (`recorded_schedule`).
+    warmup_tokens: int | None = None
+    decay_tokens: int | None = None
+
+
+def recorded_schedule(run_dir: Path) -> dict:
+    """{"warmup_tokens", "decay_tokens"} as the run's newest complete checkpoint recorded them; {} for
+    a new run (or one whose checkpoints predate the record)."""
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return {}
+    state = json.loads((newest / STATE_FILE).read_text())
+    return {key: state[key] for key in ("warmup_tokens", "decay_tokens") if state.get(key) is not None}
 
 
 class _MetadataUnpickler(pickle.Unpickler):

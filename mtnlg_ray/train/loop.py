@@ -232,6 +232,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.best_metric = recorded[0]
             replayed_best_step = recorded[1] if recorded[1] is not None and recorded[1] > state.step else None
 
+    state.warmup_tokens, state.decay_tokens = cfg.train.warmup_tokens, cfg.train.decay_tokens
+
     # Measured once setup is done (model built, sharded, loaded; optimizer made), before any step.
     param_bytes = max_over_world(local_param_bytes(parts), device)
     peak_rss = max_over_world(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, device)  # Linux: KiB

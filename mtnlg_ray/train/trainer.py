@@ -131,17 +131,27 @@ def planned_dp(cfg: Config) -> int:
     return max(1, workers // (par.tp * par.pp))
 
 
+def resumed_schedule(cfg: Config) -> dict:
+    """The warm-up and decay tokens the run's newest checkpoint trained with ({} for a new run): a re-run
+    of the same run.name keeps them, so its LR does not jump when the defaults, computed from the worker
+    count, come out otherwise (set train.decay_tokens / train.warmup_tokens to change them)."""
+    from mtnlg_ray.train.checkpoint import recorded_schedule
+
+    return recorded_schedule(Path(cfg.run.storage_path) / cfg.run.name)
+
+
 def decay_over_the_run(cfg: Config, seq_len: int, sequences: int | None = None) -> Config:
     """Unless `train.decay_tokens` is set, the cosine reaches its floor on the run's last step.
 
     A run bounded by `train.max_steps`, `train.max_tokens` or `train.epochs` over its `sequences`
     then decays over exactly the tokens it trains on, whatever its length, batches counted as the
     workers take them (whole micro-batches at every data-parallel rank; an elastic run is planned
-    at its largest worker count); an unbounded run keeps MT-NLG's 340B-token decay.
+    at its largest worker count); an unbounded run keeps MT-NLG's 340B-token decay. A resumed run keeps
+    the decay it started with (`resumed_schedule`).
     """
     if "decay_tokens" in cfg.train.model_fields_set:
         return cfg
-    total = run_tokens(cfg.train, seq_len, planned_dp(cfg), sequences)
+    total = resumed_schedule(cfg).get("decay_tokens") or run_tokens(cfg.train, seq_len, planned_dp(cfg), sequences)
     if not total:
         return cfg
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"decay_tokens": total})})
