@@ -202,3 +202,16 @@ def test_plan_reports_the_schedules_bubble_and_the_command_for_its_layout():
     assert refused.returncode == 2
     assert refused.stderr.strip() == ("error: parallel.pp_schedule=interleaved-1f1b runs several stages a rank: "
                                       "set parallel.pp_virtual >= 2")
+    # nor a batch the trainer's schedule would refuse: 9 micro-batches are no whole rounds of pp=4
+    uneven = run_cli("plan", "--preset", "gpt3-125m", "--pp", "4", "--virtual", "2", "--schedule", "interleaved-1f1b",
+                     "--global-batch", "9")
+    assert uneven.returncode == 2
+    assert uneven.stderr.strip().startswith("error: parallel.pp_schedule=interleaved-1f1b: 9 micro-batches a step")
+
+
+def test_gpipe_holds_every_micro_batchs_activations_and_1f1b_only_its_warm_up():
+    one_f_one_b = plan_layout("mtnlg-530b", tp=8, pp=35, dp=8, global_batch=1920, seq_len=2048)
+    gpipe = plan_layout("mtnlg-530b", tp=8, pp=35, dp=8, global_batch=1920, seq_len=2048, schedule="gpipe")
+    micro = one_f_one_b["micro_batches"]  # 240 a replica; 1F1B's first stage holds pp = 35 of them
+    ratio = gpipe["memory_gb_per_gpu"]["activations"] / one_f_one_b["memory_gb_per_gpu"]["activations"]
+    assert micro == 240 and ratio == pytest.approx(micro / 35)

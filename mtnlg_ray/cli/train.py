@@ -113,6 +113,11 @@ def plan(
         sets += [f"parallel.pp_schedule={schedule}"] + ([f"parallel.pp_virtual={virtual}"] if virtual > 1 else [])
     sets += [f"train.global_batch_size={result['global_batch']}", f"train.micro_batch_size={micro_batch}",
              "parallel.use_gpu=true", "train.precision=bf16"]
+    # The batches the command would run with (its ramp-up's too) must split as the schedule needs.
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.train.trainer import check_pipeline_batches
+
+    check_pipeline_batches(load_config(overrides=sets, stage="pretrain"))
     result["command"] = "mtnlg-ray pretrain " + " ".join(f"--set {item}" for item in sets)
     if as_json:
         typer.echo(json.dumps(result, indent=2))

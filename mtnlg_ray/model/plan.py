@@ -196,7 +196,9 @@ def plan_layout(
             params_i += token_shard + counts.first_stage_extra
         if i == pp - 1:
             params_i += counts.last_stage_extra + (token_shard if pp > 1 else 0)
-        in_flight = min(pp - i, micro_batches)
+        # Micro-batches whose activations a stage holds at once: 1F1B's warm-up depth, but all of
+        # them under GPipe, which runs every forward before any backward.
+        in_flight = micro_batches if pp > 1 and schedule == "gpipe" else min(pp - i, micro_batches)
         act_full = n * in_flight * full_act
         act_recompute = n * in_flight * recomputed_act + full_act
         optimizer = OPTIMIZER_BYTES * params_i
