@@ -386,6 +386,37 @@ def test_evaluate_reproduces_the_dev_accuracy_of_the_saved_student(self_trained)
     assert (work / "hf_student" / "model.safetensors").is_file()
 
 
+def test_sft_loss_is_the_mean_over_the_steps_completion_tokens_at_any_micro_batch_and_dp(tiny_checkpoint, tmp_path):
+    """Completions of 1, 1, 30 and 30 words: micro-batch means averaged with equal weights gave 4.120 at
+    micro-batch 2 against 4.364 at 4. Weighted by `loss_scale`, every split gives the token mean."""
+    from mtnlg_ray.checkpoint import load_checkpoint
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.tasks import SFTTask
+    from mtnlg_ray.model.gpt import lm_loss
+
+    rows = [{"prompt": "q: ", "completion": "yes"}, {"prompt": "q: ", "completion": "no"},
+            {"prompt": "tell: ", "completion": " ".join(["word"] * 30)},
+            {"prompt": "tell: ", "completion": " ".join(["line"] * 30)}]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(overrides=["task.kind=sft", f"data.train={tmp_path / 'sft.jsonl'}"], stage="finetune")
+    model, _ = load_checkpoint(tiny_checkpoint)
+    task = SFTTask(cfg, tiny_checkpoint / "tokenizer.json", model.config)
+    step = np.arange(4)
+    with torch.no_grad():
+        whole = float(task.loss(model, step, "cpu"))
+        inputs, targets = task._batch([task.train[i] for i in step], "cpu")
+        assert whole == pytest.approx(float(lm_loss(model(inputs), targets)), rel=1e-6)
+        for micro, dp in ((1, 1), (2, 1), (1, 2), (1, 4)):
+            per_rank = len(step) // dp
+            ranks = [step[r * per_rank:(r + 1) * per_rank] for r in range(dp)]
+            # each rank's weighted micro-batch losses, then the mean over ranks (the gradient reduction)
+            total = sum(float(task.loss(model, part, "cpu")) * task.loss_scale(part, step, dp)
+                        for rank in ranks for part in np.split(rank, len(rank) // micro)) / dp
+            assert total == pytest.approx(whole, rel=1e-5), (micro, dp)
+        equal_weights = np.mean([float(task.loss(model, step[i:i + 2], "cpu")) for i in (0, 2)])
+        assert abs(equal_weights - whole) > 0.05  # what the split used to change
+
+
 def test_sft_with_lora_on_two_fsdp_workers_learns_and_saves_merged_weights(ray_session, tiny_checkpoint, tmp_path):
     """Loss on completions only, LoRA adapters under FSDP on 2 ranks, final weights merged into a plain GPT."""
     from mtnlg_ray.checkpoint import load_checkpoint

@@ -201,6 +201,18 @@ class SFTTask:
         inputs, targets = self._batch([self.train[i] for i in indices], device)
         return lm_loss(model(inputs), targets)
 
+    def _targets(self, index: int) -> int:
+        """How many of an example's tokens the loss predicts: its completion and closing EOS."""
+        ids, start = self.train[index]
+        return len(ids) - max(start, 1)
+
+    def loss_scale(self, micro: np.ndarray, step: np.ndarray, dp: int) -> float:
+        """What one micro-batch's mean loss is multiplied by so the step's gradient is the mean over
+        every completion token of the global batch (`step`), whatever the micro-batch size and dp: its
+        share of those tokens, times dp, which the gradient reduction divides by. (An equal weight a
+        micro-batch would let one with 1 completion token count as much as one with 500.)"""
+        return sum(map(self._targets, micro)) * dp / max(1, sum(map(self._targets, step)))
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device, batch: int, mesh=None) -> dict | None:
         if not self.dev:

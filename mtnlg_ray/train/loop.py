@@ -16,6 +16,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -294,11 +295,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             model.train()
             local_loss = torch.zeros((), device=device)
+            # The examples every rank trains on this step (whole micro-batches at each rank).
+            trained = np.concatenate([rank_slice(everyone, r, dp)[: accum * micro] for r in range(dp)])
             for i in range(accum):
                 sync = i == accum - 1
                 context = no_grad_sync(model) if not sync else nullcontext()
+                part = indices[i * micro : (i + 1) * micro]
+                # Each micro-batch's weight in the step: an equal one, or the task's (SFT: its tokens).
+                scale = task.loss_scale(part, trained, dp) if hasattr(task, "loss_scale") else 1 / accum
                 with context, loss_parallel_context(mesh):
-                    loss = plain(task.loss(model, indices[i * micro : (i + 1) * micro], device)) / accum
+                    loss = plain(task.loss(model, part, device)) * scale
                     loss.backward()
                 local_loss += loss.detach()
         duplicates = pipeline.duplicates if pipeline is not None else ()
