@@ -764,6 +764,28 @@ def test_ngram_every_round_without_the_ngram_teacher_is_one_line_error(tmp_path)
     assert_one_line_error(result, "selftrain.ngram_every_round")
 
 
+def test_a_rerun_on_other_training_data_is_refused_not_resumed(ray_session, tiny_checkpoint, word_files, tmp_path):
+    """A self-training student re-run after its pseudo-labels changed (another threshold, another teacher)
+    used to continue from the old student's checkpoint, or stay finished, on data it never saw."""
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.errors import ConfigError
+    from mtnlg_ray.finetune.trainer import finetune
+
+    train = tmp_path / "student.tsv"
+    shutil.copy(word_files / "train.tsv", train)
+    cfg = load_config(overrides=[
+        f"init.checkpoint={tiny_checkpoint}", f"data.train={train}", "data.text_field=sentence", "train.epochs=1",
+        "train.micro_batch_size=8", "train.global_batch_size=8", "train.peak_tflops=1.0",
+        f"run.storage_path={tmp_path / 'runs'}", "run.name=student"], stage="finetune")
+    first = finetune(cfg)
+    assert finetune(cfg)["final"] == first["final"]  # the same data: it resumes, finished
+    lines = train.read_text().splitlines()
+    train.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    with pytest.raises(ConfigError, match=r"runs/student: the run resumes from checkpoint_.*, trained on another "
+                                          r"data.train than .*student.tsv holds now"):
+        finetune(cfg)
+
+
 def test_a_resumed_run_replaying_the_step_best_was_saved_at_counts_it_as_the_best_not_as_stale():
     """best/ is saved at each better dev score, checkpoints only every checkpoint.every_steps: a run resumed
     from an older checkpoint meets best/'s evaluation again. Counted stale, it could end the run by

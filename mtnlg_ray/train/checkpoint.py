@@ -50,6 +50,8 @@ class TrainerState:
     # at another worker count would differ (`recorded_schedule`).
     warmup_tokens: int | None = None
     decay_tokens: int | None = None
+    # Fine-tuning: the SHA-256 of data.train, so a re-run on other data is refused, not resumed mid-way.
+    train_data: str | None = None
 
 
 def recorded_schedule(run_dir: Path) -> dict:
@@ -141,6 +143,30 @@ def save_sharded(directory: Path, parts: list, optimizers: list, state: TrainerS
 
 # What a run may change when it resumes: how it trains the model, not the model's shape.
 RUN_CHOICES = ("dropout", "activation_checkpointing")
+
+
+def file_digest(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_resume_data(directory: Path, train_data: str | None, path: str | None) -> None:
+    """A fine-tuning run resumes only on the training file it started on (`train_data`, its digest):
+    a self-training student re-run after its pseudo-labels changed used to go on from the old
+    student's step, or stay finished, and the report paired its score with the new labels."""
+    if train_data is None:
+        return
+    recorded = json.loads((directory / STATE_FILE).read_text()).get("train_data")
+    if recorded is not None and recorded != train_data:
+        raise ConfigError(f"{directory.parent}: the run resumes from {directory.name}, trained on another "
+                          f"data.train than {path} holds now; start a new run under another run.name "
+                          "(or restore the file)")
 
 
 def check_resume_shape(directory: Path, config: GPTConfig, n_labels: int | None = None) -> None:

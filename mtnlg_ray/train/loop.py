@@ -234,6 +234,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             replayed_best_step = recorded[1] if recorded[1] is not None and recorded[1] > state.step else None
 
     state.warmup_tokens, state.decay_tokens = cfg.train.warmup_tokens, cfg.train.decay_tokens
+    state.train_data = loop_config.get("train_data")
 
     # Measured once setup is done (model built, sharded, loaded; optimizer made), before any step.
     param_bytes = max_over_world(local_param_bytes(parts), device)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mtnlg_ray.config import Config, absolute_paths
 from mtnlg_ray.errors import ConfigError, InputError, MtnlgError
-from mtnlg_ray.train.checkpoint import check_resume_shape, latest_checkpoint
+from mtnlg_ray.train.checkpoint import check_resume_data, check_resume_shape, file_digest, latest_checkpoint
 from mtnlg_ray.train.schedule import run_tokens
 
 
@@ -234,9 +234,11 @@ def run_training(
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = latest_checkpoint(run_dir)
+    train_data = file_digest(cfg.data.train) if task != "lm" and cfg.data.train else None
     if resume is not None:  # the workers resume from this same checkpoint
         labels = cfg.task.labels if task == "classification" else None
         check_resume_shape(resume, model_config, len(labels) if labels else None)
+        check_resume_data(resume, train_data, cfg.data.train)
     metrics_file = run_dir / "metrics.jsonl"
     if resume is None:
         if metrics_file.exists():
@@ -251,7 +253,7 @@ def run_training(
         # Train V2 refuses `resume_from_checkpoint`: every worker resumes from the newest checkpoint
         # in `run_dir` itself (the one found as `resume` here, on a re-run of the same run).
         train_loop_config={"config": cfg.model_dump(mode="json"), "stage": stage, "task": task, "run_dir": str(run_dir),
-                           "vocab_size": vocab, "tokenizer": str(tokenizer_file)},
+                           "vocab_size": vocab, "tokenizer": str(tokenizer_file), "train_data": train_data},
         scaling_config=ray.train.ScalingConfig(
             num_workers=tuple(workers) if isinstance(workers, tuple) else workers,
             use_gpu=cfg.parallel.use_gpu,
