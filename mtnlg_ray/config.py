@@ -499,8 +499,8 @@ def _first_error(exc: ValidationError, source: str) -> ConfigError:
         expected = f" (expected one of {', '.join(section.model_fields)})" if section is not None else ""
         return ConfigError(f"{source}: unknown key '{key}'{expected}")
     message = err["msg"].removeprefix("Value error, ")
-    if key and isinstance(err.get("input"), dict):  # a check across a section's keys: the message names them
-        return ConfigError(f"{source}: {message}")
+    if key and err["type"] == "value_error" and len(err["loc"]) == 1:
+        return ConfigError(f"{source}: {message}")  # a check across a section's keys, which it names
     if key:
         return ConfigError(f"{source}: {key}: {message} (got {err.get('input')!r})")
     return ConfigError(f"{source}: {message}")

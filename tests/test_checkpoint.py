@@ -131,25 +131,45 @@ class _Planted:
         return os.mkdir, (self.marker,)
 
 
+def _dotted_global(module: str, name: str, argument: str) -> bytes:
+    """A protocol-4 pickle calling `module`'s `name` (which pickle resolves dot by dot) on `argument`."""
+    import pickle
+
+    def text(value: str) -> bytes:
+        return pickle.dumps(value, protocol=4)[2:-1]  # the string's opcodes, no frame header or STOP
+
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + pickle.dumps((argument,), protocol=4)[2:-1] + b"R."
+
+
 def test_resume_runs_no_code_from_a_checkpoints_pickles(tmp_path):
-    """DCP keeps its metadata and the optimizer's non-tensor values as pickles. A planted `.metadata` is
-    passed over like a broken one (a truncated one used to crash every restart), and a planted value is
-    refused: neither runs."""
+    """DCP keeps its metadata and the optimizer's non-tensor values as pickles. A truncated `.metadata`
+    is passed over (it used to crash every restart); a planted one is refused in one line, not run and
+    not passed over (which would start the run afresh); a planted value is refused too."""
     import pickle
 
     import torch.distributed.checkpoint as dcp
 
+    from mtnlg_ray.errors import CheckpointError
     from mtnlg_ray.train.checkpoint import SafeLoadPlanner, SafeReader, latest_checkpoint
 
     marker = tmp_path / "ran"
-    for step in (10, 20, 30):
+    for step in (10, 20):
         (tmp_path / f"checkpoint_{step}").mkdir()
         _sharded_checkpoint(tmp_path / f"checkpoint_{step}", step, world=1)
-    (tmp_path / "checkpoint_30" / ".metadata").write_bytes(pickle.dumps(_Planted(str(marker))))
     metadata = tmp_path / "checkpoint_20" / ".metadata"
     metadata.write_bytes(metadata.read_bytes()[: metadata.stat().st_size // 2])
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_10"
-    assert not marker.exists()
+    (tmp_path / "checkpoint_30").mkdir()
+    _sharded_checkpoint(tmp_path / "checkpoint_30", 30, world=1)
+    # os.mkdir by its own name, and by a dotted name through the metadata module (which imports os)
+    for planted in (pickle.dumps(_Planted(str(marker))),
+                    _dotted_global("torch.distributed.checkpoint.metadata", "os.mkdir", str(marker))):
+        (tmp_path / "checkpoint_30" / ".metadata").write_bytes(planted)
+        with pytest.raises(CheckpointError, match=r"checkpoint_30/.metadata: refused to load \(.*mkdir is not part"):
+            latest_checkpoint(tmp_path)
+        assert not marker.exists()
+    with pytest.raises(OSError):  # the dotted pickle does run under a plain unpickler: the test plants a real one
+        pickle.loads(_dotted_global("torch.distributed.checkpoint.metadata", "os.mkdir", str(tmp_path)))
 
     planted = tmp_path / "planted_value"
     dcp.save({"w": torch.ones(2), "lr": _Planted(str(marker))}, checkpoint_id=str(planted))

@@ -388,7 +388,7 @@ def test_evaluate_reproduces_the_dev_accuracy_of_the_saved_student(self_trained)
 
 def test_sft_loss_is_the_mean_over_the_steps_completion_tokens_at_any_micro_batch_and_dp(tiny_checkpoint, tmp_path):
     """Completions of 1, 1, 30 and 30 words: micro-batch means averaged with equal weights gave 4.120 at
-    micro-batch 2 against 4.364 at 4. Weighted by `loss_scale`, every split gives the token mean."""
+    micro-batch 2 against 4.364 at 4. Weighted by `loss_scales`, every split gives the token mean."""
     from mtnlg_ray.checkpoint import load_checkpoint
     from mtnlg_ray.config import load_config
     from mtnlg_ray.finetune.tasks import SFTTask
@@ -410,8 +410,12 @@ def test_sft_loss_is_the_mean_over_the_steps_completion_tokens_at_any_micro_batc
             per_rank = len(step) // dp
             ranks = [step[r * per_rank:(r + 1) * per_rank] for r in range(dp)]
             # each rank's weighted micro-batch losses, then the mean over ranks (the gradient reduction)
-            total = sum(float(task.loss(model, part, "cpu")) * task.loss_scale(part, step, dp)
-                        for rank in ranks for part in np.split(rank, len(rank) // micro)) / dp
+            total = 0.0
+            for rank in ranks:
+                parts = np.split(rank, len(rank) // micro)
+                total += sum(float(task.loss(model, part, "cpu")) * scale
+                             for part, scale in zip(parts, task.loss_scales(parts, step, dp)))
+            total /= dp
             assert total == pytest.approx(whole, rel=1e-5), (micro, dp)
         equal_weights = np.mean([float(task.loss(model, step[i:i + 2], "cpu")) for i in (0, 2)])
         assert abs(equal_weights - whole) > 0.05  # what the split used to change
@@ -764,6 +768,28 @@ def test_ngram_every_round_without_the_ngram_teacher_is_one_line_error(tmp_path)
     assert_one_line_error(result, "selftrain.ngram_every_round")
 
 
+def test_a_resumed_fine_tune_keeps_the_warm_up_and_decay_its_checkpoint_recorded(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.trainer import _default_schedule
+    from mtnlg_ray.train.checkpoint import STATE_FILE, TrainerState
+
+    cfg = load_config(overrides=[f"run.storage_path={tmp_path}", "run.name=ft", "train.epochs=3"], stage="finetune")
+    fresh = _default_schedule(cfg, epoch_tokens=10_000, examples_hint=500).train
+    assert (fresh.warmup_tokens, fresh.decay_tokens) == (1500, 30_000)
+    checkpoint = tmp_path / "ft" / "checkpoint_9"
+    checkpoint.mkdir(parents=True)
+    dcp.save({"model": {"w": torch.zeros(2)}}, checkpoint_id=str(checkpoint))
+    (checkpoint / "rng-rank0.json").write_text("{}")
+    (checkpoint / STATE_FILE).write_text(json.dumps(TrainerState(step=9, warmup_tokens=700, decay_tokens=14_000).__dict__))
+    resumed = _default_schedule(cfg, epoch_tokens=10_000, examples_hint=500).train
+    assert (resumed.warmup_tokens, resumed.decay_tokens) == (700, 14_000)
+    chosen = load_config(overrides=[f"run.storage_path={tmp_path}", "run.name=ft", "train.decay_tokens=99"],
+                         stage="finetune")
+    assert _default_schedule(chosen, epoch_tokens=10_000, examples_hint=500).train.decay_tokens == 99
+
+
 def test_a_rerun_on_other_training_data_is_refused_not_resumed(ray_session, tiny_checkpoint, word_files, tmp_path):
     """A self-training student re-run after its pseudo-labels changed (another threshold, another teacher)
     used to continue from the old student's checkpoint, or stay finished, on data it never saw."""
@@ -784,19 +810,51 @@ def test_a_rerun_on_other_training_data_is_refused_not_resumed(ray_session, tiny
     with pytest.raises(ConfigError, match=r"runs/student: the run resumes from checkpoint_.*, trained on another "
                                           r"data.train than .*student.tsv holds now"):
         finetune(cfg)
+    # Self-training writes each student's training file itself: when it changed, it drops the old
+    # student's checkpoints and the student trains afresh.
+    from mtnlg_ray.finetune.selftrain import _forget_stale_student
+
+    run_dir = Path(first["run_dir"])
+    assert _forget_stale_student(run_dir, train) and not list(run_dir.glob("checkpoint_*"))
+    again = finetune(cfg)
+    starts = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["resumed_from"] for r in starts if r.get("event") == "start"] == [None]  # a fresh run
+    assert not _forget_stale_student(run_dir, train) and again["final"] == first["final"]
 
 
-def test_a_resumed_run_replaying_the_step_best_was_saved_at_counts_it_as_the_best_not_as_stale():
+def test_a_resumed_run_replaying_best_s_evaluation_starts_patience_again_there(
+        ray_session, tiny_checkpoint, word_files, tmp_path):
     """best/ is saved at each better dev score, checkpoints only every checkpoint.every_steps: a run resumed
-    from an older checkpoint meets best/'s evaluation again. Counted stale, it could end the run by
-    patience on that very epoch."""
-    from mtnlg_ray.train.loop import _is_best
+    from an older checkpoint meets best/'s evaluation again. Counted stale, patience could end the run on
+    that very epoch. Here a failure after step 10 is simulated: the checkpoints of steps 10 and 15 are
+    gone and best/ says it was saved at step 10; an LR too small to change a prediction keeps every
+    score equal."""
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.trainer import finetune
+    from mtnlg_ray.train.plot import read_metrics
 
-    assert _is_best(0.75, 0.75, "accuracy", replaying_best=True)
-    assert not _is_best(0.75, 0.75, "accuracy", replaying_best=False)
-    assert not _is_best(0.74, 0.75, "accuracy", replaying_best=True)  # it came out worse this time
-    assert _is_best(1.20, 1.20, "loss", replaying_best=True) and not _is_best(1.21, 1.20, "loss", replaying_best=True)
-    assert _is_best(0.5, None, "accuracy", replaying_best=False)
+    cfg = load_config(overrides=[
+        f"init.checkpoint={tiny_checkpoint}", f"data.train={word_files / 'train.tsv'}",
+        f"data.dev={word_files / 'dev.tsv'}", "data.text_field=sentence", "train.micro_batch_size=8",
+        "train.global_batch_size=8", "train.peak_tflops=1.0", f"run.storage_path={tmp_path / 'runs'}",
+        "run.name=replay", "train.epochs=4", "train.patience=2", "train.lr=1e-12", "checkpoint.every_steps=5",
+        "checkpoint.keep=10"], stage="finetune")
+    run_dir = Path(finetune(cfg)["run_dir"])
+    first = [r for r in read_metrics(run_dir) if "dev" in r]  # one record a step
+    assert [r["step"] for r in first] == [5, 10, 15]  # best at 5, stale at 10 and 15: patience 2 stops it
+    states = {json.loads(f.read_text())["step"]: f.parent for f in run_dir.glob("checkpoint_*/trainer_state.json")}
+    for step in (10, 15):
+        shutil.rmtree(states[step])
+    (run_dir / "checkpoint_manager_snapshot.json").unlink()  # Ray's record of them, which they outlived
+    body = json.loads((run_dir / "best" / "config.json").read_text())
+    body["trained"]["step"] = 10
+    (run_dir / "best" / "config.json").write_text(json.dumps(body))
+    finetune(cfg)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    starts = [i for i, r in enumerate(records) if r.get("event") == "start"]
+    assert len(starts) == 2 and records[starts[1]]["resumed_from"]["step"] == 5
+    resumed = [r for r in records[starts[1]:] if "dev" in r]
+    assert [r["step"] for r in resumed] == [10, 15, 20]
 
 
 def test_epochs_bound_a_run_that_max_tokens_also_bounds_and_an_early_stop_survives_a_restart(

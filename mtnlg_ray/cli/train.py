@@ -113,11 +113,12 @@ def plan(
         sets += [f"parallel.pp_schedule={schedule}"] + ([f"parallel.pp_virtual={virtual}"] if virtual > 1 else [])
     sets += [f"train.global_batch_size={result['global_batch']}", f"train.micro_batch_size={micro_batch}",
              "parallel.use_gpu=true", "train.precision=bf16"]
-    # The batches the command would run with (its ramp-up's too) must split as the schedule needs.
+    # The printed command, checked as pretrain checks it: its precision, batches (the ramp-up's too)
+    # and schedule together.
     from mtnlg_ray.config import load_config
-    from mtnlg_ray.train.trainer import check_pipeline_batches
+    from mtnlg_ray.train.trainer import check_run_layout
 
-    check_pipeline_batches(load_config(overrides=sets, stage="pretrain"))
+    check_run_layout(load_config(overrides=sets, stage="pretrain"), shape, "lm")
     result["command"] = "mtnlg-ray pretrain " + " ".join(f"--set {item}" for item in sets)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -243,6 +244,9 @@ def self_train(
             scored = f" (dev accuracy {event['dev_accuracy']:.4f})" if event.get("dev_accuracy") is not None else ""
             console.print(f"[bold]round {event['round']}[/bold]: teacher = the n-gram classifier + the last "
                           f"student{scored}")
+        elif event["event"] == "restart":
+            console.print(f"[bold]round {event['round']}[/bold]: the pseudo-labels changed since the last run "
+                          "of this run.name: the student trains afresh")
         elif event["event"] == "label":
             console.print(f"[bold]round {event['round']}[/bold]: labelling {event['pool']:,} pool texts with the teacher")
 

@@ -81,7 +81,8 @@ def _delimited(path: Path, columns, optional, delimiter: str):
                     where = f"{path}:{reader.line_num}"
                     if any(row.get(c) is None for c in columns):
                         raise InputError(f"{where}: expected {len(header)} {delimiter!r}-separated fields, got fewer")
-                    if None in row:  # DictReader's key for the fields past the header's
+                    # DictReader's key for the fields past the header's; empty ones (a trailing tab) are harmless
+                    if any(extra.strip() for extra in row.get(None) or ()):
                         raise InputError(f"{where}: expected {len(header)} {delimiter!r}-separated fields, got "
                                          f"{len(header) + len(row[None])} ({inside})")
                     yield where, {c: row[c] for c in [*columns, *optional] if c in row}

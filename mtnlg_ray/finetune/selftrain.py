@@ -13,6 +13,7 @@ round did goes to `self_train_report.json` and `self_train.png` in the run direc
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -180,6 +181,8 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         _write_training_set(cfg, labelled.rows, pseudo, labels, out / "train.jsonl")
         emit(event="round", round=number, role="student", train=len(labelled.rows) + len(pseudo),
              kept={x: kept.get(x, 0) for x in labels}, pseudo_accuracy=accuracy)
+        if _forget_stale_student(out, out / "train.jsonl"):
+            emit(event="restart", round=number)
         result = finetune(_student_config(cfg, number, out / "train.jsonl"), on_record=on_record)
         report["rounds"].append(_round_entry(number, result, len(labelled.rows) + len(pseudo), len(rows),
                                              {x: kept.get(x, 0) for x in labels}, accuracy, started, scored))
@@ -196,6 +199,24 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
     publish_file(root / "self_train_report.json", json.dumps(report, indent=2) + "\n")
     report["plot"] = str(plot_self_training(report, root / "self_train.png"))
     return report
+
+
+def _forget_stale_student(out: Path, train: Path) -> bool:
+    """A re-run whose pseudo-labels changed (another threshold, teacher or pool) wrote a new
+    train.jsonl: the student checkpoints of the earlier run trained on the old one, so they go and the
+    student trains afresh (fine-tuning would refuse to resume them). Whether any went."""
+    from mtnlg_ray.train.checkpoint import STATE_FILE, file_digest, latest_checkpoint
+
+    newest = latest_checkpoint(out)
+    if newest is None:
+        return False
+    recorded = json.loads((newest / STATE_FILE).read_text()).get("train_data")
+    if recorded is None or recorded == file_digest(train):
+        return False
+    for stale in out.glob("checkpoint_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    (out / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)  # Ray Train's record of them
+    return True
 
 
 def _student_config(cfg: Config, number: int, train: Path) -> Config:

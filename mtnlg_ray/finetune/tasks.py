@@ -206,12 +206,14 @@ class SFTTask:
         ids, start = self.train[index]
         return len(ids) - max(start, 1)
 
-    def loss_scale(self, micro: np.ndarray, step: np.ndarray, dp: int) -> float:
-        """What one micro-batch's mean loss is multiplied by so the step's gradient is the mean over
-        every completion token of the global batch (`step`), whatever the micro-batch size and dp: its
-        share of those tokens, times dp, which the gradient reduction divides by. (An equal weight a
-        micro-batch would let one with 1 completion token count as much as one with 500.)"""
-        return sum(map(self._targets, micro)) * dp / max(1, sum(map(self._targets, step)))
+    def loss_scales(self, micro_batches: list[np.ndarray], step: np.ndarray, dp: int) -> list[float]:
+        """What each of this rank's micro-batch mean losses is multiplied by so the step's gradient is
+        the mean over every completion token of the global batch (`step`, all ranks' examples), whatever
+        the micro-batch size and dp: its share of those tokens, times dp, which the gradient reduction
+        divides by. (An equal weight a micro-batch would let one with 1 completion token count as much
+        as one with 500.)"""
+        total = max(1, sum(map(self._targets, step)))
+        return [sum(map(self._targets, micro)) * dp / total for micro in micro_batches]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device, batch: int, mesh=None) -> dict | None:

@@ -64,20 +64,37 @@ def recorded_schedule(run_dir: Path) -> dict:
     return {key: state[key] for key in ("warmup_tokens", "decay_tokens") if state.get(key) is not None}
 
 
+# (module, name) of everything DCP's metadata pickle is made of, by exact name.
+_METADATA_CLASSES = frozenset({
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    # storage_meta.checkpoint_id: Python 3.13 pickles a path from pathlib._local
+    *((module, name) for module in ("pathlib", "pathlib._local")
+      for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+})
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     """DCP's `.metadata` is a pickle: read it with only the classes DCP's own metadata is made of, so a
-    planted or corrupt file in a run directory cannot run code when a run resumes."""
+    planted file in a run directory cannot run code when a run resumes. Each allowed name is a class
+    or constant by its exact name; a dotted name (which pickle resolves attribute by attribute, e.g.
+    `os.system` through a module that imports os) is never one."""
 
-    _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                ("pathlib", "WindowsPath"), ("collections", "OrderedDict"),
-                ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+    _ALLOWED = _METADATA_CLASSES
 
     def find_class(self, module: str, name: str) -> Any:
-        torch_constant = module == "torch" and isinstance(getattr(torch, name, None),
-                                                           (torch.dtype, torch.layout, torch.memory_format))
-        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self._ALLOWED or torch_constant:
+        torch_constant = module == "torch" and "." not in name and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+        if (module, name) in self._ALLOWED or torch_constant:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a DCP checkpoint's metadata")
+        raise ForeignPickle(f"{module}.{name} is not part of a DCP checkpoint's metadata")
+
+
+class ForeignPickle(pickle.UnpicklingError):
+    """A checkpoint's metadata names something DCP's metadata is not made of: not a truncated file."""
 
 
 class SafeReader(FileSystemReader):
@@ -230,8 +247,11 @@ def is_complete(directory: Path) -> bool:
     try:
         metadata = SafeReader(str(directory)).read_metadata()
         world = json.loads((directory / STATE_FILE).read_text())["world_size"]
+    except ForeignPickle as refused:  # not a copy cut short: passing it over would start the run afresh
+        raise CheckpointError(f"{directory / '.metadata'}: refused to load ({refused}); move the folder out "
+                              "of the run directory if it is not this run's checkpoint") from None
     except (OSError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError, AttributeError,
-            ImportError, IndexError, TypeError):  # what a truncated or foreign pickle raises
+            IndexError, TypeError):  # what a file cut short raises
         return False
     files = {info.relative_path for info in (metadata.storage_data or {}).values()}
     files |= {f"rng-rank{rank}.json" for rank in range(world)}

@@ -225,13 +225,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state.best_metric, state.stale_evals = previous.best_metric, previous.stale_evals
         resumed_from = {"step": previous.step, "world_size": previous.world_size}
         # best/ is written at every better dev score, checkpoints only every checkpoint.every_steps:
-        # best/ may be newer than the checkpoint. Only a model better than it may replace it.
-        # Its step is replayed from the checkpoint and scores the same again: that evaluation is the best
-        # one, not a stale one, or patience would run out on the very epoch best/ holds.
+        # best/ may be newer than the checkpoint. Only a model better than it may replace it, and its
+        # evaluation, replayed from the checkpoint, starts patience again as it did the first time.
         recorded = _recorded_best(run_dir / "best", cfg.task.dev_metric) if task.keeps_best else None
         if recorded is not None and _better(recorded[0], state.best_metric, cfg.task.dev_metric):
             state.best_metric = recorded[0]
-            replayed_best_step = recorded[1] if recorded[1] is not None and recorded[1] > state.step else None
+        if recorded is not None and recorded[1] is not None and recorded[1] > state.step:
+            replayed_best_step = recorded[1]
 
     state.warmup_tokens, state.decay_tokens = cfg.train.warmup_tokens, cfg.train.decay_tokens
     state.train_data = loop_config.get("train_data")
@@ -296,16 +296,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             model.train()
             local_loss = torch.zeros((), device=device)
-            # The examples every rank trains on this step (whole micro-batches at each rank).
-            trained = np.concatenate([rank_slice(everyone, r, dp)[: accum * micro] for r in range(dp)])
+            # Each micro-batch's weight in the step: an equal one, or the task's (SFT: its share of the
+            # completion tokens that every rank's whole micro-batches hold).
+            parts_of_step = [indices[i * micro : (i + 1) * micro] for i in range(accum)]
+            scales = [1 / accum] * accum
+            if hasattr(task, "loss_scales"):
+                trained = np.concatenate([rank_slice(everyone, r, dp)[: accum * micro] for r in range(dp)])
+                scales = task.loss_scales(parts_of_step, trained, dp)
             for i in range(accum):
                 sync = i == accum - 1
                 context = no_grad_sync(model) if not sync else nullcontext()
-                part = indices[i * micro : (i + 1) * micro]
-                # Each micro-batch's weight in the step: an equal one, or the task's (SFT: its tokens).
-                scale = task.loss_scale(part, trained, dp) if hasattr(task, "loss_scale") else 1 / accum
                 with context, loss_parallel_context(mesh):
-                    loss = plain(task.loss(model, part, device)) * scale
+                    loss = plain(task.loss(model, parts_of_step[i], device)) * scales[i]
                     loss.backward()
                 local_loss += loss.detach()
         duplicates = pipeline.duplicates if pipeline is not None else ()
@@ -348,12 +350,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if set(dev) != {"loss"}:
                     metrics["dev"] = dev
             if dev is not None and task.keeps_best:
-                if _is_best(dev[metric], state.best_metric, metric, state.step == replayed_best_step):
+                # The first evaluation at or past best/'s step after a resume replays the one best/ was
+                # saved from (at another dp the steps may not fall alike): patience starts again there,
+                # whatever it scores this time, and best/ is replaced only by a better score.
+                replaying = replayed_best_step is not None and state.step >= replayed_best_step
+                if replaying:
+                    replayed_best_step, state.stale_evals = None, 0
+                if _better(dev[metric], state.best_metric, metric):
                     state.best_metric, state.stale_evals = dev[metric], 0
                     _save_consolidated(parts, task, model_config, run_dir / "best", tokenizer_file, rank,
                                        {"trained": {"step": state.step, "dev": {metric: dev[metric]}}})
                     metrics["best"] = True
-                else:
+                elif not replaying:
                     state.stale_evals += 1
                     stopped_early = cfg.train.patience is not None and state.stale_evals >= cfg.train.patience
         log.write(**metrics)
@@ -404,12 +412,6 @@ def _recorded_best(best_dir: Path, metric: str | None) -> tuple[float, int | Non
         return None
     score = trained.get("dev", {}).get(metric)
     return None if score is None else (score, trained.get("step"))
-
-
-def _is_best(score: float, best: float | None, metric: str, replaying_best: bool) -> bool:
-    """Whether a dev score makes a new best/: it beats the best so far, or it is the evaluation best/
-    was saved from, replayed by a resumed run, and scores at least as well again."""
-    return _better(score, best, metric) or (replaying_best and best is not None and not _better(best, score, metric))
 
 
 def _evaluate_pipeline(pipeline, task, micro: int, mesh, device) -> dict | None:
