@@ -85,3 +85,10 @@ def test_max_steps_is_not_cut_short_by_an_unset_epoch_count():
     assert load_config(overrides=["train.max_steps=null"]).train.epoch_limit() == 1  # nothing else ends the run
     assert load_config(overrides=["train.max_steps=300", "train.epochs=2"]).train.epoch_limit() == 2
     assert load_config(stage="finetune").train.epoch_limit() == 10
+
+
+def test_a_type_error_under_a_section_names_its_key_even_when_the_value_is_a_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: {a: 1}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: train.max_steps: Input should be a valid integer"):
+        load_config(bad)

@@ -233,6 +233,8 @@ def test_a_row_with_more_fields_than_its_header_is_refused_not_read_as_a_new_lab
         read_classification(tsv, "sentence", "label")
     csv_file.write_text('text,label\n"quoted, fine",pos\n', encoding="utf-8")
     assert read_classification(csv_file, "text", "label").texts == ["quoted, fine"]
+    tsv.write_text("sentence\tlabel\nfine\t1\nok\t0\t\n", encoding="utf-8")  # an exported trailing tab
+    assert read_classification(tsv, "sentence", "label").labels == ["1", "0"]
 
 
 def test_a_field_longer_than_the_csv_modules_default_cap_is_read(tmp_path):
