@@ -209,15 +209,24 @@ def test_prefix_cache_shares_blocks_and_evicts_least_recently_used(one_thread):
     other = [rng.randrange(256) for _ in range(41)]
     _run_alone(decoder, other, greedy)
     assert len(decoder.pool.match(system + [0])[0]) == 10 and len(decoder.pool.match(other)[0]) == 10
-    filler = [rng.randrange(256) for _ in range(60)]
+    filler = [rng.randrange(256) for _ in range(80)]
     _run_alone(decoder, filler, SamplingParams(max_tokens=4, temperature=0))
     assert decoder.stats()["evicted_blocks"] > 0
-    assert len(decoder.pool.match(system + [0])[0]) < 10  # used longest ago: evicted first
+    # used longest ago: evicted first, from the end of its chain, so its beginning still matches (evicting
+    # the first block first stranded every block after it: a match found none)
+    assert 0 < len(decoder.pool.match(system + [0])[0]) < 10
     assert len(decoder.pool.match(other)[0]) == 10
 
     off = ContinuousDecoder(model, max_rows=4, block_size=4, prefix_cache=False)
     _run_alone(off, first, greedy)
     assert _run_alone(off, second, greedy) == tokens[b] and off.stats()["prefix_hit_tokens"] == 0
+
+
+def test_the_default_pool_holds_max_rows_full_contexts_when_the_context_is_no_multiple_of_a_block(one_thread):
+    model = _tiny_model(seq_len=100)  # 7 blocks of 16 a row
+    decoder = ContinuousDecoder(model, max_rows=4, block_size=16)
+    long = SamplingParams(max_tokens=90, temperature=0)
+    assert all(decoder.add([1] * 10, long) is not None for _ in range(4))  # the 4th used to wait
 
 
 def test_a_full_pool_makes_requests_wait_and_a_long_prompt_is_read_between_decode_steps(one_thread):
@@ -331,6 +340,39 @@ def test_a_stream_sends_its_first_tokens_at_once_then_at_most_one_chunk_per_inte
     assert asyncio.run(chunks(2.0)) == [[0], list(range(1, 32))]
     unlimited = asyncio.run(chunks(0.0))
     assert [t for tokens in unlimited for t in tokens] == list(range(32)) and len(unlimited) > 2
+
+
+def test_a_stream_whose_client_leaves_before_its_first_event_stops_generating():
+    """The events' own `finally` cancels their requests only once iteration began; a client gone while
+    the headers were being sent used to leave its sequences decoding to max_tokens for nobody."""
+    from starlette.requests import ClientDisconnect
+
+    from mtnlg_ray.serve.app import _CancellingStream
+    from mtnlg_ray.serve.scheduler import TokenStream
+
+    async def scenario() -> tuple[list[bool], bool]:
+        streams = [TokenStream([1, 2], SamplingParams(max_tokens=8), asyncio.get_running_loop()) for _ in range(2)]
+        started = False
+
+        async def events():
+            nonlocal started
+            started = True
+            yield "data: x\n\n"
+
+        async def receive():
+            await asyncio.sleep(3600)  # no disconnect message: the send below fails first
+
+        async def send(message):
+            raise OSError("client went away")  # at the headers
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [],
+                 "asgi": {"version": "3.0", "spec_version": "2.4"}}
+        with pytest.raises(ClientDisconnect):  # Starlette's word for a send that failed
+            await _CancellingStream(events(), streams, media_type="text/event-stream")(scope, receive, send)
+        return [stream.cancelled for stream in streams], started
+
+    cancelled, started = asyncio.run(scenario())
+    assert cancelled == [True, True] and not started
 
 
 def test_stop_strings_and_chat_template():

@@ -71,9 +71,11 @@ class ContinuousDecoder:
         self.vocab_limit = min(vocab_limit or self.config.vocab_size, self.config.vocab_size)
         self.prefill_chunk = prefill_chunk
         self.device = model.tok_emb.weight.device
-        # Default: room for every row to fill the whole context, what a dense cache would hold.
-        tokens = kv_cache_tokens if kv_cache_tokens is not None else max_rows * self.config.seq_len
-        num_blocks = -(-tokens // block_size) + 1  # + the padding block
+        # Default: room for every row to fill the whole context, what a dense cache would hold; each row
+        # takes whole blocks, so a context that is no multiple of the block size rounds up a row at a time.
+        per_row = -(-self.config.seq_len // block_size)
+        blocks = -(-kv_cache_tokens // block_size) if kv_cache_tokens is not None else max_rows * per_row
+        num_blocks = blocks + 1  # + the padding block
         self.pool = BlockPool(self.config, num_blocks, block_size, self.device, model.tok_emb.weight.dtype,
                               prefix_cache=prefix_cache)
         self.sequences: dict[int, _Sequence] = {}  # in admission order

@@ -111,7 +111,9 @@ class BlockPool:
     def release(self, blocks: list[int], unused: int = 0) -> None:
         """Drop a sequence's references to `blocks`, and the `unused` blocks it was promised but never took."""
         self.reserved -= unused
-        for block in blocks:
+        # Last block first: eviction takes the oldest, and a prefix is only found from its first block
+        # on, so a chain must lose its end before its beginning (else one eviction strands the rest).
+        for block in reversed(blocks):
             self.refs[block] -= 1
             if self.refs[block] == 0:
                 if block in self.key_of:

@@ -42,6 +42,23 @@ SWITCH_INTERVAL_S = 0.0001
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 
 
+class _CancellingStream(StreamingResponse):
+    """A streaming response that cancels its requests' generation however it ends: the events'
+    own `finally` runs only once they started, and a client that leaves while the headers are being
+    sent would leave its sequences decoding to max_tokens for nobody."""
+
+    def __init__(self, content, streams: list, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._streams = streams
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for stream in self._streams:
+                stream.cancel()
+
+
 class ServeArgs(BaseModel):
     """Arguments of `build_app`: the `args:` of a Serve config, `key=value` pairs of `serve run`."""
 
@@ -417,7 +434,7 @@ class TextGeneratorServer:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = self._stream_events(endpoint, head, streams, stops, usages, started, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream",
+            return _CancellingStream(events, streams, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
         async def collect(stream: TokenStream, usage: dict) -> tuple[str, str]:
