@@ -97,12 +97,21 @@ class ModelSection(Section):
         return GPTConfig(**shape)
 
 
+def _no_uri(value: str | None) -> str | None:
+    """A path the trainers open as a file: a URI would become a local folder named `s3:`."""
+    if value and "://" in value:
+        raise ValueError("expected a local or mounted path (e.g. /mnt/bucket/...), not a URI")
+    return value
+
+
 class DataSection(Section):
     path: OptionalPath = None
     train: OptionalPath = None
     dev: OptionalPath = None
     text_field: str = "text"
     label_field: str = "label"
+
+    _local = field_validator("path", "train", "dev")(_no_uri)
 
 
 class TokenizerSection(Section):
@@ -319,6 +328,8 @@ class RunSection(Section):
     name: str = "run"
     storage_path: PathStr = "runs"
     max_failures: int = Field(2, ge=0)
+
+    _local = field_validator("storage_path")(_no_uri)
 
 
 class InitSection(Section):

@@ -110,25 +110,31 @@ def start_local_cluster(
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
     try:
+        return _finish_start(proc, temp, dashboard_port, timeout_s)
+    except BaseException:  # Ctrl-C too: `ray start` runs in its own session, which the terminal's
+        _stop_session(proc.pid)  # interrupt never reaches, and nothing would be left to stop it by
+        raise
+
+
+def _finish_start(proc: subprocess.Popen, temp: Path, dashboard_port: int, timeout_s: float) -> "LocalCluster":
+    """Wait for `ray start`, check the cluster it left and record it; raises on any failure (the caller
+    stops the session)."""
+    try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        _stop_session(proc.pid)
         raise MtnlgError(f"ray start did not finish within {timeout_s:.0f} s") from None
     if proc.returncode != 0:
-        _stop_session(proc.pid)
         raise MtnlgError(f"ray start failed: {_last_message(output)}")
     try:
         gcs_address = (temp / "ray_current_cluster").read_text(encoding="utf-8").strip()
         session_dir = str((temp / "session_latest").resolve())
     except OSError as exc:
-        _stop_session(proc.pid)
         raise MtnlgError(f"ray start left no cluster address in {temp} ({exc})") from None
     cluster = LocalCluster(
         dashboard_url=f"http://127.0.0.1:{dashboard_port}", gcs_address=gcs_address, session_id=proc.pid,
         session_dir=session_dir, temp_dir=str(temp), started_at=time.time(),
     )
     if not _wait_for_job_server(cluster.dashboard_url, deadline=time.time() + timeout_s):
-        _stop_session(proc.pid)
         raise MtnlgError(f"Ray started but its job server did not answer at {cluster.dashboard_url} "
                          f"(is port {dashboard_port} taken? --dashboard-port picks another)")
     (temp / STATE_FILE).write_text(json.dumps(asdict(cluster), indent=2), encoding="utf-8")

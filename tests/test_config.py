@@ -92,3 +92,11 @@ def test_a_type_error_under_a_section_names_its_key_even_when_the_value_is_a_map
     bad.write_text("train:\n  max_steps: {a: 1}\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: train.max_steps: Input should be a valid integer"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("key", ["data.path", "data.train", "run.storage_path"])
+def test_a_uri_where_a_trainer_opens_files_is_refused(key):
+    """`--set data.path=s3://...` used to be sent as a job and fail there; `run.storage_path=s3://...`
+    made a local folder named `s3:`."""
+    with pytest.raises(ConfigError, match=rf"^--set {key}=s3://bucket/x: {key}: expected a local or mounted path"):
+        load_config(overrides=[f"{key}=s3://bucket/x"], stage="pretrain")

@@ -302,6 +302,40 @@ def test_local_down_stops_every_process_of_its_cluster_and_nothing_else(local_ra
         requests.get(f"{local_ray.address}/api/version", timeout=5)
 
 
+def test_ctrl_c_during_local_up_leaves_no_ray_process_behind():
+    """`ray start` runs in a session of its own, which the terminal's Ctrl-C never reaches: an interrupted
+    `local up` used to leave 9 Ray processes running with no record for `local down` to find."""
+    import signal
+    import time
+
+    temp = Path(tempfile.mkdtemp(prefix="mtnlg-lc-")) / "ray"  # short: Ray's socket paths have a length limit
+    port = free_port()
+
+    def ours() -> list[str]:
+        # -ww: whole command lines (ps cuts them to $COLUMNS otherwise, before the temp dir)
+        listing = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+        return [line for line in listing.splitlines() if str(temp) in line and "pytest" not in line]
+
+    proc = subprocess.Popen([EXE, "local", "up", "--temp-dir", str(temp), "--port", str(port),
+                             "--dashboard-port", str(free_port()), "--num-cpus", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=clean_env())
+    try:
+        deadline = time.time() + 60
+        while len(ours()) < 3 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert len(ours()) >= 3, proc.stdout.read() if proc.poll() is not None else "Ray never started"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) != 0
+        deadline = time.time() + 20
+        while ours() and time.time() < deadline:
+            time.sleep(0.5)
+        assert ours() == []
+    finally:
+        for line in ours():
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+        shutil.rmtree(temp.parent, ignore_errors=True)
+
+
 def test_a_local_cluster_record_is_ours_only_if_we_own_it(tmp_path):
     """/tmp/ray is writable by everyone: another user's record must not send our jobs to their cluster,
     and a record without a session directory matches no process."""
