@@ -291,6 +291,12 @@ def test_a_wrong_model_is_one_line_before_any_actor_starts(ray_session, tiny_che
         label_documents(ds, LabelSection(labeler="perplexity", model=str(tmp_path / "nowhere")))
     with pytest.raises(ConfigError, match="label.model"):
         label_documents(ds, LabelSection(labeler="perplexity"))
+    # A pool the cluster cannot hold (Ray Data would wait for it without end, and without a word).
+    with pytest.raises(ConfigError, match=r"label.actors: at least 1 labelling actors of 1 CPU and 1 GPU each, "
+                                          r"but the Ray cluster has 2 CPUs and 0 GPUs \(0 such actors fit\)"):
+        label_documents(ds, LabelSection(labeler="perplexity", model=str(tiny_checkpoint), num_gpus=1))
+    with pytest.raises(ConfigError, match=r"at least 3 labelling actors of 1 CPU each"):
+        label_documents(ds, LabelSection(labeler="perplexity", model=str(tiny_checkpoint), actors=(3, 3)))
     # Weights the config no longer describes, or no weights: found from the header before the pool
     # starts (an actor loading them used to die in its constructor, behind Ray's traceback).
     reshaped = tmp_path / "reshaped"
@@ -537,3 +543,34 @@ def test_a_model_path_is_text_whatever_yaml_would_make_of_it(tmp_path):
         assert result.stderr.strip().splitlines() == [
             f"error: {tmp_path / name / 'quality.json'}: missing, {tmp_path / name} is not a quality model "
             "(`mtnlg-ray data train-quality-classifier` writes one)"]
+
+
+def test_a_missing_label_model_or_tokenizer_fails_before_the_previous_dataset_is_cleared(tmp_path):
+    """`data prepare` used to check them only when their stage began: after it had emptied the output
+    folder of its previous dataset and run every curation stage before them."""
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.data.pipeline import prepare_dataset
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("A paragraph of plain words for the check.\n")
+    output = tmp_path / "data"
+    output.mkdir()
+    (output / "manifest.json").write_text('{"documents": 7}')
+    for override, where in (("label.model=" + str(tmp_path / "no_such_model"), "no_such_model"),
+                            ("tokenizer.path=" + str(tmp_path / "no_such_tokenizer"), "no_such_tokenizer")):
+        labeller = ["label.labeler=quality"] if override.startswith("label") else []
+        cfg = load_config(overrides=[*labeller, override], stage="prepare")
+        with pytest.raises((CheckpointError, InputError), match=where):
+            prepare_dataset([str(corpus)], output, cfg)
+        assert (output / "manifest.json").read_text() == '{"documents": 7}'  # the previous dataset is there
+
+
+def test_a_text_with_no_tokens_to_score_is_rejected_as_empty_whatever_the_percentile():
+    """The detail line of an `empty` rejection used to format the unset percentile and raise TypeError."""
+    batch = pa.table({"id": ["a", "b"], "source": ["s", "s"], "location": ["s:1", "s:2"], "text": ["", "x"],
+                      "ppl": [None, 3.0]})
+    from mtnlg_ray.data.label import _rejected_rows
+
+    rejected = _rejected_rows(batch, LabelSection(labeler="perplexity", model="m"), None)
+    assert rejected.column("reason").to_pylist() == ["empty"]
+    assert rejected.column("detail").to_pylist() == ["no tokens to score"]

@@ -298,6 +298,7 @@ def label_documents(ds: ray.data.Dataset, cfg: LabelSection, text_field: str = "
         raise ConfigError(f"label.model: expected the {cfg.labeler} model's path, got none")
     labeler.check(cfg.model)  # a missing or wrong model is one line here, not a dead actor pool
     low, high = cfg.actors
+    _check_pool_fits(low, cfg.num_gpus)
     return ds.map_batches(
         labeler,
         fn_constructor_args=(str(cfg.model),),
@@ -310,6 +311,20 @@ def label_documents(ds: ray.data.Dataset, cfg: LabelSection, text_field: str = "
         batch_size=cfg.batch_size or labeler.batch_size,
         udf_modifying_row_count=False,
     )
+
+
+def _check_pool_fits(actors: int, num_gpus: float) -> None:
+    """Ray Data waits without end, and without a word, for an actor pool the cluster cannot hold: one
+    line instead, unless an autoscaler (a cluster the Ray cluster launcher started) may add nodes."""
+    from mtnlg_ray.runtime import launched_with_autoscaler, workers_that_fit
+
+    fit, cpus, gpus = workers_that_fit(1.0, num_gpus)
+    if fit >= actors or launched_with_autoscaler():
+        return
+    shape = "1 CPU" + (f" and {num_gpus:g} GPU" if num_gpus else "")
+    raise ConfigError(f"label.actors: at least {actors} labelling actors of {shape} each, but the Ray cluster "
+                      f"has {cpus:g} CPUs and {gpus:g} GPUs ({fit} such actors fit); lower label.actors"
+                      + (" or label.num_gpus" if num_gpus else ""))
 
 
 def pareto_draws(ids: list[str], alpha: float, seed: int) -> np.ndarray:
@@ -349,8 +364,8 @@ def _rejections(batch: pa.Table, cfg: LabelSection, cutoff: float | None) -> tup
     reasons, details = [], []
     for p in (ppl[i] for i in np.flatnonzero(mask)):
         reasons.append("empty" if p is None else "high_perplexity")
-        percentile = f"p{cfg.ppl_max_percentile:g}"
-        details.append("no tokens to score" if p is None else f"ppl {p:.4g} > {cutoff:.4g} ({percentile})")
+        details.append("no tokens to score" if p is None
+                       else f"ppl {p:.4g} > {cutoff:.4g} (p{cfg.ppl_max_percentile:g})")
     return mask, reasons, details
 
 

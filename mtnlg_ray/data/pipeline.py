@@ -175,6 +175,20 @@ def _run_stage(run: PipelineRun, name: str, docs, stage_fn, note: str = ""):
 # ---------------------------------------------------------------- output directory
 
 
+def _check_models(config: Config) -> None:
+    """The labeller's model and a given tokenizer load, checked before anything is cleared or run: they
+    are used only late in the pipeline, after hours of curation on a real corpus."""
+    from mtnlg_ray.data.label import LABELERS
+
+    if config.label.labeler in LABELERS and config.label.model is not None:
+        LABELERS[config.label.labeler].check(config.label.model)
+    if config.tokenizer.path:
+        from mtnlg_ray.tokenizer import load_tokenizer
+
+        source = Path(config.tokenizer.path)
+        load_tokenizer(source / "tokenizer.json" if source.is_dir() else source)
+
+
 def _prepare_output(output: Path) -> None:
     """Create `output`, or clear a previous dataset in it; never clobber an unrelated folder."""
     try:
@@ -393,6 +407,7 @@ def prepare_dataset(
     if config.label.labeler is not None and config.label.model is None:
         raise InputError("label.model: the labeller needs a model path (set label.model)")
     _check_curation(config)
+    _check_models(config)  # before the output folder's previous dataset is cleared
     _prepare_output(output)
     _start_pipeline()
 
@@ -610,15 +625,14 @@ def label_corpus(inputs: Sequence[str], output: str | Path, config: Config) -> d
 
     Like `prepare_dataset`, a run left with no document writes rejected/ and manifest.json, then raises.
     """
-    from mtnlg_ray.data.label import LABELERS, filter_labelled, label_documents
+    from mtnlg_ray.data.label import filter_labelled, label_documents
 
     if config.label.labeler is None or config.label.model is None:
         raise InputError("label: both --labeler and --model are needed")
     started = time.perf_counter()
     output = Path(output)
     items = resolve_sources(inputs)
-    if config.label.labeler in LABELERS:  # a wrong model is one line before Ray starts (the pool checks again)
-        LABELERS[config.label.labeler].check(config.label.model)
+    _check_models(config)  # a wrong model is one line before Ray starts (the pool checks again)
     _prepare_output(output)
     _start_pipeline()
     run = PipelineRun()
