@@ -204,7 +204,10 @@ def _submit_spec(client, spec: JobSpec, address: str, job_id: str | None) -> str
     try:
         if spec.config_yaml is not None:
             (staging / CONFIG_NAME).write_text(spec.config_yaml, encoding="utf-8")
-            runtime_env["working_dir"] = str(staging)
+        # Always a working_dir, even empty (serve has no config): `python -m` puts the directory the
+        # driver starts in first on sys.path, and without one that is wherever the raylet runs,
+        # such as the image's source tree, whose mtnlg_ray would shadow the package shipped above.
+        runtime_env["working_dir"] = str(staging)
         return client.submit_job(entrypoint=spec.entrypoint, runtime_env=runtime_env, submission_id=job_id,
                                  metadata={"mtnlg_stage": spec.stage})
     except (RuntimeError, ValueError, ConnectionError) as exc:

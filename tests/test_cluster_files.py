@@ -259,19 +259,30 @@ def test_readme_submit_commands_parse_and_validate(tmp_path):
         assert (ROOT / script).is_file(), script
 
 
-def test_a_served_job_gets_its_api_key_in_its_environment_never_in_its_entrypoint(tmp_path, monkeypatch):
-    """`jobs list` and the dashboard show entrypoints; a key from --api-key or MTNLG_API_KEY travels
-    as the job's MTNLG_API_KEY, which its `mtnlg-ray serve` reads (without it the job served unauthenticated)."""
+def test_a_served_job_gets_only_its_api_keys_digest_never_the_key(tmp_path, monkeypatch):
+    """`ray job list` and the dashboard show a job's entrypoint and its runtime_env, whose environment
+    variables Ray's runtime-env agent also logs: a key from --api-key or MTNLG_API_KEY travels as its
+    SHA-256 in MTNLG_API_KEY_SHA256, which the job's `mtnlg-ray serve` reads (without it the job served
+    unauthenticated), and the server holds only that digest."""
+    from mtnlg_ray.apikey import api_key_digest
+    from mtnlg_ray.serve.app import ServeArgs
+
     ckpt = str(tmp_path / "ckpt")
     monkeypatch.delenv("MTNLG_API_KEY", raising=False)
     given = build_job("serve", ["-c", ckpt, "--api-key", "s3cret", "--host", "0.0.0.0"])
     assert "s3cret" not in given.entrypoint and "--api-key" not in given.entrypoint
-    assert given.env_vars == {"MTNLG_API_KEY": "s3cret"} and "--host 0.0.0.0" in given.entrypoint
+    assert given.env_vars == {"MTNLG_API_KEY_SHA256": api_key_digest("s3cret")} and "--host 0.0.0.0" in given.entrypoint
+    assert "s3cret" not in repr(given)
     monkeypatch.setenv("MTNLG_API_KEY", "from-env")
     inherited = build_job("serve", ["-c", ckpt])
-    assert inherited.env_vars == {"MTNLG_API_KEY": "from-env"} and "from-env" not in inherited.entrypoint
+    assert inherited.env_vars == {"MTNLG_API_KEY_SHA256": api_key_digest("from-env")}
+    assert "from-env" not in repr(inherited)
     monkeypatch.delenv("MTNLG_API_KEY")
     assert build_job("serve", ["-c", ckpt]).env_vars == {}
+    # The server's arguments: the key turns into its digest at once; the digest alone works the same.
+    args = ServeArgs(checkpoint=ckpt, api_key="s3cret")
+    assert args.api_key is None and args.api_key_sha256 == api_key_digest("s3cret") and "s3cret" not in repr(args)
+    assert ServeArgs(checkpoint=ckpt, api_key_sha256=api_key_digest("s3cret")) == args
 
 
 def test_submit_finds_the_served_url_whatever_the_model_is_called():

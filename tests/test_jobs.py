@@ -244,6 +244,12 @@ def test_prepare_pretrain_serve_through_submit(local_ray, tmp_path):
         body = reply.json()
         assert body["model"] == "final" and body["usage"]["completion_tokens"] == 4
         assert cli("jobs", "status", job_id, *address).stdout.strip() == "RUNNING"
+        # A working_dir even without a config: else the driver starts wherever the raylet runs, and a
+        # mtnlg_ray found there (an image's source tree) would shadow the shipped package.
+        from mtnlg_ray.dashboard import connect
+
+        info = connect(local_ray.address).get_job_info(job_id)
+        assert info.runtime_env.get("working_dir", "").startswith("gcs://")
     finally:
         stop = cli("jobs", "stop", job_id, *address)
     assert stop.stdout.strip() == f"job {job_id}: STOPPED"

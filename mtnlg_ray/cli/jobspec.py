@@ -9,6 +9,7 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path, PurePath
 
+from mtnlg_ray.apikey import api_key_digest
 from mtnlg_ray.config import CONFIG_STAGES, absolute_path, absolute_paths, label_overrides
 from mtnlg_ray.errors import ConfigError, MtnlgError, first_line
 from mtnlg_ray.jobs import CONFIG_NAME, JobSpec
@@ -22,9 +23,10 @@ STAGES: dict[str, tuple[str, ...]] = {
     "self-train": ("self-train",),
     "serve": ("serve",),
 }
-# Options that carry a secret: a job gets them in its environment (the variable its command reads),
-# never in the entrypoint, which `jobs list` and the dashboard show.
-SECRET_OPTIONS = {"--api-key": "MTNLG_API_KEY"}
+# Options that carry a secret: a job gets only its SHA-256, in the environment variable its command
+# reads, never the secret: the entrypoint and the runtime_env (its environment variables) are both
+# shown by `ray job list` and the dashboard, and Ray's runtime-env agent logs the latter.
+SECRET_OPTIONS = {"--api-key": "MTNLG_API_KEY_SHA256"}
 
 
 def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, env: list[str] = ()) -> JobSpec:
@@ -46,7 +48,7 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
         secret = next((SECRET_OPTIONS[o] for o in getattr(param, "opts", ()) if o in SECRET_OPTIONS), None)
         if secret is not None:  # from the command line or this machine's environment alike
             if ctx.params.get(param.name) is not None:
-                env_vars.setdefault(secret, str(ctx.params[param.name]))
+                env_vars.setdefault(secret, api_key_digest(str(ctx.params[param.name])))
             continue
         argv += _tokens(param, ctx.params.get(param.name), ctx.get_parameter_source(param.name), cwd)
     config_yaml = None

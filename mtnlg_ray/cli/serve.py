@@ -45,6 +45,10 @@ def serve(
     port: int = typer.Option(8000, "--port", help="HTTP port."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MTNLG_API_KEY",
                                           help="Require 'Authorization: Bearer KEY' on /v1 (or set MTNLG_API_KEY)."),
+    api_key_sha256: Optional[str] = typer.Option(
+        None, "--api-key-sha256", envvar="MTNLG_API_KEY_SHA256",
+        help="The key's SHA-256 (hex) instead of the key, e.g. from `printf %s KEY | sha256sum` (or set "
+             "MTNLG_API_KEY_SHA256); a submitted serve job gets its key this way."),
     replicas: int = typer.Option(1, "--replicas", help="Fixed number of replicas, each holding the model once."),
     autoscale: Optional[str] = typer.Option(None, "--autoscale", metavar="MIN,MAX",
                                             help="Scale replicas between MIN and MAX on load instead of --replicas."),
@@ -83,7 +87,8 @@ def serve(
     if autoscale and replicas != 1:
         raise MtnlgError("--replicas and --autoscale: give one of them, not both")
     args = parse_args({
-        "checkpoint": str(checkpoint), "model_name": model_name, "api_key": api_key, "max_batch": max_batch,
+        "checkpoint": str(checkpoint), "model_name": model_name, "api_key": api_key,
+        "api_key_sha256": api_key_sha256, "max_batch": max_batch,
         "max_waiting": max_waiting, "num_replicas": replicas, "autoscale": autoscale, "num_cpus": num_cpus,
         "num_gpus": num_gpus, "kv_cache_tokens": kv_cache_tokens, "block_size": block_size,
         "prefill_chunk": prefill_chunk, "prefix_cache": prefix_cache,
@@ -91,7 +96,7 @@ def serve(
     if not 0 <= port <= 65535:
         raise MtnlgError(f"--port: expected 0-65535, got {port}")
     # The key itself is never printed: this line ends up in job logs.
-    auth = " -H \"Authorization: Bearer $MTNLG_API_KEY\"" if api_key else ""
+    auth = " -H \"Authorization: Bearer $MTNLG_API_KEY\"" if args.api_key_sha256 else ""
 
     def ready(url: str) -> None:
         typer.echo(f"serving {args.name} at {url}/v1  (health: {url}/health)")

@@ -17,7 +17,7 @@ from typing import AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,6 +33,7 @@ from mtnlg_ray.serve.protocol import (
     render_chat,
     validation_error,
 )
+from mtnlg_ray.apikey import api_key_digest
 from mtnlg_ray.serve.scheduler import BatchScheduler, Overloaded, TokenStream
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class ServeArgs(BaseModel):
     checkpoint: str
     model_name: str | None = None  # the `model` clients send; default: the checkpoint folder's name
     api_key: str | None = None  # when set, every /v1 request needs "Authorization: Bearer <key>"
+    # The key's SHA-256 (hex) instead of the key: what a Ray Job carries, so neither its runtime_env
+    # (which `ray job list` and the dashboard show) nor Serve's stored arguments ever hold the key.
+    api_key_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")  # auto: cuda when the replica has a GPU
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: bfloat16 on GPU, as stored on CPU
     max_batch: int = 16  # sequences decoded together per replica
@@ -96,6 +100,16 @@ class ServeArgs(BaseModel):
         if value is not None and not value.strip():  # an empty key would let an empty bearer token in
             raise ValueError("expected a non-empty key (leave it unset to serve without one)")
         return value
+
+    @model_validator(mode="after")
+    def _only_the_digest(self) -> "ServeArgs":
+        """A key becomes its digest at once: the deployment, and what Serve stores of it, hold only that."""
+        if self.api_key is not None:
+            digest = api_key_digest(self.api_key)
+            if self.api_key_sha256 not in (None, digest):
+                raise ValueError("api_key and api_key_sha256 disagree: give one of them")
+            self.api_key, self.api_key_sha256 = None, digest
+        return self
 
     @field_validator("autoscale", mode="before")
     @classmethod
@@ -293,11 +307,12 @@ class TextGeneratorServer:
         return response
 
     def _authorize(self, request: Request) -> None:
-        if self.args.api_key is None:
+        if self.args.api_key_sha256 is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.args.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(api_key_digest(token.strip()),
+                                                                  self.args.api_key_sha256):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            kind="authentication_error", code="invalid_api_key")
 
@@ -592,17 +607,21 @@ def serve_until_stopped(args: ServeArgs, host: str = "127.0.0.1", port: int = 80
     """`serve_model`, then block until Ctrl-C or SIGTERM (a `kill` or a container stop) and delete the app."""
     import signal
 
-    url = serve_model(args, host=host, port=port, name=name)
-    if on_ready is not None:
-        on_ready(url)
-
     def stop(signum, frame):
         raise KeyboardInterrupt
 
+    # Before deploying: a stop while the replicas load the model (`jobs stop` sends SIGTERM) must
+    # delete the app too, or it keeps running, and holding its GPUs, behind a stopped job.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
+        url = serve_model(args, host=host, port=port, name=name)
+        if on_ready is not None:
+            on_ready(url)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
-        serve.delete(name)
+        import ray
+
+        if ray.is_initialized():  # stopped before Ray was even reached: nothing to delete
+            serve.delete(name)
