@@ -485,3 +485,54 @@ def test_pipeline_stages_chained_are_the_whole_model():
     for stage in stages:
         x = stage(x)
     assert torch.equal(x, model(tokens))
+
+
+def dropout_worker(rank: int, port: int, out_dir: str) -> None:
+    """tp2 with dropout 0.5: each rank's masks, and gradients with and without recomputing the blocks."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        mesh = build_mesh(2, 2, "cpu")
+        tokens = token_batches()[0, :MICRO]
+        results: dict = {}
+        for sequence_parallel in (True, False):
+            torch.manual_seed(5)
+            config = dataclasses.replace(CONFIG, dropout=0.5)
+            model = parallelize(GPT(config), mesh, fsdp=True, sequence_parallel=sequence_parallel)
+            model.train()
+            seen = {}
+            model.blocks[0].drop.register_forward_hook(lambda m, i, o: seen.setdefault("residual", o.detach() == 0))
+            torch.manual_seed(7)
+            model(tokens[:, :-1])
+            results[sequence_parallel] = seen["residual"]
+        grads = {}
+        for recompute in (False, True):
+            config = dataclasses.replace(CONFIG, dropout=0.5, activation_checkpointing=recompute)
+            torch.manual_seed(5)
+            model = parallelize(GPT(config), mesh, fsdp=True)
+            model.train()
+            torch.manual_seed(7)
+            with loss_parallel_context(mesh):
+                plain(lm_loss(model(tokens[:, :-1]), tokens[:, 1:])).backward()
+            grads[recompute] = {n: plain(p.grad).clone() for n, p in model.named_parameters()}
+        results["recompute_diff"] = max(float((grads[True][n] - grads[False][n]).abs().max()) for n in grads[False])
+        results["grad_size"] = max(float(g.abs().max()) for g in grads[False].values())
+        torch.save(results, os.path.join(out_dir, f"dropout{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_ranks_drop_their_own_shards_and_recompute_the_same_masks(tmp_path):
+    """Every tp rank used to draw its dropout masks from one seed, so the sequence shards and head
+    groups of a layer repeated one pattern. Now each rank drops its own positions with a mask of its
+    own (under sequence parallelism), the whole residual stream of tp without it alike on every rank,
+    and activation checkpointing recomputes each mask exactly: the same gradients."""
+    mp.spawn(dropout_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"dropout{r}.pt", weights_only=True) for r in (0, 1)]
+    sharded = [r[True] for r in ranks]
+    assert sharded[0].shape == sharded[1].shape and not torch.equal(sharded[0], sharded[1])
+    assert 0.4 < float(sharded[0].float().mean()) < 0.6  # dropout 0.5 really drops
+    assert torch.equal(ranks[0][False], ranks[1][False])  # a replicated residual: one mask
+    for r in ranks:
+        assert r["grad_size"] > 1e-3 and r["recompute_diff"] <= 1e-6 * r["grad_size"]

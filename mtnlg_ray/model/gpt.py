@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +146,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.dropout = config.dropout
+        self.tp_rank: int | None = None  # set under tensor parallelism: this rank's heads drop on their own
 
     def forward(
         self,
@@ -161,13 +164,34 @@ class CausalSelfAttention(nn.Module):
         else:  # store the new keys, attend over every key of the sequence so far
             k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
-        if attn_mask is None:
-            # No mask means plain causal attention over a sequence that starts at position 0,
-            # or one new token that may see every cached key. This keeps SDPA on its flash kernels.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        with rank_local_rng(self.tp_rank if dropout > 0 else None):
+            if attn_mask is None:
+                # No mask means plain causal attention over a sequence that starts at position 0,
+                # or one new token that may see every cached key. This keeps SDPA on its flash kernels.
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+@contextmanager
+def rank_local_rng(rank: int | None) -> Iterator[None]:
+    """Random numbers of this tensor-parallel rank's own inside (nothing changes when `rank` is None).
+
+    Dropout on what each tp rank holds alone (its heads, its sequence positions) must differ between
+    ranks, or every shard repeats one mask pattern; dropout on what they all hold must not. The seed
+    is drawn from the shared generator, which advances alike on every rank and which activation
+    checkpointing restores before it recomputes a block, so a recomputed mask is the one of the
+    forward pass; the shared generators are as they were afterwards but for that draw.
+    """
+    if rank is None:
+        yield
+        return
+    seed = int(torch.randint(0, 2**62, (1,)))
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + rank)
+        yield
 
 
 class MLP(nn.Module):
@@ -188,13 +212,18 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
+        # Set under sequence parallelism, where the residual stream holds this tp rank's positions only.
+        self.sequence_rank: int | None = None
 
     def forward(self, x, cache=None, layer=0, attn_mask=None):
         attn = self.attn(self.ln1(x), cache, layer, attn_mask)
         # Dropout only when it does something: a no-op module call per block costs decode steps time.
         if self.training and self.drop.p > 0:
-            x = x + self.drop(attn)
-            return x + self.drop(self.mlp(self.ln2(x)))
+            with rank_local_rng(self.sequence_rank):
+                x = x + self.drop(attn)
+            mlp = self.mlp(self.ln2(x))
+            with rank_local_rng(self.sequence_rank):
+                return x + self.drop(mlp)
         x = x + attn
         return x + self.mlp(self.ln2(x))
 

@@ -244,8 +244,13 @@ def apply_tp(gpt: GPT, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
                                                              desired_input_layouts=(Replicate(), None)))
     gpt.head.register_forward_hook(_gather_logits)
     plan = SEQUENCE_PARALLEL_BLOCK_PLAN if sequence_parallel else BLOCK_TP_PLAN
+    rank = tp_mesh.get_local_rank()
     for block in _blocks(gpt):
         parallelize_module(block, tp_mesh, dict(plan))
+        # Dropout masks of this rank's own: its heads, and under sequence parallelism its positions
+        # (without it the residual stream is whole on every rank and its masks must agree).
+        block.attn.tp_rank = rank
+        block.sequence_rank = rank if sequence_parallel else None
     if sequence_parallel and gpt.pos_emb is not None:  # the embedding's stage: split the sequence there
         first = gpt.blocks[0]
         first._sequence_mesh = tp_mesh
