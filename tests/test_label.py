@@ -574,3 +574,15 @@ def test_a_text_with_no_tokens_to_score_is_rejected_as_empty_whatever_the_percen
     rejected = _rejected_rows(batch, LabelSection(labeler="perplexity", model="m"), None)
     assert rejected.column("reason").to_pylist() == ["empty"]
     assert rejected.column("detail").to_pylist() == ["no tokens to score"]
+
+
+def test_the_quality_classifier_trains_on_documents_as_prepare_reads_them(tmp_path):
+    """A .txt over read.max_chars (1M characters) is several documents to `data prepare`, which the
+    classifier then scores; it used to train on it as one (its features' log counts depend on length)."""
+    paragraph = " ".join(f"the {w} list holds items" for w in range(60))
+    (tmp_path / "book.txt").write_text("\n\n".join([paragraph] * 4000))  # ~1.3M characters
+    (tmp_path / "junk.txt").write_text("\n\n".join(f"buy cheap pills {i} click here now" for i in range(400)))
+    metrics = train_quality_classifier([str(tmp_path / "book.txt")], [str(tmp_path / "junk.txt")],
+                                       tmp_path / "qm", epochs=1)
+    prepared = list(iter_texts([str(tmp_path / "book.txt")], max_chars=1_000_000, piece_chars=100_000))
+    assert metrics["positive"] == len(prepared) > 1

@@ -20,6 +20,7 @@ import pyarrow as pa
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from mtnlg_ray.config import ReadSection
 from mtnlg_ray.data.columns import texts, with_column
 from mtnlg_ray.data.read import iter_texts
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
@@ -277,7 +278,11 @@ def train_quality_classifier(
         raise ConfigError(f"epochs: expected a positive integer, got {epochs}")
     sides = {}
     for name, inputs in (("positive", positive), ("negative", negative)):
-        texts = [t for t in iter_texts(inputs) if t.strip()]
+        # Documents as `data prepare` reads the text it scores (a long .txt in pieces), so the two see
+        # documents of the same lengths: the features' log counts depend on length.
+        defaults = ReadSection()
+        texts = [t for t in iter_texts(inputs, max_chars=defaults.max_chars, piece_chars=defaults.piece_chars)
+                 if t.strip()]
         if not texts:
             raise InputError(f"--{name} {' '.join(inputs)}: no text found")
         sides[name] = texts

@@ -85,7 +85,8 @@ def rejected_schema():
 
 
 def iter_texts(
-    inputs: Sequence[str], text_field: str = "text", skipped: Counter[str] | None = None
+    inputs: Sequence[str], text_field: str = "text", skipped: Counter[str] | None = None,
+    max_chars: int | None = None, piece_chars: int | None = None,
 ) -> Iterator[str]:
     """Return an iterator over every document's text in INPUTs, in `resolve_inputs` order.
 
@@ -95,15 +96,18 @@ def iter_texts(
     "missing_field", "not_text", "bad_utf8", "empty") and logged per file. The inputs are
     resolved (and bad ones raise `InputError`) before this returns; a missing or non-text
     Parquet column, a broken gzip or a broken Parquet file raises `InputError` while iterating.
+    With `max_chars`, documents are as `data prepare` reads them (`read.max_chars`, `read.piece_chars`):
+    a longer .txt in pieces, a longer record skipped as "oversized".
     """
     items = resolve_inputs(inputs)
-    return _iter_items(items, text_field, skipped if skipped is not None else Counter())
+    return _iter_items(items, text_field, skipped if skipped is not None else Counter(), max_chars, piece_chars)
 
 
-def _iter_items(items: list[str], text_field: str, counts: Counter[str]) -> Iterator[str]:
+def _iter_items(items: list[str], text_field: str, counts: Counter[str], max_chars: int | None = None,
+                piece_chars: int | None = None) -> Iterator[str]:
     for item in items:
         lost: Counter[str] = Counter()
-        for record in iter_records(item, text_field):
+        for record in iter_records(item, text_field, max_chars=max_chars, piece_chars=piece_chars):
             if not record.reason:
                 yield record.text
             elif record.reason in FILE_REASONS:
