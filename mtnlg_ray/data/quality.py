@@ -20,7 +20,6 @@ import pyarrow as pa
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from mtnlg_ray.config import ReadSection
 from mtnlg_ray.data.columns import texts, with_column
 from mtnlg_ray.data.read import iter_texts
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
@@ -274,13 +273,15 @@ def train_quality_classifier(
     A tenth of each side (chosen by `seed`) is held out to measure accuracy; returns the metrics,
     which `quality.json` records too.
     """
+    from mtnlg_ray.config import ReadSection  # here: the labeller's import path stays free of torch
+
     if epochs < 1:
         raise ConfigError(f"epochs: expected a positive integer, got {epochs}")
+    defaults = ReadSection()
     sides = {}
     for name, inputs in (("positive", positive), ("negative", negative)):
         # Documents as `data prepare` reads the text it scores (a long .txt in pieces), so the two see
         # documents of the same lengths: the features' log counts depend on length.
-        defaults = ReadSection()
         texts = [t for t in iter_texts(inputs, max_chars=defaults.max_chars, piece_chars=defaults.piece_chars)
                  if t.strip()]
         if not texts:
