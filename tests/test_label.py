@@ -419,7 +419,8 @@ def test_quality_labelled_through_the_pool_then_thresholded(ray_session, quality
     assert sorted(r["id"] for r in rejected_rows) == sorted(i for i, r in expected.items() if r["quality"] < 0.5)
     assert 15 <= len(rejected_rows) <= 25  # the junk, give or take
     assert rejected.schema().base_schema == REJECTED_SCHEMA
-    assert {(r["stage"], r["reason"]) for r in rejected_rows} == {("label", "low_quality")}
+    # rejected/ names the stage as manifest.json does
+    assert {(r["stage"], r["reason"]) for r in rejected_rows} == {("label (quality)", "low_quality")}
     row = rejected_rows[0]
     assert row["location"] == next(d["location"] for d in docs if d["id"] == row["id"])
     assert row["detail"] == f"quality {expected[row['id']]['quality']:.4f} < threshold 0.5"

@@ -374,12 +374,17 @@ def _kept_rows(batch: pa.Table, cfg: LabelSection, cutoff: float | None) -> pa.T
     return batch.filter(pa.array(~mask))
 
 
+def stage_name(cfg: LabelSection) -> str:
+    """The label stage's name in manifest.json and in rejected/: "label (quality)", ..."""
+    return f"{STAGE} ({cfg.labeler})"
+
+
 def _rejected_rows(batch: pa.Table, cfg: LabelSection, cutoff: float | None) -> pa.Table:
     mask, reasons, details = _rejections(batch, cfg, cutoff)
     rejected = batch.filter(pa.array(mask))
     n = rejected.num_rows
     columns = {name: pc.cast(_column(rejected, name), pa.string()) for name in ("id", "source", "location")}
-    columns["stage"] = pa.array([STAGE] * n, pa.string())
+    columns["stage"] = pa.array([stage_name(cfg)] * n, pa.string())  # as manifest.json names the stage
     columns["reason"] = pa.array(reasons, pa.string())
     columns["detail"] = pa.array(details, pa.string())
     return pa.table(columns, schema=REJECTED_SCHEMA)

@@ -540,9 +540,9 @@ def _curate(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config
         docs = _run_stage(run, "dedup", docs, lambda d: dedup_documents(d, config.dedup, order_column="seq"))
 
     if config.label.labeler is not None:
-        from mtnlg_ray.data.label import filter_labelled, label_documents
+        from mtnlg_ray.data.label import filter_labelled, label_documents, stage_name
 
-        docs = _run_stage(run, f"label ({config.label.labeler})", docs, lambda d: filter_labelled(
+        docs = _run_stage(run, stage_name(config.label), docs, lambda d: filter_labelled(
             label_documents(d, config.label), config.label))
 
     if grams is not None:
@@ -625,7 +625,7 @@ def label_corpus(inputs: Sequence[str], output: str | Path, config: Config) -> d
 
     Like `prepare_dataset`, a run left with no document writes rejected/ and manifest.json, then raises.
     """
-    from mtnlg_ray.data.label import filter_labelled, label_documents
+    from mtnlg_ray.data.label import filter_labelled, label_documents, stage_name
 
     if config.label.labeler is None or config.label.model is None:
         raise InputError("label: both --labeler and --model are needed")
@@ -638,7 +638,7 @@ def label_corpus(inputs: Sequence[str], output: str | Path, config: Config) -> d
     run = PipelineRun()
     try:
         docs = _read_stage(run, items, config)
-        docs = _run_stage(run, f"label ({config.label.labeler})", docs,
+        docs = _run_stage(run, stage_name(config.label), docs,
                           lambda d: filter_labelled(label_documents(d, config.label), config.label))
     except NothingLeft as empty:
         raise _stop_on_empty(run, output, inputs, empty.stage, started) from None
