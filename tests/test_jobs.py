@@ -174,13 +174,15 @@ def test_every_path_field_is_made_absolute_and_nothing_else(tmp_path):
             "run.storage_path", "selftrain.unlabelled", "selftrain.teacher", "decontam.eval_files",
             "filter.url_blocklist"} <= declared
     config = Config.model_validate({
-        "data": {"path": "d", "train": "~/t.tsv", "dev": "s3://bucket/dev.tsv"}, "tokenizer": {"path": "tok"},
-        "decontam": {"eval_files": ["e1.jsonl", "builtin:python-docs"]}, "filter": {"url_blocklist": "block.txt"},
+        "data": {"path": "d", "train": "~/t.tsv", "dev": "dev.tsv"}, "tokenizer": {"path": "tok"},
+        "decontam": {"eval_files": ["e1.jsonl", "builtin:python-docs", "s3://bucket/evals.jsonl"]},
+        "filter": {"url_blocklist": "block.txt"},
         "read": {"weights": {"a.txt": 2.0}}, "run": {"name": "keep-me"}})
     done = absolute_paths(config, tmp_path)
     assert done.data.path == str(tmp_path / "d") and done.data.train == str(Path("~/t.tsv").expanduser())
-    assert done.data.dev == "s3://bucket/dev.tsv"  # URIs and builtin: inputs stay as they are
-    assert done.decontam.eval_files == [str(tmp_path / "e1.jsonl"), "builtin:python-docs"]
+    assert done.data.dev == str(tmp_path / "dev.tsv")
+    # URIs and builtin: inputs stay as they are (data.* and run.storage_path refuse URIs: they are opened as files)
+    assert done.decontam.eval_files == [str(tmp_path / "e1.jsonl"), "builtin:python-docs", "s3://bucket/evals.jsonl"]
     assert done.filter.url_blocklist == str(tmp_path / "block.txt") and done.tokenizer.path == str(tmp_path / "tok")
     assert done.run.storage_path == str(tmp_path / "runs") and done.run.name == "keep-me"
     assert done.read.weights == {str(tmp_path / "a.txt"): 2.0}
