@@ -423,6 +423,33 @@ def test_sft_loss_is_the_mean_over_the_steps_completion_tokens_at_any_micro_batc
         assert abs(equal_weights - whole) > 0.05  # what the split used to change
 
 
+def test_exact_match_decodes_real_tokens_only_not_the_embeddings_padding(tiny_checkpoint, tmp_path):
+    """The embedding is padded past the tokenizer's vocabulary; greedy scoring used to take its argmax
+    over the padding too. A model whose padded rows win every argmax shows it."""
+    import dataclasses
+
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.tasks import SFTTask
+    from mtnlg_ray.model.gpt import GPT
+    from mtnlg_ray.model.presets import PRESETS
+
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "q: ", "completion": "the list"}) + "\n")
+    cfg = load_config(overrides=["task.kind=sft", f"data.train={tmp_path / 'sft.jsonl'}"], stage="finetune")
+    task = SFTTask(cfg, tiny_checkpoint / "tokenizer.json", PRESETS["tiny"])
+    model_config = dataclasses.replace(PRESETS["tiny"], vocab_size=task.vocab + 64)  # 64 rows of padding
+    torch.manual_seed(0)
+    model = GPT(model_config).eval()
+    with torch.no_grad():
+        model.ln_f.weight.zero_()  # every position's final state is the LayerNorm's bias, b
+        model.ln_f.bias.normal_()
+        b = model.ln_f.bias
+        model.tok_emb.weight[task.vocab + 3] = 50 * b / b.dot(b)  # a padded id's logit: 50
+        model.tok_emb.weight[7] = 20 * b / b.dot(b)  # the best real token's: 20
+        model.tok_emb.weight[: task.vocab].mul_(torch.arange(task.vocab)[:, None] == 7)
+        (answer,) = task.greedy_completions(model, task.train, "cpu")
+    assert answer == [7] * len(answer) and len(answer) >= 2
+
+
 def test_sft_with_lora_on_two_fsdp_workers_learns_and_saves_merged_weights(ray_session, tiny_checkpoint, tmp_path):
     """Loss on completions only, LoRA adapters under FSDP on 2 ranks, final weights merged into a plain GPT."""
     from mtnlg_ray.checkpoint import load_checkpoint

@@ -159,6 +159,7 @@ class SFTTask:
         self.cfg = cfg
         tokenizer = load_tokenizer(tokenizer_file)
         self.eos = eos_id(tokenizer)
+        self.vocab = tokenizer.get_vocab_size()  # ids past it are the embedding's padding
         self.seq_len = model_config.seq_len
         self.multiple = sequence_multiple(cfg)
         fields = (cfg.task.prompt_field, cfg.task.completion_field)
@@ -232,7 +233,13 @@ class SFTTask:
         return {"n": len(self.dev), "loss": total / max(count, 1), "exact_match": exact / len(self.dev)}
 
     def _exact_matches(self, model: nn.Module, examples, device) -> int:
-        """Greedy decoding from each prompt, as many tokens as its reference completion: how many match.
+        """How many examples greedy decoding from the prompt completes exactly as the reference does."""
+        answers = self.greedy_completions(model, examples, device)
+        return sum(answer == ids[start:] for answer, (ids, start) in zip(answers, examples))
+
+    def greedy_completions(self, model: nn.Module, examples, device) -> list[list[int]]:
+        """Greedy decoding from each prompt, as many tokens as its reference completion, over the
+        tokenizer's vocabulary (the embedding's padding past it is no token).
 
         Whole-sequence forwards without a KV cache: they work under FSDP and tensor parallelism, and
         every rank decodes the same steps. Right padding is harmless because attention is causal.
@@ -243,10 +250,10 @@ class SFTTask:
         for _ in range(max(len(w) for w in wanted)):
             inputs = pad_right([r[-self.seq_len:] for r in rows], self.eos, self.multiple).to(device)
             last = torch.tensor([min(len(r), self.seq_len) - 1 for r in rows], device=device)
-            logits = model(inputs)[torch.arange(len(rows), device=device), last]
+            logits = model(inputs)[torch.arange(len(rows), device=device), last, : self.vocab]
             for row, token in zip(rows, logits.argmax(dim=-1).tolist()):
                 row.append(token)
-        return sum(r[len(p) : len(p) + len(w)] == w for r, p, w in zip(rows, prompts, wanted))
+        return [r[len(p) : len(p) + len(w)] for r, p, w in zip(rows, prompts, wanted)]
 
     def save(self, state: dict, model_config: GPTConfig, output: Path, tokenizer_json: Path, extra: dict) -> Path:
         from mtnlg_ray.checkpoint import save_checkpoint
