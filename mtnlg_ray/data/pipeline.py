@@ -185,8 +185,13 @@ def _check_models(config: Config) -> None:
     if config.tokenizer.path:
         from mtnlg_ray.tokenizer import load_tokenizer
 
-        source = Path(config.tokenizer.path)
-        load_tokenizer(source / "tokenizer.json" if source.is_dir() else source)
+        load_tokenizer(_given_tokenizer(config))
+
+
+def _given_tokenizer(config: Config) -> Path:
+    """`tokenizer.path` as a file: a folder's tokenizer.json."""
+    source = Path(config.tokenizer.path)
+    return source / "tokenizer.json" if source.is_dir() else source
 
 
 def _prepare_output(output: Path) -> None:
@@ -577,8 +582,7 @@ def _tokenizer_for(docs, output: Path, config: Config, run: PipelineRun) -> Path
     target = output / "tokenizer"
     target.mkdir(parents=True, exist_ok=True)
     if config.tokenizer.path:
-        source = Path(config.tokenizer.path)
-        source = source / "tokenizer.json" if source.is_dir() else source
+        source = _given_tokenizer(config)
         load_tokenizer(source)  # one clear line if it is missing or broken
         shutil.copyfile(source, target / "tokenizer.json")
         note = f"copied from {source}"

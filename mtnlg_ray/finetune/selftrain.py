@@ -205,12 +205,12 @@ def _forget_stale_student(out: Path, train: Path) -> bool:
     """A re-run whose pseudo-labels changed (another threshold, teacher or pool) wrote a new
     train.jsonl: the student checkpoints of the earlier run trained on the old one, so they go and the
     student trains afresh (fine-tuning would refuse to resume them). Whether any went."""
-    from mtnlg_ray.train.checkpoint import STATE_FILE, file_digest, latest_checkpoint
+    from mtnlg_ray.train.checkpoint import file_digest, latest_checkpoint, recorded_train_data
 
     newest = latest_checkpoint(out)
     if newest is None:
         return False
-    recorded = json.loads((newest / STATE_FILE).read_text()).get("train_data")
+    recorded = recorded_train_data(newest)
     if recorded is None or recorded == file_digest(train):
         return False
     for stale in out.glob("checkpoint_*"):

@@ -83,12 +83,10 @@ class _MetadataUnpickler(pickle.Unpickler):
     or constant by its exact name; a dotted name (which pickle resolves attribute by attribute, e.g.
     `os.system` through a module that imports os) is never one."""
 
-    _ALLOWED = _METADATA_CLASSES
-
     def find_class(self, module: str, name: str) -> Any:
         torch_constant = module == "torch" and "." not in name and isinstance(
             getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
-        if (module, name) in self._ALLOWED or torch_constant:
+        if (module, name) in _METADATA_CLASSES or torch_constant:
             return super().find_class(module, name)
         raise ForeignPickle(f"{module}.{name} is not part of a DCP checkpoint's metadata")
 
@@ -173,13 +171,18 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def recorded_train_data(directory: Path) -> str | None:
+    """The digest of the training file a checkpoint trained on (fine-tuning; None before it was recorded)."""
+    return json.loads((directory / STATE_FILE).read_text()).get("train_data")
+
+
 def check_resume_data(directory: Path, train_data: str | None, path: str | None) -> None:
     """A fine-tuning run resumes only on the training file it started on (`train_data`, its digest):
     a self-training student re-run after its pseudo-labels changed used to go on from the old
     student's step, or stay finished, and the report paired its score with the new labels."""
     if train_data is None:
         return
-    recorded = json.loads((directory / STATE_FILE).read_text()).get("train_data")
+    recorded = recorded_train_data(directory)
     if recorded is not None and recorded != train_data:
         raise ConfigError(f"{directory.parent}: the run resumes from {directory.name}, trained on another "
                           f"data.train than {path} holds now; start a new run under another run.name "

@@ -149,9 +149,8 @@ def _build_model(cfg: Config, model_config: GPTConfig, task, dims: ParallelDims,
         loaded = load_consolidated_slices(model, Path(cfg.init.checkpoint), wanted)
     fresh = {name: kind for name, kind in kinds.items() if name not in loaded}
     initialise_shards(model, fresh, model_config.init_std, cfg.train.seed)
-    slice_dims = ParallelDims(world=mesh["dp"].size() * mesh["tp"].size(), tp=mesh["tp"].size(), fsdp=dims.fsdp,
-                              bf16=mixed is not None)
-    return wrap_ddp(model, mesh, slice_dims)  # DDP (parallel.fsdp=false) hooks the real parameters
+    # DDP (parallel.fsdp=false) hooks the real parameters
+    return wrap_ddp(model, mesh, ParallelDims.of_slice(mesh, dims.fsdp, mixed is not None))
 
 
 def _build_parts(cfg: Config, model_config: GPTConfig, task, dims: ParallelDims, mesh, device):

@@ -77,6 +77,12 @@ class ParallelDims:
     pp_virtual: int = 1
     pp_layers: tuple[int, ...] | None = None
 
+    @classmethod
+    def of_slice(cls, mesh: DeviceMesh, fsdp: bool, bf16: bool, sequence_parallel: bool = True) -> "ParallelDims":
+        """One pipeline stage's (dp, tp) slice of `mesh`: the ranks that hold the same part."""
+        return cls(world=mesh["dp"].size() * mesh["tp"].size(), tp=mesh["tp"].size(), fsdp=fsdp, bf16=bf16,
+                   sequence_parallel=sequence_parallel)
+
     @property
     def dp(self) -> int:
         return self.world // (self.tp * self.pp)
@@ -314,8 +320,7 @@ def parallelize(
     model on the meta device: DDP checks and hooks the parameters it is given, which materialising replaces.
     """
     # One pipeline stage's (dp, tp) slice of the mesh: the ranks that hold this part.
-    dims = ParallelDims(world=mesh["dp"].size() * mesh["tp"].size(), tp=mesh["tp"].size(), fsdp=fsdp,
-                        bf16=mixed_precision is not None, sequence_parallel=sequence_parallel)
+    dims = ParallelDims.of_slice(mesh, fsdp, mixed_precision is not None, sequence_parallel)
     gpt = model if isinstance(model, GPT) else model.backbone
     dims.validate(gpt.config)
     if dims.tp > 1:
