@@ -124,6 +124,26 @@ def test_lora_trains_exactly_the_formula_count_and_merges_to_the_same_logits(tin
     assert not torch.equal(base.blocks[0].attn.qkv.weight, model.backbone.blocks[0].attn.qkv.weight)
 
 
+def test_unseeded_reset_starts_lora_as_seeded_reset_does():
+    # An adapter whose down- and up-projections are both zero gets zero gradients forever: the
+    # unseeded reset must draw A as nn.Linear does, like the seeded one, and leave B at zero.
+    from mtnlg_ray.model.gpt import GPT, GPTConfig
+    from mtnlg_ray.model.lora import LoRALinear, apply_lora
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, seq_len=8, vocab_size=32))
+    apply_lora(gpt, rank=4, alpha=8.0, dropout=0.0, targets=["qkv"])
+    gpt.reset_parameters()
+    adapter = next(m for m in gpt.modules() if isinstance(m, LoRALinear))
+    bound = 1.0 / 16 ** 0.5
+    assert adapter.lora_a.abs().max().item() <= bound
+    assert adapter.lora_a.abs().min().item() > 0.0 and adapter.lora_a.std().item() > bound / 4
+    assert torch.count_nonzero(adapter.lora_b).item() == 0
+    idx = torch.randint(0, 32, (2, 8))
+    gpt(idx).float().pow(2).mean().backward()
+    assert adapter.lora_b.grad.abs().sum().item() > 0.0
+
+
 def test_lora_rejects_unknown_targets(tiny_checkpoint):
     from mtnlg_ray.checkpoint import load_checkpoint
     from mtnlg_ray.errors import ConfigError

@@ -270,6 +270,9 @@ class GPT(nn.Module):
                     param.copy_(initial_value(name, kind, shape, std, seed))
                 elif kind == "normal":
                     param.normal_(0.0, std)  # from torch's global generator, in registration order
+                elif kind == "fan_in_uniform":
+                    bound = 1.0 / math.sqrt(shape[-1])
+                    param.uniform_(-bound, bound)
                 else:
                     param.fill_(1.0 if kind == "ones" else 0.0)
 
