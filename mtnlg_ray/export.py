@@ -11,6 +11,7 @@ import json
 import pickle
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mtnlg_ray.checkpoint import (
+    FORMAT,
     check_tensor_shapes,
     expected_shapes,
     load_checkpoint,
@@ -36,6 +38,7 @@ HF_WEIGHTS = "model.safetensors"
 HF_WEIGHTS_INDEX = "model.safetensors.index.json"
 HF_PICKLED_WEIGHTS = "pytorch_model.bin"
 TOKENIZER = "tokenizer.json"
+EXPORT_MARK = "exported_by"  # a key of config.json our exports carry
 
 # How each of our per-block tensors becomes GPT-2's. HF keeps GPT-2's TF-era Conv1D, whose weight is
 # (in, out) where nn.Linear's is (out, in); its fused c_attn is [q all heads | k | v] where ours is
@@ -92,7 +95,7 @@ def export_hf(checkpoint: str | Path, output: str | Path) -> Path:
     end_of_text = _end_of_text_id(tokenizer_file, config.vocab_size, CheckpointError)
     state = {f"transformer.{name}": t for name, t in to_hf_state(model_state(model), config).items()}
     dtype = str(model.tok_emb.weight.dtype).removeprefix("torch.")
-    _refuse_to_clobber(output, checkpoint, marker="model_type")
+    _refuse_to_clobber(output, checkpoint, "mtnlg-ray export", lambda body: body.get(EXPORT_MARK) == "mtnlg-ray")
 
     def write(staging: Path) -> None:
         # transformers refuses a safetensors file whose metadata does not say "pt".
@@ -132,7 +135,7 @@ def import_hf(input: str | Path, output: str | Path) -> Path:
     if not tokenizer_file.is_file():
         raise InputError(f"{tokenizer_file}: missing (mtnlg-ray checkpoints carry their tokenizer as tokenizer.json)")
     _end_of_text_id(tokenizer_file, config.vocab_size, InputError)
-    _refuse_to_clobber(output, source, marker="format")
+    _refuse_to_clobber(output, source, "mtnlg-ray checkpoint", lambda body: body.get("format") == FORMAT)
     weights, weights_file = _read_hf_weights(source)
     state = _hf_model_tensors(weights, weights_file, hf_config, source / HF_CONFIG)
     _check_hf_shapes(state, config, weights_file)
@@ -194,6 +197,7 @@ def _gpt2_config(config: GPTConfig, end_of_text: int, dtype: str) -> dict:
         "eos_token_id": end_of_text,
         "use_cache": True,
         "dtype": dtype,
+        EXPORT_MARK: "mtnlg-ray",  # what lets a later export replace this folder, and no other
     }
 
 
@@ -316,24 +320,28 @@ def _check_hf_shapes(state: dict[str, torch.Tensor], config: GPTConfig, weights_
                         expects="config.json implies")
 
 
-def _refuse_to_clobber(output: Path, source: Path, marker: str) -> None:
-    """Replacing an earlier output is fine; replacing the source or an unrelated folder is not.
+def _refuse_to_clobber(output: Path, source: Path, kind: str, ours: Callable[[dict], bool]) -> None:
+    """Replacing an earlier output is fine; replacing the source, a folder holding it or inside it, or
+    any other folder (a Hugging Face model this command did not write, say) is not.
 
-    An earlier output is a directory whose config.json holds `marker` (HF's "model_type", our "format").
+    An earlier output is a directory whose config.json passes `ours`.
     """
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: exists and is not a directory")
-    if output.resolve() == source.resolve():
+    out, src = output.resolve(), source.resolve()
+    if out == src:
         raise InputError(f"{output}: is the input itself; choose another output")
+    if src.is_relative_to(out) or out.is_relative_to(src):
+        where = "holds" if src.is_relative_to(out) else "lies inside"
+        raise InputError(f"{output}: {where} the input {source}; choose an output beside it")
     if not output.is_dir() or not any(output.iterdir()):
         return
     try:
         body = json.loads((output / HF_CONFIG).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         body = None
-    if not isinstance(body, dict) or marker not in body:
-        kind = "Hugging Face model" if marker == "model_type" else "mtnlg-ray checkpoint"
-        raise InputError(f"{output}: exists, is not empty and is not a {kind}; refusing to replace it")
+    if not isinstance(body, dict) or not ours(body):
+        raise InputError(f"{output}: exists, is not empty and is not an earlier {kind}; refusing to replace it")
 
 
 def _write_json(path: Path, body: dict) -> None:

@@ -20,9 +20,16 @@ def publish_directory(output: Path, write: Callable[[Path], None]) -> Path:
     An existing `output` is replaced (the caller decides whether it may be). Modes are what `mkdir`
     and `open` give under the user's umask (0755 and 0644 under the usual 022), not `mkdtemp`'s
     private 0700, so other users and other pods on a shared volume can read what was published.
+
+    A symlinked `output` replaces the folder it points to. A folder that cannot be renamed (a mount
+    point such as a Docker volume or a Kubernetes PVC, or the working directory) is emptied and filled
+    in place instead, so a reader may then see a mix for a moment.
     """
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    output = Path(os.path.realpath(output))
+    in_place = output.is_dir() and _cannot_rename(output)
+    parent = output if in_place else output.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=parent))
     try:
         umask = current_umask()
         write(staging)
@@ -33,7 +40,9 @@ def publish_directory(output: Path, write: Callable[[Path], None]) -> Path:
                 with open(path, "rb") as fh:
                     os.fsync(fh.fileno())
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-        if output.exists():
+        if in_place:
+            _fill_in_place(staging, output)
+        elif output.exists():
             # Two renames, so a reader sees the old folder or the new one, never a mix.
             retired = output.with_name(f".{output.name}.old-{os.getpid()}")
             os.replace(output, retired)
@@ -45,6 +54,25 @@ def publish_directory(output: Path, write: Callable[[Path], None]) -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return output
+
+
+def _cannot_rename(folder: Path) -> bool:
+    """A mount point, or the working directory (renaming it away would leave this process, and the
+    user's shell, in a deleted folder)."""
+    return os.path.ismount(folder) or Path(os.path.realpath(os.getcwd())) == folder
+
+
+def _fill_in_place(staging: Path, output: Path) -> None:
+    """Replace everything in `output` (but `staging`, which lies inside it) with `staging`'s entries."""
+    for entry in output.iterdir():
+        if entry == staging:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    for entry in staging.iterdir():
+        os.replace(entry, output / entry.name)
 
 
 def publish_file(path: Path, text: str) -> Path:

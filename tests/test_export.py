@@ -214,6 +214,67 @@ def test_export_and_import_refuse_to_replace_an_unrelated_folder(checkpoint, exp
     assert [p.name for p in keep.iterdir()] == ["todo.txt"]
 
 
+def test_export_replaces_only_its_own_earlier_output(checkpoint, tmp_path):
+    # A Hugging Face model folder the export did not write (one a checkpoint was imported from, a
+    # download) has a config.json with a model_type too; replacing it would delete the user's files.
+    theirs = tmp_path / "their-gpt2"
+    theirs.mkdir()
+    (theirs / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 12}))
+    (theirs / "README.md").write_text("model card")
+    with pytest.raises(InputError, match="not an earlier mtnlg-ray export"):
+        export_hf(checkpoint, theirs)
+    assert sorted(p.name for p in theirs.iterdir()) == ["README.md", "config.json"]
+    mine = export_hf(checkpoint, tmp_path / "mine")
+    assert json.loads((mine / "config.json").read_text())["exported_by"] == "mtnlg-ray"
+    export_hf(checkpoint, mine)  # its own earlier output is replaced
+
+
+def test_export_and_import_refuse_an_output_holding_or_inside_their_input(checkpoint, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, ckpt)
+    with pytest.raises(InputError, match="lies inside the input"):
+        export_hf(ckpt, ckpt / "hf")
+    hf = export_hf(ckpt, tmp_path / "hf")
+    with pytest.raises(InputError, match="lies inside the input"):
+        import_hf(hf, hf / "back")
+    with pytest.raises(InputError, match="holds the input"):
+        import_hf(hf, tmp_path)  # replacing tmp_path would delete hf, the input itself
+    assert (hf / "model.safetensors").is_file() and (ckpt / "model.safetensors").is_file()
+
+
+def test_export_into_the_working_directory_fills_it_in_place(checkpoint, ours, tmp_path, monkeypatch):
+    # `-o .` used to fail with a traceback (Path('.') has no name to rename), and renaming the
+    # working directory away would leave the shell in a deleted folder.
+    here = tmp_path / "out"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    export_hf(checkpoint, Path("."))
+    export_hf(checkpoint, Path("."))  # and again, over its own output
+    assert Path.cwd().resolve() == here.resolve() and here.is_dir()
+    assert sorted(p.name for p in here.iterdir()) == sorted(p.name for p in export_hf(checkpoint, tmp_path / "b").iterdir())
+    back = load_checkpoint(import_hf(here, tmp_path / "back"))[0]
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.state_dict().items())
+
+
+def test_export_over_a_symlink_replaces_the_folder_it_points_to(checkpoint, tmp_path):
+    first = export_hf(checkpoint, tmp_path / "v1")
+    (tmp_path / "latest").symlink_to("v1")
+    (first / "generation_config.json").unlink()  # so the re-export shows in v1
+    export_hf(checkpoint, tmp_path / "latest")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "v1"]
+    assert (tmp_path / "latest").is_symlink() and (first / "generation_config.json").is_file()
+
+
+def test_a_checkpoint_config_with_a_float_size_is_one_line(checkpoint, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint, bad)
+    body = json.loads((bad / "config.json").read_text())
+    body["model"]["n_layer"] = float(body["model"]["n_layer"])
+    (bad / "config.json").write_text(json.dumps(body))
+    with pytest.raises(CheckpointError, match=r"config.json: model.n_layer: expected a positive integer, got \d+\.0"):
+        load_checkpoint(bad)
+
+
 @pytest.fixture(scope="module")
 def transformers_gpt2(tokenizer) -> GPT2LMHeadModel:
     """A GPT-2 built by transformers itself: unpadded vocab, its own eps and activation spelling."""

@@ -78,7 +78,8 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size"):
-            if getattr(self, name) < 1:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model.{name}: expected a positive integer, got {getattr(self, name)}")
         if self.d_model % self.n_head:
             raise ConfigError(
