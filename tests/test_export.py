@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -254,6 +256,21 @@ def test_export_into_the_working_directory_fills_it_in_place(checkpoint, ours, t
     assert sorted(p.name for p in here.iterdir()) == sorted(p.name for p in export_hf(checkpoint, tmp_path / "b").iterdir())
     back = load_checkpoint(import_hf(here, tmp_path / "back"))[0]
     assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.state_dict().items())
+
+
+def test_export_into_a_mount_point_fills_it_in_place(checkpoint, tmp_path):
+    # A Docker volume or a Kubernetes PVC is a mount point: renaming it fails with EBUSY, which used
+    # to end the export in a traceback. A user namespace mounts a tmpfs here as such a volume.
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode:
+        pytest.skip("unshare -rm (a user namespace) is not allowed here")
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    script = (f"mount -t tmpfs none {volume} && {sys.executable} -m mtnlg_ray export hf -c {checkpoint} -o {volume}"
+              f" && {sys.executable} -m mtnlg_ray export hf -c {checkpoint} -o {volume} && ls -A {volume}")
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-600:]
+    listed = result.stdout.split("\n")[-7:-1]
+    assert sorted(listed) == sorted(p.name for p in export_hf(checkpoint, tmp_path / "plain").iterdir())
 
 
 def test_export_over_a_symlink_replaces_the_folder_it_points_to(checkpoint, tmp_path):
