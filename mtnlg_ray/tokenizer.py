@@ -95,6 +95,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise CheckpointError(f"{file}: not a valid tokenizer.json ({reason})") from None
     if not any(t.content == EOS and t.special for t in tok.get_added_tokens_decoder().values()):
         raise CheckpointError(f"{file}: tokenizer has no {EOS} special token")
+    largest = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
+    if largest + 1 != tok.get_vocab_size(with_added_tokens=True):
+        # Every reader sizes embeddings and token storage by the count; a gap would put ids past it.
+        raise CheckpointError(
+            f"{file}: token ids must run from 0 without gaps ({tok.get_vocab_size()} tokens, largest id {largest})"
+        )
     tok.encode_special_tokens = True
     return tok
 

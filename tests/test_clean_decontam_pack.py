@@ -128,3 +128,49 @@ def test_blended_repeats_leave_out_what_validation_holds(tmp_path):
     tail = result.dropped_tail_tokens
     assert sum(1 for n in train.values() if n != 2) <= tail and set(train.values()) <= {1, 2}
     assert result.val_repeat_tokens_dropped == len(val)
+
+
+def test_validation_is_kept_when_the_last_train_rows_were_just_written_out(tmp_path):
+    # Exactly one shard's worth of train rows: they are on disk when close() looks for a row to hold out.
+    writer = SequenceWriter(tmp_path, PackSection(seq_len=7, val_fraction=0.01, shard_sequences=2), 0, 300)
+    writer.add_documents([np.arange(1, 16, dtype=np.uint32)])  # 16 ids with EOS: two sequences of 8
+    result = writer.close()
+    assert (result.train_sequences, result.val_sequences) == (1, 1)
+    assert result.tokens == 2 * 8
+    rows = np.concatenate([read_sequences(tmp_path, "train"), read_sequences(tmp_path, "val")])
+    assert rows.reshape(-1).tolist() == [*range(1, 16), 0]  # nothing lost or repeated
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == ["train-00000.npy", "val-00000.npy"]
+
+
+def test_held_out_rows_do_not_keep_their_batch_alive(tmp_path):
+    writer = SequenceWriter(tmp_path, PackSection(seq_len=255, val_fraction=0.01), 0, 300)
+    for _ in range(20):
+        writer.add_documents([np.full(1000, 7, np.uint32)] * 100)  # 100,100 ids a batch, ~4 held out
+    held = writer.split_rows["val"]
+    assert len(held) >= 20
+    pinned = sum({id(r.base): r.base.nbytes for r in held if r.base is not None}.values())
+    assert pinned == 0  # each row its own copy, not a view into the batch's 200 KB stream
+
+
+def test_the_packer_never_tokenizes_with_a_replaced_tokenizer(tmp_path):
+    # `data prepare` again into the same output writes a new tokenizer at the same path, and Ray
+    # reuses worker processes: the cached tokenizer must be the file's current one.
+    import os
+
+    from mtnlg_ray.data.pack import tokenize_batch
+    from mtnlg_ray.tokenizer import train_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(PROSE * 40)
+    first = train_tokenizer([str(corpus)], 300, tmp_path / "a", show_progress=False)
+    second = train_tokenizer([str(corpus)], 600, tmp_path / "b", show_progress=False)
+    path = tmp_path / "out" / "tokenizer.json"
+    path.parent.mkdir()
+    batch = pa.table({"text": [PROSE]})
+    path.write_bytes(first.read_bytes())
+    old = tokenize_batch(batch, str(path)).column("tokens").to_pylist()[0]
+    os.replace(second, path)
+    new = tokenize_batch(batch, str(path)).column("tokens").to_pylist()[0]
+    from mtnlg_ray.tokenizer import load_tokenizer
+
+    assert new == load_tokenizer(path).encode(PROSE).ids and new != old

@@ -317,3 +317,15 @@ def test_incremental_text_equals_decoding_everything(tok):
             step = rng.randint(0, 4)
             assert text.extend(ids[fed : fed + step]) == decode(ids[: fed + step])
             fed += step
+
+
+def test_a_tokenizer_with_a_gap_in_its_ids_is_refused(tokenizer_dir, tmp_path):
+    # Embeddings and token storage are sized by the token count: an id past it (EOS moved to 70000)
+    # used to overflow uint16 shards, or wrap silently.
+    body = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    old = body["added_tokens"][0]["id"]
+    body["added_tokens"][0]["id"] = 70000
+    body["model"]["vocab"] = {t: (70000 if i == old else i) for t, i in body["model"]["vocab"].items()}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(body))
+    with pytest.raises(CheckpointError, match=r"token ids must run from 0 without gaps \(\d+ tokens, largest id 70000\)"):
+        load_tokenizer(tmp_path)

@@ -721,3 +721,54 @@ def test_length_grouped_order_is_each_epochs_permutation_and_pads_far_less():
     # A set smaller than two windows (here 2 x 8 groups of 32) keeps its plain shuffle.
     small = lengths[:500]
     assert np.array_equal(GlobalOrder(500, 5, small, 32).take(0, 500), GlobalOrder(500, 5).take(0, 500))
+
+
+def test_continued_pretraining_refuses_data_of_another_tokenizer(shakespeare, tiny_checkpoint, tmp_path):
+    # tiny_checkpoint's tokenizer was trained on the built-in corpus, shakespeare's on tinyshakespeare:
+    # the same ids name other words, and training used to go on without a word.
+    import shutil
+
+    from mtnlg_ray.train.trainer import _check_same_tokenizer, pretrain
+
+    with pytest.raises(ConfigError, match="init.checkpoint: .*'s tokenizer differs from the one .* was tokenized "
+                                          "with; prepare the data again with --set tokenizer.path="):
+        pretrain(train_config(shakespeare, tmp_path / "runs", "other-tok", f"init.checkpoint={tiny_checkpoint}"))
+    assert not (tmp_path / "runs").exists()
+    same = tmp_path / "same"
+    (same / "tokenizer").mkdir(parents=True)
+    shutil.copyfile(tiny_checkpoint / "tokenizer.json", same / "tokenizer" / "tokenizer.json")
+    _check_same_tokenizer(tiny_checkpoint, same)  # the checkpoint's own tokenizer passes
+
+
+def test_evaluation_reads_held_out_sequences_from_the_whole_corpus(tmp_path):
+    # Two sources packed one after the other: the first eval_batches micro-batches of the held-out
+    # split used to be all from the first source.
+    from mtnlg_ray.config import PackSection
+    from mtnlg_ray.data.pack import SequenceWriter
+    from mtnlg_ray.train.tasks import LMTask
+
+    writer = SequenceWriter(tmp_path / "tokens", PackSection(seq_len=127, val_fraction=0.01), 0, 300)
+    writer.add_documents([np.full(511, 1, np.uint32)] * 2000)  # source A: 8,000 sequences
+    writer.add_documents([np.full(511, 2, np.uint32)] * 2000)  # source B
+    writer.close()
+    task = LMTask(load_config(overrides=[f"data.path={tmp_path}"]), None, None)
+    chosen = task.eval_indices(8)
+    assert len(chosen) == 64 == len(set(chosen.tolist()))
+    rows = task.val.rows(chosen).numpy()
+    from_b = int((rows[:, 0] == 2).sum())
+    assert 24 <= from_b <= 40, from_b  # about half from each source
+
+
+def test_token_shards_keep_a_bounded_number_of_files_open(tmp_path):
+    from mtnlg_ray.config import PackSection
+    from mtnlg_ray.data.pack import SequenceWriter
+    from mtnlg_ray.train.data import OPEN_SHARDS, TokenShards
+
+    writer = SequenceWriter(tmp_path / "tokens", PackSection(seq_len=7, val_fraction=0.0, shard_sequences=1), 0, 300)
+    writer.add_documents([np.arange(1, 8, dtype=np.uint32) + i for i in range(300)])  # one sequence a shard
+    writer.close()
+    before = len(os.listdir("/proc/self/fd"))
+    shards = TokenShards(tmp_path, "train")
+    rows = shards.rows(np.arange(300)).numpy()
+    assert len(os.listdir("/proc/self/fd")) - before <= OPEN_SHARDS < 300
+    assert rows[:, 0].tolist() == list(range(1, 301)) and rows[:, -1].tolist() == [0] * 300

@@ -10,6 +10,7 @@ sequences is held out for validation. Training reads the shards per data-paralle
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,16 +20,21 @@ import pyarrow as pa
 from mtnlg_ray.config import PackSection
 from mtnlg_ray.publish import publish_file
 
-_TOKENIZERS: dict[str, object] = {}
+_TOKENIZERS: dict[tuple, object] = {}
 
 
 def _tokenizer(path: str):
-    # One load per worker process, not per batch.
-    if path not in _TOKENIZERS:
+    # One load per worker process, not per batch. Ray reuses worker processes across runs, and a
+    # re-run of `data prepare` on the same output writes a new tokenizer at the same path: the file's
+    # identity and modification time are part of the key, so tokens never come from an old one.
+    stat = os.stat(path if not os.path.isdir(path) else os.path.join(path, "tokenizer.json"))
+    key = (path, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _TOKENIZERS:
         from mtnlg_ray.tokenizer import load_tokenizer
 
-        _TOKENIZERS[path] = load_tokenizer(path)
-    return _TOKENIZERS[path]
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = load_tokenizer(path)
+    return _TOKENIZERS[key]
 
 
 def tokenize_batch(batch: pa.Table, tokenizer_path: str) -> pa.Table:
@@ -118,7 +124,9 @@ class SequenceWriter:
             split = "val" if self._is_validation(self.index) else "train"
             if split == "val":
                 self.result.val_indices.append(self.index)
-            self.split_rows[split].append(row)
+            # A held-out row is copied: a view would keep this whole batch's stream alive until the
+            # val shard fills, every k-th sequence pinning a batch.
+            self.split_rows[split].append(row.copy() if split == "val" else row)
             self.index += 1
             if len(self.split_rows[split]) >= self.cfg.shard_sequences:
                 self._flush(split)
@@ -172,6 +180,9 @@ class SequenceWriter:
     def close(self) -> PackedCorpus:
         # A validation split with nothing in it is no split: give it the last train sequence (not with
         # a blend, whose last sequences repeat text that training holds).
+        if (self.cfg.val_fraction > 0 and not self.result.val_indices and not self.split_rows["train"]
+                and self.result.shards["train"] and self._repeats_from is None):
+            self._reopen_last_train_shard()  # the train rows were just written out: take one back
         if (self.cfg.val_fraction > 0 and not self.result.val_indices and self.split_rows["train"]
                 and self._repeats_from is None):
             if self.index >= 2:
@@ -182,6 +193,15 @@ class SequenceWriter:
         self._flush("val")
         publish_file(self.output / "index.json", json.dumps(self.result.to_json(), indent=2) + "\n")
         return self.result
+
+
+    def _reopen_last_train_shard(self) -> None:
+        name = self.result.shards["train"].pop()
+        rows = list(np.load(self.output / name, allow_pickle=False))
+        (self.output / name).unlink()
+        self.result.train_sequences -= len(rows)
+        self.result.tokens -= len(rows) * self.width
+        self.split_rows["train"] = rows
 
 
 def read_sequences(tokens_dir: str | Path, split: str = "train") -> np.ndarray:

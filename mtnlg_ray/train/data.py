@@ -8,6 +8,7 @@ continues with the next unseen sequence.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,6 +16,9 @@ import numpy as np
 import torch
 
 from mtnlg_ray.errors import InputError
+
+
+OPEN_SHARDS = 64  # memory-mapped shards a reader keeps open at once (the least recently read is closed)
 
 
 class TokenShards:
@@ -32,9 +36,21 @@ class TokenShards:
         except (ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{index_file}: not a token index of `data prepare` ({type(exc).__name__}: {exc}); "
                              "prepare the dataset again") from None
-        self.shards = [self._shard(self.dataset / "tokens" / name) for name in names]
-        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
+        self.paths = [self.dataset / "tokens" / name for name in names]
+        # Each shard is checked here but mapped only while in use: a memory map holds a file
+        # descriptor, and a corpus of billions of tokens has more shards than a process may open.
+        self.offsets = np.cumsum([0] + [len(self._shard(path)) for path in self.paths])
         self.split = split
+        self._mapped: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _mapped_shard(self, number: int) -> np.ndarray:
+        shard = self._mapped.pop(number, None)
+        if shard is None:
+            shard = self._shard(self.paths[number])
+            if len(self._mapped) >= OPEN_SHARDS:
+                self._mapped.popitem(last=False)
+        self._mapped[number] = shard
+        return shard
 
     def _shard(self, path: Path) -> np.ndarray:
         """One memory-mapped shard: (sequences, seq_len + 1) token ids, or one line naming the file."""
@@ -57,7 +73,7 @@ class TokenShards:
         out = np.empty((len(indices), self.seq_len + 1), dtype=np.int64)
         shard_of = np.searchsorted(self.offsets, indices, side="right") - 1
         for i, (index, shard) in enumerate(zip(indices, shard_of)):
-            out[i] = self.shards[shard][index - self.offsets[shard]]
+            out[i] = self._mapped_shard(int(shard))[index - self.offsets[shard]]
         return torch.from_numpy(out)
 
 

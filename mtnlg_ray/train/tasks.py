@@ -56,18 +56,20 @@ class LMTask:
         return plain(lm_loss(logits, targets))
 
     def eval_indices(self, batch: int, mesh=None) -> np.ndarray:
-        """This rank's held-out sequences: an equal share of the first `eval_batches` micro-batches a dp
-        rank, or, when there are fewer held-out sequences than ranks, all of them everywhere (every
-        rank must run the same number of forwards: FSDP gathers weights in each one)."""
+        """This rank's held-out sequences: an equal share of `eval_batches` micro-batches a dp rank,
+        spread evenly over the whole split (which follows the corpus, its sources in order), or, when
+        there are fewer held-out sequences than ranks, all of them everywhere (every rank must run the
+        same number of forwards: FSDP gathers weights in each one)."""
         dp = mesh["dp"].size() if mesh is not None else 1
         dp_rank = mesh["dp"].get_local_rank() if mesh is not None else 0
         wanted = batch * self.cfg.train.eval_batches
         count = min(len(self.val), wanted * dp) // dp * dp
-        return rank_slice(np.arange(count), dp_rank, dp) if count else np.arange(len(self.val))[:wanted]
+        spread = np.arange(count) * len(self.val) // max(count, 1)  # strictly increasing: count <= len
+        return rank_slice(spread, dp_rank, dp) if count else np.arange(len(self.val))[:wanted]
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device, batch: int, mesh=None) -> dict | None:
-        """{"loss": mean loss over the first `eval_batches` micro-batches of the held-out split, across dp ranks}."""
+        """{"loss": mean loss over `eval_batches` micro-batches spread over the held-out split, across dp ranks}."""
         if len(self.val) == 0:
             return None
         model.eval()

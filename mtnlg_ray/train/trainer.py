@@ -95,6 +95,18 @@ def _say_while_waiting(message: str, records: list, stop: threading.Event, every
         stop.wait(every)
 
 
+def _check_same_tokenizer(checkpoint: Path, dataset: Path) -> None:
+    """Continued pretraining needs the checkpoint's own tokenizer: under another one its token ids
+    name other words, and training would go on as if nothing were wrong."""
+    from mtnlg_ray.checkpoint import tokenizer_path
+    from mtnlg_ray.tokenizer import tokenizer_hash
+
+    own, tokens = tokenizer_path(checkpoint), dataset / "tokenizer" / "tokenizer.json"
+    if tokenizer_hash(own) != tokenizer_hash(tokens):
+        raise ConfigError(f"init.checkpoint: {checkpoint}'s tokenizer differs from the one {dataset} was tokenized "
+                          f"with; prepare the data again with --set tokenizer.path={own}")
+
+
 def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> dict:
     """Train on Ray Train; returns {"run_dir", "final", "steps", "metrics"} of the finished run."""
     from mtnlg_ray.train.data import TokenShards
@@ -105,6 +117,8 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
     vocab = _dataset_vocab(dataset)
     shards = TokenShards(dataset, "train")
     model_config, _ = model_config_for(cfg, vocab)
+    if cfg.init.checkpoint:
+        _check_same_tokenizer(Path(cfg.init.checkpoint), dataset)
     if model_config.vocab_size < vocab:
         raise ConfigError(f"the model's vocabulary ({model_config.vocab_size}) is smaller than the dataset "
                           f"tokenizer's ({vocab})")
