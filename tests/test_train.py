@@ -204,6 +204,28 @@ def test_a_rerun_with_another_model_shape_is_refused_not_resumed_from_part_of_th
     assert (run_dir / "metrics.jsonl").read_bytes() == before
 
 
+def test_a_rerun_on_a_dataset_prepared_again_is_refused_not_resumed_into_another_order(
+        shakespeare, eight_steps_on_one_worker, tmp_path):
+    """The checkpoint's cursor counts sequences of the dataset it trained on: the same text prepared
+    again with another split seed holds other sequences in other places, so resuming would neither
+    finish the epoch nor repeat nothing. The token index's digest is recorded and compared."""
+    import shutil
+
+    from mtnlg_ray.train.trainer import pretrain
+
+    again = tmp_path / "again"
+    shutil.copytree(shakespeare, again)
+    index = json.loads((again / "tokens" / "index.json").read_text())
+    index["val_indices"] = [i + 1 for i in index["val_indices"]]  # as another pack.seed would hold out
+    (again / "tokens" / "index.json").write_text(json.dumps(index))
+    run_dir = eight_steps_on_one_worker
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match=f"^{run_dir}: the run resumes from checkpoint_.*, trained on another "
+                                          f"data.path than {again} holds now"):
+        pretrain(train_config(again, run_dir.parent, "single", "parallel.workers=1", "train.max_steps=12", *EVERY_4))
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
 @pytest.mark.parametrize(
     ("first", "then", "layouts"),
     [

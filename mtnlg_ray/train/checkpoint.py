@@ -172,21 +172,23 @@ def file_digest(path: str | Path) -> str:
 
 
 def recorded_train_data(directory: Path) -> str | None:
-    """The digest of the training file a checkpoint trained on (fine-tuning; None before it was recorded)."""
+    """The digest of the training data a checkpoint trained on (a fine-tuning file, a pretraining
+    dataset's token index; None before it was recorded)."""
     return json.loads((directory / STATE_FILE).read_text()).get("train_data")
 
 
-def check_resume_data(directory: Path, train_data: str | None, path: str | None) -> None:
-    """A fine-tuning run resumes only on the training file it started on (`train_data`, its digest):
-    a self-training student re-run after its pseudo-labels changed used to go on from the old
-    student's step, or stay finished, and the report paired its score with the new labels."""
+def check_resume_data(directory: Path, train_data: str | None, path: str | None, field: str = "data.train") -> None:
+    """A run resumes only on the training data it started on (`train_data`, its digest): a
+    self-training student re-run after its pseudo-labels changed used to go on from the old
+    student's step, or stay finished, and the report paired its score with the new labels; a
+    pretraining run on a dataset prepared again would go on from its cursor into another order."""
     if train_data is None:
         return
     recorded = recorded_train_data(directory)
     if recorded is not None and recorded != train_data:
         raise ConfigError(f"{directory.parent}: the run resumes from {directory.name}, trained on another "
-                          f"data.train than {path} holds now; start a new run under another run.name "
-                          "(or restore the file)")
+                          f"{field} than {path} holds now; start a new run under another run.name "
+                          "(or restore the data)")
 
 
 def check_resume_shape(directory: Path, config: GPTConfig, n_labels: int | None = None) -> None:

@@ -248,11 +248,16 @@ def run_training(
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = latest_checkpoint(run_dir)
-    train_data = file_digest(cfg.data.train) if task != "lm" and cfg.data.train else None
+    if task == "lm":  # the token index names every shard and its sequence counts
+        data_field, data_path = "data.path", cfg.data.path
+        train_data = file_digest(Path(cfg.data.path) / "tokens" / "index.json")
+    else:
+        data_field, data_path = "data.train", cfg.data.train
+        train_data = file_digest(cfg.data.train) if cfg.data.train else None
     if resume is not None:  # the workers resume from this same checkpoint
         labels = cfg.task.labels if task == "classification" else None
         check_resume_shape(resume, model_config, len(labels) if labels else None)
-        check_resume_data(resume, train_data, cfg.data.train)
+        check_resume_data(resume, train_data, data_path, data_field)
     metrics_file = run_dir / "metrics.jsonl"
     if resume is None:
         if metrics_file.exists():
