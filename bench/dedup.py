@@ -163,7 +163,7 @@ def must_go(n: int, truth: dict[tuple[int, int], float]) -> set[int]:
 def end_to_end(ids: list[str], texts: list[str], cfg: DedupSection, cpus: int) -> tuple[float, set[str]]:
     import ray
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     from mtnlg_ray.data.dedup import dedup_documents
 
     quiet_ray_data()

@@ -59,7 +59,7 @@ def run_one(corpus: Path, output: Path) -> dict:
     from mtnlg_ray.config import load_config
     from mtnlg_ray.data.pipeline import prepare_dataset
 
-    ray.init(num_cpus=os.cpu_count(), log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=False, configure_logging=False)
     config = load_config(overrides=["read.txt_mode=paragraph", "tokenizer.vocab_size=8192", "pack.seq_len=512"],
                          stage="prepare")
     start = time.perf_counter()

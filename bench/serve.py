@@ -7,6 +7,9 @@ streaming clients on loopback, each sending `--requests` greedy requests one aft
 loop and the one-client run are each timed again at the end, and the table uses the mean of both runs
 (the JSON keeps each), so drift during the run shows and favours neither side.
 Replica and bare loop get the same number of torch threads. Prints a table; writes JSON with --output.
+Every served run sends prompts no earlier request sent, and the bench stops if the replica's prefix
+cache served any token of a throughput run: its baselines prefill every prompt token, so must it.
+TTFT p90 is the nearest-rank percentile, left out under 10 requests.
 
 The engine's own measurements follow on the same replica, each `--trials` times:
 - **batching**: 16 clients send the static batch's 16 prompts at once, sampled (temperature 0.8, top-p
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import random
@@ -55,8 +59,15 @@ WORDS = (
 ).split()
 
 
+_SERIAL = iter(range(1, 10**9))
+
+
 def prompts(count: int, words: int) -> list[str]:
-    return [" ".join((WORDS * 2)[i % len(WORDS) : i % len(WORDS) + words]) for i in range(count)]
+    """`count` prompts no earlier call made: each opens with a serial number of its own, so the
+    replica's prefix cache (on by default) holds no block of it, and a served run prefills every
+    token as its baseline does. Give the baseline the same texts."""
+    return [f"Note {next(_SERIAL)}: " + " ".join((WORDS * 2)[i % len(WORDS) : i % len(WORDS) + words])
+            for i in range(count)]
 
 
 def bare_loop(generator: TextGenerator, texts: list[str], max_tokens: int) -> dict:
@@ -120,10 +131,11 @@ async def one_stream(session, url: str, model: str, prompt: str, max_tokens: int
     return {"ttft_s": first if first is not None else seconds, "seconds": seconds, "tokens": tokens}
 
 
-async def clients(url: str, model: str, concurrency: int, requests: int, max_tokens: int, words: int) -> dict:
+async def clients(url: str, model: str, concurrency: int, requests: int, max_tokens: int, texts: list[str]) -> dict:
+    """`concurrency` clients, each sending `requests` of `texts` one after another."""
     import aiohttp
 
-    texts = prompts(concurrency * requests, words)
+    assert len(texts) == concurrency * requests
 
     async def client(k: int, session) -> list[dict]:
         return [await one_stream(session, url, model, texts[k * requests + r], max_tokens) for r in range(requests)]
@@ -143,8 +155,16 @@ async def clients(url: str, model: str, concurrency: int, requests: int, max_tok
         "aggregate_tok_s": tokens / wall,
         "stream_tok_s": statistics.mean(r["tokens"] / r["seconds"] for r in runs),
         "ttft_s": statistics.mean(r["ttft_s"] for r in runs),
-        "ttft_p90_s": sorted(r["ttft_s"] for r in runs)[int(0.9 * (len(runs) - 1))],
+        "ttft_p90_s": p90([r["ttft_s"] for r in runs]),
+        "ttft_all_s": [r["ttft_s"] for r in runs],
     }
+
+
+def p90(values: list[float]) -> float | None:
+    """The nearest-rank 90th percentile; None under 10 values, where it would be the largest or a guess."""
+    if len(values) < 10:
+        return None
+    return sorted(values)[math.ceil(0.9 * len(values)) - 1]
 
 
 def token_text(generator: TextGenerator, tokens: int, seed: int) -> str:
@@ -240,6 +260,22 @@ async def sampled_clients(url: str, model: str, texts: list[str], max_tokens: in
     return {"clients": len(texts), "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
 
 
+def milliseconds(seconds: float | None) -> str:
+    return "" if seconds is None else f"{1000 * seconds:.1f}"
+
+
+def prefix_hit_tokens(url: str) -> int:
+    return json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read())["prefix_hit_tokens"]
+
+
+def expect_no_cache_hits(url: str, before: int, what: str) -> None:
+    """A throughput run compared with a baseline that prefills everything must prefill everything too."""
+    after = prefix_hit_tokens(url)
+    if after != before:
+        raise SystemExit(f"{what}: the prefix cache served {after - before} prompt tokens; the comparison "
+                         "with the baseline would not be like for like")
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -278,16 +314,20 @@ def main() -> None:
         ckpt = build_checkpoint(args.preset, args.vocab, Path(tmp), args.seed)
         generator = TextGenerator(ckpt)
         generator.model.eval()
-        bare_texts = prompts(args.requests, args.prompt_words)
-        bare_loop(generator, bare_texts[:1], args.max_tokens)  # warm-up
-        bare_first = bare_loop(generator, bare_texts, args.max_tokens)
-        static = bare_static_batch(generator, prompts(max(levels), args.prompt_words), args.max_tokens)
-        batch_texts = prompts(16, args.prompt_words)
-        batch_sampling = [sampled(i) for i in range(len(batch_texts))]
-        sampled_static = [bare_static_batch(generator, batch_texts, args.sampled_tokens, batch_sampling)
-                          for _ in range(args.trials)]
+        words, requests = args.prompt_words, args.requests
+        # Every served run gets prompts of its own (see `prompts`); each baseline reads the same texts.
+        one_first, one_again = prompts(requests, words), prompts(requests, words)
+        level_texts = {c: one_first if c == 1 else prompts(c * requests, words) for c in levels}
+        trial_texts = [prompts(16, words) for _ in range(args.trials)]
+        batch_sampling = [sampled(i) for i in range(16)]
+        bare_loop(generator, prompts(1, words), args.max_tokens)  # warm-up
+        bare_first = bare_loop(generator, one_first, args.max_tokens)
+        static = bare_static_batch(generator, level_texts[max(levels)][: max(levels)], args.max_tokens)
+        sampled_static = [bare_static_batch(generator, texts, args.sampled_tokens, batch_sampling)
+                          for texts in trial_texts]
 
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -298,29 +338,34 @@ def main() -> None:
                   name="bench", route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
         time.sleep(5)  # let Ray's start-up work (agents, metrics export) settle before timing
-        asyncio.run(clients(url, "bench", 1, 2, args.max_tokens, args.prompt_words))  # warm-up
-        served = [asyncio.run(clients(url, "bench", c, args.requests, args.max_tokens, args.prompt_words))
-                  for c in levels]
+        asyncio.run(clients(url, "bench", 1, 2, args.max_tokens, prompts(2, words)))  # warm-up
+        hits = prefix_hit_tokens(url)
+        served = [asyncio.run(clients(url, "bench", c, requests, args.max_tokens, level_texts[c])) for c in levels]
         if 1 in levels:  # one client again at the end: its two runs bracket the others, like the bare loop
-            again = asyncio.run(clients(url, "bench", 1, args.requests, args.max_tokens, args.prompt_words))
+            again = asyncio.run(clients(url, "bench", 1, requests, args.max_tokens, one_again))
             first = next(r for r in served if r["clients"] == 1)
             first["runs"] = [dict(first), again]
-            for key in ("aggregate_tok_s", "stream_tok_s", "ttft_s", "ttft_p90_s"):
+            for key in ("aggregate_tok_s", "stream_tok_s", "ttft_s"):
                 first[key] = (first["runs"][0][key] + again[key]) / 2
+            first["ttft_p90_s"] = p90([t for run in first["runs"] for t in run["ttft_all_s"]])
+        expect_no_cache_hits(url, hits, "the greedy client runs")
         prefix_tokens = min(args.prefix_tokens, int(0.75 * generator.context))
         long_tokens = min(args.long_tokens, int(0.85 * generator.context))
         engine = {"sampled": [], "prefix": [], "gap": []}
         for trial in range(args.trials):
-            engine["sampled"].append(asyncio.run(sampled_clients(url, "bench", batch_texts, args.sampled_tokens)))
+            hits = prefix_hit_tokens(url)
+            engine["sampled"].append(asyncio.run(sampled_clients(url, "bench", trial_texts[trial],
+                                                                 args.sampled_tokens)))
+            expect_no_cache_hits(url, hits, f"sampled trial {trial}")
             engine["prefix"].append(asyncio.run(prefix_hit_vs_miss(url, "bench", generator, prefix_tokens, trial)))
             engine["gap"].append(asyncio.run(gap_while_long_prompt_joins(url, "bench", generator, long_tokens,
                                                                          trial)))
         health = json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read())
         serve.shutdown()
         ray.shutdown()
-        bare_last = bare_loop(generator, bare_texts, args.max_tokens)
-        sampled_static += [bare_static_batch(generator, batch_texts, args.sampled_tokens, batch_sampling)
-                           for _ in range(args.trials)]
+        bare_last = bare_loop(generator, one_again, args.max_tokens)
+        sampled_static += [bare_static_batch(generator, texts, args.sampled_tokens, batch_sampling)
+                           for texts in trial_texts]
 
     bare = {"tok_s": (bare_first["tok_s"] + bare_last["tok_s"]) / 2,
             "ttft_s": (bare_first["ttft_s"] + bare_last["ttft_s"]) / 2,
@@ -362,7 +407,7 @@ def main() -> None:
     print(f"| bare `generate`, static batch | {static['batch']} | {static['batch']} | {static['tok_s']:.0f} | | | |")
     for row in served:
         print(f"| Ray Serve, HTTP streaming | {row['clients']} | {row['requests']} | {row['aggregate_tok_s']:.0f} | "
-              f"{row['stream_tok_s']:.0f} | {1000 * row['ttft_s']:.1f} | {1000 * row['ttft_p90_s']:.1f} |")
+              f"{row['stream_tok_s']:.0f} | {1000 * row['ttft_s']:.1f} | {milliseconds(row['ttft_p90_s'])} |")
     print(f"\nsingle stream / bare loop: {result['single_stream_vs_bare']:.2f} (target >= 0.8; bare runs "
           f"{bare_first['tok_s']:.0f} and {bare_last['tok_s']:.0f} tok/s)")
     print(f"aggregate at {top['clients']} clients / one client: {result['aggregate_top_vs_one_client']:.2f} "

@@ -107,7 +107,7 @@ def main() -> None:
 
     from mtnlg_ray.train.loop import measured_peak_tflops
 
-    ray.init(num_cpus=args.threads, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False, configure_logging=False)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         dataset = prepare_packed(args.data, Path(tmp) / "dataset", args.seq_len, args.vocab_size)
