@@ -103,6 +103,7 @@ def start_local_cluster(
         command += ["--num-gpus", str(num_gpus)]
     if temp_dir:
         command += ["--temp-dir", str(temp)]
+    command += _free_default_ports(ray_args)
     command += list(ray_args)
     # A new session: every daemon `ray start` spawns inherits it, which is what `down` stops.
     # Workers at the driver's priority, as on the Ray `ensure_ray` starts (see runtime.py).
@@ -185,6 +186,33 @@ def _stop_session(session_id: int, grace_s: float = 5.0) -> None:
             pids = session_processes(session_id)
         if not pids:
             return
+
+
+# Ports `ray start` takes unless told otherwise. Another Ray on this machine (a second `local up`
+# with its own --port and --temp-dir) holds them: the dashboard agent, which accepts jobs, then stays
+# up without its HTTP service, and every submit fails with "No available agent to submit job".
+DEFAULT_PORTS = {"--dashboard-agent-listen-port": 52365, "--ray-client-server-port": 10001}
+
+
+def _free_default_ports(ray_args) -> list[str]:
+    """For each of `DEFAULT_PORTS` the user did not set, a free port instead when the default is taken."""
+    import socket
+
+    given = {arg.split("=", 1)[0] for arg in ray_args}
+    extra = []
+    for option, default in DEFAULT_PORTS.items():
+        if option in given:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("0.0.0.0", default))
+                continue  # free: Ray's default stays
+            except OSError:
+                pass
+        with socket.socket() as probe:
+            probe.bind(("0.0.0.0", 0))
+            extra += [option, str(probe.getsockname()[1])]
+    return extra
 
 
 def _wait_for_job_server(url: str, deadline: float) -> bool:

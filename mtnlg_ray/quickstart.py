@@ -122,6 +122,11 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
     from mtnlg_ray.finetune.trainer import finetune
     from mtnlg_ray.train.trainer import pretrain
 
+    from mtnlg_ray.runtime import ensure_ray
+    from mtnlg_ray.serve.app import check_can_serve
+
+    ensure_ray()
+    check_can_serve("127.0.0.1", port)  # before minutes of work, not at the last step
     sizes = SMOKE if smoke else FULL
     work = Path(workdir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,9 +253,27 @@ def test_prepare_pretrain_serve_through_submit(local_ray, tmp_path):
 
         info = connect(local_ray.address).get_job_info(job_id)
         assert info.runtime_env.get("working_dir", "").startswith("gcs://")
+        # A second model on the same cluster used to replace this one silently (one app name, one
+        # route, one HTTP port), its printed URL answering nothing: now its job fails in one line.
+        second = cli("submit", "serve", "-c", "runs/tiny/final", "--port", free_port(), "--model-name", "second",
+                     "--no-wait", *address, cwd=tmp_path)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "Ray Serve on this cluster already serves mtnlg at '/'; stop it first" in second.stderr
+        assert requests.get(f"{url}/models", timeout=30).json()["data"][0]["id"] == "final"
     finally:
         stop = cli("jobs", "stop", job_id, *address)
     assert stop.stdout.strip() == f"job {job_id}: STOPPED"
+    # `jobs stop` sends SIGTERM, which ray.init's own handler used to take: the app kept serving.
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/models", timeout=5).status_code != 200:  # Serve's proxy may stay up
+                break
+        except requests.ConnectionError:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError(f"{url} still answers a minute after `jobs stop`")
     (pretrain_id,) = set(job_ids(pretrain.stderr))
     rows = {cells[1].strip(): [c.strip() for c in cells[2:4]]
             for cells in (line.split("│") for line in cli("jobs", "list", *address).stdout.splitlines())
@@ -358,3 +377,40 @@ def test_a_local_cluster_record_is_ours_only_if_we_own_it(tmp_path):
     if os.getuid() == 0:  # only root can hand the file to another user here
         os.chown(tmp_path / STATE_FILE, 65534, 65534)
         assert read_state(tmp_path) is None
+
+
+def test_a_serve_job_refuses_an_empty_api_key_as_serve_does(tmp_path):
+    # Its digest used to ship (the empty string's SHA-256), and an empty bearer token was let in.
+    from mtnlg_ray.apikey import api_key_digest
+    from mtnlg_ray.serve.app import parse_args
+
+    with pytest.raises(ConfigError, match="^--api-key: expected a non-empty key"):
+        build_job("serve", ["-c", "ckpt", "--api-key", " "], cwd=tmp_path)
+    with pytest.raises(ConfigError, match="api_key_sha256: expected the digest of a non-empty key"):
+        parse_args({"checkpoint": "ckpt", "api_key_sha256": api_key_digest("")})
+    spec = build_job("serve", ["-c", "ckpt", "--api-key", "k3y"], cwd=tmp_path)
+    assert spec.env_vars["MTNLG_API_KEY_SHA256"] == api_key_digest("k3y")
+
+
+def test_local_up_moves_off_a_default_port_another_ray_holds():
+    # A second cluster on one machine: its dashboard agent could not bind Ray's default 52365 and
+    # served no jobs ("No available agent to submit job"), while `local up` said it was up.
+    from mtnlg_ray.local_cluster import DEFAULT_PORTS, _free_default_ports
+
+    holders = []
+    try:
+        for port in DEFAULT_PORTS.values():
+            holder = socket.socket()
+            try:
+                holder.bind(("0.0.0.0", port))
+            except OSError:
+                pass  # held already, by whatever holds it: the same case
+            holders.append(holder)
+        chosen = _free_default_ports([])
+        assert chosen[0::2] == list(DEFAULT_PORTS)
+        assert all(int(port) not in DEFAULT_PORTS.values() for port in chosen[1::2])
+        given = _free_default_ports(["--dashboard-agent-listen-port=6000", "--ray-client-server-port", "6001"])
+        assert given == []  # what the user sets is left to them
+    finally:
+        for holder in holders:
+            holder.close()

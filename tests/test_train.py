@@ -173,6 +173,11 @@ def test_rerunning_the_same_run_resumes_from_its_newest_checkpoint_at_another_wo
     starts = [json.loads(l) for l in (Path(second["run_dir"]) / "metrics.jsonl").read_text().splitlines()
               if '"event": "start"' in l]
     assert starts[-1]["world_size"] == 1 and starts[-1]["resumed_from"] == {"step": 20, "world_size": 2}
+    # Once more: the run is finished and trains nothing, and says so with its own last step (it
+    # returned None, and a second quickstart in one folder failed reading the loss off it).
+    third = pretrain(train_config(shakespeare, tmp_path, "grow", "parallel.workers=1", "train.max_steps=30"))
+    assert third["steps"] == 30 and third["metrics"]["step"] == 30
+    assert third["metrics"]["loss"] == second["metrics"]["loss"]
 
 
 EVERY_4 = ["checkpoint.every_steps=4", "train.eval_every=100"]

@@ -65,7 +65,8 @@ def submit(
         typer.echo(f"{result.url}/v1")
         typer.echo(f"serving at {result.url}/v1; job {result.job_id} keeps running "
                    f"(`mtnlg-ray jobs stop {result.job_id}` stops it)", err=True)
-        typer.echo(f"try:  curl {result.url}/v1/completions -H 'Content-Type: application/json' "
+        auth = " -H \"Authorization: Bearer $MTNLG_API_KEY\"" if "MTNLG_API_KEY_SHA256" in spec.env_vars else ""
+        typer.echo(f"try:  curl {result.url}/v1/completions -H 'Content-Type: application/json'{auth} "
                    "-d '{\"prompt\": \"def \", \"max_tokens\": 32, \"temperature\": 0}'", err=True)
     elif no_wait and result.exit_code == 0:
         typer.echo(f"job {result.job_id} is {result.status}: `mtnlg-ray jobs logs {result.job_id} --follow` follows "

@@ -48,7 +48,10 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
         secret = next((SECRET_OPTIONS[o] for o in getattr(param, "opts", ()) if o in SECRET_OPTIONS), None)
         if secret is not None:  # from the command line or this machine's environment alike
             if ctx.params.get(param.name) is not None:
-                env_vars.setdefault(secret, api_key_digest(str(ctx.params[param.name])))
+                key = str(ctx.params[param.name])
+                if not key.strip():  # as `serve` refuses it: an empty key would let an empty bearer token in
+                    raise ConfigError(f"{param.opts[0]}: expected a non-empty key (leave it unset to serve without one)")
+                env_vars.setdefault(secret, api_key_digest(key))
             continue
         argv += _tokens(param, ctx.params.get(param.name), ctx.get_parameter_source(param.name), cwd)
     config_yaml = None

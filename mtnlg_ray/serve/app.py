@@ -101,6 +101,13 @@ class ServeArgs(BaseModel):
             raise ValueError("expected a non-empty key (leave it unset to serve without one)")
         return value
 
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _not_the_empty_key(cls, value: str | None) -> str | None:
+        if value == api_key_digest(""):  # what `submit serve --api-key ""` used to ship
+            raise ValueError("expected the digest of a non-empty key; this is the empty string's")
+        return value
+
     @model_validator(mode="after")
     def _only_the_digest(self) -> "ServeArgs":
         """A key becomes its digest at once: the deployment, and what Serve stores of it, hold only that."""
@@ -586,17 +593,53 @@ def build_app(args: dict | ServeArgs):
 APP_NAME = "mtnlg"  # the Serve application `mtnlg-ray serve` deploys
 
 
-def serve_model(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
-    """Deploy on the connected Ray cluster (or a local one) and return the base URL once replicas are up."""
+def check_can_serve(host: str, port: int) -> None:
+    """One line, before deploying, where this cluster cannot serve a model at http://host:port/.
+
+    Every `mtnlg-ray serve` app takes the route "/", and a cluster's Serve has one HTTP address:
+    deploying beside a served model used to replace it silently, and asking for another port got
+    Serve's old one while the printed URL named the new. Without Serve running, the port must be free.
+    """
+    import socket
+
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(f"--port {port}: {host}:{port} is in use ({exc.strerror}); choose another port") from None
+        return
+    served = sorted(serve.status().applications)
+    if served:
+        raise ConfigError(f"Ray Serve on this cluster already serves {', '.join(served)} at '/'; stop it first "
+                          "(`mtnlg-ray jobs stop JOB_ID`, or Ray's `serve shutdown` for one whose job died)")
+    http = client.http_config
+    if (http.host, http.port) != (host, port):
+        raise ConfigError(f"--port {port}: Ray Serve on this cluster listens on {http.host}:{http.port}; "
+                          f"serve there (--host {http.host} --port {http.port}) or shut its Serve down first")
+
+
+def check_servable(args: ServeArgs) -> None:
+    """The checkpoint's problems in one line here, not as replicas that die while loading it."""
     from mtnlg_ray.checkpoint import check_checkpoint, tokenizer_path
-    from mtnlg_ray.runtime import ensure_ray
 
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise CheckpointError(f"{checkpoint}: not a checkpoint directory (no config.json)")
-    check_checkpoint(checkpoint)  # here, in one line, not as replicas that die while loading it
+    check_checkpoint(checkpoint)
     tokenizer_path(checkpoint)
+
+
+def serve_model(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME) -> str:
+    """Deploy on the connected Ray cluster (or a local one) and return the base URL once replicas are up."""
+    from mtnlg_ray.runtime import ensure_ray
+
+    check_servable(args)
     ensure_ray()
+    check_can_serve(host, port)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
@@ -611,10 +654,15 @@ def serve_until_stopped(args: ServeArgs, host: str = "127.0.0.1", port: int = 80
         raise KeyboardInterrupt
 
     # Before deploying: a stop while the replicas load the model (`jobs stop` sends SIGTERM) must
-    # delete the app too, or it keeps running, and holding its GPUs, behind a stopped job.
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # delete the app too, or it keeps running, and holding its GPUs, behind a stopped job. After
+    # connecting to Ray, though: ray.init puts its own SIGTERM handler in place of any made before.
+    from mtnlg_ray.runtime import ensure_ray
+
+    check_servable(args)
     try:
+        ensure_ray()
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         url = serve_model(args, host=host, port=port, name=name)
         if on_ready is not None:
             on_ready(url)

@@ -304,6 +304,12 @@ def run_training(
         stop.set()
         watcher.join(timeout=10)
     steps = [r for r in records if "loss" in r]
+    if not steps and resume is not None:
+        # A re-run of a finished run trains nothing: its result is the run's own last step, not None
+        # (quickstart read the loss off it, and a second quickstart in one folder failed there).
+        from mtnlg_ray.train.plot import read_metrics
+
+        steps = read_metrics(run_dir)[-1:]
     done = next((r for r in reversed(records) if r.get("event") == "done"), {})
     return {
         "run_dir": str(run_dir),
