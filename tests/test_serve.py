@@ -425,6 +425,15 @@ def test_serve_cli_help_and_bad_checkpoint(tiny_checkpoint, tmp_path):
     refused = run_cli("serve", "--checkpoint", str(no_weights))
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [f"error: {no_weights / 'model.safetensors'}: missing"]
+    # A port something else holds: one line before deploying (it used to be Ray's 130-line traceback).
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        taken = run_cli("serve", "--checkpoint", str(tiny_checkpoint), "--port", str(port))
+    assert taken.returncode == 2, taken.stderr[-600:]
+    assert taken.stderr.strip().splitlines()[-1] == (f"error: --port {port}: 127.0.0.1:{port} is in use "
+                                                    "(Address already in use); choose another port")
 
 
 # --- the API over HTTP ------------------------------------------------------------------------------
