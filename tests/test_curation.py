@@ -141,6 +141,62 @@ def test_pii_is_redacted_and_look_alikes_survive():
     assert redact(code) == (code, {})
 
 
+@pytest.mark.parametrize(("text", "expected"), [
+    # an address after a word that merely ends like a version word ("ser-ver", "dri-ver", "o-ver")
+    ("Connect to the server 10.0.0.1 now", "Connect to the server <IP> now"),
+    ("Set the driver 192.168.0.10; moved over 172.16.0.5", "Set the driver <IP>; moved over <IP>"),
+    ("Server: 10.0.0.1", "Server: <IP>"),
+    # versions: after a version word, or a camel-cased ...Version, in quotes or a tag
+    ('[assembly: AssemblyVersion("1.0.0.0")]', '[assembly: AssemblyVersion("1.0.0.0")]'),
+    ("<version>1.2.0.0</version> ver. 1.2.3.4 release 2.0.0.1", "<version>1.2.0.0</version> ver. 1.2.3.4 release 2.0.0.1"),
+    # no-break spaces (French typography), which cleaning turned into the spaces the patterns match
+    ("Appelez le +33\u00a01\u00a023\u00a045\u00a067\u00a089", "Appelez le <PHONE>"),
+    ("Card 4111\u00a01111\u00a01111\u00a01111, call +1\u202f415\u202f555\u202f0134", "Card <CARD>, call <PHONE>"),
+    # North America's 3-3-4 with a space, then a dash
+    ("Call 415 555-0134 now", "Call <PHONE> now"),
+    # signed decimals are no phone numbers
+    ("Dow Jones +123.45 34567.89; AAPL +1.25 120.50", "Dow Jones +123.45 34567.89; AAPL +1.25 120.50"),
+])
+def test_pii_reads_addresses_phones_and_versions_as_a_reader_would(text, expected):
+    assert redact(text)[0] == expected
+
+
+def test_text_normalisation_keeps_words_whole_and_breaks_lines():
+    from mtnlg_ray.config import CleanSection
+    from mtnlg_ray.data.clean import normalize_text, quality_problem, word_pattern
+
+    # combining marks belong to their word: a Hindi paragraph used to be rejected (mean word length 1.3)
+    assert word_pattern().findall("नमस्ते दुनिया") == ["नमस्ते", "दुनिया"]
+    hindi = ("भारत एक विशाल देश है जिसमें अनेक भाषाएँ बोली जाती हैं और यहाँ की संस्कृति बहुत पुरानी है। लोग अलग "
+             "अलग त्योहार मनाते हैं और एक दूसरे के साथ मिलकर रहते हैं। गाँवों में खेती मुख्य काम है और शहरों में उद्योग बढ़ रहे हैं।")
+    assert quality_problem(normalize_text(hindi), CleanSection()) is None
+    # a page break, NEL and U+2028 end a line; a vertical tab is a space (they glued words together)
+    assert normalize_text("End of page one.\x0cStart\x0bof page two.\x85Next\u2028line") == \
+        "End of page one.\nStart of page two.\nNext\nline"
+
+
+def test_decontamination_matches_evaluation_text_stored_decomposed():
+    import unicodedata
+
+    from mtnlg_ray.data.clean import normalize_text
+    from mtnlg_ray.data.decontam import contaminated_spans, eval_ngrams
+
+    item = "the quick brown café fox jumps over the lazy dog near the river bank today and tomorrow"
+    grams = eval_ngrams([unicodedata.normalize("NFD", item)], 13)
+    assert contaminated_spans(normalize_text(item), grams) == [(0, len(item))]
+
+
+def test_blocklist_reads_urls_without_a_scheme_and_international_domains():
+    from mtnlg_ray.data.urls import ascii_host
+
+    listed = {"evil.com", ascii_host("bücher.de")}
+    assert blocked_domain("evil.com/r?next=https://good.org", listed) == "evil.com"
+    assert blocked_domain("//evil.com/x", listed) == "evil.com"
+    assert blocked_domain("https://xn--bcher-kva.de/", listed) == blocked_domain("https://bücher.de/", listed) \
+        == "xn--bcher-kva.de"
+    assert blocked_domain("http://good.org/?u=https://evil.com", listed) is None
+
+
 def test_blocklist_matches_domains_and_their_subdomains_only(tmp_path):
     listed = {"spam.example.biz", "clickbait.example"}
     assert blocked_domain("https://spam.example.biz/x", listed) == "spam.example.biz"

@@ -6,7 +6,9 @@ a reason of its own (e.g. "too_few_words", "duplicate_lines") and a detail with 
 
 from __future__ import annotations
 
+import functools
 import re
+import sys
 import unicodedata
 from collections import Counter
 
@@ -17,23 +19,42 @@ from mtnlg_ray.data.columns import with_column
 
 # Control characters other than tab and newline (C0, DEL, C1), and the zero-width / BOM marks.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
+# What separates lines or words before the control characters go: a page break (form feed, as PDF
+# extraction leaves at every page), NEL and the Unicode line / paragraph separators end a line, a
+# vertical tab is a space (deleted, they glued the words on either side together).
+_LINE_BREAKS = re.compile("[\x0c\x85\u2028\u2029]")
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
-_WORD = re.compile(r"\w+", re.UNICODE)
 _ELLIPSIS_END = re.compile(r"(\.\.\.|…)\s*$")
+
+
+@functools.cache
+def word_pattern() -> re.Pattern:
+    """A word: letters and digits with their combining marks. Python's `\\w` leaves the marks out, so
+    Hindi, Bengali or Tamil split at every vowel sign and virama ("नमस्ते" into "नमस", "त"), and
+    every such document failed the mean-word-length check."""
+    marks, start = [], None
+    for code in range(sys.maxunicode + 2):
+        is_mark = code <= sys.maxunicode and unicodedata.category(chr(code)) in ("Mn", "Mc", "Me")
+        if is_mark and start is None:
+            start = code
+        elif not is_mark and start is not None:
+            marks.append(f"{re.escape(chr(start))}-{re.escape(chr(code - 1))}")
+            start = None
+    return re.compile(f"[\\w{''.join(marks)}]+")
 
 
 def normalize_text(text: str) -> str:
     """NFC, no control characters, one space between words, no trailing spaces, at most one blank line."""
     text = unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = _CONTROL.sub("", text)
+    text = _CONTROL.sub("", _LINE_BREAKS.sub("\n", text).replace("\x0b", " "))
     lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
 def quality_problem(text: str, cfg: CleanSection) -> tuple[str, str] | None:
     """The first heuristic `text` fails, as (reason, detail), or None when it passes them all."""
-    words = _WORD.findall(text)
+    words = word_pattern().findall(text)
     n = len(words)
     if n < cfg.min_words:
         return "too_few_words", f"{n} words < {cfg.min_words}"

@@ -11,16 +11,13 @@ is dropped whole. Surviving pieces stay one document, joined by a blank line.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from mtnlg_ray.config import DecontamSection
-from mtnlg_ray.data.clean import with_verdicts
-
-_WORD = re.compile(r"\w+", re.UNICODE)
+from mtnlg_ray.data.clean import normalize_text, with_verdicts, word_pattern
 
 
 def _gram_key(words: Iterable[str]) -> int:
@@ -44,7 +41,8 @@ def eval_ngrams(texts: Iterable[str], n: int, min_words: int = 8) -> EvalGrams:
     keys: set[int] = set()
     lengths = {n}
     for text in texts:
-        words = [w.lower() for w in _WORD.findall(text)]
+        # Normalised as training text is (NFC above all): an NFD "café" would be "cafe" plus a mark.
+        words = [w.lower() for w in word_pattern().findall(normalize_text(text))]
         if min(min_words, n) <= len(words) < n:
             keys.add(_gram_key(words))
             lengths.add(len(words))
@@ -55,7 +53,7 @@ def eval_ngrams(texts: Iterable[str], n: int, min_words: int = 8) -> EvalGrams:
 
 def contaminated_spans(text: str, grams: EvalGrams) -> list[tuple[int, int]]:
     """Character spans of `text` covered by a matching n-gram (or short item), merged where they overlap."""
-    matches = list(_WORD.finditer(text))
+    matches = list(word_pattern().finditer(text))
     words = [m.group().lower() for m in matches]
     found: list[tuple[int, int]] = []
     for n in grams.lengths:

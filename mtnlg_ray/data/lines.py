@@ -1,8 +1,9 @@
 """Repeated-line removal (`dedup.lines: true`), as CCNet removes boilerplate: a line that appears in
 at least `dedup.line_min_docs` documents (menus, cookie notices, "subscribe to our newsletter") is
 removed from every document. Line counts come from Ray Data groupbys over (line hash, document text
-hash) pairs, like the other dedup steps, so exact copies of a document count once; a document left
-under `clean.min_words` words is rejected with reason `short_after_line_dedup`.
+hash) pairs, like the other dedup steps, so exact copies of a document count once (near copies,
+such as a syndicated article under three bylines, count apart and lose their shared lines in every
+copy); a document left under `clean.min_words` words is rejected with reason `short_after_line_dedup`.
 """
 
 from __future__ import annotations

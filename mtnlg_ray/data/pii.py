@@ -22,18 +22,20 @@ EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.
 CARD = re.compile(r"(?<![\d-])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{4}|\d{4}([ -]?)\d{6}\2\d{5})(?![\d-])")
 # Not inside a longer dotted number or a word ("v1.2.3.4"); a full stop may end the sentence after it.
 IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\w|\.\d)")
-# A four-part number right after one of these words is a version, not an address.
-VERSION_WORDS = re.compile(r"(?:version|versions|release|ver|v|build|update|python|firmware)[.:]?\s*$",
-                           re.IGNORECASE)
+# A four-part number right after one of these words (whole words: "server 10.0.0.1" is an address),
+# or after a camel-cased ...Version (AssemblyVersion("1.0.0.0")), is a version, not an address.
+VERSION_WORDS = re.compile(r"(?:\b(?i:version|versions|release|ver|v|build|update|python|firmware)"
+                           r"|(?<=[a-z])Version)[\s\"'(<>=:.]*$")
 IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 PHONE = re.compile(
     r"(?<![\w+])(?:"
     r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"  # +44 20 7946 0958, +33 1 23 45 67 89
-    r"|(?:\(\d{3}\)\s?|\d{3}[.-])\d{3}[.-]\d{4}"  # (415) 555-0134, 415-555-0134, 415.555.0134
+    r"|(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[.-]\d{4}"  # (415) 555-0134, 415-555-0134, 415.555.0134, 415 555-0134
     r"|(?:\(\d{3}\)|\d{3}) \d{3} \d{4}"  # 415 555 0134, (415) 555 0134
     r")(?!\w)"
 )
 KINDS = ("email", "phone", "ip", "card")
+_ODD_SPACES = re.compile("[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
 
 
 def luhn_valid(digits: str) -> bool:
@@ -47,8 +49,13 @@ def luhn_valid(digits: str) -> bool:
 
 
 def redact(text: str) -> tuple[str, Counter[str]]:
-    """`text` with every e-mail, card number, IP address and phone number replaced; counts by kind."""
+    """`text` with every e-mail, card number, IP address and phone number replaced; counts by kind.
+
+    Runs before cleaning, so the spaces cleaning makes plain are made plain here first: a phone or card
+    number written with no-break spaces (French typography does) became one the patterns match only
+    after it had passed them."""
     counts: Counter[str] = Counter()
+    text = _ODD_SPACES.sub(" ", text)
 
     def replace(kind: str, placeholder: str, valid=None):
         def substitute(match: re.Match) -> str:
@@ -63,12 +70,18 @@ def redact(text: str) -> tuple[str, Counter[str]]:
     text = CARD.sub(replace("card", "<CARD>", lambda m: luhn_valid(re.sub(r"\D", "", m.group(0)))), text)
     text = IPV4.sub(replace("ip", "<IP>", _ipv4), text)
     text = IPV6.sub(replace("ip", "<IP>", _ipv6), text)
-    text = PHONE.sub(replace("phone", "<PHONE>", lambda m: 7 <= len(re.sub(r"\D", "", m.group(0))) <= 15), text)
+    text = PHONE.sub(replace("phone", "<PHONE>", _phone), text)
     return text, counts
 
 
+def _phone(match: re.Match) -> bool:
+    """7 to 15 digits, and not signed decimals ("+1.25 120.50", "+123.45"), which the `+` form matches."""
+    number = match.group(0)
+    return 7 <= len(re.sub(r"\D", "", number)) <= 15 and not re.search(r"\d\.\d{2}(?!\d)", number)
+
+
 def _ipv4(match: re.Match) -> bool:
-    if VERSION_WORDS.search(match.string, max(0, match.start() - 12), match.start()):
+    if VERSION_WORDS.search(match.string, max(0, match.start() - 24), match.start()):
         return False
     return all(int(part) <= 255 and (part == "0" or not part.startswith("0")) for part in match.group(0).split("."))
 

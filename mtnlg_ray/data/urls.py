@@ -3,6 +3,7 @@ from a listed domain, or any subdomain of one, are rejected with reason `url_blo
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -13,7 +14,8 @@ from mtnlg_ray.errors import InputError
 
 
 def read_blocklist(path: str | Path) -> list[str]:
-    """Domains, one a line (lower-cased; blank lines and '#' comments skipped); one clear line if unreadable."""
+    """Domains, one a line (lower-cased, internationalised ones as punycode; blank lines and '#'
+    comments skipped); one clear line if unreadable."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -26,13 +28,29 @@ def read_blocklist(path: str | Path) -> list[str]:
             continue
         if "/" in domain or " " in domain:
             raise InputError(f"{path}:{number}: expected a domain such as example.com, got {line.strip()!r}")
-        domains.append(domain)
+        domains.append(ascii_host(domain))
     return domains
 
 
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def ascii_host(host: str) -> str:
+    """A host name as DNS carries it: an internationalised one ("bücher.de") in its punycode form."""
+    try:
+        return host.encode("idna").decode("ascii").lower()
+    except UnicodeError:  # not a valid IDN (an empty label, one too long): compare it as it is
+        return host.lower()
+
+
 def blocked_domain(url: str, domains: set[str]) -> str | None:
-    """The listed domain `url` is on (itself or a parent domain), or None."""
-    host = (urlsplit(url if "://" in url else f"//{url}").hostname or "").rstrip(".")
+    """The listed domain `url` is on (itself or a parent domain), or None; `domains` in `ascii_host` form.
+
+    A URL without a scheme ("evil.com/r?next=https://good.org", "//evil.com/x") is read as a host
+    and path; only a scheme at its start makes it an absolute URL."""
+    if not _SCHEME.match(url) and not url.startswith("//"):
+        url = f"//{url}"
+    host = ascii_host((urlsplit(url).hostname or "").rstrip("."))
     parts = host.split(".")
     for i in range(len(parts)):
         candidate = ".".join(parts[i:])
