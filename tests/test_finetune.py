@@ -408,6 +408,27 @@ def test_evaluate_reproduces_the_dev_accuracy_of_the_saved_student(self_trained)
     assert (work / "hf_student" / "model.safetensors").is_file()
 
 
+def test_sft_with_an_empty_prompt_trains_the_completions_first_token(tiny_checkpoint, tmp_path):
+    # The first token used to be an input only, never a target, while exact match scored its
+    # prediction from an EOS: now the prompt is that EOS, and the token is trained from it.
+    from mtnlg_ray.checkpoint import load_checkpoint
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.tasks import SFTTask
+
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "", "completion": "yes indeed"}) + "\n")
+    cfg = load_config(overrides=["task.kind=sft", f"data.train={tmp_path / 'sft.jsonl'}"], stage="finetune")
+    model, _ = load_checkpoint(tiny_checkpoint)
+    task = SFTTask(cfg, tiny_checkpoint / "tokenizer.json", model.config)
+    from mtnlg_ray.tokenizer import load_tokenizer
+
+    completion = load_tokenizer(tiny_checkpoint / "tokenizer.json").encode("yes indeed").ids
+    ids, start = task.train[0]
+    assert (ids, start) == ([task.eos, *completion, task.eos], 1)
+    inputs, targets = task._batch(task.train, "cpu")
+    assert targets[0].tolist() == [*completion, task.eos] and task._targets(0) == len(completion) + 1
+    assert inputs[0].tolist() == [task.eos, *completion]
+
+
 def test_sft_loss_is_the_mean_over_the_steps_completion_tokens_at_any_micro_batch_and_dp(tiny_checkpoint, tmp_path):
     """Completions of 1, 1, 30 and 30 words: micro-batch means averaged with equal weights gave 4.120 at
     micro-batch 2 against 4.364 at 4. Weighted by `loss_scales`, every split gives the token mean."""

@@ -167,8 +167,13 @@ class SFTTask:
         self.dev = [self._encode(tokenizer, p) for p in read_sft(cfg.data.dev, *fields)] if cfg.data.dev else []
 
     def _encode(self, tokenizer, pair) -> tuple[list[int], int]:
-        """(tokens, index of the first completion token); a long prompt loses its beginning."""
-        prompt = tokenizer.encode(pair.prompt, add_special_tokens=False).ids
+        """(tokens, index of the first completion token); a long prompt loses its beginning, and a
+        completion longer than the context keeps its first seq_len tokens, without its EOS.
+
+        An empty prompt is an EOS, as a document starts after one in pretraining: the completion's
+        first token is then trained (predicted from the EOS, as greedy scoring predicts it), where it
+        used to be an input only."""
+        prompt = tokenizer.encode(pair.prompt, add_special_tokens=False).ids or [self.eos]
         completion = [*tokenizer.encode(pair.completion, add_special_tokens=False).ids, self.eos]
         completion = completion[: self.seq_len]
         prompt = prompt[max(0, len(prompt) - (self.seq_len + 1 - len(completion))) :]
