@@ -156,6 +156,8 @@ def test_pii_is_redacted_and_look_alikes_survive():
     ("Call 415 555-0134 now", "Call <PHONE> now"),
     # signed decimals are no phone numbers
     ("Dow Jones +123.45 34567.89; AAPL +1.25 120.50", "Dow Jones +123.45 34567.89; AAPL +1.25 120.50"),
+    # a local part that starts with an underscore or a letter outside ASCII
+    ("write to _john@example.com or josé@example.org", "write to <EMAIL> or <EMAIL>"),
 ])
 def test_pii_reads_addresses_phones_and_versions_as_a_reader_would(text, expected):
     assert redact(text)[0] == expected

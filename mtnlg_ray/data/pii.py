@@ -17,7 +17,8 @@ import pyarrow as pa
 
 from mtnlg_ray.data.columns import with_column
 
-EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# The local part in any script, as mail servers take it (_john@..., josé@...).
+EMAIL = re.compile(r"(?<![\w.+-])\w[\w.%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 # 16 digits in fours, Amex's 4-6-5, or an unbroken 15 or 16; separators one space or dash.
 CARD = re.compile(r"(?<![\d-])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{4}|\d{4}([ -]?)\d{6}\2\d{5})(?![\d-])")
 # Not inside a longer dotted number or a word ("v1.2.3.4"); a full stop may end the sentence after it.
