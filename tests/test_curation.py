@@ -251,6 +251,13 @@ def test_one_prepare_curates_a_mixed_corpus(ray_session, tmp_path):
     assert all(value in kept for value in LOOK_ALIKES)
     assert manifest["pii_redacted"] == {"email": 1, "phone": 2, "ip": 2, "card": 1}
     assert manifest["repeated_lines_removed"] == 1
+    # A misspelt read.url_field gave every document an empty URL, and the blocklist blocked nothing.
+    misspelt = run_cli("data", "prepare", str(corpus), "--output", str(tmp_path / "data2"), "--set", "read.url_field=URL",
+                       "--set", f"filter.url_blocklist={blocklist}", "--set", "tokenizer.vocab_size=300", timeout=600)
+    assert misspelt.returncode == 2, misspelt.stderr[-2000:]
+    assert misspelt.stderr.strip().splitlines()[-1] == (
+        "error: read.url_field: no document has a 'URL' field (or column) holding its URL; "
+        "filter.url_blocklist would check nothing")
 
 
 def test_curation_settings_that_cannot_work_are_one_line_and_exit_2(tmp_path):

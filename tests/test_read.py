@@ -119,3 +119,56 @@ def test_a_large_txt_read_in_blocks_gives_the_records_of_the_whole_file(tmp_path
         assert all(len(t) <= 1500 for _, t in blocked)
     else:
         assert blocked == read()
+
+
+@pytest.mark.parametrize("mode", ["line", "paragraph"])
+def test_a_bad_byte_rejects_its_line_or_paragraph_not_the_file(tmp_path, mode):
+    # One latin-1 byte used to reject the whole file as one record: every other document was lost.
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(b"first good one\n\ncaf\xe9 in latin-1\n\nthird good one\n")
+    records = [(r.location, r.text, r.reason) for r in iter_records(str(path), txt_mode=mode)]
+    assert records == [(f"{path}:1", "first good one", ""),
+                       (f"{path}:3", None, "bad_utf8"),
+                       (f"{path}:5", "third good one", "")]
+    bad = next(r for r in iter_records(str(path), txt_mode=mode) if r.reason)
+    assert bad.detail == f"invalid UTF-8 in this {mode} (byte 0xe9)"
+
+
+def test_jsonl_records_that_cannot_be_read_are_rejected_not_fatal(tmp_path):
+    import json
+
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"text": "fine", "url": "https://a.org/"}) + "\n"
+                    + '{"text": "deep", "x": ' + "[" * 100000 + "\n"  # RecursionError in json
+                    + '{"text": "odd url", "url": "https://x.org/\\ud83d"}\n', encoding="utf-8")
+    records = [(r.location.rsplit(":", 1)[1], r.reason, r.detail) for r in iter_records(str(path), url_field="url")]
+    assert records == [("1", "", ""), ("2", "bad_json", "nested too deeply to parse"),
+                       ("3", "bad_utf8", "field 'url' holds a lone surrogate")]
+
+
+def test_a_file_name_that_is_not_utf8_is_one_line(tmp_path):
+    import os
+
+    from mtnlg_ray.data.read import resolve_inputs
+    from mtnlg_ray.errors import InputError
+
+    (tmp_path / "good.jsonl").write_text('{"text": "x"}\n')
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.jsonl"), "w") as fh:
+        fh.write('{"text": "y"}\n')
+    with pytest.raises(InputError, match=r"caf\\xe9.jsonl: the file name is not valid UTF-8; rename it"):
+        resolve_inputs([str(tmp_path)])
+
+
+@pytest.mark.parametrize("kind", ["dictionary", "string_view", "binary"])
+def test_parquet_text_columns_of_every_string_type_are_read(tmp_path, kind):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["alpha beta", "gamma delta", "alpha beta"]
+    column = pa.array(texts)
+    column = {"dictionary": column.dictionary_encode(), "string_view": column.cast(pa.string_view()),
+              "binary": pa.array([t.encode() for t in texts[:2]] + [b"caf\xe9"], pa.binary())}[kind]
+    pq.write_table(pa.table({"text": column}), tmp_path / "t.parquet")
+    records = [(r.text, r.reason) for r in iter_records(str(tmp_path / "t.parquet"))]
+    expected = [(t, "") for t in texts] if kind != "binary" else [(t, "") for t in texts[:2]] + [(None, "bad_utf8")]
+    assert records == expected

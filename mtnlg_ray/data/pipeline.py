@@ -516,9 +516,14 @@ def _curate(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config
         from mtnlg_ray.data.urls import read_blocklist, url_batch
 
         domains = read_blocklist(config.filter.url_blocklist)
+        no_url = _count_by(docs, "url").get("", 0)
+        if no_url == docs.count():  # a misspelt read.url_field: the filter would check nothing, silently
+            raise InputError(f"read.url_field: no document has a {config.read.url_field!r} field (or column) "
+                             "holding its URL; filter.url_blocklist would check nothing")
         docs = _run_stage(run, "url filter", docs, lambda d: _split(
             d.map_batches(url_batch, fn_kwargs={"domains": domains}, batch_format="pyarrow"), "url filter"),
-            note=f"{len(domains)} blocked domains")
+            note=f"{len(domains)} blocked domains" + (f"; {no_url} documents without a URL passed unchecked"
+                                                      if no_url else ""))
 
     if config.lang.keep is not None:
         from mtnlg_ray.data.language import language_batch

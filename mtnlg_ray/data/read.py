@@ -189,7 +189,10 @@ def _resolve_uri(spec: str) -> list[str]:
     import pyarrow as pa
     import pyarrow.fs as pafs
 
-    if _GLOB_CHARS & set(spec):
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(spec)
+    if _GLOB_CHARS & set(parts.path):  # a query (?endpoint_override=..., as MinIO needs) is no glob
         raise InputError(f"{spec}: globs are read from local paths only; give a folder URI instead")
     try:
         fs, path = pafs.FileSystem.from_uri(spec)
@@ -203,10 +206,16 @@ def _resolve_uri(spec: str) -> list[str]:
         listing = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except (pa.ArrowException, OSError, ValueError) as err:
         raise InputError(f"{spec}: cannot open ({err})") from None
-    scheme = spec.split("://", 1)[0]
     prefix = path.rstrip("/")
+    query = f"?{parts.query}" if parts.query else ""
+
+    def child(file_path: str) -> str:
+        # s3 and gs paths start with the bucket; others (hdfs://host:port/..., file:///...) keep the host.
+        host = parts.netloc if file_path.startswith("/") else ""
+        return f"{parts.scheme}://{host}{file_path}{query}"
+
     found = sorted(
-        f"{scheme}://{i.path}"
+        child(i.path)
         for i in listing
         if i.type == pafs.FileType.File
         and _supported(Path(i.path))
@@ -230,7 +239,12 @@ def _walk_folder(folder: Path) -> Iterator[Path]:
 
 
 def _supported_files(paths: Iterable[Path]) -> list[str]:
-    return sorted(str(p) for p in paths if p.is_file() and _supported(p))
+    found = sorted(str(p) for p in paths if p.is_file() and _supported(p))
+    for name in found:
+        if not _is_utf8(name):  # Linux hands such a name over with its bytes as lone surrogates
+            shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+            raise InputError(f"{shown}: the file name is not valid UTF-8; rename it (records are named by their file)")
+    return found
 
 
 def _open(item: str):
@@ -285,25 +299,41 @@ def _txt_records(
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = line_offset + data[: err.start].count(b"\n") + 1
-        where = f"{item}:{line}" if block else item
-        yield Record(where, None, "bad_utf8", f"invalid UTF-8 at byte {err.start + (byte_offset or 0)}")
-        return
+        if txt_mode == "file":  # the file (or the block) is the unit: it goes whole
+            line = line_offset + data[: err.start].count(b"\n") + 1
+            where = f"{item}:{line}" if block else item
+            yield Record(where, None, "bad_utf8", f"invalid UTF-8 at byte {err.start + (byte_offset or 0)}")
+            return
+        # A line or a paragraph is a document: only those holding the bad bytes are rejected, each
+        # at its line (one bad byte used to reject the whole file, as one record).
+        text = data.decode("utf-8", "surrogateescape")
     if not text.strip():
         if not block:  # a block of blank lines between paragraphs is nothing to report
             yield Record(item, None, "empty", "empty file" if not text else "only white space")
     elif txt_mode == "line":
         for number, line in enumerate(_lines(text), start=line_offset + 1):
             if line.strip():
-                yield Record(f"{item}:{number}", line)
+                yield _unit(f"{item}:{number}", line, "line")
     elif txt_mode == "paragraph":
         for first_line, paragraph in _paragraphs(text):
-            yield Record(f"{item}:{first_line + line_offset}", paragraph)
+            yield _unit(f"{item}:{first_line + line_offset}", paragraph, "paragraph")
     elif not block and (max_chars is None or len(text) <= max_chars):
         yield Record(item, text)
     else:
         for first_line, piece in _pieces(text, piece_chars or max_chars or len(text)):
             yield Record(f"{item}:{first_line + line_offset}", piece)
+
+
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+
+
+def _unit(where: str, text: str, kind: str) -> Record:
+    """A line or paragraph as a document, or as a rejected record when it holds bytes that are not UTF-8."""
+    bad = _ESCAPED_BYTE.search(text)
+    if bad is None:
+        return Record(where, text)
+    byte = ord(bad.group()) - 0xDC00
+    return Record(where, None, "bad_utf8", f"invalid UTF-8 in this {kind} (byte 0x{byte:02x})")
 
 
 # A paragraph boundary: a newline followed by a blank line (with or without a carriage return).
@@ -428,6 +458,9 @@ def _jsonl_records(item: str, lines, text_field: str, url_field: str | None = No
         except ValueError as err:
             yield Record(where, None, "bad_json", str(err))
             continue
+        except RecursionError:
+            yield Record(where, None, "bad_json", "nested too deeply to parse")
+            continue
         if not isinstance(record, dict):
             yield Record(where, None, "not_object", f"expected a JSON object, got {type(record).__name__}")
             continue
@@ -443,6 +476,9 @@ def _jsonl_records(item: str, lines, text_field: str, url_field: str | None = No
             yield Record(where, None, "bad_utf8", "text holds a lone surrogate")
         else:
             url = record.get(url_field) if url_field else None
+            if isinstance(url, str) and not _is_utf8(url):
+                yield Record(where, None, "bad_utf8", f"field {url_field!r} holds a lone surrogate")
+                continue
             yield Record(where, text, url=url if isinstance(url, str) else "")
 
 
@@ -462,16 +498,21 @@ def _strings(column) -> list:
     """The column's values; when some are not UTF-8, those become `_NOT_UTF8` and the rest still read."""
     import pyarrow as pa
 
-    try:
-        return column.to_pylist()
-    except UnicodeDecodeError:
-        values = []
-        for raw in column.cast(pa.large_binary()).to_pylist():
-            try:
-                values.append(None if raw is None else raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                values.append(_NOT_UTF8)
-        return values
+    if pa.types.is_dictionary(column.type):
+        column = column.cast(column.type.value_type)
+    # Bytes without a UTF-8 annotation (older Hive and Impala writers) are decoded here, row by row.
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        try:
+            return column.to_pylist()
+        except UnicodeDecodeError:
+            pass
+    values = []
+    for raw in column.cast(pa.large_binary()).to_pylist():
+        try:
+            values.append(None if raw is None else raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            values.append(_NOT_UTF8)
+    return values
 
 
 def _parquet_records(item: str, text_field: str, url_field: str | None = None) -> Iterator[Record]:
@@ -485,7 +526,11 @@ def _parquet_records(item: str, text_field: str, url_field: str | None = None) -
             yield Record(item, None, "missing_column", f"no column {text_field!r} (columns: {', '.join(names)})")
             return
         column_type = parquet.schema_arrow.field(text_field).type
-        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        if pa.types.is_dictionary(column_type):  # a pandas category column: its values are what count
+            column_type = column_type.value_type
+        if not any(check(column_type) for check in (pa.types.is_string, pa.types.is_large_string,
+                                                    pa.types.is_string_view, pa.types.is_binary,
+                                                    pa.types.is_large_binary)):
             yield Record(item, None, "missing_column", f"column {text_field!r} is {column_type}, expected string")
             return
         row = 0
