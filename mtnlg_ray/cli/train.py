@@ -155,7 +155,8 @@ def pretrain(
         if record.get("event") == "start":
             resumed = record.get("resumed_from")
             extra = f", resumed at step {resumed['step']} (written at world size {resumed['world_size']})" if resumed else ""
-            console.print(f"[bold]world size {record['world_size']}[/bold] (dp {record['dp']} × tp {record['tp']}){extra}")
+            pp = f" × pp {record['pp']}" if record.get("pp", 1) > 1 else ""
+            console.print(f"[bold]world size {record['world_size']}[/bold] (dp {record['dp']} × tp {record['tp']}{pp}){extra}")
         elif record.get("event") == "checkpoint":
             console.print(f"[dim]checkpoint at step {record['step']}[/dim]")
         elif "loss" in record:

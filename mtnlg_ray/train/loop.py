@@ -164,8 +164,18 @@ def _build_parts(cfg: Config, model_config: GPTConfig, task, dims: ParallelDims,
         stage_ids = stages_of_rank(mesh["pp"].get_local_rank(), dims.pp, dims.pp_virtual)
         parts = [_build_model(cfg, model_config, task, dims, mesh, device,
                               (layers[i], i == 0, i == num_stages - 1)) for i in stage_ids]
-    torch.manual_seed(cfg.train.seed)  # dropout starts from the seed, however the model was built
+    # Dropout starts from the seed, however the model was built; each pipeline rank from its own, or
+    # later stages would apply the very masks earlier layers drew (one stream on every rank).
+    torch.manual_seed(dropout_seed(cfg.train.seed, mesh["pp"].get_local_rank() if dims.pp > 1 else 0))
     return parts, stage_ids
+
+
+PIPELINE_SEED_STRIDE = 100  # as Megatron offsets each pipeline rank's seed
+
+
+def dropout_seed(seed: int, pp_rank: int) -> int:
+    """The seed of a pipeline rank's dropout stream (pp rank 0, and no pipeline, use `seed` itself)."""
+    return seed + PIPELINE_SEED_STRIDE * pp_rank
 
 
 def _better(value: float, best: float | None, metric: str) -> bool:

@@ -52,8 +52,11 @@ class LMTask:
 
     @staticmethod
     def pipeline_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The loss of one micro-batch from the last stage's output (a pipeline schedule's `loss_fn`)."""
-        return plain(lm_loss(logits, targets))
+        """The loss of one micro-batch from the last stage's output (a pipeline schedule's `loss_fn`).
+
+        A copy: under tensor parallelism `plain` gives a view of the gathered loss, and the zero-bubble
+        schedule detaches each stage output in place, which a view refuses (pp2 x tp2 died on step 1)."""
+        return plain(lm_loss(logits, targets)).clone()
 
     def eval_indices(self, batch: int, mesh=None) -> np.ndarray:
         """This rank's held-out sequences: an equal share of `eval_batches` micro-batches a dp rank,
