@@ -360,6 +360,14 @@ class TaskSection(Section):
     prompt_field: str = "prompt"  # sft
     completion_field: str = "completion"  # sft
 
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value):
+        # Labels are names: `task.labels=[0,1]` means the labels "0" and "1" a TSV holds.
+        if isinstance(value, list):
+            return [str(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x for x in value]
+        return value
+
     @model_validator(mode="after")
     def _metric_fits(self) -> "TaskSection":
         allowed = {"classification": ("accuracy", "macro_f1"), "sft": ("loss", "exact_match")}[self.kind]
@@ -464,11 +472,62 @@ def shipped_config(stage: str) -> Path:
     return path
 
 
+_YAML11_TAGS = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as a reader of YAML 1.2 reads it. PyYAML follows YAML 1.1, where `no` is false (Norway's
+    code in `lang.keep=[en,no]`), `010` is octal 8, `1:30` is 90 and `1e9` is a string; here those
+    are the string, 10, the string and a number. A key twice in one mapping is an error, where YAML
+    1.1 keeps the last silently (a second `train:` section dropped the first one's keys)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{self.name}:{key_node.start_mark.line + 1}: key {key!r} appears twice "
+                                  f"(first on line {seen[key] + 1})")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML11_TAGS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _pattern, _firsts in (
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    ("tag:yaml.org,2002:float",
+     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+     "-+0123456789."),
+):
+    _Loader.add_implicit_resolver(_tag, __import__("re").compile(_pattern), list(_firsts))
+
+
+def _decimal_int(loader: yaml.SafeLoader, node) -> int:
+    value = loader.construct_scalar(node)
+    return int(value, 16) if value.lower().startswith("0x") else int(value)  # "010" is ten, not octal 8
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _decimal_int)
+
+
+def _yaml(text: str, name: str = "<--set>") -> Any:
+    loader = _Loader(text)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _yaml(path.read_text(encoding="utf-8"), str(path))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -480,17 +539,44 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _seed_mapping_default(data: dict[str, Any], parts: list[str]) -> None:
+    """Before `--set a.b.c=v` sets one key of a mapping-valued field a.b that `data` does not spell
+    out, give a.b its default mappings: the override then changes that one key. (It used to replace
+    the whole default: `--set clean.max_top_ngram.2=0.25` left no check for 3- and 4-grams.)"""
+    model: type[BaseModel] | None = Config
+    node = data
+    for part in parts[:-1]:
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None or not isinstance(node, dict):
+            return
+        annotation = field.annotation
+        section = next((c for c in (annotation, *getattr(annotation, "__args__", ()))
+                        if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if section is None:
+            default = field.get_default(call_default_factory=True)
+            if node.get(part) is None and isinstance(default, dict):
+                node[part] = {str(k): v for k, v in default.items()}  # as keys from --set arrive
+            return
+        if node.get(part) is None:
+            node[part] = {}  # a section the file leaves out: its defaults come from the schema
+        node, model = node[part], section
+
+
 def apply_override(data: dict[str, Any], override: str) -> None:
     """Apply one `a.b=c` override in place; the value is parsed as YAML so `20`, `true`, `[1, 2]` get types."""
     key, sep, raw = override.partition("=")
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {override}: expected KEY=VALUE with a dotted key, e.g. train.max_steps=20")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+    if " #" in raw:  # YAML would read the rest as a comment: `run.name=exp #3` is "exp #3", not "exp"
+        value = raw.strip()
+    else:
+        try:
+            value = _yaml(raw) if raw.strip() else None
+        except (yaml.YAMLError, ConfigError):
+            value = raw
     parts = key.split(".")
+    _seed_mapping_default(data, parts)
     node = data
     for part in parts[:-1]:
         child = node.get(part)
@@ -544,6 +630,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         # train's batch sizes, one that set a key the message names), else the file.
         keys = [o.partition("=")[0].strip() for o in overrides]
         message = exc.errors()[0]["msg"]
-        blamed = [o for o, key in zip(overrides, keys) if loc and loc.startswith(key)]
+        blamed = [o for o, key in zip(overrides, keys) if loc and (loc == key or loc.startswith(key + "."))]
         blamed = blamed or [o for o, key in zip(overrides, keys) if key and key in message]
         raise _first_error(exc, f"--set {blamed[-1]}" if blamed else str(source)) from None

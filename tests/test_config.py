@@ -100,3 +100,57 @@ def test_a_uri_where_a_trainer_opens_files_is_refused(key):
     made a local folder named `s3:`."""
     with pytest.raises(ConfigError, match=rf"^--set {key}=s3://bucket/x: {key}: expected a local or mounted path"):
         load_config(overrides=[f"{key}=s3://bucket/x"], stage="pretrain")
+
+
+def test_values_read_as_yaml_1_2_reads_them(tmp_path):
+    # PyYAML's YAML 1.1: `no` was false (Norway's code), 010 octal 8, 1:30 ninety, 1e9 a string, and
+    # a `#` in a value began a comment.
+    from mtnlg_ray.config import load_config
+
+    cfg = load_config(overrides=["lang.keep=[en,no]", "train.seed=010", "train.warmup_tokens=1e9",
+                                 "run.name=exp #3", "task.labels=[0,1]", "parallel.fsdp=false"], stage="prepare")
+    assert cfg.lang.keep == ["en", "no"] and cfg.train.seed == 10 and cfg.train.warmup_tokens == 1_000_000_000
+    assert cfg.run.name == "exp #3" and cfg.task.labels == ["0", "1"] and cfg.parallel.fsdp is False
+
+
+def test_a_key_twice_in_a_config_file_is_one_line(tmp_path):
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.errors import ConfigError
+
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  max_steps: 200\n  warmup_tokens: 100000\nrun:\n  name: a\ntrain:\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:6: key 'train' appears twice \(first on line 1\)$"):
+        load_config(path)
+
+
+def test_setting_one_key_of_a_mapping_keeps_its_other_defaults():
+    # `--set clean.max_top_ngram.2=0.25` used to replace the whole mapping: no 3- and 4-gram checks left.
+    from mtnlg_ray.config import CleanSection, load_config
+
+    cfg = load_config(overrides=["clean.max_top_ngram.2=0.25"], stage="prepare")
+    assert cfg.clean.max_top_ngram == {**CleanSection().max_top_ngram, 2: 0.25}
+
+
+def test_an_unknown_key_in_the_file_is_blamed_on_the_file_not_on_a_similar_override(tmp_path):
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.errors import ConfigError
+
+    path = tmp_path / "typo.yaml"
+    path.write_text("train:\n  lrate: 0.1\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown key 'train.lrate'"):
+        load_config(path, ["train.lr=3.0e-4"])
+
+
+def test_a_config_file_without_a_warm_up_is_warned_about(tmp_path, capsys):
+    # --config replaces the shipped file: a file that leaves train.warmup_tokens out gets MT-NLG's 1B
+    # tokens, and a 200-step run would end at an LR of about 4e-8, without a word.
+    from mtnlg_ray.train.trainer import warn_about_the_schedule
+
+    path = tmp_path / "short.yaml"
+    path.write_text("train:\n  max_steps: 200\n  decay_tokens: 819200\n")
+    warn_about_the_schedule(load_config(path))
+    assert capsys.readouterr().err.strip() == (
+        "warning: train.warmup_tokens (1,000,000,000) is not below train.decay_tokens (819,200; the run's tokens "
+        "unless set): the LR never reaches train.lr (5e-05); set train.warmup_tokens")
+    warn_about_the_schedule(load_config(overrides=["train.decay_tokens=819200"]))  # the shipped 100,000: fine
+    assert capsys.readouterr().err == ""

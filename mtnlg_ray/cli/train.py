@@ -112,7 +112,10 @@ def plan(
     if pp > 1:
         sets += [f"parallel.pp_schedule={schedule}"] + ([f"parallel.pp_virtual={virtual}"] if virtual > 1 else [])
     sets += [f"train.global_batch_size={result['global_batch']}", f"train.micro_batch_size={micro_batch}",
-             "parallel.use_gpu=true", "train.precision=bf16"]
+             "parallel.use_gpu=true", "train.precision=bf16",
+             "model.activation_checkpointing=true"]  # the memory above assumes full recompute
+    if seq_len and seq_len != get_preset(preset).seq_len:
+        sets.append(f"model.seq_len={seq_len}")  # else the command would train at the preset's length
     # The printed command, checked as pretrain checks it: its precision, batches (the ramp-up's too)
     # and schedule together.
     from mtnlg_ray.config import load_config

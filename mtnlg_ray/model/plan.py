@@ -178,7 +178,7 @@ def plan_layout(
     if pp > 1 and micro_batches < pp:
         warnings.append(
             f"{micro_batches} micro-batches per replica cannot fill {pp} pipeline stages: "
-            f"bubble is {(pp - 1) / (micro_batches + pp - 1) / virtual:.0%} of the iteration"
+            f"bubble is {(pp - 1) / (virtual * micro_batches + pp - 1):.0%} of the iteration"
         )
     if tp > spec.gpus_per_node:
         warnings.append(f"tp {tp} spans more than one {spec.gpus_per_node}-GPU node: its all-reduces leave NVLink")
@@ -196,11 +196,19 @@ def plan_layout(
             params_i += token_shard + counts.first_stage_extra
         if i == pp - 1:
             params_i += counts.last_stage_extra + (token_shard if pp > 1 else 0)
-        # Micro-batches whose activations a stage holds at once: 1F1B's warm-up depth, but all of
-        # them under GPipe, which runs every forward before any backward.
-        in_flight = micro_batches if pp > 1 and schedule == "gpipe" else min(pp - i, micro_batches)
-        act_full = n * in_flight * full_act
-        act_recompute = n * in_flight * recomputed_act + full_act
+        # Layer-micro-batches whose activations a stage holds at once: 1F1B's warm-up depth, but all
+        # of them under GPipe, which runs every forward before any backward. An interleaved schedule
+        # warms up (v - 1) p + 2 (p - 1 - i) + 1 chunks of n / v layers on rank i (torch's schedule;
+        # Korthikanti et al.: 1 + (p - 1) / (p v) times 1F1B's on the first rank).
+        if pp > 1 and schedule == "gpipe":
+            in_flight = n * micro_batches
+        elif pp > 1 and schedule.startswith("interleaved"):
+            chunks = min((virtual - 1) * pp + 2 * (pp - 1 - i) + 1, micro_batches * virtual)
+            in_flight = chunks * n / virtual
+        else:
+            in_flight = n * min(pp - i, micro_batches)
+        act_full = in_flight * full_act
+        act_recompute = in_flight * recomputed_act + full_act
         optimizer = OPTIMIZER_BYTES * params_i
         optimizer_dist = optimizer / dp
         memory = {
@@ -250,7 +258,9 @@ def plan_layout(
         "layers_per_stage": max(layers),
         # The share of an iteration a stage idles: (p - 1) / (m + p - 1) for GPipe and 1F1B, a v-th of
         # that when each rank runs v interleaved stages.
-        "pipeline_bubble": (pp - 1) / (micro_batches + pp - 1) / virtual,
+        # Interleaving divides the bubble's time by v (Narayanan et al. 2021): (p - 1) / v against
+        # the m micro-batches' work, so (p - 1) / (v m + p - 1) of the iteration.
+        "pipeline_bubble": (pp - 1) / (virtual * micro_batches + pp - 1),
         "pipeline_schedule": schedule if pp > 1 else None,
         "pipeline_virtual": virtual,
         "params": counts.total,

@@ -222,6 +222,19 @@ def check_pipeline_batches(cfg: Config) -> None:
         check_micro_batches(par.pp_schedule, batch // (train.micro_batch_size * dp), par.pp)
 
 
+def warn_about_the_schedule(cfg: Config) -> None:
+    """One warning line on stderr where the LR schedule cannot be what was meant: a warm-up as long as
+    the decay (which ends on the run's last step unless set) never reaches `train.lr`. Typically a
+    `--config` file that leaves `train.warmup_tokens` out, so it gets MT-NLG's 1B tokens."""
+    import sys
+
+    warmup, decay = cfg.train.warmup_tokens, cfg.train.decay_tokens
+    if warmup >= decay:
+        print(f"warning: train.warmup_tokens ({warmup:,}) is not below train.decay_tokens ({decay:,}; the run's "
+              f"tokens unless set): the LR never reaches train.lr ({cfg.train.lr:g}); set train.warmup_tokens",
+              file=sys.stderr, flush=True)
+
+
 def run_training(
     stage: str,
     task: str,
@@ -243,6 +256,7 @@ def run_training(
     from mtnlg_ray.runtime import ensure_ray
     from mtnlg_ray.train.loop import train_loop_per_worker
     check_run_layout(cfg, model_config, task)
+    warn_about_the_schedule(cfg)
     ensure_ray()
     waiting = check_capacity(cfg.parallel)  # before anything is written
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
