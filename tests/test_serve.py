@@ -410,6 +410,10 @@ def test_serve_args_and_shipped_config(long_checkpoint):
         parse_args({"checkpoint": "c", "max_batchh": 8})
     with pytest.raises(ConfigError, match="autoscale"):
         parse_args({"checkpoint": "c", "autoscale": "5,2"})
+    # max_tokens 0 used to mean "no limit", and a negative one deployed a server refusing every request
+    for bad in ("0", "-1"):
+        with pytest.raises(ConfigError, match="max_tokens: expected a positive integer"):
+            parse_args({"checkpoint": "c", "max_tokens": bad})
 
 
 def test_serve_cli_help_and_bad_checkpoint(tiny_checkpoint, tmp_path):
@@ -606,7 +610,7 @@ MALFORMED = [
     (json.dumps({"prompt": "x", "max_tokens": 10**6}).encode(), 400),
     (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), 400),
     (json.dumps({"prompt": "x", "temperature": -1}).encode(), 400),
-    (json.dumps({"prompt": "x", "top_p": 0}).encode(), 400),
+    (json.dumps({"prompt": "x", "top_p": 1.5}).encode(), 400),  # (0 is OpenAI's greedy: accepted)
     (json.dumps({"prompt": "hello " * CONTEXT}).encode(), 400),  # longer than the context
     (json.dumps({"prompt": ""}).encode(), 400),
     (b'{"prompt": "x", "temperature": NaN}', 422),  # Python's JSON reads NaN
@@ -616,6 +620,31 @@ MALFORMED = [
     (json.dumps({"prompt": ["x"] * 81}).encode(), 400),  # more than max_batch + max_waiting could ever take
     (b"[" * 100_000 + b"]" * 100_000, 400),  # deeper than the JSON parser recurses
 ]
+
+
+def test_openai_clients_nulls_and_newer_forms_are_read_and_what_it_cannot_give_is_refused(server, client):
+    # null means the default, as OpenAI reads it (a client's temperature=None used to get 422); the
+    # developer role and text parts are chat forms OpenAI takes; logprobs and echo were silently
+    # ignored, so a harness scored a missing value or the wrong text.
+    greedy = client.completions.create(model="tiny", prompt="def ", max_tokens=4, temperature=0).choices[0].text
+    nulls = requests.post(f"{server}/v1/completions", timeout=60, json={
+        "prompt": "def ", "max_tokens": 4, "temperature": 0, "top_p": None, "n": None, "stream": None, "top_k": None})
+    assert nulls.status_code == 200 and nulls.json()["choices"][0]["text"] == greedy
+    assert requests.post(f"{server}/v1/completions", timeout=60, json={
+        "prompt": "def ", "max_tokens": 4, "top_p": 0, "seed": 1}).json()["choices"][0]["text"] == greedy
+    developer = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=[
+        {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+        {"role": "user", "content": "hi"}])
+    system = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    for field, value in (("logprobs", 3), ("echo", True), ("best_of", 2), ("suffix", "x")):
+        refused = requests.post(f"{server}/v1/completions", timeout=60,
+                                json={"prompt": "def ", "max_tokens": 4, field: value})
+        assert refused.status_code == 422, refused.text
+        assert f"{field} is not supported by this server" in refused.json()["error"]["message"]
+    assert requests.post(f"{server}/v1/completions", timeout=60, json={
+        "prompt": "def ", "max_tokens": 4, "logprobs": None, "echo": False, "best_of": 1}).status_code == 200
 
 
 def test_200_malformed_requests_get_4xx_and_the_server_still_answers(server, client):

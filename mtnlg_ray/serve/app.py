@@ -125,7 +125,8 @@ class ServeArgs(BaseModel):
             value = [part.strip() for part in value.split(",")]
         return value
 
-    @field_validator("max_batch", "max_waiting", "num_replicas", "block_size", "prefill_chunk", "kv_cache_tokens")
+    @field_validator("max_batch", "max_waiting", "num_replicas", "block_size", "prefill_chunk", "kv_cache_tokens",
+                     "max_tokens")
     @classmethod
     def _positive(cls, value: int | None) -> int | None:
         if value is not None and value < 1:
@@ -228,7 +229,7 @@ class TextGeneratorServer:
         self.generator = TextGenerator(self.args.checkpoint, device=device, dtype=dtype)
         self.generator.model.eval()
         self.model_name = self.args.name
-        self.max_tokens = self.args.max_tokens or self.generator.context
+        self.max_tokens = self.args.max_tokens if self.args.max_tokens is not None else self.generator.context
         self.scheduler = BatchScheduler(
             self.generator.model, self.generator.eos, self.generator.vocab,
             max_batch=self.args.max_batch, max_waiting=self.args.max_waiting,

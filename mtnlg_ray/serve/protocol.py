@@ -1,8 +1,11 @@
 """The OpenAI wire format the server speaks: request schemas, the chat template, error bodies, stop strings.
 
 Only what `/v1/completions` and `/v1/chat/completions` accept for a base GPT: one choice per
-prompt, sampling settings, stop strings, a seed and streaming. Fields OpenAI has and we do not use
-(logprobs, penalties, user, ...) are accepted and ignored, so existing clients work unchanged.
+prompt, sampling settings, stop strings, a seed and streaming. Fields OpenAI has that do not change
+the text (penalties at 0, user, metadata, ...) are accepted and ignored, so existing clients work
+unchanged, and `null` means a field's default, as OpenAI reads it. Fields that ask for something
+this server does not give (logprobs, echo, best_of > 1, suffix) are refused, not ignored: a client
+would otherwise read the wrong text or a missing score as if it were the answer.
 """
 
 from __future__ import annotations
@@ -53,6 +56,32 @@ class _Request(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt = 1
+    # Asked for, never given: refused (see the module docstring).
+    logprobs: StrictBool | StrictInt | None = None
+    top_logprobs: StrictInt | None = None
+    echo: StrictBool | None = None
+    best_of: StrictInt | None = None
+    suffix: StrictStr | None = None
+
+    @field_validator("temperature", "top_p", "top_k", "stream", "n", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, value, info):
+        # OpenAI reads null as "unset": `temperature=None` from a client library arrives so.
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    @model_validator(mode="after")
+    def _nothing_it_cannot_give(self):
+        asked = [name for name, value in (("logprobs", self.logprobs not in (None, False)),
+                                          ("top_logprobs", bool(self.top_logprobs)),
+                                          ("echo", bool(self.echo)),
+                                          ("best_of", self.best_of not in (None, 1)),
+                                          ("suffix", bool(self.suffix))) if value]
+        if asked:
+            raise ValueError(f"{asked[0]} is not supported by this server (a base GPT's completions only); "
+                             "leave it unset")
+        if self.top_p == 0:  # OpenAI's nucleus of nothing: the likeliest token alone
+            self.top_p = 1e-9
+        return self
 
     @field_validator("n")
     @classmethod
@@ -114,8 +143,24 @@ class CompletionRequest(_Request):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: StrictStr
+
+    @field_validator("role", mode="after")
+    @classmethod
+    def _system(cls, role: str) -> str:
+        return "system" if role == "developer" else role
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, content):
+        # Content as a list of parts ([{"type": "text", "text": ...}]): the text parts, joined.
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ValueError("expected text content parts ({\"type\": \"text\", \"text\": ...}) only")
+            return "".join(p["text"] for p in content)
+        return content
 
     @field_validator("content")
     @classmethod
