@@ -59,7 +59,11 @@ def publish_directory(output: Path, write: Callable[[Path], None]) -> Path:
 def _cannot_rename(folder: Path) -> bool:
     """A mount point, or the working directory (renaming it away would leave this process, and the
     user's shell, in a deleted folder)."""
-    return os.path.ismount(folder) or Path(os.path.realpath(os.getcwd())) == folder
+    try:
+        here = Path(os.path.realpath(os.getcwd()))
+    except OSError:  # the working directory itself was deleted
+        here = None
+    return os.path.ismount(folder) or here == folder
 
 
 def _fill_in_place(staging: Path, output: Path) -> None:
