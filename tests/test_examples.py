@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from conftest import SHARED_DATA, shared_data
 from test_finetune import write_word_task
 
 REPORT = Path(__file__).resolve().parents[1] / "examples" / "sst2" / "report.py"
@@ -58,13 +59,13 @@ def test_report_scores_every_checkpoint_beside_tfidf_and_times_each_step(tiny_ch
 
 
 SPLITS = REPORT.parent / "make_splits.py"
-SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
+SST2 = SHARED_DATA / "sst2"
 
 
 def test_make_splits_partitions_the_train_rows_and_refuses_what_is_not_sst2(tmp_path):
     source = tmp_path / "sst2"
     source.mkdir()
-    rows = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines()[:1201]  # header + 1,200 rows
+    rows = (shared_data("sst2") / "train.tsv").read_text(encoding="utf-8").splitlines()[:1201]  # header + 1,200 rows
     (source / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     (source / "dev.tsv").write_text((SST2 / "dev.tsv").read_text(encoding="utf-8"), encoding="utf-8")
 

@@ -42,6 +42,9 @@ from mtnlg_ray.checkpoint import load_classifier, save_classifier
 from mtnlg_ray.model.classifier import GPTClassifier, classification_input
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
 
+if not (SHARED_DATA / "tinyshakespeare.txt").is_file():
+    pytest.skip(f"{SHARED_DATA / 'tinyshakespeare.txt'}: test data not found (set MTNLG_TEST_DATA)",
+                allow_module_level=True)
 SHAKESPEARE = (SHARED_DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
 PARAGRAPHS = [p for p in SHAKESPEARE.split("\n\n") if 150 <= len(p) <= 600]
 LABELS = ["negative", "neutral", "positive"]

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SHARED_DATA, run_cli
+from conftest import run_cli, shared_data
 from mtnlg_ray.config import load_config
 from mtnlg_ray.data.clean import normalize_text
 from mtnlg_ray.data.pack import read_sequences
@@ -281,7 +281,7 @@ def test_line_mode_keeps_one_document_per_line(ray_session, tmp_path):
 
 def test_cli_prepares_tinyshakespeare_with_defaults_and_prints_only_its_own_lines(tmp_path):
     """The classic 1.1 MB single-file corpus: over read.max_chars, so it is cut into pieces at paragraphs."""
-    source = SHARED_DATA / "tinyshakespeare.txt"
+    source = shared_data("tinyshakespeare.txt")
     text = source.read_text(encoding="utf-8")
     assert len(text) > 1_000_000  # over the default read.max_chars
     output = tmp_path / "ds"

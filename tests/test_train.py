@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, run_cli
+from conftest import run_cli, shared_data
 from mtnlg_ray.config import load_config
 from mtnlg_ray.errors import ConfigError
 
@@ -29,7 +29,7 @@ def shakespeare(ray_session, tmp_path_factory) -> Path:
                    "tokenizer.vocab_size=512", "pack.seq_len=64", "pack.val_fraction=0.05"],
         stage="prepare",
     )
-    prepare_dataset([str(SHARED_DATA / "tinyshakespeare.txt")], output, config)
+    prepare_dataset([str(shared_data("tinyshakespeare.txt"))], output, config)
     return output
 
 
@@ -173,11 +173,6 @@ def test_rerunning_the_same_run_resumes_from_its_newest_checkpoint_at_another_wo
     starts = [json.loads(l) for l in (Path(second["run_dir"]) / "metrics.jsonl").read_text().splitlines()
               if '"event": "start"' in l]
     assert starts[-1]["world_size"] == 1 and starts[-1]["resumed_from"] == {"step": 20, "world_size": 2}
-    # Once more: the run is finished and trains nothing, and says so with its own last step (it
-    # returned None, and a second quickstart in one folder failed reading the loss off it).
-    third = pretrain(train_config(shakespeare, tmp_path, "grow", "parallel.workers=1", "train.max_steps=30"))
-    assert third["steps"] == 30 and third["metrics"]["step"] == 30
-    assert third["metrics"]["loss"] == second["metrics"]["loss"]
 
 
 EVERY_4 = ["checkpoint.every_steps=4", "train.eval_every=100"]
@@ -307,6 +302,12 @@ def test_ddp_trains_as_one_worker_does(shakespeare, eight_steps_on_one_worker, t
     start, single = read_start_events(run)[0], read_start_events(eight_steps_on_one_worker)[0]
     assert start["dp"] == 2 and start["local_param_bytes"] == single["local_param_bytes"]  # replicated
     assert_trains_like(run, eight_steps_on_one_worker, steps=8)
+    # The same run again: finished, it trains nothing and says so with its own last step (it returned
+    # None, and a second quickstart in one folder failed reading the loss off it).
+    again = pretrain(train_config(shakespeare, tmp_path, "ddp", "parallel.workers=2", "parallel.fsdp=false",
+                                  "train.max_steps=8", *EVERY_4))
+    last = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
+    assert again["resumed_from"] is not None and again["steps"] == 8 and again["metrics"] == last
 
 
 def test_a_run_stopped_under_pp2_continues_at_pp1_as_one_worker_would(shakespeare, tmp_path):
@@ -818,3 +819,21 @@ def test_each_pipeline_rank_draws_its_own_dropout_masks():
     one_process = torch.stack([torch.nn.Dropout(0.5)(torch.ones(64)) == 0 for _ in range(4)])
     assert torch.equal(masks(0), one_process)  # no pipeline, or its first rank: the seed itself
     assert not torch.equal(masks(0), masks(1)) and not torch.equal(masks(1), masks(2))
+
+
+def test_a_batch_smaller_than_one_micro_batch_a_rank_is_refused_not_rounded_up():
+    # 5 ranks of micro-batch 8 used to train 40 sequences a step for a global batch of 32, and an
+    # elastic run changed its batch upward when it grew; rounding down (3 ranks take 24) stays.
+    from mtnlg_ray.train.schedule import global_batch
+    from mtnlg_ray.train.trainer import check_batch_fits
+
+    for workers in ("5", "[2, 5]"):
+        with pytest.raises(ConfigError, match=r"^train.global_batch_size \(32\) is smaller than one micro-batch on "
+                                              r"each data-parallel rank \(train.micro_batch_size 8 x dp 5 = 40\)"):
+            check_batch_fits(load_config(overrides=[f"parallel.workers={workers}"]))
+    with pytest.raises(ConfigError, match=r"^train.batch_rampup.start \(8\)"):
+        check_batch_fits(load_config(overrides=["parallel.workers=2",
+                                                "train.batch_rampup={start: 8, increment: 8, tokens: 1000}"]))
+    fits = load_config(overrides=["parallel.workers=3"])
+    check_batch_fits(fits)
+    assert global_batch(0, fits.train, 3) == 24

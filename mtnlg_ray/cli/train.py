@@ -81,8 +81,8 @@ def plan(
         None, "--vocab-size", help="Padded vocabulary, as your tokenizer gives it (default: the preset's)."),
     iter_time: Optional[float] = typer.Option(None, "--iter-time", help="Measured seconds per iteration."),
     gpu: str = typer.Option("a100-80gb", "--gpu", help="a100-80gb, h100-80gb or h200-141gb."),
-    schedule: str = typer.Option("1f1b", "--schedule", help="Pipeline schedule: gpipe, 1f1b, interleaved-1f1b, "
-                                 "interleaved-zero-bubble."),
+    schedule: str = typer.Option("1f1b", "--schedule", help="Pipeline schedule: gpipe, 1f1b, interleaved-1f1b "
+                                 "(plans bf16 with FSDP, which interleaved-zero-bubble does not run with)."),
     virtual: int = typer.Option(1, "--virtual", help="Pipeline stages a rank (interleaved schedules: 2 or more)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:

@@ -203,7 +203,27 @@ def check_run_layout(cfg: Config, model_config, task: str) -> None:
         raise ConfigError(f"parallel.pp={par.pp}: fine-tuning (task.kind={task}) does not run under pipeline "
                           "parallelism yet (its task head and dev evaluation run on whole models); set "
                           "parallel.pp=1 and split the model with parallel.tp and FSDP")
+    check_batch_fits(cfg)
     check_pipeline_batches(cfg)
+
+
+def check_batch_fits(cfg: Config) -> None:
+    """Every data-parallel rank takes whole micro-batches, so a step's batch is a multiple of
+    micro_batch_size x dp, rounded down (3 ranks of 8 take 24 of 32). Where even one micro-batch a rank
+    is more than the batch, it used to be rounded up instead (5 ranks trained 40 of 32): refused here,
+    at the largest worker count the run may get, for the full batch and the ramp-up's first."""
+    train = cfg.train
+    dp = planned_dp(cfg)
+    unit = train.micro_batch_size * dp
+    smallest = train.global_batch_size
+    if train.batch_rampup is not None:
+        smallest = min(smallest, train.batch_rampup.start)
+    if unit > smallest:
+        what = ("train.global_batch_size" if smallest == train.global_batch_size
+                else "train.batch_rampup.start")
+        raise ConfigError(f"{what} ({smallest}) is smaller than one micro-batch on each data-parallel rank "
+                          f"(train.micro_batch_size {train.micro_batch_size} x dp {dp} = {unit}); lower "
+                          "train.micro_batch_size or the worker count")
 
 
 def check_pipeline_batches(cfg: Config) -> None:
