@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib import resources
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -498,16 +499,16 @@ _Loader.yaml_implicit_resolvers = {
 }
 for _tag, _pattern, _firsts in (
     ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
-    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+    ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9][0-9_]*|0x[0-9a-fA-F_]+)$", "-+0123456789"),
     ("tag:yaml.org,2002:float",
-     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+     r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
      "-+0123456789."),
 ):
-    _Loader.add_implicit_resolver(_tag, __import__("re").compile(_pattern), list(_firsts))
+    _Loader.add_implicit_resolver(_tag, re.compile(_pattern), list(_firsts))
 
 
 def _decimal_int(loader: yaml.SafeLoader, node) -> int:
-    value = loader.construct_scalar(node)
+    value = loader.construct_scalar(node).replace("_", "")  # 1_000_000 as YAML 1.1 allowed it
     return int(value, 16) if value.lower().startswith("0x") else int(value)  # "010" is ten, not octal 8
 
 
