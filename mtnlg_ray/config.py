@@ -569,13 +569,12 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {override}: expected KEY=VALUE with a dotted key, e.g. train.max_steps=20")
-    if " #" in raw:  # YAML would read the rest as a comment: `run.name=exp #3` is "exp #3", not "exp"
-        value = raw.strip()
-    else:
-        try:
-            value = _yaml(raw) if raw.strip() else None
-        except (yaml.YAMLError, ConfigError):
-            value = raw
+    try:
+        value = _yaml(raw) if raw.strip() else None
+    except (yaml.YAMLError, ConfigError):
+        value = raw
+    if " #" in raw and (value is None or (isinstance(value, str) and "#" not in value)):
+        value = raw.strip()  # YAML read the rest as a comment: `run.name=exp #3` is "exp #3", not "exp"
     parts = key.split(".")
     _seed_mapping_default(data, parts)
     node = data
