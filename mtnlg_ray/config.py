@@ -550,9 +550,7 @@ def _seed_mapping_default(data: dict[str, Any], parts: list[str]) -> None:
         field = model.model_fields.get(part) if model is not None else None
         if field is None or not isinstance(node, dict):
             return
-        annotation = field.annotation
-        section = next((c for c in (annotation, *getattr(annotation, "__args__", ()))
-                        if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        section = _section_type(field)
         if section is None:
             default = field.get_default(call_default_factory=True)
             if node.get(part) is None and isinstance(default, dict):
@@ -607,13 +605,17 @@ def _section_of(loc: tuple) -> type[BaseModel] | None:
     """The model class that holds the key at `loc` (for listing the keys it does accept)."""
     model: type[BaseModel] = Config
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = getattr(field, "annotation", None)
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        model = _section_type(model.model_fields.get(str(part)))
         if model is None:
             return None
     return model
+
+
+def _section_type(field) -> type[BaseModel] | None:
+    """The section class a field holds (itself, or one of a union's members), or None for a value."""
+    annotation = getattr(field, "annotation", None)
+    candidates = [annotation, *getattr(annotation, "__args__", ())]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), stage: str = "pretrain") -> Config:

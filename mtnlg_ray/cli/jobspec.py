@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path, PurePath
 
-from mtnlg_ray.apikey import api_key_digest
+from mtnlg_ray.apikey import BLANK_KEY, api_key_digest, is_blank
 from mtnlg_ray.config import CONFIG_STAGES, absolute_path, absolute_paths, label_overrides
 from mtnlg_ray.errors import ConfigError, MtnlgError, first_line
 from mtnlg_ray.jobs import CONFIG_NAME, JobSpec
@@ -49,8 +49,8 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
         if secret is not None:  # from the command line or this machine's environment alike
             if ctx.params.get(param.name) is not None:
                 key = str(ctx.params[param.name])
-                if not key.strip():  # as `serve` refuses it: an empty key would let an empty bearer token in
-                    raise ConfigError(f"{param.opts[0]}: expected a non-empty key (leave it unset to serve without one)")
+                if is_blank(key):
+                    raise ConfigError(f"{param.opts[0]}: {BLANK_KEY}")
                 env_vars.setdefault(secret, api_key_digest(key))
             continue
         argv += _tokens(param, ctx.params.get(param.name), ctx.get_parameter_source(param.name), cwd)

@@ -23,7 +23,9 @@ _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
 # extraction leaves at every page), NEL and the Unicode line / paragraph separators end a line, a
 # vertical tab is a space (deleted, they glued the words on either side together).
 _LINE_BREAKS = re.compile("[\x0c\x85\u2028\u2029]")
-_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u202f\u205f\u3000]+")
+# The spaces other than space and tab that cleaning makes plain spaces (a regex class's body).
+OTHER_SPACES = "\u00a0\u2000-\u200a\u202f\u205f\u3000"
+_SPACES = re.compile(f"[ \t{OTHER_SPACES}]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
 _ELLIPSIS_END = re.compile(r"(\.\.\.|…)\s*$")
 

@@ -180,12 +180,10 @@ class SequenceWriter:
     def close(self) -> PackedCorpus:
         # A validation split with nothing in it is no split: give it the last train sequence (not with
         # a blend, whose last sequences repeat text that training holds).
-        if (self.cfg.val_fraction > 0 and not self.result.val_indices and not self.split_rows["train"]
-                and self.result.shards["train"] and self._repeats_from is None):
-            self._reopen_last_train_shard()  # the train rows were just written out: take one back
-        if (self.cfg.val_fraction > 0 and not self.result.val_indices and self.split_rows["train"]
-                and self._repeats_from is None):
-            if self.index >= 2:
+        if self.cfg.val_fraction > 0 and not self.result.val_indices and self._repeats_from is None:
+            if not self.split_rows["train"] and self.result.shards["train"]:
+                self._reopen_last_train_shard()  # the train rows were just written out: take one back
+            if self.split_rows["train"] and self.index >= 2:
                 self.split_rows["val"].append(self.split_rows["train"].pop())
                 self.result.val_indices.append(self.index - 1)
         self.result.dropped_tail_tokens = int(len(self.pending))
@@ -193,7 +191,6 @@ class SequenceWriter:
         self._flush("val")
         publish_file(self.output / "index.json", json.dumps(self.result.to_json(), indent=2) + "\n")
         return self.result
-
 
     def _reopen_last_train_shard(self) -> None:
         name = self.result.shards["train"].pop()

@@ -15,6 +15,7 @@ from collections import Counter
 
 import pyarrow as pa
 
+from mtnlg_ray.data.clean import OTHER_SPACES
 from mtnlg_ray.data.columns import with_column
 
 # The local part in any script, as mail servers take it (_john@..., josé@...).
@@ -36,7 +37,7 @@ PHONE = re.compile(
     r")(?!\w)"
 )
 KINDS = ("email", "phone", "ip", "card")
-_ODD_SPACES = re.compile("[\u00a0\u2000-\u200a\u202f\u205f\u3000]")
+_ODD_SPACES = re.compile(f"[{OTHER_SPACES}]")  # what cleaning makes plain spaces, but one by one
 
 
 def luhn_valid(digits: str) -> bool:

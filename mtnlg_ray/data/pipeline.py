@@ -233,6 +233,14 @@ def _count_by(ds, column: str) -> dict[str, int]:
     return counts
 
 
+def _count_empty(ds, column: str) -> int:
+    """Rows whose string `column` is empty (not `_count_by`: a URL column has a value a row)."""
+    total = 0
+    for batch in ds.select_columns([column]).iter_batches(batch_format="pyarrow", batch_size=4096):
+        total += pc.sum(pc.equal(batch.column(column), "")).as_py() or 0
+    return total
+
+
 def _read_stage(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config):
     """One read task per file; records that cannot be used go to the rejected rows."""
     import ray.data
@@ -516,7 +524,7 @@ def _curate(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config
         from mtnlg_ray.data.urls import read_blocklist, url_batch
 
         domains = read_blocklist(config.filter.url_blocklist)
-        no_url = _count_by(docs, "url").get("", 0)
+        no_url = _count_empty(docs, "url")
         if no_url == docs.count():  # a misspelt read.url_field: the filter would check nothing, silently
             raise InputError(f"read.url_field: no document has a {config.read.url_field!r} field (or column) "
                              "holding its URL; filter.url_blocklist would check nothing")

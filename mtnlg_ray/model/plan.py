@@ -256,10 +256,8 @@ def plan_layout(
         "micro_batch": micro_batch,
         "micro_batches": micro_batches,
         "layers_per_stage": max(layers),
-        # The share of an iteration a stage idles: (p - 1) / (m + p - 1) for GPipe and 1F1B, a v-th of
-        # that when each rank runs v interleaved stages.
-        # Interleaving divides the bubble's time by v (Narayanan et al. 2021): (p - 1) / v against
-        # the m micro-batches' work, so (p - 1) / (v m + p - 1) of the iteration.
+        # The share of an iteration a stage idles: (p - 1) / (m + p - 1) for GPipe and 1F1B. Interleaving
+        # divides the bubble's time by v (Narayanan et al. 2021), so (p - 1) / (v m + p - 1).
         "pipeline_bubble": (pp - 1) / (virtual * micro_batches + pp - 1),
         "pipeline_schedule": schedule if pp > 1 else None,
         "pipeline_virtual": virtual,

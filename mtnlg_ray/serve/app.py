@@ -33,7 +33,7 @@ from mtnlg_ray.serve.protocol import (
     render_chat,
     validation_error,
 )
-from mtnlg_ray.apikey import api_key_digest
+from mtnlg_ray.apikey import BLANK_KEY, api_key_digest, is_blank
 from mtnlg_ray.serve.scheduler import BatchScheduler, Overloaded, TokenStream
 
 logger = logging.getLogger(__name__)
@@ -97,8 +97,8 @@ class ServeArgs(BaseModel):
     @field_validator("api_key")
     @classmethod
     def _key(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():  # an empty key would let an empty bearer token in
-            raise ValueError("expected a non-empty key (leave it unset to serve without one)")
+        if value is not None and is_blank(value):
+            raise ValueError(BLANK_KEY)
         return value
 
     @field_validator("api_key_sha256")
@@ -640,6 +640,11 @@ def serve_model(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, name
 
     check_servable(args)
     ensure_ray()
+    return _deploy(args, host, port, name)
+
+
+def _deploy(args: ServeArgs, host: str, port: int, name: str) -> str:
+    """`serve_model` on a checked checkpoint, with Ray connected."""
     check_can_serve(host, port)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
@@ -664,7 +669,7 @@ def serve_until_stopped(args: ServeArgs, host: str = "127.0.0.1", port: int = 80
         ensure_ray()
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
-        url = serve_model(args, host=host, port=port, name=name)
+        url = _deploy(args, host, port, name)
         if on_ready is not None:
             on_ready(url)
         while True:
