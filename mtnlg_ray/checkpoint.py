@@ -156,6 +156,7 @@ def load_checkpoint(
     expected = expected_shapes(config)
     model_keys = {k: v for k, v in state.items() if k in expected}
     check_tensor_shapes(model_keys, expected, weights)
+    check_tensor_dtypes({k: str(v.dtype).removeprefix("torch.") for k, v in model_keys.items()}, weights)
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(model_keys, assign=True)
@@ -189,6 +190,35 @@ def stored_shapes(path: str | Path) -> tuple[Path, dict[str, tuple[int, ...]]]:
         raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({exc})") from None
 
 
+# safetensors' dtype codes of the floating-point dtypes a model's weights may be stored in
+FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def stored_dtypes(weights: Path) -> dict[str, str]:
+    """Each tensor's dtype (torch's name, or safetensors' code for one that is no float) from the header."""
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            codes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({exc})") from None
+    others = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+    return {key: FLOAT_DTYPES.get(code) or others.get(code, code) for key, code in codes.items()}
+
+
+def check_tensor_dtypes(dtypes: dict[str, str], where: Path) -> None:
+    """The model's tensors are floats of one dtype: an integer tensor, or one odd dtype among them, loaded
+    without a word and failed later in a matmul's traceback (generate, serve, a training worker)."""
+    if not dtypes:
+        return
+    common = max(sorted(set(dtypes.values())), key=list(dtypes.values()).count)
+    for name in sorted(dtypes):
+        if dtypes[name] not in FLOAT_DTYPES.values():
+            raise CheckpointError(f"{where}: tensor '{name}' has dtype {dtypes[name]}, expected a floating-point one")
+        if dtypes[name] != common:
+            raise CheckpointError(f"{where}: tensor '{name}' has dtype {dtypes[name]}, the model's other tensors "
+                                  f"{common}; store every weight in one dtype")
+
+
 def check_checkpoint(path: str | Path, classifier: bool = False) -> dict:
     """What loading the checkpoint would refuse, found from config.json and the safetensors header
     alone (no tensor is read): the driver calls it before Ray workers or actors load the weights,
@@ -208,6 +238,8 @@ def check_checkpoint(path: str | Path, classifier: bool = False) -> dict:
         expected = {**expected, f"{HEAD}weight": (n, config.d_model), f"{HEAD}bias": (n,)}
     stored = {key: torch.empty(shape, device="meta") for key, shape in shapes.items() if key in expected}
     check_tensor_shapes(stored, expected, weights)  # other tensors are ignored, as loading ignores them
+    backbone = expected_shapes(config)  # a classifier's head is cast to the backbone's dtype on loading
+    check_tensor_dtypes({k: v for k, v in stored_dtypes(weights).items() if k in backbone}, weights)
     return body
 
 

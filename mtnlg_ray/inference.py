@@ -64,6 +64,13 @@ class TextGenerator:
         return self.model.config.seq_len
 
     def encode(self, prompt: str) -> list[int]:
+        # A command-line argument with bytes that are not UTF-8 arrives with them as lone surrogates,
+        # which the tokenizer refuses with a TypeError.
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(f"prompt: expected valid UTF-8 text, got an undecodable byte or lone surrogate "
+                             f"at character {exc.start}") from None
         ids = self.tokenizer.encode(prompt).ids
         if not ids:
             raise InputError("prompt: expected some text, got an empty prompt")

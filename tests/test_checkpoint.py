@@ -61,6 +61,28 @@ def test_config_that_does_not_match_the_weights(saved):
         load_checkpoint(path)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int64])
+def test_a_tensor_of_another_dtype_is_one_clear_error(saved, dtype):
+    """One bf16 LayerNorm among fp32 weights (or an integer tensor) used to load without a word and fail
+    in generate's first matmul with a traceback; the header check, run before workers load, refused nothing."""
+    from safetensors.torch import save_file
+
+    from mtnlg_ray.checkpoint import check_checkpoint
+
+    model, path = saved
+    weights = path / "model.safetensors"
+    state = load_file(str(weights))
+    state["blocks.0.ln1.weight"] = state["blocks.0.ln1.weight"].to(dtype)
+    save_file(state, str(weights))
+    name = str(dtype).removeprefix("torch.")
+    for read in (load_checkpoint, check_checkpoint):
+        with pytest.raises(CheckpointError, match=f"^{weights}: tensor 'blocks.0.ln1.weight' has dtype {name}, "):
+            read(path)
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(weights))  # one dtype throughout is fine
+    check_checkpoint(path)
+    assert load_checkpoint(path)[0].ln_f.weight.dtype == torch.bfloat16
+
+
 def test_missing_pieces(tmp_path, saved):
     _, path = saved
     with pytest.raises(CheckpointError, match="checkpoint not found"):
@@ -117,6 +139,28 @@ def test_resume_passes_over_a_checkpoint_copied_only_in_part(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_10"
     (tmp_path / "checkpoint_10" / "rng-rank1.json").unlink()  # nor one rank's RNG state
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_resume_passes_over_a_checkpoint_whose_files_were_copied_only_in_part(tmp_path):
+    """Ray copies each file into the run directory in place: a failure mid-copy leaves a shard, a
+    rank's RNG state or the model shape there but cut short, which used to be taken as complete and
+    failed every restart (a worker's traceback) instead of resuming from the checkpoint before it."""
+    from mtnlg_ray.train.checkpoint import MODEL_FILE, latest_checkpoint
+
+    def cut_short(path):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size - 1])
+
+    for step in (10, 20):
+        (tmp_path / f"checkpoint_{step}").mkdir()
+        _sharded_checkpoint(tmp_path / f"checkpoint_{step}", step, world=2)
+        (tmp_path / f"checkpoint_{step}" / MODEL_FILE).write_text(json.dumps({"n_layer": 4}))
+    newest = tmp_path / "checkpoint_20"
+    for cut in (next(newest.glob("*.distcp")), newest / "rng-rank1.json", newest / MODEL_FILE):
+        intact = cut.read_bytes()
+        assert latest_checkpoint(tmp_path) == newest
+        cut_short(cut)
+        assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint_10", cut.name
+        cut.write_bytes(intact)
 
 
 class _Planted:

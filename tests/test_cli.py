@@ -99,6 +99,12 @@ def test_prompt_too_long_is_one_line(tiny_checkpoint):
     assert_one_line_error(result, "prompt:", "context of 128 tokens")
 
 
+def test_prompt_with_bytes_that_are_not_utf8_is_one_line(tiny_checkpoint):
+    # subprocess passes the surrogate-escaped "\udcff" as the raw byte 0xFF, as a shell's $'\xff' does.
+    result = run_cli("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ab\udcffc", "--max-tokens", "2")
+    assert_one_line_error(result, "prompt:", "UTF-8")
+
+
 def test_unknown_config_key_is_one_line():
     result = run_cli("config", "show", "--set", "train.warmup=5")
     assert_one_line_error(result, "unknown key 'train.warmup'")

@@ -196,6 +196,36 @@ def test_bad_fine_tuning_input_is_one_line_and_exit_2(tiny_checkpoint, word_file
                                        "--set", "task.mode=lora"), "task.mode=lora works with parallel.tp=1", "got parallel.tp=2")
 
 
+def test_one_label_in_task_labels_blames_task_labels_not_the_training_file(tiny_checkpoint, word_files):
+    """The training file has both labels: the message used to name it and say to list them in task.labels."""
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.errors import ConfigError
+    from mtnlg_ray.finetune.trainer import prepare_finetune
+
+    cfg = load_config(overrides=[f"init.checkpoint={tiny_checkpoint}", f"data.train={word_files / 'train.tsv'}",
+                                 "data.text_field=sentence", "task.labels=[pos]"], stage="finetune")
+    with pytest.raises(ConfigError, match=r"^task.labels: only one label \('pos'\); classification needs at least two$"):
+        prepare_finetune(cfg)
+
+
+def test_the_default_sft_schedule_decays_over_the_tokens_the_run_trains(tiny_checkpoint, tmp_path):
+    """SFT's default decay was counted from prompt + completion encoded as one text, not as the task
+    encodes a pair (an empty prompt stands as an EOS): on short completions without a prompt the run
+    trained 5 % more tokens than it decayed over."""
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.tasks import SFTTask
+    from mtnlg_ray.finetune.trainer import prepare_finetune
+
+    train = tmp_path / "sft.jsonl"
+    train.write_text("".join(json.dumps({"prompt": "", "completion": f"def f{i}(x): return x + {i}"}) + "\n"
+                             for i in range(50)), encoding="utf-8")
+    cfg = load_config(overrides=[f"init.checkpoint={tiny_checkpoint}", f"data.train={train}", "task.kind=sft",
+                                 "train.epochs=2"], stage="finetune")
+    cfg, model_config, _, tokenizer_file = prepare_finetune(cfg)
+    task = SFTTask(cfg, tokenizer_file, model_config)
+    assert cfg.train.decay_tokens == 2 * task.tokens(np.arange(len(task)))
+
+
 def test_a_checkpoint_of_another_vocabulary_is_one_line(tiny_checkpoint, word_files, tmp_path):
     from mtnlg_ray.tokenizer import train_tokenizer
 
@@ -236,6 +266,26 @@ def test_readers_name_the_file_and_line(tmp_path):
     sft.write_text('{"prompt": "q", "completion": ""}\n')
     with pytest.raises(InputError, match="sft.jsonl:1: field 'completion' is empty"):
         read_sft(sft)
+
+
+def test_a_damaged_gzip_is_one_line_and_a_byte_order_mark_is_no_part_of_the_header(tmp_path):
+    """A .jsonl.gz whose deflate data is damaged raised zlib.error (a traceback, exit 1); a spreadsheet's
+    "CSV UTF-8" (a leading byte-order mark) was refused for lacking the column its header names."""
+    from mtnlg_ray.finetune.data import read_classification
+
+    damaged = tmp_path / "damaged.jsonl.gz"
+    damaged.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\xff" * 32)  # a good header, no deflate block
+    with pytest.raises(InputError, match=r"damaged.jsonl.gz: unreadable \(.*invalid block type"):
+        read_classification(damaged, "text", "label")
+
+    bom_csv = tmp_path / "excel.csv"
+    bom_csv.write_bytes("\ufeffsentence,label\ngood film,pos\nbad film,neg\n".encode("utf-8"))
+    rows = read_classification(bom_csv, "sentence", "label").rows
+    assert [(r.text, r.label, r.where) for r in rows] == [("good film", "pos", f"{bom_csv}:2"),
+                                                          ("bad film", "neg", f"{bom_csv}:3")]
+    bom_jsonl = tmp_path / "rows.jsonl"
+    bom_jsonl.write_bytes('\ufeff{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n'.encode("utf-8"))
+    assert read_classification(bom_jsonl, "text", "label").labels == ["x", "y"]
 
 
 def test_a_row_with_more_fields_than_its_header_is_refused_not_read_as_a_new_label(tmp_path):

@@ -590,3 +590,37 @@ def test_the_quality_classifier_trains_on_documents_as_prepare_reads_them(tmp_pa
                                        tmp_path / "qm", epochs=1)
     prepared = list(iter_texts([str(tmp_path / "book.txt")], max_chars=1_000_000, piece_chars=100_000))
     assert metrics["positive"] == len(prepared) > 1
+
+
+def test_a_checkpoint_the_labelling_actors_would_refuse_is_one_line_on_the_driver(tiny_checkpoint, tmp_path):
+    """`check` (run before the actor pool starts) used to look only for tokenizer.json: a broken one, one
+    with more tokens than the model's embeddings, or a mixture whose member has other labels got past it
+    and killed every actor, a Ray traceback and exit code 1 instead of one line and 2."""
+    from mtnlg_ray.data.label import write_classifier_mix
+    from mtnlg_ray.finetune.ngram import fit_ngram_classifier
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid tokenizer.json"):
+        PerplexityLabeler.check(broken)
+
+    bigger = tmp_path / "bigger"
+    shutil.copytree(tiny_checkpoint, bigger)
+    tok = load_tokenizer(bigger)
+    vocab = load_checkpoint(tiny_checkpoint)[0].config.vocab_size
+    tok.add_tokens([f"<extra{i}>" for i in range(vocab + 1 - tok.get_vocab_size())])
+    tok.save(str(bigger / "tokenizer.json"))
+    with pytest.raises(CheckpointError, match=f"tokenizer has {vocab + 1} tokens but the model only {vocab}"):
+        PerplexityLabeler.check(bigger)
+    with pytest.raises(CheckpointError, match="tokenizer has"):
+        PerplexityLabeler(bigger)  # the actor refuses it with the same line
+
+    texts = ["good great fine", "bad awful poor", "great good", "awful bad"]
+    fit_ngram_classifier(texts, ["pos", "neg", "pos", "neg"], ["neg", "pos"], epochs=1).save(tmp_path / "a")
+    fit_ngram_classifier(texts, ["yes", "no", "yes", "no"], ["no", "yes"], epochs=1).save(tmp_path / "b")
+    assert ClassifierLabeler.check(write_classifier_mix([tmp_path / "a"], ["neg", "pos"], tmp_path / "ok")) == [
+        "neg", "pos"]
+    mix = write_classifier_mix([tmp_path / "a", tmp_path / "b"], ["neg", "pos"], tmp_path / "mix")
+    with pytest.raises(CheckpointError, match=r"member .*b classifies \['no', 'yes'\], the mixture \['neg', 'pos'\]"):
+        ClassifierLabeler.check(mix)

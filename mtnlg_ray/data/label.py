@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from mtnlg_ray.checkpoint import (
+    CONFIG,
     check_checkpoint,
+    classification_task,
     load_checkpoint,
     load_classifier,
     tokenizer_path,
@@ -35,6 +37,7 @@ from mtnlg_ray.data.read import rejected_schema
 from mtnlg_ray.errors import CheckpointError, ConfigError
 from mtnlg_ray.finetune.ngram import NgramClassifier, is_ngram_classifier
 from mtnlg_ray.model.classifier import classification_input, pad_right
+from mtnlg_ray.model.gpt import GPTConfig
 from mtnlg_ray.publish import publish_file
 from mtnlg_ray.runtime import default_device
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
@@ -49,6 +52,22 @@ def _set_threads(threads: int | None) -> None:
     """CPU threads for this actor's forward passes (label.threads); Ray gives a 1-CPU actor one."""
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def _checkpoint_tokenizer(checkpoint: str | Path, vocab_size: int):
+    """The checkpoint's tokenizer, refused in one line when it does not load or has more tokens than
+    the model has embeddings (its ids would index past them)."""
+    tokenizer = load_tokenizer(tokenizer_path(checkpoint))
+    if tokenizer.get_vocab_size() > vocab_size:
+        raise CheckpointError(f"{checkpoint}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model only "
+                              f"{vocab_size} embeddings")
+    return tokenizer
+
+
+def _check_tokenizer(checkpoint: str | Path, body: dict) -> None:
+    """`_checkpoint_tokenizer` against the model that config.json `body` describes, without its weights:
+    an actor that failed it would die behind Ray's traceback instead."""
+    _checkpoint_tokenizer(checkpoint, GPTConfig.from_dict(body["model"]).vocab_size)
 
 
 def _length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -106,12 +125,7 @@ class PerplexityLabeler:
         _set_threads(threads)
         self.device = default_device(device)
         self.model, _ = load_checkpoint(checkpoint, device=self.device)
-        self.tokenizer = load_tokenizer(tokenizer_path(checkpoint))
-        if self.tokenizer.get_vocab_size() > self.model.config.vocab_size:
-            raise CheckpointError(
-                f"{checkpoint}: tokenizer has {self.tokenizer.get_vocab_size()} tokens but the model only "
-                f"{self.model.config.vocab_size} embeddings"
-            )
+        self.tokenizer = _checkpoint_tokenizer(checkpoint, self.model.config.vocab_size)
         self.eos = eos_id(self.tokenizer)
         self.context = self.model.config.seq_len
         self.stride = stride or self.context
@@ -122,8 +136,7 @@ class PerplexityLabeler:
 
     @staticmethod
     def check(checkpoint: str | Path) -> None:
-        check_checkpoint(checkpoint)
-        tokenizer_path(checkpoint)
+        _check_tokenizer(checkpoint, check_checkpoint(checkpoint))
 
     @torch.inference_mode()
     def perplexities(self, texts: list[str]) -> list[float | None]:
@@ -181,9 +194,7 @@ class ClassifierLabeler:
             members, self.labels = read_classifier_mix(checkpoint)
             self.members = [ClassifierLabeler(m, text_field, device, max_batch_tokens, threads) for m in members]
             for member, path in zip(self.members, members):
-                if member.labels != self.labels:
-                    raise CheckpointError(f"{checkpoint}: member {path} classifies {member.labels}, "
-                                          f"the mixture {self.labels}")
+                _check_member_labels(checkpoint, path, member.labels, self.labels)
             return
         self.ngram = NgramClassifier.load(checkpoint) if is_ngram_classifier(checkpoint) else None
         if self.ngram is not None:
@@ -192,26 +203,23 @@ class ClassifierLabeler:
         _set_threads(threads)
         self.device = default_device(device)
         self.model, self.labels = load_classifier(checkpoint, device=self.device)
-        self.tokenizer = load_tokenizer(tokenizer_path(checkpoint))
-        if self.tokenizer.get_vocab_size() > self.model.backbone.config.vocab_size:
-            raise CheckpointError(
-                f"{checkpoint}: tokenizer has {self.tokenizer.get_vocab_size()} tokens but the model only "
-                f"{self.model.backbone.config.vocab_size} embeddings"
-            )
+        self.tokenizer = _checkpoint_tokenizer(checkpoint, self.model.backbone.config.vocab_size)
         self.eos = eos_id(self.tokenizer)
         self.max_batch_tokens = max_batch_tokens
 
     @staticmethod
-    def check(checkpoint: str | Path) -> None:
+    def check(checkpoint: str | Path) -> list[str]:
+        """What the actors' `__init__` would refuse, found on the driver; returns the labels it classifies."""
         if is_classifier_mix(checkpoint):
-            for member in read_classifier_mix(checkpoint)[0]:
-                ClassifierLabeler.check(member)
-            return
+            members, labels = read_classifier_mix(checkpoint)
+            for member in members:
+                _check_member_labels(checkpoint, member, ClassifierLabeler.check(member), labels)
+            return labels
         if is_ngram_classifier(checkpoint):
-            NgramClassifier.load(checkpoint)
-            return
-        check_checkpoint(checkpoint, classifier=True)
-        tokenizer_path(checkpoint)
+            return NgramClassifier.load(checkpoint).labels
+        body = check_checkpoint(checkpoint, classifier=True)
+        _check_tokenizer(checkpoint, body)
+        return classification_task(body, Path(checkpoint) / CONFIG)["labels"]
 
     @torch.inference_mode()
     def probabilities(self, texts: list[str]) -> np.ndarray:
@@ -244,6 +252,13 @@ class ClassifierLabeler:
 
 MIX = "mix.json"
 MIX_FORMAT = "mtnlg-ray/classifier-mix/v1"
+
+
+def _check_member_labels(mix: str | Path, member: str | Path, found: list[str], labels: list[str]) -> None:
+    # Probabilities are averaged column by column: a member with other labels (or another order) would
+    # mix one class's probability into another's.
+    if found != labels:
+        raise CheckpointError(f"{mix}: member {member} classifies {found}, the mixture {labels}")
 
 
 def is_classifier_mix(path: str | Path) -> bool:

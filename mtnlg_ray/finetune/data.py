@@ -11,6 +11,7 @@ import csv
 import gzip
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -70,7 +71,9 @@ def _delimited(path: Path, columns, optional, delimiter: str):
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     inside = "a tab inside a field" if delimiter == "\t" else "an unquoted comma inside a field? quote it"
     try:
-        with path.open(encoding="utf-8", newline="") as fh:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would otherwise
+        # stick to the first column's name and make the header seem to lack it.
+        with path.open(encoding="utf-8-sig", newline="") as fh:
             reader = csv.DictReader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
             try:
                 header = reader.fieldnames or []
@@ -95,7 +98,7 @@ def _delimited(path: Path, columns, optional, delimiter: str):
 def _jsonl(path: Path, columns, optional):
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
+        with opener(path, "rt", encoding="utf-8-sig") as fh:  # a leading byte-order mark is no JSON
             for number, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
@@ -110,7 +113,8 @@ def _jsonl(path: Path, columns, optional):
                 if missing:
                     raise InputError(f"{where}: missing field {missing[0]!r}")
                 yield where, {c: record[c] for c in [*columns, *optional] if c in record}
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as err:
+    # zlib.error: a .gz whose compressed data is damaged (a cut or a flipped byte), not just its header
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error) as err:
         raise InputError(f"{path}: unreadable ({err})") from None
 
 

@@ -148,6 +148,16 @@ class ClassificationTask:
         return save_classifier(model, self.labels, output, tokenizer_json, extra=extra)
 
 
+def sft_input(tokenizer, pair, eos: int, seq_len: int) -> tuple[list[int], int]:
+    """One SFT pair's tokens and the index of its first completion token (see `SFTTask._encode`);
+    the default schedule counts a run's tokens with it too."""
+    prompt = tokenizer.encode(pair.prompt, add_special_tokens=False).ids or [eos]
+    completion = [*tokenizer.encode(pair.completion, add_special_tokens=False).ids, eos]
+    completion = completion[:seq_len]
+    prompt = prompt[max(0, len(prompt) - (seq_len + 1 - len(completion))) :]
+    return [*prompt, *completion], len(prompt)
+
+
 class SFTTask:
     """Prompt/completion pairs; the loss covers the completion (and its closing EOS) only."""
 
@@ -173,11 +183,7 @@ class SFTTask:
         An empty prompt is an EOS, as a document starts after one in pretraining: the completion's
         first token is then trained (predicted from the EOS, as greedy scoring predicts it), where it
         used to be an input only."""
-        prompt = tokenizer.encode(pair.prompt, add_special_tokens=False).ids or [self.eos]
-        completion = [*tokenizer.encode(pair.completion, add_special_tokens=False).ids, self.eos]
-        completion = completion[: self.seq_len]
-        prompt = prompt[max(0, len(prompt) - (self.seq_len + 1 - len(completion))) :]
-        return [*prompt, *completion], len(prompt)
+        return sft_input(tokenizer, pair, self.eos, self.seq_len)
 
     def __len__(self) -> int:
         return len(self.train)

@@ -247,20 +247,29 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def is_complete(directory: Path) -> bool:
-    """Every file the checkpoint's DCP metadata names is there, and every rank's RNG state: a copy
-    into the run directory cut short by a failure is passed over for the one before it."""
+    """Every file the checkpoint's DCP metadata names is there in full, and every rank's RNG state
+    (and the model shape) reads: a copy into the run directory cut short by a failure is passed over
+    for the one before it. Ray copies each file in place, so one cut short mid-copy is there but short."""
     try:
         metadata = SafeReader(str(directory)).read_metadata()
         world = json.loads((directory / STATE_FILE).read_text())["world_size"]
+        # Each shard file must reach the end of the last item the metadata places in it.
+        sizes: dict[str, int] = {}
+        for info in (metadata.storage_data or {}).values():
+            sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+        if any((directory / name).stat().st_size < size for name, size in sizes.items()):
+            return False
+        for rank in range(world):
+            json.loads((directory / f"rng-rank{rank}.json").read_text())
+        if (directory / MODEL_FILE).exists():  # absent from checkpoints written before it was
+            json.loads((directory / MODEL_FILE).read_text())
     except ForeignPickle as refused:  # not a copy cut short: passing it over would start the run afresh
         raise CheckpointError(f"{directory / '.metadata'}: refused to load ({refused}); move the folder out "
                               "of the run directory if it is not this run's checkpoint") from None
     except (OSError, ValueError, KeyError, EOFError, RuntimeError, pickle.UnpicklingError, AttributeError,
-            IndexError, TypeError):  # what a file cut short raises
+            IndexError, TypeError):  # what a file cut short (or missing) raises
         return False
-    files = {info.relative_path for info in (metadata.storage_data or {}).values()}
-    files |= {f"rng-rank{rank}.json" for rank in range(world)}
-    return all((directory / name).is_file() for name in files)
+    return True
 
 
 class CheckpointManager:
