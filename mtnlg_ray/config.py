@@ -117,7 +117,9 @@ class DataSection(Section):
 
 class TokenizerSection(Section):
     path: OptionalPath = None
-    vocab_size: int = Field(8192, ge=258)  # 256 bytes, <|endoftext|> and one merge (tokenizer.MIN_VOCAB_SIZE)
+    # At least 256 bytes, <|endoftext|> and one merge; at most what the trainer can reserve room for
+    # (tokenizer.MIN_VOCAB_SIZE, MAX_VOCAB_SIZE).
+    vocab_size: int = Field(8192, ge=258, le=2**20)
 
 
 class PackSection(Section):

@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from mtnlg_ray.errors import InputError
+
 
 def publish_directory(output: Path, write: Callable[[Path], None]) -> Path:
     """Fill a temporary sibling of `output` with `write(staging)`, sync it, then rename it to `output`.
@@ -79,20 +81,32 @@ def _fill_in_place(staging: Path, output: Path) -> None:
         os.replace(entry, output / entry.name)
 
 
-def publish_file(path: Path, text: str) -> Path:
-    """Write `text` to a hidden sibling of `path`, sync it, and rename it to `path` (replacing it)."""
+def publish_file(path: Path, text: str | bytes) -> Path:
+    """Write `text` (UTF-8, or bytes as they are) to a hidden sibling of `path`, sync it, and rename it
+    to `path` (replacing it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            fh.write(text)
+        with tmp.open("wb") as fh:
+            fh.write(text.encode("utf-8") if isinstance(text, str) else text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def check_can_make_folder(output: Path) -> None:
+    """Refuse, before any work is done, an `output` (folder or file) whose folder cannot be made
+    because a path above it is a file: `mkdir` would fail with a traceback, and only once the output
+    is written."""
+    for above in Path(output).absolute().parents:
+        if above.exists():
+            if not above.is_dir():
+                raise InputError(f"{output}: {above} is a file, not a folder")
+            return
 
 
 def copy_directory(source: Path, output: Path) -> Path:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from mtnlg_ray.config import load_config, set_text
-from mtnlg_ray.publish import publish_file
+from mtnlg_ray.errors import InputError
+from mtnlg_ray.publish import check_can_make_folder, publish_file
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,13 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
     from mtnlg_ray.runtime import ensure_ray
     from mtnlg_ray.serve.app import check_can_serve
 
+    work = Path(workdir).expanduser().resolve()
+    if work.exists() and not work.is_dir():
+        raise InputError(f"{workdir}: --workdir exists and is not a folder")
+    check_can_make_folder(work)  # before Ray starts
     ensure_ray()
     check_can_serve("127.0.0.1", port)  # before minutes of work, not at the last step
     sizes = SMOKE if smoke else FULL
-    work = Path(workdir).expanduser().resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result: dict = {"workdir": str(work), "smoke": smoke}

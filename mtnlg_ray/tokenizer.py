@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from mtnlg_ray.data.read import iter_texts
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
-from mtnlg_ray.publish import publish_file
+from mtnlg_ray.publish import check_can_make_folder, publish_file
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,10 @@ EOS = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 # 256 byte tokens, EOS, and at least one merge: anything less is not BPE.
 MIN_VOCAB_SIZE = 258
+# The trainer reserves room for every token asked for before it reads any text (about 70 bytes a
+# token): 10^9 tokens aborted the whole process in Rust, and a size past 2^64 was an OverflowError.
+# No GPT vocabulary comes near 2^20 (GPT-2 has 50,257 tokens; the largest in use about 256K).
+MAX_VOCAB_SIZE = 2**20
 
 
 def train_tokenizer(
@@ -47,9 +51,12 @@ def train_tokenizer(
             f"tokenizer.vocab_size: {vocab_size} is too small, expected at least "
             f"{MIN_VOCAB_SIZE} (256 bytes, {EOS} and one merge)"
         )
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise ConfigError(f"tokenizer.vocab_size: {vocab_size} is too large, expected at most {MAX_VOCAB_SIZE:,}")
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: output must be a folder, not a file")
+    check_can_make_folder(output)
     texts = _CountedTexts(iter_texts(inputs))
 
     tok = Tokenizer(models.BPE())

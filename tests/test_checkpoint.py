@@ -278,3 +278,27 @@ def test_the_header_check_reads_a_classifier_as_loading_it_would(saved, tmp_path
         load_classifier(path)
     with pytest.raises(CheckpointError, match=r"tensor 'head.weight' has shape \[3, 128\], config expects \[2, 128\]"):
         check_checkpoint(path, classifier=True)
+
+
+def test_a_resumed_run_trains_with_its_own_betas_eps_and_weight_decay(tmp_path):
+    """The optimizer state in a checkpoint holds its param groups' settings too: a re-run with
+    --set train.weight_decay=0.01 (or another beta2) resumed with the checkpoint's 0.1 and 0.95, without
+    a word. The moments and step counts are the checkpoint's; the settings are this run's."""
+    from mtnlg_ray.train.checkpoint import TrainerState, load_sharded, save_sharded
+    from mtnlg_ray.train.parallel import param_groups
+
+    torch.manual_seed(0)
+    config = PRESETS["tiny"]
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    model(torch.zeros(1, 8, dtype=torch.long)).float().sum().backward()
+    optimizer.step()
+    save_sharded(tmp_path / "ckpt", [model], [optimizer], TrainerState(step=1), config, 0)
+
+    again = GPT(config)
+    resumed = torch.optim.AdamW(param_groups(again, 0.01), lr=1e-3, betas=(0.8, 0.99), eps=1e-6)
+    load_sharded(tmp_path / "ckpt", [again], [resumed], 0)
+    assert [(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in resumed.param_groups] == [
+        (0.01, (0.8, 0.99), 1e-6), (0.0, (0.8, 0.99), 1e-6)]
+    moments = [resumed.state[p]["exp_avg"] for p in again.parameters()]
+    assert all(torch.equal(m, optimizer.state[p]["exp_avg"]) for m, p in zip(moments, model.parameters()))

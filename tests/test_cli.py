@@ -128,6 +128,17 @@ def test_config_show_prints_the_decay_pretrain_will_use(tmp_path):
     assert decay("train.max_steps=null") == 340_000_000_000  # an unbounded run keeps MT-NLG's decay
 
 
+def test_config_show_warns_of_a_config_file_whose_warm_up_the_decay_never_gets_past(tmp_path):
+    """The README's check of a --config file before a run: one that leaves train.warmup_tokens out gets
+    MT-NLG's 1B tokens, and `config show` printed its 200-step decay without the warning the run gives."""
+    path = tmp_path / "short.yaml"
+    path.write_text("train:\n  max_steps: 200\n")
+    result = run_cli("config", "show", "--stage", "pretrain", "--config", str(path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "warning: train.warmup_tokens (1,000,000,000) is not below train.decay_tokens (819,200" in result.stderr
+    assert "warning" not in run_cli("config", "show", "--stage", "pretrain").stderr  # the shipped file: fine
+
+
 def test_config_show_prints_the_schedule_finetune_derives_from_its_data(tiny_checkpoint, tmp_path):
     """Unset, fine-tuning warms up over 5% of its run's tokens and decays over all of them: 10 epochs of
     each text's tokens plus its closing EOS. `config show --stage finetune` prints those numbers."""

@@ -172,6 +172,20 @@ def test_quality_training_needs_text_on_both_sides(tmp_path):
         QualityModel.load(tmp_path)
 
 
+def test_quality_training_refuses_an_output_below_a_file_before_training(tmp_path, monkeypatch):
+    import mtnlg_ray.data.quality as quality
+
+    positive = write_jsonl(tmp_path / "good.jsonl", PARAGRAPHS[:5])
+    monkeypatch.setattr(quality, "fit_logistic", lambda *a, **k: pytest.fail("trained first"))
+    # Was a FileExistsError traceback from mkdir, once the training was done.
+    with pytest.raises(InputError, match=r"good\.jsonl is a file, not a folder"):
+        train_quality_classifier([positive], [positive], tmp_path / "good.jsonl" / "model")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not a quality model"):
+        train_quality_classifier([positive], [positive], tmp_path / "mine")
+
+
 # ---------------------------------------------------------------- perplexity labeller
 
 

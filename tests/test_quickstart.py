@@ -78,3 +78,17 @@ def test_quickstart_smoke_runs_every_stage_and_says_where_everything_is(tmp_path
     assert "✓ read" in result.stderr and "✓ tokenize + pack" in result.stderr
     noise = [line for line in result.stderr.splitlines() if "logging_progress" in line or "streaming_executor" in line]
     assert not noise, noise[:3]
+
+
+def test_a_workdir_that_is_a_file_is_one_line_before_ray_starts(tmp_path, monkeypatch):
+    import mtnlg_ray.runtime
+    from mtnlg_ray.errors import InputError
+    from mtnlg_ray.quickstart import quickstart
+
+    monkeypatch.setattr(mtnlg_ray.runtime, "ensure_ray", lambda *a, **k: pytest.fail("Ray started first"))
+    (tmp_path / "notes.txt").write_text("not a folder")
+    # Was a FileExistsError traceback from mkdir, after Ray had started.
+    with pytest.raises(InputError, match="exists and is not a folder"):
+        quickstart(tmp_path / "notes.txt", smoke=True)
+    with pytest.raises(InputError, match="notes.txt is a file, not a folder"):
+        quickstart(tmp_path / "notes.txt" / "qs", smoke=True)

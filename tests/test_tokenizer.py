@@ -275,6 +275,22 @@ def test_train_rejects_tiny_vocab_and_empty_input(tmp_path):
     assert not (tmp_path / "out" / "tokenizer.json").exists()
 
 
+def test_train_refuses_a_huge_vocab_and_an_output_below_a_file_up_front(tmp_path):
+    from mtnlg_ray.config import load_config
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat", encoding="utf-8")
+    # The trainer reserves room for every token asked for: 10^9 aborted the process, 2^70 overflowed.
+    for size in (2**70, 10**9):  # 2^70 first: on a build without the bound, 10^9 kills pytest
+        with pytest.raises(ConfigError, match=f"vocab_size: {size} is too large"):
+            train_tokenizer([str(corpus)], size, tmp_path / "out", show_progress=False)
+    with pytest.raises(ConfigError, match="tokenizer.vocab_size"):
+        load_config(overrides=["tokenizer.vocab_size=1000000000"], stage="prepare")
+    # An --output below a file was a NotADirectoryError traceback, after the training.
+    with pytest.raises(InputError, match=r"corpus\.txt is a file, not a folder"):
+        train_tokenizer([str(corpus)], 300, corpus / "tok", show_progress=False)
+
+
 def test_corrupt_or_missing_tokenizer_raises_checkpoint_error(tmp_path, tokenizer_dir):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()

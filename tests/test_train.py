@@ -837,3 +837,25 @@ def test_a_batch_smaller_than_one_micro_batch_a_rank_is_refused_not_rounded_up()
     fits = load_config(overrides=["parallel.workers=3"])
     check_batch_fits(fits)
     assert global_batch(0, fits.train, 3) == 24
+
+
+def test_plot_writes_the_file_it_names_in_the_format_its_suffix_names(tmp_path):
+    from mtnlg_ray.errors import InputError
+    from mtnlg_ray.train.plot import plot_losses
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"event": "start"}] + [{"step": s, "loss": 5.0 - s / 10, "tokens": 100 * s} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    # No suffix: matplotlib used to append ".png", so "wrote curve" named a file that was not there.
+    assert plot_losses(run, tmp_path / "curve") == tmp_path / "curve"
+    assert (tmp_path / "curve").read_bytes().startswith(b"\x89PNG")
+    assert not (tmp_path / "curve.png").exists()
+    assert plot_losses(run, tmp_path / "curve.svg").read_text(encoding="utf-8").lstrip().startswith("<?xml")
+    # A folder, a format matplotlib cannot draw, a folder above that is a file: one line, not a traceback.
+    for output, message in ((run, "is a folder"), (tmp_path / "loss.txt", "cannot draw a .txt file"),
+                            (run / "metrics.jsonl" / "loss.png", "metrics.jsonl is a file, not a folder")):
+        with pytest.raises(InputError, match=message):
+            plot_losses(run, output)
+    assert not (tmp_path / "run.png").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]

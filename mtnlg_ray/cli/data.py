@@ -99,7 +99,7 @@ def config_show(
     resolved = load_config(config, overrides, stage=stage)
     if stage == "pretrain":
         # The layout a cluster would run, checked as the trainer will before any worker starts.
-        from mtnlg_ray.train.trainer import check_run_layout, decay_over_the_run
+        from mtnlg_ray.train.trainer import check_run_layout, decay_over_the_run, warn_about_the_schedule
 
         model = resolved.model.resolve()
         check_run_layout(resolved, model, "lm")
@@ -108,6 +108,8 @@ def config_show(
         # (pretrain reports a broken one), else the model's context.
         seq_len, sequences = _packed(resolved.data.path)
         resolved = decay_over_the_run(resolved, seq_len or model.seq_len, sequences)
+        # The README's check of a --config file: its warm-up past the decay is said here, not first in the run.
+        warn_about_the_schedule(resolved)
     elif stage == "finetune" and resolved.data.train:
         # Warm-up and decay as finetune derives them from data.train's tokens, after the checks it
         # makes before a worker starts (the files, their labels, the start checkpoint and tokenizer).
@@ -145,7 +147,7 @@ def tokenizer_train(
         metavar="INPUT...",
         help="Files, folders or globs of .txt / .jsonl(.gz) / .parquet, or builtin:python-docs.",
     ),
-    vocab_size: int = typer.Option(8192, "--vocab-size", help="Number of tokens, <|endoftext|> included."),
+    vocab_size: int = typer.Option(8192, "--vocab-size", help="Number of tokens, <|endoftext|> included (258 to 1,048,576)."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write tokenizer.json into."),
 ) -> None:
     """Train a GPT-2-style byte-level BPE tokenizer; any UTF-8 text round-trips exactly.

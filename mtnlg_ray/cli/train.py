@@ -178,7 +178,7 @@ def pretrain(
 @app.command("plot")
 def plot(
     run_dir: Path = typer.Argument(..., help="A run directory (<run.storage_path>/<run.name>) holding metrics.jsonl."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="PNG to write (default: RUN_DIR/loss.png)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Image to write, in the format its suffix names (.png, .svg, .pdf; none: PNG) (default: RUN_DIR/loss.png)."),
 ) -> None:
     """Plot training and validation loss of a run to loss.png."""
     from mtnlg_ray.train.plot import plot_losses

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 from mtnlg_ray.data.columns import texts, with_column
 from mtnlg_ray.data.read import iter_texts
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
-from mtnlg_ray.publish import publish_directory
+from mtnlg_ray.publish import check_can_make_folder, publish_directory
 
 FORMAT = "mtnlg-ray/quality/v1"
 WEIGHTS = "weights.safetensors"
@@ -277,6 +277,7 @@ def train_quality_classifier(
 
     if epochs < 1:
         raise ConfigError(f"epochs: expected a positive integer, got {epochs}")
+    _check_output(Path(output))  # before the training, not after it
     defaults = ReadSection()
     sides = {}
     for name, inputs in (("positive", positive), ("negative", negative)):
@@ -321,13 +322,18 @@ def train_quality_classifier(
     return dict(model.metrics)
 
 
-def _write_atomically(output: Path, tensors: dict[str, np.ndarray], meta: dict) -> Path:
-    output.parent.mkdir(parents=True, exist_ok=True)
+def _check_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise InputError(f"{output}: exists and is not a folder")
+    check_can_make_folder(output)
     if output.is_dir() and any(output.iterdir()) and not (output / META).is_file():
         # Replacing the folder wholesale would delete whatever else the user keeps there.
         raise InputError(f"{output}: folder exists and is not a quality model; choose a new --output")
+
+
+def _write_atomically(output: Path, tensors: dict[str, np.ndarray], meta: dict) -> Path:
+    _check_output(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
 
     def write(staging: Path) -> None:
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": FORMAT})

@@ -219,10 +219,18 @@ def load_sharded(directory: Path, parts: list, optimizers: list, rank: int) -> T
     """Load shards into the (already parallelised) model parts and optimizers, resharding if the layout changed."""
     bundle, owners = _bundle(parts, optimizers)
     dcp.load(bundle, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner())
+    # The optimizer's state dict also holds its param groups' settings (betas, eps, weight decay) as
+    # the checkpoint's run had them: loaded as they are, a re-run's train.beta2 or train.weight_decay
+    # was silently ignored, though its train.lr and grad_clip apply. The moments come from the
+    # checkpoint; the settings stay this run's.
+    settings = [[{k: v for k, v in group.items() if k != "params"} for group in o.param_groups] for o in optimizers]
     for part, optimizer, (model_keys, optim_keys) in zip(parts, optimizers, owners):
         set_state_dict(part, optimizers=optimizer, options=_FLAT,
                        model_state_dict={k: bundle["model"][k] for k in model_keys},
                        optim_state_dict={k: bundle["optim"][k] for k in optim_keys})
+    for optimizer, own in zip(optimizers, settings):
+        for group, chosen in zip(optimizer.param_groups, own):
+            group.update(chosen)
     rng_file = directory / f"rng-rank{rank}.json"
     if rng_file.is_file():
         rng = json.loads(rng_file.read_text())
