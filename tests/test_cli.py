@@ -251,3 +251,16 @@ def test_the_examples_in_every_commands_help_name_options_and_config_keys_that_e
             " ".join(words), " ".join(words))
         if sets:
             load_config(overrides=sets, stage=CONFIG_STAGES[stage])
+
+
+def test_progress_lines_stay_whole_off_a_terminal(capsys, monkeypatch):
+    """A Ray Job's log is no terminal: rich wrapped each pretraining step at 80 columns, before its grad norm."""
+    from mtnlg_ray.cli.render import pretrain_printer
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    _, show = pretrain_printer()
+    show({"step": 4200, "loss": 3.7012, "val_loss": 3.7456, "lr": 3.0e-4, "global_batch": 32, "tokens_per_s": 1503.0,
+          "mfu": 0.716, "grad_norm": 0.37})
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "step   4200  loss 3.7012  val 3.7456  lr 3.00e-04  batch 32  1,503 tok/s  MFU 71.6%  |g| 0.37"]

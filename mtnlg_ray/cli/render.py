@@ -10,10 +10,16 @@ from rich.table import Table
 from mtnlg_ray.model.plan import GB
 
 
-def stage_printer():
+def progress_console():
+    """The console progress lines go to: stderr, each line whole. Off a terminal (a Ray Job's log, a
+    pipe) rich wraps at 80 columns, which split a pretraining step's line before its grad norm."""
     from rich.console import Console
 
-    console = Console(stderr=True)
+    return Console(stderr=True, soft_wrap=True)
+
+
+def stage_printer():
+    console = progress_console()
 
     def show(report) -> None:
         extra = f"  [dim]{report.note}[/dim]" if report.note else ""
@@ -62,10 +68,30 @@ def dev_line(dev: dict | None, metric: str) -> str:
     return f"dev loss {dev['loss']:.4f}  exact {dev['exact_match']:.4f}"
 
 
-def finetune_printer():
-    from rich.console import Console
+def pretrain_printer():
+    console = progress_console()
 
-    console = Console(stderr=True)
+    def show(record: dict) -> None:
+        if record.get("event") == "start":
+            resumed = record.get("resumed_from")
+            extra = f", resumed at step {resumed['step']} (written at world size {resumed['world_size']})" if resumed else ""
+            pp = f" × pp {record['pp']}" if record.get("pp", 1) > 1 else ""
+            console.print(f"[bold]world size {record['world_size']}[/bold] (dp {record['dp']} × tp {record['tp']}{pp}){extra}")
+        elif record.get("event") == "checkpoint":
+            console.print(f"[dim]checkpoint at step {record['step']}[/dim]")
+        elif "loss" in record:
+            val = f"  val {record['val_loss']:.4f}" if record.get("val_loss") is not None else ""
+            console.print(
+                f"step {record['step']:>6}  loss {record['loss']:.4f}{val}  lr {record['lr']:.2e}  "
+                f"batch {record['global_batch']}  {record['tokens_per_s']:,.0f} tok/s  "
+                f"MFU {100 * record['mfu']:.1f}%  |g| {record['grad_norm']:.2f}"
+            )
+
+    return console, show
+
+
+def finetune_printer():
+    console = progress_console()
 
     def show(record: dict) -> None:
         if record.get("event") == "start":

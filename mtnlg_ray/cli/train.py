@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 
 from mtnlg_ray.cli.app import app, export_app, import_app
-from mtnlg_ray.cli.render import dev_line, finetune_printer, stage_printer
+from mtnlg_ray.cli.render import dev_line, finetune_printer, pretrain_printer, progress_console, stage_printer
 
 
 @app.command("init")
@@ -146,29 +146,11 @@ def pretrain(
 
     Example: mtnlg-ray pretrain --set data.path=work/data --set train.max_steps=200 --set parallel.workers=2
     """
-    from rich.console import Console
-
     from mtnlg_ray.config import load_config
     from mtnlg_ray.train.trainer import pretrain as run
 
     cfg = load_config(config, overrides, stage="pretrain")
-    console = Console(stderr=True)
-
-    def show(record: dict) -> None:
-        if record.get("event") == "start":
-            resumed = record.get("resumed_from")
-            extra = f", resumed at step {resumed['step']} (written at world size {resumed['world_size']})" if resumed else ""
-            pp = f" × pp {record['pp']}" if record.get("pp", 1) > 1 else ""
-            console.print(f"[bold]world size {record['world_size']}[/bold] (dp {record['dp']} × tp {record['tp']}{pp}){extra}")
-        elif record.get("event") == "checkpoint":
-            console.print(f"[dim]checkpoint at step {record['step']}[/dim]")
-        elif "loss" in record:
-            val = f"  val {record['val_loss']:.4f}" if record.get("val_loss") is not None else ""
-            console.print(
-                f"step {record['step']:>6}  loss {record['loss']:.4f}{val}  lr {record['lr']:.2e}  "
-                f"batch {record['global_batch']}  {record['tokens_per_s']:,.0f} tok/s  "
-                f"MFU {100 * record['mfu']:.1f}%  |g| {record['grad_norm']:.2f}"
-            )
+    console, show = pretrain_printer()
 
     result = run(cfg, on_record=show)
     console.print(f"final weights: {result['final']}  (metrics in {result['run_dir']}/metrics.jsonl)")
@@ -331,11 +313,9 @@ def quickstart(
     task built from the corpus, serves the pretrained model and answers one request, then prints
     where each artifact is and how to query a server.
     """
-    from rich.console import Console
-
     from mtnlg_ray.quickstart import quickstart as run
 
-    console = Console(stderr=True)
+    console = progress_console()
 
     def on_step(name: str, detail: str) -> None:
         console.rule(f"[bold]{name}[/bold]")
