@@ -31,15 +31,16 @@ class Sizes:
     task_examples: int
     finetune_epochs: int
     quality_docs: int
+    runs: str  # the runs' folder under the workdir, one a size: a run resumes its own, never the other's
 
 
 # 500 steps (2M tokens, ~6 epochs of the ~350k-token curated corpus) take about 5 minutes on 2
 # cores and keep the whole run under 10. At 400 steps the loss was 5.05 (val 5.24); the 85 steps of
 # one epoch that earlier quickstarts ran ended at 6.09, and the model answered with newlines only.
 FULL = Sizes(documents=None, vocab=4096, seq_len=128, pretrain_steps=500, task_examples=600, finetune_epochs=3,
-             quality_docs=600)
+             quality_docs=600, runs="runs")
 SMOKE = Sizes(documents=150, vocab=512, seq_len=64, pretrain_steps=8, task_examples=96, finetune_epochs=1,
-              quality_docs=120)
+              quality_docs=120, runs="smoke-runs")
 
 
 def _paragraphs(texts, min_words: int = 12, max_words: int = 80) -> list[str]:
@@ -133,6 +134,8 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
     ensure_ray()
     check_can_serve("127.0.0.1", port)  # before minutes of work, not at the last step
     sizes = SMOKE if smoke else FULL
+    runs = work / sizes.runs  # `--smoke` then a full run in one workdir: the full pretrain used to resume
+    # the smoke model's checkpoint and stop on its shape, after minutes of work
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result: dict = {"workdir": str(work), "smoke": smoke}
@@ -162,7 +165,7 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
 
     step("pretrain", f"{sizes.pretrain_steps} steps of the tiny GPT on 2 Ray Train workers (FSDP)")
     pretrain_cfg = load_config(overrides=[
-        set_text("data.path", work / "data"), set_text("run.storage_path", work / "runs"), "run.name=pretrain",
+        set_text("data.path", work / "data"), set_text("run.storage_path", runs), "run.name=pretrain",
         f"model.seq_len={sizes.seq_len}", f"train.max_steps={sizes.pretrain_steps}", "parallel.workers=2",
         "train.epochs=1000",  # max_steps ends the run, not the end of the (small) corpus
         "train.micro_batch_size=8", "train.global_batch_size=32", "train.warmup_tokens=50000",
@@ -178,7 +181,7 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
     finetune_cfg = load_config(overrides=[
         set_text("init.checkpoint", trained["run_dir"]), set_text("data.train", train_file),
         set_text("data.dev", dev_file),
-        f"train.epochs={sizes.finetune_epochs}", "train.lr=1e-3", set_text("run.storage_path", work / "runs"),
+        f"train.epochs={sizes.finetune_epochs}", "train.lr=1e-3", set_text("run.storage_path", runs),
         "run.name=finetune",
     ], stage="finetune")
     tuned = finetune(finetune_cfg, on_record=on_record)

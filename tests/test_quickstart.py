@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import run_cli
-from mtnlg_ray.quickstart import PROMPT, SMOKE
+from mtnlg_ray.quickstart import FULL, PROMPT, SMOKE
 
 
 def free_port() -> int:
@@ -33,10 +33,10 @@ def test_quickstart_smoke_runs_every_stage_and_says_where_everything_is(tmp_path
     assert min(docs.column("quality").to_pylist()) >= 0.5  # label.threshold=0.5 dropped the rest
 
     # pretraining ran on 2 workers, every step it was given, and wrote a consolidated checkpoint
-    events = [json.loads(line) for line in (work / "runs" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (work / SMOKE.runs / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     assert events[0]["world_size"] == 2
     assert events[-1]["event"] == "done" and events[-1]["step"] == SMOKE.pretrain_steps
-    assert (work / "runs" / "pretrain" / "final" / "model.safetensors").is_file()
+    assert (work / SMOKE.runs / "pretrain" / "final" / "model.safetensors").is_file()
     # no peak configured: the worker timed its matmul peak at start-up and again a few steps in, kept
     # the higher reading, and every step's MFU after that is against it
     from mtnlg_ray.train.loop import PEAK_REMEASURE_STEP
@@ -53,14 +53,14 @@ def test_quickstart_smoke_runs_every_stage_and_says_where_everything_is(tmp_path
         for e in later)
 
     # the fine-tuned classifier knows its two labels and scored its dev set
-    config = json.loads((work / "runs" / "finetune" / "final" / "config.json").read_text())
+    config = json.loads((work / SMOKE.runs / "finetune" / "final" / "config.json").read_text())
     assert sorted(config["task"]["labels"]) == ["library", "reference"]
     # and its final/ is the checkpoint that scored it: `evaluate` on the dev file gives the same accuracy
     # (to one example: training scores in other batches, and a tiny classifier has near-ties)
     from mtnlg_ray.finetune.evaluate import evaluate_classification
 
     dev = work / "task" / "dev.jsonl"
-    scored = evaluate_classification(work / "runs" / "finetune" / "final", dev)
+    scored = evaluate_classification(work / SMOKE.runs / "finetune" / "final", dev)
     rows = len(dev.read_text().splitlines())
     assert scored["accuracy"] == pytest.approx(summary["finetune"]["dev_accuracy"], abs=1 / rows + 1e-9)
 
@@ -92,3 +92,9 @@ def test_a_workdir_that_is_a_file_is_one_line_before_ray_starts(tmp_path, monkey
         quickstart(tmp_path / "notes.txt", smoke=True)
     with pytest.raises(InputError, match="notes.txt is a file, not a folder"):
         quickstart(tmp_path / "notes.txt" / "qs", smoke=True)
+
+
+def test_the_smoke_and_the_full_quickstart_keep_their_runs_apart():
+    """`--smoke` first, then the full run in the same workdir: the full pretrain used to resume the smoke
+    model's checkpoint (another vocabulary and context) and stop on its shape after minutes of work."""
+    assert SMOKE.runs != FULL.runs and (SMOKE.vocab, SMOKE.seq_len) != (FULL.vocab, FULL.seq_len)
