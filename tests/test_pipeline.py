@@ -189,6 +189,8 @@ def test_missing_input_and_unwritable_output_fail_up_front(ray_session, planted,
     with pytest.raises(InputError, match="holds no manifest.json"):
         prepare_dataset([str(planted["corpus"])], occupied, config)
     assert (occupied / "keep.txt").read_text() == "mine"
+    with pytest.raises(InputError, match=r"keep.txt is a file, not a folder$"):  # was NotADirectoryError's traceback
+        prepare_dataset([str(planted["corpus"])], occupied / "keep.txt" / "data", config)
     # evaluation records whose text is under another field would make decontamination a silent no-op
     evals = tmp_path / "qa.jsonl"
     evals.write_text(json.dumps({"question": "Which river runs through the old town of the capital city?"}) + "\n")

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from mtnlg_ray.config import Config
 from mtnlg_ray.data.read import (REJECTED_COLUMNS, document_id, iter_records, iter_texts, resolve_sources)
 from mtnlg_ray.errors import InputError
-from mtnlg_ray.publish import publish_file
+from mtnlg_ray.publish import check_can_make_folder, publish_file
 
 FORMAT = "mtnlg-ray/dataset/v1"
 _SEQ_BITS = 32  # seq = file index << 32 | record index: the corpus order, kept through every stage
@@ -208,6 +208,7 @@ def _prepare_output(output: Path) -> None:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
+        check_can_make_folder(output)  # a file above it: mkdir's NotADirectoryError was a traceback
         output.mkdir(parents=True, exist_ok=True)
         probe = output / ".write-test"
         probe.write_text("")
