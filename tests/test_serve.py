@@ -1,7 +1,8 @@
 """Ray Serve generator: continuous batching against `generate`, and the OpenAI API over real HTTP.
 
-One Serve instance for the module (started on the session's Ray, shut down at the end) holds two
-apps: the main one, and a "tight" one with an API key, one batch row and one queue place.
+One Serve instance for the module (started on the session's Ray, shut down at the end) holds three
+apps: the main one, a "tight" one with an API key, one batch row and one queue place, and a "named"
+one whose model name has a slash in it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ def server(ray_session, long_checkpoint):
         serve.run(build_app({"checkpoint": str(long_checkpoint), "model_name": "tiny", "num_cpus": 0,
                              "api_key": API_KEY, "max_batch": 1, "max_waiting": 1, "kv_cache_tokens": 512}),
                   name="tight", route_prefix="/tight", blocking=False)
+        serve.run(build_app({"checkpoint": str(long_checkpoint), "model_name": "org/tiny", "num_cpus": 0,
+                             "max_batch": 1, "max_waiting": 1, "kv_cache_tokens": 512}),
+                  name="named", route_prefix="/named", blocking=False)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -178,6 +182,17 @@ def test_batch_wide_sampling_keeps_to_top_k_and_top_p_and_draws_in_proportion():
         k = len(allowed)
         assert counts[k:].sum() == 0
         assert torch.allclose(counts[:k], allowed.double(), atol=0.03), (row, counts, allowed)
+
+
+def test_a_top_p_below_float32s_least_still_keeps_the_best_token():
+    # OpenAI's top_p 0 becomes 1e-9 (greedy); a smaller one, 0 in float32, dropped every token and
+    # the draw fell on token 0, <|endoftext|> for this tokenizer: an empty answer, finish_reason "stop".
+    from mtnlg_ray.model.generate import sample_next
+
+    logits = torch.tensor([[-5.0, 1.0, 3.0, 2.0]]).repeat(4, 1)
+    for top_p in (1e-9, 1e-46, 1e-300):
+        draws = sample_next(logits, [SamplingParams(top_p=top_p)] * 4, [0, 1, 2, 3], [0, 0, 0, 0])
+        assert draws.tolist() == [2, 2, 2, 2], top_p
 
 
 def test_prefix_cache_shares_blocks_and_evicts_least_recently_used(one_thread):
@@ -638,13 +653,19 @@ def test_openai_clients_nulls_and_newer_forms_are_read_and_what_it_cannot_give_i
     system = client.chat.completions.create(model="tiny", max_tokens=4, temperature=0, messages=[
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
     assert developer.choices[0].message.content == system.choices[0].message.content
-    for field, value in (("logprobs", 3), ("echo", True), ("best_of", 2), ("suffix", "x")):
+    # penalties, a logit bias, tools and a JSON response format were accepted and ignored: text the client
+    # read as penalised, biased or JSON was none of those
+    for field, value in (("logprobs", 3), ("echo", True), ("best_of", 2), ("suffix", "x"), ("presence_penalty", 1.5),
+                         ("frequency_penalty", -0.5), ("logit_bias", {"50256": -100}),
+                         ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                         ("response_format", {"type": "json_object"})):
         refused = requests.post(f"{server}/v1/completions", timeout=60,
                                 json={"prompt": "def ", "max_tokens": 4, field: value})
         assert refused.status_code == 422, refused.text
         assert f"{field} is not supported by this server" in refused.json()["error"]["message"]
     assert requests.post(f"{server}/v1/completions", timeout=60, json={
-        "prompt": "def ", "max_tokens": 4, "logprobs": None, "echo": False, "best_of": 1}).status_code == 200
+        "prompt": "def ", "max_tokens": 4, "logprobs": None, "echo": False, "best_of": 1, "presence_penalty": 0,
+        "frequency_penalty": 0.0, "logit_bias": {}, "tools": [], "response_format": {"type": "text"}}).status_code == 200
 
 
 def test_200_malformed_requests_get_4xx_and_the_server_still_answers(server, client):
@@ -672,6 +693,17 @@ def test_200_malformed_requests_get_4xx_and_the_server_still_answers(server, cli
     assert requests.get(f"{server}/v1/nowhere", timeout=30).json()["error"]["code"] == "not_found"
     assert _health(server)["status"] == "ok"
     assert client.completions.create(model="tiny", prompt="def ", max_tokens=4, temperature=0).choices[0].text
+
+
+def test_a_model_name_with_a_slash_is_listed_retrieved_and_answers(server):
+    # OpenAI clients put the name into the URL as it is: GET /v1/models/org/tiny used to be a 404.
+    named = openai.OpenAI(base_url=f"{server}/named/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in named.models.list().data] == ["org/tiny"]
+    assert named.models.retrieve("org/tiny").id == "org/tiny"
+    with pytest.raises(openai.NotFoundError) as missing:
+        named.models.retrieve("org/other")
+    assert missing.value.code == "model_not_found"
+    assert named.completions.create(model="org/tiny", prompt="def ", max_tokens=3, temperature=0).choices[0].text
 
 
 def test_api_key_is_required_when_set(server):

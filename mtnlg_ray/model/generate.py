@@ -116,6 +116,7 @@ def sample_next(
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the best token).
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p[:, None]
+        drop[:, 0] = False  # a top_p under float32's least (1e-50, say) is 0 here and would drop every token
         probs = torch.zeros_like(probs).scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
     cdf = probs.double().cumsum(dim=-1)
     u = uniform_draws(torch.tensor([s % 2**63 for s in seeds], dtype=torch.int64, device=device),

@@ -258,7 +258,9 @@ class TextGeneratorServer:
 
         return await self._handle("models", request, run)
 
-    @api.get("/v1/models/{model}")
+    # `path`: a model name may hold slashes (`--model-name org/model`, as Hugging Face names do), and
+    # OpenAI clients put it in the URL as it is.
+    @api.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request) -> Response:
         async def run() -> Response:
             self._check_model(model)

@@ -4,8 +4,9 @@ Only what `/v1/completions` and `/v1/chat/completions` accept for a base GPT: on
 prompt, sampling settings, stop strings, a seed and streaming. Fields OpenAI has that do not change
 the text (penalties at 0, user, metadata, ...) are accepted and ignored, so existing clients work
 unchanged, and `null` means a field's default, as OpenAI reads it. Fields that ask for something
-this server does not give (logprobs, echo, best_of > 1, suffix) are refused, not ignored: a client
-would otherwise read the wrong text or a missing score as if it were the answer.
+this server does not give (logprobs, echo, best_of > 1, suffix, penalties other than 0, a logit bias,
+tools, a response format other than text) are refused, not ignored: a client would otherwise read the
+wrong text or a missing score as if it were the answer.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ class _Request(BaseModel):
     echo: StrictBool | None = None
     best_of: StrictInt | None = None
     suffix: StrictStr | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    logit_bias: dict | None = None
+    tools: list | None = None
+    response_format: dict | None = None
 
     @field_validator("temperature", "top_p", "top_k", "stream", "n", mode="before")
     @classmethod
@@ -75,7 +81,13 @@ class _Request(BaseModel):
                                           ("top_logprobs", bool(self.top_logprobs)),
                                           ("echo", bool(self.echo)),
                                           ("best_of", self.best_of not in (None, 1)),
-                                          ("suffix", bool(self.suffix))) if value]
+                                          ("suffix", bool(self.suffix)),
+                                          ("presence_penalty", bool(self.presence_penalty)),
+                                          ("frequency_penalty", bool(self.frequency_penalty)),
+                                          ("logit_bias", bool(self.logit_bias)),
+                                          ("tools", bool(self.tools)),
+                                          ("response_format", (self.response_format or {}).get("type", "text")
+                                           != "text")) if value]
         if asked:
             raise ValueError(f"{asked[0]} is not supported by this server (a base GPT's completions only); "
                              "leave it unset")
