@@ -102,6 +102,32 @@ def test_make_splits_partitions_the_train_rows_and_refuses_what_is_not_sst2(tmp_
     refused("dev.tsv: missing (the SST-2 folder must hold train.tsv and dev.tsv)")
 
 
+def test_make_splits_refuses_a_count_under_one_and_an_out_that_is_a_file_in_one_line(tmp_path):
+    source = tmp_path / "sst2"
+    source.mkdir()
+    rows = (shared_data("sst2") / "train.tsv").read_text(encoding="utf-8").splitlines()[:101]
+    (source / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (source / "dev.tsv").write_text("\n".join(rows[:11]) + "\n", encoding="utf-8")
+    (tmp_path / "a_file").write_text("")
+
+    def split(out: Path, labelled: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(SPLITS), "--sst2", str(source), "--out", str(out),
+                               "--labelled", labelled], capture_output=True, text=True, timeout=120)
+
+    # --labelled -5 wrote 95 "labelled" rows and a pool of 5, and said "-5 labelled, 105 in the pool"
+    for labelled in ("-5", "0"):
+        result = split(tmp_path / "out", labelled)
+        assert result.returncode == 2 and result.stderr.splitlines() == [
+            f"error: --labelled {labelled}: expected 1 or more"], result.stderr
+    assert not (tmp_path / "out").exists()
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "below"):  # were mkdir's tracebacks
+        result = split(out, "10")
+        lines = result.stderr.splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"error: {out}: cannot make the output folder")
+    assert split(tmp_path / "out", "10").returncode == 0
+
+
 def test_imdb_text_writes_only_imdb_reviews_in_sst2_spelling_and_drops_dev_overlaps(tmp_path):
     import csv
 

@@ -766,6 +766,27 @@ def test_ngram_classifier_learns_and_reloads_to_the_same_probabilities(tmp_path)
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
 
 
+def test_a_given_teacher_may_be_an_ngram_classifier_or_a_mixture(tmp_path):
+    """`selftrain.teacher` is any classifier the labeller reads: an earlier run's round0/ngram or a
+    roundN/teacher mixture was refused for lacking config.json, though labelling and evaluate read it."""
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.data.label import write_classifier_mix
+    from mtnlg_ray.errors import ConfigError
+    from mtnlg_ray.finetune.data import read_classification
+    from mtnlg_ray.finetune.ngram import fit_ngram_classifier
+    from mtnlg_ray.finetune.selftrain import _check_teacher
+
+    write_word_task(tmp_path / "train.tsv", 40, seed=0)
+    train = read_classification(tmp_path / "train.tsv", "sentence", "label")
+    ngram = fit_ngram_classifier(train.texts, train.labels, ["neg", "pos"]).save(tmp_path / "ngram")
+    mix = write_classifier_mix([ngram], ["neg", "pos"], tmp_path / "mix")
+    for teacher in (ngram, mix):
+        cfg = load_config(overrides=[f"selftrain.teacher={teacher}"], stage="selftrain")
+        _check_teacher(cfg, ["neg", "pos"])
+        with pytest.raises(ConfigError, match=r"classifies \['neg', 'pos'\], the task has \['0', '1'\]"):
+            _check_teacher(cfg, ["0", "1"])  # another task's labels are still refused
+
+
 @pytest.fixture(scope="module")
 def ngram_self_trained(tmp_path_factory, tokenizer_dir):
     """`mtnlg-ray self-train` with `selftrain.ngram_teacher`: round 0 is the n-gram classifier, not a GPT."""

@@ -67,15 +67,20 @@ def main() -> None:
     args = parser.parse_args()
 
     try:
+        if args.labelled < 1:  # -k sliced from the end: all but k rows "labelled", k in the pool
+            raise BadInput(f"--labelled {args.labelled}: expected 1 or more")
         train = read_sst2(args.sst2 / "train.tsv")
         read_sst2(args.sst2 / "dev.tsv")
         if len(train) <= args.labelled:
             raise BadInput(f"{args.sst2 / 'train.tsv'}: {len(train)} rows, expected more than --labelled "
                            f"{args.labelled} (the rest are the unlabelled pool)")
+        try:  # an --out that is a file, or below one, was mkdir's traceback
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise BadInput(f"{args.out}: cannot make the output folder ({err.strerror})") from None
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    args.out.mkdir(parents=True, exist_ok=True)
     with (args.out / "pretrain.jsonl").open("w", encoding="utf-8") as fh:
         for row in train:
             fh.write(json.dumps({"text": row["sentence"]}) + "\n")

@@ -230,12 +230,14 @@ def _student_config(cfg: Config, number: int, train: Path) -> Config:
 
 def _check_teacher(cfg: Config, labels: list[str]) -> None:
     """`selftrain.teacher` must be a classifier of exactly the task's labels, in the same order."""
-    from mtnlg_ray.checkpoint import classification_task, read_checkpoint_config
+    from mtnlg_ray.data.label import ClassifierLabeler
 
     teacher = Path(cfg.selftrain.teacher)
-    task = classification_task(read_checkpoint_config(teacher), teacher / "config.json")
-    if task["labels"] != labels:
-        raise ConfigError(f"selftrain.teacher: {teacher} classifies {task['labels']}, the task has {labels}")
+    # Any classifier the labeller reads: a fine-tuned GPT, an n-gram classifier or a mixture folder (an
+    # earlier run's round0/ngram or roundN/teacher); reading config.json alone refused the last two.
+    found = ClassifierLabeler.check(teacher)
+    if found != labels:
+        raise ConfigError(f"selftrain.teacher: {teacher} classifies {found}, the task has {labels}")
 
 
 def _given_teacher(cfg: Config, labels: list[str]) -> dict:
