@@ -17,6 +17,29 @@ PROSE = (
 )
 
 
+def test_tokenize_batch_encodes_a_block_in_bounded_chunks(monkeypatch):
+    # Ray Data passes whole blocks (up to 200,000 documents after dedup); encoding them in one
+    # encode_batch call held every document's Encoding and id list in one worker at once.
+    from types import SimpleNamespace
+
+    from mtnlg_ray.data import pack
+
+    calls = []
+
+    class Recording:
+        def encode_batch(self, texts):
+            calls.append(len(texts))
+            return [SimpleNamespace(ids=[len(t), 7]) for t in texts]
+
+    monkeypatch.setattr(pack, "_tokenizer", lambda path: Recording())
+    texts = [f"doc {i}" * (i % 5 + 1) for i in range(2000)]
+    out = pack.tokenize_batch(pa.table({"text": texts}), "unused")
+    assert out.column("tokens").to_pylist() == [[len(t), 7] for t in texts]
+    assert out.column("text").to_pylist() == texts
+    assert sum(calls) == 2000 and max(calls) <= 512
+    assert pack.tokenize_batch(pa.table({"text": pa.array([], pa.string())}), "unused").num_rows == 0
+
+
 def test_normalize_text():
     raw = "Cafe\u0301\x00 \t  bar\u200b  \r\n\r\n\r\n\r\nnext   line  "
     assert normalize_text(raw) == "Café bar\n\nnext line"

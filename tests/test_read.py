@@ -172,3 +172,25 @@ def test_parquet_text_columns_of_every_string_type_are_read(tmp_path, kind):
     records = [(r.text, r.reason) for r in iter_records(str(tmp_path / "t.parquet"))]
     expected = [(t, "") for t in texts] if kind != "binary" else [(t, "") for t in texts[:2]] + [(None, "bad_utf8")]
     assert records == expected
+
+
+def test_a_parquet_file_is_decoded_a_bounded_batch_at_a_time(tmp_path, monkeypatch):
+    # docs/ files hold tens of thousands of rows in one row group; the tokenizer trains on them in the
+    # driver, which decoded a whole file's texts at once (pyarrow's default batch is 65,536 rows).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mtnlg_ray.data import read
+
+    texts = [f"document number {i}" for i in range(3000)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "docs.parquet", row_group_size=3000)
+    decoded = []
+    strings = read._strings
+
+    def counting(column):
+        decoded.append(len(column))
+        return strings(column)
+
+    monkeypatch.setattr(read, "_strings", counting)
+    assert [r.text for r in iter_records(str(tmp_path / "docs.parquet"))] == texts
+    assert sum(decoded) == 3000 and max(decoded) <= 1024

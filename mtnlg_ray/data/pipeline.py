@@ -619,9 +619,10 @@ def _pack(docs, output: Path, tokenizer_file: Path, config: Config) -> dict:
         blended = docs.map_batches(
             blend_batch, fn_kwargs={"weights": config.read.weights, "seed": config.pack.seed}, batch_format="pyarrow"
         ).sort("seq")
+    # The writer reads the ids (and a blend's seq): the text stays in the tasks, not shipped to the driver.
     tokenized = blended.select_columns(["text", "seq"] if blended is not docs else ["text"]).map_batches(
         tokenize_batch, fn_kwargs={"tokenizer_path": str(tokenizer_file)}, batch_format="pyarrow"
-    )
+    ).drop_columns(["text"])
     writer = SequenceWriter(output / "tokens", config.pack, eos_id(tok), tok.get_vocab_size())
     for batch in tokenized.iter_batches(batch_format="pyarrow", batch_size=1024):
         column = batch.column("tokens").combine_chunks()

@@ -491,6 +491,9 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
+# Rows of a Parquet file decoded at a time (`_parquet_records`).
+PARQUET_BATCH_ROWS = 1024
+
 _NOT_UTF8 = object()  # a Parquet string value whose bytes are not UTF-8 (writers do not all check)
 
 
@@ -535,7 +538,10 @@ def _parquet_records(item: str, text_field: str, url_field: str | None = None) -
             return
         row = 0
         with_url = url_field is not None and url_field in names and url_field != text_field
-        for batch in parquet.iter_batches(columns=[text_field, url_field] if with_url else [text_field]):
+        # A bounded batch: pyarrow's default (65,536 rows, or a whole smaller row group) made every
+        # document of a docs/ file Python strings at once, in the driver when the tokenizer trains.
+        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS,
+                                          columns=[text_field, url_field] if with_url else [text_field]):
             urls = _strings(batch.column(1)) if with_url else [None] * batch.num_rows
             for text, url in zip(_strings(batch.column(0)), urls):
                 where = f"{item}:{row}"
