@@ -48,6 +48,19 @@ def metrics_records(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def start_local_ray(num_cpus: int | None = None, **kwargs) -> None:
+    """A Ray of this script's own, never one already running here (`address="local"`), with its workers
+    at the driver's priority as `mtnlg-ray` starts them (`ensure_ray`): Ray's default nice 15 cost a
+    labelling actor 8-10 % of its rate, and the scripts time the CLI's code paths. Stages called
+    afterwards (`prepare_dataset`, `pretrain`, `label_documents`) find it running and use it."""
+    import ray
+
+    from mtnlg_ray.runtime import worker_niceness_default
+
+    with worker_niceness_default():
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=False, configure_logging=False, **kwargs)
+
+
 def quiet_ray_data() -> None:
     """No progress bars or start-of-execution lines from Ray Data between the printed results."""
     from ray.data import DataContext

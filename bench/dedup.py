@@ -18,7 +18,7 @@ import random
 import time
 
 import numpy as np
-from common import command_line, quiet_ray_data
+from common import command_line, quiet_ray_data, start_local_ray
 
 from mtnlg_ray.config import DedupSection
 from mtnlg_ray.data.minhash import (
@@ -163,7 +163,7 @@ def must_go(n: int, truth: dict[tuple[int, int], float]) -> set[int]:
 def end_to_end(ids: list[str], texts: list[str], cfg: DedupSection, cpus: int) -> tuple[float, set[str]]:
     import ray
 
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(num_cpus=cpus, include_dashboard=False)
     from mtnlg_ray.data.dedup import dedup_documents
 
     quiet_ray_data()

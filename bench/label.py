@@ -2,7 +2,7 @@
 
 The baseline is one process, one torch thread (what a one-CPU actor gets), calling the labeller on
 the same documents in batches of the same size. The pool runs `label_documents` with 1 and 2 actors
-on a local Ray started as the CLI starts one (`ensure_ray`). Each pool run sits between two baseline
+on a local Ray of its own with workers at nice 0, as the CLI starts one. Each pool run sits between two baseline
 runs and is compared with their mean, so the machine's drift over minutes cancels; `--repeats` such
 brackets give the medians printed. Reported: docs/s end to end and of the warm pool (after every actor
 has delivered a batch), each as pool / (actors x baseline), and when the first batch came out (actor
@@ -29,13 +29,12 @@ from pathlib import Path
 import pyarrow as pa
 import ray
 import torch
-from common import build_checkpoint, command_line, quiet_ray_data, write_result
+from common import build_checkpoint, command_line, quiet_ray_data, start_local_ray, write_result
 
 from mtnlg_ray.config import LabelSection
 from mtnlg_ray.data.builtin import python_docs_texts
 from mtnlg_ray.data.label import LABELERS, PerplexityLabeler, QualityLabeler, label_documents
 from mtnlg_ray.data.quality import train_quality_classifier
-from mtnlg_ray.runtime import ensure_ray
 
 
 def corpus(n: int, chars: int) -> list[dict]:
@@ -141,7 +140,8 @@ def main() -> None:
         runs = {} if args.skip_perplexity else {"perplexity": (docs[: args.docs], args.batch_size)}
         if not args.skip_quality:
             runs["quality"] = (docs[: args.quality_docs], args.quality_batch_size)
-        ensure_ray(num_cpus=max(os.cpu_count() or 1, max(args.actors)))
+        # Not one running here (ensure_ray would join it, and refuses num_cpus then).
+        start_local_ray(num_cpus=max(os.cpu_count() or 1, max(args.actors)))
         quiet_ray_data()
         for kind, (run_docs, batch) in runs.items():
             rows += bracketed(kind, models[kind], run_docs, batch, args.actors, args.repeats)

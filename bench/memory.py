@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import json
+import os
 import resource
 import tempfile
 from pathlib import Path
 
+import ray
 import torch
-from common import SHAKESPEARE, metrics_records, prepare_packed, write_result
+from common import SHAKESPEARE, metrics_records, prepare_packed, start_local_ray, write_result
 
 from mtnlg_ray.config import load_config
 from mtnlg_ray.model.gpt import GPT, GPTConfig, lm_loss
@@ -78,9 +80,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
 
+    # A Ray of its own: prepare_dataset and pretrain would otherwise join one running here.
+    start_local_ray(num_cpus=os.cpu_count())
     with tempfile.TemporaryDirectory(prefix="mtnlg-memory-") as tmp:
         dataset = prepare_packed(str(SHAKESPEARE), Path(tmp) / "data", args.seq_len, args.vocab)
         measured = {name: run_layout(name, args, dataset, Path(tmp) / "runs") for name in LAYOUTS}
+    ray.shutdown()
 
     start = measured["tp4"]["start"]
     params = start["trainable_parameters"]

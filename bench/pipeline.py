@@ -14,12 +14,20 @@ batch): tokens/s of each, as a ratio. Step times are the median of the steps aft
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import SHAKESPEARE, metrics_records, prepare_packed, write_result
+import ray
+from common import (
+    SHAKESPEARE,
+    metrics_records,
+    prepare_packed,
+    start_local_ray,
+    write_result,
+)
 
 from mtnlg_ray.config import load_config
 
@@ -60,6 +68,8 @@ def main() -> None:
     pp = 2
 
     results: dict = {"bubble": {}, "throughput": {}}
+    # A Ray of its own: prepare_dataset and pretrain would otherwise join one running here.
+    start_local_ray(num_cpus=os.cpu_count())
     with tempfile.TemporaryDirectory(prefix="mtnlg-pipeline-") as tmp:
         dataset = prepare_packed(str(SHAKESPEARE), Path(tmp) / "data", args.seq_len, vocab=2048)
         runs = Path(tmp) / "runs"
@@ -74,6 +84,7 @@ def main() -> None:
         batch = max(counts) * args.micro
         for name, layout in {"pp2": LAYOUTS["1f1b"], "dp2": ["parallel.fsdp=true"]}.items():
             results["throughput"][name] = step_times(args, dataset, runs, f"tput-{name}", batch, layout)[1]
+    ray.shutdown()
 
     print(f"{args.preset}, {args.seq_len}-token sequences, micro-batch {args.micro}, 2 workers (one core each)")
     print(f"{'schedule':<18} {'m':>3} {'step s':>8} {'bubble':>8} {'theory':>8}")

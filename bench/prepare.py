@@ -54,12 +54,12 @@ def generate(path: Path, megabytes: float, seed: int = 0) -> int:
 
 def run_one(corpus: Path, output: Path) -> dict:
     """`prepare_dataset` in this process (a fresh one per size): seconds, documents, driver peak RSS."""
-    import ray
+    from common import start_local_ray
 
     from mtnlg_ray.config import load_config
     from mtnlg_ray.data.pipeline import prepare_dataset
 
-    ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=False, configure_logging=False)
+    start_local_ray(num_cpus=os.cpu_count())  # workers at nice 0, as `mtnlg-ray data prepare` runs them
     config = load_config(overrides=["read.txt_mode=paragraph", "tokenizer.vocab_size=8192", "pack.seq_len=512"],
                          stage="prepare")
     start = time.perf_counter()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import SHAKESPEARE, command_line, metrics_records, prepare_packed, write_result
+from common import SHAKESPEARE, command_line, metrics_records, prepare_packed, start_local_ray, write_result
 
 from mtnlg_ray.config import load_config
 from mtnlg_ray.model.flops import flops_per_token
@@ -107,7 +107,8 @@ def main() -> None:
 
     from mtnlg_ray.train.loop import measured_peak_tflops
 
-    ray.init(address="local", num_cpus=args.threads, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # The worker at the priority `mtnlg-ray pretrain` gives it (nice 0), not Ray's default nice 15.
+    start_local_ray(num_cpus=args.threads, include_dashboard=False)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         dataset = prepare_packed(args.data, Path(tmp) / "dataset", args.seq_len, args.vocab_size)
