@@ -45,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from common import build_checkpoint  # noqa: E402
+from common import build_checkpoint, start_local_ray  # noqa: E402
 
 from mtnlg_ray.inference import TextGenerator  # noqa: E402
 from mtnlg_ray.model.generate import SamplingParams, decode, generate  # noqa: E402
@@ -326,8 +326,8 @@ def main() -> None:
         sampled_static = [bare_static_batch(generator, texts, args.sampled_tokens, batch_sampling)
                           for texts in trial_texts]
 
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        # The replica at the priority `mtnlg-ray serve` gives it (nice 0), not Ray's default nice 15.
+        start_local_ray(num_cpus=os.cpu_count(), include_dashboard=False)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
