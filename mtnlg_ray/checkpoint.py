@@ -246,6 +246,8 @@ def check_checkpoint(path: str | Path, classifier: bool = False) -> dict:
 def tokenizer_path(path: str | Path) -> Path:
     """The checkpoint's tokenizer.json, or one clear line when it has none."""
     file = Path(path) / TOKENIZER
+    if not Path(path).exists():  # not "its tokenizer is missing", which reads as if the folder were there
+        raise CheckpointError(f"{path}: checkpoint not found")
     if not file.is_file():
         raise CheckpointError(f"{file}: missing (the checkpoint needs its tokenizer to turn text into tokens)")
     return file

@@ -634,6 +634,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         # train's batch sizes, one that set a key the message names), else the file.
         keys = [o.partition("=")[0].strip() for o in overrides]
         message = exc.errors()[0]["msg"]
-        blamed = [o for o, key in zip(overrides, keys) if loc and (loc == key or loc.startswith(key + "."))]
+        # The key, a part below it (a check inside a mapping it set), or a part above it: a misspelt
+        # section (`tran.lr`) is reported at `tran`, and used to be blamed on the shipped file.
+        blamed = [o for o, key in zip(overrides, keys)
+                  if loc and (loc == key or loc.startswith(key + ".") or key.startswith(loc + "."))]
         blamed = blamed or [o for o, key in zip(overrides, keys) if key and key in message]
         raise _first_error(exc, f"--set {blamed[-1]}" if blamed else str(source)) from None

@@ -302,3 +302,14 @@ def test_a_resumed_run_trains_with_its_own_betas_eps_and_weight_decay(tmp_path):
         (0.01, (0.8, 0.99), 1e-6), (0.0, (0.8, 0.99), 1e-6)]
     moments = [resumed.state[p]["exp_avg"] for p in again.parameters()]
     assert all(torch.equal(m, optimizer.state[p]["exp_avg"]) for m, p in zip(moments, model.parameters()))
+
+
+def test_a_checkpoint_path_that_does_not_exist_is_not_reported_as_a_missing_tokenizer(tmp_path):
+    """`finetune --set init.checkpoint=/nonexistent` said its tokenizer.json was missing, as if the folder were there."""
+    from mtnlg_ray.checkpoint import tokenizer_path
+
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'absent'}: checkpoint not found$"):
+        tokenizer_path(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="tokenizer.json: missing"):
+        tokenizer_path(tmp_path / "empty")

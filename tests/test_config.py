@@ -34,7 +34,8 @@ def test_file_values_and_overrides_stack(tmp_path):
     "override, message",
     [
         ("train.lrr=3", "--set train.lrr=3: unknown key 'train.lrr' (expected one of max_steps"),
-        ("nosuch.key=1", "unknown key 'nosuch'"),
+        ("nosuch.key=1", "--set nosuch.key=1: unknown key 'nosuch'"),
+        ("tran.lr=1", "--set tran.lr=1: unknown key 'tran'"),  # a misspelt section was blamed on the shipped file
         ("train.lr=abc", "--set train.lr=abc: train.lr: Input should be a valid number"),
         ("model.preset=huge", "model.preset: expected one of tiny, small"),
         ("parallel.workers=[3, 1]", "parallel.workers: expected [min, max]"),

@@ -100,7 +100,7 @@ def jobs_status(
     job_id: str = typer.Argument(..., help="A job id from `mtnlg-ray submit` or `mtnlg-ray jobs list`."),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP),
 ) -> None:
-    """Print the job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED); a failed job's log tail on stderr."""
+    """Print the job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED); a failed or stopped job's log tail on stderr."""
     from mtnlg_ray.jobs import job_status
 
     result = job_status(address, job_id)

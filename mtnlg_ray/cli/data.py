@@ -25,7 +25,7 @@ def data_prepare(
 
     Bad records never stop the run: each lands in rejected/ with its stage and reason.
 
-    Example: mtnlg-ray data prepare builtin:python-docs corpus/ --output work/data --set pack.seq_len=256
+    Example: mtnlg-ray data prepare builtin:python-docs corpus/ --output work/data --set pack.seq_len=128
     """
     from mtnlg_ray.config import load_config
     from mtnlg_ray.data.pipeline import prepare_dataset

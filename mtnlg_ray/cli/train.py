@@ -74,7 +74,7 @@ def plan(
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel size (GPUs inside a node)."),
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size (stages)."),
     dp: int = typer.Option(1, "--dp", help="Data-parallel size (model replicas)."),
-    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per iteration."),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per iteration (default: micro-batch × dp × pp)."),
     micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per GPU per forward."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sequence length (default: the preset's)."),
     vocab_size: Optional[int] = typer.Option(
@@ -162,7 +162,7 @@ def plot(
     run_dir: Path = typer.Argument(..., help="A run directory (<run.storage_path>/<run.name>) holding metrics.jsonl."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Image to write, in the format its suffix names (.png, .svg, .pdf; none: PNG) (default: RUN_DIR/loss.png)."),
 ) -> None:
-    """Plot training and validation loss of a run to loss.png."""
+    """Plot training and validation loss of a run (to RUN_DIR/loss.png, or the file --output names)."""
     from mtnlg_ray.train.plot import plot_losses
 
     typer.echo(f"wrote {plot_losses(run_dir, output)}")
