@@ -536,3 +536,41 @@ def test_tensor_parallel_ranks_drop_their_own_shards_and_recompute_the_same_mask
     assert torch.equal(ranks[0][False], ranks[1][False])  # a replicated residual: one mask
     for r in ranks:
         assert r["grad_size"] > 1e-3 and r["recompute_diff"] <= 1e-6 * r["grad_size"]
+
+
+def schedule_memory_worker(rank: int, port: int, out_dir: str) -> None:
+    """pp2: the schedules a runner keeps through a batch ramp and an evaluation, and what they hold."""
+    from mtnlg_ray.model.gpt import pipeline_part
+    from mtnlg_ray.train.parallel import ParallelDims
+    from mtnlg_ray.train.pipeline import PipelineRunner, stage_layers
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        mesh = ParallelDims(world=2, pp=2).build_mesh("cpu")
+        torch.manual_seed(0)
+        part = pipeline_part(GPT(CONFIG), stage_layers(CONFIG.n_layer, 2)[rank], rank == 0, rank == 1)
+        runner = PipelineRunner([part], [rank], 2, mesh, torch.device("cpu"), "1f1b",
+                                lambda logits, targets: lm_loss(logits, targets))
+        tokens = token_batches()[0]
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        kept = []
+        for n in (2, 4, 8):  # a ramp-up's micro-batch counts, one after another
+            runner.train_step(inputs, targets, n)
+            kept.append(len(runner._schedules))
+        runner.evaluate(inputs, targets, 4)
+        held = sum(len(stage.fwd_cache) for _, stages in runner._schedules.values() for stage in stages)
+        torch.save({"kept": kept, "held_after_eval": held}, os.path.join(out_dir, f"schedules{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_pipeline_keeps_one_schedule_and_no_evaluation_outputs(tmp_path):
+    """Each schedule's stages hold a receive buffer a micro-batch: one kept for every count a batch
+    ramp-up passes through added up to tens of GiB at GPT-3 sizes. And an evaluation's stages kept every
+    micro-batch's outputs (the last stage's logits) until it ran again, through the training between."""
+    mp.spawn(schedule_memory_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"schedules{rank}.pt", weights_only=True)
+        assert result == {"kept": [1, 1, 1], "held_after_eval": 0}

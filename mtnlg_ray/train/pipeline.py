@@ -110,7 +110,8 @@ def build_schedule(
     n_microbatches: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ):
-    """A pipeline schedule over this rank's parts for `n_microbatches` micro-batches a step.
+    """A pipeline schedule over this rank's parts for `n_microbatches` micro-batches a step, and its
+    stages (this rank's).
 
     Gradients are the mean over micro-batches (the schedule scales them), as gradient accumulation
     without a pipeline gives them.
@@ -119,8 +120,8 @@ def build_schedule(
     stages = [PipelineStage(part, stage, num_stages, device, group=group) for part, stage in zip(parts, stage_ids)]
     schedule_class, multi = {**SCHEDULES, **EVAL_SCHEDULES}[name]
     if multi:
-        return schedule_class(stages, n_microbatches=n_microbatches, loss_fn=loss_fn)
-    return schedule_class(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn)
+        return schedule_class(stages, n_microbatches=n_microbatches, loss_fn=loss_fn), stages
+    return schedule_class(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn), stages
 
 
 class TiedEmbeddingSync:
@@ -173,14 +174,18 @@ class PipelineRunner:
         # The last stage's copy of the embedding is the first stage's again: counted once in the norm.
         self.duplicates = tuple(part.tok_emb.weight for part, stage in zip(parts, stage_ids)
                                 if stage == num_stages - 1 and stage != 0 and part.tok_emb is not None)
-        self._schedules: dict[tuple[str, int], object] = {}
+        self._schedules: dict[tuple[str, int], tuple[object, list[PipelineStage]]] = {}
 
     def _schedule(self, name: str, n_microbatches: int):
         key = (name, n_microbatches)
         if key not in self._schedules:
+            # One schedule at a time: each one's stages hold a receive buffer a micro-batch, and keeping
+            # one for every micro-batch count a batch ramp-up passes through adds up to tens of GiB of
+            # buffers at GPT-3 sizes.
+            self._schedules.clear()
             self._schedules[key] = build_schedule(self.parts, self.stage_ids, self.num_stages, self.mesh["pp"],
                                                   self.device, name, n_microbatches, self.loss_fn)
-        return self._schedules[key]
+        return self._schedules[key][0]
 
     def _run(self, schedule, inputs: torch.Tensor, targets: torch.Tensor, train: bool) -> torch.Tensor:
         losses: list[torch.Tensor] = []
@@ -209,4 +214,9 @@ class PipelineRunner:
         for part in self.parts:
             part.eval()
         name = "gpipe" if not SCHEDULES[self.schedule][1] else "looped-bfs"
-        return self._run(self._schedule(name, n_microbatches), inputs, targets, train=False)
+        loss = self._run(self._schedule(name, n_microbatches), inputs, targets, train=False)
+        # Forward-only, a stage keeps every micro-batch's outputs (the last stage's logits) until its
+        # schedule runs again: dropped now rather than held through the training steps that follow.
+        for stage in self._schedules[(name, n_microbatches)][1]:
+            stage.clear_runtime_states()
+        return loss
