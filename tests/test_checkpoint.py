@@ -313,3 +313,22 @@ def test_a_checkpoint_path_that_does_not_exist_is_not_reported_as_a_missing_toke
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="tokenizer.json: missing"):
         tokenizer_path(tmp_path / "empty")
+
+
+def test_generator_states_are_restored_only_at_the_layout_that_saved_them(tmp_path):
+    """Rank r's saved stream was rank r's role: resumed at another layout (pp2 -> tp2), tp peers got two
+    pipeline stages' streams and dropped different positions of a residual stream they hold alike."""
+    from mtnlg_ray.train.checkpoint import TrainerState, load_sharded, save_sharded
+    from mtnlg_ray.train.parallel import param_groups
+
+    config = PRESETS["tiny"]
+    model = GPT(config)
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
+    torch.manual_seed(123)
+    save_sharded(tmp_path / "ckpt", [model], [optimizer], TrainerState(step=1, world_size=2, pp=2), config, 0)
+    saved = torch.get_rng_state()
+    for layout, restored in (((2, 1, 1, 2), True), ((2, 1, 2, 1), False), (None, True)):
+        torch.manual_seed(7)  # what the loop seeds before resuming
+        seeded = torch.get_rng_state()
+        load_sharded(tmp_path / "ckpt", [model], [optimizer], 0, layout)
+        assert torch.equal(torch.get_rng_state(), saved if restored else seeded), layout

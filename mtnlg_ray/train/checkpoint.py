@@ -215,8 +215,10 @@ def check_resume_shape(directory: Path, config: GPTConfig, n_labels: int | None 
             refuse(f"a classifier of {head.size[0]} labels", f"task has {n_labels}")
 
 
-def load_sharded(directory: Path, parts: list, optimizers: list, rank: int) -> TrainerState:
-    """Load shards into the (already parallelised) model parts and optimizers, resharding if the layout changed."""
+def load_sharded(directory: Path, parts: list, optimizers: list, rank: int,
+                 layout: tuple[int, int, int, int] | None = None) -> TrainerState:
+    """Load shards into the (already parallelised) model parts and optimizers, resharding if the layout
+    changed, and this rank's generator states where `layout` (world size, dp, tp, pp) is the saved one."""
     bundle, owners = _bundle(parts, optimizers)
     dcp.load(bundle, storage_reader=SafeReader(str(directory)), planner=SafeLoadPlanner())
     # The optimizer's state dict also holds its param groups' settings (betas, eps, weight decay) as
@@ -231,13 +233,19 @@ def load_sharded(directory: Path, parts: list, optimizers: list, rank: int) -> T
     for optimizer, own in zip(optimizers, settings):
         for group, chosen in zip(optimizer.param_groups, own):
             group.update(chosen)
+    state = TrainerState(**json.loads((directory / STATE_FILE).read_text()))
+    # A rank's generator is restored only at the layout that saved it. At another, rank r's saved
+    # stream was another role's (pp2 -> tp2: a pipeline stage's), so tensor-parallel peers, whose
+    # streams must agree, drew different dropout masks over what they hold alike; the streams the
+    # loop seeded before resuming (one a pipeline rank) stand instead.
+    saved_layout = (state.world_size, state.dp, state.tp, state.pp)
     rng_file = directory / f"rng-rank{rank}.json"
-    if rng_file.is_file():
+    if rng_file.is_file() and (layout is None or tuple(layout) == saved_layout):
         rng = json.loads(rng_file.read_text())
         torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(torch.tensor(rng["cuda"], dtype=torch.uint8))
-    return TrainerState(**json.loads((directory / STATE_FILE).read_text()))
+    return state
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -289,9 +297,11 @@ class CheckpointManager:
     in the run directory into the model and optimizer, whatever layout wrote it, and returns its state.
     """
 
-    def __init__(self, run_dir: Path, parts: list, optimizers: list, model_config: GPTConfig, rank: int) -> None:
+    def __init__(self, run_dir: Path, parts: list, optimizers: list, model_config: GPTConfig, rank: int,
+                 layout: tuple[int, int, int, int] | None = None) -> None:
+        """`layout`: this run's (world size, dp, tp, pp), for `load_sharded`'s RNG rule."""
         self.run_dir, self.parts, self.optimizers = run_dir, parts, optimizers
-        self.model_config, self.rank = model_config, rank
+        self.model_config, self.rank, self.layout = model_config, rank, layout
 
     def resume(self) -> TrainerState | None:
         # The run directory, where Ray Train stores every reported checkpoint, serves a re-run of the
@@ -301,7 +311,7 @@ class CheckpointManager:
         newest = latest_checkpoint(self.run_dir)
         if newest is None:
             return None
-        return load_sharded(newest, self.parts, self.optimizers, self.rank)
+        return load_sharded(newest, self.parts, self.optimizers, self.rank, self.layout)
 
     def save(self, state: TrainerState, metrics: dict, report) -> None:
         """A collective: every rank calls it. `report(metrics, directory)` publishes the directory."""

@@ -225,7 +225,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                   task.pipeline_loss, loss_context=lambda: loss_parallel_context(mesh))
 
     state = TrainerState(world_size=world, dp=dp, tp=tp, pp=pp)
-    checkpoints = CheckpointManager(run_dir, parts, optimizers, model_config, rank)
+    checkpoints = CheckpointManager(run_dir, parts, optimizers, model_config, rank, layout=(world, dp, tp, pp))
     resumed_from = None
     replayed_best_step = None  # best/'s step when a resumed run will pass it again
     previous = checkpoints.resume()
