@@ -498,23 +498,40 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def full_state_dict_of_stages(parts: list[nn.Module], mesh: DeviceMesh) -> dict[str, torch.Tensor]:
     """The whole model on rank 0 (empty elsewhere) from every pipeline stage's parts, as
-    `GPT().state_dict()` names them. A collective: every rank gathers its parts' full weights within
-    its stage, and the first (dp, tp) rank of each stage sends them to rank 0."""
-    options = StateDictOptions(full_state_dict=True)
+    `GPT().state_dict()` names them. A collective: each stage's ranks gather its weights one tensor at a
+    time, the first (dp, tp) rank of the stage keeps them on the CPU and sends them to rank 0 one by one.
+
+    Gathering a stage whole on every rank's device (`get_model_state_dict`), then pickling it to rank 0
+    (`gather_object`, which stages the bytes on the device under NCCL), needed a stage on every GPU and
+    the whole model on rank 0's at the end of a pp run: more than a GPU holds for the models pp is for.
+    """
+    leader = mesh["dp"].get_local_rank() == 0 and mesh["tp"].get_local_rank() == 0
     mine: dict[str, torch.Tensor] = {}
+    device = torch.device("cpu")
     for part in parts:
-        state = get_model_state_dict(part, options=options)
-        mine.update({_unwrapped_name(part, name): value.detach().cpu() for name, value in state.items()})
-    if mesh["dp"].get_local_rank() != 0 or mesh["tp"].get_local_rank() != 0:
+        for name, value in part.state_dict().items():
+            device = value.device
+            full = value.full_tensor() if isinstance(value, DTensor) else value  # a collective in the stage
+            if leader:
+                mine[_unwrapped_name(part, name)] = full.detach().cpu()
+            del full
+    if not leader:
         return {}
-    gathered: list = [None] * mesh["pp"].size()
-    pp_group = mesh["pp"].get_group()
-    dist.gather_object(mine, gathered if dist.get_rank() == 0 else None, dst=0, group=pp_group)
-    if dist.get_rank() != 0:
+    pp_group, pp_rank = mesh["pp"].get_group(), mesh["pp"].get_local_rank()
+    if pp_rank != 0:
+        dist.send_object_list([[(name, tuple(t.shape), t.dtype) for name, t in mine.items()]], group=pp_group,
+                              group_dst=0, device=device)
+        for tensor in mine.values():
+            dist.send(tensor.to(device), group=pp_group, group_dst=0)
         return {}
-    merged: dict[str, torch.Tensor] = {}
-    for stage_state in gathered:
-        merged.update(stage_state)
+    merged = dict(mine)
+    for source in range(1, mesh["pp"].size()):
+        listing: list = [None]
+        dist.recv_object_list(listing, group=pp_group, group_src=source, device=device)
+        for name, shape, dtype in listing[0]:
+            received = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(received, group=pp_group, group_src=source)
+            merged[name] = received.cpu()
     return merged
 
 
