@@ -222,6 +222,7 @@ def test_line_keys_ignore_case_and_surrounding_space():
     assert line_key("  Subscribe to our newsletter ") == line_key("subscribe TO our newsletter")
 
 
+@pytest.mark.slow  # 55-95 s of the CI budget: a whole prepare with every curation stage on
 def test_one_prepare_curates_a_mixed_corpus(ray_session, tmp_path):
     """Must-show of the issue: foreign documents rejected for `language`, blocked ones for `url_blocklist`,
     every English article kept, and no planted PII or boilerplate line left in any kept text."""
@@ -251,7 +252,11 @@ def test_one_prepare_curates_a_mixed_corpus(ray_session, tmp_path):
     assert all(value in kept for value in LOOK_ALIKES)
     assert manifest["pii_redacted"] == {"email": 1, "phone": 2, "ip": 2, "card": 1}
     assert manifest["repeated_lines_removed"] == 1
-    # A misspelt read.url_field gave every document an empty URL, and the blocklist blocked nothing.
+
+
+def test_a_url_field_no_document_has_is_one_line_and_exit_2(tmp_path):
+    """A misspelt read.url_field gave every document an empty URL, and the blocklist blocked nothing."""
+    corpus, blocklist = write_corpus(tmp_path)
     misspelt = run_cli("data", "prepare", str(corpus), "--output", str(tmp_path / "data2"), "--set", "read.url_field=URL",
                        "--set", f"filter.url_blocklist={blocklist}", "--set", "tokenizer.vocab_size=300", timeout=600)
     assert misspelt.returncode == 2, misspelt.stderr[-2000:]
