@@ -129,8 +129,11 @@ class PackSection(Section):
     seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
 
 
+LABELERS = ("quality", "perplexity", "classifier")
+
+
 class LabelSection(Section):
-    labeler: Literal["quality", "perplexity", "classifier"] | None = None
+    labeler: Literal[LABELERS] | None = None
     model: OptionalPath = None
     # quality: documents under `threshold` are dropped ("threshold") or kept with GPT-3's Pareto
     # sampling (keep when pareto(alpha) > 1 - quality); classifier: predictions under it are not labels.
@@ -463,7 +466,10 @@ def set_text(key: str, value) -> str:
 
 
 def label_overrides(labeler, model) -> list[str]:
-    """`data label`'s --labeler and --model as the `--set`s it lays over its config."""
+    """`data label`'s --labeler and --model as the `--set`s it lays over its config. A --labeler the
+    config would refuse is blamed on --labeler, not on a `--set` the user never typed."""
+    if labeler not in LABELERS:
+        raise ConfigError(f"--labeler: expected {', '.join(LABELERS[:-1])} or {LABELERS[-1]}, got {labeler!r}")
     return [set_text("label.labeler", labeler), set_text("label.model", model)]
 
 

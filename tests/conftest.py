@@ -12,6 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Ray Train's controller looks at its workers every 2 s by default, and a run's start, checkpoints and end each
+# wait for such a look: 2-6 s of every run's wall time, which a test makes dozens of. Set before any Ray
+# starts, so the local Ray, a `ray start` cluster and every CLI subprocess inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
 # tinyshakespeare.txt and sst2/ (train.tsv, dev.tsv): not in the repository (nothing taken from elsewhere
 # is committed); beside the clone as CI has them, or where MTNLG_TEST_DATA points.
 SHARED_DATA = Path(os.environ.get("MTNLG_TEST_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")

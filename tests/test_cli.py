@@ -105,6 +105,14 @@ def test_prompt_with_bytes_that_are_not_utf8_is_one_line(tiny_checkpoint):
     assert_one_line_error(result, "prompt:", "UTF-8")
 
 
+def test_a_misspelt_labeler_is_blamed_on_the_option_typed(tmp_path):
+    # It used to name `--set label.labeler="qualty"`, a --set the user never typed.
+    result = run_cli("data", "label", str(tmp_path), "--output", str(tmp_path / "out"), "--labeler", "qualty",
+                     "--model", str(tmp_path))
+    assert_one_line_error(result, "--labeler: expected quality, perplexity or classifier, got 'qualty'")
+    assert "--set" not in result.stderr
+
+
 def test_unknown_config_key_is_one_line():
     result = run_cli("config", "show", "--set", "train.warmup=5")
     assert_one_line_error(result, "unknown key 'train.warmup'")

@@ -156,6 +156,9 @@ def test_pii_is_redacted_and_look_alikes_survive():
     ("Call 415 555-0134 now", "Call <PHONE> now"),
     # signed decimals are no phone numbers
     ("Dow Jones +123.45 34567.89; AAPL +1.25 120.50", "Dow Jones +123.45 34567.89; AAPL +1.25 120.50"),
+    # a signed score or change and a season are no phone number; a real one after them still is
+    ("goal difference +15 2023-24, then +12 2024/25; ring +44 20 7946 0958",
+     "goal difference +15 2023-24, then +12 2024/25; ring <PHONE>"),
     # a local part that starts with an underscore or a letter outside ASCII
     ("write to _john@example.com or josé@example.org", "write to <EMAIL> or <EMAIL>"),
 ])

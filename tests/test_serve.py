@@ -691,6 +691,9 @@ def test_200_malformed_requests_get_4xx_and_the_server_still_answers(server, cli
     wrong_type = next(body for i, _, _, body in results if MALFORMED[i % len(MALFORMED)][0].startswith(b'{"prompt": 5'))
     assert wrong_type["error"]["param"] == "prompt"
     assert requests.get(f"{server}/v1/nowhere", timeout=30).json()["error"]["code"] == "not_found"
+    wrong_method = requests.get(f"{server}/v1/completions", timeout=30)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in wrong_method.headers["allow"]
     assert _health(server)["status"] == "ok"
     assert client.completions.create(model="tiny", prompt="def ", max_tokens=4, temperature=0).choices[0].text
 

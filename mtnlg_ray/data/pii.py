@@ -3,7 +3,8 @@ addresses and payment card numbers become `<EMAIL>`, `<PHONE>`, `<IP>` and `<CAR
 
 Patterns are strict where look-alikes are common: an IPv4 address needs four octets of at most 255, a
 card number must pass the Luhn check in a card's grouping, a phone number needs a phone's shape (a
-leading `+` country code, or North America's 3-3-4 digits), so dates, version numbers and ISBNs stay.
+leading `+` country code, or North America's 3-3-4 digits), so dates, seasons ("+15 2023-24"), version
+numbers and ISBNs stay.
 Runs after the language filter and before cleaning; the manifest counts replacements by kind.
 """
 
@@ -76,10 +77,16 @@ def redact(text: str) -> tuple[str, Counter[str]]:
     return text, counts
 
 
+# What follows a signed number in sports and finance: a season or fiscal year ("+15 2023-24").
+_SEASON = re.compile(r"\+\d{1,3} (?:19|20)\d\d[-/]\d\d")
+
+
 def _phone(match: re.Match) -> bool:
-    """7 to 15 digits, and not signed decimals ("+1.25 120.50", "+123.45"), which the `+` form matches."""
+    """7 to 15 digits, and not signed decimals ("+1.25 120.50", "+123.45") or a signed number and a
+    season ("+15 2023-24"), which the `+` form matches."""
     number = match.group(0)
-    return 7 <= len(re.sub(r"\D", "", number)) <= 15 and not re.search(r"\d\.\d{2}(?!\d)", number)
+    return (7 <= len(re.sub(r"\D", "", number)) <= 15 and not re.search(r"\d\.\d{2}(?!\d)", number)
+            and not _SEASON.fullmatch(number))
 
 
 def _ipv4(match: re.Match) -> bool:

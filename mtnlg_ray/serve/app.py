@@ -192,9 +192,10 @@ api = FastAPI(title="mtnlg-ray", description="OpenAI-compatible text generation 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    # Unknown paths and methods answer in the same error shape as everything else.
-    error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code="not_found")
-    return JSONResponse(error.body(), status_code=exc.status_code)
+    # Unknown paths and methods answer in the same error shape as everything else; a 405 keeps its Allow header.
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    error = APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code)
+    return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
 def _error_response(error: APIError) -> JSONResponse:
