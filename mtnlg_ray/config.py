@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mtnlg_ray.errors import ConfigError
 from mtnlg_ray.model.gpt import GPTConfig, pad_vocab
-from mtnlg_ray.model.presets import PRESETS, get_preset
+from mtnlg_ray.model.presets import PRESETS, PRETRAIN_LR, get_preset
 
 
 LOCAL_PATH = "local-path"  # field metadata: the value is a local path (or a list of them) on the user's machine
@@ -633,7 +633,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for override in overrides:
         apply_override(data, override)
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         loc = ".".join(str(p) for p in exc.errors()[0]["loc"])
         # Blame the override that set this key when there is one (for a check across keys, such as
@@ -646,3 +646,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                   if loc and (loc == key or loc.startswith(key + ".") or key.startswith(loc + "."))]
         blamed = blamed or [o for o, key in zip(overrides, keys) if key and key in message]
         raise _first_error(exc, f"--set {blamed[-1]}" if blamed else str(source)) from None
+    return with_preset_lr(config) if stage == "pretrain" else config
+
+
+def with_preset_lr(config: Config) -> Config:
+    """Pretraining with no `train.lr` given trains at its preset's LR (`PRETRAIN_LR`: GPT-3's per size)."""
+    if "lr" in config.train.model_fields_set or config.model.preset not in PRETRAIN_LR:
+        return config
+    train = config.train.model_copy(update={"lr": PRETRAIN_LR[config.model.preset]})
+    return config.model_copy(update={"train": train})

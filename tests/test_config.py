@@ -142,6 +142,24 @@ def test_an_unknown_key_in_the_file_is_blamed_on_the_file_not_on_a_similar_overr
         load_config(path, ["train.lr=3.0e-4"])
 
 
+def test_pretraining_without_an_lr_takes_its_presets_and_a_given_lr_stays(tmp_path):
+    # One LR for every size was tiny's 3e-3: `--set model.preset=gpt3-1.3b` trained at 15x GPT-3's 2e-4.
+    assert load_config().train.lr == 3e-3  # tiny, the default preset
+    assert load_config(overrides=["model.preset=gpt3-125m"]).train.lr == 6e-4
+    assert load_config(overrides=["model.preset=gpt3-1.3b"]).train.lr == 2e-4
+    assert load_config(overrides=["model.preset=mtnlg-530b"]).train.lr == 5e-5
+    assert load_config(overrides=["model.preset=gpt3-1.3b", "train.lr=1e-3"]).train.lr == 1e-3
+    path = tmp_path / "mine.yaml"  # --config replaces the shipped file; without a train.lr, the preset's
+    path.write_text("model:\n  preset: gpt3-13b\n")
+    assert load_config(path).train.lr == 1e-4
+    path.write_text("model:\n  preset: gpt3-13b\ntrain:\n  lr: 3.0e-4\n")
+    assert load_config(path).train.lr == 3e-4
+    # the resolved value is what a submitted job's config file carries, and what fine-tuning keeps its own of
+    resolved = load_config(overrides=["model.preset=gpt3-350m"])
+    assert load_config(overrides=[f"train.lr={resolved.model_dump(mode='json')['train']['lr']}"]).train.lr == 3e-4
+    assert load_config(overrides=["model.preset=gpt3-1.3b"], stage="finetune").train.lr == 3e-4
+
+
 def test_a_config_file_without_a_warm_up_is_warned_about(tmp_path, capsys):
     # --config replaces the shipped file: a file that leaves train.warmup_tokens out gets MT-NLG's 1B
     # tokens, and a 200-step run would end at an LR of about 4e-8, without a word.
@@ -152,6 +170,6 @@ def test_a_config_file_without_a_warm_up_is_warned_about(tmp_path, capsys):
     warn_about_the_schedule(load_config(path))
     assert capsys.readouterr().err.strip() == (
         "warning: train.warmup_tokens (1,000,000,000) is not below train.decay_tokens (819,200; the run's tokens "
-        "unless set): the LR never reaches train.lr (5e-05); set train.warmup_tokens")
+        "unless set): the LR never reaches train.lr (0.003); set train.warmup_tokens")
     warn_about_the_schedule(load_config(overrides=["train.decay_tokens=819200"]))  # the shipped 100,000: fine
     assert capsys.readouterr().err == ""

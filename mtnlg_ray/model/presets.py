@@ -28,6 +28,17 @@ PRESETS: dict[str, GPTConfig] = {
     "mtnlg-530b": GPTConfig(n_layer=105, n_head=128, d_model=20480, seq_len=2048, vocab_size=50272),
 }
 
+# Pretraining's peak LR for each preset when `train.lr` is not given: the two CPU shapes' (tiny's,
+# measured on the built-in corpus and tinyshakespeare; `small` kept beside it), GPT-3's per size
+# (Brown et al. 2020, table 2.1) and MT-NLG's (Smith et al. 2022). One LR for every size was tiny's
+# 3e-3, 15x what GPT-3 trained 1.3B with.
+PRETRAIN_LR: dict[str, float] = {
+    "tiny": 3e-3, "small": 3e-3,
+    "gpt3-125m": 6e-4, "gpt3-350m": 3e-4, "gpt3-760m": 2.5e-4, "gpt3-1.3b": 2e-4, "gpt3-2.7b": 1.6e-4,
+    "gpt3-6.7b": 1.2e-4, "gpt3-13b": 1e-4, "gpt3-175b": 6e-5, "mtnlg-530b": 5e-5,
+}
+assert PRETRAIN_LR.keys() == PRESETS.keys()
+
 
 def get_preset(name: str) -> GPTConfig:
     try:
