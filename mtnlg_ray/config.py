@@ -651,7 +651,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def with_preset_lr(config: Config) -> Config:
     """Pretraining with no `train.lr` given trains at its preset's LR (`PRETRAIN_LR`: GPT-3's per size)."""
-    if "lr" in config.train.model_fields_set or config.model.preset not in PRETRAIN_LR:
+    if "lr" in config.train.model_fields_set:  # PRETRAIN_LR names every preset model.preset accepts
         return config
     train = config.train.model_copy(update={"lr": PRETRAIN_LR[config.model.preset]})
     return config.model_copy(update={"train": train})
