@@ -650,8 +650,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def with_preset_lr(config: Config) -> Config:
-    """Pretraining with no `train.lr` given trains at its preset's LR (`PRETRAIN_LR`: GPT-3's per size)."""
+    """Pretraining with no `train.lr` given trains at its preset's LR (`PRETRAIN_LR`: GPT-3's per size).
+
+    The LR stays unset (out of `model_fields_set`), as a derived value: a submitted job's config, which
+    carries what was set, lets the cluster derive it again, and `config show` prints it as derived."""
     if "lr" in config.train.model_fields_set:  # PRETRAIN_LR names every preset model.preset accepts
         return config
-    train = config.train.model_copy(update={"lr": PRETRAIN_LR[config.model.preset]})
+    train = type(config.train).model_construct(_fields_set=set(config.train.model_fields_set),
+                                               **{**dict(config.train), "lr": PRETRAIN_LR[config.model.preset]})
     return config.model_copy(update={"train": train})

@@ -118,15 +118,26 @@ def test_unknown_config_key_is_one_line():
     assert_one_line_error(result, "unknown key 'train.warmup'")
 
 
+def shown_train(stdout: str) -> dict:
+    """`config show`'s train section, with the derived keys it prints as comments that give their value."""
+    import re
+
+    import yaml
+
+    train = yaml.safe_load(stdout)["train"]
+    derived = dict(re.findall(r"^  # (\w+): (\S+)  \(derived: ", stdout, flags=re.MULTILINE))
+    assert not derived.keys() & train.keys()
+    return {**train, **{key: yaml.safe_load(value) for key, value in derived.items()}}
+
+
 def test_config_show_prints_the_decay_pretrain_will_use(tmp_path):
     """Unset, `train.decay_tokens` is the run's own tokens: `config show` prints that, not MT-NLG's 340B."""
-    import yaml
 
     def decay(*overrides: str) -> int:
         sets = [arg for key in overrides for arg in ("--set", key)]
         result = run_cli("config", "show", "--stage", "pretrain", "--set", "model.preset=small", *sets)
         assert result.returncode == 0, result.stderr[-2000:]
-        return yaml.safe_load(result.stdout)["train"]["decay_tokens"]
+        return shown_train(result.stdout)["decay_tokens"]
 
     assert decay("train.max_steps=300", f"data.path={tmp_path}") == 300 * 32 * 256  # small's context: 256
     (tmp_path / "tokens").mkdir()  # a corpus packed at 128 tokens (its index; the shards are not read)
@@ -137,14 +148,37 @@ def test_config_show_prints_the_decay_pretrain_will_use(tmp_path):
 
 
 def test_config_show_warns_of_a_config_file_whose_warm_up_the_decay_never_gets_past(tmp_path):
-    """The README's check of a --config file before a run: one that leaves train.warmup_tokens out gets
-    MT-NLG's 1B tokens, and `config show` printed its 200-step decay without the warning the run gives."""
+    """The README's check of a --config file before a run: one whose warm-up outlasts its 200-step decay
+    is warned about, as the run warns; one that leaves train.warmup_tokens out prints the warm-up the run
+    gets (the preset's, at most a tenth of the run: it used to get MT-NLG's 1B tokens and never warm up)."""
     path = tmp_path / "short.yaml"
-    path.write_text("train:\n  max_steps: 200\n")
+    path.write_text("train:\n  max_steps: 200\n  warmup_tokens: 1000000\n")
     result = run_cli("config", "show", "--stage", "pretrain", "--config", str(path))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "warning: train.warmup_tokens (1,000,000,000) is not below train.decay_tokens (819,200" in result.stderr
-    assert "warning" not in run_cli("config", "show", "--stage", "pretrain").stderr  # the shipped file: fine
+    assert "warning: train.warmup_tokens (1,000,000) is not below train.decay_tokens (819,200" in result.stderr
+    path.write_text("train:\n  max_steps: 200\n")
+    left_out = run_cli("config", "show", "--stage", "pretrain", "--config", str(path))
+    assert left_out.returncode == 0 and "warning" not in left_out.stderr, left_out.stderr[-2000:]
+    assert shown_train(left_out.stdout)["warmup_tokens"] == 81_920
+
+
+def test_a_config_saved_from_config_show_keeps_what_the_run_derives(tmp_path):
+    """The README starts a config file with `config show > my.yaml`. Its derived keys (pretraining's
+    preset LR, warm-up and decay) are printed as comments with their value, so the saved file leaves
+    them unset and a longer run or another preset derives its own. Written out, a file saved from a
+    200-step run decayed a 5,000-step run to its floor by step 200."""
+    shown = run_cli("config", "show", "--stage", "pretrain")
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert {key: shown_train(shown.stdout)[key] for key in ("lr", "warmup_tokens", "decay_tokens")} == {
+        "lr": 3e-3, "warmup_tokens": 81_920, "decay_tokens": 819_200}
+    saved = tmp_path / "my.yaml"
+    saved.write_text(shown.stdout)
+    longer = run_cli("config", "show", "--stage", "pretrain", "--config", str(saved), "--set", "train.max_steps=5000",
+                     "--set", "model.preset=gpt3-125m")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    train = shown_train(longer.stdout)
+    assert (train["lr"], train["decay_tokens"]) == (6e-4, 5000 * 32 * 2048)
+    assert train["warmup_tokens"] == 5000 * 32 * 2048 // 10  # under GPT-3's 375M: a tenth of this run
 
 
 def test_config_show_prints_the_schedule_finetune_derives_from_its_data(tiny_checkpoint, tmp_path):
@@ -163,13 +197,14 @@ def test_config_show_prints_the_schedule_finetune_derives_from_its_data(tiny_che
                     "--set", f"data.train={train}", "--set", "data.text_field=sentence")
     assert shown.returncode == 0, shown.stderr[-2000:]
     config = yaml.safe_load(shown.stdout)
-    assert config["train"]["decay_tokens"] == 10 * epoch_tokens
-    assert config["train"]["warmup_tokens"] == int(0.05 * 10 * epoch_tokens)
+    assert shown_train(shown.stdout)["decay_tokens"] == 10 * epoch_tokens
+    assert shown_train(shown.stdout)["warmup_tokens"] == int(0.05 * 10 * epoch_tokens)
     assert config["task"]["labels"] == ["0", "1"]  # found in data.train, as the run finds them
 
-    bare = run_cli("config", "show", "--stage", "finetune")  # no data: the field defaults, said to be so
-    assert bare.returncode == 0 and "finetune derives them from data.train's tokens" in bare.stderr
-    assert yaml.safe_load(bare.stdout)["train"]["decay_tokens"] == 340_000_000_000
+    bare = run_cli("config", "show", "--stage", "finetune")  # no data: no value yet, said to be so
+    assert bare.returncode == 0 and "finetune derives train.warmup_tokens and train.decay_tokens from" in bare.stderr
+    assert "  # decay_tokens: (derived: the run's tokens)\n" in bare.stdout
+    assert "decay_tokens" not in yaml.safe_load(bare.stdout)["train"]
     assert_one_line_error(run_cli("config", "show", "--stage", "finetune", "--set", f"init.checkpoint={tiny_checkpoint}",
                                   "--set", f"data.train={train}"), "train.tsv:1: no column 'text'")
     assert_one_line_error(run_cli("config", "show", "--stage", "finetune", "--set", f"init.checkpoint={tiny_checkpoint}",

@@ -160,16 +160,20 @@ def test_pretraining_without_an_lr_takes_its_presets_and_a_given_lr_stays(tmp_pa
     assert load_config(overrides=["model.preset=gpt3-1.3b"], stage="finetune").train.lr == 3e-4
 
 
-def test_a_config_file_without_a_warm_up_is_warned_about(tmp_path, capsys):
-    # --config replaces the shipped file: a file that leaves train.warmup_tokens out gets MT-NLG's 1B
-    # tokens, and a 200-step run would end at an LR of about 4e-8, without a word.
-    from mtnlg_ray.train.trainer import warn_about_the_schedule
+def test_a_warm_up_the_decay_never_gets_past_is_warned_about(tmp_path, capsys):
+    # --config replaces the shipped file. A file that left train.warmup_tokens out used to get MT-NLG's
+    # 1B tokens, and a 200-step run ended at an LR of about 4e-8; now it gets the preset's, at most a
+    # tenth of the run. One that sets a warm-up longer than the run is warned about.
+    from mtnlg_ray.train.trainer import schedule_over_the_run, warn_about_the_schedule
 
     path = tmp_path / "short.yaml"
-    path.write_text("train:\n  max_steps: 200\n  decay_tokens: 819200\n")
-    warn_about_the_schedule(load_config(path))
-    assert capsys.readouterr().err.strip() == (
-        "warning: train.warmup_tokens (1,000,000,000) is not below train.decay_tokens (819,200; the run's tokens "
-        "unless set): the LR never reaches train.lr (0.003); set train.warmup_tokens")
-    warn_about_the_schedule(load_config(overrides=["train.decay_tokens=819200"]))  # the shipped 100,000: fine
+    path.write_text("train:\n  max_steps: 200\n")
+    left_out = schedule_over_the_run(load_config(path), 128)
+    assert (left_out.train.warmup_tokens, left_out.train.decay_tokens) == (81_920, 819_200)
+    warn_about_the_schedule(left_out)
     assert capsys.readouterr().err == ""
+    path.write_text("train:\n  max_steps: 200\n  warmup_tokens: 1000000\n")
+    warn_about_the_schedule(schedule_over_the_run(load_config(path), 128))
+    assert capsys.readouterr().err.strip() == (
+        "warning: train.warmup_tokens (1,000,000) is not below train.decay_tokens (819,200; the run's tokens "
+        "unless set): the LR never reaches train.lr (0.003); set train.warmup_tokens")

@@ -157,6 +157,41 @@ def test_build_job_makes_local_paths_absolute_and_leaves_uris_alone(tmp_path):
         build_job("prepare", ["corpus/"], cwd=tmp_path)
 
 
+def test_a_job_carries_what_was_set_and_the_cluster_derives_the_rest_as_here(tmp_path):
+    """A job's config.yaml holds what the stage's file, --config and --set set; what a run derives when
+    unset (the warm-up and decay from its data and length) is derived on the cluster as it is here. The
+    whole config used to be written out, fixing them at the schema's MT-NLG values: a submitted
+    fine-tune warmed up over 1B tokens (its LR never left 0.02 % of the peak), a submitted pretraining
+    run never decayed (340B tokens)."""
+    import yaml
+
+    from mtnlg_ray.config import absolute_paths, load_config
+    from mtnlg_ray.finetune.trainer import _default_schedule
+    from mtnlg_ray.train.trainer import schedule_over_the_run
+
+    def carried(stage: str, args: list[str]):
+        path = tmp_path / f"{stage}.yaml"
+        path.write_text(build_job(stage, args, cwd=tmp_path).config_yaml)
+        return load_config(path, stage=stage)
+
+    sets = ["data.train=train.tsv", "train.epochs=3"]
+    job = carried("finetune", [word for key in sets for word in ("--set", key)])
+    here = absolute_paths(load_config(overrides=sets, stage="finetune"), tmp_path)
+    assert job.model_dump() == here.model_dump()
+    for cfg in (job, here):
+        schedule = _default_schedule(cfg, epoch_tokens=10_000, examples_hint=500).train
+        assert (schedule.warmup_tokens, schedule.decay_tokens) == (1_500, 30_000)
+
+    sets = ["model.preset=gpt3-125m", "train.max_steps=300"]
+    job = carried("pretrain", [word for key in sets for word in ("--set", key)])
+    assert "decay_tokens" not in yaml.safe_load((tmp_path / "pretrain.yaml").read_text())["train"]
+    here = absolute_paths(load_config(overrides=sets, stage="pretrain"), tmp_path)
+    assert job.model_dump() == here.model_dump() and job.train.lr == 6e-4
+    for cfg in (job, here):
+        schedule = schedule_over_the_run(cfg, 2048).train
+        assert (schedule.warmup_tokens, schedule.decay_tokens) == (300 * 32 * 2048 // 10, 300 * 32 * 2048)
+
+
 def test_a_label_job_carries_its_labeler_and_model_path_as_text(tmp_path):
     spec = build_job("label", ["docs/", "--output", "out", "--labeler", "quality", "--model", "qm #2"], cwd=tmp_path)
     config = __import__("yaml").safe_load(spec.config_yaml)

@@ -426,38 +426,39 @@ def test_a_resumed_run_keeps_the_decay_it_started_with_at_another_worker_count(t
     import torch.distributed.checkpoint as dcp
 
     from mtnlg_ray.train.checkpoint import STATE_FILE, TrainerState
-    from mtnlg_ray.train.trainer import decay_over_the_run
+    from mtnlg_ray.train.trainer import schedule_over_the_run
 
     def config(*extra):
         return load_config(overrides=[f"run.storage_path={tmp_path}", "run.name=r", "train.max_steps=100",
                                       "train.micro_batch_size=8", "train.global_batch_size=32", *extra],
                            stage="pretrain")
 
-    started = decay_over_the_run(config("parallel.workers=1"), 128)
-    assert decay_over_the_run(config("parallel.workers=3"), 128).train.decay_tokens != started.train.decay_tokens
+    started = schedule_over_the_run(config("parallel.workers=1"), 128)
+    assert schedule_over_the_run(config("parallel.workers=3"), 128).train.decay_tokens != started.train.decay_tokens
     checkpoint = tmp_path / "r" / "checkpoint_50"
     checkpoint.mkdir(parents=True)
     dcp.save({"model": {"w": torch.zeros(2)}}, checkpoint_id=str(checkpoint))
     (checkpoint / "rng-rank0.json").write_text("{}")
     state = TrainerState(step=50, warmup_tokens=started.train.warmup_tokens, decay_tokens=started.train.decay_tokens)
     (checkpoint / STATE_FILE).write_text(json.dumps(state.__dict__))
-    assert decay_over_the_run(config("parallel.workers=3"), 128).train.decay_tokens == started.train.decay_tokens
-    assert decay_over_the_run(config("parallel.workers=3", "train.decay_tokens=12345"), 128).train.decay_tokens == 12345
+    assert schedule_over_the_run(config("parallel.workers=3"), 128).train.decay_tokens == started.train.decay_tokens
+    chosen = schedule_over_the_run(config("parallel.workers=3", "train.decay_tokens=12345"), 128)
+    assert chosen.train.decay_tokens == 12345
 
 
-def test_unset_decay_tokens_decay_over_the_run_and_a_set_one_is_kept():
+def test_unset_decay_tokens_schedule_over_the_run_and_a_set_one_is_kept():
     """`mtnlg-ray pretrain --set train.max_steps=300` decays over those 300 steps, not a fixed token count."""
     from mtnlg_ray.train.schedule import learning_rate, run_tokens
-    from mtnlg_ray.train.trainer import decay_over_the_run
+    from mtnlg_ray.train.trainer import schedule_over_the_run
 
     cfg = load_config(overrides=["model.preset=small", "train.max_steps=300"], stage="pretrain")
-    cfg = decay_over_the_run(cfg, 128)
+    cfg = schedule_over_the_run(cfg, 128)
     assert cfg.train.decay_tokens == 300 * 32 * 128
     floor = cfg.train.lr * cfg.train.min_lr_ratio
     assert learning_rate(299 * 32 * 128, cfg.train) < 1.001 * floor  # the last step's LR
     assert learning_rate(244 * 32 * 128, cfg.train) > 1.5 * floor  # where the old fixed 1M-token decay hit it
     kept = load_config(overrides=["train.max_steps=300", "train.decay_tokens=1000000"], stage="pretrain")
-    assert decay_over_the_run(kept, 128).train.decay_tokens == 1_000_000
+    assert schedule_over_the_run(kept, 128).train.decay_tokens == 1_000_000
     by_tokens = load_config(overrides=["train.max_tokens=50000"], stage="pretrain").train  # and max_steps 200
     assert run_tokens(by_tokens, 128) == 13 * 32 * 128  # the step that crosses 50,000 tokens is the last
     assert run_tokens(by_tokens.model_copy(update={"max_steps": None}), 128) == 50_000
@@ -466,11 +467,35 @@ def test_unset_decay_tokens_decay_over_the_run_and_a_set_one_is_kept():
     # take 24 of the 32 and 8 ranks 64; the decay follows, and still ends on the last step.
     for workers, batch in ((3, 24), (8, 64)):
         spread = load_config(overrides=["train.max_steps=200", f"parallel.workers={workers}"], stage="pretrain")
-        assert decay_over_the_run(spread, 128).train.decay_tokens == 200 * batch * 128
+        assert schedule_over_the_run(spread, 128).train.decay_tokens == 200 * batch * 128
     # A run that only its epochs end (max_steps unset) decays over them: one pass over 1,000
     # sequences is 32 steps of 32, not MT-NLG's 340B tokens at the peak LR.
     one_pass = load_config(overrides=["train.max_steps=null"], stage="pretrain")
-    assert decay_over_the_run(one_pass, 128, sequences=1000).train.decay_tokens == 32 * 32 * 128
+    assert schedule_over_the_run(one_pass, 128, sequences=1000).train.decay_tokens == 32 * 32 * 128
+
+
+def test_an_unset_warm_up_is_the_presets_and_at_most_a_tenth_of_the_run():
+    """The shipped file's 100,000 warm-up tokens used to reach every preset: gpt3-1.3b's 32 x 2048-token
+    batches warmed up for under two steps, where GPT-3 warmed up over 375M tokens."""
+    from mtnlg_ray.train.schedule import learning_rate
+    from mtnlg_ray.train.trainer import schedule_over_the_run
+
+    def warmup(*overrides, seq_len=2048, sequences=None):
+        cfg = load_config(overrides=list(overrides), stage="pretrain")
+        return schedule_over_the_run(cfg, seq_len, sequences).train.warmup_tokens
+
+    # A long run gets the preset's own; a 300-step laptop run a tenth of its tokens, so it leaves the warm-up.
+    assert warmup("model.preset=gpt3-1.3b", "train.max_steps=60000") == 375_000_000  # 3.9B tokens
+    short = load_config(overrides=["model.preset=gpt3-1.3b", "train.max_steps=300"], stage="pretrain")
+    short = schedule_over_the_run(short, 2048).train
+    assert short.warmup_tokens == 300 * 32 * 2048 // 10
+    assert learning_rate(30 * 32 * 2048, short) == pytest.approx(2e-4)  # the peak at step 30, then the cosine
+    assert learning_rate(15 * 32 * 2048, short) == pytest.approx(1e-4)
+    assert warmup("model.preset=mtnlg-530b", "train.max_steps=null") == 1_000_000_000  # unbounded: MT-NLG's 1B
+    assert warmup("model.preset=small", "train.max_steps=300", seq_len=256) == 100_000  # under a tenth of 2.5M
+    assert warmup("train.max_steps=200", seq_len=128) == 200 * 32 * 128 // 10  # tiny's shipped run: 20 steps
+    assert warmup("model.preset=gpt3-1.3b", "train.max_steps=300", "train.warmup_tokens=5000") == 5000  # set: kept
+    assert warmup("train.max_steps=null", seq_len=128, sequences=1000) == 32 * 32 * 128 // 10  # one pass: 32 steps
 
 
 def test_held_out_loss_weighs_a_short_last_micro_batch_by_its_sequences(shakespeare):

@@ -97,17 +97,18 @@ def config_show(
         raise MtnlgError(f"--stage: expected one of {', '.join(CONFIG_STAGES)}; got {stage!r}")
     stage = stages[stage]
     resolved = load_config(config, overrides, stage=stage)
+    derived = _derived_keys(resolved, stage)  # before the schedule below marks them set
     if stage == "pretrain":
         # The layout a cluster would run, checked as the trainer will before any worker starts.
-        from mtnlg_ray.train.trainer import check_run_layout, decay_over_the_run, warn_about_the_schedule
+        from mtnlg_ray.train.trainer import check_run_layout, schedule_over_the_run, warn_about_the_schedule
 
         model = resolved.model.resolve()
         check_run_layout(resolved, model, "lm")
-        # An unset decay_tokens decays over a bounded run's tokens, as pretrain will: the sequences
+        # An unset warm-up and decay follow a bounded run's tokens, as pretrain's will: the sequences
         # are data.path's packed length, read as pretrain reads it, when the corpus is there
         # (pretrain reports a broken one), else the model's context.
         seq_len, sequences = _packed(resolved.data.path)
-        resolved = decay_over_the_run(resolved, seq_len or model.seq_len, sequences)
+        resolved = schedule_over_the_run(resolved, seq_len or model.seq_len, sequences)
         # The README's check of a --config file: its warm-up past the decay is said here, not first in the run.
         warn_about_the_schedule(resolved)
     elif stage == "finetune" and resolved.data.train:
@@ -122,10 +123,43 @@ def config_show(
         unset = [key for key in ("warmup_tokens", "decay_tokens") if key not in resolved.train.model_fields_set]
         if unset:
             keys = " and ".join(f"train.{key}" for key in unset)
-            verb, noun, it = ("is", "default", "it") if len(unset) == 1 else ("are", "defaults", "them")
-            typer.echo(f"note: {keys} below {verb} the field {noun}; unless set, finetune derives {it} from "
-                       f"data.train's tokens (set data.train to see {it})", err=True)
-    typer.echo(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), nl=False)
+            it = "it" if len(unset) == 1 else "them"
+            typer.echo(f"note: unless set, finetune derives {keys} from data.train's tokens (set data.train "
+                       f"to see {it})", err=True)
+    # Fine-tuning's come from data.train's tokens: without it (and for self-training, whose rounds
+    # each derive their own) there is no value yet to show, only the field default.
+    known = stage == "pretrain" or (stage == "finetune" and bool(resolved.data.train))
+    typer.echo(_commented(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), "train", derived,
+                          known), nl=False)
+
+
+def _derived_keys(resolved, stage: str) -> dict[str, str]:
+    """The train keys the run derives because they are unset, each with where its value comes from."""
+    if stage not in ("pretrain", "finetune", "selftrain"):
+        return {}
+    unset = {key for key in ("lr", "warmup_tokens", "decay_tokens") if key not in resolved.train.model_fields_set}
+    if stage == "pretrain":
+        where = {"lr": "model.preset's peak LR", "warmup_tokens": "model.preset's warm-up, at most a tenth of the run",
+                 "decay_tokens": "the run's tokens; MT-NLG's 340B for an unbounded run"}
+    else:
+        where = {"warmup_tokens": "5 % of the run's tokens", "decay_tokens": "the run's tokens"}
+    return {key: f"derived: {where[key]}" for key in where if key in unset}
+
+
+def _commented(text: str, section: str, keys: dict[str, str], values: bool) -> str:
+    """`config show`'s YAML with `section`'s derived keys printed as comments, with their value where it
+    is known: a file saved from it (`config show > my.yaml`, as the README starts one) keeps them
+    derived. Written out, the field defaults fixed a fine-tune's warm-up at 1B tokens, and a longer
+    run's decay at the printed run's length."""
+    lines, inside = [], False
+    for line in text.splitlines(keepends=True):
+        key, _, value = line.strip().partition(":")
+        if not line.startswith(" "):
+            inside = line.rstrip() == f"{section}:"
+        elif inside and not line.startswith("   ") and key in keys:
+            line = f"  # {key}:{value + '  ' if values else ' '}({keys[key]})\n"
+        lines.append(line)
+    return "".join(lines)
 
 
 def _packed(path) -> tuple[int | None, int | None]:

@@ -63,7 +63,10 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
             overrides += label_overrides(ctx.params["labeler"], ctx.params["model"])
         config = _load_stage_config(stage, ctx.params.get(config_param.name), overrides)
         config = absolute_paths(config, cwd)
-        config_yaml = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+        # Only what was set (by the stage's file, --config or --set): the cluster derives the rest as a
+        # local run does. The whole dump used to fix the derived warm-up and decay at the schema's
+        # MT-NLG values, so a submitted fine-tune warmed up over 1B tokens and learned nothing.
+        config_yaml = yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True), sort_keys=False)
         argv += ["--config", CONFIG_NAME]
     return JobSpec(stage=stage, argv=argv, config_yaml=config_yaml, env_vars=env_vars)
 

@@ -39,6 +39,18 @@ PRETRAIN_LR: dict[str, float] = {
 }
 assert PRETRAIN_LR.keys() == PRESETS.keys()
 
+# Pretraining's warm-up for each preset when `train.warmup_tokens` is not given, in tokens: GPT-3's
+# 375M for its sizes (Brown et al. 2020), MT-NLG's 1B, and 100,000 (about 24 steps of 32 x 128) for
+# the two CPU shapes. A bounded run warms up over at most a tenth of its tokens (`WARMUP_SHARE`), so a
+# 300-step laptop run of a GPT-3 size still leaves its warm-up; the same 100,000 for every preset
+# gave gpt3-1.3b's 65,536-token batches under two steps of it.
+PRETRAIN_WARMUP: dict[str, int] = {
+    "tiny": 100_000, "small": 100_000, **{name: 375_000_000 for name in PRESETS if name.startswith("gpt3-")},
+    "mtnlg-530b": 1_000_000_000,
+}
+WARMUP_SHARE = 10  # a bounded run warms up over at most 1/WARMUP_SHARE of its tokens
+assert PRETRAIN_WARMUP.keys() == PRESETS.keys()
+
 
 def get_preset(name: str) -> GPTConfig:
     try:

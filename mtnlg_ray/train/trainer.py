@@ -130,7 +130,7 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
         raise InputError(f"{dataset}: no training sequences (packed at pack.seq_len={shards.seq_len}); prepare more "
                          "text, or a smaller pack.seq_len with `data prepare --set pack.seq_len=N`")
     check_run_layout(cfg, model_config, "lm")  # the layout's own mistakes first
-    cfg = decay_over_the_run(cfg, shards.seq_len, len(shards))
+    cfg = schedule_over_the_run(cfg, shards.seq_len, len(shards))
     tp = cfg.parallel.tp
     if tp > 1 and cfg.parallel.sequence_parallel and shards.seq_len % tp:
         raise ConfigError(f"parallel.sequence_parallel: the packed sequences of {dataset} have {shards.seq_len} "
@@ -154,21 +154,33 @@ def resumed_schedule(cfg: Config) -> dict:
     return recorded_schedule(Path(cfg.run.storage_path) / cfg.run.name)
 
 
-def decay_over_the_run(cfg: Config, seq_len: int, sequences: int | None = None) -> Config:
-    """Unless `train.decay_tokens` is set, the cosine reaches its floor on the run's last step.
+def schedule_over_the_run(cfg: Config, seq_len: int, sequences: int | None = None) -> Config:
+    """Pretraining's warm-up and decay, each unless set: the cosine reaches its floor on the run's last
+    step, and the warm-up is the preset's (`PRETRAIN_WARMUP`: GPT-3's 375M tokens, MT-NLG's 1B) but at
+    most a tenth of a bounded run's tokens.
 
     A run bounded by `train.max_steps`, `train.max_tokens` or `train.epochs` over its `sequences`
     then decays over exactly the tokens it trains on, whatever its length, batches counted as the
     workers take them (whole micro-batches at every data-parallel rank; an elastic run is planned
-    at its largest worker count); an unbounded run keeps MT-NLG's 340B-token decay. A resumed run keeps
-    the decay it started with (`resumed_schedule`).
+    at its largest worker count); an unbounded run keeps MT-NLG's 340B-token decay and the preset's
+    whole warm-up. A resumed run keeps the schedule it started with (`resumed_schedule`).
     """
-    if "decay_tokens" in cfg.train.model_fields_set:
+    from mtnlg_ray.model.presets import PRETRAIN_WARMUP, WARMUP_SHARE
+
+    unset = {key for key in ("warmup_tokens", "decay_tokens") if key not in cfg.train.model_fields_set}
+    if not unset:
         return cfg
-    total = resumed_schedule(cfg).get("decay_tokens") or run_tokens(cfg.train, seq_len, planned_dp(cfg), sequences)
-    if not total:
-        return cfg
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"decay_tokens": total})})
+    recorded = resumed_schedule(cfg)
+    total = run_tokens(cfg.train, seq_len, planned_dp(cfg), sequences)
+    update = {}
+    if "decay_tokens" in unset and (recorded.get("decay_tokens") or total):
+        update["decay_tokens"] = recorded.get("decay_tokens") or total
+    if "warmup_tokens" in unset:
+        warmup = PRETRAIN_WARMUP[cfg.model.preset]  # names every preset model.preset accepts
+        if total:
+            warmup = min(warmup, total // WARMUP_SHARE)
+        update["warmup_tokens"] = recorded.get("warmup_tokens", warmup)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
 
 def fit_raising_user_errors(trainer):
@@ -245,7 +257,7 @@ def check_pipeline_batches(cfg: Config) -> None:
 def warn_about_the_schedule(cfg: Config) -> None:
     """One warning line on stderr where the LR schedule cannot be what was meant: a warm-up as long as
     the decay (which ends on the run's last step unless set) never reaches `train.lr`. Typically a
-    `--config` file that leaves `train.warmup_tokens` out, so it gets MT-NLG's 1B tokens."""
+    `train.warmup_tokens` set for a longer run (an unset one is at most a tenth of the run)."""
     import sys
 
     warmup, decay = cfg.train.warmup_tokens, cfg.train.decay_tokens
