@@ -24,7 +24,7 @@ from mtnlg_ray.dashboard import connect
 from mtnlg_ray.errors import MtnlgError, first_line
 from mtnlg_ray.local_cluster import is_running, read_state
 
-CONFIG_NAME = "config.yaml"  # the resolved config, at the top of the job's working_dir
+CONFIG_NAME = "config.yaml"  # the config as set (paths absolute), at the top of the job's working_dir
 LOG_TAIL_LINES = 20
 # What `mtnlg-ray serve` prints once its replicas are up.
 SERVING_LINE = re.compile(r"serving .+? at (http://\S+)/v1")  # a model name may hold spaces

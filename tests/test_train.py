@@ -495,6 +495,10 @@ def test_an_unset_warm_up_is_the_presets_and_at_most_a_tenth_of_the_run():
     assert warmup("model.preset=small", "train.max_steps=300", seq_len=256) == 100_000  # under a tenth of 2.5M
     assert warmup("train.max_steps=200", seq_len=128) == 200 * 32 * 128 // 10  # tiny's shipped run: 20 steps
     assert warmup("model.preset=gpt3-1.3b", "train.max_steps=300", "train.warmup_tokens=5000") == 5000  # set: kept
+    # A set decay shorter than the run caps it too: a tenth of its 1M tokens (the run has 328M), so the
+    # LR still reaches its peak; and of a set decay where nothing bounds the run.
+    assert warmup("model.preset=gpt3-125m", "train.max_steps=5000", "train.decay_tokens=1000000") == 100_000
+    assert warmup("model.preset=gpt3-125m", "train.max_steps=null", "train.decay_tokens=20000000") == 2_000_000
     assert warmup("train.max_steps=null", seq_len=128, sequences=1000) == 32 * 32 * 128 // 10  # one pass: 32 steps
 
 

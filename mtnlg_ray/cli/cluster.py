@@ -39,7 +39,8 @@ def submit(
     Example: `mtnlg-ray submit prepare builtin:python-docs --output work/data --set pack.seq_len=64`.
     The arguments and the config are checked here first, so a bad key fails before anything is sent.
     Relative paths become absolute (right when the cluster is this machine; on a remote cluster give
-    paths every node sees). The job runs this machine's mtnlg_ray package with the resolved config.
+    paths every node sees). The job runs this machine's mtnlg_ray package with the config as set (the
+    stage's file, --config, --set); what a run derives when unset, it derives there.
     Follows the log and exits with the job's result; `--no-wait` prints the job id instead (for
     serve, once the endpoint answers, with its URL). Ctrl-C stops following, not the job.
     """

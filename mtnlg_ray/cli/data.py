@@ -83,7 +83,8 @@ def config_show(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file to read instead of the defaults."),
     overrides: List[str] = typer.Option([], "--set", help="Override one key, e.g. --set train.max_steps=20."),
 ) -> None:
-    """Print the fully resolved config (file + --set overrides, validated) as YAML.
+    """Print the resolved config (file + --set overrides, validated) as YAML; what a run derives when
+    unset (pretraining's LR, warm-up and decay) is printed as a comment with its value.
 
     Example: mtnlg-ray config show --stage finetune --set train.lr=1e-4
     """

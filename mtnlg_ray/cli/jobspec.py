@@ -1,7 +1,7 @@
 """A stage's Ray Job, built on this machine: `mtnlg-ray submit STAGE ...` parses the stage's arguments
 with that stage's own CLI command and validates its config here, so a bad key fails before anything is
-sent; local paths become absolute and the config is resolved into one file (`JobSpec`), which
-`mtnlg_ray.jobs` then submits.
+sent; local paths become absolute and the config as set (shipped file, `--config`, `--set`) becomes one
+file (`JobSpec`), which `mtnlg_ray.jobs` then submits; the job derives the rest as a local run does.
 """
 
 from __future__ import annotations

@@ -157,7 +157,7 @@ def resumed_schedule(cfg: Config) -> dict:
 def schedule_over_the_run(cfg: Config, seq_len: int, sequences: int | None = None) -> Config:
     """Pretraining's warm-up and decay, each unless set: the cosine reaches its floor on the run's last
     step, and the warm-up is the preset's (`PRETRAIN_WARMUP`: GPT-3's 375M tokens, MT-NLG's 1B) but at
-    most a tenth of a bounded run's tokens.
+    most a tenth of a bounded run's tokens (of a set decay's, where one is set).
 
     A run bounded by `train.max_steps`, `train.max_tokens` or `train.epochs` over its `sequences`
     then decays over exactly the tokens it trains on, whatever its length, batches counted as the
@@ -177,8 +177,10 @@ def schedule_over_the_run(cfg: Config, seq_len: int, sequences: int | None = Non
         update["decay_tokens"] = recorded.get("decay_tokens") or total
     if "warmup_tokens" in unset:
         warmup = PRETRAIN_WARMUP[cfg.model.preset]  # names every preset model.preset accepts
-        if total:
-            warmup = min(warmup, total // WARMUP_SHARE)
+        # A tenth of what the LR decays over: the run's tokens, or a decay set shorter than the run.
+        span = cfg.train.decay_tokens if "decay_tokens" not in unset else total
+        if span:
+            warmup = min(warmup, span // WARMUP_SHARE)
         update["warmup_tokens"] = recorded.get("warmup_tokens", warmup)
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
