@@ -154,7 +154,10 @@ def load_checkpoint(
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: unreadable or truncated safetensors file ({exc})") from None
     expected = expected_shapes(config)
-    model_keys = {k: v for k, v in state.items() if k in expected}
+    # A classifier's head is the one thing beside the backbone (`load_classifier` reads it). Any other
+    # tensor means config.json no longer describes the weights: a config edited to 3 layers over 4
+    # layers' weights loaded the first 3 and dropped the fourth without a word.
+    model_keys = {k: v for k, v in state.items() if not k.startswith(HEAD)}
     check_tensor_shapes(model_keys, expected, weights)
     check_tensor_dtypes({k: str(v.dtype).removeprefix("torch.") for k, v in model_keys.items()}, weights)
     with torch.device("meta"):
@@ -225,8 +228,8 @@ def check_checkpoint(path: str | Path, classifier: bool = False) -> dict:
     which would otherwise fail there, behind Ray's traceback and retries. Returns config.json's body.
 
     Checks the config, that the weights file is there and readable, and every backbone tensor's name
-    and shape; with `classifier`, also the task section and the head against its labels (as
-    `load_classifier` does; a language model's reader ignores both, and so does this check then).
+    and shape, with none left over; with `classifier`, also the task section and the head against its
+    labels (as `load_classifier` does; a language model's reader ignores both, and so does this check then).
     """
     path = Path(path)
     body = read_checkpoint_config(path)
@@ -236,8 +239,10 @@ def check_checkpoint(path: str | Path, classifier: bool = False) -> dict:
     if classifier:
         n = len(classification_task(body, path / CONFIG)["labels"])
         expected = {**expected, f"{HEAD}weight": (n, config.d_model), f"{HEAD}bias": (n,)}
-    stored = {key: torch.empty(shape, device="meta") for key, shape in shapes.items() if key in expected}
-    check_tensor_shapes(stored, expected, weights)  # other tensors are ignored, as loading ignores them
+    # A head is ignored where no classifier is read, as loading ignores it; any other tensor is refused.
+    stored = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()
+              if key in expected or not key.startswith(HEAD)}
+    check_tensor_shapes(stored, expected, weights)
     backbone = expected_shapes(config)  # a classifier's head is cast to the backbone's dtype on loading
     check_tensor_dtypes({k: v for k, v in stored_dtypes(weights).items() if k in backbone}, weights)
     return body

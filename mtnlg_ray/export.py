@@ -39,6 +39,7 @@ HF_WEIGHTS_INDEX = "model.safetensors.index.json"
 HF_PICKLED_WEIGHTS = "pytorch_model.bin"
 TOKENIZER = "tokenizer.json"
 EXPORT_MARK = "exported_by"  # a key of config.json our exports carry
+IMPORT_MARK = "imported_by"  # and of the checkpoints `import hf` writes: what lets a later import replace one
 
 # How each of our per-block tensors becomes GPT-2's. HF keeps GPT-2's TF-era Conv1D, whose weight is
 # (in, out) where nn.Linear's is (out, in); its fused c_attn is [q all heads | k | v] where ours is
@@ -135,11 +136,15 @@ def import_hf(input: str | Path, output: str | Path) -> Path:
     if not tokenizer_file.is_file():
         raise InputError(f"{tokenizer_file}: missing (mtnlg-ray checkpoints carry their tokenizer as tokenizer.json)")
     _end_of_text_id(tokenizer_file, config.vocab_size, InputError)
-    _refuse_to_clobber(output, source, "mtnlg-ray checkpoint", lambda body: body.get("format") == FORMAT)
+    # Only an earlier import: any consolidated checkpoint used to pass, so importing over runs/pretrain/final
+    # (or a fine-tuned classifier) replaced the trained model without a word.
+    _refuse_to_clobber(output, source, "`mtnlg-ray import hf` output",
+                       lambda body: body.get("format") == FORMAT and body.get(IMPORT_MARK) == "mtnlg-ray import hf")
     weights, weights_file = _read_hf_weights(source)
     state = _hf_model_tensors(weights, weights_file, hf_config, source / HF_CONFIG)
     _check_hf_shapes(state, config, weights_file)
-    return save_state_dict(from_hf_state(state, config), config, output, tokenizer_json=tokenizer_file)
+    return save_state_dict(from_hf_state(state, config), config, output, tokenizer_json=tokenizer_file,
+                           extra={IMPORT_MARK: "mtnlg-ray import hf"})
 
 
 def to_hf_state(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:

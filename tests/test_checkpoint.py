@@ -235,16 +235,21 @@ def _corrupt(path, how: str) -> None:
         weights.write_bytes(b"\x00\x01not a safetensors file")
     elif how == "missing":
         weights.unlink()
+    elif how == "fewer layers":  # config.json describes 3 of the 4 stored layers: the fourth is left over
+        body = json.loads(config.read_text())
+        body["model"]["n_layer"] -= 1
+        config.write_text(json.dumps(body))
     else:  # a config.json that no longer describes the tensors
         body = json.loads(config.read_text())
         body["model"][how] = 2 * body["model"][how]
         config.write_text(json.dumps(body))
 
 
-@pytest.mark.parametrize("how", ["truncated", "garbage", "missing", "d_model", "n_layer"])
+@pytest.mark.parametrize("how", ["truncated", "garbage", "missing", "d_model", "n_layer", "fewer layers"])
 def test_the_header_check_refuses_what_loading_refuses(saved, how):
     """`check_checkpoint` (what drivers run before workers load weights) refuses each broken
-    checkpoint that `load_checkpoint` refuses, with a line naming the same file."""
+    checkpoint that `load_checkpoint` refuses, with a line naming the same file. Tensors left over
+    (a config edited to fewer layers) used to be ignored: the model loaded without its last layer."""
     from mtnlg_ray.checkpoint import check_checkpoint
 
     _, path = saved
@@ -257,6 +262,9 @@ def test_the_header_check_refuses_what_loading_refuses(saved, how):
     weights = f"{path / 'model.safetensors'}: "
     assert str(loading.value).startswith(weights) and str(checking.value).startswith(weights)
     assert "\n" not in str(checking.value)
+    if how == "fewer layers":
+        left_over = f"{weights}unexpected tensor 'blocks.3.attn.proj.bias' for this model config"
+        assert str(checking.value) == str(loading.value) == left_over
 
 
 def test_the_header_check_reads_a_classifier_as_loading_it_would(saved, tmp_path):

@@ -231,6 +231,21 @@ def test_export_replaces_only_its_own_earlier_output(checkpoint, tmp_path):
     export_hf(checkpoint, mine)  # its own earlier output is replaced
 
 
+def test_import_replaces_only_its_own_earlier_output_not_a_trained_checkpoint(checkpoint, exported, tmp_path):
+    """Any consolidated checkpoint used to pass as import's earlier output: `import hf --output
+    runs/pretrain/final` replaced the trained model without a word."""
+    trained = tmp_path / "final"
+    shutil.copytree(checkpoint, trained)
+    before = (trained / "model.safetensors").read_bytes()
+    with pytest.raises(InputError, match="not an earlier `mtnlg-ray import hf` output; refusing to replace it"):
+        import_hf(exported, trained)
+    assert (trained / "model.safetensors").read_bytes() == before
+    mine = import_hf(exported, tmp_path / "imported")
+    assert json.loads((mine / "config.json").read_text())["imported_by"] == "mtnlg-ray import hf"
+    import_hf(exported, mine)  # its own earlier output is replaced
+    load_checkpoint(mine)
+
+
 def test_export_and_import_refuse_an_output_holding_or_inside_their_input(checkpoint, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoint, ckpt)

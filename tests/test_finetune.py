@@ -266,6 +266,10 @@ def test_readers_name_the_file_and_line(tmp_path):
     sft.write_text('{"prompt": "q", "completion": ""}\n')
     with pytest.raises(InputError, match="sft.jsonl:1: field 'completion' is empty"):
         read_sft(sft)
+    empty = tmp_path / "empty.tsv"  # 0 bytes: said to be empty, not to lack a column in a header it has not
+    empty.write_text("")
+    with pytest.raises(InputError, match=r"empty.tsv: empty file \(expected a header line naming 'sentence', 'label'"):
+        read_classification(empty, "sentence", "label")
 
 
 def test_a_damaged_gzip_is_one_line_and_a_byte_order_mark_is_no_part_of_the_header(tmp_path):
@@ -715,7 +719,8 @@ def test_a_pool_partly_without_gold_labels_scores_the_pseudo_labels_on_the_rows_
             {"sentence": "dull", "label": "neg"}, {"sentence": "empty label", "label": ""},
             {"sentence": "a zero label", "label": "0"}, {"sentence": "a number", "label": 0}]
     pool.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    size, gold = _write_pool(cfg, pool, tmp_path / "out.jsonl")
+    labels = ["pos", "neg", "0", "1"]
+    size, gold = _write_pool(cfg, pool, tmp_path / "out.jsonl", labels)
     assert size == 6 and gold == ["pos", None, "neg", None, "0", "0"]  # a label 0 is a label, not a missing one
     texts = [json.loads(line)["text"] for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert texts == [r["sentence"] for r in rows]  # every row is labelled by the teacher, gold or not
@@ -725,9 +730,14 @@ def test_a_pool_partly_without_gold_labels_scores_the_pseudo_labels_on_the_rows_
     # pandas writes a label column with gaps as floats: 1.0 is the task's label "1", not "1.0"
     pool.write_text(json.dumps({"sentence": "a", "label": 1.0}) + "\n" + json.dumps({"sentence": "b"}) + "\n",
                     encoding="utf-8")
-    assert _write_pool(cfg, pool, tmp_path / "out.jsonl") == (2, ["1", None])
+    assert _write_pool(cfg, pool, tmp_path / "out.jsonl", labels) == (2, ["1", None])
     pool.write_text(json.dumps({"sentence": "unlabelled only"}) + "\n", encoding="utf-8")
-    assert _write_pool(cfg, pool, tmp_path / "out.jsonl") == (1, None)
+    assert _write_pool(cfg, pool, tmp_path / "out.jsonl", labels) == (1, None)
+    # a label outside the task's is refused, as in data.train: it used to be scored as a wrong pseudo-label
+    pool.write_text(json.dumps({"sentence": "a", "label": "pos"}) + "\n" + json.dumps({"sentence": "b", "label": "meh"})
+                    + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"pool.jsonl:2: label 'meh' is not one of the task's labels \['pos', 'neg'\]"):
+        _write_pool(cfg, pool, tmp_path / "out.jsonl", ["pos", "neg"])
     assert pseudo_label_accuracy(kept[:1], None) == (None, 0)
 
 

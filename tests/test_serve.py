@@ -470,6 +470,12 @@ def test_greedy_completion_equals_text_generator_and_generate_cli(client, text_g
                   "--temperature", "0")
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout == result.choices[0].text + "\n"
+    # top_p 0 is greedy on both sides too (the CLI used to refuse the value the server takes)
+    nucleus = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=1, top_p=0, seed=3)
+    cli = run_cli("generate", "--checkpoint", str(long_checkpoint), "--prompt", prompt, "--max-tokens", "24",
+                  "--top-p", "0", "--seed", "3")
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout == nucleus.choices[0].text + "\n" == result.choices[0].text + "\n"
 
 
 def test_streaming_joins_to_the_completion_and_ends_with_done(client, server):

@@ -19,7 +19,8 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
     max_tokens: int = typer.Option(64, "--max-tokens", help="Most new tokens; stops earlier at <|endoftext|>."),
     temperature: float = typer.Option(1.0, "--temperature", help="0 for greedy decoding."),
-    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of this mass."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of this mass "
+                                "(0: the likeliest token alone, as the server reads top_p 0)."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k likeliest tokens (0: all)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Same seed, same text."),
 ) -> None:
@@ -30,6 +31,8 @@ def generate(
     from mtnlg_ray.inference import TextGenerator
     from mtnlg_ray.model.generate import SamplingParams
 
+    if top_p == 0:  # the server's reading (OpenAI's): a nucleus of nothing keeps the likeliest token
+        top_p = 1e-9
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     generator = TextGenerator(checkpoint)
     for piece in generator.stream(prompt, params):

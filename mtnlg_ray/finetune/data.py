@@ -77,6 +77,10 @@ def _delimited(path: Path, columns, optional, delimiter: str):
             reader = csv.DictReader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
             try:
                 header = reader.fieldnames or []
+                if not header:  # not even a header line: said as such, not as a header without the column
+                    named = ", ".join(map(repr, columns))
+                    raise InputError(f"{path}: empty file (expected a header line naming {named}, then one row "
+                                     "per example)")
                 missing = [c for c in columns if c not in header]
                 if missing:
                     raise InputError(f"{path}:1: no column {missing[0]!r} in the header (columns: {', '.join(header) or 'none'})")

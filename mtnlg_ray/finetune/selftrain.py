@@ -31,11 +31,12 @@ def _run_config(cfg: Config, name: str, train: str) -> Config:
     })
 
 
-def _write_pool(cfg: Config, unlabelled: Path, out: Path) -> tuple[int, list[str | None] | None]:
+def _write_pool(cfg: Config, unlabelled: Path, out: Path, labels: list[str]) -> tuple[int, list[str | None] | None]:
     """The pool as JSONL for the labelling pipeline; returns its size and, when some rows have one, each
     row's gold label (None for a row without it, as in a pool that adds unlabelled text to a labelled set).
 
-    Gold labels never reach training: they only score the pseudo-labels in the report.
+    Gold labels never reach training: they only score the pseudo-labels in the report. One outside
+    `labels` is refused, as in data.train and data.dev: it used to count as a wrong pseudo-label.
     """
     from mtnlg_ray.finetune.data import label_text, read_table
 
@@ -47,7 +48,12 @@ def _write_pool(cfg: Config, unlabelled: Path, out: Path) -> tuple[int, list[str
                 raise InputError(f"{where}: field {cfg.data.text_field!r} must be text")
             fh.write(json.dumps({"text": text}) + "\n")
             label = row.get(cfg.data.label_field)
-            gold.append(None if label is None or not str(label).strip() else label_text(label))
+            label = None if label is None or not str(label).strip() else label_text(label)
+            if label is not None and label not in labels:
+                raise InputError(f"{where}: label {label!r} is not one of the task's labels {labels} (selftrain."
+                                 f"unlabelled: a pool's labels only score its pseudo-labels; fix them or drop the "
+                                 f"{cfg.data.label_field!r} field)")
+            gold.append(label)
     if not gold:
         raise InputError(f"{unlabelled}: the unlabelled pool is empty")
     return len(gold), gold if any(label is not None for label in gold) else None
@@ -141,7 +147,7 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
     metric = cfg.task.dev_metric
     root = Path(cfg.run.storage_path) / cfg.run.name
     root.mkdir(parents=True, exist_ok=True)
-    pool_size, gold = _write_pool(cfg, unlabelled, root / "pool.jsonl")
+    pool_size, gold = _write_pool(cfg, unlabelled, root / "pool.jsonl", labels)
     labelled = read_classification(checked.data.train, cfg.data.text_field, cfg.data.label_field)
     report = {"labels": labels, "metric": metric, "threshold": cfg.selftrain.threshold,
               "per_class_top_k": cfg.selftrain.per_class_top_k, "soft_labels": cfg.selftrain.soft_labels,
