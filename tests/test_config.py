@@ -154,9 +154,11 @@ def test_pretraining_without_an_lr_takes_its_presets_and_a_given_lr_stays(tmp_pa
     assert load_config(path).train.lr == 1e-4
     path.write_text("model:\n  preset: gpt3-13b\ntrain:\n  lr: 3.0e-4\n")
     assert load_config(path).train.lr == 3e-4
-    # the resolved value is what a submitted job's config file carries, and what fine-tuning keeps its own of
+    # the resolved value is what a run and `config show` see; it stays derived (unset), so a submitted job's
+    # config, which carries what was set, derives it again on the cluster; fine-tuning keeps its own LR
     resolved = load_config(overrides=["model.preset=gpt3-350m"])
-    assert load_config(overrides=[f"train.lr={resolved.model_dump(mode='json')['train']['lr']}"]).train.lr == 3e-4
+    assert resolved.model_dump(mode="json")["train"]["lr"] == 3e-4 and "lr" not in resolved.train.model_fields_set
+    assert "lr" not in resolved.model_dump(mode="json", exclude_unset=True)["train"]
     assert load_config(overrides=["model.preset=gpt3-1.3b"], stage="finetune").train.lr == 3e-4
 
 
