@@ -614,7 +614,15 @@ def test_a_dataset_without_training_sequences_is_refused_before_a_worker_starts(
         stage="prepare"))
     console = Console(record=True, width=200)
     print_manifest_summary(console, manifest, dataset)  # what `data prepare` prints at its end
-    assert "warning: no training sequences, so pretrain will refuse this dataset" in console.export_text()
+    printed = console.export_text()
+    assert "warning: no training sequences, so pretrain will refuse this dataset" in printed
+    assert "warning: no validation sequences, so pretraining will report no validation loss" in printed
+    manifest["config"]["pack"]["val_fraction"] = 0.0  # none asked for: nothing to warn of
+    print_manifest_summary(quiet := Console(record=True, width=200), manifest, dataset)
+    assert "no validation sequences" not in quiet.export_text()
+    # the tokenizer's note gives the vocabulary it got, not the 300 asked for (the text has fewer pieces)
+    got = manifest["tokenizer"]["vocab_size"]
+    assert got < 300 and [s["note"] for s in manifest["stages"] if s["name"] == "tokenizer"] == [f"trained, vocab {got}"]
     with pytest.raises(InputError) as err:
         pretrain(train_config(dataset, tmp_path / "runs", "empty"))
     assert str(err.value) == (f"{dataset}: no training sequences (packed at pack.seq_len=64); prepare more text, "

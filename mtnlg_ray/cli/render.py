@@ -57,6 +57,10 @@ def print_manifest_summary(console, manifest: dict, output: Path) -> None:
         if not pack["train_sequences"]:
             console.print("[yellow]warning: no training sequences, so pretrain will refuse this dataset: prepare "
                           "more text, or pack shorter sequences with --set pack.seq_len=N[/yellow]")
+        if not pack["val_sequences"] and manifest.get("config", {}).get("pack", {}).get("val_fraction", 0) > 0:
+            console.print("[yellow]warning: no validation sequences, so pretraining will report no validation "
+                          "loss: prepare more text, or raise pack.val_fraction (a blend's repeated copies never "
+                          "hold validation text)[/yellow]")
 
 
 

@@ -604,7 +604,8 @@ def _tokenizer_for(docs, output: Path, config: Config, run: PipelineRun) -> Path
         if not docs.count():
             raise InputError("no documents survived the pipeline, so there is no text to train a tokenizer on")
         train_tokenizer([str(output / "docs")], config.tokenizer.vocab_size, target, show_progress=False)
-        note = f"trained, vocab {config.tokenizer.vocab_size}"
+        # The vocabulary it got: a small corpus has fewer distinct pieces than asked for (said on stderr).
+        note = f"trained, vocab {load_tokenizer(target / 'tokenizer.json').get_vocab_size()}"
     run.record(StageReport("tokenizer", docs.count(), docs.count(), 0, time.perf_counter() - start, note))
     return target / "tokenizer.json"
 
