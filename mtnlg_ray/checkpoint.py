@@ -241,7 +241,7 @@ def check_checkpoint(path: str | Path, classifier: bool = False) -> dict:
         expected = {**expected, f"{HEAD}weight": (n, config.d_model), f"{HEAD}bias": (n,)}
     # A head is ignored where no classifier is read, as loading ignores it; any other tensor is refused.
     stored = {key: torch.empty(shape, device="meta") for key, shape in shapes.items()
-              if key in expected or not key.startswith(HEAD)}
+              if key in expected or classifier or not key.startswith(HEAD)}
     check_tensor_shapes(stored, expected, weights)
     backbone = expected_shapes(config)  # a classifier's head is cast to the backbone's dtype on loading
     check_tensor_dtypes({k: v for k, v in stored_dtypes(weights).items() if k in backbone}, weights)
@@ -352,6 +352,9 @@ def load_classifier(
     head = _read_head(path / WEIGHTS)
     n, d = len(task["labels"]), backbone.config.d_model
     expected = {"weight": (n, d), "bias": (n,)}
+    stray = sorted(set(head) - set(expected))
+    if stray:
+        raise CheckpointError(f"{path / WEIGHTS}: unexpected tensor '{HEAD}{stray[0]}' for a classification head")
     for name, shape in expected.items():
         if name not in head:
             raise CheckpointError(f"{path / WEIGHTS}: missing tensor '{HEAD}{name}' of the classification head")

@@ -138,7 +138,8 @@ def import_hf(input: str | Path, output: str | Path) -> Path:
     _end_of_text_id(tokenizer_file, config.vocab_size, InputError)
     # Only an earlier import: any consolidated checkpoint used to pass, so importing over runs/pretrain/final
     # (or a fine-tuned classifier) replaced the trained model without a word.
-    _refuse_to_clobber(output, source, "`mtnlg-ray import hf` output",
+    _refuse_to_clobber(output, source, "`mtnlg-ray import hf` output (an import by an older mtnlg-ray carries "
+                       "no imported_by mark: delete it first)",
                        lambda body: body.get("format") == FORMAT and body.get(IMPORT_MARK) == "mtnlg-ray import hf")
     weights, weights_file = _read_hf_weights(source)
     state = _hf_model_tensors(weights, weights_file, hf_config, source / HF_CONFIG)

@@ -286,6 +286,18 @@ def test_the_header_check_reads_a_classifier_as_loading_it_would(saved, tmp_path
         load_classifier(path)
     with pytest.raises(CheckpointError, match=r"tensor 'head.weight' has shape \[3, 128\], config expects \[2, 128\]"):
         check_checkpoint(path, classifier=True)
+    # a stray tensor beside the head: one line from both classifier readers (loading raised torch's error)
+    from safetensors.torch import load_file, save_file
+
+    body["task"]["labels"] = ["a", "b", "c"]
+    (path / "config.json").write_text(json.dumps(body))
+    weights = str(path / "model.safetensors")
+    save_file({**load_file(weights), "head.scale": torch.ones(3)}, weights)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'head.scale' for a classification head"):
+        load_classifier(path)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'head.scale'"):
+        check_checkpoint(path, classifier=True)
+    check_checkpoint(path)  # a language-model reader skips the head's tensors, all of them
 
 
 def test_a_resumed_run_trains_with_its_own_betas_eps_and_weight_decay(tmp_path):

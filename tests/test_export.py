@@ -237,7 +237,8 @@ def test_import_replaces_only_its_own_earlier_output_not_a_trained_checkpoint(ch
     trained = tmp_path / "final"
     shutil.copytree(checkpoint, trained)
     before = (trained / "model.safetensors").read_bytes()
-    with pytest.raises(InputError, match="not an earlier `mtnlg-ray import hf` output; refusing to replace it"):
+    with pytest.raises(InputError, match=r"not an earlier `mtnlg-ray import hf` output \(an import by an older "
+                       r"mtnlg-ray carries no imported_by mark: delete it first\); refusing to replace it"):
         import_hf(exported, trained)
     assert (trained / "model.safetensors").read_bytes() == before
     mine = import_hf(exported, tmp_path / "imported")

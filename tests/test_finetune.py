@@ -270,6 +270,9 @@ def test_readers_name_the_file_and_line(tmp_path):
     empty.write_text("")
     with pytest.raises(InputError, match=r"empty.tsv: empty file \(expected a header line naming 'sentence', 'label'"):
         read_classification(empty, "sentence", "label")
+    empty.write_text("\nsentence\tlabel\nhi\t1\n")  # rows under a blank first line: not an empty file
+    with pytest.raises(InputError, match=r"empty.tsv:1: blank header line \(expected a header naming 'sentence'"):
+        read_classification(empty, "sentence", "label")
 
 
 def test_a_damaged_gzip_is_one_line_and_a_byte_order_mark_is_no_part_of_the_header(tmp_path):
@@ -733,6 +736,10 @@ def test_a_pool_partly_without_gold_labels_scores_the_pseudo_labels_on_the_rows_
     assert _write_pool(cfg, pool, tmp_path / "out.jsonl", labels) == (2, ["1", None])
     pool.write_text(json.dumps({"sentence": "unlabelled only"}) + "\n", encoding="utf-8")
     assert _write_pool(cfg, pool, tmp_path / "out.jsonl", labels) == (1, None)
+    # pandas writes a label column with gaps to CSV / TSV as "1.0" text: still the task's "1"
+    tsv = tmp_path / "pool.tsv"
+    tsv.write_text("sentence\tlabel\ngood\t1.0\nnew text\t\nbad\t0.0\n", encoding="utf-8")
+    assert _write_pool(cfg, tsv, tmp_path / "out.jsonl", ["0", "1"]) == (3, ["1", None, "0"])
     # a label outside the task's is refused, as in data.train: it used to be scored as a wrong pseudo-label
     pool.write_text(json.dumps({"sentence": "a", "label": "pos"}) + "\n" + json.dumps({"sentence": "b", "label": "meh"})
                     + "\n", encoding="utf-8")

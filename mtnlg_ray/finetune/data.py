@@ -77,8 +77,10 @@ def _delimited(path: Path, columns, optional, delimiter: str):
             reader = csv.DictReader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
             try:
                 header = reader.fieldnames or []
-                if not header:  # not even a header line: said as such, not as a header without the column
+                if not header:  # no header: said as such, not as a header without the column
                     named = ", ".join(map(repr, columns))
+                    if path.read_bytes().removeprefix(b"\xef\xbb\xbf").strip():
+                        raise InputError(f"{path}:1: blank header line (expected a header naming {named})")
                     raise InputError(f"{path}: empty file (expected a header line naming {named}, then one row "
                                      "per example)")
                 missing = [c for c in columns if c not in header]

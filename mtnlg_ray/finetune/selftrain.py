@@ -49,6 +49,11 @@ def _write_pool(cfg: Config, unlabelled: Path, out: Path, labels: list[str]) -> 
             fh.write(json.dumps({"text": text}) + "\n")
             label = row.get(cfg.data.label_field)
             label = None if label is None or not str(label).strip() else label_text(label)
+            if label is not None and label not in labels:  # "1.0": pandas' float column of a pool with gaps, as text
+                try:
+                    label = label_text(float(label)) if label_text(float(label)) in labels else label
+                except ValueError:
+                    pass
             if label is not None and label not in labels:
                 raise InputError(f"{where}: label {label!r} is not one of the task's labels {labels} (selftrain."
                                  f"unlabelled: a pool's labels only score its pseudo-labels; fix them or drop the "
