@@ -30,10 +30,10 @@ def generate(
     """
     from mtnlg_ray.inference import TextGenerator
     from mtnlg_ray.model.generate import SamplingParams
+    from mtnlg_ray.serve.protocol import openai_top_p
 
-    if top_p == 0:  # the server's reading (OpenAI's): a nucleus of nothing keeps the likeliest token
-        top_p = 1e-9
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=openai_top_p(top_p), top_k=top_k,
+                            seed=seed)
     generator = TextGenerator(checkpoint)
     for piece in generator.stream(prompt, params):
         sys.stdout.write(piece)

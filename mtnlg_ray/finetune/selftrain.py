@@ -12,6 +12,7 @@ round did goes to `self_train_report.json` and `self_train.png` in the run direc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -50,10 +51,9 @@ def _write_pool(cfg: Config, unlabelled: Path, out: Path, labels: list[str]) -> 
             label = row.get(cfg.data.label_field)
             label = None if label is None or not str(label).strip() else label_text(label)
             if label is not None and label not in labels:  # "1.0": pandas' float column of a pool with gaps, as text
-                try:
-                    label = label_text(float(label)) if label_text(float(label)) in labels else label
-                except ValueError:
-                    pass
+                with contextlib.suppress(ValueError):
+                    number = label_text(float(label))
+                    label = number if number in labels else label
             if label is not None and label not in labels:
                 raise InputError(f"{where}: label {label!r} is not one of the task's labels {labels} (selftrain."
                                  f"unlabelled: a pool's labels only score its pseudo-labels; fix them or drop the "

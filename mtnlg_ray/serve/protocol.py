@@ -37,6 +37,12 @@ def _unicode(text: str) -> str:
     return text
 
 
+
+def openai_top_p(top_p: float) -> float:
+    """top_p as OpenAI reads it: 0 is a nucleus of nothing, the likeliest token alone (SamplingParams takes
+    no 0, and the sampler always keeps the best token of a tiny nucleus). `generate --top-p` reads it so too."""
+    return 1e-9 if top_p == 0 else top_p
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -91,8 +97,7 @@ class _Request(BaseModel):
         if asked:
             raise ValueError(f"{asked[0]} is not supported by this server (a base GPT's completions only); "
                              "leave it unset")
-        if self.top_p == 0:  # OpenAI's nucleus of nothing: the likeliest token alone
-            self.top_p = 1e-9
+        self.top_p = openai_top_p(self.top_p)
         return self
 
     @field_validator("n")
