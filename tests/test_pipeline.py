@@ -215,6 +215,45 @@ def test_cli_prepare_exits_0_and_bad_config_exits_2(planted, tmp_path):
     assert bad.returncode == 2 and "unknown key 'dedup.bandz'" in bad.stderr
 
 
+def test_a_rerun_replaces_a_dataset_only_when_it_completes(ray_session, tmp_path):
+    """A re-run into a dataset's folder used to clear it when it started, so a run that then
+    rejected every record left nothing of the dataset it was meant to replace."""
+    from mtnlg_ray.data.pipeline import prepare_dataset
+
+    config = load_config(overrides=["tokenizer.vocab_size=300", "pack.seq_len=16", "pack.val_fraction=0"],
+                         stage="prepare")
+    rng = random.Random(11)
+    first, second, bad = tmp_path / "first.jsonl", tmp_path / "second.jsonl", tmp_path / "bad.jsonl"
+    first.write_text("\n".join(json.dumps({"text": make_doc(rng)}) for _ in range(6)) + "\n", encoding="utf-8")
+    second.write_text("\n".join(json.dumps({"text": make_doc(rng, 4)}) for _ in range(2)) + "\n", encoding="utf-8")
+    bad.write_text('{"text": "unterminated\n[1, 2]\n', encoding="utf-8")
+    output = tmp_path / "ds"
+    assert prepare_dataset([str(first)], output, config)["documents"] == 6
+    kept = {p.relative_to(output): p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    (output / ".partial" / "docs").mkdir(parents=True)  # what a run killed mid-way leaves
+    (output / ".partial" / "docs" / "part.parquet").write_bytes(b"cut short")
+
+    with pytest.raises(InputError) as err:
+        prepare_dataset([str(bad)], output, config)
+    failed = output / "failed-run"
+    assert str(err.value) == (f"no document survived read: 2 rejected (bad_json 1, not_object 1); "
+                              f"see {failed / 'rejected'} (the dataset already in {output} is kept)")
+    now = {p.relative_to(output): p.read_bytes() for p in output.rglob("*")
+           if p.is_file() and failed not in p.parents}
+    assert now == kept  # every file of the dataset, byte for byte, and nothing of the killed run
+    assert sorted(r["reason"] for r in pq.read_table(failed / "rejected").to_pylist()) == ["bad_json", "not_object"]
+    assert json.loads((failed / "manifest.json").read_text())["error"] == str(err.value)
+
+    manifest = prepare_dataset([str(second)], output, config)
+    assert manifest["documents"] == 2 and manifest["inputs"] == [str(second)]
+    assert json.loads((output / "manifest.json").read_text()) == manifest
+    assert sorted(p.name for p in output.iterdir()) == ["docs", "manifest.json", "rejected", "tokenizer", "tokens"]
+    texts = pq.read_table(output / "docs").column("text").to_pylist()
+    assert len(texts) == 2  # the first run's docs are gone, not read beside the second's
+    packed = read_sequences(output / "tokens", "train")
+    assert packed.shape[0] == manifest["pack"]["train_sequences"]
+
+
 # ---------------------------------------------------------------- what a new user hits first
 
 

@@ -194,27 +194,92 @@ def _given_tokenizer(config: Config) -> Path:
     return source / "tokenizer.json" if source.is_dir() else source
 
 
-def _prepare_output(output: Path) -> None:
-    """Create `output`, or clear a previous dataset in it; never clobber an unrelated folder."""
+STAGING = ".partial"  # a run writes here, inside its output folder, and moves into place at the end
+FAILED_RUN = "failed-run"  # a failed run's rejected/ and manifest.json, beside the dataset it kept
+DATASET_ENTRIES = ("docs", "rejected", "tokens", "tokenizer", "manifest.json", FAILED_RUN)
+
+
+def _prepare_output(output: Path) -> Path:
+    """Check `output` can take a dataset (empty, new, or one an earlier run wrote) and return the
+    staging folder this run writes into; an earlier dataset stays until `_publish_run` replaces it."""
     try:
         if output.exists():
             if not output.is_dir():
                 raise InputError(f"{output}: exists and is not a directory")
-            if any(output.iterdir()) and not (output / "manifest.json").is_file():
+            if (any(entry.name != STAGING for entry in output.iterdir())
+                    and not (output / "manifest.json").is_file()):
                 raise InputError(f"{output}: exists, is not empty and holds no manifest.json; choose a new directory")
-            for name in ("docs", "rejected", "tokens", "tokenizer", "manifest.json"):
-                target = output / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
         check_can_make_folder(output)  # a file above it: mkdir's NotADirectoryError was a traceback
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        staging = output / STAGING
+        _remove(staging)  # what a killed run left
+        staging.mkdir(parents=True)
+        return staging
     except PermissionError as err:
         raise InputError(f"{output}: not writable ({err.strerror})") from None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _holds_dataset(output: Path) -> bool:
+    """Whether `output` holds what an earlier run completed (its manifest has no `error`)."""
+    try:
+        return "error" not in json.loads((output / "manifest.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return False
+    except (ValueError, OSError, TypeError):
+        return True  # unreadable: keep it rather than guess
+
+
+def _failed_run_home(output: Path) -> Path:
+    """Where a run that is left with no document puts its rejected/ and manifest.json: beside the
+    earlier dataset it keeps, or the output itself."""
+    return output / FAILED_RUN if _holds_dataset(output) else output
+
+
+def _publish_run(staging: Path, output: Path, home: Path) -> None:
+    """Move the run's files from `staging` to `home`: the output, whose earlier dataset (and failed
+    run) they replace, or `output/failed-run`, replacing only an earlier failed run's."""
+    if home != output:
+        _remove(home)
+        staging.rename(home)
+        return
+    for name in DATASET_ENTRIES:
+        if name != "manifest.json":
+            _remove(output / name)
+    for entry in sorted(staging.iterdir(), key=lambda e: e.name == "manifest.json"):  # the manifest last
+        os.replace(entry, output / entry.name)
+    staging.rmdir()
+
+
+def _staged(output: Path, run_fn: Callable[[Path], dict]) -> dict:
+    """Start the pipeline; `run_fn(staging)` writes a run into the staging folder, which on success
+    replaces `output`'s dataset. A run left with no document goes where `RunLeftEmpty` says; one that
+    stops any other way (an error, Ctrl-C) removes its staging, and the dataset stays as it was."""
+    staging = _prepare_output(output)  # an unusable output is one line before Ray starts
+    try:
+        _start_pipeline()
+        manifest = run_fn(staging)
+    except RunLeftEmpty as failed:
+        _publish_run(staging, output, failed.home)
+        raise failed.error from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _publish_run(staging, output, output)
+    return manifest
+
+
+class RunLeftEmpty(Exception):
+    """A run with no document left: its rejected/ and manifest.json are staged for `home`."""
+
+    def __init__(self, error: InputError, home: Path) -> None:
+        super().__init__(str(error))
+        self.error, self.home = error, home
 
 
 def _write_parquet(ds, folder: Path, columns: Sequence[str]) -> None:
@@ -333,20 +398,24 @@ def _count_split_files(raw, txt_files: list[str]) -> int:
     return len({f for batch in found.iter_batches(batch_format="pyarrow") for f in batch.column("file").to_pylist()})
 
 
-def _stop_on_empty(run: PipelineRun, output: Path, inputs: Sequence[str], stage: str, started: float) -> InputError:
-    """Write rejected/ and manifest.json for a run that has no document left; the error to raise."""
-    (output / "docs").mkdir(parents=True, exist_ok=True)
-    rejected_counts = _write_rejected(run, output)
+def _stop_on_empty(run: PipelineRun, staging: Path, output: Path, inputs: Sequence[str], stage: str,
+                   started: float) -> RunLeftEmpty:
+    """Stage rejected/ and manifest.json for a run that has no document left; the exception to raise."""
+    home = _failed_run_home(output)
+    (staging / "docs").mkdir(parents=True, exist_ok=True)
+    rejected_counts = _write_rejected(run, staging)
     total = sum(rejected_counts.values())
     reasons = ", ".join(f"{reason} {n:,}" for reason, n in sorted(rejected_counts.items(), key=lambda kv: (-kv[1], kv[0])))
     message = (f"no document survived {stage}: {total:,} rejected ({reasons or 'none'}); "
-               f"see {output / 'rejected'}")
-    _write_manifest(output, {
+               f"see {home / 'rejected'}")
+    if home != output:
+        message += f" (the dataset already in {output} is kept)"
+    _write_manifest(staging, {
         **_manifest_head(inputs, run, rejected_counts, documents=0),
         "error": message,
         "seconds": round(time.perf_counter() - started, 3),
     })
-    return InputError(message)
+    return RunLeftEmpty(InputError(message), home)
 
 
 def _write_rejected(run: PipelineRun, output: Path) -> dict[str, int]:
@@ -405,7 +474,9 @@ def prepare_dataset(
     """Run the whole corpus pipeline on the connected (or a new local) Ray; returns the manifest.
 
     A run that loses every document at some stage still writes rejected/ and manifest.json, then
-    raises `InputError` naming that stage and the rejected counts by reason.
+    raises `InputError` naming that stage and the rejected counts by reason. An earlier dataset in
+    `output` is replaced only when the run completes; a run left empty beside one writes into
+    `output/failed-run`.
     """
     started = time.perf_counter()
     output = Path(output)
@@ -421,33 +492,37 @@ def prepare_dataset(
     if config.label.labeler is not None and config.label.model is None:
         raise InputError("label.model: the labeller needs a model path (set label.model)")
     _check_curation(config)
-    _check_models(config)  # before the output folder's previous dataset is cleared
-    _prepare_output(output)
-    _start_pipeline()
+    _check_models(config)  # before any work
+    return _staged(output, lambda staging: _prepare_into(staging, output, items, grams, inputs, config, on_stage,
+                                                         started))
 
+
+def _prepare_into(staging: Path, output: Path, items, grams, inputs: Sequence[str], config: Config,
+                  on_stage: Callable[[StageReport], None] | None, started: float) -> dict:
+    """`prepare_dataset`'s work, every file written under `staging`."""
     run = PipelineRun(on_stage=on_stage)
     try:
         docs, read_counts = _curate(run, items, config, grams)
     except NothingLeft as empty:
-        raise _stop_on_empty(run, output, inputs, empty.stage, started) from None
+        raise _stop_on_empty(run, staging, output, inputs, empty.stage, started) from None
 
     # Dedup shuffles rows; the corpus order comes back from `seq`.
     start = time.perf_counter()
     if config.dedup.exact or config.dedup.fuzzy:
         docs = docs.sort("seq").materialize()
     doc_columns = [c for c in docs.columns() if c not in ("seq",)]
-    _write_parquet(docs, output / "docs", doc_columns)
+    _write_parquet(docs, staging / "docs", doc_columns)
     kept_counts = _count_by(docs, "source")
     run.record(StageReport("write docs", docs.count(), docs.count(), 0, time.perf_counter() - start))
 
-    tokenizer_file = _tokenizer_for(docs, output, config, run)
+    tokenizer_file = _tokenizer_for(docs, staging, config, run)
 
     start = time.perf_counter()
-    packed = _pack(docs, output, tokenizer_file, config)
+    packed = _pack(docs, staging, tokenizer_file, config)
     run.record(StageReport("tokenize + pack", docs.count(), packed["documents"], 0, time.perf_counter() - start,
                            f"{packed['train_sequences']} train / {packed['val_sequences']} val sequences"))
 
-    rejected_counts = _write_rejected(run, output)
+    rejected_counts = _write_rejected(run, staging)
 
     from mtnlg_ray.tokenizer import load_tokenizer, tokenizer_hash
 
@@ -473,7 +548,7 @@ def prepare_dataset(
                                                           "decontam", "pack"}),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    _write_manifest(output, manifest)
+    _write_manifest(staging, manifest)
     return manifest
 
 
@@ -643,7 +718,8 @@ def _pack(docs, output: Path, tokenizer_file: Path, config: Config) -> dict:
 def label_corpus(inputs: Sequence[str], output: str | Path, config: Config) -> dict:
     """Read INPUTs and run only the pseudo-labelling stage; write docs/ (with label columns) and rejected/.
 
-    Like `prepare_dataset`, a run left with no document writes rejected/ and manifest.json, then raises.
+    Like `prepare_dataset`, a run left with no document writes rejected/ and manifest.json, then raises,
+    and an earlier dataset in `output` is replaced only by a run that completes.
     """
     from mtnlg_ray.data.label import filter_labelled, label_documents, stage_name
 
@@ -653,21 +729,23 @@ def label_corpus(inputs: Sequence[str], output: str | Path, config: Config) -> d
     output = Path(output)
     items = resolve_sources(inputs)
     _check_models(config)  # a wrong model is one line before Ray starts (the pool checks again)
-    _prepare_output(output)
-    _start_pipeline()
-    run = PipelineRun()
-    try:
-        docs = _read_stage(run, items, config)
-        docs = _run_stage(run, stage_name(config.label), docs,
-                          lambda d: filter_labelled(label_documents(d, config.label), config.label))
-    except NothingLeft as empty:
-        raise _stop_on_empty(run, output, inputs, empty.stage, started) from None
-    _write_parquet(docs, output / "docs", [c for c in docs.columns() if c != "seq"])
-    manifest = {
-        **_manifest_head(inputs, run, _write_rejected(run, output), documents=docs.count()),
-        "labeler": config.label.labeler,
-        "model": config.label.model,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    _write_manifest(output, manifest)
-    return manifest
+
+    def label_into(staging: Path) -> dict:
+        run = PipelineRun()
+        try:
+            docs = _read_stage(run, items, config)
+            docs = _run_stage(run, stage_name(config.label), docs,
+                              lambda d: filter_labelled(label_documents(d, config.label), config.label))
+        except NothingLeft as empty:
+            raise _stop_on_empty(run, staging, output, inputs, empty.stage, started) from None
+        _write_parquet(docs, staging / "docs", [c for c in docs.columns() if c != "seq"])
+        manifest = {
+            **_manifest_head(inputs, run, _write_rejected(run, staging), documents=docs.count()),
+            "labeler": config.label.labeler,
+            "model": config.label.model,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        _write_manifest(staging, manifest)
+        return manifest
+
+    return _staged(output, label_into)
