@@ -247,7 +247,8 @@ def test_a_rerun_replaces_a_dataset_only_when_it_completes(ray_session, tmp_path
     manifest = prepare_dataset([str(second)], output, config)
     assert manifest["documents"] == 2 and manifest["inputs"] == [str(second)]
     assert json.loads((output / "manifest.json").read_text()) == manifest
-    assert sorted(p.name for p in output.iterdir()) == ["docs", "manifest.json", "rejected", "tokenizer", "tokens"]
+    assert sorted(p.name for p in output.iterdir()) == [".lock", "docs", "manifest.json", "rejected", "tokenizer",
+                                                       "tokens"]
     texts = pq.read_table(output / "docs").column("text").to_pylist()
     assert len(texts) == 2  # the first run's docs are gone, not read beside the second's
     packed = read_sequences(output / "tokens", "train")

@@ -25,8 +25,9 @@ import pyarrow.compute as pc
 
 from mtnlg_ray.config import Config
 from mtnlg_ray.data.read import (REJECTED_COLUMNS, document_id, iter_records, iter_texts, resolve_sources)
+from mtnlg_ray.data.staging import failed_run_home, publish, staged_output
 from mtnlg_ray.errors import InputError
-from mtnlg_ray.publish import check_can_make_folder, publish_file
+from mtnlg_ray.publish import publish_file
 
 FORMAT = "mtnlg-ray/dataset/v1"
 _SEQ_BITS = 32  # seq = file index << 32 | record index: the corpus order, kept through every stage
@@ -194,83 +195,18 @@ def _given_tokenizer(config: Config) -> Path:
     return source / "tokenizer.json" if source.is_dir() else source
 
 
-STAGING = ".partial"  # a run writes here, inside its output folder, and moves into place at the end
-FAILED_RUN = "failed-run"  # a failed run's rejected/ and manifest.json, beside the dataset it kept
-DATASET_ENTRIES = ("docs", "rejected", "tokens", "tokenizer", "manifest.json", FAILED_RUN)
-
-
-def _prepare_output(output: Path) -> Path:
-    """Check `output` can take a dataset (empty, new, or one an earlier run wrote) and return the
-    staging folder this run writes into; an earlier dataset stays until `_publish_run` replaces it."""
-    try:
-        if output.exists():
-            if not output.is_dir():
-                raise InputError(f"{output}: exists and is not a directory")
-            if (any(entry.name != STAGING for entry in output.iterdir())
-                    and not (output / "manifest.json").is_file()):
-                raise InputError(f"{output}: exists, is not empty and holds no manifest.json; choose a new directory")
-        check_can_make_folder(output)  # a file above it: mkdir's NotADirectoryError was a traceback
-        staging = output / STAGING
-        _remove(staging)  # what a killed run left
-        staging.mkdir(parents=True)
-        return staging
-    except PermissionError as err:
-        raise InputError(f"{output}: not writable ({err.strerror})") from None
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _holds_dataset(output: Path) -> bool:
-    """Whether `output` holds what an earlier run completed (its manifest has no `error`)."""
-    try:
-        return "error" not in json.loads((output / "manifest.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return False
-    except (ValueError, OSError, TypeError):
-        return True  # unreadable: keep it rather than guess
-
-
-def _failed_run_home(output: Path) -> Path:
-    """Where a run that is left with no document puts its rejected/ and manifest.json: beside the
-    earlier dataset it keeps, or the output itself."""
-    return output / FAILED_RUN if _holds_dataset(output) else output
-
-
-def _publish_run(staging: Path, output: Path, home: Path) -> None:
-    """Move the run's files from `staging` to `home`: the output, whose earlier dataset (and failed
-    run) they replace, or `output/failed-run`, replacing only an earlier failed run's."""
-    if home != output:
-        _remove(home)
-        staging.rename(home)
-        return
-    for name in DATASET_ENTRIES:
-        if name != "manifest.json":
-            _remove(output / name)
-    for entry in sorted(staging.iterdir(), key=lambda e: e.name == "manifest.json"):  # the manifest last
-        os.replace(entry, output / entry.name)
-    staging.rmdir()
-
-
 def _staged(output: Path, run_fn: Callable[[Path], dict]) -> dict:
     """Start the pipeline; `run_fn(staging)` writes a run into the staging folder, which on success
-    replaces `output`'s dataset. A run left with no document goes where `RunLeftEmpty` says; one that
-    stops any other way (an error, Ctrl-C) removes its staging, and the dataset stays as it was."""
-    staging = _prepare_output(output)  # an unusable output is one line before Ray starts
-    try:
+    replaces `output`'s dataset (data/staging.py). A run left with no document goes where
+    `RunLeftEmpty` says; one that stops any other way (an error, Ctrl-C) leaves the dataset as it was."""
+    with staged_output(output) as staging:  # an unusable output is one line before Ray starts
         _start_pipeline()
-        manifest = run_fn(staging)
-    except RunLeftEmpty as failed:
-        _publish_run(staging, output, failed.home)
-        raise failed.error from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _publish_run(staging, output, output)
+        try:
+            manifest = run_fn(staging)
+        except RunLeftEmpty as failed:
+            publish(staging, output, failed.home)
+            raise failed.error from None
+        publish(staging, output)
     return manifest
 
 
@@ -401,7 +337,7 @@ def _count_split_files(raw, txt_files: list[str]) -> int:
 def _stop_on_empty(run: PipelineRun, staging: Path, output: Path, inputs: Sequence[str], stage: str,
                    started: float) -> RunLeftEmpty:
     """Stage rejected/ and manifest.json for a run that has no document left; the exception to raise."""
-    home = _failed_run_home(output)
+    home = failed_run_home(output)
     (staging / "docs").mkdir(parents=True, exist_ok=True)
     rejected_counts = _write_rejected(run, staging)
     total = sum(rejected_counts.values())

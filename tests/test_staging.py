@@ -1,0 +1,132 @@
+"""The dataset folder's staged replacement (data/staging.py) on real folders: a run that does not
+complete, by an error, Ctrl-C or a kill in the middle of its moves, leaves the earlier dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from mtnlg_ray.data.staging import FAILED_RUN, OLD, STAGING, publish, staged_output
+from mtnlg_ray.errors import InputError
+
+
+def write_dataset(folder, tag):
+    for name in ("docs", "tokens", "tokenizer", "rejected"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "part-0").write_text(f"{tag} {name}")
+    (folder / "manifest.json").write_text(json.dumps({"tag": tag}))
+
+
+def files(folder):
+    return {str(p.relative_to(folder)): p.read_text() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_a_completed_run_replaces_the_dataset_and_its_failed_run(tmp_path):
+    output = tmp_path / "ds"
+    write_dataset(output, "old")
+    (output / FAILED_RUN).mkdir()
+    (output / FAILED_RUN / "manifest.json").write_text('{"error": "x"}')
+    (output / "notes.txt").write_text("mine")
+    with staged_output(output) as staging:
+        write_dataset(staging, "new")
+        publish(staging, output)
+    expected = {f"{name}/part-0": f"new {name}" for name in ("docs", "rejected", "tokenizer", "tokens")}
+    assert files(output) == {**expected, "manifest.json": '{"tag": "new"}', "notes.txt": "mine"}
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_run_stopped_before_it_publishes_leaves_the_dataset(tmp_path, stop):
+    output = tmp_path / "ds"
+    write_dataset(output, "old")
+    before = files(output)
+    with pytest.raises(stop):
+        with staged_output(output) as staging:
+            write_dataset(staging, "new")
+            raise stop()
+    assert files(output) == before and not (output / STAGING).exists()
+
+
+@pytest.mark.parametrize("moved_in", [False, True])
+def test_a_publish_killed_mid_way_is_undone_by_the_next_run(tmp_path, moved_in):
+    """The states a SIGKILL between publish's renames leaves: two of the old folders in .old, the new
+    manifest still staged; or every old folder in .old and the new docs moved in. The next run must
+    give back the earlier dataset."""
+    output = tmp_path / "ds"
+    write_dataset(output, "old")
+    (output / "tokenizer").rename(output / "tokenizer-gone")  # an old dataset without a tokenizer
+    before = files(output)
+    write_dataset(output / STAGING, "new")
+    (output / OLD).mkdir()
+    for name in ("docs", "tokens", "rejected") if moved_in else ("docs", "tokens"):
+        os.replace(output / name, output / OLD / name)
+    if moved_in:
+        (output / OLD / ".moving-in").touch()
+        for name in ("docs", "tokenizer"):
+            os.replace(output / STAGING / name, output / name)
+    with pytest.raises(KeyboardInterrupt):
+        with staged_output(output):
+            assert files(output) == before  # put back before the new run starts
+            raise KeyboardInterrupt
+    assert files(output) == before and sorted(p.name for p in output.iterdir()) == [
+        ".lock", "docs", "manifest.json", "rejected", "tokenizer-gone", "tokens"]
+
+
+def test_a_publish_killed_after_its_commit_keeps_the_new_dataset(tmp_path):
+    output = tmp_path / "ds"
+    write_dataset(output, "new")
+    (output / OLD / "docs").mkdir(parents=True)  # the commit happened; .old was not yet deleted
+    (output / OLD / "docs" / "part-0").write_text("old docs")
+    before = {k: v for k, v in files(output).items() if not k.startswith(OLD)}
+    with staged_output(output):
+        pass
+    assert files(output) == before
+
+
+def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):
+    output = tmp_path / "ds"
+    with staged_output(output) as staging:
+        (staging / "docs").mkdir()
+        with pytest.raises(InputError, match=r"ds: another run is writing a dataset there"):
+            with staged_output(output):
+                pass
+        assert (staging / "docs").is_dir()  # the second run did not clear the first one's staging
+    with staged_output(output):  # free again
+        pass
+
+
+def test_an_occupied_or_unwritable_folder_is_refused_before_anything_moves(tmp_path):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="holds no manifest.json"):
+        with staged_output(occupied):
+            pass
+    assert sorted(p.name for p in occupied.iterdir()) == ["keep.txt"]
+    if os.geteuid() == 0:
+        return  # root writes anywhere
+    output = tmp_path / "ds"
+    write_dataset(output, "old")
+    (output / "tokens").chmod(0o500)
+    try:
+        with pytest.raises(InputError, match=r"tokens: not writable"):
+            with staged_output(output):
+                pass
+    finally:
+        (output / "tokens").chmod(0o700)
+
+
+def test_a_failed_run_beside_a_dataset_replaces_only_the_last_failed_run(tmp_path):
+    output = tmp_path / "ds"
+    write_dataset(output, "old")
+    before = files(output)
+    for tag in ("first", "second"):
+        with pytest.raises(InputError):
+            with staged_output(output) as staging:
+                (staging / "rejected").mkdir()
+                (staging / "manifest.json").write_text(json.dumps({"error": tag}))
+                publish(staging, output, output / FAILED_RUN)
+                raise InputError(tag)
+    assert files(output) == {**before, f"{FAILED_RUN}/manifest.json": '{"error": "second"}'}
