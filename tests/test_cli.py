@@ -32,6 +32,12 @@ def test_every_command_has_help_that_explains_it(path):
     # A description beyond the usage line: the docstring or the group's help.
     body = [line for line in result.output.splitlines() if line.strip() and "Usage:" not in line]
     assert len(body) > 3
+    # Typer prints a line break inside a paragraph as it is, so a docstring wrapped at 100 columns was
+    # ragged in an 80-column terminal: each paragraph must be one line, for the terminal to wrap.
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    assert [p for p in (command.help or "").split("\n\n") if "\n" in p] == []
 
 
 def assert_one_line_error(result, *fragments):

@@ -10,6 +10,8 @@ from mtnlg_ray.cli import train  # noqa: F401, I001
 from mtnlg_ray.cli import serve  # noqa: F401
 from mtnlg_ray.cli import data  # noqa: F401
 from mtnlg_ray.cli import cluster  # noqa: F401
-from mtnlg_ray.cli.app import app, main
+from mtnlg_ray.cli.app import app, main, unwrap_help
+
+unwrap_help(app)
 
 __all__ = ["app", "main"]

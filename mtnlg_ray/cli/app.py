@@ -5,6 +5,7 @@ A user error (`MtnlgError`) becomes one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -22,6 +23,17 @@ class _App(typer.Typer):
         except MtnlgError as exc:
             typer.echo(f"error: {exc}", err=True)
             sys.exit(2)
+
+
+def unwrap_help(group: typer.Typer) -> None:
+    """Make each paragraph of every command's help one line. Typer prints a docstring's line breaks as
+    they are, so text wrapped at 100 columns came out ragged in an 80-column terminal; the terminal
+    now wraps it."""
+    for info in group.registered_commands:
+        text = info.help or inspect.getdoc(info.callback) or ""
+        info.help = "\n\n".join(" ".join(paragraph.split("\n")) for paragraph in text.split("\n\n"))
+    for sub in group.registered_groups:
+        unwrap_help(sub.typer_instance)
 
 
 app = _App(

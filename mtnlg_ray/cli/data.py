@@ -23,7 +23,9 @@ def data_prepare(
 ) -> None:
     """Run the whole corpus pipeline on Ray (the connected cluster, or a local one it starts).
 
-    Bad records never stop the run: each lands in rejected/ with its stage and reason.
+    Bad records never stop the run: each lands in rejected/ with its stage and reason. A dataset
+    already in --output is replaced only when the run completes; a run left with no document beside
+    it writes its rejects to OUTPUT/failed-run.
 
     Example: mtnlg-ray data prepare builtin:python-docs corpus/ --output work/data --set pack.seq_len=128
     """
