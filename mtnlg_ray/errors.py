@@ -21,6 +21,10 @@ class InputError(MtnlgError):
     """An input path, prompt or record cannot be used."""
 
 
+class Interrupted(MtnlgError):
+    """The user stopped a run (Ctrl-C); the CLI says what was kept and exits with code 130."""
+
+
 def first_line(value: object) -> str:
     """The first line of an exception's (or any value's) text, for one-line messages; the exception's
     type name when it has no text."""

@@ -550,6 +550,35 @@ def test_tiny_model_learns_shakespeare_below_unigram_entropy(shakespeare, tmp_pa
     assert plot.returncode == 0 and (Path(result["run_dir"]) / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # about a minute: a real `mtnlg-ray pretrain` process, stopped once it has saved a checkpoint
+def test_ctrl_c_stops_pretraining_with_one_line_naming_the_checkpoint_it_resumes_from(shakespeare, tmp_path):
+    """Ray Train's SIGINT handler aborts the run and exits from inside fit(): the command used to end
+    with code 1 and not a word about the run or how to go on."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("mtnlg-ray") or str(Path(sys.executable).parent / "mtnlg-ray")
+    sets = [f"data.path={shakespeare}", f"run.storage_path={tmp_path}", "run.name=stopped", "model.preset=tiny",
+            "model.seq_len=64", "train.max_steps=100000", "train.global_batch_size=8", "train.micro_batch_size=2",
+            "checkpoint.every_steps=5", "train.eval_every=1000"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.Popen([exe, "pretrain", *[a for s in sets for a in ("--set", s)]], env=env, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run_dir = tmp_path / "stopped"
+    deadline = time.monotonic() + 300
+    while not list(run_dir.glob("checkpoint_*")) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(1)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 130, (out[-2000:], err[-2000:])
+    lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert lines[0].startswith(f"interrupted: the run in {run_dir} stopped; the same command resumes it from "
+                               "checkpoint_")
+    assert (run_dir / lines[0].rsplit(" ", 1)[1]).is_dir()
+
+
 def test_bad_layouts_fail_before_any_worker_starts(shakespeare, tmp_path):
     from mtnlg_ray.train.trainer import pretrain
 

@@ -1,6 +1,7 @@
 """The `mtnlg-ray` Typer application and its command groups; the command modules register on them.
 
-A user error (`MtnlgError`) becomes one line on stderr and exit code 2.
+A user error (`MtnlgError`) becomes one line on stderr and exit code 2; a run stopped by Ctrl-C
+(`Interrupted`) one line and exit code 130.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 import typer
 
-from mtnlg_ray.errors import MtnlgError
+from mtnlg_ray.errors import Interrupted, MtnlgError
 
 
 class _App(typer.Typer):
@@ -20,6 +21,9 @@ class _App(typer.Typer):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().__call__(*args, **kwargs)
+        except Interrupted as exc:
+            typer.echo(f"interrupted: {exc}", err=True)
+            sys.exit(130)
         except MtnlgError as exc:
             typer.echo(f"error: {exc}", err=True)
             sys.exit(2)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mtnlg_ray.config import Config, absolute_paths
-from mtnlg_ray.errors import ConfigError, InputError, MtnlgError
+from mtnlg_ray.errors import ConfigError, InputError, Interrupted, MtnlgError
 from mtnlg_ray.train.checkpoint import check_resume_data, check_resume_shape, file_digest, latest_checkpoint
 from mtnlg_ray.train.schedule import run_tokens
 
@@ -185,14 +185,20 @@ def schedule_over_the_run(cfg: Config, seq_len: int, sequences: int | None = Non
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
 
 
-def fit_raising_user_errors(trainer):
+def fit_raising_user_errors(trainer, run_dir: Path):
     """`trainer.fit()`, except that a user's mistake (`MtnlgError`) raised on a worker comes back as
     itself, so the CLI prints its one line, not Ray's traceback of every rank. The driver checks what
-    it can before workers start; this covers what only a worker sees."""
+    it can before workers start; this covers what only a worker sees. A Ctrl-C is `Interrupted`."""
     import ray.train
 
     try:
         return trainer.fit()
+    except SystemExit:
+        # Ray Train's SIGINT handler aborts the run and calls sys.exit from inside fit(); the process
+        # then ended with code 1 and not a word.
+        newest = latest_checkpoint(run_dir)
+        raise Interrupted(f"the run in {run_dir} stopped; " + (
+            f"the same command resumes it from {newest.name}" if newest else "it had saved no checkpoint")) from None
     except ray.train.WorkerGroupError as failed:
         user_error = next((e for e in failed.worker_failures.values() if isinstance(e, MtnlgError)), None)
         if user_error is None:
@@ -347,7 +353,7 @@ def run_training(
         # An autoscaling cluster short of room: say what is awaited until the workers start.
         threading.Thread(target=_say_while_waiting, args=(waiting, records, stop), daemon=True).start()
     try:
-        fit_raising_user_errors(trainer)
+        fit_raising_user_errors(trainer, run_dir)
     finally:
         stop.set()
         watcher.join(timeout=10)
