@@ -46,6 +46,11 @@ def test_file_values_and_overrides_stack(tmp_path):
         ("pack.val_fraction=0.6", "pack.val_fraction: Input should be less than or equal to 0.5"),
         # a check across keys blames the --set that broke it, not the shipped file
         ("train.global_batch_size=33", "--set train.global_batch_size=33: train.global_batch_size (33) must be"),
+        # an infinite LR trained on NaN and the job reported success; `true` was one step
+        ("train.lr=.inf", "--set train.lr=.inf: train.lr: Input should be a finite number"),
+        ("train.weight_decay=.nan", "train.weight_decay: Input should be a finite number"),
+        ("train.max_steps=true", "--set train.max_steps=true: train.max_steps: expected a number (got True)"),
+        ("parallel.workers=false", "parallel.workers: expected a number (got False)"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
