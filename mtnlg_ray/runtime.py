@@ -43,6 +43,13 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):  # ray.init's answer was a traceback
+        from mtnlg_ray.errors import ConfigError
+
+        raise ConfigError(f"RAY_ADDRESS={address} is a dashboard address, which `mtnlg-ray submit` and `jobs` "
+                          "take; a stage run here joins a cluster by its GCS address (HOST:6379). Submit the "
+                          "stage (`mtnlg-ray submit STAGE ...`), or unset RAY_ADDRESS to run it on a local Ray")
     # ray.init() with no address joins RAY_ADDRESS or a cluster started with `ray start` on this
     # machine (keeping that cluster's settings), and otherwise starts a local Ray for this process.
     with worker_niceness_default():

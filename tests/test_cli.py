@@ -313,3 +313,21 @@ def test_progress_lines_stay_whole_off_a_terminal(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.splitlines() == [
         "step   4200  loss 3.7012  val 3.7456  lr 3.00e-04  batch 32  1,503 tok/s  MFU 71.6%  |g| 0.37"]
+
+
+def test_a_dashboard_address_in_ray_address_is_one_line_for_a_stage_run_here(tmp_path):
+    """The README tells users RAY_ADDRESS may hold the dashboard (for `submit`); a stage run on this
+    machine with it set failed in ray.init with a traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("A paragraph of plain words for the check.\n")
+    exe = shutil.which("mtnlg-ray") or str(Path(sys.executable).parent / "mtnlg-ray")
+    result = subprocess.run([exe, "data", "prepare", str(corpus), "--output", str(tmp_path / "ds")],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"})
+    assert_one_line_error(result, "RAY_ADDRESS=http://127.0.0.1:8265 is a dashboard address",
+                          "unset RAY_ADDRESS")
