@@ -27,6 +27,7 @@ from mtnlg_ray.local_cluster import is_running, read_state
 CONFIG_NAME = "config.yaml"  # the config as set (paths absolute), at the top of the job's working_dir
 LOG_TAIL_LINES = 20
 # What `mtnlg-ray serve` prints once its replicas are up.
+JOB_ID = re.compile(r"[A-Za-z0-9._-]+")
 SERVING_LINE = re.compile(r"serving .+? at (http://\S+)/v1")  # a model name may hold spaces
 
 
@@ -80,6 +81,7 @@ def submit(
 
     A serve job never ends by itself: with `no_wait` this returns once its endpoint is up, with the URL.
     """
+    check_job_id(job_id)
     address = resolve_address(address)
     client = connect(address)
     submitted = _submit_spec(client, spec, address, job_id)
@@ -211,9 +213,26 @@ def _submit_spec(client, spec: JobSpec, address: str, job_id: str | None) -> str
         return client.submit_job(entrypoint=spec.entrypoint, runtime_env=runtime_env, submission_id=job_id,
                                  metadata={"mtnlg_stage": spec.stage})
     except (RuntimeError, ValueError, ConnectionError) as exc:
-        raise MtnlgError(f"submitting the {spec.stage} job to {address} failed: {first_line(exc)}") from None
+        raise MtnlgError(f"submitting the {spec.stage} job to {address} failed: {_server_reason(exc)}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_job_id(job_id: str | None) -> None:
+    if job_id is not None and not JOB_ID.fullmatch(job_id):
+        # Ray took 'a b/c' into its job table and then failed: a job left PENDING for good.
+        raise MtnlgError(f"--job-id {job_id!r}: expected letters, digits, '.', '_' and '-' only")
+
+
+def _server_reason(exc: Exception) -> str:
+    """The reason in a job server's error: its text is often 'status code 500: Traceback ...', whose
+    first line says nothing and whose last says what went wrong (a job id already taken)."""
+    text = str(exc)
+    if "Traceback (most recent call last)" not in text:
+        return first_line(exc)
+    raised = [found.group(2) for line in text.splitlines()
+              if (found := re.match(r"\s*([\w.]+(?:Error|Exception)): (.+)", line))]
+    return raised[-1].strip() if raised else first_line(exc)
 
 
 def _job_info(client, job_id: str):

@@ -90,8 +90,15 @@ def start_local_cluster(
     temp = Path(temp_dir).absolute() if temp_dir else default_temp_dir()
     existing = read_state(temp)
     if existing is not None and is_running(existing):
-        raise MtnlgError(f"a local cluster is already up (dashboard {existing.dashboard_url}); "
-                         "`mtnlg-ray local down` stops it")
+        down = f"mtnlg-ray local down --temp-dir {temp}" if temp_dir else "mtnlg-ray local down"
+        raise MtnlgError(f"a local cluster is already up (dashboard {existing.dashboard_url}); `{down}` stops it")
+    # A port another Ray holds: `ray start` answered with a GCS session mismatch, or came up without a
+    # dashboard of its own while the other cluster's job server answered at the URL (and took the jobs).
+    for option, number, host in (("--port", port, "0.0.0.0"), ("--dashboard-port", dashboard_port, "127.0.0.1")):
+        if not 0 < number < 65536:
+            raise MtnlgError(f"{option} {number}: expected a port number from 1 to 65535")
+        if _port_taken(host, number):
+            raise MtnlgError(f"{option} {number}: the port is taken (by another Ray?); {option} picks another")
     command = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
@@ -192,6 +199,19 @@ def _stop_session(session_id: int, grace_s: float = 5.0) -> None:
 # with its own --port and --temp-dir) holds them: the dashboard agent, which accepts jobs, then stays
 # up without its HTTP service, and every submit fails with "No available agent to submit job".
 DEFAULT_PORTS = {"--dashboard-agent-listen-port": 52365, "--ray-client-server-port": 10001}
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """Whether something listens on `port` (a socket in TIME_WAIT, left by a cluster just stopped, does not count)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def _free_default_ports(ray_args) -> list[str]:

@@ -84,6 +84,19 @@ def test_tokenizer_init_generate_round_trip(tmp_path):
     assert sampled.stdout == drawn[5] + "\n" and drawn[5] != drawn[6] != expected
     other = run_cli(*args, "--seed", "6", "--top-p", "0.9")
     assert other.stdout == drawn[6] + "\n"
+    assert "note:" not in greedy.stderr + other.stderr
+
+    # More new tokens than the context leaves: the text stops there, and stderr says so (it stopped
+    # short without a word, where the server answers 400).
+    context = generator.context
+    prompt_ids = len(generator.encode("def add"))
+    long = run_cli("generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "def add", "--max-tokens",
+                   str(context + 10), "--temperature", "0")
+    assert long.returncode == 0, long.stderr
+    assert (f"note: the model's context is {context} tokens and the prompt takes {prompt_ids}, so at most "
+            f"{context - prompt_ids} new tokens, not {context + 10}") in long.stderr.splitlines()
+    full, _ = generator.complete(["def add"], SamplingParams(max_tokens=context - prompt_ids, temperature=0))[0]
+    assert long.stdout == full + "\n"
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):

@@ -236,6 +236,11 @@ def test_submit_with_no_cluster_anywhere_is_one_line(tmp_path):
 
 def test_bad_config_fails_with_one_line_before_anything_is_submitted(local_ray, tmp_path):
     before = job_ids(cli("jobs", "list", "--address", local_ray.address).stdout)
+    # Ray took such an id into its job table, failed, and listed the job as PENDING for good.
+    bad_id = cli("submit", "pretrain", "--set", "data.path=data", "--job-id", "my run/1",
+                 "--address", local_ray.address, cwd=tmp_path)
+    assert bad_id.returncode == 2 and bad_id.stderr.strip().splitlines() == [
+        "error: --job-id 'my run/1': expected letters, digits, '.', '_' and '-' only"]
     result = cli("submit", "pretrain", "--set", "data.path=data", "--set", "train.warmup=5",
                  "--address", local_ray.address, cwd=tmp_path)
     assert result.returncode == 2
@@ -257,6 +262,12 @@ def test_prepare_pretrain_serve_through_submit(local_ray, tmp_path):
     (prepare_id,) = set(job_ids(prepare.stderr))
     log = cli("jobs", "logs", prepare_id, *address).stdout
     assert f"data prepare {tmp_path / 'corpus.txt'} --output {tmp_path / 'data'}" in log and "tokenize + pack" in log
+    # A job id the cluster has used: Ray's reason is the last line of a traceback it sends back,
+    # and the error used to end at its first, "Traceback (most recent call last):".
+    again = cli("submit", "prepare", "corpus.txt", "--output", "data2", "--job-id", prepare_id, *address, cwd=tmp_path)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert again.stderr.startswith(f"error: submitting the prepare job to {local_ray.address} failed: ")
+    assert f"Job with submission_id {prepare_id} already exists" in again.stderr
 
     pretrain = cli("submit", "pretrain", "--set", "data.path=data", "--set", "run.storage_path=runs",
                    "--set", "run.name=tiny", "--set", "model.seq_len=32", "--set", "train.max_steps=3",
@@ -449,3 +460,25 @@ def test_local_up_moves_off_a_default_port_another_ray_holds():
     finally:
         for holder in holders:
             holder.close()
+
+
+def test_local_up_refuses_a_taken_or_impossible_port_before_starting_anything(tmp_path):
+    """With the dashboard port held, `ray start` came up without a dashboard of its own, the other
+    cluster's job server answered at the URL, and `local up` reported success: jobs went there.
+    Port 99999 was accepted and Ray listened on 99999 - 65536."""
+    temp = Path(tempfile.mkdtemp(prefix="mtnlg-lp-")) / "ray"
+    try:
+        with socket.socket() as held:
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+            taken = held.getsockname()[1]
+            for option, other in (("--dashboard-port", "--port"), ("--port", "--dashboard-port")):
+                up = cli("local", "up", "--temp-dir", str(temp), option, taken, other, free_port(), env=clean_env())
+                assert up.returncode == 2 and up.stderr.strip().splitlines() == [
+                    f"error: {option} {taken}: the port is taken (by another Ray?); {option} picks another"]
+        up = cli("local", "up", "--temp-dir", str(temp), "--port", 99999, env=clean_env())
+        assert up.returncode == 2 and up.stderr.strip().splitlines() == [
+            "error: --port 99999: expected a port number from 1 to 65535"]
+        assert not temp.exists() or not any(temp.iterdir())  # nothing was started
+    finally:
+        shutil.rmtree(temp.parent, ignore_errors=True)

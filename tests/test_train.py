@@ -348,6 +348,15 @@ def test_batch_rampup_follows_its_schedule_and_any_layout_trains_on_the_same_bat
         assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-6)
     for one, two in zip(runs[1], runs[2]):
         assert abs(one["loss"] - two["loss"]) <= 1e-4 and abs(one["grad_norm"] - two["grad_norm"]) <= 1e-3 * one["grad_norm"]
+    # A longer re-run of ramp1 resumes it and keeps the schedule it recorded: `config show` gives those
+    # values and says where they come from (it called them the new run's own, "derived: the run's tokens").
+    sets = [f"data.path={shakespeare}", f"run.storage_path={tmp_path}", "run.name=ramp1", "model.preset=tiny",
+            "model.seq_len=64", "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_steps=400"]
+    shown = run_cli("config", "show", "--stage", "pretrain", *[arg for key in sets for arg in ("--set", key)])
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    for key, value in (("warmup_tokens", 512), ("decay_tokens", 3072)):  # the ramped run's 3,072 tokens
+        assert (f"  # {key}: {value}  (derived: recorded by the run in {tmp_path / 'ramp1'}, which this config "
+                "resumes)") in shown.stdout.splitlines()
 
 
 @pytest.mark.slow  # 47 s of the CI budget; torch.compile is an option no default uses

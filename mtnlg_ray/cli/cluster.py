@@ -32,7 +32,7 @@ def submit(
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP),
     no_wait: bool = typer.Option(False, "--no-wait", help="Print the job id and return (serve: once it answers)."),
     env: List[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable)."),
-    job_id: Optional[str] = typer.Option(None, "--job-id", help="Submission id to use instead of a generated one."),
+    job_id: Optional[str] = typer.Option(None, "--job-id", help="Submission id to use instead of a generated one (letters, digits, ., _, -; not one the cluster has used)."),
 ) -> None:
     """Run a stage as a Ray Job: STAGE, then the same arguments as the stage's own command.
 
@@ -45,8 +45,10 @@ def submit(
     serve, once the endpoint answers, with its URL). Ctrl-C stops following, not the job.
     """
     from mtnlg_ray.cli.jobspec import build_job
+    from mtnlg_ray.jobs import check_job_id
     from mtnlg_ray.jobs import submit as run
 
+    check_job_id(job_id)
     spec = build_job(ctx.find_root().command, stage, list(ctx.args), env=env)
     submitted: list[str] = []
 

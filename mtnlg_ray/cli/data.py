@@ -86,7 +86,9 @@ def config_show(
     overrides: List[str] = typer.Option([], "--set", help="Override one key, e.g. --set train.max_steps=20."),
 ) -> None:
     """Print the resolved config (file + --set overrides, validated) as YAML; what a run derives when
-    unset (pretraining's LR, warm-up and decay) is printed as a comment with its value.
+    unset (pretraining's LR, warm-up and decay; fine-tuning's warm-up and decay, given data.train) is
+    printed as a comment with its value, and a run.name that holds a checkpoint keeps the schedule
+    it recorded.
 
     Example: mtnlg-ray config show --stage finetune --set train.lr=1e-4
     """
@@ -146,6 +148,12 @@ def _derived_keys(resolved, stage: str) -> dict[str, str]:
                  "decay_tokens": "the run's tokens; MT-NLG's 340B for an unbounded run"}
     else:
         where = {"warmup_tokens": "5 % of the run's tokens", "decay_tokens": "the run's tokens"}
+    if stage != "selftrain":  # a run.name with a checkpoint resumes, keeping the schedule it recorded
+        from mtnlg_ray.train.trainer import resumed_schedule
+
+        run_dir = Path(resolved.run.storage_path) / resolved.run.name
+        for key in resumed_schedule(resolved).keys() & where.keys():
+            where[key] = f"recorded by the run in {run_dir}, which this config resumes"
     return {key: f"derived: {where[key]}" for key in where if key in unset}
 
 

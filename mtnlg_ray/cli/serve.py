@@ -17,7 +17,8 @@ from mtnlg_ray.errors import MtnlgError
 def generate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
-    max_tokens: int = typer.Option(64, "--max-tokens", help="Most new tokens; stops earlier at <|endoftext|>."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Most new tokens; stops earlier at <|endoftext|> or "
+                                   "where prompt + text fill the model's context (said on stderr)."),
     temperature: float = typer.Option(1.0, "--temperature", help="0 for greedy decoding."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest set of this mass "
                                 "(0: the likeliest token alone, as the server reads top_p 0)."),
@@ -35,6 +36,10 @@ def generate(
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=openai_top_p(top_p), top_k=top_k,
                             seed=seed)
     generator = TextGenerator(checkpoint)
+    room = generator.context - len(generator.encode(prompt))
+    if max_tokens > room:  # the server answers such a request with 400; here the text just stopped short
+        typer.echo(f"note: the model's context is {generator.context} tokens and the prompt takes "
+                   f"{generator.context - room}, so at most {room} new tokens, not {max_tokens}", err=True)
     for piece in generator.stream(prompt, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
