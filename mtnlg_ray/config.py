@@ -545,6 +545,8 @@ def _yaml(text: str, name: str = "<--set>") -> Any:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a YAML config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:

@@ -132,6 +132,18 @@ def test_a_misspelt_labeler_is_blamed_on_the_option_typed(tmp_path):
     assert "--set" not in result.stderr
 
 
+def test_a_command_line_typer_cannot_parse_is_one_line_and_a_bare_group_prints_its_help():
+    """Typer drew a box of four lines or more around such an error."""
+    assert_one_line_error(run_cli("plan", "--tp", "abc"), "error: Invalid value for '--tp'",
+                          "(see `mtnlg-ray plan --help`)")
+    assert_one_line_error(run_cli("plan", "--tpp", "2"), "error: No such option: --tpp")
+    assert_one_line_error(run_cli("generate", "-p", "x"), "error: Missing option '--checkpoint'")
+    assert_one_line_error(run_cli("nosuchcommand"), "error: No such command 'nosuchcommand'")
+    bare = run_cli("data")
+    assert bare.returncode == 2 and "Usage: mtnlg-ray data" in bare.stdout + bare.stderr
+    assert "prepare" in bare.stdout + bare.stderr and "error:" not in bare.stderr
+
+
 def test_unknown_config_key_is_one_line():
     result = run_cli("config", "show", "--set", "train.warmup=5")
     assert_one_line_error(result, "unknown key 'train.warmup'")

@@ -64,6 +64,8 @@ def test_bad_files_name_the_file_and_line(tmp_path):
     missing = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load_config(missing)
+    with pytest.raises(ConfigError, match=f"^{tmp_path}: a folder, not a YAML config file$"):  # was "not found"
+        load_config(tmp_path)
     broken = tmp_path / "broken.yaml"
     broken.write_text("train:\n  max_steps: [1,\n")
     with pytest.raises(ConfigError, match=r"broken.yaml:\d+: not valid YAML"):

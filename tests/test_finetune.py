@@ -852,6 +852,7 @@ def test_evaluate_scores_an_ngram_teacher_as_self_training_did(ngram_self_traine
     assert scores["swapped"]["accuracy"] == 0.0
 
 
+@pytest.mark.slow  # about 60 s of the CI budget: a second two-round self-training run
 def test_a_given_teacher_beside_the_ngram_teacher_labels_by_their_mean_and_the_ngram_stays_every_round(
         ngram_self_trained, tokenizer_dir):
     """Both `selftrain.teacher` and `selftrain.ngram_teacher`: round 0 is a mixture folder whose

@@ -15,18 +15,39 @@ import typer
 from mtnlg_ray.errors import Interrupted, MtnlgError
 
 
-class _App(typer.Typer):
-    """Typer that reports user errors as one line and exit code 2 instead of a traceback."""
+# Click's exception classes, as the Typer installed uses them (recent ones carry their own click).
+_CLICK_EXCEPTION, _USAGE_ERROR = (next(c for c in typer.BadParameter.__mro__ if c.__name__ == name)
+                                  for name in ("ClickException", "UsageError"))
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+
+class _App(typer.Typer):
+    """Typer that reports user errors as one line and exit code 2 instead of a traceback, and a
+    command line it cannot parse (a bad option value, a missing argument) as one line too, where
+    Typer drew a box of several."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
         try:
-            return super().__call__(*args, **kwargs)
+            result = super().__call__(*args, standalone_mode=False, **kwargs)
+        except _USAGE_ERROR as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a group with no command: its help, printed
+                sys.exit(exc.exit_code)  # as the exception was made
+            where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            typer.echo(f"error: {exc.format_message()}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except _CLICK_EXCEPTION as exc:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("Aborted.", err=True)
+            sys.exit(1)
         except Interrupted as exc:
             typer.echo(f"interrupted: {exc}", err=True)
             sys.exit(130)
         except MtnlgError as exc:
             typer.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        # As in Typer's standalone mode: exit, with the code of a typer.Exit (--help's 0, Ctrl-C's 130).
+        sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
 
 
 def unwrap_help(group: typer.Typer) -> None:
