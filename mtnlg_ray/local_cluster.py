@@ -94,7 +94,10 @@ def start_local_cluster(
         raise MtnlgError(f"a local cluster is already up (dashboard {existing.dashboard_url}); `{down}` stops it")
     # A port another Ray holds: `ray start` answered with a GCS session mismatch, or came up without a
     # dashboard of its own while the other cluster's job server answered at the URL (and took the jobs).
+    given = {arg.split("=", 1)[0] for arg in ray_args}  # `-- --port N` goes to `ray start` after ours, and wins
     for option, number, host in (("--port", port, "0.0.0.0"), ("--dashboard-port", dashboard_port, "127.0.0.1")):
+        if option in given:
+            continue
         if not 0 < number < 65536:
             raise MtnlgError(f"{option} {number}: expected a port number from 1 to 65535")
         if _port_taken(host, number):

@@ -130,3 +130,36 @@ def test_a_failed_run_beside_a_dataset_replaces_only_the_last_failed_run(tmp_pat
                 publish(staging, output, output / FAILED_RUN)
                 raise InputError(tag)
     assert files(output) == {**before, f"{FAILED_RUN}/manifest.json": '{"error": "second"}'}
+
+
+def test_a_first_run_killed_while_moving_in_does_not_lock_the_folder_out(tmp_path):
+    """No dataset before: a kill between the moves left the new folders and no manifest, and the next
+    run refused the folder as 'not empty and holds no manifest.json' before it could undo them."""
+    output = tmp_path / "ds"
+    write_dataset(output / STAGING, "new")
+    (output / OLD).mkdir()
+    (output / OLD / ".moving-in").touch()
+    for name in ("docs", "tokens"):
+        os.replace(output / STAGING / name, output / name)
+    with staged_output(output) as staging:
+        write_dataset(staging, "again")
+        publish(staging, output)
+    assert files(output)["manifest.json"] == '{"tag": "again"}'
+    assert sorted(p.name for p in output.iterdir()) == [
+        ".lock", "docs", "manifest.json", "rejected", "tokenizer", "tokens"]
+
+
+def test_an_undo_stopped_half_way_is_finished_by_the_next_run(tmp_path):
+    """A second Ctrl-C while publish undid itself: docs is back, the rest still in .old. The staged
+    manifest stays (it used to be removed with the staging folder, and the next run then took the
+    publish for committed and deleted .old with the earlier dataset in it)."""
+    output = tmp_path / "ds"
+    write_dataset(output, "old")
+    before = files(output)
+    (output / STAGING).mkdir()
+    (output / STAGING / "manifest.json").write_text(json.dumps({"tag": "new"}))
+    (output / OLD).mkdir()
+    for name in ("tokens", "tokenizer", "rejected"):
+        os.replace(output / name, output / OLD / name)
+    with staged_output(output):
+        assert files(output) == before

@@ -728,10 +728,10 @@ def test_a_user_error_raised_on_a_worker_comes_back_as_itself(ray_session, tmp_p
                                                            failure_config=ray.train.FailureConfig(max_failures=0)))
 
     with pytest.raises(CheckpointError) as err:
-        fit_raising_user_errors(trainer(user=True))
+        fit_raising_user_errors(trainer(user=True), tmp_path / "fails-True")
     assert str(err.value) == "shard.safetensors: tensor 'x' has shape [2]"
     with pytest.raises(ray.train.WorkerGroupError, match="RuntimeError: shard.safetensors"):
-        fit_raising_user_errors(trainer(user=False))
+        fit_raising_user_errors(trainer(user=False), tmp_path / "fails-False")
 
 
 def test_activation_checkpointing_from_init_checkpoint_recomputes_every_block(tiny_checkpoint):

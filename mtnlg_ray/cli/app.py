@@ -29,8 +29,10 @@ class _App(typer.Typer):
         try:
             result = super().__call__(*args, standalone_mode=False, **kwargs)
         except _USAGE_ERROR as exc:
-            if type(exc).__name__ == "NoArgsIsHelpError":  # a group with no command: its help, printed
-                sys.exit(exc.exit_code)  # as the exception was made
+            if type(exc).__name__ == "NoArgsIsHelpError":  # a group with no command: its help (Rich's
+                if exc.format_message().strip():  # was printed as the exception was made; plain is its message)
+                    exc.show()
+                sys.exit(exc.exit_code)
             where = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
             typer.echo(f"error: {exc.format_message()}{where}", err=True)
             sys.exit(exc.exit_code)

@@ -36,10 +36,11 @@ def generate(
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=openai_top_p(top_p), top_k=top_k,
                             seed=seed)
     generator = TextGenerator(checkpoint)
-    room = generator.context - len(generator.encode(prompt))
+    prompt_tokens = len(generator.encode(prompt))
+    room = generator.context - prompt_tokens + 1  # the last new token is never read back, so it needs no slot
     if max_tokens > room:  # the server answers such a request with 400; here the text just stopped short
         typer.echo(f"note: the model's context is {generator.context} tokens and the prompt takes "
-                   f"{generator.context - room}, so at most {room} new tokens, not {max_tokens}", err=True)
+                   f"{prompt_tokens}, so it makes at most {room} new tokens, not {max_tokens}", err=True)
     for piece in generator.stream(prompt, params):
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -46,14 +46,18 @@ def staged_output(output: Path) -> Iterator[Path]:
         except BlockingIOError:
             raise InputError(f"{output}: another run is writing a dataset there; wait for it to end, "
                              "or choose another folder") from None
-        recover(output)
         staging = output / STAGING
-        _remove(staging)  # what a killed run left
-        staging.mkdir()
+        try:
+            recover(output)
+            _remove(staging)  # what a killed run left
+            staging.mkdir()
+        except PermissionError as err:  # a read-only folder that an earlier run left its .lock in
+            raise InputError(f"{output}: not writable ({err.strerror})") from None
         try:
             yield staging
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            if not (output / OLD).exists():  # else a stopped undo: the staged manifest tells the next
+                shutil.rmtree(staging, ignore_errors=True)  # run's `recover` to finish it
             raise
     finally:
         lock.close()  # releases the lock
@@ -65,7 +69,8 @@ def _check_output(output: Path) -> None:
         return
     if not output.is_dir():
         raise InputError(f"{output}: exists and is not a directory")
-    if any(entry.name not in _OURS for entry in output.iterdir()) and not (output / MANIFEST).is_file():
+    if (any(entry.name not in _OURS for entry in output.iterdir()) and not (output / MANIFEST).is_file()
+            and not (output / OLD).exists()):  # a first run's publish, stopped: `recover` undoes it
         raise InputError(f"{output}: exists, is not empty and holds no manifest.json; choose a new directory")
     for name in ENTRIES:  # a folder moves to .old only if it is writable itself
         entry = output / name

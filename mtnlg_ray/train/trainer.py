@@ -193,9 +193,11 @@ def fit_raising_user_errors(trainer, run_dir: Path):
 
     try:
         return trainer.fit()
-    except SystemExit:
-        # Ray Train's SIGINT handler aborts the run and calls sys.exit from inside fit(); the process
-        # then ended with code 1 and not a word.
+    except SystemExit as stop:
+        # Ray Train's SIGINT handler aborts the run and calls sys.exit(0) from inside fit(); the process
+        # then ended with code 1 and not a word. Another code (Ray's SIGTERM handler: 15) stays itself.
+        if stop.code not in (0, None):
+            raise
         newest = latest_checkpoint(run_dir)
         raise Interrupted(f"the run in {run_dir} stopped; " + (
             f"the same command resumes it from {newest.name}" if newest else "it had saved no checkpoint")) from None
