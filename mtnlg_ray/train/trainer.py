@@ -194,9 +194,10 @@ def fit_raising_user_errors(trainer, run_dir: Path):
     try:
         return trainer.fit()
     except SystemExit as stop:
-        # Ray Train's SIGINT handler aborts the run and calls sys.exit(0) from inside fit(); the process
-        # then ended with code 1 and not a word. Another code (Ray's SIGTERM handler: 15) stays itself.
-        if stop.code not in (0, None):
+        # Ray Train's SIGINT handler aborts the run and calls sys.exit(0); what arrives here from inside
+        # fit() is SystemExit(1) (measured), and the process ended with code 1 and not a word. Another
+        # code (Ray's SIGTERM handler exits with 15: `jobs stop`, a pre-emption) stays itself.
+        if stop.code not in (0, 1, None):
             raise
         newest = latest_checkpoint(run_dir)
         raise Interrupted(f"the run in {run_dir} stopped; " + (
