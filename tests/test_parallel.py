@@ -379,12 +379,12 @@ def test_zero_bubble_is_refused_where_fsdp_would_give_it_wrong_gradients():
 @pytest.mark.parametrize(
     ("workers", "tp", "pp", "fsdp", "precision", "expected"),
     [
-        ((1, 3), 2, 1, True, "fp32", "parallel.workers: [1, 3] with parallel.tp=2 allows 1 workers, not a multiple"),
+        ((1, 3), 2, 1, True, "fp32", "parallel.workers: [1, 3] with parallel.tp=2 lets a run start 1 worker, not a multiple"),
         # Ray may start any count in the range: 3 of [2, 4] would leave dp = 1.5
-        ((2, 4), 2, 1, True, "fp32", "allows 3 workers, not a multiple of tp (dp would not be whole); give a fixed"),
+        ((2, 4), 2, 1, True, "fp32", "lets a run start 3 workers, not a multiple of tp (dp would not be whole); give a fixed"),
         (3, 2, 1, True, "fp32", "parallel.workers: 3 with parallel.tp=2"),
         (8, 8, 1, True, "fp32", "parallel.tp=8 must divide model.n_head (4)"),
-        (3, 1, 2, True, "fp32", "parallel.workers: 3 with parallel.tp=1 x parallel.pp=2 allows 3 workers, not a "
+        (3, 1, 2, True, "fp32", "parallel.workers: 3 with parallel.tp=1 x parallel.pp=2 lets a run start 3 workers, not a "
                                 "multiple of tp x pp"),
         (8, 1, 8, True, "fp32", "parallel.pp: 8 pipeline stages for 4 layers leaves stages empty"),
         (2, 1, 2, False, "fp32", "parallel.fsdp=false (DDP) works only with parallel.pp=1"),

@@ -617,7 +617,7 @@ def test_a_worker_count_the_cluster_cannot_hold_fails_at_once(shakespeare, tmp_p
         check_capacity(ParallelSection(workers=(3, 4)))  # Ray Train starts only once the minimum fits
     assert check_capacity(ParallelSection(workers=(1, 4))) is None
     assert check_capacity(ParallelSection(workers=4, cpus_per_worker=0.5)) is None
-    with pytest.raises(ConfigError, match="needs 1 workers of 1 CPU \\+ 1 GPU each, but the Ray cluster has 2 CPUs and 0 GPUs"):
+    with pytest.raises(ConfigError, match="needs 1 worker of 1 CPU \\+ 1 GPU, but the Ray cluster has 2 CPUs and 0 GPUs"):
         check_capacity(ParallelSection(workers=1, use_gpu=True))
     waiting = check_capacity(ParallelSection(workers=4, autoscaling=True))
     assert waiting == ("waiting for the autoscaler: parallel.workers=4 needs 4 workers of 1 CPU each; "

@@ -178,8 +178,8 @@ def check_layout(
         unit = "tp" if pp == 1 else "tp x pp"
         fix = f"give a fixed worker count that is a multiple of {unit}" if low != high else f"use a multiple of {unit}"
         raise ConfigError(
-            f"parallel.workers: {shown} with {what} allows {bad[0]} workers, not a multiple of {unit} "
-            f"(dp would not be whole); {fix}"
+            f"parallel.workers: {shown} with {what} lets a run start {bad[0]} worker{'s' if bad[0] != 1 else ''}, "
+            f"not a multiple of {unit} (dp would not be whole); {fix}"
         )
     ParallelDims(world=high, tp=tp, pp=pp, fsdp=fsdp, bf16=precision == "bf16", sequence_parallel=sequence_parallel,
                  pp_schedule=pp_schedule, pp_virtual=pp_virtual,

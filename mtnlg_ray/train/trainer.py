@@ -74,7 +74,8 @@ def check_capacity(parallel) -> str | None:
         return None
     shape = f"{parallel.cpus_per_worker:g} CPU" + (" + 1 GPU" if gpus else "")
     have = f"{have_cpus:g} CPUs" + (f" and {have_gpus:g} GPUs" if gpus else "")
-    need = f"parallel.workers={_workers_text(parallel.workers)} needs {wanted} workers of {shape} each"
+    need = (f"parallel.workers={_workers_text(parallel.workers)} needs {wanted} worker{'s' if wanted != 1 else ''} "
+            f"of {shape}{' each' if wanted != 1 else ''}")
     if parallel.autoscaling or launched_with_autoscaler():
         return f"waiting for the autoscaler: {need}; the cluster now has {have} ({fit} such workers fit)"
     hint = (f"; lower parallel.workers or set parallel.cpus_per_worker={have_cpus / wanted:g}"
