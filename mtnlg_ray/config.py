@@ -589,8 +589,10 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {override}: expected KEY=VALUE with a dotted key, e.g. train.max_steps=20")
+    if not raw.strip():  # `--set train.max_steps=$STEPS` with STEPS unset was null: an unbounded run
+        raise ConfigError(f"--set {override}: no value after '='; write {key}=null to clear the key")
     try:
-        value = _yaml(raw) if raw.strip() else None
+        value = _yaml(raw)
     except (yaml.YAMLError, ConfigError):
         value = raw
     if " #" in raw and (value is None or (isinstance(value, str) and "#" not in value)):

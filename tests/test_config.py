@@ -51,6 +51,8 @@ def test_file_values_and_overrides_stack(tmp_path):
         ("train.weight_decay=.nan", "train.weight_decay: Input should be a finite number"),
         ("train.max_steps=true", "--set train.max_steps=true: train.max_steps: expected a number (got True)"),
         ("parallel.workers=false", "parallel.workers: expected a number (got False)"),
+        # an empty value (a shell variable left unset) was null: `train.max_steps=` ran without end
+        ("train.max_steps=", "--set train.max_steps=: no value after '='; write train.max_steps=null to clear"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
