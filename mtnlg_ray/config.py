@@ -316,7 +316,7 @@ class ParallelSection(Section):
     # Pipeline parallelism (pp > 1): the schedule (gpipe, 1f1b, interleaved-1f1b,
     # interleaved-zero-bubble), stages per rank for the interleaved ones, and optionally the layers
     # of each of the pp x pp_virtual stages (default: an even split).
-    pp_schedule: str = "1f1b"
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "interleaved-zero-bubble"] = "1f1b"
     pp_virtual: int = Field(1, ge=1)
     pp_layers: list[int] | None = None
     use_gpu: bool = False

@@ -53,6 +53,8 @@ def test_file_values_and_overrides_stack(tmp_path):
         ("parallel.workers=false", "parallel.workers: expected a number (got False)"),
         # an empty value (a shell variable left unset) was null: `train.max_steps=` ran without end
         ("train.max_steps=", "--set train.max_steps=: no value after '='; write train.max_steps=null to clear"),
+        # at pp=1 any text passed (the trainer reads the schedule only for pp > 1)
+        ("parallel.pp_schedule=foo", "parallel.pp_schedule: Input should be 'gpipe', '1f1b', 'interleaved-1f1b' or"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -188,3 +190,12 @@ def test_a_warm_up_the_decay_never_gets_past_is_warned_about(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "warning: train.warmup_tokens (1,000,000) is not below train.decay_tokens (819,200; the run's tokens "
         "unless set): the LR never reaches train.lr (0.003); set train.warmup_tokens")
+
+
+def test_the_schedules_the_config_accepts_are_the_ones_the_pipeline_runs():
+    from typing import get_args
+
+    from mtnlg_ray.config import ParallelSection
+    from mtnlg_ray.train.pipeline import SCHEDULES
+
+    assert set(get_args(ParallelSection.model_fields["pp_schedule"].annotation)) == set(SCHEDULES)

@@ -100,6 +100,11 @@ def plan(
     from mtnlg_ray.model.presets import get_preset
     from mtnlg_ray.train.parallel import check_layout
 
+    from mtnlg_ray.errors import ConfigError
+    from mtnlg_ray.train.pipeline import SCHEDULES
+
+    if schedule not in SCHEDULES:  # at --pp 1 nothing else looks at it
+        raise ConfigError(f"--schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
     shape = get_preset(preset)
     shape = dataclasses.replace(shape, seq_len=seq_len or shape.seq_len, vocab_size=vocab_size or shape.vocab_size)
     check_layout(shape, tp * pp * dp, tp, pp, pp_schedule=schedule, pp_virtual=virtual)
