@@ -100,8 +100,9 @@ def test_unknown_model_key_in_config(saved):
     body = json.loads((path / "config.json").read_text())
     body["model"]["n_experts"] = 8
     (path / "config.json").write_text(json.dumps(body))
-    with pytest.raises(CheckpointError, match="unknown model key 'n_experts'"):
+    with pytest.raises(CheckpointError, match="unknown model key 'n_experts'") as err:
         load_checkpoint(path)
+    assert str(err.value).startswith(f"{path / 'config.json'}: unknown")  # the path once, not twice
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_checkpoint(tmp_path):

@@ -155,6 +155,51 @@ def eight_steps_on_one_worker(shakespeare, tmp_path_factory) -> Path:
                                       *EVERY_4))["run_dir"])
 
 
+def test_a_rerun_that_cannot_resume_is_refused_rather_than_wiping_the_trained_run(
+        shakespeare, eight_steps_on_one_worker, tmp_path):
+    """A re-run with no complete checkpoint started afresh and deleted final/ and metrics.jsonl: without
+    a word when every checkpoint was cut short, and with Ray's traceback (its record named checkpoints
+    that were gone) when they had been moved away, as a refusal advises. A newest checkpoint moved
+    away made Ray refuse to start even with an older one there to resume from."""
+    import shutil
+
+    from mtnlg_ray.errors import CheckpointError
+    from mtnlg_ray.train.trainer import pretrain
+
+    def copy(name: str) -> Path:
+        run = tmp_path / name
+        shutil.copytree(eight_steps_on_one_worker, run)
+        return run
+
+    def checkpoints(run: Path) -> list[Path]:
+        return sorted((p for p in run.glob("checkpoint_*") if p.is_dir()), key=lambda p: json.loads(
+            (p / "trainer_state.json").read_text())["step"])
+
+    def rerun(name: str):
+        return pretrain(train_config(shakespeare, tmp_path, name, "parallel.workers=1", "train.max_steps=8",
+                                     *EVERY_4))
+
+    cut = copy("cut")
+    kept = (cut / "final" / "model.safetensors").read_bytes()
+    for checkpoint in checkpoints(cut):
+        (checkpoint / ".metadata").write_bytes((checkpoint / ".metadata").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"^{cut}: no checkpoint there is complete \\(checkpoint_"):
+        rerun("cut")
+    moved = copy("moved")
+    for checkpoint in checkpoints(moved):
+        shutil.move(checkpoint, tmp_path / checkpoint.name)
+    with pytest.raises(CheckpointError, match=f"^{moved}: holds a trained run \\(final/ or best/\\)"):
+        rerun("moved")
+    for run in (cut, moved):
+        assert (run / "final" / "model.safetensors").read_bytes() == kept and (run / "metrics.jsonl").exists()
+
+    older = copy("older")
+    shutil.rmtree(checkpoints(older)[-1])  # step 8's; step 4's is there
+    result = rerun("older")
+    assert result["resumed_from"] is not None and "checkpoint_" in result["resumed_from"]
+    assert result["steps"] == 8 and (older / "final" / "model.safetensors").is_file()
+
+
 def test_a_rerun_with_another_model_shape_is_refused_not_resumed_from_part_of_the_old_one(
         shakespeare, eight_steps_on_one_worker):
     """DCP reads only the tensors the new model asks for: a re-run of the same run with 2 layers instead

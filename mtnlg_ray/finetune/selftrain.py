@@ -224,7 +224,7 @@ def _forget_stale_student(out: Path, train: Path) -> bool:
     recorded = recorded_train_data(newest)
     if recorded is None or recorded == file_digest(train):
         return False
-    for stale in out.glob("checkpoint_*"):
+    for stale in [*out.glob("checkpoint_*"), out / "best", out / "final"]:  # the student trains again
         shutil.rmtree(stale, ignore_errors=True)
     (out / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)  # Ray Train's record of them
     return True

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mtnlg_ray.config import Config, absolute_paths
-from mtnlg_ray.errors import ConfigError, InputError, Interrupted, MtnlgError
+from mtnlg_ray.errors import CheckpointError, ConfigError, InputError, Interrupted, MtnlgError
 from mtnlg_ray.train.checkpoint import check_resume_data, check_resume_shape, file_digest, latest_checkpoint
 from mtnlg_ray.train.schedule import run_tokens
 
@@ -210,6 +210,35 @@ def fit_raising_user_errors(trainer, run_dir: Path):
         raise user_error from None
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run directory's checkpoints
+
+
+def _check_run_dir(run_dir: Path, resume: Path | None) -> None:
+    """Refuse, in one line, a re-run that would start afresh in a run directory holding what an earlier
+    run trained: a fresh start deletes its final/, best/ and metrics.jsonl. That happened without a
+    word when every checkpoint was incomplete (passed over), or was moved away as a refusal advised.
+    Ray Train's record of checkpoints that are gone is dropped: it refused to start with a traceback."""
+    folders = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    if resume is None and folders:
+        shown = ", ".join(folders[:2]) + (f" and {len(folders) - 2} more" if len(folders) > 2 else "")
+        raise CheckpointError(f"{run_dir}: no checkpoint there is complete ({shown}), so the run cannot resume, "
+                              "and starting it afresh would delete what it trained; move them out of the run "
+                              "directory, or choose another run.name")
+    if resume is None and any((run_dir / name).exists() for name in ("final", "best")):
+        raise CheckpointError(f"{run_dir}: holds a trained run (final/ or best/) but no checkpoint to resume from, "
+                              "and starting it afresh would delete it; choose another run.name, or move "
+                              "final/ and best/ away to train this one again")
+    snapshot = run_dir / RAY_SNAPSHOT
+    try:
+        recorded = [r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded is None or any(name not in folders for name in recorded):
+        snapshot.unlink()
+
+
 def check_run_layout(cfg: Config, model_config, task: str) -> None:
     """Everything about the parallel layout a worker would refuse, refused on the driver in one line:
     the dimensions against the model and worker counts, the pipeline schedule against every batch
@@ -306,6 +335,7 @@ def run_training(
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = latest_checkpoint(run_dir)
+    _check_run_dir(run_dir, resume)
     if task == "lm":  # the token index names every shard and its sequence counts
         data_field, data_path = "data.path", cfg.data.path
         train_data = file_digest(Path(cfg.data.path) / "tokens" / "index.json")
