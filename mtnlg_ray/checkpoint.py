@@ -171,10 +171,9 @@ def load_checkpoint(
 def _model_config(path: Path, body: dict) -> GPTConfig:
     try:
         return GPTConfig.from_dict(body["model"], source=str(path / CONFIG))
-    except ConfigError as exc:  # its message names the file already
-        raise CheckpointError(str(exc)) from None
-    except TypeError as exc:
-        raise CheckpointError(f"{path / CONFIG}: {exc}") from None
+    except (TypeError, ConfigError) as exc:
+        where = f"{path / CONFIG}: "  # an unknown or missing key's message names the file already
+        raise CheckpointError(str(exc) if str(exc).startswith(where) else where + str(exc)) from None
 
 
 def _weights_file(path: Path) -> Path:
