@@ -97,10 +97,9 @@ def plan(
 
     from mtnlg_ray.cli.render import render_plan
     from mtnlg_ray.model.plan import plan_layout
+    from mtnlg_ray.errors import ConfigError
     from mtnlg_ray.model.presets import get_preset
     from mtnlg_ray.train.parallel import check_layout
-
-    from mtnlg_ray.errors import ConfigError
     from mtnlg_ray.train.pipeline import SCHEDULES
 
     if schedule not in SCHEDULES:  # at --pp 1 nothing else looks at it

@@ -217,6 +217,7 @@ def _forget_stale_student(out: Path, train: Path) -> bool:
     train.jsonl: the student checkpoints of the earlier run trained on the old one, so they go and the
     student trains afresh (fine-tuning would refuse to resume them). Whether any went."""
     from mtnlg_ray.train.checkpoint import file_digest, latest_checkpoint, recorded_train_data
+    from mtnlg_ray.train.trainer import RAY_SNAPSHOT
 
     newest = latest_checkpoint(out)
     if newest is None:
@@ -226,7 +227,7 @@ def _forget_stale_student(out: Path, train: Path) -> bool:
         return False
     for stale in [*out.glob("checkpoint_*"), out / "best", out / "final"]:  # the student trains again
         shutil.rmtree(stale, ignore_errors=True)
-    (out / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)  # Ray Train's record of them
+    (out / RAY_SNAPSHOT).unlink(missing_ok=True)  # Ray Train's record of them
     return True
 
 
