@@ -72,12 +72,30 @@ class Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_a_number(cls, value: Any, info) -> Any:
-        if isinstance(value, bool):
-            annotation = cls.model_fields[info.field_name].annotation
-            kinds = set(get_args(annotation)) or {annotation}
+        # Inside a list or mapping too: `parallel.workers=[true, 4]` asked for 1 to 4 workers.
+        if _holds_bool(value):
+            kinds = _leaf_types(cls.model_fields[info.field_name].annotation)
             if kinds & {int, float} and bool not in kinds:
-                raise ValueError("expected a number")
+                raise ValueError("expected a number, not true / false")
         return value
+
+
+def _holds_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_bool(k) or _holds_bool(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_bool(v) for v in value)
+    return False
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    """The plain types an annotation is built from: int | tuple[int, int] → {int, NoneType}."""
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    return set().union(*(_leaf_types(arg) for arg in args if arg is not Ellipsis))
 
 
 class ModelSection(Section):

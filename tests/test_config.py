@@ -49,8 +49,12 @@ def test_file_values_and_overrides_stack(tmp_path):
         # an infinite LR trained on NaN and the job reported success; `true` was one step
         ("train.lr=.inf", "--set train.lr=.inf: train.lr: Input should be a finite number"),
         ("train.weight_decay=.nan", "train.weight_decay: Input should be a finite number"),
-        ("train.max_steps=true", "--set train.max_steps=true: train.max_steps: expected a number (got True)"),
-        ("parallel.workers=false", "parallel.workers: expected a number (got False)"),
+        ("train.max_steps=true", "--set train.max_steps=true: train.max_steps: expected a number, not true / false"),
+        ("parallel.workers=false", "parallel.workers: expected a number, not true / false (got False)"),
+        # inside a list or mapping too: [true, 4] asked for 1 to 4 workers
+        ("parallel.workers=[true, 4]", "parallel.workers: expected a number, not true / false (got [True, 4])"),
+        ("read.weights={a.txt: true}", "read.weights: expected a number, not true / false"),
+        ("clean.max_top_ngram={2: false}", "clean.max_top_ngram: expected a number, not true / false"),
         # an empty value (a shell variable left unset) was null: `train.max_steps=` ran without end
         ("train.max_steps=", "--set train.max_steps=: no value after '='; write train.max_steps=null to clear"),
         # at pp=1 any text passed (the trainer reads the schedule only for pp > 1)
