@@ -160,12 +160,22 @@ def load_checkpoint(
     model_keys = {k: v for k, v in state.items() if not k.startswith(HEAD)}
     check_tensor_shapes(model_keys, expected, weights)
     check_tensor_dtypes({k: str(v.dtype).removeprefix("torch.") for k, v in model_keys.items()}, weights)
+    check_finite(model_keys, weights)
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(model_keys, assign=True)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
     return model, body
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
+    """Weights that hold NaN or an infinity (a diverged run's) loaded without a word: evaluate printed
+    nan and generate an empty line. One line naming the first such tensor instead."""
+    for name in sorted(tensors):
+        if not torch.isfinite(tensors[name]).all():
+            raise CheckpointError(f"{where}: tensor '{name}' holds NaN or infinite values (saved by a run that "
+                                  "diverged?); use an earlier checkpoint")
 
 
 def _model_config(path: Path, body: dict) -> GPTConfig:
@@ -178,6 +188,8 @@ def _model_config(path: Path, body: dict) -> GPTConfig:
 
 def _weights_file(path: Path) -> Path:
     weights = path / WEIGHTS
+    if weights.is_dir():
+        raise CheckpointError(f"{weights}: a folder, expected the safetensors file of the weights")
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing")
     return weights
@@ -364,6 +376,7 @@ def load_classifier(
                 f"{path / WEIGHTS}: tensor '{HEAD}{name}' has shape {list(head[name].shape)}, "
                 f"expected {list(shape)} for {n} labels"
             )
+    check_finite({HEAD + name: tensor for name, tensor in head.items()}, path / WEIGHTS)
     model = GPTClassifier(backbone, n, task["pooling"])
     model.head.load_state_dict(head)  # copies onto the backbone's device and dtype
     return model.eval(), task["labels"]

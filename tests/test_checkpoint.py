@@ -353,3 +353,39 @@ def test_generator_states_are_restored_only_at_the_layout_that_saved_them(tmp_pa
         seeded = torch.get_rng_state()
         load_sharded(tmp_path / "ckpt", [model], [optimizer], 0, layout)
         assert torch.equal(torch.get_rng_state(), saved if restored else seeded), layout
+
+
+def test_weights_holding_nan_are_one_line_for_every_reader(saved, tmp_path):
+    """A diverged run's NaN weights loaded without a word: evaluate printed nan, generate an empty line,
+    and a fine-tune from them trained on NaN. The training reader checks the slices it read."""
+    from safetensors.torch import save_file
+
+    from mtnlg_ray.train.checkpoint import load_consolidated_slices
+
+    _, path = saved
+    weights = path / "model.safetensors"
+    state = load_file(str(weights))
+    name = "blocks.1.mlp.fc1.weight"
+    state[name][3, 5] = float("nan")
+    state[name][4, 1] = float("inf")
+    save_file(state, str(weights))
+    expected = f"^{weights}: tensor '{name}' holds NaN or infinite values"
+    with pytest.raises(CheckpointError, match=expected):
+        load_checkpoint(path)
+    fresh = GPT(PRESETS["tiny"])
+    with pytest.raises(CheckpointError, match=expected):
+        load_consolidated_slices(fresh, path, set(fresh.state_dict()))
+    state[name][3, 5], state[name][4, 1] = 0.5, 0.25  # finite again: both readers take it, value for value
+    save_file(state, str(weights))
+    assert torch.equal(load_checkpoint(path)[0].state_dict()[name], state[name])
+    load_consolidated_slices(fresh, path, set(fresh.state_dict()))
+    assert torch.equal(fresh.state_dict()[name], state[name])
+
+
+def test_weights_file_that_is_a_folder_says_so(saved):
+    _, path = saved
+    weights = path / "model.safetensors"
+    weights.unlink()
+    weights.mkdir()
+    with pytest.raises(CheckpointError, match=f"^{weights}: a folder, expected the safetensors file"):
+        load_checkpoint(path)

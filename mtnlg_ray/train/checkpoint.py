@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, HuggingFaceStorageReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -327,6 +329,20 @@ def consolidated_name(name: str) -> str:
     return name.replace(".base.", ".")
 
 
+def _check_finite_slices(loaded: dict[str, torch.Tensor], weights: Path) -> None:
+    """A collective: every rank raises the same one line when any rank read NaN or an infinity (a diverged
+    run's weights), instead of training on them; one rank raising alone would leave the others waiting."""
+    local = [key for key, tensor in sorted(loaded.items())
+             if not torch.isfinite(tensor.to_local() if isinstance(tensor, DTensor) else tensor).all()]
+    bad = torch.tensor([1 if local else 0], device=next(iter(loaded.values())).device)  # nccl takes GPU tensors
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    if bad.item():
+        named = f"tensor '{local[0]}' holds" if local else "a tensor holds"
+        raise CheckpointError(f"{weights}: {named} NaN or infinite values (saved by a run that diverged?); "
+                              "use an earlier checkpoint")
+
+
 def load_consolidated_slices(model, checkpoint_dir: Path, names: set[str]) -> set[str]:
     """Fill the parameters `names` of a parallelized (materialised) model from a consolidated
     checkpoint's model.safetensors, each rank reading only the slices it holds; returns the names filled.
@@ -348,6 +364,7 @@ def load_consolidated_slices(model, checkpoint_dir: Path, names: set[str]) -> se
         wanted[key] = tensor
     if wanted:
         dcp.load(wanted, storage_reader=HuggingFaceStorageReader(str(weights.parent)))
+        _check_finite_slices(wanted, weights)
     filled = {name: wanted[consolidated_name(name)] for name in state if consolidated_name(name) in wanted
               and name in names}
     set_model_state_dict(model, filled, options=StateDictOptions(strict=False))
