@@ -221,6 +221,10 @@ def _end_of_text_id(tokenizer_file: Path, vocab_size: int, error: type) -> int:
 
 def _read_hf_config(path: Path) -> dict:
     body = read_json_object(path, f"is {path.parent} a Hugging Face model directory?", error=InputError)
+    if body.get("model_type") is None and isinstance(body.get("model"), dict):
+        # config.json of our own consolidated checkpoint: nothing to import
+        raise InputError(f"{path}: an mtnlg-ray checkpoint already; give {path.parent} to the commands as it is "
+                         "(`import hf` reads a Hugging Face GPT-2 directory)")
     if body.get("model_type") != "gpt2":
         raise InputError(f"{path}: model_type is {body.get('model_type')!r}; only 'gpt2' can be imported")
     return {**_GPT2_DEFAULTS, **body}

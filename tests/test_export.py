@@ -410,3 +410,10 @@ def test_import_needs_a_tokenizer_json(exported, tmp_path):
     with pytest.raises(InputError, match="tokenizer.json") as exc:
         import_hf(hf_dir, tmp_path / "ckpt")
     assert str(hf_dir / "tokenizer.json") in str(exc.value)
+
+
+def test_import_of_our_own_checkpoint_says_it_needs_no_import(checkpoint, tmp_path):
+    # it said "model_type is None; only 'gpt2' can be imported"
+    with pytest.raises(InputError, match=f"^{checkpoint / 'config.json'}: an mtnlg-ray checkpoint already; give "
+                                         f"{checkpoint} to the commands as it is"):
+        import_hf(checkpoint, tmp_path / "ckpt")
