@@ -200,6 +200,25 @@ def test_a_rerun_that_cannot_resume_is_refused_rather_than_wiping_the_trained_ru
     assert result["steps"] == 8 and (older / "final" / "model.safetensors").is_file()
 
 
+def test_a_rerun_names_the_cut_short_checkpoints_it_passes_over(eight_steps_on_one_worker, tmp_path, capsys):
+    """The newest checkpoint cut short was passed over for an older one without a word, and the steps
+    between them trained again."""
+    import shutil
+
+    from mtnlg_ray.train.checkpoint import latest_checkpoint
+    from mtnlg_ray.train.trainer import _note_passed_over
+
+    run = Path(shutil.copytree(eight_steps_on_one_worker, tmp_path / "run"))
+    step4, step8 = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    _note_passed_over(run, latest_checkpoint(run))
+    assert capsys.readouterr().err == ""
+    (step8 / ".metadata").write_bytes((step8 / ".metadata").read_bytes()[:100])
+    assert latest_checkpoint(run) == step4
+    _note_passed_over(run, step4)
+    assert capsys.readouterr().err == (f"note: {run}: passing over {step8.name} (incomplete: cut short while being "
+                                       f"written); resuming from {step4.name}\n")
+
+
 def test_a_rerun_with_another_model_shape_is_refused_not_resumed_from_part_of_the_old_one(
         shakespeare, eight_steps_on_one_worker):
     """DCP reads only the tensors the new model asks for: a re-run of the same run with 2 layers instead

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -89,7 +90,6 @@ def _workers_text(workers) -> str:
 
 
 def _say_while_waiting(message: str, records: list, stop: threading.Event, every: float = 30.0) -> None:
-    import sys
 
     while not records and not stop.is_set():
         print(message, file=sys.stderr, flush=True)
@@ -210,6 +210,17 @@ def fit_raising_user_errors(trainer, run_dir: Path):
         raise user_error from None
 
 
+def _note_passed_over(run_dir: Path, resume: Path | None) -> None:
+    """Name on stderr the checkpoints newer than the one a re-run resumes from: cut short while being
+    written, they are passed over, and the steps since `resume` are trained again without a word."""
+    if resume is None:
+        return
+    newer = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir() and p.name > resume.name)
+    if newer:
+        print(f"note: {run_dir}: passing over {', '.join(newer)} (incomplete: cut short while being written); "
+              f"resuming from {resume.name}", file=sys.stderr, flush=True)
+
+
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run directory's checkpoints
 
 
@@ -299,7 +310,6 @@ def warn_about_the_schedule(cfg: Config) -> None:
     """One warning line on stderr where the LR schedule cannot be what was meant: a warm-up as long as
     the decay (which ends on the run's last step unless set) never reaches `train.lr`. Typically a
     `train.warmup_tokens` set for a longer run (an unset one is at most a tenth of the run)."""
-    import sys
 
     warmup, decay = cfg.train.warmup_tokens, cfg.train.decay_tokens
     if warmup >= decay:
@@ -336,6 +346,7 @@ def run_training(
     run_dir.mkdir(parents=True, exist_ok=True)
     resume = latest_checkpoint(run_dir)
     _check_run_dir(run_dir, resume)
+    _note_passed_over(run_dir, resume)
     if task == "lm":  # the token index names every shard and its sequence counts
         data_field, data_path = "data.path", cfg.data.path
         train_data = file_digest(Path(cfg.data.path) / "tokens" / "index.json")
