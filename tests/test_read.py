@@ -194,3 +194,41 @@ def test_a_parquet_file_is_decoded_a_bounded_batch_at_a_time(tmp_path, monkeypat
     monkeypatch.setattr(read, "_strings", counting)
     assert [r.text for r in iter_records(str(tmp_path / "docs.parquet"))] == texts
     assert sum(decoded) == 3000 and max(decoded) <= 1024
+
+
+def test_a_folder_leaves_out_the_runs_output_and_prepared_datasets_and_says_what_it_passed_over(tmp_path,
+                                                                                                  monkeypatch):
+    """`prepare corpus/ --output corpus/prepared` read its own last output back in (docs/ and rejected/
+    parquet files) on the next run, and a folder's files of other types were skipped without a word."""
+    from mtnlg_ray.data.read import resolve_sources
+    from mtnlg_ray.errors import InputError
+
+    monkeypatch.chdir(tmp_path)
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("one\n")
+    (corpus / "sub" / "b.jsonl").write_text('{"text": "two"}\n')
+    (corpus / "notes.json").write_text("{}")
+    for dataset in ("prepared", "sub/older"):  # what two earlier runs wrote
+        (corpus / dataset / "docs").mkdir(parents=True)
+        (corpus / dataset / "manifest.json").write_text("{}")
+        (corpus / dataset / "docs" / "part-0.parquet").write_bytes(b"PAR1")
+    (corpus / "prepared" / "rejected").mkdir()
+    (corpus / "prepared" / "rejected" / "part-0.parquet").write_bytes(b"PAR1")
+    (corpus / "unrelated").mkdir()  # a manifest.json alone does not make a dataset
+    (corpus / "unrelated" / "manifest.json").write_text("{}")
+    (corpus / "unrelated" / "c.txt").write_text("three\n")
+
+    passed: list[str] = []
+    [(spec, files)] = resolve_sources(["corpus"], output="corpus/prepared", passed_over=passed)
+    assert files == ["corpus/a.txt", "corpus/sub/b.jsonl", "corpus/unrelated/c.txt"]
+    assert passed == ["corpus/prepared (this run's output)", "corpus/sub/older (a prepared dataset)",
+                      "corpus/notes.json (another file type)", "corpus/unrelated/manifest.json (another file type)"]
+    # A glob leaves them out the same way; left with nothing, it says what it passed over.
+    with pytest.raises(InputError, match=r"^corpus/\*\*/\*.parquet: glob matches no .*files beside what it passes "
+                                         r"over: corpus/prepared \(a prepared dataset\), corpus/sub/older"):
+        resolve_sources(["corpus/**/*.parquet"], output="elsewhere")
+    # Named as the input itself, or holding the input, a dataset folder is read as asked.
+    assert resolve_sources(["corpus/prepared"], output="corpus/prepared")[0][1] == [
+        "corpus/prepared/docs/part-0.parquet", "corpus/prepared/rejected/part-0.parquet"]
+    assert resolve_sources(["corpus/unrelated"], output="corpus")[0][1] == ["corpus/unrelated/c.txt"]

@@ -58,7 +58,7 @@ def data_label(
     cfg = load_config(config, [*overrides, *label_overrides(labeler, model)], stage="prepare")
     console, show = stage_printer()
     with console.status(f"labelling with {labeler}…"):
-        manifest = label_corpus(input, output, cfg)
+        manifest = label_corpus(input, output, cfg, on_stage=show)
     print_manifest_summary(console, manifest, output)
 
 

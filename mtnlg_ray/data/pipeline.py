@@ -143,6 +143,7 @@ class PipelineRun:
     pii_redacted: dict[str, int] = field(default_factory=dict)  # replacements by kind (pii.redact)
     repeated_lines: int | None = None  # distinct lines removed as boilerplate (dedup.lines)
     on_stage: Callable[[StageReport], None] | None = None
+    passed_over: list[str] = field(default_factory=list)  # what folders and globs left out (`resolve_sources`)
 
     def record(self, report: StageReport) -> None:
         self.stages.append(report)
@@ -269,13 +270,18 @@ def _read_stage(run: PipelineRun, items: list[tuple[str, list[str]]], config: Co
     ).materialize()
     names = list(dict.fromkeys(f["item"] for f in files))
     blocked = len(files) - len(names)
-    note = f"{len(names)} files" + (f" ({len(files)} read tasks: large .txt files in blocks)" if blocked else "")
+    note = f"{len(names)} file{'s' * (len(names) != 1)}" + (
+        f" ({len(files)} read tasks: large .txt files in blocks)" if blocked else "")
     txt_files = [item for item in names if item.lower().endswith(".txt")]
     if config.read.txt_mode == "file" and txt_files:
         run.split_files = _count_split_files(raw, txt_files)
         if run.split_files:
             piece = min(config.read.piece_chars, config.read.max_chars)
             note += f", {run.split_files} over {config.read.max_chars:,} characters cut into pieces of <= {piece:,}"
+    if run.passed_over:
+        shown = ", ".join(run.passed_over[:2]) + (f" and {len(run.passed_over) - 2} more" if len(run.passed_over) > 2
+                                                   else "")
+        note += f"; passed over {shown}"
     docs, rejected = _split(raw, "read")
     run.rejected_parts.append(rejected)
     run.record(StageReport("read", len(names), docs.count(), rejected.count(), time.perf_counter() - start, note))
@@ -373,6 +379,7 @@ def _manifest_head(inputs: Sequence[str], run: PipelineRun, rejected: dict[str, 
             for s in run.stages
         ],
         "split_files": run.split_files,
+        **({"passed_over": run.passed_over} if run.passed_over else {}),
         **({"pii_redacted": run.pii_redacted} if run.pii_redacted else {}),
         **({"repeated_lines_removed": run.repeated_lines} if run.repeated_lines is not None else {}),
         "rejected": rejected,
@@ -416,7 +423,8 @@ def prepare_dataset(
     """
     started = time.perf_counter()
     output = Path(output)
-    items = resolve_sources(inputs)  # bad inputs fail here, before any work
+    passed_over: list[str] = []
+    items = resolve_sources(inputs, output, passed_over)  # bad inputs fail here, before any work
     grams = _evaluation_grams(config.decontam)  # read up front: a bad evaluation file is one line, before any work
     unknown = sorted(set(config.read.weights) - set(inputs))
     if unknown:
@@ -430,13 +438,13 @@ def prepare_dataset(
     _check_curation(config)
     _check_models(config)  # before any work
     return _staged(output, lambda staging: _prepare_into(staging, output, items, grams, inputs, config, on_stage,
-                                                         started))
+                                                         started, passed_over))
 
 
 def _prepare_into(staging: Path, output: Path, items, grams, inputs: Sequence[str], config: Config,
-                  on_stage: Callable[[StageReport], None] | None, started: float) -> dict:
+                  on_stage: Callable[[StageReport], None] | None, started: float, passed_over: list[str]) -> dict:
     """`prepare_dataset`'s work, every file written under `staging`."""
-    run = PipelineRun(on_stage=on_stage)
+    run = PipelineRun(on_stage=on_stage, passed_over=passed_over)
     try:
         docs, read_counts = _curate(run, items, config, grams)
     except NothingLeft as empty:
@@ -651,7 +659,8 @@ def _pack(docs, output: Path, tokenizer_file: Path, config: Config) -> dict:
 # ---------------------------------------------------------------- `mtnlg-ray data label`
 
 
-def label_corpus(inputs: Sequence[str], output: str | Path, config: Config) -> dict:
+def label_corpus(inputs: Sequence[str], output: str | Path, config: Config,
+                 on_stage: Callable[[StageReport], None] | None = None) -> dict:
     """Read INPUTs and run only the pseudo-labelling stage; write docs/ (with label columns) and rejected/.
 
     Like `prepare_dataset`, a run left with no document writes rejected/ and manifest.json, then raises,
@@ -663,11 +672,12 @@ def label_corpus(inputs: Sequence[str], output: str | Path, config: Config) -> d
         raise InputError("label: both --labeler and --model are needed")
     started = time.perf_counter()
     output = Path(output)
-    items = resolve_sources(inputs)
+    passed_over: list[str] = []
+    items = resolve_sources(inputs, output, passed_over)
     _check_models(config)  # a wrong model is one line before Ray starts (the pool checks again)
 
     def label_into(staging: Path) -> dict:
-        run = PipelineRun()
+        run = PipelineRun(on_stage=on_stage, passed_over=passed_over)
         try:
             docs = _read_stage(run, items, config)
             docs = _run_stage(run, stage_name(config.label), docs,

@@ -48,14 +48,24 @@ def resolve_inputs(inputs: Sequence[str]) -> list[str]:
     return list(resolved)
 
 
-def resolve_sources(inputs: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """(INPUT, its files) for each INPUT, a file named by several read once, for the first that names it."""
+def resolve_sources(inputs: Sequence[str], output: str | Path | None = None,
+                    passed_over: list[str] | None = None) -> list[tuple[str, list[str]]]:
+    """(INPUT, its files) for each INPUT, a file named by several read once, for the first that names it.
+
+    A folder or glob leaves out, below it, the run's `output` and any dataset a run wrote (a folder
+    holding manifest.json beside docs/, rejected/ or tokens/): `prepare corpus/ --output corpus/prepared`
+    read its own last output back in as input, duplicating the corpus. What is left out, and the files
+    of other types, are appended to `passed_over` (one entry each) for the read stage to report.
+    """
+    walk = _Walk(Path(output).expanduser().absolute() if output is not None else None)
     seen: set[str] = set()
     sources = []
     for spec in inputs:
-        files = [f for f in resolve_inputs([spec]) if f not in seen]
+        files = [f for f in dict.fromkeys(_resolve_one(spec, walk)) if f not in seen]
         seen.update(files)
         sources.append((spec, files))
+    if passed_over is not None:
+        passed_over.extend(walk.passed_over)
     return sources
 
 
@@ -156,7 +166,68 @@ def document_id(location: str) -> str:
     return hashlib.blake2b(location.encode("utf-8"), digest_size=8).hexdigest()
 
 
-def _resolve_one(spec: str) -> list[str]:
+DATASET_MARKERS = ("docs", "rejected", "tokens")  # beside manifest.json: a folder a run of ours wrote
+
+
+class _Walk:
+    """What a folder or glob leaves out below its root: the run's output and the datasets runs wrote."""
+
+    def __init__(self, output: Path | None) -> None:
+        self.output = output
+        self.passed_over: list[str] = []
+        self._datasets: dict[Path, bool] = {}
+
+    def _is_dataset(self, folder: Path) -> bool:
+        if folder not in self._datasets:
+            self._datasets[folder] = (folder / "manifest.json").is_file() and any(
+                (folder / name).is_dir() for name in DATASET_MARKERS)
+        return self._datasets[folder]
+
+    def kept(self, paths: Iterable[Path], root: Path) -> list[Path]:
+        """`paths` below `root` less those inside the output or a dataset strictly below `root`."""
+        root = root.absolute()
+        output = self.output if self.output is not None and self.output != root and self.output.is_relative_to(root) \
+            else None  # an output holding the input folder (or being it) leaves out nothing
+        kept = []
+        for path in paths:
+            absolute = path.absolute()
+            inside = [a for a in absolute.parents if a != root and a.is_relative_to(root)]
+            hit = next((a for a in reversed(inside) if a == output or self._is_dataset(a)), None)
+            if hit is None:
+                kept.append(path)
+                continue
+            what = "this run's output" if hit == output else "a prepared dataset"
+            entry = f"{_shown(hit)} ({what})"
+            if entry not in self.passed_over:
+                self.passed_over.append(entry)
+        return kept
+
+    def left_out(self, since: int) -> str:
+        """The clause naming what was passed over since entry `since`, for an input left with no file."""
+        passed = self.passed_over[since:]
+        shown = ", ".join(passed[:2]) + (f" and {len(passed) - 2} more" if len(passed) > 2 else "")
+        return f" beside what it passes over: {shown}" if passed else ""
+
+    def supported(self, paths: Iterable[Path]) -> list[str]:
+        files = [p for p in paths if p.is_file()]
+        self.passed_over.extend(f"{p} (another file type)" for p in sorted(set(files)) if not _supported(p))
+        return _supported_files(files)
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it is below it, as the user most likely typed it."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _glob_root(spec: str) -> Path:
+    """The folder a glob searches: its leading parts with no glob character."""
+    parts = Path(spec).expanduser().parts
+    fixed = [part for part in parts[: next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), len(parts))]]
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _resolve_one(spec: str, walk: _Walk | None = None) -> list[str]:
+    walk = walk or _Walk(None)
     if spec == BUILTIN_PYTHON_DOCS:
         return [spec]
     if "://" in spec:
@@ -167,19 +238,20 @@ def _resolve_one(spec: str) -> list[str]:
             expected = ", ".join(SUFFIXES)
             raise InputError(f"{spec}: unsupported file type, expected one of {expected}")
         return [str(path)]
+    before = len(walk.passed_over)
     if path.is_dir():
-        found = _supported_files(_walk_folder(path))
+        found = walk.supported(walk.kept(_walk_folder(path), path))
         if not found:
-            raise InputError(f"{spec}: folder holds no {', '.join(SUFFIXES)} files")
+            raise InputError(f"{spec}: folder holds no {', '.join(SUFFIXES)} files" + walk.left_out(before))
         return found
     if _GLOB_CHARS & set(spec):
         matches: list[Path] = []
         for match in glob.glob(str(path), recursive=True):
             match_path = Path(match)
             matches.extend(_walk_folder(match_path) if match_path.is_dir() else [match_path])
-        found = _supported_files(matches)
+        found = walk.supported(walk.kept(matches, _glob_root(spec)))
         if not found:
-            raise InputError(f"{spec}: glob matches no {', '.join(SUFFIXES)} files")
+            raise InputError(f"{spec}: glob matches no {', '.join(SUFFIXES)} files" + walk.left_out(before))
         return found
     raise InputError(f"{spec}: no such file or folder")
 
@@ -239,7 +311,7 @@ def _walk_folder(folder: Path) -> Iterator[Path]:
 
 
 def _supported_files(paths: Iterable[Path]) -> list[str]:
-    found = sorted(str(p) for p in paths if p.is_file() and _supported(p))
+    found = sorted(set(str(p) for p in paths if p.is_file() and _supported(p)))
     for name in found:
         if not _is_utf8(name):  # Linux hands such a name over with its bytes as lone surrogates
             shown = os.fsencode(name).decode("utf-8", "backslashreplace")
