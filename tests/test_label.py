@@ -458,8 +458,10 @@ def test_data_label_that_keeps_nothing_writes_its_rejects_and_names_the_stage(ra
     # A quality of 1.0 is out of reach of a sigmoid: the labeller rejects every document.
     config = load_config(overrides=["label.labeler=quality", f"label.model={path}", "label.threshold=1.0"],
                          stage="prepare")
+    reports = []  # `data label` printed no stage line (its CLI passed no printer on)
     with pytest.raises(InputError) as err:
-        label_corpus([str(corpus)], output, config)
+        label_corpus([str(corpus)], output, config, on_stage=reports.append)
+    assert [(r.name, r.docs_out, r.rejected) for r in reports] == [("read", 5, 1), ("label (quality)", 0, 5)]
     assert str(err.value) == (
         f"no document survived label (quality): 6 rejected (low_quality 5, bad_json 1); see {output / 'rejected'}"
     )
