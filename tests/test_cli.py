@@ -122,7 +122,7 @@ def test_prompt_too_long_is_one_line(tiny_checkpoint):
 def test_prompt_with_bytes_that_are_not_utf8_is_one_line(tiny_checkpoint):
     # subprocess passes the surrogate-escaped "\udcff" as the raw byte 0xFF, as a shell's $'\xff' does.
     result = run_cli("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ab\udcffc", "--max-tokens", "2")
-    assert_one_line_error(result, "prompt:", "UTF-8")
+    assert_one_line_error(result, "--prompt ab\\xffc: not valid UTF-8")
 
 
 def test_a_misspelt_labeler_is_blamed_on_the_option_typed(tmp_path):
@@ -357,3 +357,18 @@ def test_a_dashboard_address_in_ray_address_is_one_line_for_a_stage_run_here(tmp
                             env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:8265"})
     assert_one_line_error(result, "RAY_ADDRESS=http://127.0.0.1:8265 is a dashboard address",
                           "unset RAY_ADDRESS")
+
+
+def test_an_argument_that_is_not_utf8_is_one_line_before_anything_starts(tmp_path):
+    """A shell glob's non-UTF-8 file name (or such an --output) reached ray.init as lone surrogates: a
+    UnicodeEncodeError traceback, exit 1, and an output folder left holding a stale .lock."""
+    from conftest import run_cli
+
+    (tmp_path / "in.txt").write_text("Some words to read.\n", encoding="utf-8")
+    output = str(tmp_path) + "/out\udce9"  # the byte 0xe9 as Python hands it over
+    result = run_cli("data", "prepare", str(tmp_path / "in.txt"), "--output", output)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"error: --output {tmp_path}/out\\xe9: not valid UTF-8 (Ray cannot start with it); rename such a file or "
+        "folder, or give the text in UTF-8"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]

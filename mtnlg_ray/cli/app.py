@@ -7,6 +7,7 @@ A user error (`MtnlgError`) becomes one line on stderr and exit code 2; a run st
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from typing import Any
 
@@ -26,6 +27,7 @@ class _App(typer.Typer):
     Typer drew a box of several."""
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
+        _refuse_undecodable_arguments(kwargs.get("args", sys.argv[1:]))
         try:
             result = super().__call__(*args, standalone_mode=False, **kwargs)
         except _USAGE_ERROR as exc:
@@ -50,6 +52,21 @@ class _App(typer.Typer):
             sys.exit(2)
         # As in Typer's standalone mode: exit, with the code of a typer.Exit (--help's 0, Ctrl-C's 130).
         sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
+
+
+def _refuse_undecodable_arguments(argv: Any) -> None:
+    """An argument that is not UTF-8 (a file name a shell glob expanded, an --output) reaches Python as
+    lone surrogates, and Ray's driver start failed on them with a UnicodeEncodeError traceback."""
+    argv = [str(arg) for arg in argv or ()]
+    for i, arg in enumerate(argv):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(arg).decode("utf-8", "backslashreplace")
+            option = f"{argv[i - 1]} " if i and argv[i - 1].startswith("-") and "=" not in argv[i - 1] else ""
+            typer.echo(f"error: {option}{shown}: not valid UTF-8 (Ray cannot start with it); rename such a file or "
+                       "folder, or give the text in UTF-8", err=True)
+            sys.exit(2)
 
 
 def unwrap_help(group: typer.Typer) -> None:
