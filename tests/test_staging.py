@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -105,6 +106,11 @@ def test_an_occupied_or_unwritable_folder_is_refused_before_anything_moves(tmp_p
         with staged_output(occupied):
             pass
     assert sorted(p.name for p in occupied.iterdir()) == ["keep.txt"]
+    # A folder that cannot be made for another reason than permissions (Linux's /proc here, a read-only
+    # filesystem alike) was a FileNotFoundError traceback, even for root.
+    with pytest.raises(InputError, match="^/proc/mtnlg-ray-test: cannot write the dataset there \\(No such file"):
+        with staged_output(Path("/proc/mtnlg-ray-test")):
+            pass
     if os.geteuid() == 0:
         return  # root writes anywhere
     output = tmp_path / "ds"

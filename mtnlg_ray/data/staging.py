@@ -38,8 +38,8 @@ def staged_output(output: Path) -> Iterator[Path]:
         _check_output(output)
         output.mkdir(parents=True, exist_ok=True)
         lock = open(output / LOCK, "a")  # held until the run ends
-    except PermissionError as err:
-        raise InputError(f"{output}: not writable ({err.strerror})") from None
+    except OSError as err:  # no permission, a read-only filesystem, /proc, a file in the path
+        raise InputError(f"{output}: cannot write the dataset there ({err.strerror})") from None
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -51,8 +51,8 @@ def staged_output(output: Path) -> Iterator[Path]:
             recover(output)
             _remove(staging)  # what a killed run left
             staging.mkdir()
-        except PermissionError as err:  # a read-only folder that an earlier run left its .lock in
-            raise InputError(f"{output}: not writable ({err.strerror})") from None
+        except OSError as err:  # a read-only folder that an earlier run left its .lock in
+            raise InputError(f"{output}: cannot write the dataset there ({err.strerror})") from None
         try:
             yield staging
         except BaseException:
