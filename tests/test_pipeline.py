@@ -311,6 +311,9 @@ def test_line_mode_keeps_one_document_per_line(ray_session, tmp_path):
                          stage="prepare")
     manifest = prepare_dataset([str(corpus)], tmp_path / "ds", config)
     assert manifest["documents"] == 300 and manifest["rejected"] == {}
+    # Nothing rejected: rejected/ still reads as a table with its columns (it held no file at all).
+    nothing = pq.read_table(tmp_path / "ds" / "rejected")
+    assert nothing.num_rows == 0 and nothing.column_names == ["id", "source", "location", "stage", "reason", "detail"]
     read = manifest["stages"][0]
     assert read["in"] == 1 and "read tasks: large .txt files in blocks" in read["note"]
     docs = pq.read_table(tmp_path / "ds" / "docs").to_pylist()

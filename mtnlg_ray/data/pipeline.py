@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mtnlg_ray.config import Config
-from mtnlg_ray.data.read import (REJECTED_COLUMNS, document_id, iter_records, iter_texts, resolve_sources)
+from mtnlg_ray.data.read import (REJECTED_COLUMNS, document_id, iter_records, iter_texts, rejected_schema,
+                                  resolve_sources)
 from mtnlg_ray.data.staging import failed_run_home, publish, staged_output
 from mtnlg_ray.errors import InputError
 from mtnlg_ray.publish import publish_file
@@ -364,6 +365,12 @@ def _write_rejected(run: PipelineRun, output: Path) -> dict[str, int]:
     """Every stage's rejected rows into rejected/; returns the counts by reason."""
     rejected_all = _union(run.rejected_parts)
     _write_parquet(rejected_all, output / "rejected", REJECTED_COLUMNS)
+    if not any((output / "rejected").iterdir()):
+        # No row: one empty file with the columns, so pandas or Arrow reads the folder as a table
+        # (`df[df.reason == ...]` raised KeyError on a folder with no file).
+        import pyarrow.parquet as pq
+
+        pq.write_table(rejected_schema().empty_table(), output / "rejected" / "none.parquet")
     return dict(sorted(_count_by(rejected_all, "reason").items()))
 
 
