@@ -111,13 +111,26 @@ def check_tensor_shapes(state: dict, expected: dict, where: Path, error: type[Ex
             raise error(f"{where}: tensor '{name}' has shape {list(state[name].shape)}, {expects} {list(shape)}")
 
 
-def read_checkpoint_config(path: str | Path) -> dict:
-    """The parsed config.json of a checkpoint directory."""
-    path = Path(path)
+def check_consolidated(path: Path) -> None:
+    """One line when `path` is no consolidated checkpoint folder: missing, a file, or a folder that
+    is something else a run writes (the run directory, one of its sharded training checkpoints)."""
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found")
     if not path.is_dir():
         raise CheckpointError(f"{path}: expected a checkpoint directory holding {WEIGHTS} and {CONFIG}")
+    if (path / CONFIG).exists():
+        return
+    if (path / "final" / CONFIG).is_file():
+        raise CheckpointError(f"{path}: a run directory; give its consolidated checkpoint, {path / 'final'}")
+    if (path / "trainer_state.json").is_file() and (path / ".metadata").is_file():
+        raise CheckpointError(f"{path}: a sharded training checkpoint (it resumes a run); give the run's "
+                              f"consolidated checkpoint, {path.parent / 'final'}")
+
+
+def read_checkpoint_config(path: str | Path) -> dict:
+    """The parsed config.json of a checkpoint directory."""
+    path = Path(path)
+    check_consolidated(path)
     config_file = path / CONFIG
     body = read_json_object(config_file, f"is {path} a consolidated checkpoint?")
     if not isinstance(body.get("model"), dict):
@@ -264,8 +277,7 @@ def check_checkpoint(path: str | Path, classifier: bool = False) -> dict:
 def tokenizer_path(path: str | Path) -> Path:
     """The checkpoint's tokenizer.json, or one clear line when it has none."""
     file = Path(path) / TOKENIZER
-    if not Path(path).exists():  # not "its tokenizer is missing", which reads as if the folder were there
-        raise CheckpointError(f"{path}: checkpoint not found")
+    check_consolidated(Path(path))  # not "its tokenizer is missing", which reads as if it were a checkpoint
     if not file.is_file():
         raise CheckpointError(f"{file}: missing (the checkpoint needs its tokenizer to turn text into tokens)")
     return file

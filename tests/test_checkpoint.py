@@ -389,3 +389,31 @@ def test_weights_file_that_is_a_folder_says_so(saved):
     weights.mkdir()
     with pytest.raises(CheckpointError, match=f"^{weights}: a folder, expected the safetensors file"):
         load_checkpoint(path)
+
+
+def test_a_run_directory_or_a_sharded_checkpoint_given_as_a_checkpoint_says_what_to_give(saved, tmp_path):
+    """evaluate / generate / serve / a self-training teacher said "config.json: missing (is runs/x a
+    consolidated checkpoint?)" for a run directory, and a fine-tune from a sharded training checkpoint
+    said its tokenizer.json was missing."""
+    import shutil
+
+    from mtnlg_ray.checkpoint import read_checkpoint_config, tokenizer_path
+    from mtnlg_ray.finetune.trainer import start_checkpoint
+
+    _, path = saved
+    run = tmp_path / "runs" / "pretrain"
+    shutil.copytree(path, run / "final")
+    sharded = run / "checkpoint_2026-12-07_07-46-55.387718"
+    sharded.mkdir()
+    (sharded / ".metadata").write_bytes(b"dcp")
+    (sharded / "trainer_state.json").write_text('{"step": 4}')
+    for read in (read_checkpoint_config, load_checkpoint, tokenizer_path):
+        with pytest.raises(CheckpointError, match=f"^{run}: a run directory; give its consolidated checkpoint, "
+                                                  f"{run / 'final'}$"):
+            read(run)
+        with pytest.raises(CheckpointError, match=f"^{sharded}: a sharded training checkpoint \\(it resumes a run\\); "
+                                                  f"give the run's consolidated checkpoint, {run / 'final'}$"):
+            read(sharded)
+    assert start_checkpoint(run) == run / "final"  # a fine-tune takes the run directory as it did
+    with pytest.raises(CheckpointError, match="a sharded training checkpoint"):
+        start_checkpoint(sharded)

@@ -436,7 +436,7 @@ def test_serve_cli_help_and_bad_checkpoint(tiny_checkpoint, tmp_path):
     assert shown.returncode == 0 and "curl" in shown.stdout and "--api-key" in shown.stdout
     missing = run_cli("serve", "--checkpoint", str(tmp_path / "nope"))
     assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: not a checkpoint directory (no config.json)"]
+    assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: checkpoint not found"]
     # No weights: one line before Ray starts, not replicas that die loading them.
     no_weights = tmp_path / "no_weights"
     shutil.copytree(tiny_checkpoint, no_weights)

@@ -20,9 +20,12 @@ WARMUP_FRACTION = 0.05  # of the run's tokens, when train.warmup_tokens is not s
 
 def start_checkpoint(path: str | Path) -> Path:
     """A consolidated checkpoint, or a pretraining run directory (its `final/`)."""
+    from mtnlg_ray.checkpoint import check_consolidated
+
     path = Path(path).expanduser().resolve()
     if (path / "final" / "config.json").is_file() and not (path / "config.json").is_file():
         return path / "final"
+    check_consolidated(path)  # a sharded training checkpoint was "its tokenizer.json: missing"
     return path
 
 

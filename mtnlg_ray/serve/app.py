@@ -628,9 +628,10 @@ def check_can_serve(host: str, port: int) -> None:
 
 def check_servable(args: ServeArgs) -> None:
     """The checkpoint's problems in one line here, not as replicas that die while loading it."""
-    from mtnlg_ray.checkpoint import check_checkpoint, tokenizer_path
+    from mtnlg_ray.checkpoint import check_checkpoint, check_consolidated, tokenizer_path
 
     checkpoint = Path(args.checkpoint)
+    check_consolidated(checkpoint)  # a run directory or a training checkpoint says which to give instead
     if not (checkpoint / "config.json").is_file():
         raise CheckpointError(f"{checkpoint}: not a checkpoint directory (no config.json)")
     check_checkpoint(checkpoint)
