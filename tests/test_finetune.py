@@ -1045,3 +1045,11 @@ def test_epochs_bound_a_run_that_max_tokens_also_bounds_and_an_early_stop_surviv
     best = _recorded_best(tmp_path / "runs" / "stopped" / "best", "accuracy")
     saved = next(r for r in first if r.get("best"))
     assert best == (saved["dev"]["accuracy"], saved["step"])
+
+
+def test_an_unknown_split_is_blamed_on_split_not_on_the_dataset(tmp_path):
+    # It said "tokens/index.json: not a token index of `data prepare` (KeyError: 'test'); prepare the dataset again".
+    from mtnlg_ray.finetune.evaluate import evaluate
+
+    with pytest.raises(InputError, match=r"^--split: expected train or val, got 'test'$"):
+        evaluate(tmp_path / "ckpt", [str(tmp_path / "data")], "lm", split="test")

@@ -124,6 +124,8 @@ def evaluate(checkpoint: str | Path, data: list[str], task: str = "lm", text_fie
         return evaluate_classification(checkpoint, data[0], text_field or "text", label_field)
     if task != "lm":
         raise InputError(f"--task: expected lm or classification, got {task!r}")
+    if split not in ("train", "val"):  # was "not a token index of `data prepare`; prepare the dataset again"
+        raise InputError(f"--split: expected train or val, got {split!r}")
     read_checkpoint_config(checkpoint)  # one clear line for a missing or broken checkpoint
     if len(data) == 1 and (Path(data[0]) / "tokens" / "index.json").is_file():
         return evaluate_lm_tokens(checkpoint, Path(data[0]), split)
