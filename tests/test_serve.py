@@ -453,6 +453,11 @@ def test_serve_cli_help_and_bad_checkpoint(tiny_checkpoint, tmp_path):
     assert taken.returncode == 2, taken.stderr[-600:]
     assert taken.stderr.strip().splitlines()[-1] == (f"error: --port {port}: 127.0.0.1:{port} is in use "
                                                     "(Address already in use); choose another port")
+    # An address of another machine (TEST-NET-1, never assigned) blamed the port as "in use".
+    elsewhere = run_cli("serve", "--checkpoint", str(tiny_checkpoint), "--host", "192.0.2.1", "--port", "8123")
+    assert elsewhere.returncode == 2
+    assert elsewhere.stderr.strip().splitlines()[-1].startswith(
+        "error: --host 192.0.2.1: not an address of this machine (Cannot assign requested address)")
 
 
 # --- the API over HTTP ------------------------------------------------------------------------------

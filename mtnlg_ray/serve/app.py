@@ -597,6 +597,29 @@ def build_app(args: dict | ServeArgs):
 APP_NAME = "mtnlg"  # the Serve application `mtnlg-ray serve` deploys
 
 
+def _probe_bind(host: str, port: int) -> None:
+    """Bind host:port once and let go: one line blaming --host (a name that does not resolve, an
+    address of another machine) or --port (in use, a privileged port), as the case is."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"--host {host}: not an address this machine can resolve ({exc.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"--host {host}: not an address of this machine ({exc.strerror}); serve on "
+                                  "127.0.0.1, 0.0.0.0 or one of its own addresses") from None
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(f"--port {port}: {host}:{port} is in use ({exc.strerror}); choose another port") \
+                    from None
+            raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
+
+
 def check_can_serve(host: str, port: int) -> None:
     """One line, before deploying, where this cluster cannot serve a model at http://host:port/.
 
@@ -604,17 +627,11 @@ def check_can_serve(host: str, port: int) -> None:
     deploying beside a served model used to replace it silently, and asking for another port got
     Serve's old one while the printed URL named the new. Without Serve running, the port must be free.
     """
-    import socket
-
     from ray.serve.context import _get_global_client
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
-        with socket.socket() as probe:
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                raise ConfigError(f"--port {port}: {host}:{port} is in use ({exc.strerror}); choose another port") from None
+        _probe_bind(host, port)
         return
     served = sorted(serve.status().applications)
     if served:
