@@ -411,6 +411,11 @@ class TaskSection(Section):
             raise ValueError(f"task.metric for task.kind={self.kind} must be one of {', '.join(allowed)}")
         if self.kind == "sft" and self.mode == "frozen":
             raise ValueError("task.mode=frozen leaves nothing to train for task.kind=sft; use full or lora")
+        if self.mode != "lora" and self.lora != LoraSection():
+            # `--set task.lora.rank=16` alone ran a full fine-tune without a word
+            changed = next(k for k in LoraSection.model_fields if getattr(self.lora, k) != getattr(LoraSection(), k))
+            raise ValueError(f"task.lora.{changed} is set, but task.mode is {self.mode}: add task.mode=lora "
+                             "to train LoRA adapters")
         if self.labels is not None:
             blank = [x for x in self.labels if not x.strip()]
             if blank:

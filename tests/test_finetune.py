@@ -339,6 +339,8 @@ def test_soft_labels_must_be_probabilities(tmp_path, probs):
     ("task.labels=[neg,pos,neg]", "task.labels", "task.labels lists 'neg' twice"),
     ("task.labels=[neg,'']", "task.labels", "'' is no label name"),
     ("train.seed=-1", "train.seed", "greater than or equal to 0"),
+    # alone, it ran a full fine-tune without a word
+    ("task.lora.rank=16", "task.lora.rank", "task.lora.rank is set, but task.mode is full: add task.mode=lora"),
 ])
 def test_task_and_seed_mistakes_fail_at_config_time_and_blame_the_set(override, blamed, message):
     """Duplicate labels used to train a head output that nothing reaches and fail only when best/ was
