@@ -262,6 +262,10 @@ def test_readers_name_the_file_and_line(tmp_path):
     bad.write_text('{"text": "a", "label": "x"}\n\n{"text": "b"}\n')
     with pytest.raises(InputError, match=r"rows.jsonl:3: missing field 'label'"):
         read_classification(bad, "text", "label")
+    bad.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": true}\n')  # was the class "True"
+    with pytest.raises(InputError, match=r"rows.jsonl:2: field 'label' must be a label \(a string or an integer\), "
+                                         r"got True"):
+        read_classification(bad, "text", "label")
     sft = tmp_path / "sft.jsonl"
     sft.write_text('{"prompt": "q", "completion": ""}\n')
     with pytest.raises(InputError, match="sft.jsonl:1: field 'completion' is empty"):

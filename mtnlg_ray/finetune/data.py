@@ -149,7 +149,8 @@ def read_classification(path: str | Path, text_field: str, label_field: str) -> 
         text, label = row[text_field], row[label_field]
         if not isinstance(text, str):
             raise InputError(f"{where}: field {text_field!r} must be text, got {type(text).__name__}")
-        if isinstance(label, (dict, list)) or str(label).strip() == "":
+        # JSON's true / false is no label name: it trained a class called "True"
+        if isinstance(label, (dict, list, bool)) or str(label).strip() == "":
             raise InputError(f"{where}: field {label_field!r} must be a label (a string or an integer), got {label!r}")
         probs = row.get("probs")
         if probs is not None and not _distribution(probs):
