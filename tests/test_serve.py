@@ -774,3 +774,14 @@ def test_client_disconnect_stops_its_generation(server):
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["finished"] == before["finished"]
     assert after["tokens"] - before["tokens"] < CONTEXT - 8
+
+
+def test_the_ready_lines_show_a_request_that_works_as_pasted():
+    from mtnlg_ray.cli.serve import ready_lines
+
+    url = "http://127.0.0.1:8000"
+    plain = ready_lines("mtnlg", url, keyed=False)
+    assert plain[1] == (f"try:  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{{\"model\": "
+                        "\"mtnlg\", \"prompt\": \"def \", \"max_tokens\": 32, \"temperature\": 0}'")
+    keyed = ready_lines("mtnlg", url, keyed=True)[1]  # pasted where MTNLG_API_KEY was unset, it got 401
+    assert '-H "Authorization: Bearer $MTNLG_API_KEY"' in keyed and keyed.endswith("(export MTNLG_API_KEY=<the key> first)")

@@ -104,16 +104,22 @@ def serve(
     })
     if not 0 <= port <= 65535:
         raise MtnlgError(f"--port: expected 0-65535, got {port}")
-    # The key itself is never printed: this line ends up in job logs.
-    auth = " -H \"Authorization: Bearer $MTNLG_API_KEY\"" if args.api_key_sha256 else ""
-
     def ready(url: str) -> None:
-        typer.echo(f"serving {args.name} at {url}/v1  (health: {url}/health)")
-        typer.echo(
-            f"try:  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
-            f"-d '{{\"model\": \"{args.name}\", \"prompt\": \"def \", \"max_tokens\": 32, \"temperature\": 0}}'"
-        )
+        for line in ready_lines(args.name, url, keyed=bool(args.api_key_sha256)):
+            typer.echo(line)
         typer.echo("Ctrl-C to stop.", err=True)
 
     serve_until_stopped(args, host=host, port=port, on_ready=ready)
     typer.echo("stopped.", err=True)
+
+
+def ready_lines(name: str, url: str, keyed: bool) -> list[str]:
+    """What `serve` prints once its replicas are up: the URL and a request to try. The key itself is
+    never printed (the lines end up in job logs), so a keyed server's curl reads it from MTNLG_API_KEY,
+    and says so: pasted where that variable is unset, it was refused with 401."""
+    auth = ' -H "Authorization: Bearer $MTNLG_API_KEY"' if keyed else ""
+    body = f'{{"model": "{name}", "prompt": "def ", "max_tokens": 32, "temperature": 0}}'
+    return [f"serving {name} at {url}/v1  (health: {url}/health)",
+            f"try:  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'"
+            + ("  (export MTNLG_API_KEY=<the key> first)" if keyed else "")]
+
