@@ -1059,3 +1059,16 @@ def test_an_unknown_split_is_blamed_on_split_not_on_the_dataset(tmp_path):
 
     with pytest.raises(InputError, match=r"^--split: expected train or val, got 'test'$"):
         evaluate(tmp_path / "ckpt", [str(tmp_path / "data")], "lm", split="test")
+
+
+def test_a_round_that_keeps_no_pseudo_label_says_so(capsys):
+    # selftrain.threshold=0.9 kept {'0': 0, '1': 0}, and students retrained on the labelled rows without a word
+    from mtnlg_ray.finetune.selftrain import select_pseudo_labels, warn_if_nothing_kept
+
+    rows = [{"pool_index": i, "label": "1", "confidence": 0.6 + i / 100} for i in range(5)]
+    kept = select_pseudo_labels(rows, ["0", "1"], 0.9, 6000)
+    warn_if_nothing_kept(1, kept, len(rows), 0.9)
+    assert capsys.readouterr().err == ("warning: round 1: the teacher is at least 0.9 sure of none of the 5 pool rows, "
+                                       "so the student learns from the labelled rows alone; lower selftrain.threshold\n")
+    warn_if_nothing_kept(1, select_pseudo_labels(rows, ["0", "1"], 0.6, 6000), len(rows), 0.6)
+    assert capsys.readouterr().err == ""

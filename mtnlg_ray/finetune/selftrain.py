@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -88,6 +89,15 @@ def _pseudo_labels(docs_dir: Path) -> list[dict]:
             row["pool_index"] = int(row.pop("location").rsplit(":", 1)[1]) - 1
             rows.append(row)
     return rows
+
+
+def warn_if_nothing_kept(number: int, pseudo: list[dict], pool: int, threshold: float) -> None:
+    """One line on stderr when no pool row passed the threshold: the student then trains on the
+    labelled rows alone, which the report showed only as zeros in its table."""
+    if not pseudo:
+        print(f"warning: round {number}: the teacher is at least {threshold:g} sure of none of the {pool:,} pool "
+              "rows, so the student learns from the labelled rows alone; lower selftrain.threshold",
+              file=sys.stderr, flush=True)
 
 
 def select_pseudo_labels(rows: list[dict], labels: list[str], threshold: float,
@@ -187,6 +197,7 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         rows = _pseudo_labels(out / "pseudo" / "docs")
         pseudo = select_pseudo_labels(rows, labels, cfg.selftrain.threshold, cfg.selftrain.per_class_top_k)
         kept = Counter(r["label"] for r in pseudo)
+        warn_if_nothing_kept(number, pseudo, len(rows), cfg.selftrain.threshold)
         accuracy, scored = pseudo_label_accuracy(pseudo, gold)
         out.mkdir(parents=True, exist_ok=True)
         _write_training_set(cfg, labelled.rows, pseudo, labels, out / "train.jsonl")
