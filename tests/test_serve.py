@@ -785,3 +785,35 @@ def test_the_ready_lines_show_a_request_that_works_as_pasted():
                         "\"mtnlg\", \"prompt\": \"def \", \"max_tokens\": 32, \"temperature\": 0}'")
     keyed = ready_lines("mtnlg", url, keyed=True)[1]  # pasted where MTNLG_API_KEY was unset, it got 401
     assert '-H "Authorization: Bearer $MTNLG_API_KEY"' in keyed and keyed.endswith("(export MTNLG_API_KEY=<the key> first)")
+
+
+def test_a_sigterm_to_the_whole_process_group_stops_a_local_server_cleanly(tiny_checkpoint, tmp_path):
+    """`timeout`, systemd and `kill -- -PGID` signal every process of the group, the local Ray's GCS
+    among them: deleting the app then waited 60 s for the dead GCS and ended in Ray's error, never
+    printing `stopped.`. A Ray the command started goes down with it; there is nothing to delete."""
+    import os
+    import shutil as sh
+    import signal
+    import subprocess
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    exe = sh.which("mtnlg-ray")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([exe, "serve", "-c", str(tiny_checkpoint), "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while "Ctrl-C to stop." not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert "Ctrl-C to stop." in log.read_text(), log.read_text()[-2000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=150) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert text.rstrip().endswith("stopped.") and "GCS" not in text, text[-2000:]

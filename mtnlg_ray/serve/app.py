@@ -686,8 +686,10 @@ def serve_until_stopped(args: ServeArgs, host: str = "127.0.0.1", port: int = 80
     from mtnlg_ray.runtime import ensure_ray
 
     check_servable(args)
+    ours = False
     try:
         ensure_ray()
+        ours = _started_ray_here()
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         url = _deploy(args, host, port, name)
@@ -698,5 +700,16 @@ def serve_until_stopped(args: ServeArgs, host: str = "127.0.0.1", port: int = 80
     except KeyboardInterrupt:
         import ray
 
-        if ray.is_initialized():  # stopped before Ray was even reached: nothing to delete
+        # A Ray this process started goes down with it, Serve and all: nothing to delete. A SIGTERM to
+        # the whole process group (`timeout`, systemd, `kill -- -PGID`) had stopped its GCS too, and
+        # deleting the app waited 60 s for it, then failed.
+        if ray.is_initialized() and not ours:  # stopped before Ray was even reached: nothing to delete
             serve.delete(name)
+
+
+def _started_ray_here() -> bool:
+    """Whether ray.init started the local Ray this process runs on (rather than joining a cluster)."""
+    import ray._private.worker
+
+    node = ray._private.worker._global_node
+    return bool(node is not None and node.live_processes())
