@@ -279,3 +279,19 @@ def test_curation_settings_that_cannot_work_are_one_line_and_exit_2(tmp_path):
     assert no_field.returncode == 2
     assert no_field.stderr.strip() == ("error: filter.url_blocklist: set read.url_field to the field that holds "
                                        "each document's URL")
+
+
+def test_a_txt_evaluation_file_is_one_item_a_line(tmp_path):
+    """Short questions listed one a line were one 30-word item: none matched as the whole it is, and a
+    training document holding one of them was left uncut."""
+    from mtnlg_ray.config import DecontamSection
+    from mtnlg_ray.data.decontam import contaminated_spans
+    from mtnlg_ray.data.pipeline import _evaluation_grams
+
+    questions = ["what is the capital city of the old kingdom", "how many legs does a spider have in total",
+                 "which planet has the longest day of them all"]
+    (tmp_path / "questions.txt").write_text("\n".join(questions) + "\n", encoding="utf-8")
+    grams = _evaluation_grams(DecontamSection(eval_files=[str(tmp_path / "questions.txt")]))
+    doc = f"Quiz night. {questions[1]} Everyone laughed."
+    start = doc.index(questions[1])
+    assert contaminated_spans(doc, grams) == [(start, start + len(questions[1]))]  # a whole item: cut exactly

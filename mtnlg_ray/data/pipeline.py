@@ -528,7 +528,9 @@ def _evaluation_grams(cfg):
     if not cfg.eval_files:
         return None
     skipped: Counter[str] = Counter()
-    grams = eval_ngrams(iter_texts(cfg.eval_files, cfg.text_field, skipped), cfg.ngram, cfg.min_words)
+    # A .txt evaluation set is one item a line (as benchmarks list their questions): read whole, a file of
+    # short questions was one long item, and none of them matched as the whole it is.
+    grams = eval_ngrams(iter_texts(cfg.eval_files, cfg.text_field, skipped, txt_mode="line"), cfg.ngram, cfg.min_words)
     if not grams:  # e.g. no record has decontam.text_field: decontamination would silently do nothing
         reasons = ", ".join(f"{reason} {n:,}" for reason, n in sorted(skipped.items())) or "no text"
         raise InputError(f"decontam.eval_files: no evaluation text to match ({reasons}); check "

@@ -96,11 +96,11 @@ def rejected_schema():
 
 def iter_texts(
     inputs: Sequence[str], text_field: str = "text", skipped: Counter[str] | None = None,
-    max_chars: int | None = None, piece_chars: int | None = None,
+    max_chars: int | None = None, piece_chars: int | None = None, txt_mode: str = "file",
 ) -> Iterator[str]:
     """Return an iterator over every document's text in INPUTs, in `resolve_inputs` order.
 
-    A .txt file is one document. In .jsonl / .jsonl.gz each line is a JSON object whose
+    A .txt file is read by `txt_mode` as `data prepare` reads it (by default one document). In .jsonl / .jsonl.gz each line is a JSON object whose
     `text_field` holds the text; in .parquet the column `text_field` does. Records that
     cannot be used are skipped: counted in `skipped` by reason ("bad_json", "not_object",
     "missing_field", "not_text", "bad_utf8", "empty") and logged per file. The inputs are
@@ -110,14 +110,15 @@ def iter_texts(
     a longer .txt in pieces, a longer record skipped as "oversized".
     """
     items = resolve_inputs(inputs)
-    return _iter_items(items, text_field, skipped if skipped is not None else Counter(), max_chars, piece_chars)
+    return _iter_items(items, text_field, skipped if skipped is not None else Counter(), max_chars, piece_chars,
+                       txt_mode)
 
 
 def _iter_items(items: list[str], text_field: str, counts: Counter[str], max_chars: int | None = None,
-                piece_chars: int | None = None) -> Iterator[str]:
+                piece_chars: int | None = None, txt_mode: str = "file") -> Iterator[str]:
     for item in items:
         lost: Counter[str] = Counter()
-        for record in iter_records(item, text_field, max_chars=max_chars, piece_chars=piece_chars):
+        for record in iter_records(item, text_field, txt_mode=txt_mode, max_chars=max_chars, piece_chars=piece_chars):
             if not record.reason:
                 yield record.text
             elif record.reason in FILE_REASONS:
