@@ -164,12 +164,28 @@ def test_the_quality_labeller_imports_no_torch():
 
 def test_quality_training_needs_text_on_both_sides(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    positive = write_jsonl(tmp_path / "good.jsonl", PARAGRAPHS[:5])
+    positive = write_jsonl(tmp_path / "good.jsonl", PARAGRAPHS[:20])
     with pytest.raises(InputError, match=r"--negative .*empty\.txt: no text found"):
         train_quality_classifier([positive], [str(tmp_path / "empty.txt")], tmp_path / "model")
     assert not (tmp_path / "model").exists()
     with pytest.raises(CheckpointError, match="quality.json: missing"):
         QualityModel.load(tmp_path)
+
+
+def test_quality_training_refuses_one_file_on_both_sides_and_too_few_documents(tmp_path):
+    """The same file as --positive and --negative trained and reported a holdout accuracy; a .txt of one
+    example a line was one document, and 1 negative against 485 positives scored 1.0."""
+    positive = write_jsonl(tmp_path / "good.jsonl", PARAGRAPHS[:20])
+    with pytest.raises(InputError, match=f"^{positive}: given as both --positive and --negative text$"):
+        train_quality_classifier([positive], [str(tmp_path)], tmp_path / "model")
+    lines = tmp_path / "bad" / "lines.txt"
+    lines.parent.mkdir()
+    lines.write_text("\n".join(f"buy cheap pills {i} now" for i in range(30)) + "\n")
+    with pytest.raises(InputError, match=r"--negative .*lines\.txt: 1 document, too few to learn from \(at least 10\); "
+                                         r"a \.txt file is one document unless --txt-mode line"):
+        train_quality_classifier([positive], [str(lines)], tmp_path / "model")
+    metrics = train_quality_classifier([positive], [str(lines)], tmp_path / "model", epochs=1, txt_mode="line")
+    assert (metrics["positive"], metrics["negative"]) == (20, 30)
 
 
 def test_quality_training_refuses_an_output_below_a_file_before_training(tmp_path, monkeypatch):
@@ -601,9 +617,8 @@ def test_the_quality_classifier_trains_on_documents_as_prepare_reads_them(tmp_pa
     classifier then scores; it used to train on it as one (its features' log counts depend on length)."""
     paragraph = " ".join(f"the {w} list holds items" for w in range(60))
     (tmp_path / "book.txt").write_text("\n\n".join([paragraph] * 4000))  # ~1.3M characters
-    (tmp_path / "junk.txt").write_text("\n\n".join(f"buy cheap pills {i} click here now" for i in range(400)))
-    metrics = train_quality_classifier([str(tmp_path / "book.txt")], [str(tmp_path / "junk.txt")],
-                                       tmp_path / "qm", epochs=1)
+    junk = write_jsonl(tmp_path / "junk.jsonl", [f"buy cheap pills {i} click here now" for i in range(400)])
+    metrics = train_quality_classifier([str(tmp_path / "book.txt")], [junk], tmp_path / "qm", epochs=1)
     prepared = list(iter_texts([str(tmp_path / "book.txt")], max_chars=1_000_000, piece_chars=100_000))
     assert metrics["positive"] == len(prepared) > 1
 

@@ -69,11 +69,19 @@ def data_train_quality_classifier(
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the model (safetensors + JSON, no pickle)."),
     epochs: int = typer.Option(5, "--epochs", help="Passes over the training documents."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train / holdout split and the initialisation."),
+    txt_mode: str = typer.Option("file", "--txt-mode",
+                                 help="How a .txt input is read, as read.txt_mode in `data prepare`: file (one "
+                                      "document), paragraph or line (one example a line)."),
 ) -> None:
-    """Train the GPT-3 / MT-NLG style quality classifier: hashed word n-grams + logistic regression."""
+    """Train the GPT-3 / MT-NLG style quality classifier: hashed word n-grams + logistic regression.
+
+    Each side needs at least 10 documents; a tenth of each is held out to measure accuracy.
+
+    Example: mtnlg-ray data train-quality-classifier --positive builtin:python-docs --negative crawl/ --output work/quality
+    """
     from mtnlg_ray.data.quality import train_quality_classifier
 
-    metrics = train_quality_classifier(positive, negative, output, epochs=epochs, seed=seed)
+    metrics = train_quality_classifier(positive, negative, output, epochs=epochs, seed=seed, txt_mode=txt_mode)
     typer.echo(json.dumps(metrics, indent=2))
 
 

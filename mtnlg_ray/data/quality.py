@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from mtnlg_ray.data.columns import texts, with_column
-from mtnlg_ray.data.read import iter_texts
+from mtnlg_ray.data.read import iter_texts, resolve_inputs
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError
 from mtnlg_ray.publish import check_can_make_folder, publish_directory
 
@@ -32,6 +32,8 @@ ORDER = 2  # unigrams and bigrams
 BUCKETS = 2**18
 THRESHOLD = 0.5
 HOLDOUT_FRACTION = 0.1
+MIN_DOCUMENTS = 10  # a side: fewer leave no document of it held out to measure accuracy on
+TXT_MODES = ("file", "paragraph", "line")  # how a .txt input is read, as `read.txt_mode` in data prepare
 
 # Word tokens are runs of letters/digits; runs of punctuation count as tokens too, so
 # symbol junk ("%$#@!") gets features of its own instead of an empty vector.
@@ -267,6 +269,7 @@ def train_quality_classifier(
     *,
     epochs: int = 5,
     seed: int = 0,
+    txt_mode: str = "file",
 ) -> dict:
     """Fit the classifier on INPUT specs (`positive`: curated text, `negative`: raw crawl) and save it at `output`.
 
@@ -278,15 +281,24 @@ def train_quality_classifier(
     if epochs < 1:
         raise ConfigError(f"epochs: expected a positive integer, got {epochs}")
     _check_output(Path(output))  # before the training, not after it
+    if txt_mode not in TXT_MODES:
+        raise ConfigError(f"--txt-mode: expected one of {', '.join(TXT_MODES)}, got {txt_mode!r}")
+    both = sorted(set(resolve_inputs(positive)) & set(resolve_inputs(negative)))
+    if both:  # it trained, and reported a holdout accuracy, on a task with no answer
+        raise InputError(f"{both[0]}: given as both --positive and --negative text")
     defaults = ReadSection()
     sides = {}
     for name, inputs in (("positive", positive), ("negative", negative)):
         # Documents as `data prepare` reads the text it scores (a long .txt in pieces), so the two see
         # documents of the same lengths: the features' log counts depend on length.
-        texts = [t for t in iter_texts(inputs, max_chars=defaults.max_chars, piece_chars=defaults.piece_chars)
-                 if t.strip()]
+        texts = [t for t in iter_texts(inputs, max_chars=defaults.max_chars, piece_chars=defaults.piece_chars,
+                                       txt_mode=txt_mode) if t.strip()]
         if not texts:
             raise InputError(f"--{name} {' '.join(inputs)}: no text found")
+        if len(texts) < MIN_DOCUMENTS:  # 1 negative "document" against 485 scored a holdout accuracy of 1.0
+            raise InputError(f"--{name} {' '.join(inputs)}: {len(texts)} document{'s' * (len(texts) != 1)}, too "
+                             f"few to learn from (at least {MIN_DOCUMENTS}); a .txt file is one document unless "
+                             "--txt-mode line or paragraph reads one a line or paragraph")
         sides[name] = texts
     texts = sides["positive"] + sides["negative"]
     labels = np.concatenate([np.ones(len(sides["positive"])), np.zeros(len(sides["negative"]))])
