@@ -183,6 +183,12 @@ class LabelSection(Section):
     batch_size: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
 
+    @field_validator("actors", mode="before")
+    @classmethod
+    def _one_size(cls, value: Any) -> Any:
+        # `label.actors=2` is a pool of 2 (it was "Input should be a valid tuple")
+        return (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+
     @field_validator("actors")
     @classmethod
     def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:

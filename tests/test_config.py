@@ -203,3 +203,9 @@ def test_the_schedules_the_config_accepts_are_the_ones_the_pipeline_runs():
     from mtnlg_ray.train.pipeline import SCHEDULES
 
     assert set(get_args(ParallelSection.model_fields["pp_schedule"].annotation)) == set(SCHEDULES)
+
+
+def test_a_single_actor_count_is_a_pool_of_that_size():
+    # `label.actors=2` said "Input should be a valid tuple"
+    assert load_config(overrides=["label.actors=2"], stage="prepare").label.actors == (2, 2)
+    assert load_config(overrides=["label.actors=[1, 3]"], stage="prepare").label.actors == (1, 3)
