@@ -183,6 +183,15 @@ class LabelSection(Section):
     batch_size: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
 
+    @model_validator(mode="after")
+    def _filters_fit(self) -> "LabelSection":
+        # A filter of another labeller did nothing without a word (ppl_max_percentile with quality, say).
+        if self.ppl_max_percentile is not None and self.labeler != "perplexity":
+            raise ValueError(f"label.ppl_max_percentile applies to label.labeler=perplexity, not {self.labeler}")
+        if self.filter != "threshold" and self.labeler != "quality":
+            raise ValueError(f"label.filter={self.filter} applies to label.labeler=quality, not {self.labeler}")
+        return self
+
     @field_validator("actors", mode="before")
     @classmethod
     def _one_size(cls, value: Any) -> Any:
@@ -689,8 +698,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         # section (`tran.lr`) is reported at `tran`, and used to be blamed on the shipped file.
         blamed = [o for o, key in zip(overrides, keys)
                   if loc and (loc == key or loc.startswith(key + ".") or key.startswith(loc + "."))]
-        blamed = blamed or [o for o, key in zip(overrides, keys) if key and key in message]
-        raise _first_error(exc, f"--set {blamed[-1]}" if blamed else str(source)) from None
+        # A check across a section's keys is at the section: of its overrides, the one whose key the
+        # message names first (the key it is about; a key it names after that says what would fit).
+        named = sorted((message.index(key), i) for i, key in enumerate(keys) if key and key in message)
+        named_overrides = [overrides[i] for _, i in named]
+        first = [o for o in named_overrides if o in blamed][:1] or blamed[-1:] or named_overrides[:1]
+        raise _first_error(exc, f"--set {first[0]}" if first else str(source)) from None
     return with_preset_lr(config) if stage == "pretrain" else config
 
 

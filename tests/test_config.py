@@ -57,6 +57,9 @@ def test_file_values_and_overrides_stack(tmp_path):
         ("clean.max_top_ngram={2: false}", "clean.max_top_ngram: expected a number, not true / false"),
         # an empty value (a shell variable left unset) was null: `train.max_steps=` ran without end
         ("train.max_steps=", "--set train.max_steps=: no value after '='; write train.max_steps=null to clear"),
+        # a filter of another labeller did nothing without a word
+        ("label.filter=pareto", "--set label.filter=pareto: label.filter=pareto applies to label.labeler=quality, "
+                                "not None"),
         # at pp=1 any text passed (the trainer reads the schedule only for pp > 1)
         ("parallel.pp_schedule=foo", "parallel.pp_schedule: Input should be 'gpipe', '1f1b', 'interleaved-1f1b' or"),
     ],
@@ -209,3 +212,11 @@ def test_a_single_actor_count_is_a_pool_of_that_size():
     # `label.actors=2` said "Input should be a valid tuple"
     assert load_config(overrides=["label.actors=2"], stage="prepare").label.actors == (2, 2)
     assert load_config(overrides=["label.actors=[1, 3]"], stage="prepare").label.actors == (1, 3)
+
+
+def test_a_check_across_keys_blames_the_key_it_is_about_not_the_last_set_of_its_section():
+    # `data label --labeler quality --set label.ppl_max_percentile=50` blamed the label.model=... that
+    # `data label` adds after the user's --set
+    with pytest.raises(ConfigError, match=r"^--set label.ppl_max_percentile=50: label.ppl_max_percentile applies to "
+                                          r"label.labeler=perplexity, not quality"):
+        load_config(overrides=["label.ppl_max_percentile=50", "label.labeler=quality", "label.model=m"], stage="prepare")
