@@ -140,10 +140,13 @@ def test_jsonl_records_that_cannot_be_read_are_rejected_not_fatal(tmp_path):
     path = tmp_path / "a.jsonl"
     path.write_text(json.dumps({"text": "fine", "url": "https://a.org/"}) + "\n"
                     + '{"text": "deep", "x": ' + "[" * 100000 + "\n"  # RecursionError in json
-                    + '{"text": "odd url", "url": "https://x.org/\\ud83d"}\n', encoding="utf-8")
+                    + '{"text": "odd url", "url": "https://x.org/\\ud83d"}\n'
+                    + '{"text": null}\n{"body": "x"}\n', encoding="utf-8")
     records = [(r.location.rsplit(":", 1)[1], r.reason, r.detail) for r in iter_records(str(path), url_field="url")]
     assert records == [("1", "", ""), ("2", "bad_json", "nested too deeply to parse"),
-                       ("3", "bad_utf8", "field 'url' holds a lone surrogate")]
+                       ("3", "bad_utf8", "field 'url' holds a lone surrogate"),
+                       ("4", "missing_field", "field 'text' is null"),  # was "no field 'text'"
+                       ("5", "missing_field", "no field 'text'")]
 
 
 def test_a_file_name_that_is_not_utf8_is_one_line(tmp_path):

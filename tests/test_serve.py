@@ -425,6 +425,13 @@ def test_serve_args_and_shipped_config(long_checkpoint):
         parse_args({"checkpoint": "c", "max_batchh": 8})
     with pytest.raises(ConfigError, match="autoscale"):
         parse_args({"checkpoint": "c", "autoscale": "5,2"})
+    # A digest in upper case (PowerShell's) is the same key; a malformed one said only the bare regex.
+    import hashlib
+
+    digest = hashlib.sha256(b"key").hexdigest()
+    assert parse_args({"checkpoint": "c", "api_key_sha256": digest.upper()}).api_key_sha256 == digest
+    with pytest.raises(ConfigError, match=r"api_key_sha256: expected a SHA-256 digest: 64 hex digits"):
+        parse_args({"checkpoint": "c", "api_key_sha256": "abc"})
     # max_tokens 0 used to mean "no limit", and a negative one deployed a server refusing every request
     for bad in ("0", "-1"):
         with pytest.raises(ConfigError, match="max_tokens: expected a positive integer"):

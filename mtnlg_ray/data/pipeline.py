@@ -559,8 +559,8 @@ def _curate(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config
                              "holding its URL; filter.url_blocklist would check nothing")
         docs = _run_stage(run, "url filter", docs, lambda d: _split(
             d.map_batches(url_batch, fn_kwargs={"domains": domains}, batch_format="pyarrow"), "url filter"),
-            note=f"{len(domains)} blocked domains" + (f"; {no_url} documents without a URL passed unchecked"
-                                                      if no_url else ""))
+            note=f"{len(domains)} blocked domain{'s' * (len(domains) != 1)}" + (
+                f"; {no_url} document{'s' * (no_url != 1)} without a URL passed unchecked" if no_url else ""))
 
     if config.lang.keep is not None:
         from mtnlg_ray.data.language import language_batch

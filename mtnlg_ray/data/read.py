@@ -537,8 +537,9 @@ def _jsonl_records(item: str, lines, text_field: str, url_field: str | None = No
         if not isinstance(record, dict):
             yield Record(where, None, "not_object", f"expected a JSON object, got {type(record).__name__}")
             continue
-        if text_field not in record or record[text_field] is None:
-            yield Record(where, None, "missing_field", f"no field {text_field!r}")
+        if text_field not in record or record[text_field] is None:  # null: as the Parquet reader says it
+            detail = f"field {text_field!r} is null" if text_field in record else f"no field {text_field!r}"
+            yield Record(where, None, "missing_field", detail)
             continue
         text = record[text_field]
         if not isinstance(text, str):

@@ -9,11 +9,12 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import sys
 import time
 import uuid
 from pathlib import Path
-from typing import AsyncIterator, Callable, Literal
+from typing import Any, AsyncIterator, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -99,6 +100,16 @@ class ServeArgs(BaseModel):
     def _key(cls, value: str | None) -> str | None:
         if value is not None and is_blank(value):
             raise ValueError(BLANK_KEY)
+        return value
+
+    @field_validator("api_key_sha256", mode="before")
+    @classmethod
+    def _hex_digest(cls, value: Any) -> Any:
+        # PowerShell's Get-FileHash prints upper case; anything else was Pydantic's bare regex
+        if isinstance(value, str):
+            value = value.strip().lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", value):
+                raise ValueError("expected a SHA-256 digest: 64 hex digits (`printf %s KEY | sha256sum`)")
         return value
 
     @field_validator("api_key_sha256")
