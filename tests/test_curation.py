@@ -295,3 +295,25 @@ def test_a_txt_evaluation_file_is_one_item_a_line(tmp_path):
     doc = f"Quiz night. {questions[1]} Everyone laughed."
     start = doc.index(questions[1])
     assert contaminated_spans(doc, grams) == [(start, start + len(questions[1]))]  # a whole item: cut exactly
+
+
+def test_refused_evaluation_files_are_one_line_and_skips_beside_usable_ones_one_warning(tmp_path, caplog):
+    """A refusal came after a per-file "skipped 1 missing_field" line: two lines where one was meant."""
+    import logging
+
+    import pytest
+
+    from mtnlg_ray.config import DecontamSection
+    from mtnlg_ray.data.pipeline import _evaluation_grams
+    from mtnlg_ray.errors import InputError
+
+    other = tmp_path / "qa.jsonl"
+    other.write_text('{"question": "Which river runs through the old town of the capital city?"}\n')
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(InputError, match=r"no evaluation text to match \(missing_field 1\)"):
+            _evaluation_grams(DecontamSection(eval_files=[str(other)]))
+    assert caplog.records == []
+    other.write_text(other.read_text() + '{"text": "Which river runs through the old town of the capital city?"}\n')
+    with caplog.at_level(logging.WARNING):
+        assert _evaluation_grams(DecontamSection(eval_files=[str(other)]))
+    assert [r.getMessage() for r in caplog.records] == ["decontam.eval_files: skipped records (missing_field 1)"]

@@ -10,6 +10,7 @@ Bad records never stop the run; only a missing input, a bad config or an unwrita
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -530,9 +531,19 @@ def _evaluation_grams(cfg):
     skipped: Counter[str] = Counter()
     # A .txt evaluation set is one item a line (as benchmarks list their questions): read whole, a file of
     # short questions was one long item, and none of them matched as the whole it is.
-    grams = eval_ngrams(iter_texts(cfg.eval_files, cfg.text_field, skipped, txt_mode="line"), cfg.ngram, cfg.min_words)
+    read_log = logging.getLogger("mtnlg_ray.data.read")
+    level = read_log.level
+    read_log.setLevel(logging.ERROR)  # its per-file "skipped" lines came before the one-line refusal below
+    try:
+        grams = eval_ngrams(iter_texts(cfg.eval_files, cfg.text_field, skipped, txt_mode="line"), cfg.ngram,
+                            cfg.min_words)
+    finally:
+        read_log.setLevel(level)
+    reasons = ", ".join(f"{reason} {n:,}" for reason, n in sorted(skipped.items()))
+    if grams and reasons:
+        read_log.warning("decontam.eval_files: skipped records (%s)", reasons)
     if not grams:  # e.g. no record has decontam.text_field: decontamination would silently do nothing
-        reasons = ", ".join(f"{reason} {n:,}" for reason, n in sorted(skipped.items())) or "no text"
+        reasons = reasons or "no text"
         raise InputError(f"decontam.eval_files: no evaluation text to match ({reasons}); check "
                          f"decontam.text_field ('{cfg.text_field}') and decontam.min_words ({cfg.min_words})")
     return grams
