@@ -264,6 +264,12 @@ class LangSection(Section):
     keep: list[str] | None = None
     min_confidence: float = Field(0.5, ge=0.0, le=1.0)
 
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _lower_case(cls, value: Any) -> Any:
+        # ISO 639-1 codes read the same in either case: `lang.keep=[EN]` was refused as unknown
+        return [x.strip().lower() if isinstance(x, str) else x for x in value] if isinstance(value, list) else value
+
 
 class PiiSection(Section):
     # Replace e-mail addresses, phone numbers, IP addresses and card numbers by <EMAIL>, <PHONE>, <IP>, <CARD>.

@@ -220,3 +220,7 @@ def test_a_check_across_keys_blames_the_key_it_is_about_not_the_last_set_of_its_
     with pytest.raises(ConfigError, match=r"^--set label.ppl_max_percentile=50: label.ppl_max_percentile applies to "
                                           r"label.labeler=perplexity, not quality"):
         load_config(overrides=["label.ppl_max_percentile=50", "label.labeler=quality", "label.model=m"], stage="prepare")
+
+
+def test_language_codes_read_the_same_in_either_case():
+    assert load_config(overrides=["lang.keep=[EN, Fr]"], stage="prepare").lang.keep == ["en", "fr"]
