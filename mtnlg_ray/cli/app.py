@@ -105,8 +105,10 @@ app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
 INPUT_HELP = "Files, folders or globs of .txt / .jsonl(.gz) / .parquet, URIs (s3://, gs://, file://), or builtin:python-docs."
-SET_HELP = "Override one config key, e.g. --set dedup.threshold=0.85 (repeatable)."
-LABEL_SET_HELP = "Override one config key, e.g. --set label.threshold=0.7 or --set label.actors=[1,2] (repeatable)."
+SET_HELP = ("Override one config key, e.g. --set dedup.threshold=0.85 (repeatable); every key and its value: "
+            "`mtnlg-ray config show --stage prepare`.")
+LABEL_SET_HELP = ("Override one config key, e.g. --set label.threshold=0.7 or --set label.actors=[1,2] (repeatable); "
+                  "every key: `mtnlg-ray config show --stage label`.")
 local_app = typer.Typer(help="A one-machine Ray cluster to submit jobs to: `ray start --head` on 127.0.0.1.",
                         no_args_is_help=True)
 jobs_app = typer.Typer(help="Ray Jobs on a cluster: list, status, logs, stop.", no_args_is_help=True)
