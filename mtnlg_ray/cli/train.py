@@ -242,7 +242,8 @@ def self_train(
 
     report = run(cfg, on_event=on_event, on_record=show)
     table = Table(title=f"self-training: {report['labelled']:,} labelled, {report['pool']:,} in the pool, "
-                        f"threshold {report['threshold']}")
+                        f"threshold {report['threshold']}" + (f", at most {report['per_class_top_k']:,} a class"
+                                                              if report.get("per_class_top_k") else ""))
     for column in ("round", "train examples", "kept per class", "pseudo-label acc", "dev acc", "dev macro F1", "seconds"):
         table.add_column(column, justify="right")
 
