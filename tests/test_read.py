@@ -235,3 +235,17 @@ def test_a_folder_leaves_out_the_runs_output_and_prepared_datasets_and_says_what
     assert resolve_sources(["corpus/prepared"], output="corpus/prepared")[0][1] == [
         "corpus/prepared/docs/part-0.parquet", "corpus/prepared/rejected/part-0.parquet"]
     assert resolve_sources(["corpus/unrelated"], output="corpus")[0][1] == ["corpus/unrelated/c.txt"]
+
+
+def test_an_empty_jsonl_or_parquet_file_is_a_rejected_record_as_an_empty_txt_is(tmp_path):
+    """An empty .txt was rejected as `empty`; an empty .jsonl or a zero-row .parquet left no trace."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "e.jsonl").write_text("\n\n")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "e.parquet")
+    (tmp_path / "e.txt").write_text("")
+    for name, detail in (("e.jsonl", "no record (an empty file)"), ("e.parquet", "no row (an empty file)"),
+                         ("e.txt", "empty file")):
+        path = str(tmp_path / name)
+        assert [(r.location, r.reason, r.detail) for r in iter_records(path)] == [(path, "empty", detail)]

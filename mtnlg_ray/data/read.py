@@ -519,9 +519,11 @@ def _paragraphs(text: str) -> Iterator[tuple[int, str]]:
 
 
 def _jsonl_records(item: str, lines, text_field: str, url_field: str | None = None) -> Iterator[Record]:
+    records = 0
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue  # blank lines (a trailing newline) are not records
+        records += 1
         where = f"{item}:{number}"
         try:
             record = json.loads(raw)
@@ -554,6 +556,8 @@ def _jsonl_records(item: str, lines, text_field: str, url_field: str | None = No
                 yield Record(where, None, "bad_utf8", f"field {url_field!r} holds a lone surrogate")
                 continue
             yield Record(where, text, url=url if isinstance(url, str) else "")
+    if not records:  # as an empty .txt is: counted in rejected/, not passed over without a word
+        yield Record(item, None, "empty", "no record (an empty file)")
 
 
 def _is_utf8(text: str) -> bool:
@@ -628,3 +632,5 @@ def _parquet_records(item: str, text_field: str, url_field: str | None = None) -
                     yield Record(where, None, "empty", f"column {text_field!r} is empty")
                 else:
                     yield Record(where, text, url=url if isinstance(url, str) else "")
+        if not row:
+            yield Record(item, None, "empty", "no row (an empty file)")
