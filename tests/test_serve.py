@@ -824,3 +824,23 @@ def test_a_sigterm_to_the_whole_process_group_stops_a_local_server_cleanly(tiny_
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert text.rstrip().endswith("stopped.") and "GCS" not in text, text[-2000:]
+
+
+def test_a_port_whose_last_server_just_stopped_is_free_to_serve_on():
+    """The port check bound without SO_REUSEADDR, as the HTTP server binds with it: right after a
+    server stopped, its connections in TIME_WAIT made the check say "in use" for a minute."""
+    from mtnlg_ray.errors import ConfigError
+    from mtnlg_ray.serve.app import _probe_bind
+
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with pytest.raises(ConfigError, match="is in use"):  # a listening server: in use
+            _probe_bind("127.0.0.1", port)
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server's side closes first: its end waits in TIME_WAIT
+        client.close()
+    _probe_bind("127.0.0.1", port)

@@ -619,6 +619,9 @@ def _probe_bind(host: str, port: int) -> None:
     except socket.gaierror as exc:
         raise ConfigError(f"--host {host}: not an address this machine can resolve ({exc.strerror})") from None
     with socket.socket(family, kind, proto) as probe:
+        # As the HTTP server binds: a port whose last server just stopped (its connections in TIME_WAIT)
+        # takes a new one, and was refused here as "in use" for a minute. A listening socket still fails.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
