@@ -212,6 +212,7 @@ def test_a_folder_leaves_out_the_runs_output_and_prepared_datasets_and_says_what
     (corpus / "a.txt").write_text("one\n")
     (corpus / "sub" / "b.jsonl").write_text('{"text": "two"}\n')
     (corpus / "notes.json").write_text("{}")
+    (corpus / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
     for dataset in ("prepared", "sub/older"):  # what two earlier runs wrote
         (corpus / dataset / "docs").mkdir(parents=True)
         (corpus / dataset / "manifest.json").write_text("{}")
@@ -226,7 +227,7 @@ def test_a_folder_leaves_out_the_runs_output_and_prepared_datasets_and_says_what
     [(spec, files)] = resolve_sources(["corpus"], output="corpus/prepared", passed_over=passed)
     assert files == ["corpus/a.txt", "corpus/sub/b.jsonl", "corpus/unrelated/c.txt"]
     assert passed == ["corpus/prepared (this run's output)", "corpus/sub/older (a prepared dataset)",
-                      "corpus/notes.json (another file type)", "corpus/unrelated/manifest.json (another file type)"]
+                      "corpus/gone.txt (a broken link)", "corpus/notes.json (another file type)", "corpus/unrelated/manifest.json (another file type)"]
     # A glob leaves them out the same way; left with nothing, it says what it passed over.
     with pytest.raises(InputError, match=r"^corpus/\*\*/\*.parquet: glob matches no .*files beside what it passes "
                                          r"over: corpus/prepared \(a prepared dataset\), corpus/sub/older"):

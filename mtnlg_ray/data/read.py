@@ -210,7 +210,9 @@ class _Walk:
         return f" beside what it passes over: {shown}" if passed else ""
 
     def supported(self, paths: Iterable[Path]) -> list[str]:
+        paths = list(paths)
         files = [p for p in paths if p.is_file()]
+        self.passed_over.extend(f"{p} (a broken link)" for p in sorted(set(paths)) if p.is_symlink() and not p.exists())
         self.passed_over.extend(f"{p} (another file type)" for p in sorted(set(files)) if not _supported(p))
         return _supported_files(files)
 
