@@ -123,8 +123,10 @@ def check_consolidated(path: Path) -> None:
     if (path / "final" / CONFIG).is_file():
         raise CheckpointError(f"{path}: a run directory; give its consolidated checkpoint, {path / 'final'}")
     if (path / "trainer_state.json").is_file() and (path / ".metadata").is_file():
+        final = path.parent / "final"
         raise CheckpointError(f"{path}: a sharded training checkpoint (it resumes a run); give the run's "
-                              f"consolidated checkpoint, {path.parent / 'final'}")
+                              f"consolidated checkpoint, {final}" + ("" if (final / CONFIG).is_file() else
+                              ", which the run writes when it ends (re-run it to finish)"))
 
 
 def read_checkpoint_config(path: str | Path) -> dict:

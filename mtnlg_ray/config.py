@@ -251,6 +251,9 @@ class DecontamSection(Section):
 
     eval_files: PathList = []  # INPUTs holding the evaluation sets
     text_field: str = "text"  # the text of each .jsonl / .parquet evaluation record
+    # How a .txt evaluation file is read: one item a line (as benchmarks list questions); paragraph or
+    # file for prose wrapped over lines, whose 13-grams run across them.
+    txt_mode: Literal["file", "paragraph", "line"] = "line"
     ngram: int = Field(13, ge=1)  # word n-grams that count as a match
     min_words: int = Field(8, ge=1)  # a shorter evaluation item matches whole from this many words
     window: int = Field(200, ge=0)  # characters cut on each side of a match
@@ -432,11 +435,6 @@ class TaskSection(Section):
             raise ValueError(f"task.metric for task.kind={self.kind} must be one of {', '.join(allowed)}")
         if self.kind == "sft" and self.mode == "frozen":
             raise ValueError("task.mode=frozen leaves nothing to train for task.kind=sft; use full or lora")
-        if self.mode != "lora" and self.lora != LoraSection():
-            # `--set task.lora.rank=16` alone ran a full fine-tune without a word
-            changed = next(k for k in LoraSection.model_fields if getattr(self.lora, k) != getattr(LoraSection(), k))
-            raise ValueError(f"task.lora.{changed} is set, but task.mode is {self.mode}: add task.mode=lora "
-                             "to train LoRA adapters")
         if self.labels is not None:
             blank = [x for x in self.labels if not x.strip()]
             if blank:
@@ -706,10 +704,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                   if loc and (loc == key or loc.startswith(key + ".") or key.startswith(loc + "."))]
         # A check across a section's keys is at the section: of its overrides, the one whose key the
         # message names first (the key it is about; a key it names after that says what would fit).
-        named = sorted((message.index(key), i) for i, key in enumerate(keys) if key and key in message)
-        named_overrides = [overrides[i] for _, i in named]
+        named = sorted((message.index(key), -i) for i, key in enumerate(keys) if key and key in message)
+        named_overrides = [overrides[-negative] for _, negative in named]  # a key set twice: the --set that held
         first = [o for o in named_overrides if o in blamed][:1] or blamed[-1:] or named_overrides[:1]
         raise _first_error(exc, f"--set {first[0]}" if first else str(source)) from None
+    lora = next((o for o in reversed(overrides) if o.partition("=")[0].strip().startswith("task.lora.")), None)
+    if lora is not None and config.task.mode != "lora":
+        # `--set task.lora.rank=16` alone ran a full fine-tune without a word (a file's task.lora block
+        # beside mode full is left alone: an A/B of the two keeps it)
+        raise ConfigError(f"--set {lora}: task.mode is {config.task.mode}, so no LoRA adapter trains; add "
+                          "--set task.mode=lora")
     return with_preset_lr(config) if stage == "pretrain" else config
 
 

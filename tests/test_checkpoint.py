@@ -414,6 +414,10 @@ def test_a_run_directory_or_a_sharded_checkpoint_given_as_a_checkpoint_says_what
         with pytest.raises(CheckpointError, match=f"^{sharded}: a sharded training checkpoint \\(it resumes a run\\); "
                                                   f"give the run's consolidated checkpoint, {run / 'final'}$"):
             read(sharded)
+    shutil.move(run / "final", tmp_path / "aside")  # a run still going, or stopped: no final/ yet
+    with pytest.raises(CheckpointError, match=f"{run / 'final'}, which the run writes when it ends"):
+        read_checkpoint_config(sharded)
+    shutil.move(tmp_path / "aside", run / "final")
     assert start_checkpoint(run) == run / "final"  # a fine-tune takes the run directory as it did
     with pytest.raises(CheckpointError, match="a sharded training checkpoint"):
         start_checkpoint(sharded)

@@ -224,3 +224,22 @@ def test_a_check_across_keys_blames_the_key_it_is_about_not_the_last_set_of_its_
 
 def test_language_codes_read_the_same_in_either_case():
     assert load_config(overrides=["lang.keep=[EN, Fr]"], stage="prepare").lang.keep == ["en", "fr"]
+
+
+def test_a_key_set_twice_is_blamed_on_the_set_that_held():
+    with pytest.raises(ConfigError, match=r"^--set label.filter=none: label.filter=none applies"):
+        load_config(overrides=["label.filter=pareto", "label.filter=none", "label.labeler=perplexity"], stage="prepare")
+
+
+def test_a_lora_key_without_lora_mode_is_refused_only_from_the_command_line(tmp_path):
+    # A file that keeps its task.lora block while an A/B run sets task.mode=full trains as asked.
+    import yaml
+
+    from mtnlg_ray.config import shipped_config
+
+    body = yaml.safe_load(shipped_config("finetune").read_text())
+    body["task"]["lora"]["rank"] = 16
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(body))
+    assert load_config(tmp_path / "ft.yaml", ["task.mode=full"], stage="finetune").task.lora.rank == 16
+    with pytest.raises(ConfigError, match=r"^--set task.lora.rank=4: task.mode is frozen, so no LoRA adapter"):
+        load_config(tmp_path / "ft.yaml", ["task.lora.rank=4", "task.mode=frozen"], stage="finetune")

@@ -295,6 +295,8 @@ def test_a_txt_evaluation_file_is_one_item_a_line(tmp_path):
     doc = f"Quiz night. {questions[1]} Everyone laughed."
     start = doc.index(questions[1])
     assert contaminated_spans(doc, grams) == [(start, start + len(questions[1]))]  # a whole item: cut exactly
+    whole = _evaluation_grams(DecontamSection(eval_files=[str(tmp_path / "questions.txt")], txt_mode="file"))
+    assert contaminated_spans(doc, whole) == []  # read as one item, as before: no 13 words of it in the doc
 
 
 def test_refused_evaluation_files_are_one_line_and_skips_beside_usable_ones_one_warning(tmp_path, caplog):

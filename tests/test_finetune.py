@@ -262,10 +262,12 @@ def test_readers_name_the_file_and_line(tmp_path):
     bad.write_text('{"text": "a", "label": "x"}\n\n{"text": "b"}\n')
     with pytest.raises(InputError, match=r"rows.jsonl:3: missing field 'label'"):
         read_classification(bad, "text", "label")
-    bad.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": true}\n')  # was the class "True"
-    with pytest.raises(InputError, match=r"rows.jsonl:2: field 'label' must be a label \(a string or an integer\), "
-                                         r"got True"):
+    bad.write_text('{"text": "a", "label": 0}\n{"text": "b", "label": true}\n')  # was a third class, "True"
+    with pytest.raises(InputError, match=r"rows.jsonl:2: field 'label' is True, but .*rows.jsonl:1 holds a label that "
+                                         r"is not true / false; give every label the same kind"):
         read_classification(bad, "text", "label")
+    bad.write_text('{"text": "a", "label": false}\n{"text": "b", "label": true}\n')  # a true / false task reads
+    assert [r.label for r in read_classification(bad, "text", "label").rows] == ["False", "True"]
     sft = tmp_path / "sft.jsonl"
     sft.write_text('{"prompt": "q", "completion": ""}\n')
     with pytest.raises(InputError, match="sft.jsonl:1: field 'completion' is empty"):
@@ -344,7 +346,7 @@ def test_soft_labels_must_be_probabilities(tmp_path, probs):
     ("task.labels=[neg,'']", "task.labels", "'' is no label name"),
     ("train.seed=-1", "train.seed", "greater than or equal to 0"),
     # alone, it ran a full fine-tune without a word
-    ("task.lora.rank=16", "task.lora.rank", "task.lora.rank is set, but task.mode is full: add task.mode=lora"),
+    ("task.lora.rank=16", "task.lora.rank", "task.mode is full, so no LoRA adapter trains; add --set task.mode=lora"),
 ])
 def test_task_and_seed_mistakes_fail_at_config_time_and_blame_the_set(override, blamed, message):
     """Duplicate labels used to train a head output that nothing reaches and fail only when best/ was

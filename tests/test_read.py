@@ -203,7 +203,7 @@ def test_a_folder_leaves_out_the_runs_output_and_prepared_datasets_and_says_what
                                                                                                   monkeypatch):
     """`prepare corpus/ --output corpus/prepared` read its own last output back in (docs/ and rejected/
     parquet files) on the next run, and a folder's files of other types were skipped without a word."""
-    from mtnlg_ray.data.read import resolve_sources
+    from mtnlg_ray.data.read import resolve_inputs, resolve_sources
     from mtnlg_ray.errors import InputError
 
     monkeypatch.chdir(tmp_path)
@@ -215,12 +215,12 @@ def test_a_folder_leaves_out_the_runs_output_and_prepared_datasets_and_says_what
     (corpus / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
     for dataset in ("prepared", "sub/older"):  # what two earlier runs wrote
         (corpus / dataset / "docs").mkdir(parents=True)
-        (corpus / dataset / "manifest.json").write_text("{}")
+        (corpus / dataset / "manifest.json").write_text('{"format": "mtnlg-ray/dataset/v1"}')
         (corpus / dataset / "docs" / "part-0.parquet").write_bytes(b"PAR1")
     (corpus / "prepared" / "rejected").mkdir()
     (corpus / "prepared" / "rejected" / "part-0.parquet").write_bytes(b"PAR1")
-    (corpus / "unrelated").mkdir()  # a manifest.json alone does not make a dataset
-    (corpus / "unrelated" / "manifest.json").write_text("{}")
+    (corpus / "unrelated" / "docs").mkdir(parents=True)  # a web project's manifest.json beside docs/ is no dataset
+    (corpus / "unrelated" / "manifest.json").write_text('{"name": "site"}')
     (corpus / "unrelated" / "c.txt").write_text("three\n")
 
     passed: list[str] = []
@@ -232,10 +232,14 @@ def test_a_folder_leaves_out_the_runs_output_and_prepared_datasets_and_says_what
     with pytest.raises(InputError, match=r"^corpus/\*\*/\*.parquet: glob matches no .*files beside what it passes "
                                          r"over: corpus/prepared \(a prepared dataset\), corpus/sub/older"):
         resolve_sources(["corpus/**/*.parquet"], output="elsewhere")
-    # Named as the input itself, or holding the input, a dataset folder is read as asked.
-    assert resolve_sources(["corpus/prepared"], output="corpus/prepared")[0][1] == [
-        "corpus/prepared/docs/part-0.parquet", "corpus/prepared/rejected/part-0.parquet"]
+    # A glob that names a dataset's inside reads it: only `**` reaching into one leaves it out.
+    assert resolve_sources(["corpus/*/docs/*.parquet"], output="elsewhere")[0][1] == [
+        "corpus/prepared/docs/part-0.parquet"]
+    # A dataset named as the input itself stands for its docs/ (rejected/ holds no text to read).
+    assert resolve_sources(["corpus/prepared"], output="corpus/prepared")[0][1] == ["corpus/prepared/docs/part-0.parquet"]
     assert resolve_sources(["corpus/unrelated"], output="corpus")[0][1] == ["corpus/unrelated/c.txt"]
+    # Other commands (tokenizer train, evaluate) leave nothing out below a folder, as before.
+    assert "corpus/sub/older/docs/part-0.parquet" in resolve_inputs(["corpus"])
 
 
 def test_an_empty_jsonl_or_parquet_file_is_a_rejected_record_as_an_empty_txt_is(tmp_path):

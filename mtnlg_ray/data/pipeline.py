@@ -387,7 +387,9 @@ def _manifest_head(inputs: Sequence[str], run: PipelineRun, rejected: dict[str, 
             for s in run.stages
         ],
         "split_files": run.split_files,
-        **({"passed_over": run.passed_over} if run.passed_over else {}),
+        # A crawl folder of HTML files would list every one: the first 20, then a count
+        **({"passed_over": run.passed_over[:20] + ([f"and {len(run.passed_over) - 20} more"]
+                                                   if len(run.passed_over) > 20 else [])} if run.passed_over else {}),
         **({"pii_redacted": run.pii_redacted} if run.pii_redacted else {}),
         **({"repeated_lines_removed": run.repeated_lines} if run.repeated_lines is not None else {}),
         "rejected": rejected,
@@ -529,13 +531,13 @@ def _evaluation_grams(cfg):
     if not cfg.eval_files:
         return None
     skipped: Counter[str] = Counter()
-    # A .txt evaluation set is one item a line (as benchmarks list their questions): read whole, a file of
-    # short questions was one long item, and none of them matched as the whole it is.
+    # A .txt evaluation set is one item a line by default (decontam.txt_mode): read whole, a file of short
+    # questions was one long item, and none of them matched as the whole it is.
     read_log = logging.getLogger("mtnlg_ray.data.read")
     level = read_log.level
     read_log.setLevel(logging.ERROR)  # its per-file "skipped" lines came before the one-line refusal below
     try:
-        grams = eval_ngrams(iter_texts(cfg.eval_files, cfg.text_field, skipped, txt_mode="line"), cfg.ngram,
+        grams = eval_ngrams(iter_texts(cfg.eval_files, cfg.text_field, skipped, txt_mode=cfg.txt_mode), cfg.ngram,
                             cfg.min_words)
     finally:
         read_log.setLevel(level)

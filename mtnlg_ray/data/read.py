@@ -168,21 +168,35 @@ def document_id(location: str) -> str:
 
 
 DATASET_MARKERS = ("docs", "rejected", "tokens")  # beside manifest.json: a folder a run of ours wrote
+DATASET_FORMAT = "mtnlg-ray/"  # how the "format" of every manifest.json a run of ours writes starts
+
+
+def is_dataset(folder: Path) -> bool:
+    """Whether `folder` is a dataset a run of ours wrote: our manifest.json beside docs/, rejected/ or tokens/
+    (a web project's manifest.json beside its docs/ is not one)."""
+    if not (folder / "manifest.json").is_file() or not any((folder / name).is_dir() for name in DATASET_MARKERS):
+        return False
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(DATASET_FORMAT)
 
 
 class _Walk:
-    """What a folder or glob leaves out below its root: the run's output and the datasets runs wrote."""
+    """What a folder or glob leaves out below its root: the run's output and (`datasets`) the datasets
+    earlier runs wrote there."""
 
-    def __init__(self, output: Path | None) -> None:
+    def __init__(self, output: Path | None, datasets: bool = True) -> None:
         self.output = output
+        self.datasets = datasets
         self.passed_over: list[str] = []
-        self._datasets: dict[Path, bool] = {}
+        self._found: dict[Path, bool] = {}
 
     def _is_dataset(self, folder: Path) -> bool:
-        if folder not in self._datasets:
-            self._datasets[folder] = (folder / "manifest.json").is_file() and any(
-                (folder / name).is_dir() for name in DATASET_MARKERS)
-        return self._datasets[folder]
+        if folder not in self._found:
+            self._found[folder] = self.datasets and is_dataset(folder)
+        return self._found[folder]
 
     def kept(self, paths: Iterable[Path], root: Path) -> list[Path]:
         """`paths` below `root` less those inside the output or a dataset strictly below `root`."""
@@ -216,21 +230,37 @@ class _Walk:
         self.passed_over.extend(f"{p} (another file type)" for p in sorted(set(files)) if not _supported(p))
         return _supported_files(files)
 
+    def folder(self, path: Path) -> list[Path]:
+        """The files a folder input stands for; a dataset of ours stands for its docs/ (its rejected/ and
+        tokens/ hold no text to read)."""
+        if is_dataset(path) and (path / "docs").is_dir():
+            path = path / "docs"
+        return self.kept(_walk_folder(path), path)
+
+    def glob(self, spec: str) -> list[Path]:
+        """The files a glob matches. A matched folder is walked as a folder input is; datasets are left out
+        only where `**` reaches into them, not where the pattern names their inside (`work/*/docs/*.parquet`)."""
+        pattern = Path(spec).expanduser().absolute().parts
+        deep = pattern.index("**") if "**" in pattern else None
+        found: list[Path] = []
+        for match in glob.glob(str(Path(spec).expanduser()), recursive=True):
+            match_path = Path(match)
+            if match_path.is_dir():
+                found.extend(self.folder(match_path))
+                continue
+            parts = match_path.absolute().parts
+            root = Path(*parts[:deep]) if deep is not None else match_path.absolute().parent
+            found.extend(self.kept([match_path], root))
+        return found
+
 
 def _shown(path: Path) -> str:
     """`path` relative to the working directory when it is below it, as the user most likely typed it."""
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
-def _glob_root(spec: str) -> Path:
-    """The folder a glob searches: its leading parts with no glob character."""
-    parts = Path(spec).expanduser().parts
-    fixed = [part for part in parts[: next((i for i, part in enumerate(parts) if _GLOB_CHARS & set(part)), len(parts))]]
-    return Path(*fixed) if fixed else Path(".")
-
-
 def _resolve_one(spec: str, walk: _Walk | None = None) -> list[str]:
-    walk = walk or _Walk(None)
+    walk = walk or _Walk(None, datasets=False)
     if spec == BUILTIN_PYTHON_DOCS:
         return [spec]
     if "://" in spec:
@@ -243,16 +273,12 @@ def _resolve_one(spec: str, walk: _Walk | None = None) -> list[str]:
         return [str(path)]
     before = len(walk.passed_over)
     if path.is_dir():
-        found = walk.supported(walk.kept(_walk_folder(path), path))
+        found = walk.supported(walk.folder(path))
         if not found:
             raise InputError(f"{spec}: folder holds no {', '.join(SUFFIXES)} files" + walk.left_out(before))
         return found
     if _GLOB_CHARS & set(spec):
-        matches: list[Path] = []
-        for match in glob.glob(str(path), recursive=True):
-            match_path = Path(match)
-            matches.extend(_walk_folder(match_path) if match_path.is_dir() else [match_path])
-        found = walk.supported(walk.kept(matches, _glob_root(spec)))
+        found = walk.supported(walk.glob(spec))
         if not found:
             raise InputError(f"{spec}: glob matches no {', '.join(SUFFIXES)} files" + walk.left_out(before))
         return found

@@ -145,13 +145,19 @@ def _parquet(path: Path, columns, optional):
 def read_classification(path: str | Path, text_field: str, label_field: str) -> ClassificationSet:
     """Every (text, label) row of `path`; labels are kept as strings (SST-2's 0/1 become "0"/"1")."""
     out = ClassificationSet()
+    first_kind: tuple[str, bool] | None = None  # where the first label was, and whether it was true / false
     for where, row in read_table(path, [text_field, label_field], optional=["probs"]):
         text, label = row[text_field], row[label_field]
         if not isinstance(text, str):
             raise InputError(f"{where}: field {text_field!r} must be text, got {type(text).__name__}")
-        # JSON's true / false is no label name: it trained a class called "True"
-        if isinstance(label, (dict, list, bool)) or str(label).strip() == "":
+        if isinstance(label, (dict, list)) or str(label).strip() == "":
             raise InputError(f"{where}: field {label_field!r} must be a label (a string or an integer), got {label!r}")
+        # A true / false column (BoolQ's) names two classes; true among 0 / 1 made a third called "True"
+        first_kind = first_kind or (where, isinstance(label, bool))
+        if isinstance(label, bool) != first_kind[1]:
+            raise InputError(f"{where}: field {label_field!r} is {label!r}, but {first_kind[0]} holds "
+                             f"{'true / false' if first_kind[1] else 'a label that is not true / false'}; give "
+                             "every label the same kind")
         probs = row.get("probs")
         if probs is not None and not _distribution(probs):
             raise InputError(f"{where}: field 'probs' must be a list of finite numbers >= 0 with a positive sum "

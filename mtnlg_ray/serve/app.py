@@ -610,28 +610,34 @@ APP_NAME = "mtnlg"  # the Serve application `mtnlg-ray serve` deploys
 
 def _probe_bind(host: str, port: int) -> None:
     """Bind host:port once and let go: one line blaming --host (a name that does not resolve, an
-    address of another machine) or --port (in use, a privileged port), as the case is."""
+    address of another machine) or --port (in use, a privileged port), as the case is. Every address
+    the name resolves to is tried (`localhost` may give ::1 first where IPv6 is off); one is enough."""
     import errno
     import socket
 
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ConfigError(f"--host {host}: not an address this machine can resolve ({exc.strerror})") from None
-    with socket.socket(family, kind, proto) as probe:
-        # As the HTTP server binds: a port whose last server just stopped (its connections in TIME_WAIT)
-        # takes a new one, and was refused here as "in use" for a minute. A listening socket still fails.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRNOTAVAIL:
-                raise ConfigError(f"--host {host}: not an address of this machine ({exc.strerror}); serve on "
-                                  "127.0.0.1, 0.0.0.0 or one of its own addresses") from None
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(f"--port {port}: {host}:{port} is in use ({exc.strerror}); choose another port") \
-                    from None
-            raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
+    failures: list[OSError] = []
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # As the HTTP server binds: a port whose last server just stopped (its connections in
+            # TIME_WAIT) takes a new one, and was refused here as "in use" for a minute. A listening
+            # socket still fails.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+                return
+            except OSError as exc:
+                failures.append(exc)
+    in_use = next((e for e in failures if e.errno == errno.EADDRINUSE), None)
+    if in_use is not None:
+        raise ConfigError(f"--port {port}: {host}:{port} is in use ({in_use.strerror}); choose another port")
+    if all(e.errno == errno.EADDRNOTAVAIL for e in failures):
+        raise ConfigError(f"--host {host}: not an address of this machine ({failures[0].strerror}); serve on "
+                          "127.0.0.1, 0.0.0.0 or one of its own addresses")
+    raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({failures[0].strerror})")
 
 
 def check_can_serve(host: str, port: int) -> None:
