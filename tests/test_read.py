@@ -228,6 +228,12 @@ def test_a_folder_leaves_out_the_runs_output_and_prepared_datasets_and_says_what
     assert files == ["corpus/a.txt", "corpus/sub/b.jsonl", "corpus/unrelated/c.txt"]
     assert passed == ["corpus/prepared (this run's output)", "corpus/sub/older (a prepared dataset)",
                       "corpus/gone.txt (a broken link)", "corpus/notes.json (another file type)", "corpus/unrelated/manifest.json (another file type)"]
+    # An output written another way (`..`), here a first run's that is no dataset yet, is the same folder.
+    (corpus / "fresh").mkdir()
+    (corpus / "fresh" / "x.jsonl").write_text('{"text": "left by a failed first run"}\n')
+    passed.clear()
+    assert resolve_sources(["corpus"], output="corpus/sub/../fresh", passed_over=passed)[0][1] == files
+    assert "corpus/fresh (this run's output)" in passed
     # A glob leaves them out the same way; left with nothing, it says what it passed over.
     with pytest.raises(InputError, match=r"^corpus/\*\*/\*.parquet: glob matches no .*files beside what it passes "
                                          r"over: corpus/prepared \(a prepared dataset\), corpus/sub/older"):

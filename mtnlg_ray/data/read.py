@@ -57,7 +57,7 @@ def resolve_sources(inputs: Sequence[str], output: str | Path | None = None,
     read its own last output back in as input, duplicating the corpus. What is left out, and the files
     of other types, are appended to `passed_over` (one entry each) for the read stage to report.
     """
-    walk = _Walk(Path(output).expanduser().absolute() if output is not None else None)
+    walk = _Walk(_plain(Path(output).expanduser()) if output is not None else None)
     seen: set[str] = set()
     sources = []
     for spec in inputs:
@@ -200,12 +200,12 @@ class _Walk:
 
     def kept(self, paths: Iterable[Path], root: Path) -> list[Path]:
         """`paths` below `root` less those inside the output or a dataset strictly below `root`."""
-        root = root.absolute()
+        root = _plain(root)
         output = self.output if self.output is not None and self.output != root and self.output.is_relative_to(root) \
             else None  # an output holding the input folder (or being it) leaves out nothing
         kept = []
         for path in paths:
-            absolute = path.absolute()
+            absolute = _plain(path)
             inside = [a for a in absolute.parents if a != root and a.is_relative_to(root)]
             hit = next((a for a in reversed(inside) if a == output or self._is_dataset(a)), None)
             if hit is None:
@@ -252,6 +252,12 @@ class _Walk:
             root = Path(*parts[:deep]) if deep is not None else match_path.absolute().parent
             found.extend(self.kept([match_path], root))
         return found
+
+
+def _plain(path: Path) -> Path:
+    """`path` absolute with `..` and `.` taken out, symlinks left as they are: `--output corpus/../corpus/out`
+    is the `corpus/out` a walk of corpus/ meets."""
+    return Path(os.path.normpath(path.absolute()))
 
 
 def _shown(path: Path) -> str:
