@@ -84,3 +84,26 @@ def ray_session():
     ctx.print_on_execution_start = False
     yield ray
     ray.shutdown()
+
+
+def unused_port() -> int:
+    """A free port below the kernel's ephemeral range, for a server a test starts later. A port the kernel
+    hands out (bind to 0) is one Ray's own connections may take meanwhile: the quickstart's Serve step
+    once found its port "in use" 50 s after the test chose it."""
+    import random
+    import socket
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, max(20001, min(low, 32768)))  # above Ray's worker ports (10002-19999)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port between 20000 and the ephemeral range")

@@ -4,24 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, unused_port
 from mtnlg_ray.quickstart import FULL, PROMPT, SMOKE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_quickstart_smoke_runs_every_stage_and_says_where_everything_is(tmp_path):
     work = tmp_path / "qs"
-    result = run_cli("quickstart", "--smoke", "--workdir", str(work), "--port", str(free_port()), timeout=900)
+    result = run_cli("quickstart", "--smoke", "--workdir", str(work), "--port", str(unused_port()), timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((work / "quickstart.json").read_text())
 

@@ -803,9 +803,9 @@ def test_a_sigterm_to_the_whole_process_group_stops_a_local_server_cleanly(tiny_
     import signal
     import subprocess
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    from conftest import unused_port
+
+    port = unused_port()
     exe = sh.which("mtnlg-ray")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = tmp_path / "serve.log"
