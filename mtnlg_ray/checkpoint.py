@@ -189,8 +189,14 @@ def check_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
     nan and generate an empty line. One line naming the first such tensor instead."""
     for name in sorted(tensors):
         if not torch.isfinite(tensors[name]).all():
-            raise CheckpointError(f"{where}: tensor '{name}' holds NaN or infinite values (saved by a run that "
-                                  "diverged?); use an earlier checkpoint")
+            raise nonfinite_error(where, name)
+
+
+def nonfinite_error(where: Path, name: str | None) -> CheckpointError:
+    """The one line for weights holding NaN or an infinity; `name` is the first such tensor, when known."""
+    named = f"tensor '{name}' holds" if name else "a tensor holds"
+    return CheckpointError(f"{where}: {named} NaN or infinite values (saved by a run that diverged?); "
+                           "use an earlier checkpoint")
 
 
 def _model_config(path: Path, body: dict) -> GPTConfig:

@@ -32,3 +32,10 @@ def first_line(value: object) -> str:
     if text:
         return text.splitlines()[0]
     return type(value).__name__ if isinstance(value, BaseException) else ""
+
+
+def first_few(items: list[str], shown: int = 2) -> str:
+    """The first `shown` items joined for a one-line message, then how many more there are:
+    "a, b and 3 more"."""
+    more = len(items) - shown
+    return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")

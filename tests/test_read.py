@@ -248,6 +248,17 @@ def test_a_folder_leaves_out_the_runs_output_and_prepared_datasets_and_says_what
     assert "corpus/sub/older/docs/part-0.parquet" in resolve_inputs(["corpus"])
 
 
+def test_first_few_names_two_then_counts_the_rest():
+    """The read note, the manifest-less walk and the run-directory refusal list what they pass over this way."""
+    from mtnlg_ray.errors import first_few
+
+    assert first_few([]) == ""
+    assert first_few(["a"]) == "a"
+    assert first_few(["a", "b"]) == "a, b"
+    assert first_few(["a", "b", "c", "d"]) == "a, b and 2 more"
+    assert first_few(["a", "b", "c"], shown=1) == "a and 2 more"
+
+
 def test_an_empty_jsonl_or_parquet_file_is_a_rejected_record_as_an_empty_txt_is(tmp_path):
     """An empty .txt was rejected as `empty`; an empty .jsonl or a zero-row .parquet left no trace."""
     import pyarrow as pa

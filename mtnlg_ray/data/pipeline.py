@@ -28,7 +28,7 @@ from mtnlg_ray.config import Config
 from mtnlg_ray.data.read import (REJECTED_COLUMNS, document_id, iter_records, iter_texts, rejected_schema,
                                   resolve_sources)
 from mtnlg_ray.data.staging import failed_run_home, publish, staged_output
-from mtnlg_ray.errors import InputError
+from mtnlg_ray.errors import InputError, first_few
 from mtnlg_ray.publish import publish_file
 
 FORMAT = "mtnlg-ray/dataset/v1"
@@ -281,9 +281,7 @@ def _read_stage(run: PipelineRun, items: list[tuple[str, list[str]]], config: Co
             piece = min(config.read.piece_chars, config.read.max_chars)
             note += f", {run.split_files} over {config.read.max_chars:,} characters cut into pieces of <= {piece:,}"
     if run.passed_over:
-        shown = ", ".join(run.passed_over[:2]) + (f" and {len(run.passed_over) - 2} more" if len(run.passed_over) > 2
-                                                   else "")
-        note += f"; passed over {shown}"
+        note += f"; passed over {first_few(run.passed_over)}"
     docs, rejected = _split(raw, "read")
     run.rejected_parts.append(rejected)
     run.record(StageReport("read", len(names), docs.count(), rejected.count(), time.perf_counter() - start, note))

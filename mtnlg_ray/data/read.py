@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtnlg_ray.data.builtin import BUILTIN_PYTHON_DOCS, python_docs_texts
-from mtnlg_ray.errors import InputError
+from mtnlg_ray.errors import InputError, first_few
 
 log = logging.getLogger(__name__)
 
@@ -220,8 +220,7 @@ class _Walk:
     def left_out(self, since: int) -> str:
         """The clause naming what was passed over since entry `since`, for an input left with no file."""
         passed = self.passed_over[since:]
-        shown = ", ".join(passed[:2]) + (f" and {len(passed) - 2} more" if len(passed) > 2 else "")
-        return f" beside what it passes over: {shown}" if passed else ""
+        return f" beside what it passes over: {first_few(passed)}" if passed else ""
 
     def supported(self, paths: Iterable[Path]) -> list[str]:
         paths = list(paths)

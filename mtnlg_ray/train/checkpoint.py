@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from mtnlg_ray.checkpoint import stored_shapes
+from mtnlg_ray.checkpoint import nonfinite_error, stored_shapes
 from mtnlg_ray.errors import CheckpointError, ConfigError
 from mtnlg_ray.model.gpt import GPTConfig
 
@@ -338,9 +338,7 @@ def _check_finite_slices(loaded: dict[str, torch.Tensor], weights: Path) -> None
     if dist.is_initialized():
         dist.all_reduce(bad)
     if bad.item():
-        named = f"tensor '{local[0]}' holds" if local else "a tensor holds"
-        raise CheckpointError(f"{weights}: {named} NaN or infinite values (saved by a run that diverged?); "
-                              "use an earlier checkpoint")
+        raise nonfinite_error(weights, local[0] if local else None)
 
 
 def load_consolidated_slices(model, checkpoint_dir: Path, names: set[str]) -> set[str]:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mtnlg_ray.config import Config, absolute_paths
-from mtnlg_ray.errors import CheckpointError, ConfigError, InputError, Interrupted, MtnlgError
+from mtnlg_ray.errors import CheckpointError, ConfigError, InputError, Interrupted, MtnlgError, first_few
 from mtnlg_ray.train.checkpoint import check_resume_data, check_resume_shape, file_digest, latest_checkpoint
 from mtnlg_ray.train.schedule import run_tokens
 
@@ -231,8 +231,7 @@ def _check_run_dir(run_dir: Path, resume: Path | None) -> None:
     Ray Train's record of checkpoints that are gone is dropped: it refused to start with a traceback."""
     folders = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
     if resume is None and folders:
-        shown = ", ".join(folders[:2]) + (f" and {len(folders) - 2} more" if len(folders) > 2 else "")
-        raise CheckpointError(f"{run_dir}: no checkpoint there is complete ({shown}), so the run cannot resume, "
+        raise CheckpointError(f"{run_dir}: no checkpoint there is complete ({first_few(folders)}), so the run cannot resume, "
                               "and starting it afresh would delete what it trained; move them out of the run "
                               "directory, or choose another run.name")
     if resume is None and any((run_dir / name).exists() for name in ("final", "best")):
