@@ -283,7 +283,9 @@ def train_quality_classifier(
     _check_output(Path(output))  # before the training, not after it
     if txt_mode not in TXT_MODES:
         raise ConfigError(f"--txt-mode: expected one of {', '.join(TXT_MODES)}, got {txt_mode!r}")
-    both = sorted(set(resolve_inputs(positive)) & set(resolve_inputs(negative)))
+    # Each side's folders and globs are walked once: iter_texts takes the files as they are.
+    files = {"positive": resolve_inputs(positive), "negative": resolve_inputs(negative)}
+    both = sorted(set(files["positive"]) & set(files["negative"]))
     if both:  # it trained, and reported a holdout accuracy, on a task with no answer
         raise InputError(f"{both[0]}: given as both --positive and --negative text")
     defaults = ReadSection()
@@ -291,7 +293,7 @@ def train_quality_classifier(
     for name, inputs in (("positive", positive), ("negative", negative)):
         # Documents as `data prepare` reads the text it scores (a long .txt in pieces), so the two see
         # documents of the same lengths: the features' log counts depend on length.
-        texts = [t for t in iter_texts(inputs, max_chars=defaults.max_chars, piece_chars=defaults.piece_chars,
+        texts = [t for t in iter_texts(files[name], max_chars=defaults.max_chars, piece_chars=defaults.piece_chars,
                                        txt_mode=txt_mode) if t.strip()]
         if not texts:
             raise InputError(f"--{name} {' '.join(inputs)}: no text found")
