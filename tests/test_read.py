@@ -234,6 +234,13 @@ def test_a_folder_leaves_out_the_runs_output_and_prepared_datasets_and_says_what
     passed.clear()
     assert resolve_sources(["corpus"], output="corpus/sub/../fresh", passed_over=passed)[0][1] == files
     assert "corpus/fresh (this run's output)" in passed
+    # So is one named through a symlink, from outside the folder read or inside it.
+    (tmp_path / "alias").symlink_to(corpus / "fresh")
+    (corpus / "inner-alias").symlink_to(corpus / "fresh")
+    for alias in ("alias", "corpus/inner-alias"):
+        passed.clear()
+        assert resolve_sources(["corpus"], output=alias, passed_over=passed)[0][1] == files, alias
+        assert "corpus/fresh (this run's output)" in passed
     # A glob leaves them out the same way; left with nothing, it says what it passed over.
     with pytest.raises(InputError, match=r"^corpus/\*\*/\*.parquet: glob matches no .*files beside what it passes "
                                          r"over: corpus/prepared \(a prepared dataset\), corpus/sub/older"):

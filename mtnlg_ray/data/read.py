@@ -189,9 +189,16 @@ class _Walk:
 
     def __init__(self, output: Path | None, datasets: bool = True) -> None:
         self.output = output
+        self.real_output = output.resolve() if output is not None else None  # --output through a symlink
         self.datasets = datasets
         self.passed_over: list[str] = []
         self._found: dict[Path, bool] = {}
+        self._real: dict[Path, Path] = {}
+
+    def _is_output(self, folder: Path) -> bool:
+        if folder not in self._real:
+            self._real[folder] = folder.resolve()
+        return self._real[folder] == self.real_output
 
     def _is_dataset(self, folder: Path) -> bool:
         if folder not in self._found:
@@ -201,17 +208,20 @@ class _Walk:
     def kept(self, paths: Iterable[Path], root: Path) -> list[Path]:
         """`paths` below `root` less those inside the output or a dataset strictly below `root`."""
         root = _plain(root)
-        output = self.output if self.output is not None and self.output != root and self.output.is_relative_to(root) \
-            else None  # an output holding the input folder (or being it) leaves out nothing
+        real_root = root.resolve()
+        # An output holding the input folder (or being it) leaves out nothing; either path may pass a symlink.
+        watch = self.output is not None and any(
+            output != folder and output.is_relative_to(folder)
+            for output, folder in ((self.output, root), (self.real_output, real_root)))
         kept = []
         for path in paths:
             absolute = _plain(path)
             inside = [a for a in absolute.parents if a != root and a.is_relative_to(root)]
-            hit = next((a for a in reversed(inside) if a == output or self._is_dataset(a)), None)
+            hit = next((a for a in reversed(inside) if (watch and self._is_output(a)) or self._is_dataset(a)), None)
             if hit is None:
                 kept.append(path)
                 continue
-            what = "this run's output" if hit == output else "a prepared dataset"
+            what = "this run's output" if watch and self._is_output(hit) else "a prepared dataset"
             entry = f"{_shown(hit)} ({what})"
             if entry not in self.passed_over:
                 self.passed_over.append(entry)
