@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,6 +88,42 @@ def test_a_publish_killed_after_its_commit_keeps_the_new_dataset(tmp_path):
     with staged_output(output):
         pass
     assert files(output) == before
+
+
+@pytest.mark.parametrize("kill_after", ["moving out", "moving in", "the commit"])
+def test_a_killed_publish_whose_staging_folder_was_deleted_by_hand_still_gives_the_dataset_back(tmp_path, kill_after):
+    """A kill between publish's renames, then `rm -rf OUTPUT/.partial` by a user tidying up: the next
+    run took the publish for committed (no staged manifest) and deleted .old with the earlier dataset.
+    A kill after the commit still keeps the new one."""
+    output = tmp_path / "ds"
+    write_dataset(output, "new")
+    after = files(output)
+    shutil.rmtree(output)
+    write_dataset(output, "old")
+    before = files(output)
+    staging = output / STAGING
+    write_dataset(staging, "new")
+    last = {"moving out": output / OLD / "tokens", "moving in": output / "docs", "the commit": output / "manifest.json"}
+    # A real SIGKILL right after one of publish's renames, in a process of its own.
+    script = f"""
+import os, signal
+from pathlib import Path
+from mtnlg_ray.data.staging import publish
+rename = os.replace
+def replace(src, dst):
+    rename(src, dst)
+    if Path(dst) == Path({str(last[kill_after])!r}):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+publish(Path({str(staging)!r}), Path({str(output)!r}))
+"""
+    assert subprocess.run([sys.executable, "-c", script]).returncode == -signal.SIGKILL
+    assert (output / OLD / ".moving-in").exists() == (kill_after != "moving out") and files(output) != before
+    shutil.rmtree(staging)
+    expected = after if kill_after == "the commit" else before
+    with staged_output(output):
+        assert files(output) == expected
+    assert files(output) == expected
 
 
 def test_a_second_run_into_the_same_folder_is_refused_while_the_first_runs(tmp_path):

@@ -27,6 +27,8 @@ FAILED_RUN = "failed-run"
 ENTRIES = ("docs", "rejected", "tokens", "tokenizer", FAILED_RUN)  # what a run replaces, beside its manifest
 _OURS = {STAGING, OLD, LOCK}
 _MOVING_IN = ".moving-in"  # in .old: the earlier dataset is all there, the new run is moving in
+_INCOMING = ".incoming-manifest.json"  # in .old: the manifest that commits; OUTPUT's is it once committed
+_MARKERS = {_MOVING_IN, _INCOMING}
 
 
 @contextmanager
@@ -105,6 +107,7 @@ def publish(staging: Path, output: Path, home: Path | None = None) -> None:
     _remove(old)
     try:
         old.mkdir()
+        shutil.copyfile(staging / MANIFEST, old / _INCOMING)
         for name in ENTRIES:
             if (output / name).exists() or (output / name).is_symlink():
                 os.replace(output / name, old / name)
@@ -126,18 +129,34 @@ def publish(staging: Path, output: Path, home: Path | None = None) -> None:
 def recover(output: Path) -> None:
     """Undo a `publish` stopped before its commit (the staged manifest is still there): the new run's
     folders go, then the earlier dataset's come back; each step can itself be stopped and redone.
-    After the commit, only .old is left to delete."""
+    After the commit, only .old is left to delete. Whether the commit happened is read from OUTPUT's
+    manifest, not only from the staged one: a user who deleted OUTPUT/.partial by hand after a kill
+    made the next run take the publish for committed and delete .old, the earlier dataset in it."""
     old = output / OLD
     if not old.exists():
         return
-    if (output / STAGING / MANIFEST).is_file():
+    if not _committed(output):
         if (old / _MOVING_IN).exists():
             for name in ENTRIES:
                 _remove(output / name)
             (old / _MOVING_IN).unlink()
         for entry in old.iterdir():
-            os.replace(entry, output / entry.name)
+            if entry.name not in _MARKERS:
+                os.replace(entry, output / entry.name)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _committed(output: Path) -> bool:
+    if (output / STAGING / MANIFEST).is_file():
+        return False  # the commit moves it
+    try:
+        incoming = (output / OLD / _INCOMING).read_bytes()
+    except FileNotFoundError:
+        return True  # left by a version without the copy: its staged manifest gone means committed
+    try:
+        return (output / MANIFEST).read_bytes() == incoming
+    except FileNotFoundError:
+        return False
 
 
 def _remove(path: Path) -> None:
