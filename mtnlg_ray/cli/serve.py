@@ -72,9 +72,10 @@ def serve(
     prefill_chunk: int = typer.Option(
         256, "--prefill-chunk", help="Prompt tokens read per step; a longer prompt is read in chunks between "
                                      "decode steps, so running streams keep their pace."),
-    prefix_cache: bool = typer.Option(
-        True, "--prefix-cache/--no-prefix-cache",
-        help="Reuse the KV blocks of an earlier prompt's identical beginning (system prompts, few-shot examples)."),
+    no_prefix_cache: bool = typer.Option(  # one name: the pair widened the option column, cutting off help text
+        False, "--no-prefix-cache",
+        help="Do not reuse the KV blocks of an earlier prompt's identical beginning (system prompts, few-shot "
+             "examples); reuse is on by default."),
     num_cpus: float = typer.Option(1.0, "--num-cpus", help="CPUs per replica (also its torch threads)."),
     num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPUs per replica (1 puts the model on cuda in bf16)."),
 ) -> None:
@@ -100,7 +101,7 @@ def serve(
         "api_key_sha256": api_key_sha256, "max_batch": max_batch,
         "max_waiting": max_waiting, "num_replicas": replicas, "autoscale": autoscale, "num_cpus": num_cpus,
         "num_gpus": num_gpus, "kv_cache_tokens": kv_cache_tokens, "block_size": block_size,
-        "prefill_chunk": prefill_chunk, "prefix_cache": prefix_cache,
+        "prefill_chunk": prefill_chunk, "prefix_cache": not no_prefix_cache,
     })
     if not 0 <= port <= 65535:
         raise MtnlgError(f"--port: expected 0-65535, got {port}")
