@@ -60,7 +60,9 @@ def quiet_ray_data_console() -> None:
     """Ray Data's console handler passes warnings and errors only, not its per-operator INFO lines.
 
     Ray Data logs every dataset it runs (plan, progress, "execution finished") at INFO to the
-    console and to the session's `ray-data.log`; the file keeps them all.
+    console and to the session's `ray-data.log`; the file keeps them all. Its warning that a progress
+    bar's name was shortened (our stages chain more operators than a bar's name holds) is left to the
+    file too: it told a user to change a Ray setting for nothing they could see was wrong.
     """
     import logging
 
@@ -69,6 +71,15 @@ def quiet_ray_data_console() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if handler.get_name() == "console":
             handler.setLevel(max(handler.level, logging.WARNING))
+            if not any(isinstance(f, _NoNameTruncationNotice) for f in handler.filters):
+                handler.addFilter(_NoNameTruncationNotice())
+
+
+class _NoNameTruncationNotice:
+    """A logging filter passing every record but Ray Data's "Truncating long operator name" notice."""
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith("Truncating long operator name")
 
 
 def workers_that_fit(cpus_per_worker: float, gpus_per_worker: float) -> tuple[int, float, float]:

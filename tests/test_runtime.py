@@ -43,3 +43,23 @@ def test_a_niceness_the_user_set_is_kept(monkeypatch):
     with worker_niceness_default():
         assert os.environ[NICENESS_VARIABLE] == "0"
     assert NICENESS_VARIABLE not in os.environ
+
+
+def test_ray_datas_console_shows_warnings_but_not_its_name_truncation_notice():
+    """Every `data prepare` printed Ray Data's "Truncating long operator name ... set DataContext..."
+    warning; its other warnings and errors still reach the console, and the log file keeps them all."""
+    import logging
+
+    from mtnlg_ray.runtime import quiet_ray_data_console
+
+    quiet_ray_data_console()
+    [console] = [h for h in logging.getLogger("ray.data").handlers if h.get_name() == "console"]
+    filters = len(console.filters)
+    quiet_ray_data_console()  # a second stage in the same process adds no second filter
+
+    def record(level, message):
+        return logging.LogRecord("ray.data._internal.progress.utils", level, __file__, 1, message, None, None)
+
+    assert not console.filter(record(logging.WARNING, "Truncating long operator name to 100 characters. To ..."))
+    assert console.filter(record(logging.WARNING, "Operator MapBatches is backpressured"))
+    assert console.level == logging.WARNING and len(console.filters) == filters
