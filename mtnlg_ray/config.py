@@ -513,6 +513,44 @@ class Config(Section):
 CONFIG_STAGES = {"prepare": "prepare", "label": "prepare", "pretrain": "pretrain", "finetune": "finetune",
                  "self-train": "selftrain"}
 
+# The sections each stage's code reads (data label reads a part of prepare's). `config show` prints
+# these only, and a key set in another one is warned about: `pretrain --set dedup.fuzzy=false` and
+# pretrain.yaml's own `tokenizer.path` did nothing without a word.
+_FINETUNE_SECTIONS = ("model", "init", "data", "tokenizer", "task", "train", "parallel", "checkpoint", "run")
+STAGE_SECTIONS = {
+    "prepare": ("data", "read", "lang", "pii", "filter", "clean", "dedup", "label", "decontam", "tokenizer", "pack"),
+    "pretrain": ("model", "init", "data", "train", "parallel", "checkpoint", "run"),
+    "finetune": _FINETUNE_SECTIONS,
+    "selftrain": (*_FINETUNE_SECTIONS, "selftrain", "label", "read"),  # each round labels the pool
+}
+_STAGE_COMMANDS = {"prepare": "data prepare", "pretrain": "pretrain", "finetune": "finetune", "selftrain": "self-train"}
+
+
+def _warn_unread(stage: str, source: Path | None, data: dict, overrides: list[str] | tuple[str, ...]) -> None:
+    """One warning line on stderr for each section set (in the user's file, or by a --set) that `stage`
+    never reads, naming the commands that do."""
+    import sys
+
+    if stage not in STAGE_SECTIONS:
+        return
+    reads = STAGE_SECTIONS[stage]
+
+    def readers(section: str) -> str:
+        names = [_STAGE_COMMANDS[s] for s, sections in STAGE_SECTIONS.items() if section in sections]
+        return f" ({' and '.join(names)} {'does' if len(names) == 1 else 'do'})" if names else ""
+
+    command = _STAGE_COMMANDS[stage]
+    sections = set(Config.model_fields)
+    if source is not None and isinstance(data, dict):
+        for section in [key for key in data if key in sections and key not in reads]:
+            print(f"warning: {source}: {command} does not read its section '{section}'{readers(section)}; "
+                  "it has no effect here", file=sys.stderr)
+    for override in overrides:
+        section = override.partition("=")[0].strip().split(".")[0]
+        if section in sections and section not in reads:
+            print(f"warning: --set {override}: {command} does not read {section}.*{readers(section)}; it has "
+                  "no effect here", file=sys.stderr)
+
 
 def set_text(key: str, value) -> str:
     """`key=value` as a `--set`, the value quoted so YAML reads it as text ("my work #1" is no comment)."""
@@ -688,6 +726,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """YAML file (or the stage's shipped default when `path` is None) plus `--set` overrides → `Config`."""
     source = Path(path) if path is not None else shipped_config(stage)
     data = _read_yaml(source)
+    _warn_unread(stage, Path(path) if path is not None else None, data, overrides)
     for override in overrides:
         apply_override(data, override)
     try:

@@ -279,6 +279,46 @@ def test_config_show_takes_the_command_names_of_its_stages():
     assert_one_line_error(unknown, "--stage: expected one of prepare, label, pretrain, finetune, self-train")
 
 
+@pytest.mark.parametrize("stage", ["prepare", "pretrain", "finetune", "selftrain"])
+def test_config_show_prints_the_sections_its_stage_reads_and_a_file_saved_from_it_loads_back(stage, tmp_path):
+    """`config show --stage prepare` printed train, parallel, task and every other stage's sections too,
+    none of which `data prepare` reads."""
+    import yaml
+
+    from mtnlg_ray.config import STAGE_SECTIONS, load_config
+
+    shown = run_cli("config", "show", "--stage", stage)
+    assert shown.returncode == 0, shown.stderr
+    assert list(yaml.safe_load(shown.stdout)) == [s for s in yaml.safe_load(shown.stdout) if s in STAGE_SECTIONS[stage]]
+    assert set(yaml.safe_load(shown.stdout)) == set(STAGE_SECTIONS[stage])
+    saved = tmp_path / "my.yaml"
+    saved.write_text(shown.stdout)
+    again = run_cli("config", "show", "--stage", stage, "--config", str(saved))
+    assert again.returncode == 0 and "warning" not in again.stderr, again.stderr
+    assert load_config(saved, stage=stage).model_dump() == load_config(stage=stage).model_dump()
+
+
+def test_a_key_of_a_section_the_stage_never_reads_is_warned_about(tmp_path, capsys):
+    """`pretrain --set dedup.fuzzy=false`, or a shared config file's prepare sections, did nothing without
+    a word; pretrain.yaml itself shipped a tokenizer.path that pretraining never reads."""
+    from mtnlg_ray.config import STAGE_SECTIONS, _read_yaml, load_config, shipped_config
+
+    load_config(overrides=["dedup.fuzzy=false", "train.max_steps=20"], stage="pretrain")
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --set dedup.fuzzy=false: pretrain does not read dedup.* (data prepare does); it has no effect here"]
+    load_config(overrides=["dedup.fuzzy=false", "tokenizer.vocab_size=512"], stage="prepare")
+    assert capsys.readouterr().err == ""
+    shared = tmp_path / "all.yaml"
+    shared.write_text("tokenizer:\n  path: tok.json\ntrain:\n  max_steps: 20\nselftrain:\n  rounds: 2\n")
+    load_config(shared, stage="finetune")
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {shared}: finetune does not read its section 'selftrain' (self-train does); it has no effect here"]
+    load_config(shared, stage="selftrain")
+    assert capsys.readouterr().err == ""
+    for stage, sections in STAGE_SECTIONS.items():
+        assert set(_read_yaml(shipped_config(stage))) <= set(sections), stage
+
+
 def test_every_submitted_stage_but_serve_has_a_shipped_config():
     from mtnlg_ray.cli.jobspec import STAGES
     from mtnlg_ray.config import CONFIG_STAGES, shipped_config

@@ -102,7 +102,7 @@ def config_show(
     """
     import yaml
 
-    from mtnlg_ray.config import CONFIG_STAGES, load_config
+    from mtnlg_ray.config import CONFIG_STAGES, STAGE_SECTIONS, load_config
 
     # A stage's command name or its shipped config's name ("selftrain").
     stages = {**CONFIG_STAGES, **{name: name for name in CONFIG_STAGES.values()}}
@@ -142,8 +142,9 @@ def config_show(
     # Fine-tuning's come from data.train's tokens: without it (and for self-training, whose rounds
     # each derive their own) there is no value yet to show, only the field default.
     known = stage == "pretrain" or (stage == "finetune" and bool(resolved.data.train))
-    typer.echo(_commented(yaml.safe_dump(resolved.model_dump(mode="json"), sort_keys=False), "train", derived,
-                          known), nl=False)
+    # The sections the stage reads; a file saved from this leaves the others to the schema, as a run does.
+    shown = {name: value for name, value in resolved.model_dump(mode="json").items() if name in STAGE_SECTIONS[stage]}
+    typer.echo(_commented(yaml.safe_dump(shown, sort_keys=False), "train", derived, known), nl=False)
 
 
 def _derived_keys(resolved, stage: str) -> dict[str, str]:
