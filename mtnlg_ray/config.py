@@ -524,6 +524,10 @@ STAGE_SECTIONS = {
     "selftrain": (*_FINETUNE_SECTIONS, "selftrain", "label", "read"),  # each round labels the pool
 }
 _STAGE_COMMANDS = {"prepare": "data prepare", "pretrain": "pretrain", "finetune": "finetune", "selftrain": "self-train"}
+# Keys of a section the stage reads that it sets itself: each round labels with its teacher, through
+# the classifier labeller, at selftrain.threshold.
+_STAGE_SETS = {"selftrain": {"label.labeler": "the classifier labeller", "label.model": "each round's teacher",
+                             "label.threshold": "selftrain.threshold"}}
 
 
 def _warn_unread(stage: str, source: Path | None, data: dict, overrides: list[str] | tuple[str, ...]) -> None:
@@ -545,11 +549,22 @@ def _warn_unread(stage: str, source: Path | None, data: dict, overrides: list[st
         for section in [key for key in data if key in sections and key not in reads]:
             print(f"warning: {source}: {command} does not read its section '{section}'{readers(section)}; "
                   "it has no effect here", file=sys.stderr)
+    own = _STAGE_SETS.get(stage, {})
+    if source is not None and isinstance(data, dict):
+        for key in own:
+            section, _, name = key.partition(".")
+            if isinstance(data.get(section), dict) and name in data[section]:
+                print(f"warning: {source}: {command} sets {key} itself (to {own[key]}); it has no effect here",
+                      file=sys.stderr)
     for override in overrides:
-        section = override.partition("=")[0].strip().split(".")[0]
+        key = override.partition("=")[0].strip()
+        section = key.split(".")[0]
         if section in sections and section not in reads:
             print(f"warning: --set {override}: {command} does not read {section}.*{readers(section)}; it has "
                   "no effect here", file=sys.stderr)
+        elif key in own:
+            print(f"warning: --set {override}: {command} sets {key} itself (to {own[key]}); it has no effect here",
+                  file=sys.stderr)
 
 
 def set_text(key: str, value) -> str:

@@ -315,6 +315,11 @@ def test_a_key_of_a_section_the_stage_never_reads_is_warned_about(tmp_path, caps
         f"warning: {shared}: finetune does not read its section 'selftrain' (self-train does); it has no effect here"]
     load_config(shared, stage="selftrain")
     assert capsys.readouterr().err == ""
+    # Self-training labels each round with its teacher at selftrain.threshold, whatever label.* says.
+    load_config(overrides=["label.threshold=0.99", "label.actors=2"], stage="selftrain")
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --set label.threshold=0.99: self-train sets label.threshold itself (to selftrain.threshold); "
+        "it has no effect here"]
     for stage, sections in STAGE_SECTIONS.items():
         assert set(_read_yaml(shipped_config(stage))) <= set(sections), stage
 
