@@ -160,6 +160,10 @@ def test_packed_tokens_decode_to_the_kept_documents_in_order(prepared):
     decoded = tok.decode(flat, skip_special_tokens=False)
     assert decoded.startswith("<|endoftext|>".join(docs[:3]))
     assert manifest["tokenizer"]["hash"] and manifest["seq_len"] == 32
+    # The settings a rerun needs: each stage's, the field read and the tokenizer asked for.
+    assert list(manifest["config"]) == ["data", "tokenizer", "pack", "read", "lang", "pii", "filter", "clean",
+                                        "label", "dedup", "decontam"]
+    assert manifest["config"]["data"] == {"text_field": "text"} and manifest["config"]["tokenizer"]["vocab_size"] == 400
 
 
 def test_validation_split_and_blend_weights(ray_session, planted, tmp_path):

@@ -496,8 +496,11 @@ def _prepare_into(staging: Path, output: Path, items, grams, inputs: Sequence[st
         },
         "seq_len": config.pack.seq_len,
         "pack": packed,
-        "config": config.model_dump(mode="json", include={"read", "filter", "lang", "pii", "clean", "dedup", "label",
-                                                          "decontam", "pack"}),
+        # The settings of every stage that ran; the field read and the tokenizer asked for too (a rerun of
+        # this manifest's settings needs them).
+        "config": config.model_dump(mode="json", include={
+            "data": {"text_field"}, "read": True, "filter": True, "lang": True, "pii": True, "clean": True,
+            "dedup": True, "label": True, "decontam": True, "tokenizer": True, "pack": True}),
         "seconds": round(time.perf_counter() - started, 3),
     }
     _write_manifest(staging, manifest)
