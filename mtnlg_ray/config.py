@@ -524,10 +524,20 @@ STAGE_SECTIONS = {
     "selftrain": (*_FINETUNE_SECTIONS, "selftrain", "label", "read"),  # each round labels the pool
 }
 _STAGE_COMMANDS = {"prepare": "data prepare", "pretrain": "pretrain", "finetune": "finetune", "selftrain": "self-train"}
-# Keys of a section the stage reads that it sets itself: each round labels with its teacher, through
-# the classifier labeller, at selftrain.threshold.
-_STAGE_SETS = {"selftrain": {"label.labeler": "the classifier labeller", "label.model": "each round's teacher",
-                             "label.threshold": "selftrain.threshold"}}
+# Keys of a section the stage reads that it leaves alone or sets itself, with why: self-training labels
+# each round with its teacher, through the classifier labeller, at selftrain.threshold; pretraining
+# keeps no best checkpoint and batches fixed-length sequences; fine-tuning scores the whole dev set.
+_FINETUNE_UNUSED = {key: "does not use train.{} (pretraining's held-out sample; fine-tuning scores the whole dev "
+                         "set at the end of each epoch)".format(key.split(".")[1])
+                    for key in ("train.eval_every", "train.eval_batches")}
+_UNUSED_KEYS = {
+    "selftrain": {"label.labeler": "sets label.labeler itself (to the classifier labeller)",
+                  "label.model": "sets label.model itself (to each round's teacher)",
+                  "label.threshold": "sets label.threshold itself (to selftrain.threshold)", **_FINETUNE_UNUSED},
+    "pretrain": {"train.patience": "does not use train.patience (fine-tuning's early stopping on dev)",
+                 "train.group_by_length": "does not use train.group_by_length (its sequences are all one length)"},
+    "finetune": _FINETUNE_UNUSED,
+}
 
 
 def _warn_unread(stage: str, source: Path | None, data: dict, overrides: list[str] | tuple[str, ...]) -> None:
@@ -549,22 +559,20 @@ def _warn_unread(stage: str, source: Path | None, data: dict, overrides: list[st
         for section in [key for key in data if key in sections and key not in reads]:
             print(f"warning: {source}: {command} does not read its section '{section}'{readers(section)}; "
                   "it has no effect here", file=sys.stderr)
-    own = _STAGE_SETS.get(stage, {})
+    unused = _UNUSED_KEYS.get(stage, {})
     if source is not None and isinstance(data, dict):
-        for key in own:
+        for key in unused:
             section, _, name = key.partition(".")
             if isinstance(data.get(section), dict) and name in data[section]:
-                print(f"warning: {source}: {command} sets {key} itself (to {own[key]}); it has no effect here",
-                      file=sys.stderr)
+                print(f"warning: {source}: {command} {unused[key]}; it has no effect here", file=sys.stderr)
     for override in overrides:
         key = override.partition("=")[0].strip()
         section = key.split(".")[0]
         if section in sections and section not in reads:
             print(f"warning: --set {override}: {command} does not read {section}.*{readers(section)}; it has "
                   "no effect here", file=sys.stderr)
-        elif key in own:
-            print(f"warning: --set {override}: {command} sets {key} itself (to {own[key]}); it has no effect here",
-                  file=sys.stderr)
+        elif key in unused:
+            print(f"warning: --set {override}: {command} {unused[key]}; it has no effect here", file=sys.stderr)
 
 
 def set_text(key: str, value) -> str:

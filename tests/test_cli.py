@@ -320,6 +320,14 @@ def test_a_key_of_a_section_the_stage_never_reads_is_warned_about(tmp_path, caps
     assert capsys.readouterr().err.splitlines() == [
         "warning: --set label.threshold=0.99: self-train sets label.threshold itself (to selftrain.threshold); "
         "it has no effect here"]
+    # Pretraining keeps no best checkpoint: patience did nothing; fine-tuning scores the whole dev set.
+    load_config(overrides=["train.patience=3"], stage="pretrain")
+    assert "pretrain does not use train.patience (fine-tuning's early stopping on dev)" in capsys.readouterr().err
+    shared.write_text("train:\n  eval_batches: 2\n  patience: 3\n")
+    load_config(shared, stage="finetune")
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {shared}: finetune does not use train.eval_batches (pretraining's held-out sample; fine-tuning "
+        "scores the whole dev set at the end of each epoch); it has no effect here"]
     for stage, sections in STAGE_SECTIONS.items():
         assert set(_read_yaml(shipped_config(stage))) <= set(sections), stage
 
