@@ -52,8 +52,25 @@ def ensure_ray(num_cpus: int | None = None) -> None:
                           "stage (`mtnlg-ray submit STAGE ...`), or unset RAY_ADDRESS to run it on a local Ray")
     # ray.init() with no address joins RAY_ADDRESS or a cluster started with `ray start` on this
     # machine (keeping that cluster's settings), and otherwise starts a local Ray for this process.
+    quiet_token_auth_notice()
     with worker_niceness_default():
         ray.init(num_cpus=num_cpus, configure_logging=False, log_to_driver=False)
+
+
+def quiet_token_auth_notice() -> None:
+    """Ray 2.60 turns token authentication on for a Ray that ray.init starts, and says so in a warning
+    line on stderr: every stage's output began with it, and a refusal was two lines instead of one.
+    That notice is dropped; its warning that authentication is off (a cluster started without it) stays."""
+    import logging
+
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _NoTokenAuthEnabledNotice) for f in logger.filters):
+        logger.addFilter(_NoTokenAuthEnabledNotice())
+
+
+class _NoTokenAuthEnabledNotice:
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def quiet_ray_data_console() -> None:

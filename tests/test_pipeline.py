@@ -274,6 +274,9 @@ def test_cli_a_corpus_of_only_bad_records_exits_2_with_one_line_and_keeps_every_
         f"see {output / 'rejected'}"
     ]
     assert "Traceback" not in result.stderr
+    # Nothing but the stage lines and the error: Ray's "Token authentication is enabled" notice came first.
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0].startswith("✓ read") and lines[1] == errors[0], result.stderr
     rejected = pq.read_table(output / "rejected").to_pylist()
     assert sorted((r["location"].rsplit(":", 1)[1], r["reason"]) for r in rejected) == [
         ("1", "bad_json"), ("2", "not_object"), ("3", "missing_field"), ("4", "empty"),

@@ -63,3 +63,28 @@ def test_ray_datas_console_shows_warnings_but_not_its_name_truncation_notice():
     assert not console.filter(record(logging.WARNING, "Truncating long operator name to 100 characters. To ..."))
     assert console.filter(record(logging.WARNING, "Operator MapBatches is backpressured"))
     assert console.level == logging.WARNING and len(console.filters) == filters
+
+
+def test_rays_token_auth_enabled_notice_is_dropped_but_its_auth_disabled_warning_is_not():
+    """Every command that started a Ray printed Ray's "Token authentication is enabled for this Ray
+    cluster" on stderr, so a refusal after ray.init was two lines, not one."""
+    import logging
+
+    from ray._private.authentication import authentication_token_setup as setup
+
+    from mtnlg_ray.runtime import quiet_token_auth_notice
+
+    quiet_token_auth_notice()
+    quiet_token_auth_notice()
+    assert len(logging.getLogger(setup.__name__).filters) == 1
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # Ray's loggers do not propagate to root
+    logger = logging.getLogger(setup.__name__)
+    logger.addHandler(handler)
+    try:
+        setup._warn_token_auth_enabled()  # Ray's own calls, as ray.init makes them
+        setup._warn_token_auth_disabled()
+    finally:
+        logger.removeHandler(handler)
+    assert [m.split(".")[0] for m in seen] == ["Token authentication is disabled for this Ray cluster"]
