@@ -7,6 +7,7 @@ validated `Config`, which the stage function receives. Unknown keys and bad valu
 
 from __future__ import annotations
 
+import copy
 from importlib import resources
 import json
 import os
@@ -59,6 +60,9 @@ def absolute_paths(config: BaseModel, cwd: str | Path | None = None) -> BaseMode
         if isinstance(section, ReadSection) and section.weights:
             # Weights are keyed by INPUT as given, and the INPUTs are made absolute the same way.
             changes["weights"] = {absolute_path(k, cwd): w for k, w in section.weights.items()}
+        # Only what changes: a section rewritten as it was (an empty decontam.eval_files) counted as set,
+        # and a submitted job's config then held it.
+        changes = {field: value for field, value in changes.items() if value != getattr(section, field)}
         if changes:
             updates[name] = section.model_copy(update=changes)
     return config.model_copy(update=updates)
@@ -530,7 +534,7 @@ _STAGE_COMMANDS = {"prepare": "data prepare", "pretrain": "pretrain", "finetune"
 _FINETUNE_UNUSED = {key: "does not use train.{} (pretraining's held-out sample; fine-tuning scores the whole dev "
                          "set at the end of each epoch)".format(key.split(".")[1])
                     for key in ("train.eval_every", "train.eval_batches")}
-_UNUSED_KEYS = {
+UNUSED_KEYS = {
     "selftrain": {"label.labeler": "sets label.labeler itself (to the classifier labeller)",
                   "label.model": "sets label.model itself (to each round's teacher)",
                   "label.threshold": "sets label.threshold itself (to selftrain.threshold)", **_FINETUNE_UNUSED},
@@ -540,14 +544,17 @@ _UNUSED_KEYS = {
 }
 
 
-def _warn_unread(stage: str, source: Path | None, data: dict, overrides: list[str] | tuple[str, ...]) -> None:
-    """One warning line on stderr for each section set (in the user's file, or by a --set) that `stage`
-    never reads, naming the commands that do."""
+def _warn_unread(stage: str, source: Path | None, file_data: Any, config: "Config",
+                 overrides: list[str] | tuple[str, ...]) -> None:
+    """One warning line on stderr for each --set of a section (or key) that `stage` never reads or uses,
+    naming the commands that do, and for each such section or key the user's file gives a value other
+    than the default (a file `config show` saved, or a job's, holds defaults: no warning)."""
     import sys
 
     if stage not in STAGE_SECTIONS:
         return
     reads = STAGE_SECTIONS[stage]
+    unused = UNUSED_KEYS.get(stage, {})
 
     def readers(section: str) -> str:
         names = [_STAGE_COMMANDS[s] for s, sections in STAGE_SECTIONS.items() if section in sections]
@@ -555,15 +562,16 @@ def _warn_unread(stage: str, source: Path | None, data: dict, overrides: list[st
 
     command = _STAGE_COMMANDS[stage]
     sections = set(Config.model_fields)
-    if source is not None and isinstance(data, dict):
-        for section in [key for key in data if key in sections and key not in reads]:
-            print(f"warning: {source}: {command} does not read its section '{section}'{readers(section)}; "
-                  "it has no effect here", file=sys.stderr)
-    unused = _UNUSED_KEYS.get(stage, {})
-    if source is not None and isinstance(data, dict):
+    if source is not None and isinstance(file_data, dict):
+        for section in [key for key in file_data if key in sections and key not in reads]:
+            if getattr(config, section).model_dump() != Config.model_fields[section].default.model_dump():
+                print(f"warning: {source}: {command} does not read its section '{section}'{readers(section)}; "
+                      "it has no effect here", file=sys.stderr)
         for key in unused:
             section, _, name = key.partition(".")
-            if isinstance(data.get(section), dict) and name in data[section]:
+            given = file_data.get(section)
+            default = type(getattr(config, section)).model_fields[name].default
+            if isinstance(given, dict) and name in given and getattr(getattr(config, section), name) != default:
                 print(f"warning: {source}: {command} {unused[key]}; it has no effect here", file=sys.stderr)
     for override in overrides:
         key = override.partition("=")[0].strip()
@@ -749,7 +757,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """YAML file (or the stage's shipped default when `path` is None) plus `--set` overrides → `Config`."""
     source = Path(path) if path is not None else shipped_config(stage)
     data = _read_yaml(source)
-    _warn_unread(stage, Path(path) if path is not None else None, data, overrides)
+    file_data = copy.deepcopy(data)  # what the file gives, before the overrides
     for override in overrides:
         apply_override(data, override)
     try:
@@ -776,6 +784,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         # beside mode full is left alone: an A/B of the two keeps it)
         raise ConfigError(f"--set {lora}: task.mode is {config.task.mode}, so no LoRA adapter trains; add "
                           "--set task.mode=lora")
+    _warn_unread(stage, Path(path) if path is not None else None, file_data, config, overrides)
     return with_preset_lr(config) if stage == "pretrain" else config
 
 

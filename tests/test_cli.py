@@ -285,12 +285,15 @@ def test_config_show_prints_the_sections_its_stage_reads_and_a_file_saved_from_i
     none of which `data prepare` reads."""
     import yaml
 
-    from mtnlg_ray.config import STAGE_SECTIONS, load_config
+    from mtnlg_ray.config import STAGE_SECTIONS, UNUSED_KEYS, load_config
 
     shown = run_cli("config", "show", "--stage", stage)
     assert shown.returncode == 0, shown.stderr
     assert list(yaml.safe_load(shown.stdout)) == [s for s in yaml.safe_load(shown.stdout) if s in STAGE_SECTIONS[stage]]
     assert set(yaml.safe_load(shown.stdout)) == set(STAGE_SECTIONS[stage])
+    for key in UNUSED_KEYS.get(stage, {}):  # keys it reads but never uses are left out as well
+        section, _, name = key.partition(".")
+        assert name not in yaml.safe_load(shown.stdout)[section], key
     saved = tmp_path / "my.yaml"
     saved.write_text(shown.stdout)
     again = run_cli("config", "show", "--stage", stage, "--config", str(saved))
@@ -309,7 +312,7 @@ def test_a_key_of_a_section_the_stage_never_reads_is_warned_about(tmp_path, caps
     load_config(overrides=["dedup.fuzzy=false", "tokenizer.vocab_size=512"], stage="prepare")
     assert capsys.readouterr().err == ""
     shared = tmp_path / "all.yaml"
-    shared.write_text("tokenizer:\n  path: tok.json\ntrain:\n  max_steps: 20\nselftrain:\n  rounds: 2\n")
+    shared.write_text("tokenizer:\n  path: tok.json\ntrain:\n  max_steps: 20\nselftrain:\n  rounds: 3\n")
     load_config(shared, stage="finetune")
     assert capsys.readouterr().err.splitlines() == [
         f"warning: {shared}: finetune does not read its section 'selftrain' (self-train does); it has no effect here"]
@@ -323,11 +326,15 @@ def test_a_key_of_a_section_the_stage_never_reads_is_warned_about(tmp_path, caps
     # Pretraining keeps no best checkpoint: patience did nothing; fine-tuning scores the whole dev set.
     load_config(overrides=["train.patience=3"], stage="pretrain")
     assert "pretrain does not use train.patience (fine-tuning's early stopping on dev)" in capsys.readouterr().err
-    shared.write_text("train:\n  eval_batches: 2\n  patience: 3\n")
+    shared.write_text("train:\n  eval_batches: 2\n  eval_every: 100\n  patience: 3\n")
     load_config(shared, stage="finetune")
     assert capsys.readouterr().err.splitlines() == [
         f"warning: {shared}: finetune does not use train.eval_batches (pretraining's held-out sample; fine-tuning "
         "scores the whole dev set at the end of each epoch); it has no effect here"]
+    # A file's defaults are no warning: one saved by `config show` of another stage, or a submitted job's.
+    shared.write_text("train:\n  patience: null\n  group_by_length: true\ndecontam:\n  eval_files: []\n")
+    load_config(shared, stage="pretrain")
+    assert capsys.readouterr().err == ""
     for stage, sections in STAGE_SECTIONS.items():
         assert set(_read_yaml(shipped_config(stage))) <= set(sections), stage
 

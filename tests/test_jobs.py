@@ -223,6 +223,9 @@ def test_every_path_field_is_made_absolute_and_nothing_else(tmp_path):
     assert done.run.storage_path == str(tmp_path / "runs") and done.run.name == "keep-me"
     assert done.read.weights == {str(tmp_path / "a.txt"): 2.0}
     assert config.data.path == "d"  # a copy: the given config is unchanged
+    # What no path changed stays unset: a submitted job's config (what was set) held an empty decontam
+    # section, which pretrain then warned about.
+    assert "decontam" not in absolute_paths(Config(), tmp_path).model_dump(exclude_unset=True)
 
 
 def test_submit_with_no_cluster_anywhere_is_one_line(tmp_path):

@@ -102,7 +102,7 @@ def config_show(
     """
     import yaml
 
-    from mtnlg_ray.config import CONFIG_STAGES, STAGE_SECTIONS, load_config
+    from mtnlg_ray.config import CONFIG_STAGES, STAGE_SECTIONS, UNUSED_KEYS, load_config
 
     # A stage's command name or its shipped config's name ("selftrain").
     stages = {**CONFIG_STAGES, **{name: name for name in CONFIG_STAGES.values()}}
@@ -143,7 +143,11 @@ def config_show(
     # each derive their own) there is no value yet to show, only the field default.
     known = stage == "pretrain" or (stage == "finetune" and bool(resolved.data.train))
     # The sections the stage reads; a file saved from this leaves the others to the schema, as a run does.
+    # Keys it never uses are left out too (a file saved from this is then read back without a warning).
     shown = {name: value for name, value in resolved.model_dump(mode="json").items() if name in STAGE_SECTIONS[stage]}
+    for key in UNUSED_KEYS.get(stage, {}):
+        section, _, name = key.partition(".")
+        shown[section].pop(name, None)
     typer.echo(_commented(yaml.safe_dump(shown, sort_keys=False), "train", derived, known), nl=False)
 
 
