@@ -11,6 +11,7 @@ import json
 import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -278,14 +279,29 @@ def _read_hf_weights(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
         return state, index
     if pickled.is_file():
         try:
-            # weights_only: a .bin is a pickle, and loading one must not be able to run code.
-            state = torch.load(pickled, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+            # weights_only: a .bin is a pickle, and loading one must not be able to run code. Its warning
+            # about a pickle protocol other than torch's own is no news to the user.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(pickled, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise InputError(f"{pickled}: refused to load: it holds more than tensors ({_refused(exc)}), and a "
+                             ".bin is a pickle that could run code; convert it to model.safetensors where it "
+                             "was made") from None
+        except (RuntimeError, OSError, EOFError, ValueError) as exc:
             raise InputError(f"{pickled}: not a plain tensor state dict ({first_line(exc)})") from None
         if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
             raise InputError(f"{pickled}: expected a dict of tensor names to tensors")
         return state, pickled
     raise InputError(f"{source}: no {HF_WEIGHTS}, {HF_WEIGHTS_INDEX} or {HF_PICKLED_WEIGHTS}")
+
+
+def _refused(exc: BaseException) -> str:
+    """What torch's weights-only loader refused, without its advice to load with weights_only=False
+    (which would let the file run code)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
+    return " ".join(lines).rstrip(".") if lines else type(exc).__name__
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

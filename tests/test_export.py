@@ -377,6 +377,43 @@ def test_import_rejects_an_untied_output_embedding(transformers_gpt2, tokenizer_
     assert not (tmp_path / "ckpt").exists()
 
 
+class _Planted:
+    """A pickled object whose loading would run a shell command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle protocol 4"])
+def test_import_refuses_a_bin_that_would_run_code_in_one_line_without_torchs_advice_to_allow_it(
+        transformers_gpt2, tokenizer_dir, tmp_path, how):
+    """The refusal passed on torch's "Re-running torch.load with weights_only set to False will likely
+    succeed", after a two-line UserWarning about the pickle protocol."""
+    import pickle
+    import warnings
+
+    hf_dir = save_pickled_hf_dir(transformers_gpt2, tokenizer_dir, tmp_path / "hf")
+    marker = tmp_path / "ran"
+    state = {"wte.weight": torch.zeros(2, 2), "planted": _Planted(marker)}
+    if how == "torch.save":
+        torch.save(state, hf_dir / "pytorch_model.bin")
+    else:
+        (hf_dir / "pytorch_model.bin").write_bytes(pickle.dumps(state, protocol=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning on the way is a failure
+        with pytest.raises(InputError, match=f"^{hf_dir / 'pytorch_model.bin'}: refused to load: it holds more "
+                                             "than tensors \\(") as exc:
+            import_hf(hf_dir, tmp_path / "ckpt")
+    assert "weights_only" not in str(exc.value) and "\n" not in str(exc.value)
+    assert ("posix.system" in str(exc.value)) == (how == "torch.save"), str(exc.value)
+    assert not marker.exists() and not (tmp_path / "ckpt").exists()
+
+
 def test_export_of_a_missing_checkpoint_names_it(tmp_path):
     missing = tmp_path / "no-such-checkpoint"
     with pytest.raises(CheckpointError, match="not found") as exc:
