@@ -88,7 +88,7 @@ def serve(
     Runs on the connected Ray cluster (RAY_ADDRESS or `ray start`), else on a local one.
     For a long-lived deployment: `serve deploy mtnlg_ray/configs/serve.yaml`.
 
-    Example: `mtnlg-ray serve -c work/ckpt`, then
+    Example: `mtnlg-ray serve -c runs/pretrain/final`, then
     `curl localhost:8000/v1/completions -d '{"prompt": "def ", "max_tokens": 32, "temperature": 0}'`
     or any OpenAI client with base_url http://localhost:8000/v1.
     """
