@@ -123,6 +123,17 @@ def test_prompt_too_long_is_one_line(tiny_checkpoint):
     assert_one_line_error(result, "prompt:", "context of 128 tokens")
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("--top-p", "1.5", "--top-p: expected a value in [0, 1], got 1.5"),  # said (0, 1], but 0 is taken: greedy
+    ("--max-tokens", "0", "--max-tokens: expected a positive integer, got 0"),  # said max_tokens, no option
+    ("--temperature", "-1", "--temperature: expected a finite value >= 0, got -1.0"),
+    ("--top-k", "-2", "--top-k: expected a value >= 0, got -2"),
+])
+def test_a_bad_sampling_option_of_generate_is_named_as_typed(tiny_checkpoint, option, value, expected):
+    result = run_cli("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "x", option, value)
+    assert_one_line_error(result, f"error: {expected}")
+
+
 def test_prompt_with_bytes_that_are_not_utf8_is_one_line(tiny_checkpoint):
     # subprocess passes the surrogate-escaped "\udcff" as the raw byte 0xFF, as a shell's $'\xff' does.
     result = run_cli("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "ab\udcffc", "--max-tokens", "2")

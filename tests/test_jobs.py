@@ -288,6 +288,8 @@ def test_prepare_pretrain_serve_through_submit(local_ray, tmp_path):
     serve = cli("submit", "serve", "-c", "runs/tiny/final", "--port", port, "--no-wait", *address, cwd=tmp_path)
     assert serve.returncode == 0, serve.stdout + serve.stderr
     job_id, url = serve.stdout.split()
+    # The printed follow-up names this cluster: without --address it went to the default one.
+    assert f"(`mtnlg-ray jobs stop {job_id} --address {local_ray.address}` stops it)" in serve.stderr
     try:
         assert url == f"http://127.0.0.1:{port}/v1"
         reply = requests.post(f"{url}/completions", timeout=60,

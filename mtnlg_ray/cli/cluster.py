@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import List, Optional
 
@@ -51,6 +52,9 @@ def submit(
     check_job_id(job_id)
     spec = build_job(ctx.find_root().command, stage, list(ctx.args), env=env)
     submitted: list[str] = []
+    # The follow-up commands printed below name the cluster this one used: without --address they
+    # went to the default one (none, or another), not to the job's.
+    at = f" --address {shlex.quote(address)}" if address else ""
 
     def on_submitted(job: str, where: str) -> None:
         submitted.append(job)
@@ -62,18 +66,18 @@ def submit(
         result = run(spec, address, no_wait=no_wait, job_id=job_id, on_submitted=on_submitted)
     except KeyboardInterrupt:
         job = submitted[0] if submitted else "JOB_ID"
-        typer.echo(f"stopped following; job {job} keeps running (`mtnlg-ray jobs stop {job}` stops it)", err=True)
+        typer.echo(f"stopped following; job {job} keeps running (`mtnlg-ray jobs stop {job}{at}` stops it)", err=True)
         raise typer.Exit(130)
     if result.url:
         typer.echo(f"{result.url}/v1")
         typer.echo(f"serving at {result.url}/v1; job {result.job_id} keeps running "
-                   f"(`mtnlg-ray jobs stop {result.job_id}` stops it)", err=True)
+                   f"(`mtnlg-ray jobs stop {result.job_id}{at}` stops it)", err=True)
         auth = " -H \"Authorization: Bearer $MTNLG_API_KEY\"" if "MTNLG_API_KEY_SHA256" in spec.env_vars else ""
         typer.echo(f"try:  curl {result.url}/v1/completions -H 'Content-Type: application/json'{auth} "
                    "-d '{\"prompt\": \"def \", \"max_tokens\": 32, \"temperature\": 0}'", err=True)
     elif no_wait and result.exit_code == 0:
-        typer.echo(f"job {result.job_id} is {result.status}: `mtnlg-ray jobs logs {result.job_id} --follow` follows "
-                   f"it, `mtnlg-ray jobs stop {result.job_id}` stops it", err=True)
+        typer.echo(f"job {result.job_id} is {result.status}: `mtnlg-ray jobs logs {result.job_id} --follow{at}` "
+                   f"follows it, `mtnlg-ray jobs stop {result.job_id}{at}` stops it", err=True)
     _report_job_end(result)
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from mtnlg_ray.cli.app import app
-from mtnlg_ray.errors import MtnlgError
+from mtnlg_ray.errors import InputError, MtnlgError
 
 
 @app.command("generate")
@@ -33,8 +33,14 @@ def generate(
     from mtnlg_ray.model.generate import SamplingParams
     from mtnlg_ray.serve.protocol import openai_top_p
 
-    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=openai_top_p(top_p), top_k=top_k,
-                            seed=seed)
+    if not 0.0 <= top_p <= 1.0:  # also refuses NaN; 0 is the likeliest token alone
+        raise InputError(f"--top-p: expected a value in [0, 1], got {top_p}")
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=openai_top_p(top_p),
+                                top_k=top_k, seed=seed)
+    except InputError as err:  # its field, `max_tokens: ...`, named as the option typed
+        field, _, rest = str(err).partition(":")
+        raise InputError(f"--{field.replace('_', '-')}:{rest}") from None
     generator = TextGenerator(checkpoint)
     prompt_tokens = len(generator.encode(prompt))
     room = generator.context - prompt_tokens + 1  # the last new token is never read back, so it needs no slot
