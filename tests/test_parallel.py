@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import time
 from contextlib import nullcontext
@@ -366,6 +367,19 @@ def test_pipeline_settings_are_checked_before_anything_starts(options, expected)
     with pytest.raises(ConfigError) as info:
         check_layout(CONFIG, 2, tp=1, pp=2, **options)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_stage_splits_without_a_pipeline_and_too_many_virtual_stages_are_named_as_set():
+    """At pp 1 a stage split did nothing without a word; too many virtual stages blamed parallel.pp
+    for a count (pp x pp_virtual) the user never typed."""
+    for options, expected in (({"pp_layers": [2, 2]}, "parallel.pp_layers splits the model into pipeline stages, "
+                                                      "but parallel.pp=1 (no pipeline)"),
+                              ({"pp_virtual": 2, "pp_schedule": "interleaved-1f1b"}, "parallel.pp_virtual=2 splits")):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            check_layout(CONFIG, 2, tp=1, pp=1, **options)
+    with pytest.raises(ConfigError, match=re.escape("parallel.pp x parallel.pp_virtual = 2 x 4 = 8 pipeline stages "
+                                                    "for 4 layers leaves stages empty")):
+        check_layout(CONFIG, 2, tp=1, pp=2, pp_schedule="interleaved-1f1b", pp_virtual=4)
 
 
 def test_zero_bubble_is_refused_where_fsdp_would_give_it_wrong_gradients():

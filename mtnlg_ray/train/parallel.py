@@ -123,7 +123,16 @@ class ParallelDims:
                     f"rank in fp32); here dp={self.dp}{' in bf16' if self.bf16 else ''}: use interleaved-1f1b"
                 )
             layers = list(self.pp_layers) if self.pp_layers is not None else None
-            stage_layers(model_config.n_layer, self.pp * self.pp_virtual, layers)
+            stages = self.pp * self.pp_virtual
+            if layers is None and self.pp_virtual > 1 and stages > model_config.n_layer:  # not pp alone's fault
+                raise ConfigError(f"parallel.pp x parallel.pp_virtual = {self.pp} x {self.pp_virtual} = {stages} "
+                                  f"pipeline stages for {model_config.n_layer} layers leaves stages empty")
+            stage_layers(model_config.n_layer, stages, layers)
+        elif self.pp_layers is not None or self.pp_virtual > 1:
+            # A forgotten parallel.pp=2 ran one stage without a word; at pp 2 the same setting is checked.
+            key = "parallel.pp_layers" if self.pp_layers is not None else f"parallel.pp_virtual={self.pp_virtual}"
+            raise ConfigError(f"{key} splits the model into pipeline stages, but parallel.pp=1 (no pipeline): "
+                              "set parallel.pp, or leave it out")
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """The device mesh over all ranks of the default process group: ("dp", "tp"), or with
