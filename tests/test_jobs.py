@@ -298,6 +298,9 @@ def test_prepare_pretrain_serve_through_submit(local_ray, tmp_path):
         body = reply.json()
         assert body["model"] == "final" and body["usage"]["completion_tokens"] == 4
         assert cli("jobs", "status", job_id, *address).stdout.strip() == "RUNNING"
+        # Its log says how to reach it, not "Ctrl-C to stop.": Ctrl-C on a followed log stops following.
+        logs = cli("jobs", "logs", job_id, *address)
+        assert "serving" in logs.stdout + logs.stderr and "Ctrl-C" not in logs.stdout + logs.stderr
         # A working_dir even without a config: else the driver starts wherever the raylet runs, and a
         # mtnlg_ray found there (an image's source tree) would shadow the shipped package.
         from mtnlg_ray.dashboard import connect

@@ -681,8 +681,9 @@ def test_a_worker_count_the_cluster_cannot_hold_fails_at_once(shakespeare, tmp_p
         check_capacity(ParallelSection(workers=(3, 4)))  # Ray Train starts only once the minimum fits
     assert check_capacity(ParallelSection(workers=(1, 4))) is None
     assert check_capacity(ParallelSection(workers=4, cpus_per_worker=0.5)) is None
-    with pytest.raises(ConfigError, match="needs 1 worker of 1 CPU \\+ 1 GPU, but the Ray cluster has 2 CPUs and 0 GPUs"):
-        check_capacity(ParallelSection(workers=1, use_gpu=True))
+    with pytest.raises(ConfigError, match="needs 1 worker of 1 CPU \\+ 1 GPU, but the Ray cluster has 2 CPUs and 0 GPUs "
+                                          "\\(0 such workers fit\\); set parallel.use_gpu=false to train on its CPUs"):
+        check_capacity(ParallelSection(workers=1, use_gpu=True))  # "lower parallel.workers" cannot help
     waiting = check_capacity(ParallelSection(workers=4, autoscaling=True))
     assert waiting == ("waiting for the autoscaler: parallel.workers=4 needs 4 workers of 1 CPU each; "
                        "the cluster now has 2 CPUs (2 such workers fit)")

@@ -3,6 +3,7 @@ server on Ray Serve, until Ctrl-C)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -114,7 +115,8 @@ def serve(
     def ready(url: str) -> None:
         for line in ready_lines(args.name, url, keyed=bool(args.api_key_sha256)):
             typer.echo(line)
-        typer.echo("Ctrl-C to stop.", err=True)
+        if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # a Ray Job's log: Ctrl-C there stops following
+            typer.echo("Ctrl-C to stop.", err=True)
 
     serve_until_stopped(args, host=host, port=port, on_ready=ready)
     typer.echo("stopped.", err=True)

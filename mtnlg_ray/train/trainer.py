@@ -79,8 +79,12 @@ def check_capacity(parallel) -> str | None:
             f"of {shape}{' each' if wanted != 1 else ''}")
     if parallel.autoscaling or launched_with_autoscaler():
         return f"waiting for the autoscaler: {need}; the cluster now has {have} ({fit} such workers fit)"
-    hint = (f"; lower parallel.workers or set parallel.cpus_per_worker={have_cpus / wanted:g}"
-            if not gpus and have_cpus > 0 else "; lower parallel.workers")
+    if gpus and not have_gpus:  # fewer workers cannot help
+        hint = "; set parallel.use_gpu=false to train on its CPUs"
+    elif not gpus and have_cpus > 0:
+        hint = f"; lower parallel.workers or set parallel.cpus_per_worker={have_cpus / wanted:g}"
+    else:
+        hint = "; lower parallel.workers"
     raise ConfigError(f"{need}, but the Ray cluster has {have} ({fit} such workers fit){hint}, "
                       "or set parallel.autoscaling=true if nodes will be added")
 
