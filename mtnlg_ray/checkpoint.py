@@ -65,6 +65,9 @@ def save_state_dict(
     return output
 
 
+INIT_MARK = "initialised_by"  # a key of the config.json `init` writes: the one checkpoint it may replace
+
+
 def _write_atomically(output: Path, state, config: dict, tokenizer_json) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.exists() and not output.is_dir():
@@ -306,8 +309,15 @@ def init_checkpoint(
     get_preset(preset)  # one clear line for an unknown name
     if seq_len is not None and seq_len < 1:
         raise ConfigError(f"seq_len: expected a positive integer, got {seq_len}")
+    output = Path(output)
+    if _is_checkpoint(output) and not _read_config(output).get(INIT_MARK):
+        # `init -o runs/pretrain/final` replaced trained weights with random ones without a word.
+        raise CheckpointError(f"{output}: holds a checkpoint that init did not write (trained weights?), which "
+                              "init never replaces; choose another --output, or delete it first")
     tok_file = Path(tokenizer)
-    tok_file = tok_file / TOKENIZER if tok_file.is_dir() else tok_file
+    if tok_file.is_dir():  # a tokenizer's folder, or a prepared dataset's (its tokenizer/ inside)
+        nested = tok_file / "tokenizer" / TOKENIZER
+        tok_file = nested if not (tok_file / TOKENIZER).exists() and nested.is_file() else tok_file / TOKENIZER
     tok = load_tokenizer(tok_file)
     config = ModelSection(preset=preset, seq_len=seq_len).resolve(tokenizer_vocab=tok.get_vocab_size())
     need = build_on_meta(config).num_parameters() * 4
@@ -320,7 +330,15 @@ def init_checkpoint(
     torch.manual_seed(seed)
     model = GPT(config)
     model.reset_parameters(seed=seed)
-    return save_checkpoint(model, output, tokenizer_json=tok_file)
+    return save_checkpoint(model, output, tokenizer_json=tok_file, extra={INIT_MARK: "mtnlg-ray init"})
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        body = json.loads((path / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 # --- classification checkpoints ------------------------------------------------------------------

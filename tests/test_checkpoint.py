@@ -421,3 +421,26 @@ def test_a_run_directory_or_a_sharded_checkpoint_given_as_a_checkpoint_says_what
     assert start_checkpoint(run) == run / "final"  # a fine-tune takes the run directory as it did
     with pytest.raises(CheckpointError, match="a sharded training checkpoint"):
         start_checkpoint(sharded)
+
+
+def test_init_never_replaces_a_checkpoint_it_did_not_write(tiny_checkpoint, tokenizer_dir, tmp_path):
+    """`init -o runs/pretrain/final` replaced the trained weights with random ones and exited 0."""
+    import shutil
+
+    from mtnlg_ray.checkpoint import init_checkpoint
+
+    trained = tmp_path / "final"
+    shutil.copytree(tiny_checkpoint, trained)
+    before = (trained / "model.safetensors").read_bytes()
+    with pytest.raises(CheckpointError, match=f"^{trained}: holds a checkpoint that init did not write"):
+        init_checkpoint("tiny", tokenizer_dir, trained)
+    assert (trained / "model.safetensors").read_bytes() == before
+    # Its own earlier output it replaces (another seed here); a prepared dataset's folder names its tokenizer.
+    dataset = tmp_path / "data"
+    shutil.copytree(tokenizer_dir, dataset / "tokenizer")
+    first = init_checkpoint("tiny", dataset, tmp_path / "random", seed=0)
+    seed0 = (first / "model.safetensors").read_bytes()
+    again = init_checkpoint("tiny", tokenizer_dir, tmp_path / "random", seed=1)
+    assert first == again and (again / "model.safetensors").read_bytes() != seed0
+    model, _ = load_checkpoint(again)
+    assert model.config.vocab_size == load_checkpoint(tiny_checkpoint)[0].config.vocab_size

@@ -16,7 +16,8 @@ from mtnlg_ray.cli.render import dev_line, finetune_printer, pretrain_printer, p
 @app.command("init")
 def init(
     preset: str = typer.Option(..., "--preset", help="Model shape: tiny, small, gpt3-125m ... mtnlg-530b."),
-    tokenizer: Path = typer.Option(..., "--tokenizer", help="Directory (or file) holding tokenizer.json."),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="Directory (or file) holding tokenizer.json, or a "
+                                   "prepared dataset."),
     output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Context length (default: the preset's)."),
