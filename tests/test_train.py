@@ -219,6 +219,24 @@ def test_a_rerun_names_the_cut_short_checkpoints_it_passes_over(eight_steps_on_o
                                        f"written); resuming from {step4.name}\n")
 
 
+def test_checkpoints_ray_did_not_record_are_pruned_as_checkpoint_keep_says(shakespeare, eight_steps_on_one_worker,
+                                                                            tmp_path):
+    """A run stopped by Ctrl-C left its last checkpoint out of Ray Train's record, and Ray prunes only what
+    it recorded: with checkpoint.keep=2 a run directory held three checkpoints after one resume, four
+    after the next."""
+    import shutil
+
+    from mtnlg_ray.train.trainer import pretrain
+
+    run = Path(shutil.copytree(eight_steps_on_one_worker, tmp_path / "single"))
+    step4, step8 = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    left = run / "checkpoint_2000-01-01_00-00-00.000000"  # older than both, in no record
+    shutil.copytree(step4, left)
+    pretrain(train_config(shakespeare, tmp_path, "single", "parallel.workers=1", "train.max_steps=12", *EVERY_4))
+    kept = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
+    assert len(kept) == 2 and left.name not in kept and step8.name in kept, kept
+
+
 def test_a_rerun_with_another_model_shape_is_refused_not_resumed_from_part_of_the_old_one(
         shakespeare, eight_steps_on_one_worker):
     """DCP reads only the tensors the new model asks for: a re-run of the same run with 2 layers instead

@@ -253,6 +253,21 @@ def _check_run_dir(run_dir: Path, resume: Path | None) -> None:
         snapshot.unlink()
 
 
+def _prune_unrecorded(run_dir: Path, keep: int) -> None:
+    """After a run: delete the checkpoints Ray Train does not know of (a run stopped by Ctrl-C left its
+    last one out of Ray's record) that are older than the newest `keep`. Ray prunes only what it
+    recorded, so checkpoint.keep=2 held three checkpoints, then four, one more each time."""
+    try:
+        results = json.loads((run_dir / RAY_SNAPSHOT).read_text())["checkpoint_results"]
+        recorded = {r["checkpoint_dir_name"] for r in results}
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no record to go by: leave everything
+    folders = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())  # names are their times
+    for name in folders[:-keep] if keep > 0 else []:
+        if name not in recorded:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
 def check_run_layout(cfg: Config, model_config, task: str) -> None:
     """Everything about the parallel layout a worker would refuse, refused on the driver in one line:
     the dimensions against the model and worker counts, the pipeline schedule against every batch
@@ -405,6 +420,7 @@ def run_training(
     finally:
         stop.set()
         watcher.join(timeout=10)
+    _prune_unrecorded(run_dir, cfg.checkpoint.keep)
     steps = [r for r in records if "loss" in r]
     if not steps and resume is not None:
         # A re-run of a finished run trains nothing: its result is the run's own last step, not None
