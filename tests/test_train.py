@@ -344,7 +344,7 @@ def test_a_pipelined_run_trains_as_one_worker_does(shakespeare, eight_steps_on_o
     assert_trains_like(run, eight_steps_on_one_worker, steps=8)
 
 
-def test_ddp_trains_as_one_worker_does(shakespeare, eight_steps_on_one_worker, tmp_path):
+def test_ddp_trains_as_one_worker_does(shakespeare, eight_steps_on_one_worker, tmp_path, capsys):
     """parallel.fsdp=false on 2 workers: DDP wraps the model once its weights are real (wrapping the
     meta-device model used to fail on every worker), each rank holds all of it, and the 8 steps are
     one worker's."""
@@ -357,10 +357,12 @@ def test_ddp_trains_as_one_worker_does(shakespeare, eight_steps_on_one_worker, t
     assert_trains_like(run, eight_steps_on_one_worker, steps=8)
     # The same run again: finished, it trains nothing and says so with its own last step (it returned
     # None, and a second quickstart in one folder failed reading the loss off it).
+    capsys.readouterr()
     again = pretrain(train_config(shakespeare, tmp_path, "ddp", "parallel.workers=2", "parallel.fsdp=false",
                                   "train.max_steps=8", *EVERY_4))
     last = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
     assert again["resumed_from"] is not None and again["steps"] == 8 and again["metrics"] == last
+    assert f"note: the run in {run} had ended at step 8 already" in capsys.readouterr().err  # not as if it ran
 
 
 def test_a_run_stopped_under_pp2_continues_at_pp1_as_one_worker_would(shakespeare, tmp_path):

@@ -422,6 +422,12 @@ def run_training(
         watcher.join(timeout=10)
     _prune_unrecorded(run_dir, cfg.checkpoint.keep)
     steps = [r for r in records if "loss" in r]
+    start = next((r for r in records if r.get("event") == "start"), None)
+    if not steps and resume is not None and start is not None:
+        # It said "resumed at step 34", wrote final/ again and exited 0, as if a run had happened.
+        print(f"note: the run in {run_dir} had ended at step {start.get('step')} already (train.max_steps, "
+              "max_tokens, epochs or patience): nothing was trained this time, and final/ holds that step's "
+              "weights; raise the limit to train on", file=sys.stderr)
     if not steps and resume is not None:
         # A re-run of a finished run trains nothing: its result is the run's own last step, not None
         # (quickstart read the loss off it, and a second quickstart in one folder failed there).
