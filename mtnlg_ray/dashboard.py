@@ -19,6 +19,11 @@ def connect(address: str):
     for name in list(logging.root.manager.loggerDict):
         if name.startswith(("ray.dashboard", "ray._private.runtime_env")):
             logging.getLogger(name).setLevel(logging.WARNING)
+    if _is_dashboard_without_scheme(address):
+        # Ray reads HOST:PORT as a GCS address: it waited 40 s, printed its own C++ log lines and then
+        # said GCS timed out, about the dashboard's port.
+        raise MtnlgError(f"{address} answers as a Ray dashboard, but HOST:PORT is read as a GCS address; "
+                         f"give the dashboard as http://{address}")
     # Ray lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS win over the address it is given; ours must win.
     saved = {key: os.environ.pop(key) for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS") if key in os.environ}
     try:
@@ -33,6 +38,22 @@ def connect(address: str):
         raise MtnlgError(f"cannot reach a Ray cluster's job server at {address} ({first_line(exc)})") from None
     finally:
         os.environ.update(saved)
+
+
+def _is_dashboard_without_scheme(address: str) -> bool:
+    """Whether `address`, given as HOST:PORT, is a dashboard's: its job API answers HTTP there."""
+    import urllib.error
+    import urllib.request
+
+    if "://" in address or ":" not in address:
+        return False
+    try:
+        with urllib.request.urlopen(f"http://{address}/api/version", timeout=3) as reply:
+            return reply.status == 200 and b"ray_version" in reply.read(4096)
+    except urllib.error.HTTPError as err:  # a dashboard that wants a token still answers
+        return err.code in (401, 403)
+    except (OSError, ValueError):  # nothing there, or not HTTP (a GCS speaks gRPC)
+        return False
 
 
 def _send_local_token() -> bool:

@@ -250,6 +250,12 @@ def test_bad_config_fails_with_one_line_before_anything_is_submitted(local_ray, 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --set train.warmup=5: unknown key 'train.warmup'")
     assert job_ids(cli("jobs", "list", "--address", local_ray.address).stdout) == before
+    # The dashboard without http:// was taken for a GCS address: 40 s, Ray's C++ log lines, then "GCS timed out".
+    bare = local_ray.address.removeprefix("http://")
+    no_scheme = cli("jobs", "list", "--address", bare, timeout=60)
+    assert no_scheme.returncode == 2 and no_scheme.stderr.strip().splitlines() == [
+        f"error: {bare} answers as a Ray dashboard, but HOST:PORT is read as a GCS address; give the dashboard as "
+        f"http://{bare}"]
 
 
 @pytest.mark.usefixtures("side_jobs")  # they run while this does
