@@ -219,6 +219,23 @@ def test_plan_reports_the_schedules_bubble_and_the_command_for_its_layout():
     assert uneven.stderr.strip().startswith("error: parallel.pp_schedule=interleaved-1f1b: 9 micro-batches a step")
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--dp", "0"], "error: --dp: expected a positive integer, got 0"),  # were `dp`, `parallel.tp`, `model.seq_len`
+    (["--tp", "0"], "error: --tp: expected a positive integer, got 0"),
+    (["--seq-len", "0"], "error: --seq-len: expected a positive integer, got 0"),
+    (["--iter-time", "-1"], "error: --iter-time: expected seconds greater than 0, got -1.0"),
+    # listed as accepted, then refused for "dp=1 in bf16"
+    (["--pp", "2", "--virtual", "2", "--schedule", "interleaved-zero-bubble"],
+     "error: --schedule: expected one of gpipe, 1f1b, interleaved-1f1b (a plan is bf16 with FSDP, which "
+     "interleaved-zero-bubble does not run with), got 'interleaved-zero-bubble'"),
+])
+def test_plan_names_a_bad_option_as_typed(args, expected):
+    from conftest import run_cli
+
+    result = run_cli("plan", "--preset", "gpt3-125m", *args)
+    assert result.returncode == 2 and result.stderr.strip() == expected, result.stderr
+
+
 def test_gpipe_holds_every_micro_batchs_activations_and_1f1b_only_its_warm_up():
     one_f_one_b = plan_layout("mtnlg-530b", tp=8, pp=35, dp=8, global_batch=1920, seq_len=2048)
     gpipe = plan_layout("mtnlg-530b", tp=8, pp=35, dp=8, global_batch=1920, seq_len=2048, schedule="gpipe")

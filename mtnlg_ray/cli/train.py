@@ -103,8 +103,18 @@ def plan(
     from mtnlg_ray.train.parallel import check_layout
     from mtnlg_ray.train.pipeline import SCHEDULES
 
-    if schedule not in SCHEDULES:  # at --pp 1 nothing else looks at it
-        raise ConfigError(f"--schedule: expected one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    # Each option named as typed (they were refused as `dp`, `parallel.tp` or `model.seq_len`).
+    for option, value in (("--tp", tp), ("--pp", pp), ("--dp", dp), ("--micro-batch", micro_batch),
+                          ("--virtual", virtual), ("--global-batch", global_batch), ("--seq-len", seq_len),
+                          ("--vocab-size", vocab_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option}: expected a positive integer, got {value}")
+    if iter_time is not None and not iter_time > 0:
+        raise ConfigError(f"--iter-time: expected seconds greater than 0, got {iter_time}")
+    planned = [name for name in SCHEDULES if name != "interleaved-zero-bubble"]  # it runs only without FSDP
+    if schedule not in planned:  # at --pp 1 nothing else looks at it
+        raise ConfigError(f"--schedule: expected one of {', '.join(planned)} (a plan is bf16 with FSDP, which "
+                          f"interleaved-zero-bubble does not run with), got {schedule!r}")
     shape = get_preset(preset)
     shape = dataclasses.replace(shape, seq_len=seq_len or shape.seq_len, vocab_size=vocab_size or shape.vocab_size)
     check_layout(shape, tp * pp * dp, tp, pp, pp_schedule=schedule, pp_virtual=virtual)
