@@ -314,3 +314,17 @@ def test_config_show_refuses_a_layout_the_trainer_cannot_run():
     result = run_cli("config", "show", "--stage", "pretrain", "--set", "parallel.pp=8", "--set", "parallel.workers=8")
     assert result.returncode == 2
     assert result.stderr.strip() == "error: parallel.pp: 8 pipeline stages for 4 layers leaves stages empty"
+
+
+def test_the_docker_build_context_leaves_out_history_and_runs_but_not_what_the_image_copies():
+    """`docker build .` sent .git, work/ and runs/ (gigabytes) as its context: no .dockerignore."""
+    import re
+
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    assert {".git", "work", "runs"} <= set(ignored)
+    copied = [word for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY")
+              for word in line.split()[1:-1] if not word.startswith("--")]
+    assert {"pyproject.toml", "README.md", "mtnlg_ray", "jobs"} <= set(copied)
+    for path in copied:
+        assert not any(re.fullmatch(pattern.replace("**/", "(.*/)?").replace("*", "[^/]*"), path) for pattern in ignored)
