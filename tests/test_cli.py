@@ -42,6 +42,8 @@ def test_every_command_has_help_that_explains_it(path):
     # the option column until MTNLG_API_KEY_SHA256 showed as "MTNLG_API_KEY_SHA25…".
     narrow = CliRunner().invoke(app, [*path, "--help"], env={"COLUMNS": "80"})
     assert "…" not in narrow.output, narrow.output
+    # --set's type read as "takes a list", not "KEY=VALUE, repeatable"
+    assert not [line for line in narrow.output.splitlines() if "list[str]" in line and " --" in line]
 
 
 def assert_one_line_error(result, *fragments):

@@ -32,7 +32,7 @@ def submit(
     stage: str = typer.Argument(..., metavar="STAGE", help="prepare | label | pretrain | finetune | self-train | serve"),
     address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help=ADDRESS_HELP),
     no_wait: bool = typer.Option(False, "--no-wait", help="Print the job id and return (serve: once it answers)."),
-    env: List[str] = typer.Option([], "--env", help="KEY=VALUE for the job's environment (repeatable)."),
+    env: List[str] = typer.Option([], "--env", metavar="KEY=VALUE", help="KEY=VALUE for the job's environment (repeatable)."),
     job_id: Optional[str] = typer.Option(None, "--job-id", help="Submission id to use instead of a generated one (letters, digits, ., _, -; not one the cluster has used)."),
 ) -> None:
     """Run a stage as a Ray Job: STAGE, then the same arguments as the stage's own command.

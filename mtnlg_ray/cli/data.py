@@ -19,7 +19,7 @@ def data_prepare(
     inputs: List[str] = typer.Argument(..., metavar="INPUT...", help=INPUT_HELP),
     output: Path = typer.Option(..., "--output", "-o", help="Dataset directory to write (manifest.json, docs/, rejected/, tokens/, tokenizer/)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped prepare.yaml)."),
-    overrides: List[str] = typer.Option([], "--set", help=SET_HELP),
+    overrides: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
 ) -> None:
     """Run the whole corpus pipeline on Ray (the connected cluster, or a local one it starts).
 
@@ -46,7 +46,7 @@ def data_label(
     labeler: str = typer.Option(..., "--labeler", help="quality | perplexity | classifier"),
     model: Path = typer.Option(..., "--model", help="Quality model dir, LM checkpoint, or classifier checkpoint."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped prepare.yaml)."),
-    overrides: List[str] = typer.Option([], "--set", help=LABEL_SET_HELP),
+    overrides: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=LABEL_SET_HELP),
 ) -> None:
     """Run only the pseudo-labelling stage (an actor pool, the model loaded once per actor).
 
@@ -64,8 +64,8 @@ def data_label(
 
 @data_app.command("train-quality-classifier")
 def data_train_quality_classifier(
-    positive: List[str] = typer.Option(..., "--positive", help="INPUT of curated text (repeatable)."),
-    negative: List[str] = typer.Option(..., "--negative", help="INPUT of raw / unwanted text (repeatable)."),
+    positive: List[str] = typer.Option(..., "--positive", metavar="INPUT", help="INPUT of curated text (repeatable)."),
+    negative: List[str] = typer.Option(..., "--negative", metavar="INPUT", help="INPUT of raw / unwanted text (repeatable)."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory for the model (safetensors + JSON, no pickle)."),
     epochs: int = typer.Option(5, "--epochs", help="Passes over the training documents."),
     seed: int = typer.Option(0, "--seed", help="Seed of the train / holdout split and the initialisation."),
@@ -91,7 +91,7 @@ def config_show(
                               help="Whose shipped defaults to start from: prepare (or label), pretrain, finetune, "
                                    "self-train. (Serve's arguments: `mtnlg-ray serve --help`.)"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file to read instead of the defaults."),
-    overrides: List[str] = typer.Option([], "--set", help="Override one key, e.g. --set train.max_steps=20."),
+    overrides: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override one key, e.g. --set train.max_steps=20."),
 ) -> None:
     """Print the resolved config (file + --set overrides, validated) as YAML; what a run derives when
     unset (pretraining's LR, warm-up and decay; fine-tuning's warm-up and decay, given data.train) is

@@ -151,7 +151,7 @@ def plan(
 @app.command("pretrain")
 def pretrain(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped pretrain.yaml)."),
-    overrides: List[str] = typer.Option([], "--set", help="Override one config key, e.g. --set train.max_steps=20 (repeatable)."),
+    overrides: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override one config key, e.g. --set train.max_steps=20 (repeatable)."),
 ) -> None:
     """Pretrain on Ray Train (FSDP2 + tensor parallel, elastic, fault tolerant) with the MT-NLG schedule.
 
@@ -186,7 +186,7 @@ def plot(
 @app.command("finetune")
 def finetune(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped finetune.yaml)."),
-    overrides: List[str] = typer.Option([], "--set", help="Override one config key, e.g. --set data.train=train.tsv (repeatable)."),
+    overrides: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override one config key, e.g. --set data.train=train.tsv (repeatable)."),
 ) -> None:
     """Fine-tune a checkpoint on Ray Train: classification (a head) or SFT (prompt → completion).
 
@@ -213,7 +213,7 @@ def finetune(
 @app.command("self-train")
 def self_train(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (default: the shipped selftrain.yaml)."),
-    overrides: List[str] = typer.Option([], "--set", help="Override one config key, e.g. --set selftrain.rounds=1 (repeatable)."),
+    overrides: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override one config key, e.g. --set selftrain.rounds=1 (repeatable)."),
 ) -> None:
     """Self-training with pseudo-labels: teacher → label the pool on the actor pool → student, for N rounds.
 
@@ -278,7 +278,7 @@ def self_train(
 @app.command("evaluate")
 def evaluate(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Consolidated checkpoint directory (classification: also a self-train round0/ngram or round0/mix folder)."),
-    data: List[str] = typer.Option(..., "--data", "-d",
+    data: List[str] = typer.Option(..., "--data", "-d", metavar="INPUT",
                                    help="lm: INPUT text (file, folder, glob, builtin:python-docs) or a dataset dir "
                                         "from `data prepare`; classification: a labelled TSV / CSV / JSONL / Parquet."),
     task: str = typer.Option("lm", "--task", help="lm (perplexity, bits per byte) or classification."),
