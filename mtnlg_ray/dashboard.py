@@ -42,17 +42,19 @@ def connect(address: str):
 
 def _is_dashboard_without_scheme(address: str) -> bool:
     """Whether `address`, given as HOST:PORT, is a dashboard's: its job API answers HTTP there."""
+    import http.client
     import urllib.error
     import urllib.request
 
     if "://" in address or ":" not in address:
         return False
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # an http_proxy's 403 is no dashboard
     try:
-        with urllib.request.urlopen(f"http://{address}/api/version", timeout=3) as reply:
+        with opener.open(f"http://{address}/api/version", timeout=3) as reply:
             return reply.status == 200 and b"ray_version" in reply.read(4096)
     except urllib.error.HTTPError as err:  # a dashboard that wants a token still answers
         return err.code in (401, 403)
-    except (OSError, ValueError):  # nothing there, or not HTTP (a GCS speaks gRPC)
+    except (OSError, ValueError, http.client.HTTPException):  # nothing there, or a GCS: its gRPC is no HTTP/1
         return False
 
 

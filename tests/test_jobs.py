@@ -256,6 +256,10 @@ def test_bad_config_fails_with_one_line_before_anything_is_submitted(local_ray, 
     assert no_scheme.returncode == 2 and no_scheme.stderr.strip().splitlines() == [
         f"error: {bare} answers as a Ray dashboard, but HOST:PORT is read as a GCS address; give the dashboard as "
         f"http://{bare}"]
+    # The GCS address (HOST:6379, RAY_ADDRESS's usual value) still reaches the job server: the check of
+    # it as a dashboard read its gRPC answer as a broken HTTP reply, and that was a traceback.
+    gcs = cli("jobs", "list", "--address", local_ray.state["gcs_address"], timeout=120)
+    assert gcs.returncode == 0 and "Traceback" not in gcs.stderr, gcs.stderr
 
 
 @pytest.mark.usefixtures("side_jobs")  # they run while this does
