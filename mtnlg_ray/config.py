@@ -523,11 +523,13 @@ CONFIG_STAGES = {"prepare": "prepare", "label": "prepare", "pretrain": "pretrain
 _FINETUNE_SECTIONS = ("model", "init", "data", "tokenizer", "task", "train", "parallel", "checkpoint", "run")
 STAGE_SECTIONS = {
     "prepare": ("data", "read", "lang", "pii", "filter", "clean", "dedup", "label", "decontam", "tokenizer", "pack"),
+    "label": ("data", "read", "label", "tokenizer"),  # its defaults are prepare.yaml's
     "pretrain": ("model", "init", "data", "train", "parallel", "checkpoint", "run"),
     "finetune": _FINETUNE_SECTIONS,
     "selftrain": (*_FINETUNE_SECTIONS, "selftrain", "label", "read"),  # each round labels the pool
 }
-_STAGE_COMMANDS = {"prepare": "data prepare", "pretrain": "pretrain", "finetune": "finetune", "selftrain": "self-train"}
+_STAGE_COMMANDS = {"prepare": "data prepare", "label": "data label", "pretrain": "pretrain", "finetune": "finetune",
+                   "selftrain": "self-train"}
 # Keys of a section the stage reads that it leaves alone or sets itself, with why: self-training labels
 # each round with its teacher, through the classifier labeller, at selftrain.threshold; pretraining
 # keeps no best checkpoint and batches fixed-length sequences; fine-tuning scores the whole dev set.
@@ -597,8 +599,10 @@ def label_overrides(labeler, model) -> list[str]:
 
 
 def shipped_config(stage: str) -> Path:
-    """The YAML file for `stage` that ships inside the package (`mtnlg_ray/configs/<stage>.yaml`)."""
-    path = Path(str(resources.files("mtnlg_ray") / "configs" / f"{stage}.yaml"))
+    """The YAML file for `stage` that ships inside the package (`mtnlg_ray/configs/<stage>.yaml`;
+    `data label` starts from prepare.yaml)."""
+    name = "prepare" if stage == "label" else stage
+    path = Path(str(resources.files("mtnlg_ray") / "configs" / f"{name}.yaml"))
     if not path.is_file():
         raise ConfigError(f"no shipped config for stage '{stage}'")
     return path

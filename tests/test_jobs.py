@@ -147,7 +147,9 @@ def test_build_job_makes_local_paths_absolute_and_leaves_uris_alone(tmp_path):
     # Weights stay keyed by the INPUTs as the job will see them.
     assert config["read"]["weights"] == {str(tmp_path / "corpus"): 2.0, "s3://bucket/crawl/": 0.5}
     assert config["decontam"]["eval_files"] == [str(tmp_path / "evals")]
-    assert config["run"]["storage_path"] == str(tmp_path / "runs")
+    assert "run" not in config  # data prepare reads no run.*: the job would warn of it
+    pretrain = __import__("yaml").safe_load(build_job("pretrain", ["--set", "data.path=d"], cwd=tmp_path).config_yaml)
+    assert pretrain["run"]["storage_path"] == str(tmp_path / "runs")
     serve = build_job("serve", ["-c", "ckpt", "--port", "9000"], cwd=tmp_path)
     assert serve.entrypoint == f"python -m mtnlg_ray serve --checkpoint {tmp_path / 'ckpt'} --port 9000"
     assert serve.config_yaml is None
@@ -190,6 +192,30 @@ def test_a_job_carries_what_was_set_and_the_cluster_derives_the_rest_as_here(tmp
     for cfg in (job, here):
         schedule = schedule_over_the_run(cfg, 2048).train
         assert (schedule.warmup_tokens, schedule.decay_tokens) == (300 * 32 * 2048 // 10, 300 * 32 * 2048)
+
+
+@pytest.mark.parametrize("stage, args", [
+    ("prepare", ["builtin:python-docs", "--output", "out"]),
+    ("label", ["corpus", "--output", "out", "--labeler", "quality", "--model", "q"]),
+    ("pretrain", ["--set", "data.path=d"]),
+    ("finetune", ["--set", "data.train=t.tsv"]),
+])
+def test_a_jobs_config_holds_only_sections_its_stage_reads_and_loads_there_without_a_warning(
+        stage, args, tmp_path, capsys):
+    """A prepare job's config held run.storage_path (made absolute), and the job warned that data prepare
+    does not read run.*."""
+    import yaml
+
+    from mtnlg_ray.config import STAGE_SECTIONS, load_config
+
+    spec = build_job(stage, args, cwd=tmp_path)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(spec.config_yaml)
+    config_stage = stage
+    assert set(yaml.safe_load(spec.config_yaml)) <= set(STAGE_SECTIONS[config_stage])
+    capsys.readouterr()
+    load_config(config_file, stage=config_stage)
+    assert capsys.readouterr().err == ""
 
 
 def test_a_label_job_carries_its_labeler_and_model_path_as_text(tmp_path):

@@ -55,7 +55,7 @@ def data_label(
     from mtnlg_ray.config import label_overrides, load_config
     from mtnlg_ray.data.pipeline import label_corpus
 
-    cfg = load_config(config, [*overrides, *label_overrides(labeler, model)], stage="prepare")
+    cfg = load_config(config, [*overrides, *label_overrides(labeler, model)], stage="label")
     console, show = stage_printer()
     with console.status(f"labelling with {labeler}…"):
         manifest = label_corpus(input, output, cfg, on_stage=show)
@@ -105,7 +105,7 @@ def config_show(
     from mtnlg_ray.config import CONFIG_STAGES, STAGE_SECTIONS, UNUSED_KEYS, load_config
 
     # A stage's command name or its shipped config's name ("selftrain").
-    stages = {**CONFIG_STAGES, **{name: name for name in CONFIG_STAGES.values()}}
+    stages = {**CONFIG_STAGES, **{name: name for name in CONFIG_STAGES.values()}, "label": "label"}
     if stage not in stages:
         raise MtnlgError(f"--stage: expected one of {', '.join(CONFIG_STAGES)}; got {stage!r}")
     stage = stages[stage]

@@ -10,7 +10,7 @@ from enum import Enum
 from pathlib import Path, PurePath
 
 from mtnlg_ray.apikey import BLANK_KEY, api_key_digest, is_blank
-from mtnlg_ray.config import CONFIG_STAGES, absolute_path, absolute_paths, label_overrides
+from mtnlg_ray.config import CONFIG_STAGES, STAGE_SECTIONS, absolute_path, absolute_paths, label_overrides
 from mtnlg_ray.errors import ConfigError, MtnlgError, first_line
 from mtnlg_ray.jobs import CONFIG_NAME, JobSpec
 
@@ -66,7 +66,11 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
         # Only what was set (by the stage's file, --config or --set): the cluster derives the rest as a
         # local run does. The whole dump used to fix the derived warm-up and decay at the schema's
         # MT-NLG values, so a submitted fine-tune warmed up over 1B tokens and learned nothing.
-        config_yaml = yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True), sort_keys=False)
+        # And only the sections the stage reads: a made-absolute run.storage_path in a prepare job's file
+        # was warned about there as a section data prepare never reads.
+        sections = STAGE_SECTIONS.get("label" if stage == "label" else CONFIG_STAGES[stage])
+        config_yaml = yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True,
+                                                       include=set(sections) if sections else None), sort_keys=False)
         argv += ["--config", CONFIG_NAME]
     return JobSpec(stage=stage, argv=argv, config_yaml=config_yaml, env_vars=env_vars)
 
@@ -128,7 +132,7 @@ def _token(value, cwd: Path) -> str:
 def _load_stage_config(stage: str, path, overrides: list[str]):
     from mtnlg_ray.config import load_config, shipped_config
 
-    config_stage = CONFIG_STAGES[stage]
+    config_stage = "label" if stage == "label" else CONFIG_STAGES[stage]  # label reads a part of prepare's
     if path is None:
         try:
             shipped_config(config_stage)
