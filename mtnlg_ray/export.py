@@ -285,10 +285,12 @@ def _read_hf_weights(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
                 warnings.simplefilter("ignore", UserWarning)
                 state = torch.load(pickled, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise InputError(f"{pickled}: refused to load: it holds more than tensors ({_refused(exc)}), and a "
-                             ".bin is a pickle that could run code; convert it to model.safetensors where it "
-                             "was made") from None
-        except (RuntimeError, OSError, EOFError, ValueError) as exc:
+            if "GLOBAL" in str(exc):  # an object the loader would have had to import: code could run
+                raise InputError(f"{pickled}: refused to load: it holds more than tensors ({_refused(exc)}), and "
+                                 "a .bin is a pickle that could run code; convert it to model.safetensors where it "
+                                 "was made") from None
+            raise InputError(f"{pickled}: not a plain tensor state dict ({_refused(exc)})") from None
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError) as exc:  # KeyError: bytes that are no pickle
             raise InputError(f"{pickled}: not a plain tensor state dict ({first_line(exc)})") from None
         if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
             raise InputError(f"{pickled}: expected a dict of tensor names to tensors")
@@ -298,10 +300,13 @@ def _read_hf_weights(source: Path) -> tuple[dict[str, torch.Tensor], Path]:
 
 def _refused(exc: BaseException) -> str:
     """What torch's weights-only loader refused, without its advice to load with weights_only=False
-    (which would let the file run code)."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
-    return " ".join(lines).rstrip(".") if lines else type(exc).__name__
+    (which would let the file run code): the global it would have imported, or its own reason."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return f"the global {found.group(1)}"
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    return found.group(1).strip().rstrip(".") if found else "torch's weights-only loader refused it"
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
