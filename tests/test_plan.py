@@ -224,6 +224,7 @@ def test_plan_reports_the_schedules_bubble_and_the_command_for_its_layout():
     (["--tp", "0"], "error: --tp: expected a positive integer, got 0"),
     (["--seq-len", "0"], "error: --seq-len: expected a positive integer, got 0"),
     (["--iter-time", "-1"], "error: --iter-time: expected seconds greater than 0, got -1.0"),
+    (["--virtual", "2"], "error: --virtual 2: stages a rank of a pipeline, but --pp is 1 (no pipeline)"),
     # listed as accepted, then refused for "dp=1 in bf16"
     (["--pp", "2", "--virtual", "2", "--schedule", "interleaved-zero-bubble"],
      "error: --schedule: expected one of gpipe, 1f1b, interleaved-1f1b (a plan is bf16 with FSDP, which "

@@ -111,6 +111,8 @@ def plan(
             raise ConfigError(f"{option}: expected a positive integer, got {value}")
     if iter_time is not None and not iter_time > 0:
         raise ConfigError(f"--iter-time: expected seconds greater than 0, got {iter_time}")
+    if pp == 1 and virtual > 1:
+        raise ConfigError(f"--virtual {virtual}: stages a rank of a pipeline, but --pp is 1 (no pipeline)")
     planned = [name for name in SCHEDULES if name != "interleaved-zero-bubble"]  # it runs only without FSDP
     if schedule not in planned:  # at --pp 1 nothing else looks at it
         raise ConfigError(f"--schedule: expected one of {', '.join(planned)} (a plan is bf16 with FSDP, which "
