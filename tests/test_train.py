@@ -235,6 +235,16 @@ def test_checkpoints_ray_did_not_record_are_pruned_as_checkpoint_keep_says(shake
     pretrain(train_config(shakespeare, tmp_path, "single", "parallel.workers=1", "train.max_steps=12", *EVERY_4))
     kept = sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
     assert len(kept) == 2 and left.name not in kept and step8.name in kept, kept
+    # Only complete checkpoints count toward keep: a newest one cut short does not push out the newest
+    # complete one (unrecorded, as a Ctrl-C leaves it), which a re-run resumes from.
+    from mtnlg_ray.train.trainer import _prune_unrecorded
+
+    last_complete, cut = run / "checkpoint_9998-01-01_00-00-00.000000", run / "checkpoint_9999-01-01_00-00-00.000000"
+    shutil.copytree(run / kept[-1], last_complete)
+    shutil.copytree(run / kept[-1], cut)
+    (cut / ".metadata").write_bytes((cut / ".metadata").read_bytes()[:100])
+    _prune_unrecorded(run, keep=1)
+    assert sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) == [*kept, last_complete.name, cut.name]
 
 
 def test_a_rerun_with_another_model_shape_is_refused_not_resumed_from_part_of_the_old_one(

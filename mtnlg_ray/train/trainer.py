@@ -17,7 +17,8 @@ from pathlib import Path
 
 from mtnlg_ray.config import Config, absolute_paths
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError, Interrupted, MtnlgError, first_few
-from mtnlg_ray.train.checkpoint import check_resume_data, check_resume_shape, file_digest, latest_checkpoint
+from mtnlg_ray.train.checkpoint import (check_resume_data, check_resume_shape, file_digest, is_complete,
+                                       latest_checkpoint)
 from mtnlg_ray.train.schedule import run_tokens
 
 
@@ -112,8 +113,9 @@ def _check_same_tokenizer(checkpoint: Path, dataset: Path) -> None:
                           f"with; prepare the data again with --set tokenizer.path={own}")
 
 
-def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> dict:
-    """Train on Ray Train; returns {"run_dir", "final", "steps", "metrics"} of the finished run."""
+def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None, say_if_ended: bool = True) -> dict:
+    """Train on Ray Train; returns {"run_dir", "final", "steps", "metrics"} of the finished run. A run that
+    had ended already trains nothing, and says so on stderr unless `say_if_ended` is false."""
     from mtnlg_ray.train.data import TokenShards
     from mtnlg_ray.train.loop import model_config_for
 
@@ -140,7 +142,16 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None) -> di
     if tp > 1 and cfg.parallel.sequence_parallel and shards.seq_len % tp:
         raise ConfigError(f"parallel.sequence_parallel: the packed sequences of {dataset} have {shards.seq_len} "
                           f"tokens, not a multiple of parallel.tp={tp}; re-pack or set parallel.sequence_parallel=false")
-    return run_training("pretrain", "lm", cfg, model_config, vocab, dataset / "tokenizer" / "tokenizer.json", on_record)
+    result = run_training("pretrain", "lm", cfg, model_config, vocab, dataset / "tokenizer" / "tokenizer.json",
+                          on_record)
+    start = next((r for r in result["records"] if r.get("event") == "start"), None)
+    trained = any("loss" in r for r in result["records"])
+    if say_if_ended and result["resumed_from"] and start is not None and not trained:
+        # It said "resumed at step 34", wrote final/ again and exited 0, as if a run had happened.
+        print(f"note: the run in {result['run_dir']} had ended at step {start.get('step')} already "
+              "(train.max_steps, max_tokens or epochs): nothing was trained this time, and final/ holds that "
+              "step's weights; raise the limit to train on", file=sys.stderr)
+    return result
 
 
 def planned_dp(cfg: Config) -> int:
@@ -263,8 +274,12 @@ def _prune_unrecorded(run_dir: Path, keep: int) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         return  # no record to go by: leave everything
     folders = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())  # names are their times
-    for name in folders[:-keep] if keep > 0 else []:
-        if name not in recorded:
+    complete = [name for name in folders if is_complete(run_dir / name)]
+    if keep < 1 or len(complete) < keep:
+        return
+    oldest_kept = complete[-keep]  # only complete ones count: a newer one cut short resumes nothing
+    for name in folders:
+        if name < oldest_kept and name not in recorded:
             shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
@@ -422,12 +437,6 @@ def run_training(
         watcher.join(timeout=10)
     _prune_unrecorded(run_dir, cfg.checkpoint.keep)
     steps = [r for r in records if "loss" in r]
-    start = next((r for r in records if r.get("event") == "start"), None)
-    if not steps and resume is not None and start is not None:
-        # It said "resumed at step 34", wrote final/ again and exited 0, as if a run had happened.
-        print(f"note: the run in {run_dir} had ended at step {start.get('step')} already (train.max_steps, "
-              "max_tokens, epochs or patience): nothing was trained this time, and final/ holds that step's "
-              "weights; raise the limit to train on", file=sys.stderr)
     if not steps and resume is not None:
         # A re-run of a finished run trains nothing: its result is the run's own last step, not None
         # (quickstart read the loss off it, and a second quickstart in one folder failed there).
