@@ -4,6 +4,7 @@ and `config show`."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -214,7 +215,8 @@ def tokenizer_train(
     """
     from mtnlg_ray.tokenizer import load_tokenizer, train_tokenizer
 
-    path = train_tokenizer(inputs, vocab_size, output)
+    # The tokenizers library draws its progress on stdout: piped, it left blank lines before the result.
+    path = train_tokenizer(inputs, vocab_size, output, show_progress=sys.stdout.isatty())
     typer.echo(f"wrote {path} ({load_tokenizer(path).get_vocab_size()} tokens)")
 
 
