@@ -31,16 +31,16 @@ class Sizes:
     task_examples: int
     finetune_epochs: int
     quality_docs: int
-    runs: str  # the runs' folder under the workdir, one a size: a run resumes its own, never the other's
+    folder: str  # where under the workdir a size writes everything: a run resumes its own, never the other's
 
 
 # 500 steps (2M tokens, ~6 epochs of the ~350k-token curated corpus) take about 5 minutes on 2
 # cores and keep the whole run under 10. At 400 steps the loss was 5.05 (val 5.24); the 85 steps of
 # one epoch that earlier quickstarts ran ended at 6.09, and the model answered with newlines only.
 FULL = Sizes(documents=None, vocab=4096, seq_len=128, pretrain_steps=500, task_examples=600, finetune_epochs=3,
-             quality_docs=600, runs="runs")
+             quality_docs=600, folder="")
 SMOKE = Sizes(documents=150, vocab=512, seq_len=64, pretrain_steps=8, task_examples=96, finetune_epochs=1,
-              quality_docs=120, runs="smoke-runs")
+              quality_docs=120, folder="smoke")
 
 
 def _paragraphs(texts, min_words: int = 12, max_words: int = 80) -> list[str]:
@@ -134,8 +134,11 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
     ensure_ray()
     check_can_serve("127.0.0.1", port)  # before minutes of work, not at the last step
     sizes = SMOKE if smoke else FULL
-    runs = work / sizes.runs  # `--smoke` then a full run in one workdir: the full pretrain used to resume
-    # the smoke model's checkpoint and stop on its shape, after minutes of work
+    # `--smoke` and a full run in one workdir keep apart: the full pretrain used to resume the smoke
+    # model's checkpoint and stop on its shape, and a smoke run after a full one replaced the data,
+    # quality model and task files the full run's printed commands name.
+    work = work / sizes.folder if sizes.folder else work
+    runs = work / "runs"
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     result: dict = {"workdir": str(work), "smoke": smoke}
@@ -168,11 +171,14 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
         set_text("data.path", work / "data"), set_text("run.storage_path", runs), "run.name=pretrain",
         f"model.seq_len={sizes.seq_len}", f"train.max_steps={sizes.pretrain_steps}", "parallel.workers=2",
         "train.epochs=1000",  # max_steps ends the run, not the end of the (small) corpus
-        "train.micro_batch_size=8", "train.global_batch_size=32", "train.warmup_tokens=50000",
+        "train.micro_batch_size=8", "train.global_batch_size=32", f"train.warmup_tokens={min(50_000, sizes.pretrain_steps * 32 * sizes.seq_len // 10)}",
         f"train.decay_tokens={sizes.pretrain_steps * 32 * sizes.seq_len}", "train.eval_every=100",
         f"checkpoint.every_steps={max(sizes.pretrain_steps, 1)}",
     ], stage="pretrain")
-    trained = pretrain(pretrain_cfg, on_record=on_record)
+    trained = pretrain(pretrain_cfg, on_record=on_record, say_if_ended=False)
+    if trained["resumed_from"] and not any("loss" in r for r in trained["records"]):
+        step("pretrain", f"the model an earlier quickstart trained in {runs / 'pretrain'} is reused (delete that "
+                         "folder to train it again)")
     result["pretrain"] = {"path": trained["final"], "loss": trained["metrics"]["loss"],
                           "val_loss": trained["metrics"].get("val_loss")}
 
