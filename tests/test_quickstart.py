@@ -72,6 +72,8 @@ def test_quickstart_smoke_runs_every_stage_and_says_where_everything_is(tmp_path
     assert "✓ read" in result.stderr and "✓ tokenize + pack" in result.stderr
     # nor a warning about its own settings: the smoke run's warm-up was longer than its whole decay
     assert "warning:" not in result.stderr, [line for line in result.stderr.splitlines() if "warning:" in line]
+    # nor Ray Serve's INFO lines: "New http_options ... will not be applied" read as if the port were ignored
+    assert "http_options" not in result.stdout + result.stderr
     noise = [line for line in result.stderr.splitlines() if "logging_progress" in line or "streaming_executor" in line]
     assert not noise, noise[:3]
 

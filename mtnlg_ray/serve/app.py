@@ -687,6 +687,10 @@ def serve_model(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000, name
 def _deploy(args: ServeArgs, host: str, port: int, name: str) -> str:
     """`serve_model` on a checked checkpoint, with Ray connected."""
     check_can_serve(host, port)
+    # Ray Serve's INFO lines on this driver ("Connecting to existing Serve app ... New http_options will
+    # not be applied", after serve.start had applied them) read as if --port were ignored; what a user
+    # needs is printed by the commands. Its warnings and errors still show.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=name, route_prefix="/", blocking=False)
     return f"http://{host}:{port}"
