@@ -512,9 +512,9 @@ class Config(Section):
         return self
 
 
-# The shipped config a command loads when no --config is given, by the stage names that `submit STAGE`
-# and `config show --stage` take.
-CONFIG_STAGES = {"prepare": "prepare", "label": "prepare", "pretrain": "pretrain", "finetune": "finetune",
+# The config stage of each stage name `submit STAGE` and `config show --stage` take: its shipped defaults
+# (`shipped_config`; data label's are prepare.yaml) and the sections it reads (`STAGE_SECTIONS`).
+CONFIG_STAGES = {"prepare": "prepare", "label": "label", "pretrain": "pretrain", "finetune": "finetune",
                  "self-train": "selftrain"}
 
 # The sections each stage's code reads (data label reads a part of prepare's). `config show` prints
@@ -546,7 +546,7 @@ UNUSED_KEYS = {
 }
 
 
-def _warn_unread(stage: str, source: Path | None, file_data: Any, config: "Config",
+def _warn_unread(stage: str, source: Path, file_data: Any, config: "Config",
                  overrides: list[str] | tuple[str, ...]) -> None:
     """One warning line on stderr for each --set of a section (or key) that `stage` never reads or uses,
     naming the commands that do, and for each such section or key the user's file gives a value other
@@ -564,7 +564,7 @@ def _warn_unread(stage: str, source: Path | None, file_data: Any, config: "Confi
 
     command = _STAGE_COMMANDS[stage]
     sections = set(Config.model_fields)
-    if source is not None and isinstance(file_data, dict):
+    if isinstance(file_data, dict):  # a user's file (None: the shipped one)
         for section in [key for key in file_data if key in sections and key not in reads]:
             if getattr(config, section).model_dump() != Config.model_fields[section].default.model_dump():
                 print(f"warning: {source}: {command} does not read its section '{section}'{readers(section)}; "
@@ -761,7 +761,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     """YAML file (or the stage's shipped default when `path` is None) plus `--set` overrides → `Config`."""
     source = Path(path) if path is not None else shipped_config(stage)
     data = _read_yaml(source)
-    file_data = copy.deepcopy(data)  # what the file gives, before the overrides
+    file_data = copy.deepcopy(data) if path is not None else None  # what the user's file gives, before the overrides
     for override in overrides:
         apply_override(data, override)
     try:
@@ -788,7 +788,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         # beside mode full is left alone: an A/B of the two keeps it)
         raise ConfigError(f"--set {lora}: task.mode is {config.task.mode}, so no LoRA adapter trains; add "
                           "--set task.mode=lora")
-    _warn_unread(stage, Path(path) if path is not None else None, file_data, config, overrides)
+    _warn_unread(stage, source, file_data, config, overrides)
     return with_preset_lr(config) if stage == "pretrain" else config
 
 

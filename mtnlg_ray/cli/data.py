@@ -106,7 +106,7 @@ def config_show(
     from mtnlg_ray.config import CONFIG_STAGES, STAGE_SECTIONS, UNUSED_KEYS, load_config
 
     # A stage's command name or its shipped config's name ("selftrain").
-    stages = {**CONFIG_STAGES, **{name: name for name in CONFIG_STAGES.values()}, "label": "label"}
+    stages = {**CONFIG_STAGES, **{name: name for name in CONFIG_STAGES.values()}}
     if stage not in stages:
         raise MtnlgError(f"--stage: expected one of {', '.join(CONFIG_STAGES)}; got {stage!r}")
     stage = stages[stage]

@@ -68,9 +68,9 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
         # MT-NLG values, so a submitted fine-tune warmed up over 1B tokens and learned nothing.
         # And only the sections the stage reads: a made-absolute run.storage_path in a prepare job's file
         # was warned about there as a section data prepare never reads.
-        sections = STAGE_SECTIONS.get("label" if stage == "label" else CONFIG_STAGES[stage])
-        config_yaml = yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True,
-                                                       include=set(sections) if sections else None), sort_keys=False)
+        sections = set(STAGE_SECTIONS[CONFIG_STAGES[stage]])
+        config_yaml = yaml.safe_dump(config.model_dump(mode="json", exclude_unset=True, include=sections),
+                                     sort_keys=False)
         argv += ["--config", CONFIG_NAME]
     return JobSpec(stage=stage, argv=argv, config_yaml=config_yaml, env_vars=env_vars)
 
@@ -132,7 +132,7 @@ def _token(value, cwd: Path) -> str:
 def _load_stage_config(stage: str, path, overrides: list[str]):
     from mtnlg_ray.config import load_config, shipped_config
 
-    config_stage = "label" if stage == "label" else CONFIG_STAGES[stage]  # label reads a part of prepare's
+    config_stage = CONFIG_STAGES[stage]
     if path is None:
         try:
             shipped_config(config_stage)
