@@ -88,10 +88,7 @@ def _write_atomically(output: Path, state, config: dict, tokenizer_json) -> None
 
 
 def _is_checkpoint(path: Path) -> bool:
-    try:
-        return json.loads((path / CONFIG).read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return read_config_json(path).get("format") == FORMAT
 
 
 def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -310,7 +307,7 @@ def init_checkpoint(
     if seq_len is not None and seq_len < 1:
         raise ConfigError(f"seq_len: expected a positive integer, got {seq_len}")
     output = Path(output)
-    if _is_checkpoint(output) and not _read_config(output).get(INIT_MARK):
+    if _is_checkpoint(output) and not read_config_json(output).get(INIT_MARK):
         # `init -o runs/pretrain/final` replaced trained weights with random ones without a word.
         raise CheckpointError(f"{output}: holds a checkpoint that init did not write (trained weights?), which "
                               "init never replaces; choose another --output, or delete it first")
@@ -333,7 +330,9 @@ def init_checkpoint(
     return save_checkpoint(model, output, tokenizer_json=tok_file, extra={INIT_MARK: "mtnlg-ray init"})
 
 
-def _read_config(path: Path) -> dict:
+def read_config_json(path: Path) -> dict:
+    """A folder's config.json as a mapping; empty when it is missing or no JSON object (the marks
+    `init`, `export hf` and `import hf` leave are read from it)."""
     try:
         body = json.loads((path / CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -25,6 +25,7 @@ from mtnlg_ray.checkpoint import (
     expected_shapes,
     load_checkpoint,
     model_state,
+    read_config_json,
     read_json_object,
     save_state_dict,
     tokenizer_path,
@@ -367,11 +368,7 @@ def _refuse_to_clobber(output: Path, source: Path, kind: str, ours: Callable[[di
         raise InputError(f"{output}: {where} the input {source}; choose an output beside it")
     if not output.is_dir() or not any(output.iterdir()):
         return
-    try:
-        body = json.loads((output / HF_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        body = None
-    if not isinstance(body, dict) or not ours(body):
+    if not ours(read_config_json(output)):  # HF_CONFIG is our config.json's name too
         raise InputError(f"{output}: exists, is not empty and is not an earlier {kind}; refusing to replace it")
 
 
