@@ -63,14 +63,24 @@ def quiet_token_auth_notice() -> None:
     That notice is dropped; its warning that authentication is off (a cluster started without it) stays."""
     import logging
 
-    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
-    if not any(isinstance(f, _NoTokenAuthEnabledNotice) for f in logger.filters):
-        logger.addFilter(_NoTokenAuthEnabledNotice())
+    _drop_messages(logging.getLogger("ray._private.authentication.authentication_token_setup"),
+                   "Token authentication is enabled for this Ray cluster")
 
 
-class _NoTokenAuthEnabledNotice:
+class _DropMessages:
+    """A logging filter passing every record but those whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
     def filter(self, record) -> bool:
-        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _drop_messages(target, prefix: str) -> None:
+    """Add to a logger or handler, once however often a process calls this, a filter dropping `prefix`."""
+    if not any(isinstance(f, _DropMessages) and f.prefix == prefix for f in target.filters):
+        target.addFilter(_DropMessages(prefix))
 
 
 def quiet_ray_data_console() -> None:
@@ -88,15 +98,7 @@ def quiet_ray_data_console() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if handler.get_name() == "console":
             handler.setLevel(max(handler.level, logging.WARNING))
-            if not any(isinstance(f, _NoNameTruncationNotice) for f in handler.filters):
-                handler.addFilter(_NoNameTruncationNotice())
-
-
-class _NoNameTruncationNotice:
-    """A logging filter passing every record but Ray Data's "Truncating long operator name" notice."""
-
-    def filter(self, record) -> bool:
-        return not record.getMessage().startswith("Truncating long operator name")
+            _drop_messages(handler, "Truncating long operator name")
 
 
 def workers_that_fit(cpus_per_worker: float, gpus_per_worker: float) -> tuple[int, float, float]:
