@@ -176,7 +176,7 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
         f"checkpoint.every_steps={max(sizes.pretrain_steps, 1)}",
     ], stage="pretrain")
     trained = pretrain(pretrain_cfg, on_record=on_record, say_if_ended=False)
-    if trained["resumed_from"] and not any("loss" in r for r in trained["records"]):
+    if trained["had_ended"]:
         step("pretrain", f"the model an earlier quickstart trained in {runs / 'pretrain'} is reused (delete that "
                          "folder to train it again)")
     result["pretrain"] = {"path": trained["final"], "loss": trained["metrics"]["loss"],

@@ -144,11 +144,9 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None, say_i
                           f"tokens, not a multiple of parallel.tp={tp}; re-pack or set parallel.sequence_parallel=false")
     result = run_training("pretrain", "lm", cfg, model_config, vocab, dataset / "tokenizer" / "tokenizer.json",
                           on_record)
-    start = next((r for r in result["records"] if r.get("event") == "start"), None)
-    trained = any("loss" in r for r in result["records"])
-    if say_if_ended and result["resumed_from"] and start is not None and not trained:
+    if say_if_ended and result["had_ended"]:
         # It said "resumed at step 34", wrote final/ again and exited 0, as if a run had happened.
-        print(f"note: the run in {result['run_dir']} had ended at step {start.get('step')} already "
+        print(f"note: the run in {result['run_dir']} had ended at step {result['steps']} already "
               "(train.max_steps, max_tokens or epochs): nothing was trained this time, and final/ holds that "
               "step's weights; raise the limit to train on", file=sys.stderr)
     return result
@@ -364,7 +362,7 @@ def run_training(
     `TorchTrainer` and follow its metrics.
 
     The same run name resumes from the newest checkpoint in its run directory; a fresh run starts
-    a fresh `metrics.jsonl`. Returns {"run_dir", "final", "steps", "metrics", "resumed_from"}.
+    a fresh `metrics.jsonl`. Returns {"run_dir", "final", "steps", "metrics", "resumed_from", "had_ended", ...}.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -437,7 +435,8 @@ def run_training(
         watcher.join(timeout=10)
     _prune_unrecorded(run_dir, cfg.checkpoint.keep)
     steps = [r for r in records if "loss" in r]
-    if not steps and resume is not None:
+    had_ended = not steps and resume is not None
+    if had_ended:
         # A re-run of a finished run trains nothing: its result is the run's own last step, not None
         # (quickstart read the loss off it, and a second quickstart in one folder failed there).
         from mtnlg_ray.train.plot import read_metrics
@@ -450,6 +449,7 @@ def run_training(
         "steps": steps[-1]["step"] if steps else None,
         "metrics": steps[-1] if steps else None,
         "resumed_from": str(resume) if resume else None,
+        "had_ended": had_ended,  # resumed where it had ended: nothing trained this time
         "records": records,
         "stopped_early": done.get("stopped_early", False),
         "best_metric": done.get("best_metric"),
