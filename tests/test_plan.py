@@ -8,7 +8,8 @@ import pytest
 from rich.console import Console
 
 from mtnlg_ray.errors import ConfigError
-from mtnlg_ray.model.flops import GPUS, flops_per_token, matmul_parameters, megatron_flops_per_iteration
+from mtnlg_ray.model.flops import (GPUS, flops_per_token, matmul_parameters, megatron_flops_per_iteration,
+                                   sequence_flops)
 from mtnlg_ray.cli.render import render_plan
 from mtnlg_ray.model.plan import plan_layout
 from mtnlg_ray.model.presets import build_on_meta, get_preset
@@ -82,6 +83,21 @@ def test_flops_per_token_matches_megatron_without_recompute():
     )
     # They differ only by the biases' and LayerNorms' 6 FLOPs per parameter per token.
     assert flops_per_token(config) * tokens == pytest.approx(megatron, rel=1e-3)
+
+
+def test_sequence_flops_count_each_sequence_at_its_own_length_and_the_head_it_runs():
+    config = get_preset("small")
+    s, l, h, V = config.seq_len, config.n_layer, config.d_model, config.vocab_size
+    # Sequences of the context's length: flops_per_token per token (pretraining's MFU stays as it was).
+    assert sequence_flops(config, [s] * 3) == pytest.approx(3 * s * flops_per_token(config), rel=1e-12)
+    # A short sequence attends over its own length, not the context's.
+    assert sequence_flops(config, [10]) == pytest.approx(10 * (6 * matmul_parameters(config) + 12 * l * 10 * h))
+    # A classifier makes no vocabulary logits: 6·V·h a token less.
+    assert sequence_flops(config, [10]) - sequence_flops(config, [10], lm_head=False) == pytest.approx(10 * 6 * V * h)
+    # LoRA's backbone takes no weight gradients (4 FLOPs a parameter), a frozen one runs forward only (2).
+    full = sequence_flops(config, [7, 30])
+    assert sequence_flops(config, [7, 30], mode="lora") == pytest.approx(full * 4 / 6)
+    assert sequence_flops(config, [7, 30], mode="frozen") == pytest.approx(full * 2 / 6)
 
 
 def test_mfu_is_against_the_chosen_gpu_peak():

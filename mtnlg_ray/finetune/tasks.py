@@ -9,6 +9,7 @@ ranks run the same forwards (FSDP and tensor parallelism need that) and agree on
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from mtnlg_ray.config import Config
 from mtnlg_ray.finetune.data import check_labels, read_classification, read_sft
 from mtnlg_ray.finetune.metrics import classification_metrics
 from mtnlg_ray.model.classifier import GPTClassifier, classification_input, drop_tokens, pad_right
+from mtnlg_ray.model.flops import sequence_flops
 from mtnlg_ray.model.gpt import GPT, GPTConfig, lm_loss
 from mtnlg_ray.model.lora import apply_lora, merge_lora
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
@@ -66,6 +68,7 @@ class ClassificationTask:
         tokenizer = load_tokenizer(tokenizer_file)
         self.eos = eos_id(tokenizer)
         self.seq_len = model_config.seq_len
+        self.model_config = model_config
         self.multiple = sequence_multiple(cfg)
         train = read_classification(cfg.data.train, cfg.data.text_field, cfg.data.label_field)
         check_labels(train, self.labels, "data.train")
@@ -92,13 +95,17 @@ class ClassificationTask:
     def __len__(self) -> int:
         return len(self.train_rows)
 
-    @property
+    @cached_property
     def lengths(self) -> np.ndarray:
-        """Each training example's tokens, for length-grouped batches (train.group_by_length)."""
+        """Each training example's tokens, for length-grouped batches (train.group_by_length) and FLOPs."""
         return np.array([len(row) for row in self.train_rows])
 
     def tokens(self, indices: np.ndarray) -> int:
         return int(sum(len(self.train_rows[i]) for i in indices))
+
+    def flops(self, indices: np.ndarray) -> float:
+        """Model FLOPs of training on these examples: pooled hidden states, no vocabulary logits."""
+        return sequence_flops(self.model_config, self.lengths[indices], lm_head=False, mode=self.cfg.task.mode)
 
     def build(self, backbone: GPT, init_head: dict[str, torch.Tensor] | None = None) -> nn.Module:
         model = GPTClassifier(backbone, len(self.labels), self.cfg.task.pooling)
@@ -171,6 +178,7 @@ class SFTTask:
         self.eos = eos_id(tokenizer)
         self.vocab = tokenizer.get_vocab_size()  # ids past it are the embedding's padding
         self.seq_len = model_config.seq_len
+        self.model_config = model_config
         self.multiple = sequence_multiple(cfg)
         fields = (cfg.task.prompt_field, cfg.task.completion_field)
         self.train = [self._encode(tokenizer, p) for p in read_sft(cfg.data.train, *fields)]
@@ -188,12 +196,16 @@ class SFTTask:
     def __len__(self) -> int:
         return len(self.train)
 
-    @property
+    @cached_property
     def lengths(self) -> np.ndarray:
         return np.array([len(ids) for ids, _ in self.train])
 
     def tokens(self, indices: np.ndarray) -> int:
         return int(sum(len(self.train[i][0]) for i in indices))
+
+    def flops(self, indices: np.ndarray) -> float:
+        """Model FLOPs of training on these examples, each attending over its own length."""
+        return sequence_flops(self.model_config, self.lengths[indices], mode=self.cfg.task.mode)
 
     def build(self, backbone: GPT, init_head=None) -> nn.Module:
         if self.cfg.task.mode == "frozen":

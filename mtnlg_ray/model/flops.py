@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from mtnlg_ray.errors import ConfigError
 from mtnlg_ray.model.gpt import GPTConfig
 
@@ -85,3 +87,23 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None) -> float:
     """
     s = config.seq_len if seq_len is None else seq_len
     return 6.0 * matmul_parameters(config) + 12.0 * config.n_layer * s * config.d_model
+
+
+# Model FLOPs of a token per forward-pass FLOP: forward and backward (6 per parameter), forward and the
+# activations' backward only (LoRA: the backbone's weights take no gradient), forward only (frozen).
+PASSES = {"full": 6.0, "lora": 4.0, "frozen": 2.0}
+
+
+def sequence_flops(config: GPTConfig, lengths: np.ndarray, *, lm_head: bool = True, mode: str = "full") -> float:
+    """Model FLOPs of training on sequences of these token counts, each attending over its own length.
+
+    `flops_per_token` is this for sequences of the context's length. A fine-tuning batch holds shorter
+    ones, padding aside: a sequence of L tokens costs L·(6·N + 12·l·L·h), not L·(6·N + 12·l·s·h) with s
+    the context. A classifier pools hidden states, so it makes no vocabulary logits (`lm_head=False`:
+    N without the tied output layer's V·h). `mode` is the fine-tuning mode (see PASSES).
+    """
+    lengths = np.asarray(lengths, dtype=np.float64)
+    passes = PASSES[mode]
+    params = matmul_parameters(config) - (0 if lm_head else config.vocab_size * config.d_model)
+    attention = 2.0 * passes * config.n_layer * config.d_model  # 12·l·h for full training
+    return float(passes * params * lengths.sum() + attention * (lengths**2).sum())

@@ -23,7 +23,6 @@ from torch import nn
 
 from mtnlg_ray.config import Config
 from mtnlg_ray.errors import ConfigError
-from mtnlg_ray.model.flops import flops_per_token
 from mtnlg_ray.model.gpt import GPT, GPTConfig, parameter_kinds, pipeline_part
 from mtnlg_ray.publish import copy_directory
 from mtnlg_ray.train.checkpoint import (
@@ -256,11 +255,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # The peak of the precision the matmuls run in (FSDP casts the compute copies to bf16).
     matmul_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     peak = cfg.train.peak_tflops or measured_peak_tflops(device, matmul_dtype)
-    step_flops = flops_per_token(model_config, seq_len)
+    # Model FLOPs per token over the whole training set (pretraining: `flops_per_token` at the
+    # context's length); each step's MFU counts the FLOPs of its own examples (`task.flops`).
+    every = np.arange(examples)
+    mean_flops = task.flops(every) / max(task.tokens(every), 1)
     metric = cfg.task.dev_metric
     trainable = model_trainable_parameters(parts, pipeline)
     log.write(event="start", stage=stage, world_size=world, dp=dp, tp=tp, pp=pp, step=state.step, resumed_from=resumed_from,
-              peak_tflops_per_worker=round(peak, 6), flops_per_token=step_flops, pid=os.getpid(),
+              peak_tflops_per_worker=round(peak, 6), flops_per_token=mean_flops, pid=os.getpid(),
               threads=torch.get_num_threads(),
               examples=examples, trainable_parameters=trainable, local_param_bytes=int(param_bytes),
               peak_rss_bytes=int(peak_rss), time=time.time())
@@ -336,6 +338,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
         epoch_before = state.cursor // examples
         step_tokens = task.tokens(everyone)
+        step_flops = task.flops(everyone)
         state.step += 1
         state.cursor += batch
         state.tokens += step_tokens
@@ -344,7 +347,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tokens_per_s = step_tokens / seconds
         metrics = {
             "step": state.step, "loss": loss_value, "lr": lr, "global_batch": batch, "tokens": state.tokens,
-            "tokens_per_s": tokens_per_s, "mfu": step_flops * tokens_per_s / (peak * 1e12 * world),
+            "tokens_per_s": tokens_per_s, "mfu": step_flops / seconds / (peak * 1e12 * world),
             "grad_norm": grad_norm, "step_time": seconds, "world_size": world, "time": time.time(),
         }
         epoch_ended = state.cursor // examples > epoch_before
