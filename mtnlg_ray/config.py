@@ -406,6 +406,16 @@ class LoraSection(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: list[str] = ["qkv", "proj"]
 
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, targets: list[str]) -> list[str]:
+        # Here, not only where a worker builds the adapters: there a bad name failed every retry of the run.
+        from mtnlg_ray.model.lora import LORA_TARGETS
+
+        if not targets or set(targets) - set(LORA_TARGETS):
+            raise ValueError(f"expected a non-empty list of {', '.join(LORA_TARGETS)}")
+        return targets
+
 
 class TaskSection(Section):
     kind: Literal["classification", "sft"] = "classification"
@@ -439,6 +449,9 @@ class TaskSection(Section):
             raise ValueError(f"task.metric for task.kind={self.kind} must be one of {', '.join(allowed)}")
         if self.kind == "sft" and self.mode == "frozen":
             raise ValueError("task.mode=frozen leaves nothing to train for task.kind=sft; use full or lora")
+        if self.kind == "sft" and self.token_dropout > 0:
+            raise ValueError("task.token_dropout drops a classification text's tokens; task.kind=sft reads "
+                             "whole prompts and completions (leave it 0)")
         if self.labels is not None:
             blank = [x for x in self.labels if not x.strip()]
             if blank:

@@ -97,6 +97,9 @@ def test_make_splits_partitions_the_train_rows_and_refuses_what_is_not_sst2(tmp_
     refused("train.tsv:6: label 'positive', expected 0 or 1")
     (source / "train.tsv").write_text("sentence\tscore\nfine\t1\n", encoding="utf-8")
     refused("train.tsv:1: expected the header line 'label<TAB>sentence'")
+    # Latin-1 text far past the reader's first chunk: the line it is on, not a traceback
+    (source / "train.tsv").write_bytes(("\n".join(rows[:1000]) + "\n").encode("utf-8") + "1\tcaf\xe9\n".encode("latin-1"))
+    refused("train.tsv:1001: not UTF-8 text (byte 0xe9: invalid continuation byte)")
     (source / "dev.tsv").unlink()
     (source / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     refused("dev.tsv: missing (the SST-2 folder must hold train.tsv and dev.tsv)")

@@ -360,6 +360,22 @@ def test_task_and_seed_mistakes_fail_at_config_time_and_blame_the_set(override, 
         load_config(overrides=["task.kind=sft", "task.mode=frozen"], stage="finetune")
 
 
+def test_lora_targets_and_sft_token_dropout_are_refused_at_config_time():
+    """An unknown LoRA target failed on the workers, once per retry of the run; token dropout under SFT
+    was accepted and did nothing."""
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.errors import ConfigError
+
+    for targets in ("[attn]", "[]", "[qkv,wq]"):
+        with pytest.raises(ConfigError, match=re.escape(f"--set task.lora.targets={targets}: task.lora.targets: "
+                                                        "expected a non-empty list of qkv, proj, fc1, fc2")):
+            load_config(overrides=["task.mode=lora", f"task.lora.targets={targets}"], stage="finetune")
+    assert load_config(overrides=["task.mode=lora", "task.lora.targets=[fc1,fc2]"],
+                       stage="finetune").task.lora.targets == ["fc1", "fc2"]
+    with pytest.raises(ConfigError, match="task.token_dropout drops a classification text's tokens"):
+        load_config(overrides=["task.kind=sft", "task.token_dropout=0.2"], stage="finetune")
+
+
 # ---------------------------------------------------------------- real runs
 
 
@@ -453,11 +469,12 @@ def test_evaluate_reproduces_the_dev_accuracy_of_the_saved_student(self_trained)
     work, _ = self_trained
     report = json.loads((work / "runs" / "st" / "self_train_report.json").read_text())
     final = report["final"]
-    result = run_cli("evaluate", "--checkpoint", final, "--data", str(work / "dev.tsv"), "--task", "classification",
-                     "--text-field", "sentence", "--json")
+    # No --task: a classifier checkpoint is scored as one (a TSV used to be read as lm text and refused)
+    result = run_cli("evaluate", "--checkpoint", final, "--data", str(work / "dev.tsv"), "--text-field", "sentence",
+                     "--json")
     assert result.returncode == 0, result.stderr
     scores = json.loads(result.stdout)
-    assert scores["n"] == 64
+    assert scores["task"] == "classification" and scores["n"] == 64
     assert scores["accuracy"] == pytest.approx(report["rounds"][1]["dev_accuracy"])
     # The labels a classification checkpoint carries decide what a file may hold.
     bad = work / "bad_dev.tsv"
@@ -466,6 +483,10 @@ def test_evaluate_reproduces_the_dev_accuracy_of_the_saved_student(self_trained)
         run_cli("evaluate", "--checkpoint", final, "--data", str(bad), "--task", "classification",
                 "--text-field", "sentence"),
         "bad_dev.tsv:2", "label 'maybe'")
+    from mtnlg_ray.finetune.evaluate import evaluate
+
+    with pytest.raises(InputError, match="^--split: picks a split of a prepared dataset"):  # it was ignored
+        evaluate(final, [str(work / "dev.tsv")], text_field="sentence", split="train")
     # Exported to Hugging Face, the classifier's body is a language model; the CLI says the head stays behind.
     exported = run_cli("export", "hf", "--checkpoint", final, "--output", str(work / "hf_student"))
     assert exported.returncode == 0, exported.stderr
@@ -849,8 +870,8 @@ def test_evaluate_scores_an_ngram_teacher_as_self_training_did(ngram_self_traine
     rows = (line.rsplit("\t", 1) for line in lines[1:])  # sentence, label
     swapped.write_text("\n".join([lines[0], *(f"{text}\t{flip[label]}" for text, label in rows)]) + "\n")
     scores = {}
-    for name, data in (("dev", work / "dev.tsv"), ("swapped", swapped)):
-        result = run_cli("evaluate", "--checkpoint", str(teacher), "--data", str(data), "--task", "classification",
+    for name, data, task in (("dev", work / "dev.tsv", ["--task", "classification"]), ("swapped", swapped, [])):
+        result = run_cli("evaluate", "--checkpoint", str(teacher), "--data", str(data), *task,  # none: it is a classifier
                          "--text-field", "sentence", "--json")
         assert result.returncode == 0, result.stderr[-2000:]
         scores[name] = json.loads(result.stdout)
@@ -1041,7 +1062,25 @@ def test_epochs_bound_a_run_that_max_tokens_also_bounds_and_an_early_stop_surviv
         return [r for r in read_metrics(tmp_path / "runs" / name) if "loss" in r]
 
     # Whichever bound comes first: one epoch (40 examples, 8 a step), however many tokens are allowed.
-    assert [r["step"] for r in run("bounded", "train.epochs=1", "train.max_tokens=1000000000")] == [1, 2, 3, 4, 5]
+    bounded = run("bounded", "train.epochs=1", "train.max_tokens=1000000000")
+    assert [r["step"] for r in bounded] == [1, 2, 3, 4, 5]
+    # MFU counts each example's model FLOPs at its own length, with no vocabulary logits: the epoch's
+    # FLOPs, read back from its steps' MFU at the configured 1 TFLOP/s peak, are the 40 sentences'
+    # 6·N'·L + 12·l·h·L² (L: its tokens and EOS; N': the matmul parameters less the tied output layer).
+    # Against the context's length and the LM head, a 12-token sentence read about 20x too much.
+    from mtnlg_ray.checkpoint import read_checkpoint_config
+    from mtnlg_ray.finetune.data import read_classification
+    from mtnlg_ray.model.flops import matmul_parameters
+    from mtnlg_ray.model.gpt import GPTConfig
+    from mtnlg_ray.tokenizer import load_tokenizer
+
+    mc = GPTConfig.from_dict(read_checkpoint_config(tiny_checkpoint)["model"])
+    texts = read_classification(word_files / "train.tsv", "sentence", "label").texts
+    lengths = [len(e.ids) + 1 for e in load_tokenizer(tiny_checkpoint).encode_batch(texts, add_special_tokens=False)]
+    n = matmul_parameters(mc) - mc.vocab_size * mc.d_model
+    expected = sum(6 * n * L + 12 * mc.n_layer * mc.d_model * L * L for L in lengths)
+    measured = sum(r["mfu"] * r["step_time"] * 1e12 * r["world_size"] for r in bounded)
+    assert measured == pytest.approx(expected, rel=1e-6)
 
     # An LR too small to change a prediction: epoch 2 is no better than epoch 1, and patience 1 stops there.
     frozen = ("train.epochs=10", "train.patience=1", "train.lr=1e-12", "checkpoint.every_steps=1000")

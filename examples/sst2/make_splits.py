@@ -35,16 +35,26 @@ def read_sst2(path: Path) -> list[dict]:
         raise BadInput(f"{path}: missing (the SST-2 folder must hold train.tsv and dev.tsv)")
     with path.open(encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if not reader.fieldnames or not {"label", "sentence"} <= set(reader.fieldnames):
-            raise BadInput(f"{path}:1: expected the header line 'label<TAB>sentence', got {reader.fieldnames}")
         rows = []
-        for row in reader:
-            line = reader.line_num
-            if row["label"] not in ("0", "1"):
-                raise BadInput(f"{path}:{line}: label {row['label']!r}, expected 0 or 1")
-            if not (row["sentence"] or "").strip():
-                raise BadInput(f"{path}:{line}: empty sentence")
-            rows.append(row)
+        try:
+            if not reader.fieldnames or not {"label", "sentence"} <= set(reader.fieldnames):
+                raise BadInput(f"{path}:1: expected the header line 'label<TAB>sentence', got {reader.fieldnames}")
+            for row in reader:
+                line = reader.line_num
+                if row["label"] not in ("0", "1"):
+                    raise BadInput(f"{path}:{line}: label {row['label']!r}, expected 0 or 1")
+                if not (row["sentence"] or "").strip():
+                    raise BadInput(f"{path}:{line}: empty sentence")
+                rows.append(row)
+        except UnicodeDecodeError:
+            data = path.read_bytes()  # the reader decodes ahead in chunks: find the line in the whole file
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = data.count(b"\n", 0, exc.start) + 1
+                raise BadInput(f"{path}:{line}: not UTF-8 text "
+                               f"(byte {data[exc.start]:#04x}: {exc.reason})") from None
+            raise
     if not rows:
         raise BadInput(f"{path}: no rows after the header")
     return rows

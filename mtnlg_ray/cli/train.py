@@ -219,7 +219,8 @@ def self_train(
 ) -> None:
     """Self-training with pseudo-labels: teacher → label the pool on the actor pool → student, for N rounds.
 
-    Round 0 fine-tunes a teacher on data.train. Each round the teacher labels selftrain.unlabelled
+    Round 0's teacher is a fine-tune on data.train, or selftrain.teacher (a classifier checkpoint),
+    the n-gram classifier (selftrain.ngram_teacher) or the mean of the two. Each round the teacher labels selftrain.unlabelled
     through the corpus pipeline's classifier labeller (a Ray Data actor pool); predictions with
     confidence >= selftrain.threshold (default 0.5; selftrain.per_class_top_k for class balance,
     selftrain.soft_labels for the teacher's confidence as the target) join the labelled set, and a
@@ -228,7 +229,8 @@ def self_train(
     or not: training never reads it; the report scores the kept pseudo-labels of the rows that have one.
 
     Example: mtnlg-ray self-train --set init.checkpoint=runs/pretrain --set data.train=train.tsv
-    --set data.dev=dev.tsv --set selftrain.unlabelled=pool.tsv --set selftrain.ngram_teacher=true
+    --set data.dev=dev.tsv --set data.text_field=sentence --set selftrain.unlabelled=pool.tsv
+    --set selftrain.ngram_teacher=true
     """
     from rich.console import Console
     from rich.table import Table
@@ -283,16 +285,18 @@ def evaluate(
     data: List[str] = typer.Option(..., "--data", "-d", metavar="INPUT",
                                    help="lm: INPUT text (file, folder, glob, builtin:python-docs) or a dataset dir "
                                         "from `data prepare`; classification: a labelled TSV / CSV / JSONL / Parquet."),
-    task: str = typer.Option("lm", "--task", help="lm (perplexity, bits per byte) or classification."),
+    task: Optional[str] = typer.Option(
+        None, "--task", help="lm (perplexity, bits per byte) or classification (default: classification for a "
+                             "classifier checkpoint, else lm)."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Column or JSON field holding the text (default: text)."),
     label_field: str = typer.Option("label", "--label-field", help="Column holding the gold label (classification)."),
-    split: str = typer.Option("val", "--split", help="Which packed split of a dataset dir to score (lm)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Which packed split of a dataset dir to score (lm): val (default) or train."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ) -> None:
     """Score a checkpoint: perplexity and bits per byte (lm), or accuracy and P/R/F1 (classification).
 
     Examples: mtnlg-ray evaluate -c runs/pretrain/final -d builtin:python-docs;
-    mtnlg-ray evaluate -c runs/finetune/final -d dev.tsv --task classification --text-field sentence
+    mtnlg-ray evaluate -c runs/finetune/final -d dev.tsv --text-field sentence
     """
     from mtnlg_ray.finetune.evaluate import evaluate as run
 

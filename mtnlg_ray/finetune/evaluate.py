@@ -112,18 +112,36 @@ def classifier_metrics(classifier, rows, where: str | Path) -> dict:
     return classification_metrics([index[x] for x in rows.labels], [index[x] for x in predicted], classifier.labels)
 
 
-def evaluate(checkpoint: str | Path, data: list[str], task: str = "lm", text_field: str | None = None,
-             label_field: str = "label", split: str = "val") -> dict:
+def is_classifier(checkpoint: str | Path) -> bool:
+    """A fine-tuned classifier, an n-gram classifier or a mixture folder (what `evaluate` scores as one)."""
+    from mtnlg_ray.checkpoint import read_config_json
+    from mtnlg_ray.data.label import is_classifier_mix
+    from mtnlg_ray.finetune.ngram import is_ngram_classifier
+
+    task = read_config_json(Path(checkpoint)).get("task")
+    return (is_classifier_mix(checkpoint) or is_ngram_classifier(checkpoint)
+            or (isinstance(task, dict) and task.get("kind") == "classification"))
+
+
+def evaluate(checkpoint: str | Path, data: list[str], task: str | None = None, text_field: str | None = None,
+             label_field: str = "label", split: str | None = None) -> dict:
     """The entry point of `mtnlg-ray evaluate`. A classifier is a fine-tuned GPT or an n-gram
-    classifier folder (self-training's bag-of-words teacher); a language model is a GPT checkpoint."""
+    classifier folder (self-training's bag-of-words teacher); a language model is a GPT checkpoint.
+    No `task`: classification for a classifier, else lm (`dev.tsv` against a fine-tune without
+    --task used to be read as lm text: "unsupported file type")."""
     from mtnlg_ray.checkpoint import read_checkpoint_config
 
+    if task is None:
+        task = "classification" if is_classifier(checkpoint) else "lm"
     if task == "classification":
+        if split is not None:  # it was ignored without a word
+            raise InputError("--split: picks a split of a prepared dataset (lm); a classification file is scored whole")
         if len(data) != 1:
             raise InputError(f"--data: classification takes one labelled file, got {len(data)}")
         return evaluate_classification(checkpoint, data[0], text_field or "text", label_field)
     if task != "lm":
         raise InputError(f"--task: expected lm or classification, got {task!r}")
+    split = split or "val"
     if split not in ("train", "val"):  # was "not a token index of `data prepare`; prepare the dataset again"
         raise InputError(f"--split: expected train or val, got {split!r}")
     read_checkpoint_config(checkpoint)  # one clear line for a missing or broken checkpoint
