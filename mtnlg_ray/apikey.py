@@ -4,6 +4,7 @@ both use it, and `submit` need not import Ray Serve to ship a serve job its key'
 from __future__ import annotations
 
 import hashlib
+import os
 
 
 def api_key_digest(key: str) -> str:
@@ -17,3 +18,15 @@ BLANK_KEY = "expected a non-empty key (leave it unset to serve without one)"
 
 def is_blank(key: str) -> bool:
     return not key.strip()
+
+
+# The variables `serve` reads a key (or its digest) from.
+KEY_VARIABLES = ("MTNLG_API_KEY", "MTNLG_API_KEY_SHA256")
+
+
+def blank_variable(variable: str, given: str | None) -> str | None:
+    """The error for a key variable set to nothing, or None. Click reads an empty variable as unset, so
+    `MTNLG_API_KEY= mtnlg-ray serve` (a key from an empty shell variable) would serve with no key at all."""
+    if given is None and variable in os.environ and is_blank(os.environ[variable]):
+        return f"{variable} is set but empty; set it to the key (or unset it to serve without one)"
+    return None

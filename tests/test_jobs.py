@@ -469,7 +469,7 @@ def test_a_local_cluster_record_is_ours_only_if_we_own_it(tmp_path):
         assert read_state(tmp_path) is None
 
 
-def test_a_serve_job_refuses_an_empty_api_key_as_serve_does(tmp_path):
+def test_a_serve_job_refuses_an_empty_api_key_as_serve_does(tmp_path, monkeypatch):
     # Its digest used to ship (the empty string's SHA-256), and an empty bearer token was let in.
     from mtnlg_ray.apikey import api_key_digest
     from mtnlg_ray.serve.app import parse_args
@@ -480,6 +480,13 @@ def test_a_serve_job_refuses_an_empty_api_key_as_serve_does(tmp_path):
         parse_args({"checkpoint": "ckpt", "api_key_sha256": api_key_digest("")})
     spec = build_job("serve", ["-c", "ckpt", "--api-key", "k3y"], cwd=tmp_path)
     assert spec.env_vars["MTNLG_API_KEY_SHA256"] == api_key_digest("k3y")
+
+    # A variable set to nothing is no key for Click: the job would have served with none, unasked.
+    for variable in ("MTNLG_API_KEY", "MTNLG_API_KEY_SHA256"):
+        with monkeypatch.context() as env:
+            env.setenv(variable, "")
+            with pytest.raises(ConfigError, match=f"^{variable} is set but empty; set it to the key"):
+                build_job("serve", ["-c", "ckpt"], cwd=tmp_path)
 
 
 def test_local_up_moves_off_a_default_port_another_ray_holds():

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import random
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -460,6 +462,16 @@ def test_serve_cli_help_and_bad_checkpoint(tiny_checkpoint, tmp_path):
     assert taken.returncode == 2, taken.stderr[-600:]
     assert taken.stderr.strip().splitlines()[-1] == (f"error: --port {port}: 127.0.0.1:{port} is in use "
                                                     "(Address already in use); choose another port")
+    # Port 0 bound a port the printed URL (":0") could not name; an empty key variable served with no key.
+    assert run_cli("serve", "--checkpoint", str(tiny_checkpoint), "--port", "0").stderr.strip().splitlines() == [
+        "error: --port 0: expected a port number from 1 to 65535"]
+    both = run_cli("serve", "--checkpoint", str(tiny_checkpoint), "--replicas", "1", "--autoscale", "1,4")
+    assert both.returncode == 2 and both.stderr.strip().splitlines() == [
+        "error: --replicas and --autoscale: give one of them, not both"]
+    blank = subprocess.run([shutil.which("mtnlg-ray"), "serve", "--checkpoint", str(tiny_checkpoint)],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "MTNLG_API_KEY": ""})
+    assert blank.returncode == 2 and blank.stderr.strip().splitlines() == [
+        "error: MTNLG_API_KEY is set but empty; set it to the key (or unset it to serve without one)"]
     # An address of another machine (TEST-NET-1, never assigned) blamed the port as "in use".
     elsewhere = run_cli("serve", "--checkpoint", str(tiny_checkpoint), "--host", "192.0.2.1", "--port", "8123")
     assert elsewhere.returncode == 2
@@ -633,12 +645,12 @@ def test_32_streaming_clients_4_requests_each_all_complete(server):
 MALFORMED = [
     (b"{not json", 400),
     (b"[1, 2]", 400),
-    (json.dumps({"model": "tiny"}).encode(), 422),  # no prompt
-    (json.dumps({"prompt": 5}).encode(), 422),
-    (json.dumps({"prompt": "x", "max_tokens": "ten"}).encode(), 422),
-    (json.dumps({"prompt": "x", "temperature": "hot"}).encode(), 422),
-    (json.dumps({"prompt": "x", "stream": "yes"}).encode(), 422),
-    (json.dumps({"prompt": "x", "n": 3}).encode(), 422),
+    (json.dumps({"model": "tiny"}).encode(), 400),  # no prompt
+    (json.dumps({"prompt": 5}).encode(), 400),
+    (json.dumps({"prompt": "x", "max_tokens": "ten"}).encode(), 400),
+    (json.dumps({"prompt": "x", "temperature": "hot"}).encode(), 400),
+    (json.dumps({"prompt": "x", "stream": "yes"}).encode(), 400),
+    (json.dumps({"prompt": "x", "n": 3}).encode(), 400),
     (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404),
     (json.dumps({"prompt": "x", "max_tokens": 10**6}).encode(), 400),
     (json.dumps({"prompt": "x", "max_tokens": 0}).encode(), 400),
@@ -646,10 +658,10 @@ MALFORMED = [
     (json.dumps({"prompt": "x", "top_p": 1.5}).encode(), 400),  # (0 is OpenAI's greedy: accepted)
     (json.dumps({"prompt": "hello " * CONTEXT}).encode(), 400),  # longer than the context
     (json.dumps({"prompt": ""}).encode(), 400),
-    (b'{"prompt": "x", "temperature": NaN}', 422),  # Python's JSON reads NaN
-    (b'{"prompt": "\\ud800 lone surrogate"}', 422),
-    (json.dumps({"prompt": "x", "stop": list("abcde")}).encode(), 422),  # OpenAI's limit is 4
-    (json.dumps({"prompt": "x", "max_tokens": 3, "max_completion_tokens": 4}).encode(), 422),
+    (b'{"prompt": "x", "temperature": NaN}', 400),  # Python's JSON reads NaN
+    (b'{"prompt": "\\ud800 lone surrogate"}', 400),
+    (json.dumps({"prompt": "x", "stop": list("abcde")}).encode(), 400),  # OpenAI's limit is 4
+    (json.dumps({"prompt": "x", "max_tokens": 3, "max_completion_tokens": 4}).encode(), 400),
     (json.dumps({"prompt": ["x"] * 81}).encode(), 400),  # more than max_batch + max_waiting could ever take
     (b"[" * 100_000 + b"]" * 100_000, 400),  # deeper than the JSON parser recurses
 ]
@@ -673,17 +685,25 @@ def test_openai_clients_nulls_and_newer_forms_are_read_and_what_it_cannot_give_i
     assert developer.choices[0].message.content == system.choices[0].message.content
     # penalties, a logit bias, tools and a JSON response format were accepted and ignored: text the client
     # read as penalised, biased or JSON was none of those
-    for field, value in (("logprobs", 3), ("echo", True), ("best_of", 2), ("suffix", "x"), ("presence_penalty", 1.5),
+    # logprobs 0 asks for the sampled tokens' log-probabilities; the older functions and function_call
+    # ask for tools; a field OpenAI refuses is a 400, which OpenAI's client raises as BadRequestError
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model="tiny", prompt="def ", max_tokens=4, logprobs=0)
+    assert bad.value.body["type"] == "invalid_request_error" and bad.value.body["param"] == "logprobs"
+    for field, value in (("logprobs", 3), ("logprobs", 0), ("echo", True), ("best_of", 2), ("suffix", "x"), ("presence_penalty", 1.5),
                          ("frequency_penalty", -0.5), ("logit_bias", {"50256": -100}),
                          ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                         ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("function_call", {"name": "f"}),
                          ("response_format", {"type": "json_object"})):
         refused = requests.post(f"{server}/v1/completions", timeout=60,
                                 json={"prompt": "def ", "max_tokens": 4, field: value})
-        assert refused.status_code == 422, refused.text
+        assert refused.status_code == 400, refused.text
         assert f"{field} is not supported by this server" in refused.json()["error"]["message"]
     assert requests.post(f"{server}/v1/completions", timeout=60, json={
         "prompt": "def ", "max_tokens": 4, "logprobs": None, "echo": False, "best_of": 1, "presence_penalty": 0,
-        "frequency_penalty": 0.0, "logit_bias": {}, "tools": [], "response_format": {"type": "text"}}).status_code == 200
+        "frequency_penalty": 0.0, "logit_bias": {}, "tools": [], "tool_choice": "none", "functions": [],
+        "function_call": None, "stream_options": {"include_usage": None},
+        "response_format": {"type": "text"}}).status_code == 200
 
 
 def test_200_malformed_requests_get_4xx_and_the_server_still_answers(server, client):
@@ -732,6 +752,7 @@ def test_api_key_is_required_when_set(server):
     assert requests.post(f"{tight}/v1/completions", json={"prompt": "x"}, timeout=30).status_code == 401
     wrong = requests.get(f"{tight}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=30)
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert wrong.json()["error"]["type"] == "invalid_request_error"  # OpenAI's, for a wrong key
     assert requests.get(f"{tight}/health", timeout=30).status_code == 200  # probes need no key
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{tight}/v1", api_key="nope", max_retries=0).models.list()

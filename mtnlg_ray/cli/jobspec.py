@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path, PurePath
 
-from mtnlg_ray.apikey import BLANK_KEY, api_key_digest, is_blank
+from mtnlg_ray.apikey import BLANK_KEY, KEY_VARIABLES, api_key_digest, blank_variable, is_blank
 from mtnlg_ray.config import CONFIG_STAGES, STAGE_SECTIONS, absolute_path, absolute_paths, label_overrides
 from mtnlg_ray.errors import ConfigError, MtnlgError, first_line
 from mtnlg_ray.jobs import CONFIG_NAME, JobSpec
@@ -45,6 +45,9 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
     for param in command.params:
         if param in (config_param, set_param):
             continue
+        if getattr(param, "envvar", None) in KEY_VARIABLES:
+            if (blank := blank_variable(param.envvar, ctx.params.get(param.name))) is not None:
+                raise ConfigError(blank)
         secret = next((SECRET_OPTIONS[o] for o in getattr(param, "opts", ()) if o in SECRET_OPTIONS), None)
         if secret is not None:  # from the command line or this machine's environment alike
             if ctx.params.get(param.name) is not None:

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from mtnlg_ray.apikey import KEY_VARIABLES, blank_variable
 from mtnlg_ray.cli.app import app
 from mtnlg_ray.errors import InputError, MtnlgError
 
@@ -65,7 +66,8 @@ def serve(
         None, "--api-key-sha256", envvar="MTNLG_API_KEY_SHA256",
         help="The key's SHA-256 (hex) instead of the key, e.g. from `printf %s KEY | sha256sum` (or set "
              "MTNLG_API_KEY_SHA256); a submitted serve job gets its key this way."),
-    replicas: int = typer.Option(1, "--replicas", help="Fixed number of replicas, each holding the model once."),
+    replicas: Optional[int] = typer.Option(
+        None, "--replicas", help="Fixed number of replicas, each holding the model once (default 1)."),
     autoscale: Optional[str] = typer.Option(None, "--autoscale", metavar="MIN,MAX",
                                             help="Scale replicas between MIN and MAX on load instead of --replicas."),
     model_name: Optional[str] = typer.Option(None, "--model-name", help="Model id clients send (default: folder name)."),
@@ -84,12 +86,12 @@ def serve(
         help="Do not reuse the KV blocks of an earlier prompt's identical beginning (system prompts, few-shot "
              "examples); reuse is on by default."),
     num_cpus: float = typer.Option(1.0, "--num-cpus", help="CPUs per replica (also its torch threads)."),
-    num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPUs per replica (1 puts the model on cuda in bf16)."),
+    num_gpus: float = typer.Option(0.0, "--num-gpus", help="GPUs per replica (above 0 puts the model on cuda in bf16; 0.5 shares a GPU by two)."),
 ) -> None:
     """Serve the checkpoint on Ray Serve with an OpenAI-compatible API; Ctrl-C stops it.
 
     Endpoints: POST /v1/completions and /v1/chat/completions (add "stream": true for server-sent events),
-    GET /v1/models, GET /health. Concurrent requests decode together in one continuous batch per replica,
+    GET /v1/models and /v1/models/NAME, GET /health. Concurrent requests decode together in one continuous batch per replica,
     over a paged KV cache with prefix caching; /health reports the cache's blocks and prefix hit rate.
 
     Runs on the connected Ray cluster (RAY_ADDRESS or `ray start`), else on a local one.
@@ -101,17 +103,20 @@ def serve(
     """
     from mtnlg_ray.serve.app import parse_args, serve_until_stopped
 
-    if autoscale and replicas != 1:
+    if autoscale and replicas is not None:
         raise MtnlgError("--replicas and --autoscale: give one of them, not both")
+    for variable, given in zip(KEY_VARIABLES, (api_key, api_key_sha256)):
+        if (blank := blank_variable(variable, given)) is not None:
+            raise MtnlgError(blank)
     args = parse_args({
         "checkpoint": str(checkpoint), "model_name": model_name, "api_key": api_key,
         "api_key_sha256": api_key_sha256, "max_batch": max_batch,
-        "max_waiting": max_waiting, "num_replicas": replicas, "autoscale": autoscale, "num_cpus": num_cpus,
+        "max_waiting": max_waiting, "num_replicas": 1 if replicas is None else replicas, "autoscale": autoscale, "num_cpus": num_cpus,
         "num_gpus": num_gpus, "kv_cache_tokens": kv_cache_tokens, "block_size": block_size,
         "prefill_chunk": prefill_chunk, "prefix_cache": not no_prefix_cache,
     })
-    if not 0 <= port <= 65535:
-        raise MtnlgError(f"--port: expected 0-65535, got {port}")
+    if not 1 <= port <= 65535:  # port 0 would bind a port the printed URL cannot name
+        raise MtnlgError(f"--port {port}: expected a port number from 1 to 65535")
     def ready(url: str) -> None:
         for line in ready_lines(args.name, url, keyed=bool(args.api_key_sha256)):
             typer.echo(line)

@@ -153,7 +153,7 @@ class ServeArgs(BaseModel):
 
     @property
     def name(self) -> str:
-        return self.model_name or Path(self.checkpoint).name
+        return self.model_name or Path(self.checkpoint).resolve().name  # `-c .` names the folder
 
 
 def parse_args(args: dict | ServeArgs) -> ServeArgs:
@@ -286,7 +286,8 @@ class TextGeneratorServer:
             body = await self._parse(request, CompletionRequest)
             prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
             if not prompts:
-                raise APIError(422, "prompt: expected a string or a non-empty list of strings", param="prompt")
+                raise APIError(400, "prompt: expected a string or a non-empty list of strings", param="prompt",
+                               code="invalid_value")
             most = self.args.max_batch + self.args.max_waiting  # what an idle replica can take at once
             if len(prompts) > most:
                 raise APIError(400, f"prompt: {len(prompts)} prompts in one request; this server takes at most "
@@ -336,7 +337,7 @@ class TextGeneratorServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(api_key_digest(token.strip()),
                                                                   self.args.api_key_sha256):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           kind="authentication_error", code="invalid_api_key")
+                           code="invalid_api_key")  # OpenAI's type for a wrong key: invalid_request_error
 
     async def _parse(self, request: Request, schema):
         raw = await request.body()

@@ -4,9 +4,11 @@ Only what `/v1/completions` and `/v1/chat/completions` accept for a base GPT: on
 prompt, sampling settings, stop strings, a seed and streaming. Fields OpenAI has that do not change
 the text (penalties at 0, user, metadata, ...) are accepted and ignored, so existing clients work
 unchanged, and `null` means a field's default, as OpenAI reads it. Fields that ask for something
-this server does not give (logprobs, echo, best_of > 1, suffix, penalties other than 0, a logit bias,
-tools, a response format other than text) are refused, not ignored: a client would otherwise read the
-wrong text or a missing score as if it were the answer.
+this server does not give (logprobs, even 0, echo, best_of > 1, suffix, penalties other than 0, a logit
+bias, tools or the older functions, a response format other than text) are refused, not ignored: a
+client would otherwise read the wrong text or a missing score as if it were the answer. A refused or
+malformed field is a 400 `invalid_request_error` naming it, as OpenAI answers (FastAPI's habit is 422,
+which OpenAI's client raises as another exception than a bad request).
 """
 
 from __future__ import annotations
@@ -43,10 +45,23 @@ def openai_top_p(top_p: float) -> float:
     no 0, and the sampler always keeps the best token of a tiny nucleus). `generate --top-p` reads it so too."""
     return 1e-9 if top_p == 0 else top_p
 
+class Unsupported(ValueError):
+    """A field this server does not give; a model validator raises it, so it names the field itself."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(f"{field} is not supported by this server (a base GPT's completions only); leave it unset")
+        self.field = field
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: StrictBool = False  # a last chunk, before [DONE], with token counts and no choices
+
+    @field_validator("include_usage", mode="before")
+    @classmethod
+    def _null_is_false(cls, value):
+        return False if value is None else value
 
 
 class _Request(BaseModel):
@@ -73,6 +88,9 @@ class _Request(BaseModel):
     frequency_penalty: Number | None = None
     logit_bias: dict | None = None
     tools: list | None = None
+    tool_choice: StrictStr | dict | None = None
+    functions: list | None = None  # the older names of tools and tool_choice
+    function_call: StrictStr | dict | None = None
     response_format: dict | None = None
 
     @field_validator("temperature", "top_p", "top_k", "stream", "n", mode="before")
@@ -83,7 +101,8 @@ class _Request(BaseModel):
 
     @model_validator(mode="after")
     def _nothing_it_cannot_give(self):
-        asked = [name for name, value in (("logprobs", self.logprobs not in (None, False)),
+        # logprobs 0 asks for the sampled tokens' log-probabilities (0 == False, hence `is`).
+        asked = [name for name, value in (("logprobs", self.logprobs is not None and self.logprobs is not False),
                                           ("top_logprobs", bool(self.top_logprobs)),
                                           ("echo", bool(self.echo)),
                                           ("best_of", self.best_of not in (None, 1)),
@@ -92,11 +111,13 @@ class _Request(BaseModel):
                                           ("frequency_penalty", bool(self.frequency_penalty)),
                                           ("logit_bias", bool(self.logit_bias)),
                                           ("tools", bool(self.tools)),
+                                          ("tool_choice", self.tool_choice not in (None, "none", "auto")),
+                                          ("functions", bool(self.functions)),
+                                          ("function_call", self.function_call not in (None, "none", "auto")),
                                           ("response_format", (self.response_format or {}).get("type", "text")
                                            != "text")) if value]
         if asked:
-            raise ValueError(f"{asked[0]} is not supported by this server (a base GPT's completions only); "
-                             "leave it unset")
+            raise Unsupported(asked[0])
         self.top_p = openai_top_p(self.top_p)
         return self
 
@@ -220,13 +241,16 @@ class APIError(Exception):
 
 
 def validation_error(exc) -> APIError:
-    """A pydantic ValidationError as one 422 that names the first bad field."""
+    """A pydantic ValidationError as one 400 that names the first bad field."""
     first = exc.errors()[0]
     # Unions put the branch tried into the location ("prompt", "list[str]", 0); keep only field names and indexes.
     parts = [p for p in first["loc"] if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_TAGS)]
     param = ".".join(str(part) for part in parts) or None
+    cause = (first.get("ctx") or {}).get("error")
+    if param is None and isinstance(cause, Unsupported):  # raised for the whole request, about one field
+        return APIError(400, str(cause), param=cause.field, code="unsupported_parameter")
     message = first["msg"].removeprefix("Value error, ")
-    return APIError(422, f"{param}: {message}" if param else message, param=param, code="invalid_value")
+    return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
 
 
 class StopScanner:
