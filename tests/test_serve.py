@@ -423,6 +423,9 @@ def test_serve_args_and_shipped_config(long_checkpoint):
     build_app({**app_config.args, "checkpoint": str(long_checkpoint)})
     # `serve run ... key=value` passes strings.
     assert parse_args({"checkpoint": "c", "max_batch": "8", "autoscale": "2,6"}).max_batch == 8
+    # The model id is the folder's name; `-c .` gave an empty id, which no client could name.
+    assert parse_args({"checkpoint": "."}).name == Path.cwd().name
+    assert parse_args({"checkpoint": "runs/pretrain/final"}).name == "final"
     with pytest.raises(ConfigError, match="max_batchh"):
         parse_args({"checkpoint": "c", "max_batchh": 8})
     with pytest.raises(ConfigError, match="autoscale"):
