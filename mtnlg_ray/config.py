@@ -787,12 +787,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         message = exc.errors()[0]["msg"]
         # The key, a part below it (a check inside a mapping it set), or a part above it: a misspelt
         # section (`tran.lr`) is reported at `tran`, and used to be blamed on the shipped file.
-        blamed = [o for o, key in zip(overrides, keys)
-                  if loc and (loc == key or loc.startswith(key + ".") or key.startswith(loc + "."))]
+        at_or_below = [o for o, key in zip(overrides, keys) if loc and (loc == key or loc.startswith(key + "."))]
+        above = [o for o, key in zip(overrides, keys) if loc and key.startswith(loc + ".")]
         # A check across a section's keys is at the section: of its overrides, the one whose key the
         # message names first (the key it is about; a key it names after that says what would fit).
         named = sorted((message.index(key), -i) for i, key in enumerate(keys) if key and key in message)
         named_overrides = [overrides[-negative] for _, negative in named]  # a key set twice: the --set that held
+        if path is not None and exc.errors()[0]["type"] != "extra_forbidden":
+            # With the user's own file, a section's check blames an override only if it names its key:
+            # the file's sft + frozen task was blamed on a `--set task.labels=...` beside it.
+            above = [o for o in above if o in named_overrides]
+        blamed = at_or_below + above
         first = [o for o in named_overrides if o in blamed][:1] or blamed[-1:] or named_overrides[:1]
         raise _first_error(exc, f"--set {first[0]}" if first else str(source)) from None
     lora = next((o for o in reversed(overrides) if o.partition("=")[0].strip().startswith("task.lora.")), None)

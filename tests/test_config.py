@@ -160,6 +160,22 @@ def test_an_unknown_key_in_the_file_is_blamed_on_the_file_not_on_a_similar_overr
         load_config(path, ["train.lr=3.0e-4"])
 
 
+def test_a_check_in_the_users_file_is_blamed_on_the_file_not_on_an_unrelated_set_of_its_section(tmp_path):
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.errors import ConfigError
+
+    path = tmp_path / "sft.yaml"
+    path.write_text("task:\n  kind: sft\n  mode: frozen\n")
+    message = "task.mode=frozen leaves nothing to train for task.kind=sft"
+    with pytest.raises(ConfigError, match=rf"^{path}: {message}"):  # it blamed --set task.labels=[a,b]
+        load_config(path, ["task.labels=[a,b]"], stage="finetune")
+    with pytest.raises(ConfigError, match=rf"^--set task.mode=frozen: {message}"):  # a --set the check names
+        load_config(path, ["task.mode=frozen"], stage="finetune")
+    path.write_text("task:\n  kind: sft\n")
+    with pytest.raises(ConfigError, match=r"^--set tsk.kind=sft: unknown key 'tsk'"):  # a misspelt section
+        load_config(path, ["tsk.kind=sft"], stage="finetune")
+
+
 def test_pretraining_without_an_lr_takes_its_presets_and_a_given_lr_stays(tmp_path):
     # One LR for every size was tiny's 3e-3: `--set model.preset=gpt3-1.3b` trained at 15x GPT-3's 2e-4.
     assert load_config().train.lr == 3e-3  # tiny, the default preset
