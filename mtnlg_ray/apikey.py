@@ -28,5 +28,6 @@ def blank_variable(variable: str, given: str | None) -> str | None:
     """The error for a key variable set to nothing, or None. Click reads an empty variable as unset, so
     `MTNLG_API_KEY= mtnlg-ray serve` (a key from an empty shell variable) would serve with no key at all."""
     if given is None and variable in os.environ and is_blank(os.environ[variable]):
-        return f"{variable} is set but empty; set it to the key (or unset it to serve without one)"
+        what = "the key's SHA-256" if variable.endswith("_SHA256") else "the key"
+        return f"{variable} is set but empty; set it to {what} (or unset it to serve without a key)"
     return None

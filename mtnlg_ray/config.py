@@ -793,7 +793,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         # message names first (the key it is about; a key it names after that says what would fit).
         named = sorted((message.index(key), -i) for i, key in enumerate(keys) if key and key in message)
         named_overrides = [overrides[-negative] for _, negative in named]  # a key set twice: the --set that held
-        if path is not None and exc.errors()[0]["type"] != "extra_forbidden":
+        first_error = exc.errors()[0]
+        if path is not None and first_error["type"] == "value_error" and len(first_error["loc"]) == 1:
             # With the user's own file, a section's check blames an override only if it names its key:
             # the file's sft + frozen task was blamed on a `--set task.labels=...` beside it.
             above = [o for o in above if o in named_overrides]

@@ -174,6 +174,8 @@ def test_a_check_in_the_users_file_is_blamed_on_the_file_not_on_an_unrelated_set
     path.write_text("task:\n  kind: sft\n")
     with pytest.raises(ConfigError, match=r"^--set tsk.kind=sft: unknown key 'tsk'"):  # a misspelt section
         load_config(path, ["tsk.kind=sft"], stage="finetune")
+    with pytest.raises(ConfigError, match=r"^--set train.lr.x=1: train.lr: Input should be a valid number"):
+        load_config(path, ["train.lr.x=1"], stage="finetune")  # a key below a value
 
 
 def test_pretraining_without_an_lr_takes_its_presets_and_a_given_lr_stays(tmp_path):

@@ -726,6 +726,12 @@ def test_token_dropout_noise_comes_from_seed_step_and_example_alone(tiny_checkpo
     assert noisy.noisy_rows(everyone) != together  # a new step, new noise
     noisy.begin_step(5)
     assert noisy.noisy_rows(everyone) == together  # a resumed step, the same noise
+    # MFU counts the tokens a step reads: the dropped ones are no FLOPs (a student's 20 % read high)
+    from mtnlg_ray.model.flops import sequence_flops
+
+    assert noisy.flops(everyone) == sequence_flops(model_config, [len(r) for r in together], lm_head=False)
+    assert noisy.flops(everyone) < plain.flops(everyone) == sequence_flops(
+        model_config, [len(r) for r in plain.train_rows], lm_head=False)
 
 
 def test_a_student_config_carries_its_noise_and_epochs():

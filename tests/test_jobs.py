@@ -482,11 +482,21 @@ def test_a_serve_job_refuses_an_empty_api_key_as_serve_does(tmp_path, monkeypatc
     assert spec.env_vars["MTNLG_API_KEY_SHA256"] == api_key_digest("k3y")
 
     # A variable set to nothing is no key for Click: the job would have served with none, unasked.
-    for variable in ("MTNLG_API_KEY", "MTNLG_API_KEY_SHA256"):
+    for variable, what in (("MTNLG_API_KEY", "the key"), ("MTNLG_API_KEY_SHA256", "the key's SHA-256")):
         with monkeypatch.context() as env:
             env.setenv(variable, "")
-            with pytest.raises(ConfigError, match=f"^{variable} is set but empty; set it to the key"):
+            with pytest.raises(ConfigError, match=f"^{variable} is set but empty; set it to {what} "):
                 build_job("serve", ["-c", "ckpt"], cwd=tmp_path)
+            assert "--api-key" not in build_job("serve", ["-c", "ckpt", "--api-key", "k3y"], cwd=tmp_path).entrypoint
+    # A digest in this machine's environment ships as a key from MTNLG_API_KEY does: the job served with none.
+    with monkeypatch.context() as env:
+        env.setenv("MTNLG_API_KEY_SHA256", api_key_digest("k3y"))
+        assert build_job("serve", ["-c", "ckpt"], cwd=tmp_path).env_vars["MTNLG_API_KEY_SHA256"] == api_key_digest("k3y")
+    # What `serve` refuses before anything starts, `submit serve` refuses before the job does.
+    with pytest.raises(ConfigError, match="^--port 0: expected a port number from 1 to 65535"):
+        build_job("serve", ["-c", "ckpt", "--port", "0"], cwd=tmp_path)
+    with pytest.raises(ConfigError, match="^--replicas and --autoscale: give one of them, not both"):
+        build_job("serve", ["-c", "ckpt", "--replicas", "1", "--autoscale", "1,4"], cwd=tmp_path)
 
 
 def test_local_up_moves_off_a_default_port_another_ray_holds():

@@ -94,9 +94,12 @@ def test_sequence_flops_count_each_sequence_at_its_own_length_and_the_head_it_ru
     assert sequence_flops(config, [10]) == pytest.approx(10 * (6 * matmul_parameters(config) + 12 * l * 10 * h))
     # A classifier makes no vocabulary logits: 6·V·h a token less.
     assert sequence_flops(config, [10]) - sequence_flops(config, [10], lm_head=False) == pytest.approx(10 * 6 * V * h)
-    # LoRA's backbone takes no weight gradients (4 FLOPs a parameter), a frozen one runs forward only (2).
+    # LoRA's backbone takes no weight gradients (4 FLOPs a parameter), but the attention, which has no
+    # weights, still runs its whole backward; a frozen backbone runs forward only (2 and a third of it).
+    n, tokens, squares = matmul_parameters(config), 7 + 30, 7**2 + 30**2
     full = sequence_flops(config, [7, 30])
-    assert sequence_flops(config, [7, 30], mode="lora") == pytest.approx(full * 4 / 6)
+    assert full == pytest.approx(6 * n * tokens + 12 * l * h * squares)
+    assert sequence_flops(config, [7, 30], mode="lora") == pytest.approx(4 * n * tokens + 12 * l * h * squares)
     assert sequence_flops(config, [7, 30], mode="frozen") == pytest.approx(full * 2 / 6)
 
 

@@ -23,7 +23,7 @@ import requests
 import torch
 import yaml
 
-from mtnlg_ray.errors import InputError
+from mtnlg_ray.errors import ConfigError, InputError
 from mtnlg_ray.model.continuous import ContinuousDecoder
 from mtnlg_ray.model.generate import SamplingParams, generate
 from conftest import run_cli
@@ -437,10 +437,23 @@ def test_serve_args_and_shipped_config(long_checkpoint):
     assert parse_args({"checkpoint": "c", "api_key_sha256": digest.upper()}).api_key_sha256 == digest
     with pytest.raises(ConfigError, match=r"api_key_sha256: expected a SHA-256 digest: 64 hex digits"):
         parse_args({"checkpoint": "c", "api_key_sha256": "abc"})
+    with pytest.raises(ConfigError, match=r"^serve args: api_key and api_key_sha256 disagree"):  # was "args: : "
+        parse_args({"checkpoint": "c", "api_key": "a", "api_key_sha256": hashlib.sha256(b"b").hexdigest()})
     # max_tokens 0 used to mean "no limit", and a negative one deployed a server refusing every request
     for bad in ("0", "-1"):
         with pytest.raises(ConfigError, match="max_tokens: expected a positive integer"):
             parse_args({"checkpoint": "c", "max_tokens": bad})
+
+
+def test_a_gpu_replica_on_a_cluster_without_gpus_is_refused_not_left_waiting(ray_session):
+    # `serve --num-gpus 1` on a CPU machine printed nothing until it was killed.
+    from mtnlg_ray.serve.app import _refuse_gpus_the_cluster_lacks, parse_args
+
+    assert not ray_session.cluster_resources().get("GPU")  # CI's machines, and this one, have none
+    with pytest.raises(ConfigError, match=r"^--num-gpus 0.5: the Ray cluster has no GPU; serve on its CPUs with "
+                                          r"--num-gpus 0"):
+        _refuse_gpus_the_cluster_lacks(parse_args({"checkpoint": "c", "num_gpus": 0.5}))
+    _refuse_gpus_the_cluster_lacks(parse_args({"checkpoint": "c"}))  # CPU replicas: nothing to refuse
 
 
 def test_serve_cli_help_and_bad_checkpoint(tiny_checkpoint, tmp_path):
@@ -474,7 +487,7 @@ def test_serve_cli_help_and_bad_checkpoint(tiny_checkpoint, tmp_path):
     blank = subprocess.run([shutil.which("mtnlg-ray"), "serve", "--checkpoint", str(tiny_checkpoint)],
                            capture_output=True, text=True, timeout=120, env={**os.environ, "MTNLG_API_KEY": ""})
     assert blank.returncode == 2 and blank.stderr.strip().splitlines() == [
-        "error: MTNLG_API_KEY is set but empty; set it to the key (or unset it to serve without one)"]
+        "error: MTNLG_API_KEY is set but empty; set it to the key (or unset it to serve without a key)"]
     # An address of another machine (TEST-NET-1, never assigned) blamed the port as "in use".
     elsewhere = run_cli("serve", "--checkpoint", str(tiny_checkpoint), "--host", "192.0.2.1", "--port", "8123")
     assert elsewhere.returncode == 2
@@ -688,6 +701,18 @@ def test_openai_clients_nulls_and_newer_forms_are_read_and_what_it_cannot_give_i
     assert developer.choices[0].message.content == system.choices[0].message.content
     # penalties, a logit bias, tools and a JSON response format were accepted and ignored: text the client
     # read as penalised, biased or JSON was none of those
+    # A limit a chat's prompt crosses is its messages' (param was "prompt", which a chat has not); the
+    # two names of the token limit disagreeing name one (param was null); the API docs pages, which
+    # answered without a key, are gone.
+    long_chat = requests.post(f"{server}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "hello " * CONTEXT}]})
+    assert long_chat.status_code == 400 and long_chat.json()["error"]["param"] == "messages"
+    assert long_chat.json()["error"]["message"].startswith("messages: ")
+    both = requests.post(f"{server}/v1/completions", timeout=60, json={
+        "prompt": "x", "max_tokens": 3, "max_completion_tokens": 4})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "max_completion_tokens"
+    assert [requests.get(f"{server}/{page}", timeout=60).status_code for page in ("docs", "redoc", "openapi.json")] \
+        == [404] * 3
     # logprobs 0 asks for the sampled tokens' log-probabilities; the older functions and function_call
     # ask for tools; a field OpenAI refuses is a 400, which OpenAI's client raises as BadRequestError
     with pytest.raises(openai.BadRequestError) as bad:

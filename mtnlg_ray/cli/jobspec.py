@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import Enum
 from pathlib import Path, PurePath
 
-from mtnlg_ray.apikey import BLANK_KEY, KEY_VARIABLES, api_key_digest, blank_variable, is_blank
+from mtnlg_ray.apikey import BLANK_KEY, api_key_digest, is_blank
 from mtnlg_ray.config import CONFIG_STAGES, STAGE_SECTIONS, absolute_path, absolute_paths, label_overrides
 from mtnlg_ray.errors import ConfigError, MtnlgError, first_line
 from mtnlg_ray.jobs import CONFIG_NAME, JobSpec
@@ -40,14 +40,22 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
     command = _stage_command(root, words)
     ctx = _parse(command, words, args)
     argv = list(words)
+    if stage == "serve":  # refused here, not on the cluster after the job started
+        from mtnlg_ray.cli.serve import check_serve_options
+
+        check_serve_options(*(ctx.params[name] for name in ("port", "replicas", "autoscale", "api_key",
+                                                              "api_key_sha256")))
     config_param = _param(command, "--config")
     set_param = _param(command, "--set")
     for param in command.params:
         if param in (config_param, set_param):
             continue
-        if getattr(param, "envvar", None) in KEY_VARIABLES:
-            if (blank := blank_variable(param.envvar, ctx.params.get(param.name))) is not None:
-                raise ConfigError(blank)
+        source = ctx.get_parameter_source(param.name)
+        if getattr(param, "envvar", None) == "MTNLG_API_KEY_SHA256" and getattr(source, "name", "") == "ENVIRONMENT":
+            # A digest is no secret: this machine's ships as a key from its MTNLG_API_KEY does (the job
+            # used to serve with no key at all, the environment being "the cluster's own to supply").
+            env_vars.setdefault(param.envvar, str(ctx.params[param.name]))
+            continue
         secret = next((SECRET_OPTIONS[o] for o in getattr(param, "opts", ()) if o in SECRET_OPTIONS), None)
         if secret is not None:  # from the command line or this machine's environment alike
             if ctx.params.get(param.name) is not None:
@@ -56,7 +64,7 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
                     raise ConfigError(f"{param.opts[0]}: {BLANK_KEY}")
                 env_vars.setdefault(secret, api_key_digest(key))
             continue
-        argv += _tokens(param, ctx.params.get(param.name), ctx.get_parameter_source(param.name), cwd)
+        argv += _tokens(param, ctx.params.get(param.name), source, cwd)
     config_yaml = None
     if config_param is not None:
         import yaml

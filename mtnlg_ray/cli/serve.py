@@ -3,6 +3,7 @@ server on Ray Serve, until Ctrl-C)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import typer
 
 from mtnlg_ray.apikey import KEY_VARIABLES, blank_variable
 from mtnlg_ray.cli.app import app
-from mtnlg_ray.errors import InputError, MtnlgError
+from mtnlg_ray.errors import ConfigError, InputError
 
 
 @app.command("generate")
@@ -45,10 +46,13 @@ def generate(
         raise InputError(f"--{field.replace('_', '-')}:{rest}") from None
     generator = TextGenerator(checkpoint)
     prompt_tokens = len(generator.encode(prompt))
-    room = generator.context - prompt_tokens + 1  # the last new token is never read back, so it needs no slot
-    if max_tokens > room:  # the server answers such a request with 400; here the text just stopped short
+    # The server's rule, OpenAI's: prompt + max_tokens within the context (the model could make one more,
+    # whose token is never read back, and did here, so a text of that length could not be asked of a server).
+    room = generator.context - prompt_tokens
+    if max_tokens > room:  # the server answers such a request with 400; here the text stops short, with a note
         typer.echo(f"note: the model's context is {generator.context} tokens and the prompt takes "
                    f"{prompt_tokens}, so it makes at most {room} new tokens, not {max_tokens}", err=True)
+        params = dataclasses.replace(params, max_tokens=room)
     for piece in generator.stream(prompt, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -103,11 +107,7 @@ def serve(
     """
     from mtnlg_ray.serve.app import parse_args, serve_until_stopped
 
-    if autoscale and replicas is not None:
-        raise MtnlgError("--replicas and --autoscale: give one of them, not both")
-    for variable, given in zip(KEY_VARIABLES, (api_key, api_key_sha256)):
-        if (blank := blank_variable(variable, given)) is not None:
-            raise MtnlgError(blank)
+    check_serve_options(port, replicas, autoscale, api_key, api_key_sha256)
     args = parse_args({
         "checkpoint": str(checkpoint), "model_name": model_name, "api_key": api_key,
         "api_key_sha256": api_key_sha256, "max_batch": max_batch,
@@ -115,8 +115,6 @@ def serve(
         "num_gpus": num_gpus, "kv_cache_tokens": kv_cache_tokens, "block_size": block_size,
         "prefill_chunk": prefill_chunk, "prefix_cache": not no_prefix_cache,
     })
-    if not 1 <= port <= 65535:  # port 0 would bind a port the printed URL cannot name
-        raise MtnlgError(f"--port {port}: expected a port number from 1 to 65535")
     def ready(url: str) -> None:
         for line in ready_lines(args.name, url, keyed=bool(args.api_key_sha256)):
             typer.echo(line)
@@ -125,6 +123,19 @@ def serve(
 
     serve_until_stopped(args, host=host, port=port, on_ready=ready)
     typer.echo("stopped.", err=True)
+
+
+def check_serve_options(port: int, replicas: int | None, autoscale: str | None, api_key: str | None,
+                        api_key_sha256: str | None) -> None:
+    """What `serve` and `submit serve` refuse before anything starts."""
+    if autoscale and replicas is not None:
+        raise ConfigError("--replicas and --autoscale: give one of them, not both")
+    if not 1 <= port <= 65535:  # port 0 would bind a port the printed URL cannot name
+        raise ConfigError(f"--port {port}: expected a port number from 1 to 65535")
+    if api_key is None and api_key_sha256 is None:  # with a key given, an unused empty variable is harmless
+        for variable in KEY_VARIABLES:
+            if (blank := blank_variable(variable, None)) is not None:
+                raise ConfigError(blank)
 
 
 def ready_lines(name: str, url: str, keyed: bool) -> list[str]:

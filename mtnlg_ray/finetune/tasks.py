@@ -104,8 +104,15 @@ class ClassificationTask:
         return int(sum(len(self.train_rows[i]) for i in indices))
 
     def flops(self, indices: np.ndarray) -> float:
-        """Model FLOPs of training on these examples: pooled hidden states, no vocabulary logits."""
-        return sequence_flops(self.model_config, self.lengths[indices], lm_head=False, mode=self.cfg.task.mode)
+        """Model FLOPs of training on these examples as this step reads them (after token dropout, which
+        `begin_step` seeds): pooled hidden states, no vocabulary logits."""
+        lengths = [len(row) for row in self.noisy_rows(indices)]
+        return sequence_flops(self.model_config, lengths, lm_head=False, mode=self.cfg.task.mode)
+
+    def mean_flops_per_token(self) -> float:
+        """Over the whole training set, before token dropout (the `start` event's figure)."""
+        flops = sequence_flops(self.model_config, self.lengths, lm_head=False, mode=self.cfg.task.mode)
+        return flops / max(int(self.lengths.sum()), 1)
 
     def build(self, backbone: GPT, init_head: dict[str, torch.Tensor] | None = None) -> nn.Module:
         model = GPTClassifier(backbone, len(self.labels), self.cfg.task.pooling)
@@ -204,8 +211,12 @@ class SFTTask:
         return int(sum(len(self.train[i][0]) for i in indices))
 
     def flops(self, indices: np.ndarray) -> float:
-        """Model FLOPs of training on these examples, each attending over its own length."""
-        return sequence_flops(self.model_config, self.lengths[indices], mode=self.cfg.task.mode)
+        """Model FLOPs of training on these examples, each read as its tokens but the last."""
+        return sequence_flops(self.model_config, self.lengths[indices] - 1, mode=self.cfg.task.mode)
+
+    def mean_flops_per_token(self) -> float:
+        inputs = self.lengths - 1
+        return sequence_flops(self.model_config, inputs, mode=self.cfg.task.mode) / max(int(inputs.sum()), 1)
 
     def build(self, backbone: GPT, init_head=None) -> nn.Module:
         if self.cfg.task.mode == "frozen":

@@ -89,9 +89,11 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None) -> float:
     return 6.0 * matmul_parameters(config) + 12.0 * config.n_layer * s * config.d_model
 
 
-# Model FLOPs of a token per forward-pass FLOP: forward and backward (6 per parameter), forward and the
-# activations' backward only (LoRA: the backbone's weights take no gradient), forward only (frozen).
+# FLOPs a parameter makes per token: forward and backward (6), forward and the activations' backward
+# only (LoRA: the backbone's weights take no gradient), forward only (a frozen backbone).
 PASSES = {"full": 6.0, "lora": 4.0, "frozen": 2.0}
+# The attention's QKᵀ and AV have no weights: their backward is whole unless nothing runs backward.
+ATTENTION_PASSES = {"full": 6.0, "lora": 6.0, "frozen": 2.0}
 
 
 def sequence_flops(config: GPTConfig, lengths: np.ndarray, *, lm_head: bool = True, mode: str = "full") -> float:
@@ -103,7 +105,6 @@ def sequence_flops(config: GPTConfig, lengths: np.ndarray, *, lm_head: bool = Tr
     N without the tied output layer's V·h). `mode` is the fine-tuning mode (see PASSES).
     """
     lengths = np.asarray(lengths, dtype=np.float64)
-    passes = PASSES[mode]
     params = matmul_parameters(config) - (0 if lm_head else config.vocab_size * config.d_model)
-    attention = 2.0 * passes * config.n_layer * config.d_model  # 12·l·h for full training
-    return float(passes * params * lengths.sum() + attention * (lengths**2).sum())
+    attention = 2.0 * ATTENTION_PASSES[mode] * config.n_layer * config.d_model  # 12·l·h when it trains
+    return float(PASSES[mode] * params * lengths.sum() + attention * (lengths**2).sum())

@@ -9,6 +9,7 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -153,7 +154,8 @@ class ServeArgs(BaseModel):
 
     @property
     def name(self) -> str:
-        return self.model_name or Path(self.checkpoint).resolve().name  # `-c .` names the folder
+        # `-c .` names the folder; a link's own name stays (resolve() would name its target)
+        return self.model_name or Path(os.path.abspath(self.checkpoint)).name
 
 
 def parse_args(args: dict | ServeArgs) -> ServeArgs:
@@ -164,7 +166,8 @@ def parse_args(args: dict | ServeArgs) -> ServeArgs:
     except ValidationError as exc:
         first = exc.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"serve args: {key}: {first['msg'].removeprefix('Value error, ')}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"serve args: {key}: {message}" if key else f"serve args: {message}") from None
 
 
 class ServerMetrics:
@@ -198,7 +201,9 @@ class ServerMetrics:
         self.latency.observe(time.perf_counter() - started, tags={"endpoint": endpoint})
 
 
-api = FastAPI(title="mtnlg-ray", description="OpenAI-compatible text generation from an mtnlg-ray checkpoint.")
+# No /docs, /redoc or /openapi.json: they answered without the API key, and /health is the one open path.
+api = FastAPI(title="mtnlg-ray", description="OpenAI-compatible text generation from an mtnlg-ray checkpoint.",
+              docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -366,17 +371,18 @@ class TextGeneratorServer:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "mtnlg-ray",
                 "context_length": self.generator.context}
 
-    def _prepare(self, text: str, body, default_max: int | None):
-        """Prompt ids and sampling settings, or a 400 naming what is over which limit."""
+    def _prepare(self, text: str, body, default_max: int | None, where: str = "prompt"):
+        """Prompt ids and sampling settings, or a 400 naming what is over which limit (`where`: the
+        request's field that holds the prompt)."""
         from mtnlg_ray.model.generate import SamplingParams
 
         ids = self.generator.tokenizer.encode(text).ids
         if not ids:
-            raise APIError(400, "prompt: expected some text, got an empty prompt", param="prompt")
+            raise APIError(400, f"{where}: expected some text, got an empty prompt", param=where)
         context = self.generator.context
         if len(ids) >= context:
-            raise APIError(400, f"prompt: {len(ids)} tokens leave no room to generate in the model's context "
-                           f"of {context} tokens", param="prompt", code="context_length_exceeded")
+            raise APIError(400, f"{where}: {len(ids)} tokens leave no room to generate in the model's context "
+                           f"of {context} tokens", param=where, code="context_length_exceeded")
         if body.max_tokens is not None:
             max_tokens = body.max_tokens
         else:  # OpenAI's defaults: 16 for completions, the rest of the context for chat; within our limits
@@ -455,7 +461,10 @@ class TextGeneratorServer:
 
     async def _answer(self, endpoint: str, body, prompts: list[str], stops, default_max, started: float) -> Response:
         chat = endpoint == "chat"
-        prepared = [self._prepare(p, body, default_max) for p in prompts]
+        # A chat's prompt is its messages: a limit it crosses is theirs (`param` named "prompt", which a
+        # chat request has not).
+        where = "messages" if endpoint == "chat" else "prompt"
+        prepared = [self._prepare(p, body, default_max, where) for p in prompts]
         streams: list[TokenStream] = []
         try:
             for ids, params in prepared:
@@ -715,6 +724,7 @@ def serve_until_stopped(args: ServeArgs, host: str = "127.0.0.1", port: int = 80
     try:
         ensure_ray()
         ours = _started_ray_here()
+        _refuse_gpus_the_cluster_lacks(args)
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         url = _deploy(args, host, port, name)
@@ -730,6 +740,18 @@ def serve_until_stopped(args: ServeArgs, host: str = "127.0.0.1", port: int = 80
         # deleting the app waited 60 s for it, then failed.
         if ray.is_initialized() and not ours:  # stopped before Ray was even reached: nothing to delete
             serve.delete(name)
+
+
+def _refuse_gpus_the_cluster_lacks(args: ServeArgs) -> None:
+    """A GPU replica on a cluster with no GPU waited for one without a word (unless an autoscaler can
+    add GPU nodes)."""
+    import ray
+
+    from mtnlg_ray.runtime import launched_with_autoscaler
+
+    if args.num_gpus > 0 and not ray.cluster_resources().get("GPU", 0) and not launched_with_autoscaler():
+        raise ConfigError(f"--num-gpus {args.num_gpus:g}: the Ray cluster has no GPU; serve on its CPUs with "
+                          "--num-gpus 0, or connect to a cluster with GPUs (RAY_ADDRESS)")
 
 
 def _started_ray_here() -> bool:

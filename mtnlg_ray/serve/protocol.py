@@ -45,12 +45,22 @@ def openai_top_p(top_p: float) -> float:
     no 0, and the sampler always keeps the best token of a tiny nucleus). `generate --top-p` reads it so too."""
     return 1e-9 if top_p == 0 else top_p
 
-class Unsupported(ValueError):
-    """A field this server does not give; a model validator raises it, so it names the field itself."""
+class FieldError(ValueError):
+    """A model validator's error about one field: it names the field itself (pydantic places it at the
+    request, and the error body's `param` was null)."""
+
+    def __init__(self, field: str, message: str, code: str = "invalid_value") -> None:
+        super().__init__(message)
+        self.field = field
+        self.code = code
+
+
+class Unsupported(FieldError):
+    """A field this server does not give."""
 
     def __init__(self, field: str) -> None:
-        super().__init__(f"{field} is not supported by this server (a base GPT's completions only); leave it unset")
-        self.field = field
+        super().__init__(field, f"{field} is not supported by this server (a base GPT's completions only); "
+                                "leave it unset", code="unsupported_parameter")
 
 
 class StreamOptions(BaseModel):
@@ -156,7 +166,7 @@ class _Request(BaseModel):
     def _one_limit(self):
         if self.max_completion_tokens is not None:
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
-                raise ValueError(f"max_tokens ({self.max_tokens}) and max_completion_tokens "
+                raise FieldError("max_completion_tokens", f"max_tokens ({self.max_tokens}) and max_completion_tokens "
                                  f"({self.max_completion_tokens}) disagree; send one of them")
             self.max_tokens = self.max_completion_tokens
         return self
@@ -247,8 +257,8 @@ def validation_error(exc) -> APIError:
     parts = [p for p in first["loc"] if isinstance(p, int) or (p.isidentifier() and p not in _TYPE_TAGS)]
     param = ".".join(str(part) for part in parts) or None
     cause = (first.get("ctx") or {}).get("error")
-    if param is None and isinstance(cause, Unsupported):  # raised for the whole request, about one field
-        return APIError(400, str(cause), param=cause.field, code="unsupported_parameter")
+    if param is None and isinstance(cause, FieldError):  # raised for the whole request, about one field
+        return APIError(400, str(cause), param=cause.field, code=cause.code)
     message = first["msg"].removeprefix("Value error, ")
     return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
 

@@ -257,8 +257,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     peak = cfg.train.peak_tflops or measured_peak_tflops(device, matmul_dtype)
     # Model FLOPs per token over the whole training set (pretraining: `flops_per_token` at the
     # context's length); each step's MFU counts the FLOPs of its own examples (`task.flops`).
-    every = np.arange(examples)
-    mean_flops = task.flops(every) / max(task.tokens(every), 1)
+    mean_flops = task.mean_flops_per_token()
     metric = cfg.task.dev_metric
     trainable = model_trainable_parameters(parts, pipeline)
     log.write(event="start", stage=stage, world_size=world, dp=dp, tp=tp, pp=pp, step=state.step, resumed_from=resumed_from,

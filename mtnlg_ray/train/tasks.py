@@ -1,7 +1,7 @@
 """The tasks the one training loop trains, by name: the language model (pretraining) here, and the
 fine-tuning tasks (`mtnlg_ray.finetune.tasks`). A stage picks one by name; the loop only calls it.
 
-A task knows its examples (`__len__`, `tokens`, `flops`), wraps the GPT (`build`), computes a micro-batch's
+A task knows its examples (`__len__`, `tokens`, `flops`, `mean_flops_per_token`), wraps the GPT (`build`), computes a micro-batch's
 loss, evaluates (`evaluate`, when `eval_every_steps` says or at the end of each epoch), keeps the best
 dev checkpoint or not (`keeps_best`) and writes a consolidated checkpoint of its model (`save`).
 """
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mtnlg_ray.config import Config
-from mtnlg_ray.model.flops import sequence_flops
+from mtnlg_ray.model.flops import flops_per_token
 from mtnlg_ray.model.gpt import GPT, GPTConfig, lm_loss
 from mtnlg_ray.train.data import TokenShards, rank_slice
 from mtnlg_ray.train.parallel import loss_parallel_context, mean_over_dp, plain
@@ -43,7 +43,10 @@ class LMTask:
 
     def flops(self, indices: np.ndarray) -> float:
         """Model FLOPs of training on these examples (the MFU numerator)."""
-        return sequence_flops(self.model_config, np.full(len(indices), self.seq_len))
+        return len(indices) * self.seq_len * self.mean_flops_per_token()
+
+    def mean_flops_per_token(self) -> float:
+        return flops_per_token(self.model_config, self.seq_len)
 
     def build(self, backbone: GPT, init_head=None) -> nn.Module:
         return backbone
