@@ -360,6 +360,25 @@ def test_task_and_seed_mistakes_fail_at_config_time_and_blame_the_set(override, 
         load_config(overrides=["task.kind=sft", "task.mode=frozen"], stage="finetune")
 
 
+def test_a_shape_key_beside_init_checkpoint_is_said_to_be_unused(tiny_checkpoint, word_files, capsys):
+    # `--set model.n_layer=9` trained the checkpoint's layers without a word, while `config show` said 9.
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.finetune.trainer import prepare_finetune
+
+    def prepare(*extra: str):
+        cfg = load_config(overrides=[f"init.checkpoint={tiny_checkpoint}", f"data.train={word_files / 'train.tsv'}",
+                                     "data.text_field=sentence", *extra], stage="finetune")
+        return prepare_finetune(cfg)[1]
+
+    shape = prepare("model.n_layer=9", "model.dropout=0.2")
+    assert shape.dropout == 0.2 and shape.n_layer != 9
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"warning: model.n_layer=9 is not used: init.checkpoint fixes the model's shape (n_layer {shape.n_layer}); "
+        "only model.dropout and model.activation_checkpointing apply"]
+    prepare(f"model.n_layer={shape.n_layer}")  # what the checkpoint holds anyway: nothing to say
+    assert capsys.readouterr().err == ""
+
+
 def test_lora_targets_and_sft_token_dropout_are_refused_at_config_time():
     """An unknown LoRA target failed on the workers, once per retry of the run; token dropout under SFT
     was accepted and did nothing."""
@@ -999,6 +1018,19 @@ def test_a_rerun_on_other_training_data_is_refused_not_resumed(ray_session, tiny
         f"run.storage_path={tmp_path / 'runs'}", "run.name=student"], stage="finetune")
     first = finetune(cfg)
     assert finetune(cfg)["final"] == first["final"]  # the same data: it resumes, finished
+    # Another task.mode or pooling under the same run.name: refused on the driver. LoRA died on a worker
+    # (no adapters in the checkpoint); frozen and last pooling resumed finished, with the old run's score.
+    for setting, was in (("task.mode=lora", "task.mode full"), ("task.mode=frozen", "task.mode full"),
+                         ("task.pooling=last", "task.pooling mean")):
+        changed = load_config(overrides=[
+            f"init.checkpoint={tiny_checkpoint}", f"data.train={train}", "data.text_field=sentence", "train.epochs=1",
+            "train.micro_batch_size=8", "train.global_batch_size=8", f"run.storage_path={tmp_path / 'runs'}",
+            "run.name=student", setting], stage="finetune")
+        key, _, value = setting.partition("=")
+        with pytest.raises(ConfigError, match=rf"runs/student: the run resumes from checkpoint_\S+, trained with "
+                                              rf"{re.escape(was)}, but this run's {re.escape(key)} is {value}; "
+                                              r"start a new run under another run.name"):
+            finetune(changed)
     lines = train.read_text().splitlines()
     train.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
     with pytest.raises(ConfigError, match=r"runs/student: the run resumes from checkpoint_.*, trained on another "
@@ -1098,6 +1130,18 @@ def test_epochs_bound_a_run_that_max_tokens_also_bounds_and_an_early_stop_surviv
     best = _recorded_best(tmp_path / "runs" / "stopped" / "best", "accuracy")
     saved = next(r for r in first if r.get("best"))
     assert best == (saved["dev"]["accuracy"], saved["step"])
+
+
+def test_evaluating_records_without_the_text_field_names_text_field(tiny_checkpoint, tmp_path):
+    # An SFT dev file given to `evaluate`: it said only "no text to evaluate on".
+    from mtnlg_ray.finetune.evaluate import evaluate
+
+    pairs = tmp_path / "sft_dev.jsonl"
+    pairs.write_text('{"prompt": "a", "completion": "b"}\n' * 3)
+    with pytest.raises(InputError, match=re.escape(
+            f"{pairs}: no text to evaluate on (3 missing_field skipped); --text-field names the field that holds "
+            "the text, if not 'text'")):
+        evaluate(tiny_checkpoint, [str(pairs)])
 
 
 def test_an_unknown_split_is_blamed_on_split_not_on_the_dataset(tmp_path):

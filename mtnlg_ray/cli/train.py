@@ -246,7 +246,8 @@ def self_train(
             kept = f", pseudo-labels kept {event['kept']}" if event.get("kept") else ""
             console.print(f"[bold]round {event['round']}[/bold]: {event['role']} on {event['train']:,} examples{kept}")
         elif event["event"] == "teacher":
-            scored = f" (dev accuracy {event['dev_accuracy']:.4f})" if event.get("dev_accuracy") is not None else ""
+            scored = (f" (their mean's dev accuracy {event['dev_accuracy']:.4f})"
+                      if event.get("dev_accuracy") is not None else "")
             console.print(f"[bold]round {event['round']}[/bold]: teacher = the n-gram classifier + the last "
                           f"student{scored}")
         elif event["event"] == "restart":

@@ -39,7 +39,10 @@ def evaluate_lm_text(checkpoint: str | Path, inputs: list[str], text_field: str 
     skipped: Counter[str] = Counter()
     texts = [t for t in iter_texts(inputs, text_field, skipped) if t]
     if not texts:
-        raise InputError(f"{' '.join(inputs)}: no text to evaluate on")
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+        hint = (f"; --text-field names the field that holds the text, if not '{text_field}' (an SFT "
+                "checkpoint is scored on its dev set as it trains)" if skipped.get("missing_field") else "")
+        raise InputError(f"{' '.join(inputs)}: no text to evaluate on" + (f" ({why} skipped)" if why else "") + hint)
     scorer = PerplexityLabeler(checkpoint, device=default_device())
     counts = [len(e.ids) for e in scorer.tokenizer.encode_batch(texts, add_special_tokens=False)]
     nll = 0.0

@@ -118,6 +118,30 @@ def _default_schedule(cfg: Config, epoch_tokens: int, examples_hint: int) -> Con
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)}) if update else cfg
 
 
+_WARNED: set[str] = set()  # once a process: self-training prepares a fine-tune every round
+
+
+def _warn_about_shape_keys(cfg: Config, model_config) -> None:
+    """`--set model.n_layer=9` beside init.checkpoint trained the checkpoint's 4 layers without a word,
+    while `config show` printed 9: the checkpoint fixes the shape, and a shape key given otherwise is
+    said to be unused."""
+    import sys
+
+    from mtnlg_ray.train.checkpoint import RUN_CHOICES
+
+    if not cfg.init.checkpoint:
+        return
+    shape = model_config.to_dict()
+    for key in sorted(cfg.model.model_fields_set):
+        value = getattr(cfg.model, key)
+        if key in shape and key not in RUN_CHOICES and value is not None and value != shape[key]:
+            line = (f"warning: model.{key}={value} is not used: init.checkpoint fixes the model's shape "
+                    f"({key} {shape[key]}); only model.dropout and model.activation_checkpointing apply")
+            if line not in _WARNED:
+                _WARNED.add(line)
+                print(line, file=sys.stderr, flush=True)
+
+
 def prepare_finetune(cfg: Config) -> tuple[Config, object, int, Path]:
     """Everything the driver checks before a worker starts: (config, model shape, vocabulary, tokenizer)."""
     from mtnlg_ray.tokenizer import load_tokenizer
@@ -127,6 +151,7 @@ def prepare_finetune(cfg: Config) -> tuple[Config, object, int, Path]:
     tokenizer_file = _tokenizer(cfg)
     vocab = load_tokenizer(tokenizer_file).get_vocab_size()
     model_config, _ = model_config_for(cfg, vocab)
+    _warn_about_shape_keys(cfg, model_config)
     if model_config.vocab_size < vocab:
         raise CheckpointError(f"{cfg.init.checkpoint}: {model_config.vocab_size} embeddings for a tokenizer of "
                               f"{vocab} tokens (a checkpoint of another vocabulary)")

@@ -54,6 +54,9 @@ class TrainerState:
     decay_tokens: int | None = None
     # Fine-tuning: the SHA-256 of data.train, so a re-run on other data is refused, not resumed mid-way.
     train_data: str | None = None
+    # Fine-tuning: the task settings that make the model it trains (`task_setup`), so a re-run with
+    # another task.mode or pooling is refused, not resumed into a model the checkpoint is not.
+    task_setup: dict | None = None
 
 
 def recorded_schedule(run_dir: Path) -> dict:
@@ -191,6 +194,35 @@ def check_resume_data(directory: Path, train_data: str | None, path: str | None,
         raise ConfigError(f"{directory.parent}: the run resumes from {directory.name}, trained on another "
                           f"{field} than {path} holds now; start a new run under another run.name "
                           "(or restore the data)")
+
+
+def task_setup(cfg, task: str) -> dict | None:
+    """What a fine-tuning checkpoint's model is beyond its shapes: the task's kind, mode and pooling,
+    and LoRA's rank, alpha and targets (None for pretraining)."""
+    if task == "lm":
+        return None
+    setup = {"task.kind": cfg.task.kind, "task.mode": cfg.task.mode}
+    if cfg.task.kind == "classification":
+        setup["task.pooling"] = cfg.task.pooling
+    if cfg.task.mode == "lora":
+        lora = cfg.task.lora
+        setup |= {"task.lora.rank": lora.rank, "task.lora.alpha": lora.alpha, "task.lora.targets": list(lora.targets)}
+    return setup
+
+
+def check_resume_task(directory: Path, setup: dict | None) -> None:
+    """A fine-tune resumes only with the task settings it started with: a re-run of a full fine-tune
+    with task.mode=lora died on a worker (its checkpoint has no adapters), and one with task.mode=frozen
+    or another pooling resumed as finished and reported the old run's score as its own."""
+    recorded = json.loads((directory / STATE_FILE).read_text()).get("task_setup")
+    if setup is None or recorded is None:
+        return
+    for key in [*recorded, *(k for k in setup if k not in recorded)]:  # kind, mode, pooling, then LoRA's
+        if recorded.get(key) != setup.get(key):
+            was = "unset" if key not in recorded else f"{recorded[key]}"
+            now = "unset" if key not in setup else f"{setup[key]}"
+            raise ConfigError(f"{directory.parent}: the run resumes from {directory.name}, trained with {key} {was}, "
+                              f"but this run's {key} is {now}; start a new run under another run.name")
 
 
 def check_resume_shape(directory: Path, config: GPTConfig, n_labels: int | None = None) -> None:

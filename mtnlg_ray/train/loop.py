@@ -243,6 +243,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     state.warmup_tokens, state.decay_tokens = cfg.train.warmup_tokens, cfg.train.decay_tokens
     state.train_data = loop_config.get("train_data")
+    state.task_setup = loop_config.get("task_setup")
 
     # Measured once setup is done (model built, sharded, loaded; optimizer made), before any step.
     param_bytes = max_over_world(local_param_bytes(parts), device)

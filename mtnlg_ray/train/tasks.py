@@ -1,8 +1,8 @@
 """The tasks the one training loop trains, by name: the language model (pretraining) here, and the
 fine-tuning tasks (`mtnlg_ray.finetune.tasks`). A stage picks one by name; the loop only calls it.
 
-A task knows its examples (`__len__`, `tokens`, `flops`, `mean_flops_per_token`), wraps the GPT (`build`), computes a micro-batch's
-loss, evaluates (`evaluate`, when `eval_every_steps` says or at the end of each epoch), keeps the best
+A task knows its examples (`__len__`, `tokens`, `flops`, `mean_flops_per_token`), wraps the GPT
+(`build`), computes a micro-batch's loss, evaluates (`evaluate`, when `eval_every_steps` says or at the end of each epoch), keeps the best
 dev checkpoint or not (`keeps_best`) and writes a consolidated checkpoint of its model (`save`).
 """
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from mtnlg_ray.config import Config, absolute_paths
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError, Interrupted, MtnlgError, first_few
-from mtnlg_ray.train.checkpoint import (check_resume_data, check_resume_shape, file_digest, is_complete,
-                                       latest_checkpoint)
+from mtnlg_ray.train.checkpoint import (check_resume_data, check_resume_shape, check_resume_task, file_digest,
+                                       is_complete, latest_checkpoint, task_setup)
 from mtnlg_ray.train.schedule import run_tokens
 
 
@@ -388,6 +388,7 @@ def run_training(
         labels = cfg.task.labels if task == "classification" else None
         check_resume_shape(resume, model_config, len(labels) if labels else None)
         check_resume_data(resume, train_data, data_path, data_field)
+        check_resume_task(resume, task_setup(cfg, task))
     metrics_file = run_dir / "metrics.jsonl"
     if resume is None:
         if metrics_file.exists():
@@ -402,7 +403,8 @@ def run_training(
         # Train V2 refuses `resume_from_checkpoint`: every worker resumes from the newest checkpoint
         # in `run_dir` itself (the one found as `resume` here, on a re-run of the same run).
         train_loop_config={"config": cfg.model_dump(mode="json"), "stage": stage, "task": task, "run_dir": str(run_dir),
-                           "vocab_size": vocab, "tokenizer": str(tokenizer_file), "train_data": train_data},
+                           "vocab_size": vocab, "tokenizer": str(tokenizer_file), "train_data": train_data,
+                           "task_setup": task_setup(cfg, task)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=tuple(workers) if isinstance(workers, tuple) else workers,
             use_gpu=cfg.parallel.use_gpu,
