@@ -379,6 +379,18 @@ def test_a_shape_key_beside_init_checkpoint_is_said_to_be_unused(tiny_checkpoint
     assert capsys.readouterr().err == ""
 
 
+def test_a_resumed_fine_tunes_task_setup_ignores_the_order_of_lora_targets():
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.train.checkpoint import task_setup
+
+    def setup(targets: str) -> dict:
+        return task_setup(load_config(overrides=["task.mode=lora", f"task.lora.targets={targets}"],
+                                      stage="finetune"), "classification")
+
+    assert setup("[proj,qkv]") == setup("[qkv,proj]") != setup("[qkv]")  # the adapters are a set
+    assert task_setup(load_config(), "lm") is None  # pretraining records none
+
+
 def test_lora_targets_and_sft_token_dropout_are_refused_at_config_time():
     """An unknown LoRA target failed on the workers, once per retry of the run; token dropout under SFT
     was accepted and did nothing."""

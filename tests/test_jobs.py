@@ -497,6 +497,12 @@ def test_a_serve_job_refuses_an_empty_api_key_as_serve_does(tmp_path, monkeypatc
         build_job("serve", ["-c", "ckpt", "--port", "0"], cwd=tmp_path)
     with pytest.raises(ConfigError, match="^--replicas and --autoscale: give one of them, not both"):
         build_job("serve", ["-c", "ckpt", "--replicas", "1", "--autoscale", "1,4"], cwd=tmp_path)
+    with pytest.raises(ConfigError, match="autoscale"):  # the options a deployment takes, checked as serve does
+        build_job("serve", ["-c", "ckpt", "--autoscale", "4,2"], cwd=tmp_path)
+    with monkeypatch.context() as env:  # a key and this machine's digest of another: serve refuses them too
+        env.setenv("MTNLG_API_KEY_SHA256", api_key_digest("other"))
+        with pytest.raises(ConfigError, match="api_key and api_key_sha256 disagree"):
+            build_job("serve", ["-c", "ckpt", "--api-key", "k3y"], cwd=tmp_path)
 
 
 def test_local_up_moves_off_a_default_port_another_ray_holds():

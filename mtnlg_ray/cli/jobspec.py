@@ -40,11 +40,6 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
     command = _stage_command(root, words)
     ctx = _parse(command, words, args)
     argv = list(words)
-    if stage == "serve":  # refused here, not on the cluster after the job started
-        from mtnlg_ray.cli.serve import check_serve_options
-
-        check_serve_options(*(ctx.params[name] for name in ("port", "replicas", "autoscale", "api_key",
-                                                              "api_key_sha256")))
     config_param = _param(command, "--config")
     set_param = _param(command, "--set")
     for param in command.params:
@@ -65,6 +60,10 @@ def build_job(root, stage: str, args: list[str], cwd: str | Path | None = None, 
                 env_vars.setdefault(secret, api_key_digest(key))
             continue
         argv += _tokens(param, ctx.params.get(param.name), source, cwd)
+    if stage == "serve":  # refused here, not on the cluster after the job started
+        from mtnlg_ray.cli.serve import serve_args
+
+        serve_args(ctx.params)
     config_yaml = None
     if config_param is not None:
         import yaml

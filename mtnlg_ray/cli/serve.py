@@ -105,16 +105,10 @@ def serve(
     `curl localhost:8000/v1/completions -d '{"prompt": "def ", "max_tokens": 32, "temperature": 0}'`
     or any OpenAI client with base_url http://localhost:8000/v1.
     """
-    from mtnlg_ray.serve.app import parse_args, serve_until_stopped
+    from mtnlg_ray.serve.app import serve_until_stopped
 
-    check_serve_options(port, replicas, autoscale, api_key, api_key_sha256)
-    args = parse_args({
-        "checkpoint": str(checkpoint), "model_name": model_name, "api_key": api_key,
-        "api_key_sha256": api_key_sha256, "max_batch": max_batch,
-        "max_waiting": max_waiting, "num_replicas": 1 if replicas is None else replicas, "autoscale": autoscale, "num_cpus": num_cpus,
-        "num_gpus": num_gpus, "kv_cache_tokens": kv_cache_tokens, "block_size": block_size,
-        "prefill_chunk": prefill_chunk, "prefix_cache": not no_prefix_cache,
-    })
+    args = serve_args(locals())
+
     def ready(url: str) -> None:
         for line in ready_lines(args.name, url, keyed=bool(args.api_key_sha256)):
             typer.echo(line)
@@ -123,6 +117,25 @@ def serve(
 
     serve_until_stopped(args, host=host, port=port, on_ready=ready)
     typer.echo("stopped.", err=True)
+
+
+def serve_args(options: dict):
+    """The deployment's `ServeArgs` from `serve`'s parsed options (by parameter name), after what `serve`
+    refuses before anything starts: `submit serve` checks a job's options with it too (a bad --autoscale
+    or a key and a digest that disagree started a job that failed)."""
+    from mtnlg_ray.serve.app import parse_args
+
+    check_serve_options(options["port"], options["replicas"], options["autoscale"], options["api_key"],
+                        options["api_key_sha256"])
+    replicas = options["replicas"]
+    return parse_args({
+        "checkpoint": str(options["checkpoint"]), "model_name": options["model_name"], "api_key": options["api_key"],
+        "api_key_sha256": options["api_key_sha256"], "max_batch": options["max_batch"],
+        "max_waiting": options["max_waiting"], "num_replicas": 1 if replicas is None else replicas,
+        "autoscale": options["autoscale"], "num_cpus": options["num_cpus"], "num_gpus": options["num_gpus"],
+        "kv_cache_tokens": options["kv_cache_tokens"], "block_size": options["block_size"],
+        "prefill_chunk": options["prefill_chunk"], "prefix_cache": not options["no_prefix_cache"],
+    })
 
 
 def check_serve_options(port: int, replicas: int | None, autoscale: str | None, api_key: str | None,

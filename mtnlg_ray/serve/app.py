@@ -724,7 +724,7 @@ def serve_until_stopped(args: ServeArgs, host: str = "127.0.0.1", port: int = 80
     try:
         ensure_ray()
         ours = _started_ray_here()
-        _refuse_gpus_the_cluster_lacks(args)
+        _refuse_gpus_the_cluster_lacks(args, ours)
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         url = _deploy(args, host, port, name)
@@ -742,16 +742,19 @@ def serve_until_stopped(args: ServeArgs, host: str = "127.0.0.1", port: int = 80
             serve.delete(name)
 
 
-def _refuse_gpus_the_cluster_lacks(args: ServeArgs) -> None:
-    """A GPU replica on a cluster with no GPU waited for one without a word (unless an autoscaler can
-    add GPU nodes)."""
+def _refuse_gpus_the_cluster_lacks(args: ServeArgs, started_here: bool) -> None:
+    """A GPU replica on a cluster with no GPU waited for one without a word. A local Ray started here
+    will never have one: refused. A cluster joined may add GPU nodes (KubeRay's autoscaler, which this
+    process cannot see, scales GPU groups up from 0 pods): a warning that the replicas wait for one."""
     import ray
 
-    from mtnlg_ray.runtime import launched_with_autoscaler
-
-    if args.num_gpus > 0 and not ray.cluster_resources().get("GPU", 0) and not launched_with_autoscaler():
+    if args.num_gpus <= 0 or ray.cluster_resources().get("GPU", 0):
+        return
+    if started_here:
         raise ConfigError(f"--num-gpus {args.num_gpus:g}: the Ray cluster has no GPU; serve on its CPUs with "
                           "--num-gpus 0, or connect to a cluster with GPUs (RAY_ADDRESS)")
+    print(f"warning: --num-gpus {args.num_gpus:g}: the Ray cluster has no GPU now; the replicas wait until an "
+          "autoscaler adds one (--num-gpus 0 serves on its CPUs)", file=sys.stderr, flush=True)
 
 
 def _started_ray_here() -> bool:

@@ -166,7 +166,8 @@ class _Request(BaseModel):
     def _one_limit(self):
         if self.max_completion_tokens is not None:
             if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
-                raise FieldError("max_completion_tokens", f"max_tokens ({self.max_tokens}) and max_completion_tokens "
+                raise FieldError("max_completion_tokens",
+                                 f"max_completion_tokens: max_tokens ({self.max_tokens}) and max_completion_tokens "
                                  f"({self.max_completion_tokens}) disagree; send one of them")
             self.max_tokens = self.max_completion_tokens
         return self
