@@ -294,6 +294,8 @@ def test_classifier_checkpoint_round_trip_and_labeler_equals_direct_forward(clas
     for name, tensor in original.state_dict().items():
         assert torch.equal(tensor, model.state_dict()[name]), name
     load_checkpoint(path)  # the backbone still reads as a plain language model
+    with pytest.raises(CheckpointError, match="a classifier's checkpoint; the perplexity labeller scores text"):
+        PerplexityLabeler.check(path)  # as a teacher LM it was taken without a word
 
     tok = load_tokenizer(path)
     texts = PARAGRAPHS[:30] + ["", " ".join(PARAGRAPHS[:8])]  # empty, and longer than the context

@@ -136,7 +136,14 @@ class PerplexityLabeler:
 
     @staticmethod
     def check(checkpoint: str | Path) -> None:
-        _check_tokenizer(checkpoint, check_checkpoint(checkpoint))
+        body = check_checkpoint(checkpoint)
+        task = body.get("task")
+        if isinstance(task, dict) and task.get("kind") == "classification":
+            # Its body scores text too, but as a fine-tune left it: the perplexities of a near-uniform
+            # teacher were taken as a language model's, without a word.
+            raise CheckpointError(f"{checkpoint}: a classifier's checkpoint; the perplexity labeller scores text "
+                                  "with a language model (a pretraining run's final/)")
+        _check_tokenizer(checkpoint, body)
 
     @torch.inference_mode()
     def perplexities(self, texts: list[str]) -> list[float | None]:
