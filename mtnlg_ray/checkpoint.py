@@ -359,13 +359,19 @@ def _check_labels(labels: Sequence[str], where: str) -> list[str]:
     return labels
 
 
+def task_kind(body: dict) -> str | None:
+    """The task a checkpoint's config.json says its model was fine-tuned for (None: a language model)."""
+    task = body.get("task")
+    return task.get("kind") if isinstance(task, dict) else None
+
+
 def classification_task(body: dict, where: str | Path) -> dict:
     """The validated `task` section of a checkpoint's config.json; one clear line if it is no classifier."""
-    task = body.get("task")
-    if not isinstance(task, dict) or task.get("kind") != "classification":
-        kind = task.get("kind") if isinstance(task, dict) else None
+    kind = task_kind(body)
+    if kind != "classification":
         found = f"task kind {kind!r}" if kind else "no task section (a language model?)"
         raise CheckpointError(f"{where}: not a classification checkpoint: config.json has {found}")
+    task = body["task"]
     labels = _check_labels(task.get("labels") or [], str(where))
     pooling = task.get("pooling", "last")
     if pooling not in POOLINGS:

@@ -125,9 +125,15 @@ def serve_args(options: dict):
     or a key and a digest that disagree started a job that failed)."""
     from mtnlg_ray.serve.app import parse_args
 
-    check_serve_options(options["port"], options["replicas"], options["autoscale"], options["api_key"],
-                        options["api_key_sha256"])
-    replicas = options["replicas"]
+    replicas, port = options["replicas"], options["port"]
+    if options["autoscale"] and replicas is not None:
+        raise ConfigError("--replicas and --autoscale: give one of them, not both")
+    if not 1 <= port <= 65535:  # port 0 would bind a port the printed URL cannot name
+        raise ConfigError(f"--port {port}: expected a port number from 1 to 65535")
+    if options["api_key"] is None and options["api_key_sha256"] is None:  # a key given: an empty variable is unused
+        for variable in KEY_VARIABLES:
+            if (blank := blank_variable(variable, None)) is not None:
+                raise ConfigError(blank)
     return parse_args({
         "checkpoint": str(options["checkpoint"]), "model_name": options["model_name"], "api_key": options["api_key"],
         "api_key_sha256": options["api_key_sha256"], "max_batch": options["max_batch"],
@@ -136,19 +142,6 @@ def serve_args(options: dict):
         "kv_cache_tokens": options["kv_cache_tokens"], "block_size": options["block_size"],
         "prefill_chunk": options["prefill_chunk"], "prefix_cache": not options["no_prefix_cache"],
     })
-
-
-def check_serve_options(port: int, replicas: int | None, autoscale: str | None, api_key: str | None,
-                        api_key_sha256: str | None) -> None:
-    """What `serve` and `submit serve` refuse before anything starts."""
-    if autoscale and replicas is not None:
-        raise ConfigError("--replicas and --autoscale: give one of them, not both")
-    if not 1 <= port <= 65535:  # port 0 would bind a port the printed URL cannot name
-        raise ConfigError(f"--port {port}: expected a port number from 1 to 65535")
-    if api_key is None and api_key_sha256 is None:  # with a key given, an unused empty variable is harmless
-        for variable in KEY_VARIABLES:
-            if (blank := blank_variable(variable, None)) is not None:
-                raise ConfigError(blank)
 
 
 def ready_lines(name: str, url: str, keyed: bool) -> list[str]:

@@ -28,6 +28,7 @@ from mtnlg_ray.checkpoint import (
     classification_task,
     load_checkpoint,
     load_classifier,
+    task_kind,
     tokenizer_path,
 )
 from mtnlg_ray.config import LabelSection
@@ -137,8 +138,7 @@ class PerplexityLabeler:
     @staticmethod
     def check(checkpoint: str | Path) -> None:
         body = check_checkpoint(checkpoint)
-        task = body.get("task")
-        if isinstance(task, dict) and task.get("kind") == "classification":
+        if task_kind(body) == "classification":
             # Its body scores text too, but as a fine-tune left it: the perplexities of a near-uniform
             # teacher were taken as a language model's, without a word.
             raise CheckpointError(f"{checkpoint}: a classifier's checkpoint; the perplexity labeller scores text "

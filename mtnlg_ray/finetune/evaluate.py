@@ -117,13 +117,12 @@ def classifier_metrics(classifier, rows, where: str | Path) -> dict:
 
 def is_classifier(checkpoint: str | Path) -> bool:
     """A fine-tuned classifier, an n-gram classifier or a mixture folder (what `evaluate` scores as one)."""
-    from mtnlg_ray.checkpoint import read_config_json
+    from mtnlg_ray.checkpoint import read_config_json, task_kind
     from mtnlg_ray.data.label import is_classifier_mix
     from mtnlg_ray.finetune.ngram import is_ngram_classifier
 
-    task = read_config_json(Path(checkpoint)).get("task")
     return (is_classifier_mix(checkpoint) or is_ngram_classifier(checkpoint)
-            or (isinstance(task, dict) and task.get("kind") == "classification"))
+            or task_kind(read_config_json(Path(checkpoint))) == "classification")
 
 
 def evaluate(checkpoint: str | Path, data: list[str], task: str | None = None, text_field: str | None = None,

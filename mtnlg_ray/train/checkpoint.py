@@ -206,7 +206,8 @@ def task_setup(cfg, task: str) -> dict | None:
         setup["task.pooling"] = cfg.task.pooling
     if cfg.task.mode == "lora":
         lora = cfg.task.lora
-        setup |= {"task.lora.rank": lora.rank, "task.lora.alpha": lora.alpha, "task.lora.targets": sorted(set(lora.targets))}
+        setup |= {"task.lora.rank": lora.rank, "task.lora.alpha": lora.alpha,
+                  "task.lora.targets": sorted(set(lora.targets))}
     return setup
 
 

@@ -384,11 +384,12 @@ def run_training(
     else:
         data_field, data_path = "data.train", cfg.data.train
         train_data = file_digest(cfg.data.train) if cfg.data.train else None
+    setup = task_setup(cfg, task)  # what the workers record, and what a resumed run must have recorded
     if resume is not None:  # the workers resume from this same checkpoint
         labels = cfg.task.labels if task == "classification" else None
         check_resume_shape(resume, model_config, len(labels) if labels else None)
         check_resume_data(resume, train_data, data_path, data_field)
-        check_resume_task(resume, task_setup(cfg, task))
+        check_resume_task(resume, setup)
     metrics_file = run_dir / "metrics.jsonl"
     if resume is None:
         if metrics_file.exists():
@@ -404,7 +405,7 @@ def run_training(
         # in `run_dir` itself (the one found as `resume` here, on a re-run of the same run).
         train_loop_config={"config": cfg.model_dump(mode="json"), "stage": stage, "task": task, "run_dir": str(run_dir),
                            "vocab_size": vocab, "tokenizer": str(tokenizer_file), "train_data": train_data,
-                           "task_setup": task_setup(cfg, task)},
+                           "task_setup": setup},
         scaling_config=ray.train.ScalingConfig(
             num_workers=tuple(workers) if isinstance(workers, tuple) else workers,
             use_gpu=cfg.parallel.use_gpu,
