@@ -319,3 +319,17 @@ def test_refused_evaluation_files_are_one_line_and_skips_beside_usable_ones_one_
     with caplog.at_level(logging.WARNING):
         assert _evaluation_grams(DecontamSection(eval_files=[str(other)]))
     assert [r.getMessage() for r in caplog.records] == ["decontam.eval_files: skipped records (missing_field 1)"]
+
+
+def test_a_missing_evaluation_file_names_its_key(tmp_path):
+    """A missing evaluation file was reported like a missing corpus input: the user looked for it among INPUTs."""
+    import pytest
+
+    from mtnlg_ray.config import DecontamSection
+    from mtnlg_ray.data.pipeline import _evaluation_grams
+    from mtnlg_ray.errors import InputError
+
+    missing = tmp_path / "evals.jsonl"
+    with pytest.raises(InputError, match=r"^decontam\.eval_files: .*evals\.jsonl") as refused:
+        _evaluation_grams(DecontamSection(eval_files=[str(missing)]))
+    assert "\n" not in str(refused.value)

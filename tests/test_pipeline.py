@@ -141,6 +141,9 @@ def test_each_bad_record_is_rejected_with_its_reason(prepared):
     stages = {s["name"]: s for s in manifest["stages"]}
     assert stages["read"]["rejected"] == 6 and stages["dedup"]["rejected"] == 2
     assert stages["decontaminate"]["rejected"] == 1
+    # e.txt kept with the passage cut out: counted, though the stage's in and out do not show it
+    assert manifest["decontaminated_docs"] == 1
+    assert stages["decontaminate"]["note"].endswith("; 1 kept with text cut out")
 
 
 def test_packed_tokens_decode_to_the_kept_documents_in_order(prepared):

@@ -144,6 +144,7 @@ class PipelineRun:
     split_files: int = 0  # .txt files over read.max_chars, cut into several documents
     pii_redacted: dict[str, int] = field(default_factory=dict)  # replacements by kind (pii.redact)
     repeated_lines: int | None = None  # distinct lines removed as boilerplate (dedup.lines)
+    decontaminated: int | None = None  # documents kept with evaluation text cut out (decontam.eval_files)
     on_stage: Callable[[StageReport], None] | None = None
     passed_over: list[str] = field(default_factory=list)  # what folders and globs left out (`resolve_sources`)
 
@@ -161,8 +162,9 @@ def _split(ds, stage: str):
     return kept, rejected
 
 
-def _run_stage(run: PipelineRun, name: str, docs, stage_fn, note: str = ""):
-    """Run `stage_fn(docs) -> (kept, rejected)`, time it and record the counts."""
+def _run_stage(run: PipelineRun, name: str, docs, stage_fn, note: str | Callable[[], str] = ""):
+    """Run `stage_fn(docs) -> (kept, rejected)`, time it and record the counts (and `note`, or what it
+    returns once the stage has run)."""
     start = time.perf_counter()
     docs_in = docs.count()
     kept, rejected = stage_fn(docs)
@@ -170,6 +172,7 @@ def _run_stage(run: PipelineRun, name: str, docs, stage_fn, note: str = ""):
     rejected = rejected.materialize()
     n_rejected = rejected.count()
     run.rejected_parts.append(rejected)
+    note = note() if callable(note) else note
     run.record(StageReport(name, docs_in, kept.count(), n_rejected, time.perf_counter() - start, note))
     if not kept.count():
         raise NothingLeft(name)
@@ -390,6 +393,7 @@ def _manifest_head(inputs: Sequence[str], run: PipelineRun, rejected: dict[str, 
                                                    if len(run.passed_over) > 20 else [])} if run.passed_over else {}),
         **({"pii_redacted": run.pii_redacted} if run.pii_redacted else {}),
         **({"repeated_lines_removed": run.repeated_lines} if run.repeated_lines is not None else {}),
+        **({"decontaminated_docs": run.decontaminated} if run.decontaminated is not None else {}),
         "rejected": rejected,
         "documents": documents,
     }
@@ -540,6 +544,8 @@ def _evaluation_grams(cfg):
     try:
         grams = eval_ngrams(iter_texts(cfg.eval_files, cfg.text_field, skipped, txt_mode=cfg.txt_mode), cfg.ngram,
                             cfg.min_words)
+    except InputError as error:  # a missing evaluation file read like a missing corpus input
+        raise InputError(f"decontam.eval_files: {error}") from None
     finally:
         read_log.setLevel(level)
     reasons = ", ".join(f"{reason} {n:,}" for reason, n in sorted(skipped.items()))
@@ -607,11 +613,20 @@ def _curate(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config
             label_documents(d, config.label), config.label))
 
     if grams is not None:
-        grams_ref = ray.put(grams)
-        docs = _run_stage(run, "decontaminate", docs, lambda d: _split(
-            d.map_batches(_decontaminate_with_ref, fn_kwargs={"grams_ref": [grams_ref], "cfg": config.decontam},
-                          batch_format="pyarrow"), "decontaminate"), note=f"{len(grams)} evaluation n-grams")
+        docs = _run_stage(run, "decontaminate", docs, lambda d: _decontaminate(run, d, ray.put(grams), config),
+                          note=lambda: f"{len(grams)} evaluation n-grams; {run.decontaminated} kept with text cut out")
     return docs, read_counts
+
+
+def _decontaminate(run: PipelineRun, docs, grams_ref, config: Config):
+    """The decontamination stage; the documents kept with a span cut out are counted (their texts changed
+    but the stage's in and out counts do not show it)."""
+    from ray.data.expressions import col
+
+    checked = docs.map_batches(_decontaminate_with_ref, fn_kwargs={"grams_ref": [grams_ref], "cfg": config.decontam},
+                               batch_format="pyarrow").materialize()
+    run.decontaminated = checked.filter(expr=(col("reason") == "") & (col("detail") != "")).count()
+    return _split(checked, "decontaminate")
 
 
 def _decontaminate_with_ref(batch: pa.Table, grams_ref: list, cfg) -> pa.Table:
