@@ -465,14 +465,18 @@ def run_self_training(work: Path, tokenizer_dir: Path, name: str, *settings: str
     write_word_task(work / "labelled.tsv", 96, seed=0)
     write_word_task(work / "dev.tsv", 64, seed=1)
     write_word_task(work / "pool.tsv", 160, seed=2)
+    result = self_train_cli(work, tokenizer_dir, name, *settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, result
+
+
+def self_train_cli(work: Path, tokenizer_dir: Path, name: str, *settings: str):
     sets = [f"tokenizer.path={tokenizer_dir}", "model.preset=tiny", "model.n_layer=2", "model.seq_len=32",
             f"data.train={work / 'labelled.tsv'}", f"data.dev={work / 'dev.tsv'}", "data.text_field=sentence",
             f"selftrain.unlabelled={work / 'pool.tsv'}", "selftrain.rounds=1", "train.global_batch_size=16",
             "train.lr=3e-3", "train.peak_tflops=1.0", f"run.storage_path={work / 'runs'}", f"run.name={name}",
             *settings]
-    result = run_cli("self-train", *[arg for value in sets for arg in ("--set", value)], timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return work, result
+    return run_cli("self-train", *[arg for value in sets for arg in ("--set", value)], timeout=600)
 
 
 def test_self_training_runs_teacher_labelling_and_student(self_trained):
@@ -655,6 +659,21 @@ def test_sft_with_lora_on_two_fsdp_workers_learns_and_saves_merged_weights(ray_s
     assert scored["loss"] == pytest.approx(result["dev"]["loss"], abs=1e-4)
     assert not torch.equal(final.blocks[0].mlp.fc1.weight, base.blocks[0].mlp.fc1.weight)
     assert torch.equal(final.tok_emb.weight, base.tok_emb.weight)  # not a LoRA target: untouched
+
+
+def test_a_self_train_rerun_with_another_task_setting_is_refused_before_labelling(self_trained, tokenizer_dir):
+    """With a given teacher, a re-run with another pooling labelled the whole pool again, and only then
+    did round 1's student refuse to resume."""
+    work, _ = self_trained
+    root = work / "runs" / "st"
+    pseudo = root / "round1" / "pseudo" / "manifest.json"
+    before = pseudo.stat().st_mtime_ns
+    result = self_train_cli(work, tokenizer_dir, "st", "selftrain.threshold=0.8", "train.epochs=4",
+                            "selftrain.student_epochs=1", f"selftrain.teacher={root / 'round0' / 'final'}",
+                            "task.pooling=last")
+    assert_one_line_error(result, "st/round1: the run resumes from checkpoint_", "trained with task.pooling mean",
+                          "this run's task.pooling is last")
+    assert pseudo.stat().st_mtime_ns == before  # the pool was not labelled again
 
 
 def test_a_given_teacher_must_classify_the_tasks_labels(self_trained, tokenizer_dir):
@@ -1032,15 +1051,17 @@ def test_a_rerun_on_other_training_data_is_refused_not_resumed(ray_session, tiny
     assert finetune(cfg)["final"] == first["final"]  # the same data: it resumes, finished
     # Another task.mode or pooling under the same run.name: refused on the driver. LoRA died on a worker
     # (no adapters in the checkpoint); frozen and last pooling resumed finished, with the old run's score.
+    # Reordered labels resumed the head with its classes swapped: only their count was checked.
     for setting, was in (("task.mode=lora", "task.mode full"), ("task.mode=frozen", "task.mode full"),
-                         ("task.pooling=last", "task.pooling mean")):
+                         ("task.pooling=last", "task.pooling mean"),
+                         ("task.labels=[pos, neg]", "task.labels [neg, pos]")):
         changed = load_config(overrides=[
             f"init.checkpoint={tiny_checkpoint}", f"data.train={train}", "data.text_field=sentence", "train.epochs=1",
             "train.micro_batch_size=8", "train.global_batch_size=8", f"run.storage_path={tmp_path / 'runs'}",
             "run.name=student", setting], stage="finetune")
         key, _, value = setting.partition("=")
         with pytest.raises(ConfigError, match=rf"runs/student: the run resumes from checkpoint_\S+, trained with "
-                                              rf"{re.escape(was)}, but this run's {re.escape(key)} is {value}; "
+                                              rf"{re.escape(was)}, but this run's {re.escape(key)} is {re.escape(value)}; "
                                               r"start a new run under another run.name"):
             finetune(changed)
     lines = train.read_text().splitlines()

@@ -161,6 +161,7 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         _check_teacher(cfg, labels)
     metric = cfg.task.dev_metric
     root = Path(cfg.run.storage_path) / cfg.run.name
+    _check_resumed_rounds(root, checked)
     root.mkdir(parents=True, exist_ok=True)
     pool_size, gold = _write_pool(cfg, unlabelled, root / "pool.jsonl", labels)
     labelled = read_classification(checked.data.train, cfg.data.text_field, cfg.data.label_field)
@@ -221,6 +222,19 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
     publish_file(root / "self_train_report.json", json.dumps(report, indent=2) + "\n")
     report["plot"] = str(plot_self_training(report, root / "self_train.png"))
     return report
+
+
+def _check_resumed_rounds(root: Path, checked: Config) -> None:
+    """A re-run with another task setting (pooling, mode, labels, LoRA) is refused before anything runs: each
+    round's fine-tune refused it only when it came to train, after the pool had been labelled."""
+    from mtnlg_ray.train.checkpoint import check_resume_task, latest_checkpoint, task_setup
+
+    setup = task_setup(checked, "classification")  # every round's: the students change only their noise
+    given = checked.selftrain.teacher or checked.selftrain.ngram_teacher  # then round 0 trains no GPT
+    for number in range(1 if given else 0, checked.selftrain.rounds + 1):
+        newest = latest_checkpoint(root / f"round{number}")
+        if newest is not None:
+            check_resume_task(newest, setup)
 
 
 def _forget_stale_student(out: Path, train: Path) -> bool:

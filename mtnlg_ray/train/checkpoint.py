@@ -198,12 +198,15 @@ def check_resume_data(directory: Path, train_data: str | None, path: str | None,
 
 def task_setup(cfg, task: str) -> dict | None:
     """What a fine-tuning checkpoint's model is beyond its shapes: the task's kind, mode and pooling,
-    and LoRA's rank, alpha and targets (None for pretraining)."""
+    a classifier's labels in the order of its head's outputs, and LoRA's rank, alpha and targets (None
+    for pretraining)."""
     if task == "lm":
         return None
     setup = {"task.kind": cfg.task.kind, "task.mode": cfg.task.mode}
     if cfg.task.kind == "classification":
         setup["task.pooling"] = cfg.task.pooling
+        if cfg.task.labels:  # filled in from data.train before a run (`_check_task`)
+            setup["task.labels"] = list(cfg.task.labels)
     if cfg.task.mode == "lora":
         lora = cfg.task.lora
         setup |= {"task.lora.rank": lora.rank, "task.lora.alpha": lora.alpha,
@@ -218,10 +221,15 @@ def check_resume_task(directory: Path, setup: dict | None) -> None:
     recorded = json.loads((directory / STATE_FILE).read_text()).get("task_setup")
     if setup is None or recorded is None:
         return
+    def shown(value) -> str:
+        return f"[{', '.join(map(str, value))}]" if isinstance(value, list) else str(value)
+
     for key in [*recorded, *(k for k in setup if k not in recorded)]:  # kind, mode, pooling, then LoRA's
-        if recorded.get(key) != setup.get(key):
-            was = "unset" if key not in recorded else f"{recorded[key]}"
-            now = "unset" if key not in setup else f"{setup[key]}"
+        if key == "task.labels" and key not in recorded:
+            continue  # a checkpoint from before labels were recorded: its head was checked by its size only
+        if recorded.get(key) != setup.get(key):  # reordered labels: each class would read another's output
+            was = "unset" if key not in recorded else shown(recorded[key])
+            now = "unset" if key not in setup else shown(setup[key])
             raise ConfigError(f"{directory.parent}: the run resumes from {directory.name}, trained with {key} {was}, "
                               f"but this run's {key} is {now}; start a new run under another run.name")
 
