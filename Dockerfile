@@ -11,6 +11,9 @@ FROM rayproject/ray:${RAY_VERSION}-${PYTHON}-${VARIANT}
 
 ARG VARIANT=cpu
 LABEL org.opencontainers.image.title="mtnlg-ray" org.opencontainers.image.version="0.1.0"
+# Made by the image's user `ray` first: a WORKDIR that does not exist is root's under builders other
+# than BuildKit (the classic builder, kaniko, buildah), and `pip install .` could not write there.
+RUN mkdir -p /home/ray/mtnlg-ray
 WORKDIR /home/ray/mtnlg-ray
 COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users mtnlg_ray ./mtnlg_ray

@@ -178,6 +178,9 @@ class LabelSection(Section):
     ppl_max_percentile: float | None = Field(None, gt=0.0, le=100.0)
     actors: tuple[int, int] = (1, 1)
     num_gpus: float = Field(0.0, ge=0.0)  # per labelling actor; the model runs on CUDA when it gets one
+    # Nodes will come (KubeRay's autoscaler, a GPU group at 0 pods): a pool the cluster cannot hold yet
+    # waits for them, where it is refused otherwise. A cluster-launcher cluster is found without it.
+    autoscaling: bool = False
     # CPU threads of each perplexity / classifier actor's forward passes. None: one, as Ray gives a
     # 1-CPU actor. 2 on a 2-core machine where labelling is the only work labels twice as fast.
     threads: int | None = Field(None, ge=1)

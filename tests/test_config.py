@@ -217,6 +217,23 @@ def test_a_warm_up_the_decay_never_gets_past_is_warned_about(tmp_path, capsys):
         "unless set): the LR never reaches train.lr (0.003); set train.warmup_tokens")
 
 
+def test_max_steps_ending_a_run_before_its_max_tokens_is_warned_about(capsys):
+    """The shipped pretrain.yaml's 200 steps ended a `--set train.max_tokens=26000000000` run after 0.8 %
+    of its tokens, without a word (the KubeRay RayJob did this)."""
+    from mtnlg_ray.train.schedule import run_tokens
+    from mtnlg_ray.train.trainer import warn_if_max_steps_ends_first
+
+    capped = load_config(overrides=["train.max_tokens=26000000000"], stage="pretrain")
+    warn_if_max_steps_ends_first(capped, 2048)
+    tokens = run_tokens(capped.train, 2048)
+    assert capsys.readouterr().err.strip() == (
+        f"warning: train.max_steps (200) ends the run after {tokens:,} tokens, before train.max_tokens "
+        "(26,000,000,000); set train.max_steps=null to train to max_tokens")
+    for overrides in (["train.max_tokens=26000000000", "train.max_steps=null"], ["train.max_tokens=100000"], []):
+        warn_if_max_steps_ends_first(load_config(overrides=overrides, stage="pretrain"), 2048)
+    assert capsys.readouterr().err == ""
+
+
 def test_the_schedules_the_config_accepts_are_the_ones_the_pipeline_runs():
     from typing import get_args
 

@@ -492,6 +492,11 @@ def test_a_serve_job_refuses_an_empty_api_key_as_serve_does(tmp_path, monkeypatc
     with monkeypatch.context() as env:
         env.setenv("MTNLG_API_KEY_SHA256", api_key_digest("k3y"))
         assert build_job("serve", ["-c", "ckpt"], cwd=tmp_path).env_vars["MTNLG_API_KEY_SHA256"] == api_key_digest("k3y")
+    # --env would ship the key itself, shown by `ray job list` and the dashboard.
+    with pytest.raises(ConfigError, match=r"^--env MTNLG_API_KEY: a job's environment shows in `ray job list`"):
+        build_job("serve", ["-c", "ckpt"], cwd=tmp_path, env=["MTNLG_API_KEY=k3y"])
+    assert build_job("serve", ["-c", "ckpt"], cwd=tmp_path, env=["TOKENIZERS_PARALLELISM=false"]).env_vars == {
+        "TOKENIZERS_PARALLELISM": "false"}
     # What `serve` refuses before anything starts, `submit serve` refuses before the job does.
     with pytest.raises(ConfigError, match="^--port 0: expected a port number from 1 to 65535"):
         build_job("serve", ["-c", "ckpt", "--port", "0"], cwd=tmp_path)

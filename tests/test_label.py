@@ -330,8 +330,14 @@ def test_a_wrong_model_is_one_line_before_any_actor_starts(ray_session, tiny_che
     with pytest.raises(ConfigError, match=r"label.actors: at least 1 labelling actors of 1 CPU and 1 GPU each, "
                                           r"but the Ray cluster has 2 CPUs and 0 GPUs \(0 such actors fit\)"):
         label_documents(ds, LabelSection(labeler="perplexity", model=str(tiny_checkpoint), num_gpus=1))
-    with pytest.raises(ConfigError, match=r"at least 3 labelling actors of 1 CPU each"):
+    with pytest.raises(ConfigError, match=r"at least 3 labelling actors of 1 CPU each.*lower label.actors, or set "
+                                          r"label.autoscaling=true if nodes will be added$"):
         label_documents(ds, LabelSection(labeler="perplexity", model=str(tiny_checkpoint), actors=(3, 3)))
+    # KubeRay's autoscaler runs beside the head, where this cannot see it: the user says nodes will come
+    # (a RayCluster whose GPU group starts at 0 pods refused every labelling stage).
+    from mtnlg_ray.data.label import _check_pool_fits
+
+    assert _check_pool_fits(3, 1.0, autoscaling=True) is None
     # Weights the config no longer describes, or no weights: found from the header before the pool
     # starts (an actor loading them used to die in its constructor, behind Ray's traceback).
     reshaped = tmp_path / "reshaped"

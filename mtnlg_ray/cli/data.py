@@ -114,7 +114,8 @@ def config_show(
     derived = _derived_keys(resolved, stage)  # before the schedule below marks them set
     if stage == "pretrain":
         # The layout a cluster would run, checked as the trainer will before any worker starts.
-        from mtnlg_ray.train.trainer import check_run_layout, schedule_over_the_run, warn_about_the_schedule
+        from mtnlg_ray.train.trainer import (check_run_layout, schedule_over_the_run, warn_about_the_schedule,
+                                             warn_if_max_steps_ends_first)
 
         model = resolved.model.resolve()
         check_run_layout(resolved, model, "lm")
@@ -125,6 +126,7 @@ def config_show(
         resolved = schedule_over_the_run(resolved, seq_len or model.seq_len, sequences)
         # The README's check of a --config file: its warm-up past the decay is said here, not first in the run.
         warn_about_the_schedule(resolved)
+        warn_if_max_steps_ends_first(resolved, seq_len or model.seq_len)
     elif stage == "finetune" and resolved.data.train:
         # Warm-up and decay as finetune derives them from data.train's tokens, after the checks it
         # makes before a worker starts (the files, their labels, the start checkpoint and tokenizer).

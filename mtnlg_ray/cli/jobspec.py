@@ -157,5 +157,9 @@ def _parse_env(items) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise MtnlgError(f"--env {item}: expected KEY=VALUE")
+        if key.strip() == "MTNLG_API_KEY":  # it would ship as it is, where --api-key ships only its digest
+            raise ConfigError("--env MTNLG_API_KEY: a job's environment shows in `ray job list` and the dashboard; "
+                              "give the key with --api-key (or this machine's MTNLG_API_KEY): the job gets only "
+                              "its SHA-256")
         env[key.strip()] = value
     return env

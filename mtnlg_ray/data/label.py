@@ -320,7 +320,7 @@ def label_documents(ds: ray.data.Dataset, cfg: LabelSection, text_field: str = "
         raise ConfigError(f"label.model: expected the {cfg.labeler} model's path, got none")
     labeler.check(cfg.model)  # a missing or wrong model is one line here, not a dead actor pool
     low, high = cfg.actors
-    _check_pool_fits(low, cfg.num_gpus)
+    _check_pool_fits(low, cfg.num_gpus, cfg.autoscaling)
     return ds.map_batches(
         labeler,
         fn_constructor_args=(str(cfg.model),),
@@ -335,18 +335,22 @@ def label_documents(ds: ray.data.Dataset, cfg: LabelSection, text_field: str = "
     )
 
 
-def _check_pool_fits(actors: int, num_gpus: float) -> None:
+def _check_pool_fits(actors: int, num_gpus: float, autoscaling: bool = False) -> None:
     """Ray Data waits without end, and without a word, for an actor pool the cluster cannot hold: one
-    line instead, unless an autoscaler (a cluster the Ray cluster launcher started) may add nodes."""
+    line instead, unless an autoscaler may add nodes (`label.autoscaling`, or a cluster the Ray cluster
+    launcher started)."""
     from mtnlg_ray.runtime import launched_with_autoscaler, workers_that_fit
 
+    if autoscaling:
+        return
     fit, cpus, gpus = workers_that_fit(1.0, num_gpus)
     if fit >= actors or launched_with_autoscaler():
         return
     shape = "1 CPU" + (f" and {num_gpus:g} GPU" if num_gpus else "")
     raise ConfigError(f"label.actors: at least {actors} labelling actors of {shape} each, but the Ray cluster "
                       f"has {cpus:g} CPUs and {gpus:g} GPUs ({fit} such actors fit); lower label.actors"
-                      + (" or label.num_gpus" if num_gpus else ""))
+                      + (" or label.num_gpus" if num_gpus else "") + ", or set label.autoscaling=true if nodes "
+                      "will be added")
 
 
 def pareto_draws(ids: list[str], alpha: float, seed: int) -> np.ndarray:

@@ -189,8 +189,10 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
         started = time.perf_counter()
         out = root / f"round{number}"
         label_cfg = cfg.model_copy(update={
+            # nodes the students' parallel.autoscaling awaits come for the labelling actors too
             "label": cfg.label.model_copy(update={"labeler": "classifier", "model": teacher,
-                                                  "threshold": cfg.selftrain.threshold}),
+                                                  "threshold": cfg.selftrain.threshold,
+                                                  "autoscaling": cfg.label.autoscaling or cfg.parallel.autoscaling}),
             "data": cfg.data.model_copy(update={"text_field": "text"}),  # pool.jsonl's field
         })
         emit(event="label", round=number, teacher=teacher, pool=pool_size)

@@ -668,8 +668,9 @@ def check_can_serve(host: str, port: int) -> None:
         raise ConfigError(f"Ray Serve on this cluster already serves {', '.join(served)} at '/'; stop it first "
                           "(`mtnlg-ray jobs stop JOB_ID`, or Ray's `serve shutdown` for one whose job died)")
     http = client.http_config
-    if (http.host, http.port) != (host, port):
-        raise ConfigError(f"--port {port}: Ray Serve on this cluster listens on {http.host}:{http.port}; "
+    if (http.host, http.port) != (host, port):  # the option that differs is named: --host was blamed on --port
+        given = " ".join([f"--host {host}"] * (http.host != host) + [f"--port {port}"] * (http.port != port))
+        raise ConfigError(f"{given}: Ray Serve on this cluster listens on {http.host}:{http.port}; "
                           f"serve there (--host {http.host} --port {http.port}) or shut its Serve down first")
 
 

@@ -138,6 +138,7 @@ def pretrain(cfg: Config, on_record: Callable[[dict], None] | None = None, say_i
                          "text, or a smaller pack.seq_len with `data prepare --set pack.seq_len=N`")
     check_run_layout(cfg, model_config, "lm")  # the layout's own mistakes first
     cfg = schedule_over_the_run(cfg, shards.seq_len, len(shards))
+    warn_if_max_steps_ends_first(cfg, shards.seq_len)
     tp = cfg.parallel.tp
     if tp > 1 and cfg.parallel.sequence_parallel and shards.seq_len % tp:
         raise ConfigError(f"parallel.sequence_parallel: the packed sequences of {dataset} have {shards.seq_len} "
@@ -346,6 +347,20 @@ def warn_about_the_schedule(cfg: Config) -> None:
     if warmup >= decay:
         print(f"warning: train.warmup_tokens ({warmup:,}) is not below train.decay_tokens ({decay:,}; the run's "
               f"tokens unless set): the LR never reaches train.lr ({cfg.train.lr:g}); set train.warmup_tokens",
+              file=sys.stderr, flush=True)
+
+
+def warn_if_max_steps_ends_first(cfg: Config, seq_len: int) -> None:
+    """One warning line when `train.max_steps` ends a pretraining run before the `train.max_tokens` also set:
+    the shipped pretrain.yaml's 200 steps stopped a `--set train.max_tokens=26000000000` run after 0.8 %
+    of its tokens, mid warm-up, without a word."""
+    train = cfg.train
+    if train.max_steps is None or train.max_tokens is None:
+        return
+    by_steps = run_tokens(train.model_copy(update={"max_tokens": None}), seq_len, planned_dp(cfg))
+    if by_steps < train.max_tokens:
+        print(f"warning: train.max_steps ({train.max_steps:,}) ends the run after {by_steps:,} tokens, before "
+              f"train.max_tokens ({train.max_tokens:,}); set train.max_steps=null to train to max_tokens",
               file=sys.stderr, flush=True)
 
 
