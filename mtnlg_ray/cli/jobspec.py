@@ -124,15 +124,18 @@ def _tokens(param, value, source, cwd: Path) -> list[str]:
         if value:
             return [flag]
         return [param.secondary_opts[0]] if param.secondary_opts else []
+    # A path option by its type: typer 0.28 parses it to a str and makes the Path only when it calls
+    # the command (its --output went to the cluster relative); 0.29 gives a Path here, and no param.type.
+    is_path = getattr(getattr(param, "type", None), "name", None) == "path"
     tokens: list[str] = []
     for item in (value if getattr(param, "multiple", False) else [value]):
         parts = item if isinstance(item, tuple) else (item,)
-        tokens += [flag, *(_token(part, cwd) for part in parts)]
+        tokens += [flag, *(_token(part, cwd, is_path) for part in parts)]
     return tokens
 
 
-def _token(value, cwd: Path) -> str:
-    if isinstance(value, PurePath):
+def _token(value, cwd: Path, is_path: bool = False) -> str:
+    if is_path or isinstance(value, PurePath):
         return absolute_path(str(value), cwd)
     if isinstance(value, Enum):
         return str(value.value)
