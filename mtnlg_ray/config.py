@@ -375,6 +375,19 @@ class ParallelSection(Section):
     # once. A cluster started by the Ray cluster launcher is taken to autoscale.
     autoscaling: bool = False
 
+    @field_validator("workers", mode="wrap")
+    @classmethod
+    def _count_or_range(cls, value: Any, handler) -> Any:
+        # `[1,2,3]` was "parallel.workers.int: Input should be a valid integer": one error per union member,
+        # named after pydantic's, none saying what a range is. What pydantic takes (4.0, "4") still passes;
+        # the checks' own messages (true / false, min <= max) stay.
+        try:
+            return handler(value)
+        except ValidationError as error:
+            if any(e["type"] == "value_error" for e in error.errors()):
+                raise
+            raise ValueError("expected a positive integer or [min, max]") from None
+
     @field_validator("workers")
     @classmethod
     def _workers(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:

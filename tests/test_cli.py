@@ -233,6 +233,15 @@ def test_a_config_saved_from_config_show_keeps_what_the_run_derives(tmp_path):
     train = shown_train(longer.stdout)
     assert (train["lr"], train["decay_tokens"]) == (6e-4, 5000 * 32 * 2048)
     assert train["warmup_tokens"] == 5000 * 32 * 2048 // 10  # under GPT-3's 375M: a tenth of this run
+    assert longer.stderr == ""
+    # A mistyped data.path printed a decay from the model's context, as if it were the data's, without a word.
+    typo = run_cli("config", "show", "--stage", "pretrain", "--set", f"data.path={tmp_path / 'data6'}")
+    assert typo.returncode == 0 and typo.stderr.startswith(
+        f"warning: data.path cannot be read here ({tmp_path / 'data6' / 'tokens' / 'index.json'}: missing") \
+        and typo.stderr.count("\n") == 1
+    # A max_steps that ends the run long before a max_tokens also set (the shipped 200 steps under 26B tokens).
+    capped = run_cli("config", "show", "--stage", "pretrain", "--set", "train.max_tokens=26000000000")
+    assert capped.returncode == 0 and capped.stderr.startswith("warning: train.max_steps (200) ends the run after ")
 
 
 def test_config_show_prints_the_schedule_finetune_derives_from_its_data(tiny_checkpoint, tmp_path):

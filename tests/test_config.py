@@ -39,6 +39,10 @@ def test_file_values_and_overrides_stack(tmp_path):
         ("train.lr=abc", "--set train.lr=abc: train.lr: Input should be a valid number"),
         ("model.preset=huge", "model.preset: expected one of tiny, small"),
         ("parallel.workers=[3, 1]", "parallel.workers: expected [min, max]"),
+        # a list of another length was "parallel.workers.int: Input should be a valid integer"
+        ("parallel.workers=[1, 2, 3]", "--set parallel.workers=[1, 2, 3]: parallel.workers: expected a positive "
+                                       "integer or [min, max] (got [1, 2, 3])"),
+        ("parallel.workers=abc", "parallel.workers: expected a positive integer or [min, max] (got 'abc')"),
         ("train.beta2=1.5", "train.beta2"),
         ("train", "expected KEY=VALUE"),
         # refused here, not after a whole curation run reaches the tokenizer or the split
@@ -231,6 +235,21 @@ def test_max_steps_ending_a_run_before_its_max_tokens_is_warned_about(capsys):
         "(26,000,000,000); set train.max_steps=null to train to max_tokens")
     for overrides in (["train.max_tokens=26000000000", "train.max_steps=null"], ["train.max_tokens=100000"], []):
         warn_if_max_steps_ends_first(load_config(overrides=overrides, stage="pretrain"), 2048)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_global_batch_rounded_down_to_whole_micro_batches_is_warned_about(capsys):
+    """3 ranks of micro-batch 4 take 24 of a global batch of 32: the run printed `batch 24` without a word."""
+    from mtnlg_ray.train.trainer import warn_about_the_batch
+
+    warn_about_the_batch(load_config(overrides=["parallel.workers=3", "train.micro_batch_size=4",
+                                                "train.global_batch_size=32"], stage="pretrain"))
+    assert capsys.readouterr().err == ("warning: train.global_batch_size (32) is not a multiple of train.micro_batch_size "
+                                       "x dp (4 x 3 = 12): each step takes 24, whole micro-batches on every rank\n")
+    warn_about_the_batch(load_config(overrides=["parallel.workers=4", "train.micro_batch_size=4",
+                                                "train.global_batch_size=32"], stage="pretrain"))
+    warn_about_the_batch(load_config(overrides=["parallel.workers=4", "parallel.tp=2", "train.micro_batch_size=8",
+                                                "train.global_batch_size=32"], stage="pretrain"))  # dp 2: 16 | 32
     assert capsys.readouterr().err == ""
 
 

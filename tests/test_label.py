@@ -335,9 +335,9 @@ def test_a_wrong_model_is_one_line_before_any_actor_starts(ray_session, tiny_che
         label_documents(ds, LabelSection(labeler="perplexity", model=str(tiny_checkpoint), actors=(3, 3)))
     # KubeRay's autoscaler runs beside the head, where this cannot see it: the user says nodes will come
     # (a RayCluster whose GPU group starts at 0 pods refused every labelling stage).
-    from mtnlg_ray.data.label import _check_pool_fits
-
-    assert _check_pool_fits(3, 1.0, autoscaling=True) is None
+    waiting = label_documents(ds, LabelSection(labeler="perplexity", model=str(tiny_checkpoint), num_gpus=1,
+                                               autoscaling=True))
+    assert isinstance(waiting, ray.data.Dataset)  # planned, not run: its GPU actor would wait for a node
     # Weights the config no longer describes, or no weights: found from the header before the pool
     # starts (an actor loading them used to die in its constructor, behind Ray's traceback).
     reshaped = tmp_path / "reshaped"

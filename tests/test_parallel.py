@@ -358,7 +358,8 @@ def test_check_layout_accepts_valid_layouts():
     [
         ({"pp_schedule": "zigzag"}, "parallel.pp_schedule: expected one of gpipe, 1f1b, interleaved-1f1b"),
         ({"pp_schedule": "interleaved-1f1b"}, "set parallel.pp_virtual >= 2"),
-        ({"pp_virtual": 2}, "parallel.pp_virtual=2 needs an interleaved schedule"),
+        ({"pp_virtual": 2}, "parallel.pp_virtual=2 needs an interleaved schedule (interleaved-1f1b or "
+                            "interleaved-zero-bubble)"),
         ({"pp_layers": [3, 2]}, "parallel.pp_layers: expected 2 positive layer counts (one a stage) adding up to "
                                 "model.n_layer=4, got [3, 2]"),
     ],

@@ -15,7 +15,7 @@ import torch
 
 from conftest import run_cli, shared_data
 from mtnlg_ray.config import load_config
-from mtnlg_ray.errors import ConfigError
+from mtnlg_ray.errors import ConfigError, InputError
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +244,27 @@ def test_checkpoints_ray_did_not_record_are_pruned_as_checkpoint_keep_says(shake
     shutil.copytree(run / kept[-1], cut)
     (cut / ".metadata").write_bytes((cut / ".metadata").read_bytes()[:100])
     _prune_unrecorded(run, keep=1)
-    assert sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) == [*kept, last_complete.name, cut.name]
+    assert sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir()) == [last_complete.name, cut.name]
+    # The checkpoints Ray recorded go too when older than the newest `keep`: after a Ctrl-C, Ray counted
+    # the unrecorded one among its two and kept an older one it recorded, three checkpoints for keep=2.
+    # Its record of them goes with them; the next run's Ray starts a new one.
+    assert not (run / "checkpoint_manager_snapshot.json").exists()
+    shutil.rmtree(cut)
+    again = pretrain(train_config(shakespeare, tmp_path, "single", "parallel.workers=1", "train.max_steps=16", *EVERY_4))
+    assert again["steps"] == 16 and len([p for p in run.glob("checkpoint_*") if p.is_dir()]) == 2
+    # Kept by step, as a resume picks: a folder's name is its worker's clock, which may go back. The
+    # newest step in a folder whose name reads oldest is kept; the others go.
+    import json
+
+    from mtnlg_ray.train.checkpoint import STATE_FILE, latest_checkpoint
+
+    newest = latest_checkpoint(run)
+    skewed = run / "checkpoint_1999-01-01_00-00-00.000000"
+    shutil.copytree(newest, skewed)
+    state = json.loads((skewed / STATE_FILE).read_text())
+    (skewed / STATE_FILE).write_text(json.dumps({**state, "step": state["step"] + 4}))
+    _prune_unrecorded(run, keep=1)
+    assert [p.name for p in run.glob("checkpoint_*") if p.is_dir()] == [skewed.name]
 
 
 def test_a_rerun_with_another_model_shape_is_refused_not_resumed_from_part_of_the_old_one(
@@ -350,6 +370,9 @@ def test_a_pipelined_run_trains_as_one_worker_does(shakespeare, eight_steps_on_o
                                      *EVERY_4))["run_dir"])
     start = read_start_events(run)[0]
     assert start["pp"] == 2 and start["world_size"] == int(PIPELINES[layout][0].split("=")[1])
+    settings = dict(s.split("=") for s in PIPELINES[layout])
+    assert (start["pp_schedule"], start["pp_virtual"]) == (settings.get("parallel.pp_schedule", "1f1b"),
+                                                           int(settings.get("parallel.pp_virtual", 1)))
     assert start["trainable_parameters"] == read_start_events(eight_steps_on_one_worker)[0]["trainable_parameters"]
     assert_trains_like(run, eight_steps_on_one_worker, steps=8)
 
@@ -451,6 +474,9 @@ def test_batch_rampup_follows_its_schedule_and_any_layout_trains_on_the_same_bat
     for key, value in (("warmup_tokens", 512), ("decay_tokens", 3072)):  # the ramped run's 3,072 tokens
         assert (f"  # {key}: {value}  (derived: recorded by the run in {tmp_path / 'ramp1'}, which this config "
                 "resumes)") in shown.stdout.splitlines()
+    # Its 392 added steps would train at the floor LR: said, with the setting that decays over them.
+    assert shown.stderr.startswith("warning: the run resumes with the decay its checkpoint recorded (3,072 tokens), "
+                                   "shorter than this run's ") and "set train.decay_tokens=" in shown.stderr
 
 
 @pytest.mark.slow  # 47 s of the CI budget; torch.compile is an option no default uses
@@ -1000,3 +1026,27 @@ def test_plot_writes_the_file_it_names_in_the_format_its_suffix_names(tmp_path):
             plot_losses(run, output)
     assert not (tmp_path / "run.png").exists()
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_dataset_manifest_cut_short_is_said_to_be_no_json(tmp_path):
+    """A manifest.json of `{` was reported as "no tokenizer.vocab_size", as if a key were missing."""
+    from mtnlg_ray.train.trainer import _dataset_vocab
+
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(InputError, match=r"manifest.json: not valid JSON \(.*\); prepare the dataset again$"):
+        _dataset_vocab(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"tokenizer": {}}')
+    with pytest.raises(InputError, match=r"manifest.json: no tokenizer.vocab_size \('vocab_size'\)$"):
+        _dataset_vocab(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"tokenizer": {"vocab_size": 512}}')
+    assert _dataset_vocab(tmp_path) == 512
+
+
+def test_a_missing_init_checkpoint_names_its_key(tmp_path):
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.errors import CheckpointError
+    from mtnlg_ray.train.loop import model_config_for
+
+    cfg = load_config(overrides=[f"init.checkpoint={tmp_path / 'nope'}"], stage="pretrain")
+    with pytest.raises(CheckpointError, match=rf"^init.checkpoint: {tmp_path / 'nope'}: checkpoint not found$"):
+        model_config_for(cfg, 512)

@@ -114,8 +114,8 @@ def config_show(
     derived = _derived_keys(resolved, stage)  # before the schedule below marks them set
     if stage == "pretrain":
         # The layout a cluster would run, checked as the trainer will before any worker starts.
-        from mtnlg_ray.train.trainer import (check_run_layout, schedule_over_the_run, warn_about_the_schedule,
-                                             warn_if_max_steps_ends_first)
+        from mtnlg_ray.train.trainer import (check_run_layout, schedule_over_the_run, warn_about_the_batch,
+                                             warn_about_the_schedule, warn_if_max_steps_ends_first)
 
         model = resolved.model.resolve()
         check_run_layout(resolved, model, "lm")
@@ -123,10 +123,11 @@ def config_show(
         # are data.path's packed length, read as pretrain reads it, when the corpus is there
         # (pretrain reports a broken one), else the model's context.
         seq_len, sequences = _packed(resolved.data.path)
-        resolved = schedule_over_the_run(resolved, seq_len or model.seq_len, sequences)
+        resolved = schedule_over_the_run(resolved, seq_len or model.seq_len, sequences, data_known=seq_len is not None)
         # The README's check of a --config file: its warm-up past the decay is said here, not first in the run.
         warn_about_the_schedule(resolved)
         warn_if_max_steps_ends_first(resolved, seq_len or model.seq_len)
+        warn_about_the_batch(resolved)
     elif stage == "finetune" and resolved.data.train:
         # Warm-up and decay as finetune derives them from data.train's tokens, after the checks it
         # makes before a worker starts (the files, their labels, the start checkpoint and tokenizer).
@@ -190,15 +191,20 @@ def _commented(text: str, section: str, keys: dict[str, str], values: bool) -> s
 
 
 def _packed(path) -> tuple[int | None, int | None]:
-    """(sequence length, training sequences) of a packed corpus, or Nones when there is none to read."""
-    from mtnlg_ray.errors import InputError
+    """(sequence length, training sequences) of a packed corpus, or Nones when there is none to read;
+    a `path` given but unreadable is said on stderr (a mistyped data.path printed another run's decay)."""
+    from mtnlg_ray.errors import InputError, first_line
     from mtnlg_ray.train.data import TokenShards
 
+    if not path:
+        return None, None
     try:
-        shards = TokenShards(path, "train") if path else None
-    except (InputError, OSError, ValueError, KeyError, TypeError):
-        shards = None
-    return (shards.seq_len, len(shards)) if shards is not None else (None, None)
+        shards = TokenShards(path, "train")
+    except (InputError, OSError, ValueError, KeyError, TypeError) as error:
+        print(f"warning: data.path cannot be read here ({first_line(error)}); the derived values below assume "
+              "sequences of model.seq_len and no epoch limit", file=sys.stderr, flush=True)
+        return None, None
+    return shards.seq_len, len(shards)
 
 
 @tokenizer_app.command("train")

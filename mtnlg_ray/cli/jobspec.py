@@ -162,7 +162,7 @@ def _parse_env(items) -> dict[str, str]:
             raise MtnlgError(f"--env {item}: expected KEY=VALUE")
         if key.strip() == "MTNLG_API_KEY":  # it would ship as it is, where --api-key ships only its digest
             raise ConfigError("--env MTNLG_API_KEY: a job's environment shows in `ray job list` and the dashboard; "
-                              "give the key with --api-key (or this machine's MTNLG_API_KEY): the job gets only "
-                              "its SHA-256")
+                              "a serve job takes its key from --api-key (or this machine's MTNLG_API_KEY) and gets "
+                              "only its SHA-256")
         env[key.strip()] = value
     return env

@@ -106,9 +106,14 @@ def model_config_for(cfg: Config, tokenizer_vocab: int) -> tuple[GPTConfig, dict
     """The shape to train: the init checkpoint's, or the preset with the tokenizer's vocabulary."""
     if cfg.init.checkpoint:
         from mtnlg_ray.checkpoint import check_checkpoint
+        from mtnlg_ray.errors import CheckpointError
 
-        # The driver calls this before any worker starts: a missing or misshapen tensor is one line here.
-        body = check_checkpoint(cfg.init.checkpoint)
+        # The driver calls this before any worker starts: a missing or misshapen tensor is one line here,
+        # naming the key (a path alone did not say which of the run's settings to fix).
+        try:
+            body = check_checkpoint(cfg.init.checkpoint)
+        except CheckpointError as error:
+            raise CheckpointError(f"init.checkpoint: {error}") from None
         shape = GPTConfig.from_dict(body["model"])
         # The checkpoint fixes the shape; how to train it (dropout, recomputation) is this run's choice.
         return GPTConfig(**{**shape.to_dict(), "dropout": cfg.model.dropout,
@@ -261,7 +266,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     mean_flops = task.mean_flops_per_token()
     metric = cfg.task.dev_metric
     trainable = model_trainable_parameters(parts, pipeline)
-    log.write(event="start", stage=stage, world_size=world, dp=dp, tp=tp, pp=pp, step=state.step, resumed_from=resumed_from,
+    schedule = {"pp_schedule": cfg.parallel.pp_schedule, "pp_virtual": cfg.parallel.pp_virtual} if pp > 1 else {}
+    log.write(event="start", stage=stage, world_size=world, dp=dp, tp=tp, pp=pp, **schedule, step=state.step,
+              resumed_from=resumed_from,
               peak_tflops_per_worker=round(peak, 6), flops_per_token=mean_flops, pid=os.getpid(),
               threads=torch.get_num_threads(),
               examples=examples, trainable_parameters=trainable, local_param_bytes=int(param_bytes),

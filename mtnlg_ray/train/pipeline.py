@@ -75,7 +75,8 @@ def check_schedule(name: str, pp: int, virtual: int) -> None:
         raise ConfigError(f"parallel.pp_schedule={name} runs several stages a rank: set parallel.pp_virtual >= 2")
     if not multi and virtual != 1:
         raise ConfigError(
-            f"parallel.pp_virtual={virtual} needs an interleaved schedule (interleaved-1f1b), not {name}"
+            f"parallel.pp_virtual={virtual} needs an interleaved schedule (interleaved-1f1b or "
+            f"interleaved-zero-bubble), not {name}"
         )
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from mtnlg_ray.config import Config, absolute_paths
 from mtnlg_ray.errors import CheckpointError, ConfigError, InputError, Interrupted, MtnlgError, first_few
-from mtnlg_ray.train.checkpoint import (check_resume_data, check_resume_shape, check_resume_task, file_digest,
-                                       is_complete, latest_checkpoint, task_setup)
+from mtnlg_ray.train.checkpoint import (STATE_FILE, check_resume_data, check_resume_shape, check_resume_task,
+                                       file_digest, is_complete, latest_checkpoint, task_setup)
 from mtnlg_ray.train.schedule import run_tokens
 
 
@@ -27,7 +27,11 @@ def _dataset_vocab(dataset: Path) -> int:
     if not manifest.is_file():
         raise InputError(f"{manifest}: missing (data.path must be a dataset from `mtnlg-ray data prepare`)")
     try:
-        return int(json.loads(manifest.read_text(encoding="utf-8"))["tokenizer"]["vocab_size"])
+        body = json.loads(manifest.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:  # it said "no tokenizer.vocab_size" of a file cut short
+        raise InputError(f"{manifest}: not valid JSON ({err}); prepare the dataset again") from None
+    try:
+        return int(body["tokenizer"]["vocab_size"])
     except (ValueError, KeyError, TypeError) as err:
         raise InputError(f"{manifest}: no tokenizer.vocab_size ({err})") from None
 
@@ -169,7 +173,7 @@ def resumed_schedule(cfg: Config) -> dict:
     return recorded_schedule(Path(cfg.run.storage_path) / cfg.run.name)
 
 
-def schedule_over_the_run(cfg: Config, seq_len: int, sequences: int | None = None) -> Config:
+def schedule_over_the_run(cfg: Config, seq_len: int, sequences: int | None = None, data_known: bool = True) -> Config:
     """Pretraining's warm-up and decay, each unless set: the cosine reaches its floor on the run's last
     step, and the warm-up is the preset's (`PRETRAIN_WARMUP`: GPT-3's 375M tokens, MT-NLG's 1B) but at
     most a tenth of a bounded run's tokens (of a set decay's, where one is set).
@@ -178,7 +182,8 @@ def schedule_over_the_run(cfg: Config, seq_len: int, sequences: int | None = Non
     then decays over exactly the tokens it trains on, whatever its length, batches counted as the
     workers take them (whole micro-batches at every data-parallel rank; an elastic run is planned
     at its largest worker count); an unbounded run keeps MT-NLG's 340B-token decay and the preset's
-    whole warm-up. A resumed run keeps the schedule it started with (`resumed_schedule`).
+    whole warm-up. A resumed run keeps the schedule it started with (`resumed_schedule`), with a warning
+    where it is now longer than that decay (`data_known`: unless `seq_len` is only the model's context).
     """
     from mtnlg_ray.model.presets import PRETRAIN_WARMUP, WARMUP_SHARE
 
@@ -190,6 +195,11 @@ def schedule_over_the_run(cfg: Config, seq_len: int, sequences: int | None = Non
     update = {}
     if "decay_tokens" in unset and (recorded.get("decay_tokens") or total):
         update["decay_tokens"] = recorded.get("decay_tokens") or total
+        if data_known and recorded.get("decay_tokens") and total and total > recorded["decay_tokens"]:
+            # A longer re-run trained its added steps at the floor LR without a word.
+            print(f"warning: the run resumes with the decay its checkpoint recorded ({recorded['decay_tokens']:,} "
+                  f"tokens), shorter than this run's {total:,}: the steps past it train at the floor LR; set "
+                  f"train.decay_tokens={total} to decay over the longer run", file=sys.stderr, flush=True)
     if "warmup_tokens" in unset:
         warmup = PRETRAIN_WARMUP[cfg.model.preset]  # names every preset model.preset accepts
         # A tenth of what the LR decays over: the run's tokens, or a decay set shorter than the run.
@@ -264,22 +274,36 @@ def _check_run_dir(run_dir: Path, resume: Path | None) -> None:
 
 
 def _prune_unrecorded(run_dir: Path, keep: int) -> None:
-    """After a run: delete the checkpoints Ray Train does not know of (a run stopped by Ctrl-C left its
-    last one out of Ray's record) that are older than the newest `keep`. Ray prunes only what it
-    recorded, so checkpoint.keep=2 held three checkpoints, then four, one more each time."""
+    """After a run: delete the checkpoints older than the newest `keep`, those Ray Train does not know of
+    too (a run stopped by Ctrl-C left its last one out of Ray's record). Ray prunes only what it
+    recorded, so checkpoint.keep=2 held three checkpoints, then four, one more each time; and with the
+    unrecorded one counted among its two, Ray kept an older one it had recorded: three again."""
+    snapshot = run_dir / RAY_SNAPSHOT
     try:
-        results = json.loads((run_dir / RAY_SNAPSHOT).read_text())["checkpoint_results"]
-        recorded = {r["checkpoint_dir_name"] for r in results}
+        recorded = {r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]}
     except (OSError, ValueError, KeyError, TypeError):
         return  # no record to go by: leave everything
-    folders = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())  # names are their times
-    complete = [name for name in folders if is_complete(run_dir / name)]
+    folders = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+    def step(name: str) -> int | None:
+        try:
+            return int(json.loads((run_dir / name / STATE_FILE).read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    # Only complete ones count: a newer one cut short resumes nothing. They are ordered by step, as
+    # `latest_checkpoint` picks: a folder's name is its worker's clock, which may have gone back.
+    complete = sorted((step(name), name) for name in folders if is_complete(run_dir / name) and step(name) is not None)
     if keep < 1 or len(complete) < keep:
         return
-    oldest_kept = complete[-keep]  # only complete ones count: a newer one cut short resumes nothing
-    for name in folders:
-        if name < oldest_kept and name not in recorded:
-            shutil.rmtree(run_dir / name, ignore_errors=True)
+    kept = complete[-keep:]
+    stale = [name for _, name in complete[:-keep]]
+    cut_short = {name for name in folders if name not in {n for _, n in complete}}
+    stale += [name for name in cut_short if name < min(n for _, n in kept)]  # older by their time
+    for name in stale:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    if recorded & set(stale):
+        snapshot.unlink(missing_ok=True)  # Ray's record of what is gone: the next run's Ray starts a new one
 
 
 def check_run_layout(cfg: Config, model_config, task: str) -> None:
@@ -350,14 +374,32 @@ def warn_about_the_schedule(cfg: Config) -> None:
               file=sys.stderr, flush=True)
 
 
+def warn_about_the_batch(cfg: Config) -> None:
+    """One warning line where the global batch is not whole micro-batches on every data-parallel rank: it
+    is rounded down (3 ranks of 4 take 24 of 32) as documented, but a run printed `batch 24` for a
+    configured 32 without a word, where `mtnlg-ray plan` warns of the same."""
+    train, dp = cfg.train, planned_dp(cfg)
+    unit = train.micro_batch_size * dp
+    elastic = " at the run's largest worker count" if isinstance(cfg.parallel.workers, tuple) else ""
+    line = (f"warning: train.global_batch_size ({train.global_batch_size}) is not a multiple of "
+            f"train.micro_batch_size x dp ({train.micro_batch_size} x {dp} = {unit}): each step{elastic} takes "
+            f"{train.global_batch_size // unit * unit}, whole micro-batches on every rank")
+    if train.global_batch_size % unit and line not in _SAID:  # once a process: self-train's every round
+        _SAID.add(line)
+        print(line, file=sys.stderr, flush=True)
+
+
+_SAID: set[str] = set()
+
+
 def warn_if_max_steps_ends_first(cfg: Config, seq_len: int) -> None:
     """One warning line when `train.max_steps` ends a pretraining run before the `train.max_tokens` also set:
     the shipped pretrain.yaml's 200 steps stopped a `--set train.max_tokens=26000000000` run after 0.8 %
     of its tokens, mid warm-up, without a word."""
     train = cfg.train
-    if train.max_steps is None or train.max_tokens is None:
-        return
-    by_steps = run_tokens(train.model_copy(update={"max_tokens": None}), seq_len, planned_dp(cfg))
+    if train.max_steps is None or train.max_tokens is None or train.epochs is not None:
+        return  # (with epochs set, they may end the run first: that is the user's own bound)
+    by_steps = run_tokens(train, seq_len, planned_dp(cfg))  # both limits: as long as the shorter one
     if by_steps < train.max_tokens:
         print(f"warning: train.max_steps ({train.max_steps:,}) ends the run after {by_steps:,} tokens, before "
               f"train.max_tokens ({train.max_tokens:,}); set train.max_steps=null to train to max_tokens",
@@ -386,6 +428,7 @@ def run_training(
     from mtnlg_ray.train.loop import train_loop_per_worker
     check_run_layout(cfg, model_config, task)
     warn_about_the_schedule(cfg)
+    warn_about_the_batch(cfg)
     ensure_ray()
     waiting = check_capacity(cfg.parallel)  # before anything is written
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
