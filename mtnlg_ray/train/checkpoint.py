@@ -221,6 +221,7 @@ def check_resume_task(directory: Path, setup: dict | None) -> None:
     recorded = json.loads((directory / STATE_FILE).read_text()).get("task_setup")
     if setup is None or recorded is None:
         return
+
     def shown(value) -> str:
         return f"[{', '.join(map(str, value))}]" if isinstance(value, list) else str(value)
 

@@ -293,7 +293,8 @@ def _prune_unrecorded(run_dir: Path, keep: int) -> None:
 
     # Only complete ones count: a newer one cut short resumes nothing. They are ordered by step, as
     # `latest_checkpoint` picks: a folder's name is its worker's clock, which may have gone back.
-    complete = sorted((step(name), name) for name in folders if is_complete(run_dir / name) and step(name) is not None)
+    steps = {name: step(name) for name in folders if is_complete(run_dir / name)}
+    complete = sorted((number, name) for name, number in steps.items() if number is not None)
     if keep < 1 or len(complete) < keep:
         return
     kept = complete[-keep:]
