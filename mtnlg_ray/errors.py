@@ -4,6 +4,8 @@ The CLI prints the message of any `MtnlgError` as one line and exits with code 2
 anything else is a bug and keeps its traceback.
 """
 
+import sys
+
 
 class MtnlgError(Exception):
     """A user error: bad input, bad config, a missing or corrupt file."""
@@ -39,3 +41,14 @@ def first_few(items: list[str], shown: int = 2) -> str:
     "a, b and 3 more"."""
     more = len(items) - shown
     return ", ".join(items[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(line: str) -> None:
+    """Print a warning line on stderr once a process: self-training prepares a fine-tune every round, and
+    the same config gave the same warning each time."""
+    if line not in _WARNED:
+        _WARNED.add(line)
+        print(line, file=sys.stderr, flush=True)

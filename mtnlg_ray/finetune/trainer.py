@@ -118,15 +118,11 @@ def _default_schedule(cfg: Config, epoch_tokens: int, examples_hint: int) -> Con
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)}) if update else cfg
 
 
-_WARNED: set[str] = set()  # once a process: self-training prepares a fine-tune every round
-
-
 def _warn_about_shape_keys(cfg: Config, model_config) -> None:
     """`--set model.n_layer=9` beside init.checkpoint trained the checkpoint's 4 layers without a word,
     while `config show` printed 9: the checkpoint fixes the shape, and a shape key given otherwise is
     said to be unused."""
-    import sys
-
+    from mtnlg_ray.errors import warn_once
     from mtnlg_ray.train.checkpoint import RUN_CHOICES
 
     if not cfg.init.checkpoint:
@@ -135,11 +131,8 @@ def _warn_about_shape_keys(cfg: Config, model_config) -> None:
     for key in sorted(cfg.model.model_fields_set):
         value = getattr(cfg.model, key)
         if key in shape and key not in RUN_CHOICES and value is not None and value != shape[key]:
-            line = (f"warning: model.{key}={value} is not used: init.checkpoint fixes the model's shape "
-                    f"({key} {shape[key]}); only model.dropout and model.activation_checkpointing apply")
-            if line not in _WARNED:
-                _WARNED.add(line)
-                print(line, file=sys.stderr, flush=True)
+            warn_once(f"warning: model.{key}={value} is not used: init.checkpoint fixes the model's shape "
+                      f"({key} {shape[key]}); only model.dropout and model.activation_checkpointing apply")
 
 
 def prepare_finetune(cfg: Config) -> tuple[Config, object, int, Path]:

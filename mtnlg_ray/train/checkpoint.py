@@ -225,12 +225,11 @@ def check_resume_task(directory: Path, setup: dict | None) -> None:
     def shown(value) -> str:
         return f"[{', '.join(map(str, value))}]" if isinstance(value, list) else str(value)
 
-    for key in [*recorded, *(k for k in setup if k not in recorded)]:  # kind, mode, pooling, then LoRA's
-        if key == "task.labels" and key not in recorded:
-            continue  # a checkpoint from before labels were recorded: its head was checked by its size only
-        if recorded.get(key) != setup.get(key):  # reordered labels: each class would read another's output
-            was = "unset" if key not in recorded else shown(recorded[key])
-            now = "unset" if key not in setup else shown(setup[key])
+    # The keys both hold, in order: kind and mode first, whose agreement makes pooling's and LoRA's present
+    # in both or neither; a checkpoint from before labels were recorded has its head checked by size only.
+    for key in (k for k in recorded if k in setup):
+        if recorded[key] != setup[key]:  # reordered labels: each class would read another's output
+            was, now = shown(recorded[key]), shown(setup[key])
             raise ConfigError(f"{directory.parent}: the run resumes from {directory.name}, trained with {key} {was}, "
                               f"but this run's {key} is {now}; start a new run under another run.name")
 

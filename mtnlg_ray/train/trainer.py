@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mtnlg_ray.config import Config, absolute_paths
-from mtnlg_ray.errors import CheckpointError, ConfigError, InputError, Interrupted, MtnlgError, first_few
+from mtnlg_ray.errors import CheckpointError, ConfigError, InputError, Interrupted, MtnlgError, first_few, warn_once
 from mtnlg_ray.train.checkpoint import (STATE_FILE, check_resume_data, check_resume_shape, check_resume_task,
                                        file_digest, is_complete, latest_checkpoint, task_setup)
 from mtnlg_ray.train.schedule import run_tokens
@@ -382,15 +382,10 @@ def warn_about_the_batch(cfg: Config) -> None:
     train, dp = cfg.train, planned_dp(cfg)
     unit = train.micro_batch_size * dp
     elastic = " at the run's largest worker count" if isinstance(cfg.parallel.workers, tuple) else ""
-    line = (f"warning: train.global_batch_size ({train.global_batch_size}) is not a multiple of "
-            f"train.micro_batch_size x dp ({train.micro_batch_size} x {dp} = {unit}): each step{elastic} takes "
-            f"{train.global_batch_size // unit * unit}, whole micro-batches on every rank")
-    if train.global_batch_size % unit and line not in _SAID:  # once a process: self-train's every round
-        _SAID.add(line)
-        print(line, file=sys.stderr, flush=True)
-
-
-_SAID: set[str] = set()
+    if train.global_batch_size % unit:
+        warn_once(f"warning: train.global_batch_size ({train.global_batch_size}) is not a multiple of "
+                  f"train.micro_batch_size x dp ({train.micro_batch_size} x {dp} = {unit}): each step{elastic} "
+                  f"takes {train.global_batch_size // unit * unit}, whole micro-batches on every rank")
 
 
 def warn_if_max_steps_ends_first(cfg: Config, seq_len: int) -> None:
