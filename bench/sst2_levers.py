@@ -4,6 +4,7 @@
                                 [--lm-weight 0.5] [--layer-decay 0.8 --head-lr 1e-3] [--head-only-epochs 2]
                                 [--pooling max] [--channel terrible,great] [--leading-eos] [--echo]
                                 [--consistency OUT/pool.tsv [--uda-weight 1] [--uda-batch 64] ...]
+                                [--ngram-prior 5]
 
 OUT is an `examples/sst2/run.sh` output folder: its pretrained model (OUT/runs/pretrain/final), its
 1,000 labels (OUT/labelled.tsv) and the dev split (OUT/dev.tsv). One process, no Ray: a plain loop
@@ -33,6 +34,13 @@ plus the lever asked for:
   dropped, a KL term weighted by `--uda-weight` over the rows whose clean confidence reaches
   `--uda-threshold`. No teacher and no pseudo-labels: the pool only asks the model to answer alike
   for a text and its noisy copy.
+- `--ngram-prior K`: stacking. The bag-of-n-grams classifier (`fit_ngram_classifier`, `self-train`'s
+  n-gram teacher) is fit on the 1,000 labels, and its log-probabilities are a fixed offset under the
+  GPT's logits: the fine-tune learns what the n-grams miss (a product of the two experts, trained
+  jointly, where stop 50's average of two separately trained ones let the fine-tune's over-confident
+  probabilities decide). A training row's offset comes from the classifier fit on the other K - 1
+  folds (out of fold, so the offset is no more confident on a training row than on an unseen one);
+  a dev row's from the one fit on all 1,000. `--ngram-prior 1` uses the full fit on training rows too.
 
 It prints one JSON line: the best dev accuracy and the accuracy after every epoch. Its batches are
 not grouped by length, so its base numbers differ from the command's; compare levers with its own base.
@@ -77,6 +85,8 @@ def main() -> None:
     parser.add_argument("--uda-temperature", type=float, default=0.4)
     parser.add_argument("--uda-threshold", type=float, default=0.8)
     parser.add_argument("--uda-dropout", type=float, default=0.2)
+    parser.add_argument("--ngram-prior", type=int, default=0, metavar="K",
+                        help="n-gram log-probabilities as a fixed logit offset, out of K folds on training rows")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.lm_weight > 0 and (args.pooling != "mean" or args.channel):
@@ -91,6 +101,8 @@ def main() -> None:
     if args.consistency and (args.channel or args.echo or args.leading_eos or args.lm_weight > 0):
         parser.error("--consistency: with a head over the text as it is, not --channel, --echo, --leading-eos "
                      "or --lm-weight")
+    if args.ngram_prior and (args.channel or args.lm_weight > 0 or args.consistency):
+        parser.error("--ngram-prior: an offset under a head's logits, not with --channel, --lm-weight or --consistency")
     if args.leading_eos and args.token_dropout > 0:
         parser.error("--leading-eos: not with --token-dropout (the dropout would drop the leading EOS too)")
     for need in ("runs/pretrain/final/config.json", "labelled.tsv", "dev.tsv"):
@@ -138,6 +150,7 @@ def run(args: argparse.Namespace) -> dict:
     pool_rows = encode(read_classification(args.consistency, "sentence", "label").texts) if args.consistency else []
     train_y = torch.tensor([labels.index(x) for x in train.labels])
     dev_y = np.array([labels.index(x) for x in dev.labels])
+    train_prior, dev_prior = ngram_priors(args.ngram_prior, train, dev, labels, args.seed)
     model = GPTClassifier(gpt, len(labels), "mean")
     if args.pooling != "mean" or args.channel or args.echo:
         model = pooled_or_channel(model, "echo" if args.echo else args.pooling, prompts)
@@ -188,7 +201,8 @@ def run(args: argparse.Namespace) -> dict:
         predicted = []
         for i in range(0, len(dev_rows), 128):
             rows = dev_rows[i : i + 128]
-            predicted.append(model(pad_right(rows, eos), torch.tensor([len(r) for r in rows])).argmax(-1))
+            predicted.append((model(pad_right(rows, eos), torch.tensor([len(r) for r in rows]))
+                              + dev_prior[i : i + 128]).argmax(-1))
         model.train()
         return float((torch.cat(predicted).numpy() == dev_y).mean())
 
@@ -215,7 +229,7 @@ def run(args: argparse.Namespace) -> dict:
                 loss = F.cross_entropy(logits, train_y[idx]) + args.lm_weight * F.cross_entropy(
                     next_token.reshape(-1, next_token.shape[-1]), targets.reshape(-1), ignore_index=-100)
             else:
-                loss = F.cross_entropy(model(x, lengths), train_y[idx])
+                loss = F.cross_entropy(model(x, lengths) + train_prior[idx], train_y[idx])
             if pool_rows:
                 loss = loss + args.uda_weight * consistency_loss(model, pool_rows, eos, rng, args)
             optimizer.zero_grad()
@@ -230,8 +244,34 @@ def run(args: argparse.Namespace) -> dict:
         if stale >= args.patience:
             break
     settings = {k: v for k, v in vars(args).items() if k not in ("run", "threads")}
-    return {"settings": settings, "best_dev_accuracy": best, "per_epoch": history,
-            "seconds": round(time.perf_counter() - started, 1)}
+    result = {"settings": settings, "best_dev_accuracy": best, "per_epoch": history,
+              "seconds": round(time.perf_counter() - started, 1)}
+    if args.ngram_prior:
+        result["ngram_alone_dev_accuracy"] = round(float((dev_prior.argmax(-1).numpy() == dev_y).mean()), 4)
+    return result
+
+
+def ngram_priors(folds: int, train, dev, labels: list, seed: int):
+    """`--ngram-prior`: the n-gram classifier's log-probabilities of the training rows (out of `folds`
+    folds; the full fit's when `folds` is 1) and of the dev rows (the full fit's); zeros when 0."""
+    import torch
+
+    from mtnlg_ray.finetune.ngram import fit_ngram_classifier
+
+    n = len(train.rows)
+    if not folds:
+        return torch.zeros(n, len(labels)), torch.zeros(len(dev.rows), len(labels))
+    full = fit_ngram_classifier(train.texts, train.labels, labels, seed=seed)
+    train_probs = full.predict_proba(train.texts)
+    if folds > 1:
+        for held in np.array_split(np.random.default_rng(seed).permutation(n), folds):
+            rest = np.setdiff1d(np.arange(n), held)
+            fold = fit_ngram_classifier([train.texts[i] for i in rest], [train.labels[i] for i in rest], labels,
+                                        seed=seed)
+            train_probs[held] = fold.predict_proba([train.texts[i] for i in held])
+    dev_probs = full.predict_proba(dev.texts)
+    as_logits = lambda p: torch.from_numpy(np.log(np.clip(p, 1e-9, 1.0))).float()  # noqa: E731
+    return as_logits(train_probs), as_logits(dev_probs)
 
 
 def consistency_loss(model, pool_rows, eos: int, rng, args):

@@ -50,11 +50,30 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         raise ConfigError(f"RAY_ADDRESS={address} is a dashboard address, which `mtnlg-ray submit` and `jobs` "
                           "take; a stage run here joins a cluster by its GCS address (HOST:6379). Submit the "
                           "stage (`mtnlg-ray submit STAGE ...`), or unset RAY_ADDRESS to run it on a local Ray")
+    _check_gcs_answers(address)
     # ray.init() with no address joins RAY_ADDRESS or a cluster started with `ray start` on this
     # machine (keeping that cluster's settings), and otherwise starts a local Ray for this process.
     quiet_token_auth_notice()
     with worker_niceness_default():
         ray.init(num_cpus=num_cpus, configure_logging=False, log_to_driver=False)
+
+
+def _check_gcs_answers(address: str, timeout_s: float = 10.0) -> None:
+    """A RAY_ADDRESS of HOST:PORT where nothing listens made ray.init retry for minutes without a word;
+    one TCP connect says it at once. Other forms (auto, local, ray://) are left to ray.init."""
+    import socket
+
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit() or "/" in host or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        from mtnlg_ray.errors import ConfigError
+
+        raise ConfigError(f"RAY_ADDRESS={address}: no Ray answers there ({err.strerror or err}); start the "
+                          "cluster (`ray start --head` on that machine), fix the address, or unset RAY_ADDRESS "
+                          "to run on a local Ray") from None
 
 
 def quiet_token_auth_notice() -> None:

@@ -468,3 +468,24 @@ def test_an_argument_that_is_not_utf8_is_one_line_before_anything_starts(tmp_pat
         f"error: --output {tmp_path}/out\\xe9: not valid UTF-8 (Ray cannot start with it); rename such a file or "
         "folder, or give the text in UTF-8"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
+def test_a_ray_address_where_nothing_listens_is_one_line_not_a_wait():
+    """RAY_ADDRESS=HOST:PORT with no Ray behind it made a stage wait in ray.init for minutes without a
+    word; a TCP connect now refuses it at once. The forms ray.init resolves itself pass untouched."""
+    import socket
+
+    from mtnlg_ray.errors import ConfigError
+    from mtnlg_ray.runtime import _check_gcs_answers
+
+    with socket.socket() as probe:  # a port that was free a moment ago, closed again: nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ConfigError, match=rf"RAY_ADDRESS=127.0.0.1:{port}: no Ray answers there .*unset RAY_ADDRESS"):
+        _check_gcs_answers(f"127.0.0.1:{port}")
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        _check_gcs_answers(f"127.0.0.1:{listening.getsockname()[1]}")
+    for address in ("", "auto", "local", "ray://127.0.0.1:1"):
+        _check_gcs_answers(address)
