@@ -166,6 +166,21 @@ class PackSection(Section):
 LABELERS = ("quality", "perplexity", "classifier")
 
 
+
+def count_or_range(value: Any, handler) -> Any:
+    """A wrap validator's body for a size that is N or [min, max] (parallel.workers, label.actors).
+    `[1,2,3]` was "parallel.workers.int: Input should be a valid integer" (one error per union member,
+    named after pydantic's) and `label.actors=[1]` "label.actors.1: Field required": none said what a
+    range is. What pydantic takes (4.0, "4") still passes; the checks' own messages (true / false,
+    min <= max) stay."""
+    try:
+        return handler(value)
+    except ValidationError as error:
+        if any(e["type"] == "value_error" for e in error.errors()):
+            raise
+        raise ValueError("expected a positive integer or [min, max]") from None
+
+
 class LabelSection(Section):
     labeler: Literal[LABELERS] | None = None
     model: OptionalPath = None
@@ -199,11 +214,12 @@ class LabelSection(Section):
             raise ValueError(f"label.filter={self.filter} applies to label.labeler=quality, not {self.labeler}")
         return self
 
-    @field_validator("actors", mode="before")
+    @field_validator("actors", mode="wrap")
     @classmethod
-    def _one_size(cls, value: Any) -> Any:
+    def _one_size(cls, value: Any, handler) -> Any:
         # `label.actors=2` is a pool of 2 (it was "Input should be a valid tuple")
-        return (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+        return count_or_range(value if not isinstance(value, int) or isinstance(value, bool) else (value, value),
+                              handler)
 
     @field_validator("actors")
     @classmethod
@@ -378,15 +394,7 @@ class ParallelSection(Section):
     @field_validator("workers", mode="wrap")
     @classmethod
     def _count_or_range(cls, value: Any, handler) -> Any:
-        # `[1,2,3]` was "parallel.workers.int: Input should be a valid integer": one error per union member,
-        # named after pydantic's, none saying what a range is. What pydantic takes (4.0, "4") still passes;
-        # the checks' own messages (true / false, min <= max) stay.
-        try:
-            return handler(value)
-        except ValidationError as error:
-            if any(e["type"] == "value_error" for e in error.errors()):
-                raise
-            raise ValueError("expected a positive integer or [min, max]") from None
+        return count_or_range(value, handler)
 
     @field_validator("workers")
     @classmethod

@@ -43,6 +43,8 @@ def test_file_values_and_overrides_stack(tmp_path):
         ("parallel.workers=[1, 2, 3]", "--set parallel.workers=[1, 2, 3]: parallel.workers: expected a positive "
                                        "integer or [min, max] (got [1, 2, 3])"),
         ("parallel.workers=abc", "parallel.workers: expected a positive integer or [min, max] (got 'abc')"),
+        # was "label.actors.1: Field required (got [1])"
+        ("label.actors=[1]", "--set label.actors=[1]: label.actors: expected a positive integer or [min, max]"),
         ("train.beta2=1.5", "train.beta2"),
         ("train", "expected KEY=VALUE"),
         # refused here, not after a whole curation run reaches the tokenizer or the split

@@ -495,6 +495,24 @@ def test_data_label_that_keeps_nothing_writes_its_rejects_and_names_the_stage(ra
     assert manifest["documents"] == 0 and manifest["rejected"] == {"bad_json": 1, "low_quality": 5}
 
 
+def test_a_pool_the_cluster_cannot_hold_is_refused_before_the_read(ray_session, quality_model, tmp_path):
+    """The pool check ran where the label stage starts: after the read and, in `data prepare`, every
+    curation stage (hours on a real corpus) for a refusal the settings alone decide."""
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.data.pipeline import label_corpus, prepare_dataset
+
+    path, _, _ = quality_model
+    corpus = tmp_path / "crawl.jsonl"
+    write_jsonl(corpus, PARAGRAPHS[:5])
+    config = load_config(overrides=["label.labeler=quality", f"label.model={path}", "label.actors=[5,5]"],
+                         stage="prepare")
+    for run in (label_corpus, prepare_dataset):
+        reports = []
+        with pytest.raises(ConfigError, match=r"label.actors: at least 5 labelling actors of 1 CPU each"):
+            run([str(corpus)], tmp_path / run.__name__, config, on_stage=reports.append)
+        assert reports == []  # not even the read stage ran
+
+
 def test_an_unset_batch_size_is_the_labellers_own(ray_session, quality_model):
     # 4,500 documents in blocks of 500: the quality labeller's 4,096-document batches bundle nine
     # blocks into one task, where a fixed small default would label them block by block.

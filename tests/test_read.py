@@ -141,12 +141,28 @@ def test_jsonl_records_that_cannot_be_read_are_rejected_not_fatal(tmp_path):
     path.write_text(json.dumps({"text": "fine", "url": "https://a.org/"}) + "\n"
                     + '{"text": "deep", "x": ' + "[" * 100000 + "\n"  # RecursionError in json
                     + '{"text": "odd url", "url": "https://x.org/\\ud83d"}\n'
-                    + '{"text": null}\n{"body": "x"}\n', encoding="utf-8")
+                    + '{"text": null}\n{"body": "x"}\n{"text": " \\n\\t "}\n', encoding="utf-8")
     records = [(r.location.rsplit(":", 1)[1], r.reason, r.detail) for r in iter_records(str(path), url_field="url")]
     assert records == [("1", "", ""), ("2", "bad_json", "nested too deeply to parse"),
                        ("3", "bad_utf8", "field 'url' holds a lone surrogate"),
                        ("4", "missing_field", "field 'text' is null"),  # was "no field 'text'"
-                       ("5", "missing_field", "no field 'text'")]
+                       ("5", "missing_field", "no field 'text'"),
+                       ("6", "empty", "only white space")]  # was a document, into docs/ and tokens/
+
+
+def test_a_gzip_cut_short_keeps_its_records_and_says_so(tmp_path):
+    """The rejected row read "not a readable gzip file", as if the whole file was lost, while the
+    records before the break went on."""
+    import gzip
+    import json
+
+    whole = gzip.compress("".join(json.dumps({"text": f"doc {i} " * 50}) + "\n" for i in range(200)).encode())
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    records = list(iter_records(str(path)))
+    kept = [r for r in records if not r.reason]
+    assert kept and records[-1].reason == "unreadable_file" and records[-1].location == str(path)
+    assert records[-1].detail.endswith(f"; the {len(kept):,} records before the break are kept")
 
 
 def test_a_file_name_that_is_not_utf8_is_one_line(tmp_path):

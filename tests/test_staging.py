@@ -21,7 +21,7 @@ def write_dataset(folder, tag):
     for name in ("docs", "tokens", "tokenizer", "rejected"):
         (folder / name).mkdir(parents=True)
         (folder / name / "part-0").write_text(f"{tag} {name}")
-    (folder / "manifest.json").write_text(json.dumps({"tag": tag}))
+    (folder / "manifest.json").write_text(json.dumps({"format": "mtnlg-ray/dataset/v1", "tag": tag}))
 
 
 def files(folder):
@@ -39,7 +39,8 @@ def test_a_completed_run_replaces_the_dataset_and_its_failed_run(tmp_path):
         write_dataset(staging, "new")
         publish(staging, output)
     expected = {f"{name}/part-0": f"new {name}" for name in ("docs", "rejected", "tokenizer", "tokens")}
-    assert files(output) == {**expected, "manifest.json": '{"tag": "new"}', "notes.txt": "mine"}
+    assert files(output) == {**expected, "manifest.json": json.dumps({"format": "mtnlg-ray/dataset/v1", "tag": "new"}),
+                             "notes.txt": "mine"}
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
@@ -146,6 +147,16 @@ def test_an_occupied_or_unwritable_folder_is_refused_before_anything_moves(tmp_p
         with staged_output(occupied):
             pass
     assert sorted(p.name for p in occupied.iterdir()) == ["keep.txt"]
+    # Another tool's manifest.json (a web project's, beside its docs/): publish moved that docs/ aside
+    # and deleted it, with exit 0 and no word.
+    web = tmp_path / "web"
+    (web / "docs").mkdir(parents=True)
+    (web / "docs" / "index.html").write_text("<p>mine</p>")
+    (web / "manifest.json").write_text(json.dumps({"name": "my-web-app"}))
+    with pytest.raises(InputError, match=r"web: its manifest.json is not a dataset's that mtnlg-ray wrote"):
+        with staged_output(web):
+            pass
+    assert files(web) == {"docs/index.html": "<p>mine</p>", "manifest.json": '{"name": "my-web-app"}'}
     # A folder that cannot be made for another reason than permissions (Linux's /proc here, a read-only
     # filesystem alike) was a FileNotFoundError traceback, even for root.
     with pytest.raises(InputError, match="^/proc/mtnlg-ray-test: cannot write the dataset there \\(No such file"):
@@ -190,7 +201,7 @@ def test_a_first_run_killed_while_moving_in_does_not_lock_the_folder_out(tmp_pat
     with staged_output(output) as staging:
         write_dataset(staging, "again")
         publish(staging, output)
-    assert files(output)["manifest.json"] == '{"tag": "again"}'
+    assert json.loads(files(output)["manifest.json"])["tag"] == "again"
     assert sorted(p.name for p in output.iterdir()) == [
         ".lock", "docs", "manifest.json", "rejected", "tokenizer", "tokens"]
 
@@ -203,7 +214,7 @@ def test_an_undo_stopped_half_way_is_finished_by_the_next_run(tmp_path):
     write_dataset(output, "old")
     before = files(output)
     (output / STAGING).mkdir()
-    (output / STAGING / "manifest.json").write_text(json.dumps({"tag": "new"}))
+    (output / STAGING / "manifest.json").write_text(json.dumps({"format": "mtnlg-ray/dataset/v1", "tag": "new"}))
     (output / OLD).mkdir()
     for name in ("tokens", "tokenizer", "rejected"):
         os.replace(output / name, output / OLD / name)

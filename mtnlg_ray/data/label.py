@@ -320,7 +320,7 @@ def label_documents(ds: ray.data.Dataset, cfg: LabelSection, text_field: str = "
         raise ConfigError(f"label.model: expected the {cfg.labeler} model's path, got none")
     labeler.check(cfg.model)  # a missing or wrong model is one line here, not a dead actor pool
     low, high = cfg.actors
-    _check_pool_fits(low, cfg.num_gpus, cfg.autoscaling)
+    check_pool_fits(cfg)
     return ds.map_batches(
         labeler,
         fn_constructor_args=(str(cfg.model),),
@@ -335,12 +335,14 @@ def label_documents(ds: ray.data.Dataset, cfg: LabelSection, text_field: str = "
     )
 
 
-def _check_pool_fits(actors: int, num_gpus: float, autoscaling: bool = False) -> None:
+def check_pool_fits(cfg: LabelSection) -> None:
     """Ray Data waits without end, and without a word, for an actor pool the cluster cannot hold: one
     line instead, unless an autoscaler may add nodes (`label.autoscaling`, or a cluster the Ray cluster
-    launcher started)."""
+    launcher started). The pipelines call it before reading, too: at the stage it came after the read
+    and every curation stage."""
     from mtnlg_ray.runtime import launched_with_autoscaler, workers_that_fit
 
+    actors, num_gpus, autoscaling = cfg.actors[0], cfg.num_gpus, cfg.autoscaling
     if autoscaling:
         return
     fit, cpus, gpus = workers_that_fit(1.0, num_gpus)

@@ -565,6 +565,10 @@ def _curate(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config
     """
     import ray
 
+    if config.label.labeler is not None:
+        from mtnlg_ray.data.label import check_pool_fits
+
+        check_pool_fits(config.label)  # before the read: the label stage comes after every curation stage
     docs = _read_stage(run, items, config)
     read_counts = _count_by(docs, "source")
 
@@ -607,7 +611,7 @@ def _curate(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config
         docs = _run_stage(run, "dedup", docs, lambda d: dedup_documents(d, config.dedup, order_column="seq"))
 
     if config.label.labeler is not None:
-        from mtnlg_ray.data.label import filter_labelled, label_documents, stage_name
+        from mtnlg_ray.data.label import check_pool_fits, filter_labelled, label_documents, stage_name
 
         docs = _run_stage(run, stage_name(config.label), docs, lambda d: filter_labelled(
             label_documents(d, config.label), config.label))
@@ -704,7 +708,7 @@ def label_corpus(inputs: Sequence[str], output: str | Path, config: Config,
     Like `prepare_dataset`, a run left with no document writes rejected/ and manifest.json, then raises,
     and an earlier dataset in `output` is replaced only by a run that completes.
     """
-    from mtnlg_ray.data.label import filter_labelled, label_documents, stage_name
+    from mtnlg_ray.data.label import check_pool_fits, filter_labelled, label_documents, stage_name
 
     if config.label.labeler is None or config.label.model is None:
         raise InputError("label: both --labeler and --model are needed")
@@ -716,6 +720,7 @@ def label_corpus(inputs: Sequence[str], output: str | Path, config: Config,
 
     def label_into(staging: Path) -> dict:
         run = PipelineRun(on_stage=on_stage, passed_over=passed_over)
+        check_pool_fits(config.label)  # before the read
         try:
             docs = _read_stage(run, items, config)
             docs = _run_stage(run, stage_name(config.label), docs,

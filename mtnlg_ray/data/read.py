@@ -381,28 +381,38 @@ def _read_file(
     import pyarrow as pa
 
     name = item.lower()
+    records = 0  # read before an error: those are kept, and the error says so
     try:
-        if name.endswith(".txt") and byte_range is not None:
-            start, end, first_line = byte_range
-            with open(item, "rb") as fh:
-                fh.seek(start)
-                data = fh.read(end - start)
-            yield from _txt_records(item, data, txt_mode, max_chars, piece_chars, first_line - 1, start)
-        elif name.endswith(".txt"):
-            with _open(item) as fh:
-                data = fh.read()
-            yield from _txt_records(item, data, txt_mode, max_chars, piece_chars)
-        elif name.endswith(".parquet"):
-            yield from _parquet_records(item, text_field, url_field)
-        elif name.endswith(".jsonl.gz"):
-            with _open(item) as raw, gzip.open(raw, "rb") as lines:
-                yield from _jsonl_records(item, lines, text_field, url_field)
-        else:
-            with _open(item) as lines:
-                yield from _jsonl_records(item, lines, text_field, url_field)
+        for record in _file_records(item, name, text_field, txt_mode, max_chars, piece_chars, url_field, byte_range):
+            records += 1
+            yield record
     except (OSError, EOFError, zlib.error, pa.ArrowException) as err:
         kind = "gzip" if name.endswith(".gz") else "Parquet" if name.endswith(".parquet") else "text"
-        yield Record(item, None, "unreadable_file", f"not a readable {kind} file ({err})")
+        kept = f"; the {records:,} records before the break are kept" if records else ""
+        yield Record(item, None, "unreadable_file", f"not a readable {kind} file ({err}){kept}")
+
+
+def _file_records(item: str, name: str, text_field: str, txt_mode: str, max_chars: int | None,
+                  piece_chars: int | None, url_field: str | None, byte_range: tuple[int, int, int] | None,
+                  ) -> Iterator[Record]:
+    if name.endswith(".txt") and byte_range is not None:
+        start, end, first_line = byte_range
+        with open(item, "rb") as fh:
+            fh.seek(start)
+            data = fh.read(end - start)
+        yield from _txt_records(item, data, txt_mode, max_chars, piece_chars, first_line - 1, start)
+    elif name.endswith(".txt"):
+        with _open(item) as fh:
+            data = fh.read()
+        yield from _txt_records(item, data, txt_mode, max_chars, piece_chars)
+    elif name.endswith(".parquet"):
+        yield from _parquet_records(item, text_field, url_field)
+    elif name.endswith(".jsonl.gz"):
+        with _open(item) as raw, gzip.open(raw, "rb") as lines:
+            yield from _jsonl_records(item, lines, text_field, url_field)
+    else:
+        with _open(item) as lines:
+            yield from _jsonl_records(item, lines, text_field, url_field)
 
 
 def _txt_records(
@@ -589,8 +599,8 @@ def _jsonl_records(item: str, lines, text_field: str, url_field: str | None = No
         text = record[text_field]
         if not isinstance(text, str):
             yield Record(where, None, "not_text", f"field {text_field!r} is {type(text).__name__}, expected a string")
-        elif not text:
-            yield Record(where, None, "empty", f"field {text_field!r} is empty")
+        elif not text.strip():
+            yield Record(where, None, "empty", f"field {text_field!r} is empty" if not text else "only white space")
         elif not _is_utf8(text):
             yield Record(where, None, "bad_utf8", "text holds a lone surrogate")
         else:
@@ -671,8 +681,9 @@ def _parquet_records(item: str, text_field: str, url_field: str | None = None) -
                     yield Record(where, None, "bad_utf8", f"column {text_field!r} is not valid UTF-8")
                 elif text is None:
                     yield Record(where, None, "missing_field", f"column {text_field!r} is null")
-                elif not text:
-                    yield Record(where, None, "empty", f"column {text_field!r} is empty")
+                elif not text.strip():
+                    yield Record(where, None, "empty", f"column {text_field!r} is empty" if not text else
+                                 "only white space")
                 else:
                     yield Record(where, text, url=url if isinstance(url, str) else "")
         if not row:

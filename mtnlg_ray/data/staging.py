@@ -71,13 +71,27 @@ def _check_output(output: Path) -> None:
         return
     if not output.is_dir():
         raise InputError(f"{output}: exists and is not a directory")
-    if (any(entry.name not in _OURS for entry in output.iterdir()) and not (output / MANIFEST).is_file()
-            and not (output / OLD).exists()):  # a first run's publish, stopped: `recover` undoes it
-        raise InputError(f"{output}: exists, is not empty and holds no manifest.json; choose a new directory")
+    if any(entry.name not in _OURS for entry in output.iterdir()) and not (output / OLD).exists():
+        # (.old: a first run's publish, stopped; `recover` undoes it)
+        if not (output / MANIFEST).is_file():
+            raise InputError(f"{output}: exists, is not empty and holds no manifest.json; choose a new directory")
+        if not _our_manifest(output / MANIFEST):  # a web project's manifest.json: its docs/ went to .old, deleted
+            raise InputError(f"{output}: its manifest.json is not a dataset's that mtnlg-ray wrote (no 'format' "
+                             "starting 'mtnlg-ray/'), so a run would replace its docs/; choose a new directory")
     for name in ENTRIES:  # a folder moves to .old only if it is writable itself
         entry = output / name
         if entry.is_dir() and not entry.is_symlink() and not os.access(entry, os.W_OK | os.X_OK):
             raise InputError(f"{entry}: not writable, so a new dataset cannot replace it")
+
+
+def _our_manifest(path: Path) -> bool:
+    from mtnlg_ray.data.read import DATASET_FORMAT
+
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return False
+    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(DATASET_FORMAT)
 
 
 def holds_dataset(output: Path) -> bool:
