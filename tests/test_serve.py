@@ -281,7 +281,10 @@ def test_a_full_pool_makes_requests_wait_and_a_long_prompt_is_read_between_decod
     assert sorted(e.seq_id for e in batch.prefill()) == sorted(ids)
 
 
-def test_scheduler_drops_a_cancelled_request_before_it_finishes(one_thread):
+@pytest.mark.parametrize("end, counted", [("cancel", "cancelled"), ("stop", "finished")])
+def test_scheduler_drops_a_cancelled_request_before_it_finishes(one_thread, end, counted):
+    """A client gone is `cancelled`; an answer a stop string completed (`stop`) is `finished`, as /health
+    reports them (it counted a stop string's end as a client that left)."""
     from mtnlg_ray.serve.scheduler import BatchScheduler
 
     model = _tiny_model(seq_len=CONTEXT)
@@ -290,7 +293,7 @@ def test_scheduler_drops_a_cancelled_request_before_it_finishes(one_thread):
     async def consume_one_batch_then_cancel() -> int:
         stream = scheduler.submit([1, 2, 3], SamplingParams(max_tokens=CONTEXT - 3, temperature=0))
         async for tokens in stream.batches():
-            stream.cancel()
+            getattr(stream, end)()
             return len(tokens)
 
     try:
@@ -299,7 +302,8 @@ def test_scheduler_drops_a_cancelled_request_before_it_finishes(one_thread):
         while scheduler.stats()["running"] and time.monotonic() < deadline:
             time.sleep(0.01)
         stats = scheduler.stats()
-        assert stats["running"] == 0 and stats["cancelled"] == 1 and stats["finished"] == 0
+        other = {"cancelled": "finished", "finished": "cancelled"}[counted]
+        assert stats["running"] == 0 and stats[counted] == 1 and stats[other] == 0
         assert stats["tokens"] < CONTEXT - 3
     finally:
         scheduler.close()
@@ -458,6 +462,22 @@ def test_a_gpu_replica_on_a_cluster_without_gpus_is_refused_not_left_waiting(ray
     # A cluster joined may add GPU nodes (KubeRay scales a GPU group up from 0 pods): it waits, and says so.
     _refuse_gpus_the_cluster_lacks(gpu, started_here=False)
     assert "the replicas wait until an autoscaler adds one" in capsys.readouterr().err
+
+
+def test_replicas_the_cluster_cannot_hold_are_refused_not_left_waiting(ray_session, capsys):
+    # `serve --num-cpus 8` (or --replicas 3) on a 2-CPU Ray printed nothing until it was killed.
+    from mtnlg_ray.serve.app import _refuse_replicas_the_cluster_cannot_hold, parse_args
+
+    cpus = ray_session.cluster_resources()["CPU"]  # 2 in the tests' shared Ray
+    for too_many in ({"num_cpus": cpus + 1}, {"num_replicas": int(cpus) + 1}, {"autoscale": f"{int(cpus) + 1},8"}):
+        args = parse_args({"checkpoint": "c", **too_many})
+        with pytest.raises(ConfigError, match=r"^--num-cpus / --replicas: \d+ replicas? of [\d.]+ CPU each, but "
+                                              rf"the Ray cluster has {cpus:g} CPUs"):
+            _refuse_replicas_the_cluster_cannot_hold(args, started_here=True)
+        _refuse_replicas_the_cluster_cannot_hold(args, started_here=False)  # a cluster joined may scale
+        assert "the rest wait until an autoscaler adds nodes" in capsys.readouterr().err
+    _refuse_replicas_the_cluster_cannot_hold(parse_args({"checkpoint": "c", "num_replicas": int(cpus)}),
+                                             started_here=True)
 
 
 def test_serve_cli_help_and_bad_checkpoint(tiny_checkpoint, tmp_path):
@@ -732,8 +752,21 @@ def test_openai_clients_nulls_and_newer_forms_are_read_and_what_it_cannot_give_i
     assert requests.post(f"{server}/v1/completions", timeout=60, json={
         "prompt": "def ", "max_tokens": 4, "logprobs": None, "echo": False, "best_of": 1, "presence_penalty": 0,
         "frequency_penalty": 0.0, "logit_bias": {}, "tools": [], "tool_choice": "none", "functions": [],
-        "function_call": None, "stream_options": {"include_usage": None},
-        "response_format": {"type": "text"}}).status_code == 200
+        "function_call": None, "response_format": {"type": "text"}, "user": "u-1", "metadata": {"a": "b"},
+        "stream_options": None}).status_code == 200
+    # A near miss of a field it reads answered 200 with that field's default (`max_token`: 16 tokens),
+    # and stream_options without stream passed, where OpenAI answers 400.
+    for body, param, message in (
+            ({"max_token": 100}, "max_token", "max_token: unknown field; did you mean 'max_tokens'?"),
+            ({"temprature": 0}, "temprature", "temprature: unknown field; did you mean 'temperature'?"),
+            ({"stream_options": {"include_usage": True}}, "stream_options",
+             "stream_options: only allowed with stream=true"),
+            ({"top_p": 1.5}, "top_p", "top_p: expected a value in [0, 1] (0: the likeliest token alone), got 1.5")):
+        refused = requests.post(f"{server}/v1/completions", timeout=60, json={"prompt": "def ", **body})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+        assert refused.json()["error"]["message"] == message
+    empty = requests.post(f"{server}/v1/completions", timeout=60, json={"prompt": ""})
+    assert empty.status_code == 400 and empty.json()["error"]["code"] == "invalid_value"  # was null
 
 
 def test_200_malformed_requests_get_4xx_and_the_server_still_answers(server, client):

@@ -378,7 +378,8 @@ class TextGeneratorServer:
 
         ids = self.generator.tokenizer.encode(text).ids
         if not ids:
-            raise APIError(400, f"{where}: expected some text, got an empty prompt", param=where)
+            raise APIError(400, f"{where}: expected some text, got an empty prompt", param=where,
+                           code="invalid_value")
         context = self.generator.context
         if len(ids) >= context:
             raise APIError(400, f"{where}: {len(ids)} tokens leave no room to generate in the model's context "
@@ -443,7 +444,7 @@ class TextGeneratorServer:
             self.metrics.generated_tokens.inc(len(new))
             text, stopped = scanner.cut(text)
             if stopped:
-                stream.cancel()
+                stream.stop()
                 # Tokens made after the one that completed the stop string were never the answer's.
                 ids = decoded.ids
                 usage["completion_tokens"] = next((
@@ -726,6 +727,7 @@ def serve_until_stopped(args: ServeArgs, host: str = "127.0.0.1", port: int = 80
         ensure_ray()
         ours = _started_ray_here()
         _refuse_gpus_the_cluster_lacks(args, ours)
+        _refuse_replicas_the_cluster_cannot_hold(args, ours)
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         url = _deploy(args, host, port, name)
@@ -756,6 +758,25 @@ def _refuse_gpus_the_cluster_lacks(args: ServeArgs, started_here: bool) -> None:
                           "--num-gpus 0, or connect to a cluster with GPUs (RAY_ADDRESS)")
     print(f"warning: --num-gpus {args.num_gpus:g}: the Ray cluster has no GPU now; the replicas wait until an "
           "autoscaler adds one (--num-gpus 0 serves on its CPUs)", file=sys.stderr, flush=True)
+
+
+def _refuse_replicas_the_cluster_cannot_hold(args: ServeArgs, started_here: bool) -> None:
+    """`--num-cpus 8` (or `--replicas 3`) on a 2-CPU Ray waited for the replicas without a word until
+    Ctrl-C. Refused on a local Ray started here; a warning on a cluster joined, which may scale."""
+    from mtnlg_ray.runtime import workers_that_fit
+
+    replicas = max(args.autoscale[0], 1) if args.autoscale else args.num_replicas
+    fit, cpus, gpus = workers_that_fit(args.num_cpus, args.num_gpus)
+    if fit >= replicas:
+        return
+    want = (f"{replicas} replica{'s' if replicas > 1 else ''} of {args.num_cpus:g} CPU"
+            + (f" and {args.num_gpus:g} GPU" if args.num_gpus else "") + " each")
+    have = f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs ({fit} such replicas fit)"
+    if started_here:
+        raise ConfigError(f"--num-cpus / --replicas: {want}, but {have}; lower them, or connect to a larger "
+                          "cluster (RAY_ADDRESS)")
+    print(f"warning: {want}, but {have} now; the rest wait until an autoscaler adds nodes", file=sys.stderr,
+          flush=True)
 
 
 def _started_ray_here() -> bool:

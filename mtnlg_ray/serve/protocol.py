@@ -13,6 +13,7 @@ which OpenAI's client raises as another exception than a bad request).
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Literal
 
@@ -25,6 +26,10 @@ ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = ["\n\nUser:", "\n\nSystem:"]
 
 Number = StrictFloat | StrictInt
+# OpenAI's request fields that this server neither reads nor refuses: never taken for a misspelling.
+OPENAI_OTHERS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "audio",
+                 "prediction", "reasoning_effort", "web_search_options", "safety_identifier", "prompt_cache_key",
+                 "verbosity"}
 _TYPE_TAGS = {"str", "int", "float", "bool", "none"}
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 1000  # each one's length: every streamed chunk is scanned for all of them
@@ -103,6 +108,22 @@ class _Request(BaseModel):
     function_call: StrictStr | dict | None = None
     response_format: dict | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_misspelt_field(cls, data):
+        # Unknown fields pass, for clients that send OpenAI's others (user, metadata, store, ...); one
+        # that is a near miss of a field this server reads is refused: `max_token` answered with the
+        # default 16 tokens, `temprature` sampled at 1.0, each with a 200.
+        if isinstance(data, dict):
+            known = list(cls.model_fields)
+            for key in data:
+                if isinstance(key, str) and key not in cls.model_fields and key not in OPENAI_OTHERS:
+                    near = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+                    if near:
+                        raise FieldError(key, f"{key}: unknown field; did you mean {near[0]!r}?",
+                                         code="unknown_parameter")
+        return data
+
     @field_validator("temperature", "top_p", "top_k", "stream", "n", mode="before")
     @classmethod
     def _null_is_the_default(cls, value, info):
@@ -128,7 +149,12 @@ class _Request(BaseModel):
                                            != "text")) if value]
         if asked:
             raise Unsupported(asked[0])
+        if not 0 <= self.top_p <= 1:  # checked here: SamplingParams sees 0 as a tiny nucleus, and said (0, 1]
+            raise FieldError("top_p", f"top_p: expected a value in [0, 1] (0: the likeliest token alone), "
+                                      f"got {self.top_p}")
         self.top_p = openai_top_p(self.top_p)
+        if self.stream_options is not None and not self.stream:  # as OpenAI answers it
+            raise FieldError("stream_options", "stream_options: only allowed with stream=true")
         return self
 
     @field_validator("n")

@@ -34,9 +34,15 @@ class TokenStream:
     cancelled: bool = False
     seq_id: int | None = None
     finish_reason: str | None = None
+    stopped: bool = False  # ended by a stop string: /health counts it finished, not cancelled
 
     def cancel(self) -> None:
         """Stop generating for this request (the client went away or has what it needs)."""
+        self.cancelled = True
+
+    def stop(self) -> None:
+        """Stop generating: the answer is complete (a stop string was found)."""
+        self.stopped = True
         self.cancelled = True
 
     async def batches(self, min_interval: Callable[[], float] = lambda: 0.0) -> AsyncIterator[list[int]]:
@@ -141,12 +147,17 @@ class BatchScheduler:
             if stream.cancelled:
                 self.decoder.remove(seq_id)
                 del self.running[seq_id]
-                self.counts["cancelled"] += 1
+                self._count_dropped(stream)
         with self._lock:  # waiting ones too: clients that gave up while the batch was full
             kept = [stream for stream in self.waiting if not stream.cancelled]
             if len(kept) < len(self.waiting):
-                self.counts["cancelled"] += len(self.waiting) - len(kept)
+                for stream in self.waiting:
+                    if stream.cancelled:
+                        self._count_dropped(stream)
                 self.waiting = collections.deque(kept)
+
+    def _count_dropped(self, stream: TokenStream) -> None:
+        self.counts["finished" if stream.stopped else "cancelled"] += 1
 
     def _admit(self) -> None:
         """Waiting requests join in order while a row and cache blocks for their whole answer are free;
@@ -158,7 +169,7 @@ class BatchScheduler:
                 stream = self.waiting[0]
             if stream.cancelled:
                 self._pop(stream)
-                self.counts["cancelled"] += 1
+                self._count_dropped(stream)
                 continue
             try:  # a request the cache could never hold fails here, with one line
                 seq_id = self.decoder.add(stream.prompt, stream.params)
