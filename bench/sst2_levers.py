@@ -101,6 +101,8 @@ def main() -> None:
     if args.consistency and (args.channel or args.echo or args.leading_eos or args.lm_weight > 0):
         parser.error("--consistency: with a head over the text as it is, not --channel, --echo, --leading-eos "
                      "or --lm-weight")
+    if args.ngram_prior < 0:
+        parser.error("--ngram-prior: expected K >= 0 (0: none; 1: the full fit on training rows too)")
     if args.ngram_prior and (args.channel or args.lm_weight > 0 or args.consistency):
         parser.error("--ngram-prior: an offset under a head's logits, not with --channel, --lm-weight or --consistency")
     if args.leading_eos and args.token_dropout > 0:

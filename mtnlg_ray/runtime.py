@@ -58,22 +58,40 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, configure_logging=False, log_to_driver=False)
 
 
-def _check_gcs_answers(address: str, timeout_s: float = 10.0) -> None:
+def _check_gcs_answers(address: str, wait_s: float = 15.0) -> None:
     """A RAY_ADDRESS of HOST:PORT where nothing listens made ray.init retry for minutes without a word;
-    one TCP connect says it at once. Other forms (auto, local, ray://) are left to ray.init."""
+    TCP connects for `wait_s` (a head still starting gets that long) say it in one line. They try the
+    address as given and the one ray.init dials (it turns localhost into the node's IP): either
+    answering passes. Other forms (auto, local, ray://) are left to ray.init."""
     import socket
+    import time
 
     host, sep, port = address.strip().rpartition(":")
     if not sep or not port.isdigit() or "/" in host or not host:
         return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
-    except OSError as err:
-        from mtnlg_ray.errors import ConfigError
+    dialled = [(host.strip("[]"), int(port))]
+    try:  # private to Ray: where it is missing or fails, the address as given alone
+        from ray._private.services import canonicalize_bootstrap_address
 
-        raise ConfigError(f"RAY_ADDRESS={address}: no Ray answers there ({err.strerror or err}); start the "
-                          "cluster (`ray start --head` on that machine), fix the address, or unset RAY_ADDRESS "
-                          "to run on a local Ray") from None
+        other, _, other_port = canonicalize_bootstrap_address(address.strip()).rpartition(":")
+        dialled.append((other.strip("[]"), int(other_port)))
+    except Exception:
+        pass
+    deadline = time.monotonic() + wait_s
+    while True:
+        for where in dict.fromkeys(dialled):
+            try:
+                socket.create_connection(where, timeout=max(1.0, min(5.0, wait_s))).close()
+                return
+            except OSError as failed:
+                err = failed
+        if time.monotonic() >= deadline:
+            from mtnlg_ray.errors import ConfigError
+
+            raise ConfigError(f"RAY_ADDRESS={address}: no Ray answered there in {wait_s:g} s "
+                              f"({err.strerror or err}); start the cluster (`ray start --head` on that "
+                              "machine), fix the address, or unset RAY_ADDRESS to run on a local Ray")
+        time.sleep(1.0)
 
 
 def quiet_token_auth_notice() -> None:

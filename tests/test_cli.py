@@ -481,11 +481,13 @@ def test_a_ray_address_where_nothing_listens_is_one_line_not_a_wait():
     with socket.socket() as probe:  # a port that was free a moment ago, closed again: nothing listens
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with pytest.raises(ConfigError, match=rf"RAY_ADDRESS=127.0.0.1:{port}: no Ray answers there .*unset RAY_ADDRESS"):
-        _check_gcs_answers(f"127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match=rf"RAY_ADDRESS=127.0.0.1:{port}: no Ray answered there in 1 s .*unset "
+                                          "RAY_ADDRESS"):
+        _check_gcs_answers(f"127.0.0.1:{port}", wait_s=1)
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen()
-        _check_gcs_answers(f"127.0.0.1:{listening.getsockname()[1]}")
+        _check_gcs_answers(f"127.0.0.1:{listening.getsockname()[1]}", wait_s=1)
+        _check_gcs_answers(f"localhost:{listening.getsockname()[1]}", wait_s=1)  # as ray.init resolves it
     for address in ("", "auto", "local", "ray://127.0.0.1:1"):
-        _check_gcs_answers(address)
+        _check_gcs_answers(address, wait_s=1)

@@ -162,7 +162,15 @@ def test_a_gzip_cut_short_keeps_its_records_and_says_so(tmp_path):
     records = list(iter_records(str(path)))
     kept = [r for r in records if not r.reason]
     assert kept and records[-1].reason == "unreadable_file" and records[-1].location == str(path)
-    assert records[-1].detail.endswith(f"; the {len(kept):,} records before the break are kept")
+    assert records[-1].detail.endswith(f"; the {len(kept):,} documents read before the break are kept")
+    # Rejected records before the break are not counted among the kept
+    rows = "".join("not json\n" if i % 2 else json.dumps({"text": f"doc {i} " * 50}) + "\n" for i in range(200))
+    whole = gzip.compress(rows.encode())
+    path.write_bytes(whole[: len(whole) // 2])
+    records = list(iter_records(str(path)))
+    kept = [r for r in records if not r.reason]
+    assert any(r.reason == "bad_json" for r in records) and 0 < len(kept) < len(records) - 1
+    assert records[-1].detail.endswith(f"; the {len(kept):,} documents read before the break are kept")
 
 
 def test_a_file_name_that_is_not_utf8_is_one_line(tmp_path):

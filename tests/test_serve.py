@@ -478,6 +478,10 @@ def test_replicas_the_cluster_cannot_hold_are_refused_not_left_waiting(ray_sessi
         assert "the rest wait until an autoscaler adds nodes" in capsys.readouterr().err
     _refuse_replicas_the_cluster_cannot_hold(parse_args({"checkpoint": "c", "num_replicas": int(cpus)}),
                                              started_here=True)
+    # replicas that ask for no CPU fit anywhere (the first version refused them: 0 of them fit)
+    _refuse_replicas_the_cluster_cannot_hold(parse_args({"checkpoint": "c", "num_cpus": 0, "num_replicas": 4}),
+                                             started_here=True)
+    assert capsys.readouterr().err == ""
 
 
 def test_serve_cli_help_and_bad_checkpoint(tiny_checkpoint, tmp_path):

@@ -381,14 +381,14 @@ def _read_file(
     import pyarrow as pa
 
     name = item.lower()
-    records = 0  # read before an error: those are kept, and the error says so
+    documents = 0  # read before an error: those are kept, and the error says so
     try:
         for record in _file_records(item, name, text_field, txt_mode, max_chars, piece_chars, url_field, byte_range):
-            records += 1
+            documents += not record.reason
             yield record
     except (OSError, EOFError, zlib.error, pa.ArrowException) as err:
         kind = "gzip" if name.endswith(".gz") else "Parquet" if name.endswith(".parquet") else "text"
-        kept = f"; the {records:,} records before the break are kept" if records else ""
+        kept = f"; the {documents:,} documents read before the break are kept" if documents else ""
         yield Record(item, None, "unreadable_file", f"not a readable {kind} file ({err}){kept}")
 
 

@@ -75,7 +75,11 @@ def _check_output(output: Path) -> None:
         # (.old: a first run's publish, stopped; `recover` undoes it)
         if not (output / MANIFEST).is_file():
             raise InputError(f"{output}: exists, is not empty and holds no manifest.json; choose a new directory")
-        if not _our_manifest(output / MANIFEST):  # a web project's manifest.json: its docs/ went to .old, deleted
+        ours = _our_manifest(output / MANIFEST)
+        if ours is None:
+            raise InputError(f"{output / MANIFEST}: cannot be read, so whether {output} holds a dataset is "
+                             "unknown; make it readable or choose a new directory")
+        if not ours:  # a web project's manifest.json: its docs/ went to .old, deleted
             raise InputError(f"{output}: its manifest.json is not a dataset's that mtnlg-ray wrote (no 'format' "
                              "starting 'mtnlg-ray/'), so a run would replace its docs/; choose a new directory")
     for name in ENTRIES:  # a folder moves to .old only if it is writable itself
@@ -84,13 +88,16 @@ def _check_output(output: Path) -> None:
             raise InputError(f"{entry}: not writable, so a new dataset cannot replace it")
 
 
-def _our_manifest(path: Path) -> bool:
+def _our_manifest(path: Path) -> bool | None:
+    """Whether a run of ours wrote `path`; None when it cannot be read."""
     from mtnlg_ray.data.read import DATASET_FORMAT
 
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError):
+    except ValueError:
         return False
+    except OSError:
+        return None
     return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(DATASET_FORMAT)
 
 

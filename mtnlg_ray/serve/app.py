@@ -765,6 +765,8 @@ def _refuse_replicas_the_cluster_cannot_hold(args: ServeArgs, started_here: bool
     Ctrl-C. Refused on a local Ray started here; a warning on a cluster joined, which may scale."""
     from mtnlg_ray.runtime import workers_that_fit
 
+    if args.num_cpus <= 0 and args.num_gpus <= 0:  # a replica that asks for nothing fits anywhere
+        return
     replicas = max(args.autoscale[0], 1) if args.autoscale else args.num_replicas
     fit, cpus, gpus = workers_that_fit(args.num_cpus, args.num_gpus)
     if fit >= replicas:

@@ -29,7 +29,11 @@ Number = StrictFloat | StrictInt
 # OpenAI's request fields that this server neither reads nor refuses: never taken for a misspelling.
 OPENAI_OTHERS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "modalities", "audio",
                  "prediction", "reasoning_effort", "web_search_options", "safety_identifier", "prompt_cache_key",
-                 "verbosity"}
+                 "verbosity",
+                 # other servers' sampling fields (vLLM's, OpenRouter's through LiteLLM), near a field
+                 # read here but not a misspelling of one
+                 "min_tokens", "min_p", "top_a", "repetition_penalty", "length_penalty", "ignore_eos",
+                 "stop_token_ids", "best_of_n"}
 _TYPE_TAGS = {"str", "int", "float", "bool", "none"}
 MAX_STOPS = 4  # stop strings per request, as OpenAI allows
 MAX_STOP_CHARS = 1000  # each one's length: every streamed chunk is scanned for all of them
