@@ -331,9 +331,19 @@ def test_a_checkpoint_path_that_does_not_exist_is_not_reported_as_a_missing_toke
 
     with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'absent'}: checkpoint not found$"):
         tokenizer_path(tmp_path / "absent")
+    # A folder that is something else was "its tokenizer.json: missing" too: it says what it is
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="tokenizer.json: missing"):
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'empty'}: no checkpoint; expected a checkpoint "
+                                              "directory holding model.safetensors and config.json$"):
         tokenizer_path(tmp_path / "empty")
+    for name, marker, kind in (("data", "manifest.json", "a prepared dataset"),
+                               ("ngram", "ngram.json", r"an n-gram classifier \(self-train's teacher, not a GPT\)"),
+                               ("st", "round1/final/config.json", "a self-train run directory; its rounds' classifiers "
+                                                                  "are in .*/st/roundN/final")):
+        (tmp_path / name / marker).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name / marker).write_text("{}")
+        with pytest.raises(CheckpointError, match=rf"^{tmp_path / name}: {kind}; expected a checkpoint directory"):
+            tokenizer_path(tmp_path / name)
 
 
 def test_generator_states_are_restored_only_at_the_layout_that_saved_them(tmp_path):

@@ -225,3 +225,36 @@ def test_grow_pool_adds_seeded_review_sentences_without_labels_and_refuses_bad_i
     pool.write_text("sentence\tscore\nfine\t1\n", encoding="utf-8")
     bad = grow()
     assert bad.returncode == 2 and "pool.tsv:1: expected the header line 'label<TAB>sentence'" in bad.stderr
+
+
+def test_run_sh_checks_its_arguments_before_writing_anything(tmp_path):
+    """`run.sh --help` took --help for SST2_DIR (exit 1, a bash message), and a mistyped SST2_DIR or
+    FROM had already made OUT and overwritten its timings.tsv."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "examples" / "sst2" / "run.sh"
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+        import os
+
+        return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **env})
+
+    shown = run("--help")
+    assert shown.returncode == 0 and "usage: bash examples/sst2/run.sh SST2_DIR OUT" in shown.stdout
+    assert "FROM=EARLIER_OUT" in shown.stdout
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "timings.tsv").write_text("an earlier run's times\n")
+    sst2 = tmp_path / "sst2"
+    sst2.mkdir()
+    (sst2 / "train.tsv").write_text("sentence\tlabel\n")
+    (sst2 / "dev.tsv").write_text("sentence\tlabel\n")
+    for result, message in ((run(), "error: expected 2 arguments, got 0"),
+                            (run(str(tmp_path / "nope"), str(out)), f"error: {tmp_path / 'nope'}/train.tsv: no such file"),
+                            (run(str(sst2), str(out), FROM=str(tmp_path / "gone")), f"error: FROM={tmp_path / 'gone'}: "
+                                                                                     "no such folder")):
+        assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["timings.tsv"]
+    assert (out / "timings.tsv").read_text() == "an earlier run's times\n"

@@ -279,6 +279,26 @@ def test_readers_name_the_file_and_line(tmp_path):
     empty.write_text("\nsentence\tlabel\nhi\t1\n")  # rows under a blank first line: not an empty file
     with pytest.raises(InputError, match=r"empty.tsv:1: blank header line \(expected a header naming 'sentence'"):
         read_classification(empty, "sentence", "label")
+    # JSON's own position counted within the line ("line 2 column 1" for line 11); an empty text trained
+    # as an EOS alone; an empty .jsonl was said to hold "only a header"; a wrong label_field listed every text
+    bad.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": \n')
+    with pytest.raises(InputError, match=r"rows.jsonl:2: not valid JSON \(Expecting value at the end of the line\)$"):
+        read_classification(bad, "text", "label")
+    bad.write_text('{"text": "a", "label": x}\n')
+    with pytest.raises(InputError, match=r"rows.jsonl:1: not valid JSON \(Expecting value at character 24\)$"):
+        read_classification(bad, "text", "label")
+    bad.write_text('{"text": "a", "label": "x"}\n{"text": "  ", "label": "y"}\n')
+    with pytest.raises(InputError, match=r"rows.jsonl:2: field 'text' is empty \(a labelled example needs its text\)"):
+        read_classification(bad, "text", "label")
+    bad.write_text("\n")
+    with pytest.raises(InputError, match=r"rows.jsonl: no examples \(the file is empty\)$"):
+        read_classification(bad, "text", "label")
+    from mtnlg_ray.finetune.data import check_labels
+
+    bad.write_text("".join(f'{{"text": "t{i}", "label": "l{i}"}}\n' for i in range(40)))
+    with pytest.raises(InputError, match=r"rows.jsonl:1: label 'l0' is not one of the task's labels \['m0', 'm1', "
+                                         r"'m2', 'm3', 'm4', 'm5', 'm6', 'm7', 'm8', 'm9' and 30 more\] \(data.dev\)$"):
+        check_labels(read_classification(bad, "text", "label"), [f"m{i}" for i in range(40)], "data.dev")
 
 
 def test_a_damaged_gzip_is_one_line_and_a_byte_order_mark_is_no_part_of_the_header(tmp_path):
@@ -389,6 +409,27 @@ def test_a_resumed_fine_tunes_task_setup_ignores_the_order_of_lora_targets():
 
     assert setup("[proj,qkv]") == setup("[qkv,proj]") != setup("[qkv]")  # the adapters are a set
     assert task_setup(load_config(), "lm") is None  # pretraining records none
+
+
+def test_a_fine_tune_resumed_with_another_dev_metric_is_refused(tmp_path):
+    """Resumed with task.metric=macro_f1 after accuracy, a run compared each new macro F1 with the old
+    best accuracy (0.8), so best/ never moved and the summary named the metric beside the other's score."""
+    import json
+
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.errors import ConfigError
+    from mtnlg_ray.train.checkpoint import STATE_FILE, check_resume_task, task_setup
+
+    def setup(*extra: str) -> dict:
+        return task_setup(load_config(overrides=list(extra), stage="finetune"), "classification")
+
+    checkpoint = tmp_path / "run" / "checkpoint_1"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 1, "task_setup": setup()}))
+    check_resume_task(checkpoint, setup("task.metric=accuracy"))  # the default, named: the same metric
+    with pytest.raises(ConfigError, match=r"trained with task.metric accuracy, but this run's task.metric is "
+                                          r"macro_f1; start a new run under another run.name"):
+        check_resume_task(checkpoint, setup("task.metric=macro_f1"))
 
 
 def test_lora_targets_and_sft_token_dropout_are_refused_at_config_time():
@@ -674,6 +715,13 @@ def test_a_self_train_rerun_with_another_task_setting_is_refused_before_labellin
     assert_one_line_error(result, "st/round1: the run resumes from checkpoint_", "trained with task.pooling mean",
                           "this run's task.pooling is last")
     assert pseudo.stat().st_mtime_ns == before  # the pool was not labelled again
+    # The students' layout too: parallel.pp=2 was refused at round 1's student, after the labelling
+    result = self_train_cli(work, tokenizer_dir, "st", "selftrain.threshold=0.8", "train.epochs=4",
+                            "selftrain.student_epochs=1", f"selftrain.teacher={root / 'round0' / 'final'}",
+                            "parallel.pp=2", "parallel.workers=2")
+    assert_one_line_error(result, "parallel.pp=2: fine-tuning (task.kind=classification) does not run under "
+                                  "pipeline parallelism")
+    assert pseudo.stat().st_mtime_ns == before
 
 
 def test_a_given_teacher_must_classify_the_tasks_labels(self_trained, tokenizer_dir):

@@ -28,8 +28,19 @@
 # TOKEN_DROPOUT=0 MIX_TEACHER=0 ROUNDS=1, 4-epoch students and model.dropout 0.1 in pretrain.yaml:
 # pretrained fine-tune 0.688 where the default gives 0.752; BENCHMARKS.md).
 set -euo pipefail
-sst2=${1:?usage: run.sh SST2_DIR OUT (SST2_DIR holds train.tsv and dev.tsv)}
-out=${2:?usage: run.sh SST2_DIR OUT}
+usage="usage: bash examples/sst2/run.sh SST2_DIR OUT (SST2_DIR holds SST-2's train.tsv and dev.tsv; OUT is made)"
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'  # the comment above, as help
+  echo "$usage"
+  exit 0
+fi
+[[ $# -eq 2 ]] || { echo "error: expected 2 arguments, got $#; $usage" >&2; exit 2; }
+sst2=$1
+out=$2
+# Checked before anything in OUT is written: a mistyped SST2_DIR or FROM overwrote OUT's timings.tsv.
+for need in train.tsv dev.tsv; do
+  [[ -f $sst2/$need ]] || { echo "error: $sst2/$need: no such file; $usage" >&2; exit 2; }
+done
 here=$(cd "$(dirname "$0")" && pwd)
 steps=${PRETRAIN_STEPS:-4200}
 seeds=${SEEDS:-0 1 2}
@@ -41,8 +52,8 @@ token_dropout=${TOKEN_DROPOUT:-0.1}
 mix_teacher=${MIX_TEACHER:-1}
 pool_sentences=${POOL_SENTENCES:-0}
 from=${FROM:-}
-mkdir -p "$out/checkpoints"
-out=$(cd "$out" && pwd)
+[[ ! -e $out || -d $out ]] || { echo "error: OUT=$out exists and is not a folder" >&2; exit 2; }
+out=$(realpath -m "$out")
 runs="$out/runs"
 if [[ -n $from ]]; then  # checked before anything in OUT is written
   [[ -d $from ]] || { echo "error: FROM=$from: no such folder (give an earlier run.sh OUT)" >&2; exit 2; }
@@ -55,6 +66,7 @@ if [[ -n $from ]]; then  # checked before anything in OUT is written
     [[ ! -e $own || -L $own ]] || { echo "error: $own exists: with FROM, OUT must not hold its own data" >&2; exit 2; }
   done
 fi
+mkdir -p "$out/checkpoints"
 printf 'step\tseconds\n' > "$out/timings.tsv"
 
 timed() {  # timed NAME COMMAND...: run it, append its wall time to timings.tsv

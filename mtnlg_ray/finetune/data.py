@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from mtnlg_ray.errors import InputError
+from mtnlg_ray.errors import InputError, first_few
 
 TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".jsonl.gz", ".parquet")
 
@@ -111,6 +111,9 @@ def _jsonl(path: Path, columns, optional):
                 where = f"{path}:{number}"
                 try:
                     record = json.loads(line)
+                except json.JSONDecodeError as err:  # its own "line 2 column 1" counted within this line
+                    at = ("at the end of the line" if err.pos >= len(line.rstrip()) else f"at character {err.pos + 1}")
+                    raise InputError(f"{where}: not valid JSON ({err.msg} {at})") from None
                 except ValueError as err:
                     raise InputError(f"{where}: not valid JSON ({err})") from None
                 if not isinstance(record, dict):
@@ -150,6 +153,8 @@ def read_classification(path: str | Path, text_field: str, label_field: str) -> 
         text, label = row[text_field], row[label_field]
         if not isinstance(text, str):
             raise InputError(f"{where}: field {text_field!r} must be text, got {type(text).__name__}")
+        if not text.strip():  # trained as an EOS alone, without a word
+            raise InputError(f"{where}: field {text_field!r} is empty (a labelled example needs its text)")
         if isinstance(label, (dict, list)) or str(label).strip() == "":
             raise InputError(f"{where}: field {label_field!r} must be a label (a string or an integer), got {label!r}")
         # A true / false column (BoolQ's) names two classes; true among 0 / 1 made a third called "True"
@@ -164,7 +169,8 @@ def read_classification(path: str | Path, text_field: str, label_field: str) -> 
                              f"(probabilities, not logits), got {probs!r}")
         out.rows.append(LabelledRow(text, label_text(label), where, probs))
     if not out.rows:
-        raise InputError(f"{path}: no examples (the file is empty or holds only a header)")
+        raise InputError(f"{path}: no examples (the file is empty" + (")" if _suffix(Path(path)) in (
+            ".jsonl", ".jsonl.gz") else " or holds only a header)"))
     return out
 
 
@@ -186,8 +192,9 @@ def check_labels(data: ClassificationSet, labels: Sequence[str], what: str) -> N
     """Every row's label must be one of `labels`; soft labels must have one probability per label."""
     known = set(labels)
     for row in data.rows:
-        if row.label not in known:
-            raise InputError(f"{row.where}: label {row.label!r} is not one of the task's labels {list(labels)} ({what})")
+        if row.label not in known:  # a wrong label_field (the text column) made every row a label: a few shown
+            shown = first_few([repr(x) for x in labels], 10)
+            raise InputError(f"{row.where}: label {row.label!r} is not one of the task's labels [{shown}] ({what})")
         if row.probs is not None and len(row.probs) != len(labels):
             raise InputError(f"{row.where}: 'probs' has {len(row.probs)} values for {len(labels)} labels")
 

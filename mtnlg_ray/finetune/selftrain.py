@@ -141,6 +141,7 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
     from mtnlg_ray.data.pipeline import label_corpus
     from mtnlg_ray.finetune.data import read_classification
     from mtnlg_ray.finetune.trainer import finetune, prepare_finetune
+    from mtnlg_ray.train.trainer import check_run_layout
 
     def emit(**event) -> None:
         if on_event is not None:
@@ -153,7 +154,10 @@ def self_train(cfg: Config, on_event: Callable[[dict], None] | None = None,
     if cfg.selftrain.ngram_every_round and not cfg.selftrain.ngram_teacher:
         raise ConfigError("selftrain.ngram_every_round keeps the n-gram classifier in every round's teacher: "
                           "set selftrain.ngram_teacher=true too")
-    checked, _, _, _ = prepare_finetune(cfg)  # every file and the start checkpoint, before any training
+    checked, model_config, _, _ = prepare_finetune(cfg)  # every file and the start checkpoint, before any training
+    # the students' layout too: a parallel.pp=2 was refused at round 1's student, after the teacher had
+    # labelled the whole pool
+    check_run_layout(checked, model_config, checked.task.kind)
     cfg = checked.model_copy(update={"train": cfg.train})  # each round sizes its own default schedule
     unlabelled = Path(cfg.selftrain.unlabelled)  # absolute now, as every path field of `checked`
     labels = list(checked.task.labels)

@@ -199,10 +199,11 @@ def check_resume_data(directory: Path, train_data: str | None, path: str | None,
 def task_setup(cfg, task: str) -> dict | None:
     """What a fine-tuning checkpoint's model is beyond its shapes: the task's kind, mode and pooling,
     a classifier's labels in the order of its head's outputs, and LoRA's rank, alpha and targets (None
-    for pretraining)."""
+    for pretraining); and the dev metric its best score is in (a resumed run with another compared
+    its new metric with the old one's best, and a macro F1 never beat an accuracy's 0.8)."""
     if task == "lm":
         return None
-    setup = {"task.kind": cfg.task.kind, "task.mode": cfg.task.mode}
+    setup = {"task.kind": cfg.task.kind, "task.mode": cfg.task.mode, "task.metric": cfg.task.dev_metric}
     if cfg.task.kind == "classification":
         setup["task.pooling"] = cfg.task.pooling
         if cfg.task.labels:  # filled in from data.train before a run (`_check_task`)
