@@ -166,7 +166,6 @@ class PackSection(Section):
 LABELERS = ("quality", "perplexity", "classifier")
 
 
-
 def count_or_range(value: Any, handler) -> Any:
     """A wrap validator's body for a size that is N or [min, max] (parallel.workers, label.actors).
     `[1,2,3]` was "parallel.workers.int: Input should be a valid integer" (one error per union member,

@@ -611,7 +611,7 @@ def _curate(run: PipelineRun, items: list[tuple[str, list[str]]], config: Config
         docs = _run_stage(run, "dedup", docs, lambda d: dedup_documents(d, config.dedup, order_column="seq"))
 
     if config.label.labeler is not None:
-        from mtnlg_ray.data.label import check_pool_fits, filter_labelled, label_documents, stage_name
+        from mtnlg_ray.data.label import filter_labelled, label_documents, stage_name
 
         docs = _run_stage(run, stage_name(config.label), docs, lambda d: filter_labelled(
             label_documents(d, config.label), config.label))

@@ -3,7 +3,8 @@
 Only what `/v1/completions` and `/v1/chat/completions` accept for a base GPT: one choice per
 prompt, sampling settings, stop strings, a seed and streaming. Fields OpenAI has that do not change
 the text (penalties at 0, user, metadata, ...) are accepted and ignored, so existing clients work
-unchanged, and `null` means a field's default, as OpenAI reads it. Fields that ask for something
+unchanged, and `null` means a field's default, as OpenAI reads it; an unknown field that is a near
+miss of one read here (`max_token`) is refused, naming the one meant. Fields that ask for something
 this server does not give (logprobs, even 0, echo, best_of > 1, suffix, penalties other than 0, a logit
 bias, tools or the older functions, a response format other than text) are refused, not ignored: a
 client would otherwise read the wrong text or a missing score as if it were the answer. A refused or
