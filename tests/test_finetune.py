@@ -287,6 +287,10 @@ def test_readers_name_the_file_and_line(tmp_path):
     bad.write_text('{"text": "a", "label": x}\n')
     with pytest.raises(InputError, match=r"rows.jsonl:1: not valid JSON \(Expecting value at character 24\)$"):
         read_classification(bad, "text", "label")
+    bad.write_text('{"text": "a", "label": "x"}\n{"text": "abc\n{"text": "b", "label": "y"}\n')
+    with pytest.raises(InputError, match=r"rows.jsonl:2: not valid JSON \(Unterminated string starting at character "
+                                         r"10\)$"):
+        read_classification(bad, "text", "label")
     bad.write_text('{"text": "a", "label": "x"}\n{"text": "  ", "label": "y"}\n')
     with pytest.raises(InputError, match=r"rows.jsonl:2: field 'text' is empty \(a labelled example needs its text\)"):
         read_classification(bad, "text", "label")

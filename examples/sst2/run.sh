@@ -57,7 +57,7 @@ out=$(realpath -m "$out")
 runs="$out/runs"
 if [[ -n $from ]]; then  # checked before anything in OUT is written
   [[ -d $from ]] || { echo "error: FROM=$from: no such folder (give an earlier run.sh OUT)" >&2; exit 2; }
-  from=$(cd "$from" && pwd)
+  from=$(realpath "$from")  # as OUT is resolved: a symlink to OUT is OUT
   for need in runs/pretrain/final pretrain_data timings.tsv labelled.tsv dev.tsv pool.tsv; do
     [[ -e $from/$need ]] || { echo "error: FROM=$from: no $need there (give an earlier run.sh OUT)" >&2; exit 2; }
   done

@@ -109,11 +109,12 @@ def _jsonl(path: Path, columns, optional):
                 if not line.strip():
                     continue
                 where = f"{path}:{number}"
+                line = line.rstrip("\r\n")  # parsed with it, a cut string was an "invalid control character"
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:  # its own "line 2 column 1" counted within this line
                     at = ("at the end of the line" if err.pos >= len(line.rstrip()) else f"at character {err.pos + 1}")
-                    raise InputError(f"{where}: not valid JSON ({err.msg} {at})") from None
+                    raise InputError(f"{where}: not valid JSON ({err.msg.removesuffix(' at')} {at})") from None
                 except ValueError as err:
                     raise InputError(f"{where}: not valid JSON ({err})") from None
                 if not isinstance(record, dict):
