@@ -128,7 +128,7 @@ def check_consolidated(path: Path) -> None:
                               f"consolidated checkpoint, {final}" + ("" if (final / CONFIG).is_file() else
                               ", which the run writes when it ends (re-run it to finish)"))
     if not (path / WEIGHTS).exists():  # neither file: something else (it was "tokenizer.json: missing")
-        rounds = sorted(p.name for p in path.glob("round*") if (p / "final" / CONFIG).is_file())
+        rounds = any((p / "final" / CONFIG).is_file() for p in path.glob("round*"))
         kind = ("a prepared dataset" if (path / "manifest.json").is_file() else
                 "an n-gram classifier (self-train's teacher, not a GPT)" if (path / "ngram.json").is_file() else
                 f"a self-train run directory; its rounds' classifiers are in {path}/roundN/final" if rounds else

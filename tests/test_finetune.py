@@ -281,22 +281,18 @@ def test_readers_name_the_file_and_line(tmp_path):
         read_classification(empty, "sentence", "label")
     # JSON's own position counted within the line ("line 2 column 1" for line 11); an empty text trained
     # as an EOS alone; an empty .jsonl was said to hold "only a header"; a wrong label_field listed every text
-    bad.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": \n')
-    with pytest.raises(InputError, match=r"rows.jsonl:2: not valid JSON \(Expecting value at the end of the line\)$"):
-        read_classification(bad, "text", "label")
-    bad.write_text('{"text": "a", "label": x}\n')
-    with pytest.raises(InputError, match=r"rows.jsonl:1: not valid JSON \(Expecting value at character 24\)$"):
-        read_classification(bad, "text", "label")
-    bad.write_text('{"text": "a", "label": "x"}\n{"text": "abc\n{"text": "b", "label": "y"}\n')
-    with pytest.raises(InputError, match=r"rows.jsonl:2: not valid JSON \(Unterminated string starting at character "
-                                         r"10\)$"):
-        read_classification(bad, "text", "label")
-    bad.write_text('{"text": "a", "label": "x"}\n{"text": "  ", "label": "y"}\n')
-    with pytest.raises(InputError, match=r"rows.jsonl:2: field 'text' is empty \(a labelled example needs its text\)"):
-        read_classification(bad, "text", "label")
-    bad.write_text("\n")
-    with pytest.raises(InputError, match=r"rows.jsonl: no examples \(the file is empty\)$"):
-        read_classification(bad, "text", "label")
+    for content, message in (
+            ('{"text": "a", "label": "x"}\n{"text": "b", "label": \n',
+             r"rows.jsonl:2: not valid JSON \(Expecting value at the end of the line\)$"),
+            ('{"text": "a", "label": x}\n', r"rows.jsonl:1: not valid JSON \(Expecting value at character 24\)$"),
+            ('{"text": "a", "label": "x"}\n{"text": "abc\n{"text": "b", "label": "y"}\n',
+             r"rows.jsonl:2: not valid JSON \(Unterminated string starting at character 10\)$"),
+            ('{"text": "a", "label": "x"}\n{"text": "  ", "label": "y"}\n',
+             r"rows.jsonl:2: field 'text' is empty \(a labelled example needs its text\)"),
+            ("\n", r"rows.jsonl: no examples \(the file is empty\)$")):
+        bad.write_text(content)
+        with pytest.raises(InputError, match=message):
+            read_classification(bad, "text", "label")
     from mtnlg_ray.finetune.data import check_labels
 
     bad.write_text("".join(f'{{"text": "t{i}", "label": "l{i}"}}\n' for i in range(40)))

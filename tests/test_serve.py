@@ -451,16 +451,16 @@ def test_serve_args_and_shipped_config(long_checkpoint):
 
 def test_a_gpu_replica_on_a_cluster_without_gpus_is_refused_not_left_waiting(ray_session, capsys):
     # `serve --num-gpus 1` on a CPU machine printed nothing until it was killed.
-    from mtnlg_ray.serve.app import _refuse_gpus_the_cluster_lacks, parse_args
+    from mtnlg_ray.serve.app import _refuse_replicas_the_cluster_cannot_hold, parse_args
 
     assert not ray_session.cluster_resources().get("GPU")  # CI's machines, and this one, have none
     gpu = parse_args({"checkpoint": "c", "num_gpus": 0.5})
     with pytest.raises(ConfigError, match=r"^--num-gpus 0.5: the Ray cluster has no GPU; serve on its CPUs with "
                                           r"--num-gpus 0"):
-        _refuse_gpus_the_cluster_lacks(gpu, started_here=True)
-    _refuse_gpus_the_cluster_lacks(parse_args({"checkpoint": "c"}), started_here=True)  # CPU replicas: nothing
+        _refuse_replicas_the_cluster_cannot_hold(gpu, started_here=True)
+    _refuse_replicas_the_cluster_cannot_hold(parse_args({"checkpoint": "c"}), started_here=True)  # CPU replicas: nothing
     # A cluster joined may add GPU nodes (KubeRay scales a GPU group up from 0 pods): it waits, and says so.
-    _refuse_gpus_the_cluster_lacks(gpu, started_here=False)
+    _refuse_replicas_the_cluster_cannot_hold(gpu, started_here=False)
     assert "the replicas wait until an autoscaler adds one" in capsys.readouterr().err
 
 

@@ -176,10 +176,18 @@ def is_dataset(folder: Path) -> bool:
     (a web project's manifest.json beside its docs/ is not one)."""
     if not (folder / "manifest.json").is_file() or not any((folder / name).is_dir() for name in DATASET_MARKERS):
         return False
+    return our_manifest(folder / "manifest.json") is True
+
+
+def our_manifest(path: Path) -> bool | None:
+    """Whether a run of ours wrote the manifest.json at `path` (its format starts with ours); None when it
+    cannot be read."""
     try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
         return False
+    except OSError:
+        return None
     return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(DATASET_FORMAT)
 
 

@@ -75,7 +75,9 @@ def _check_output(output: Path) -> None:
         # (.old: a first run's publish, stopped; `recover` undoes it)
         if not (output / MANIFEST).is_file():
             raise InputError(f"{output}: exists, is not empty and holds no manifest.json; choose a new directory")
-        ours = _our_manifest(output / MANIFEST)
+        from mtnlg_ray.data.read import our_manifest
+
+        ours = our_manifest(output / MANIFEST)
         if ours is None:
             raise InputError(f"{output / MANIFEST}: cannot be read, so whether {output} holds a dataset is "
                              "unknown; make it readable or choose a new directory")
@@ -86,19 +88,6 @@ def _check_output(output: Path) -> None:
         entry = output / name
         if entry.is_dir() and not entry.is_symlink() and not os.access(entry, os.W_OK | os.X_OK):
             raise InputError(f"{entry}: not writable, so a new dataset cannot replace it")
-
-
-def _our_manifest(path: Path) -> bool | None:
-    """Whether a run of ours wrote `path`; None when it cannot be read."""
-    from mtnlg_ray.data.read import DATASET_FORMAT
-
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
-        return False
-    except OSError:
-        return None
-    return isinstance(manifest, dict) and str(manifest.get("format", "")).startswith(DATASET_FORMAT)
 
 
 def holds_dataset(output: Path) -> bool:

@@ -726,7 +726,6 @@ def serve_until_stopped(args: ServeArgs, host: str = "127.0.0.1", port: int = 80
     try:
         ensure_ray()
         ours = _started_ray_here()
-        _refuse_gpus_the_cluster_lacks(args, ours)
         _refuse_replicas_the_cluster_cannot_hold(args, ours)
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
@@ -745,40 +744,35 @@ def serve_until_stopped(args: ServeArgs, host: str = "127.0.0.1", port: int = 80
             serve.delete(name)
 
 
-def _refuse_gpus_the_cluster_lacks(args: ServeArgs, started_here: bool) -> None:
-    """A GPU replica on a cluster with no GPU waited for one without a word. A local Ray started here
-    will never have one: refused. A cluster joined may add GPU nodes (KubeRay's autoscaler, which this
-    process cannot see, scales GPU groups up from 0 pods): a warning that the replicas wait for one."""
+def _refuse_replicas_the_cluster_cannot_hold(args: ServeArgs, started_here: bool) -> None:
+    """Replicas the cluster cannot hold waited for it without a word until Ctrl-C: a GPU replica on a
+    cluster with no GPU, `--num-cpus 8` or `--replicas 3` on a 2-CPU Ray. A local Ray started here will
+    never grow: refused. A cluster joined may (KubeRay's autoscaler, which this process cannot see,
+    scales GPU groups up from 0 pods): a warning that the replicas wait for nodes."""
     import ray
 
-    if args.num_gpus <= 0 or ray.cluster_resources().get("GPU", 0):
-        return
-    if started_here:
-        raise ConfigError(f"--num-gpus {args.num_gpus:g}: the Ray cluster has no GPU; serve on its CPUs with "
-                          "--num-gpus 0, or connect to a cluster with GPUs (RAY_ADDRESS)")
-    print(f"warning: --num-gpus {args.num_gpus:g}: the Ray cluster has no GPU now; the replicas wait until an "
-          "autoscaler adds one (--num-gpus 0 serves on its CPUs)", file=sys.stderr, flush=True)
-
-
-def _refuse_replicas_the_cluster_cannot_hold(args: ServeArgs, started_here: bool) -> None:
-    """`--num-cpus 8` (or `--replicas 3`) on a 2-CPU Ray waited for the replicas without a word until
-    Ctrl-C. Refused on a local Ray started here; a warning on a cluster joined, which may scale."""
     from mtnlg_ray.runtime import workers_that_fit
 
-    if args.num_cpus <= 0 and args.num_gpus <= 0:  # a replica that asks for nothing fits anywhere
-        return
-    replicas = max(args.autoscale[0], 1) if args.autoscale else args.num_replicas
-    fit, cpus, gpus = workers_that_fit(args.num_cpus, args.num_gpus)
-    if fit >= replicas:
-        return
-    want = (f"{replicas} replica{'s' if replicas > 1 else ''} of {args.num_cpus:g} CPU"
-            + (f" and {args.num_gpus:g} GPU" if args.num_gpus else "") + " each")
-    have = f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs ({fit} such replicas fit)"
+    if args.num_gpus > 0 and not ray.cluster_resources().get("GPU", 0):  # said as such: it is the cause
+        error = (f"--num-gpus {args.num_gpus:g}: the Ray cluster has no GPU; serve on its CPUs with --num-gpus 0, "
+                 "or connect to a cluster with GPUs (RAY_ADDRESS)")
+        warning = (f"warning: --num-gpus {args.num_gpus:g}: the Ray cluster has no GPU now; the replicas wait "
+                   "until an autoscaler adds one (--num-gpus 0 serves on its CPUs)")
+    else:
+        if args.num_cpus <= 0 and args.num_gpus <= 0:  # a replica that asks for nothing fits anywhere
+            return
+        replicas = max(args.autoscale[0], 1) if args.autoscale else args.num_replicas
+        fit, cpus, gpus = workers_that_fit(args.num_cpus, args.num_gpus)
+        if fit >= replicas:
+            return
+        want = (f"{replicas} replica{'s' if replicas > 1 else ''} of {args.num_cpus:g} CPU"
+                + (f" and {args.num_gpus:g} GPU" if args.num_gpus else "") + " each")
+        have = f"the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs ({fit} such replicas fit)"
+        error = f"--num-cpus / --replicas: {want}, but {have}; lower them, or connect to a larger cluster (RAY_ADDRESS)"
+        warning = f"warning: {want}, but {have} now; the rest wait until an autoscaler adds nodes"
     if started_here:
-        raise ConfigError(f"--num-cpus / --replicas: {want}, but {have}; lower them, or connect to a larger "
-                          "cluster (RAY_ADDRESS)")
-    print(f"warning: {want}, but {have} now; the rest wait until an autoscaler adds nodes", file=sys.stderr,
-          flush=True)
+        raise ConfigError(error)
+    print(warning, file=sys.stderr, flush=True)
 
 
 def _started_ray_here() -> bool:
