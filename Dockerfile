@@ -19,8 +19,13 @@ COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users mtnlg_ray ./mtnlg_ray
 # Entrypoints for plain Ray tooling (KubeRay's RayJob runs /home/ray/mtnlg-ray/jobs/pretrain.py).
 COPY --chown=ray:users jobs ./jobs
-# CPU images take torch's CPU wheel index; GPU images take the default (CUDA) wheels.
-RUN if [ "$VARIANT" = "cpu" ]; then \
+# CPU images take torch's CPU wheel index; GPU images take PyPI's default CUDA build, whose CUDA the
+# nodes' NVIDIA driver must support. For older drivers pick a CUDA build by its wheel index:
+#   docker build --build-arg VARIANT=gpu --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 .
+ARG TORCH_INDEX=default
+RUN if [ "$TORCH_INDEX" != "default" ]; then \
+        pip install --no-cache-dir torch==2.13.0 --index-url "$TORCH_INDEX"; \
+    elif [ "$VARIANT" = "cpu" ]; then \
         pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; \
     else \
         pip install --no-cache-dir torch==2.13.0; \

@@ -151,13 +151,20 @@ def test_kuberay_manifest_has_the_fields_kuberay_requires(name):
         assert all(isinstance(v, str) for v in group["rayStartParams"].values())
         pod = group["template"]["spec"]
         volumes = {v["name"] for v in pod.get("volumes", [])}
-        for container in pod["containers"]:
+        for container in [*pod["containers"], *pod.get("initContainers", [])]:
             assert container["name"]
             gpus = int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
             check_image(container["image"], gpu=gpus > 0)
             assert {m["name"] for m in container.get("volumeMounts", [])} <= volumes
         claims = [v["persistentVolumeClaim"]["claimName"] for v in pod.get("volumes", []) if "persistentVolumeClaim" in v]
         assert claims == [load(CLUSTER / "kuberay" / "storage.yaml")["metadata"]["name"]]
+    # A new Filestore / EFS share is root's, and the image runs as ray (uid 1000) in group users (100), the
+    # owner its Dockerfile gives the files it copies: the head hands the share to them before Ray starts.
+    assert "COPY --chown=ray:users" in dockerfile()["text"]
+    (owner,) = head["template"]["spec"]["initContainers"]
+    assert owner["securityContext"]["runAsUser"] == 0
+    assert {m["mountPath"] for m in owner["volumeMounts"]} == {"/mnt/mtnlg"}
+    assert "chown 1000:100 /mnt/mtnlg" in " ".join(owner["command"])
 
 
 def test_rayjob_runs_a_jobs_entrypoint_from_the_image_with_a_valid_config_and_layout():
