@@ -8,6 +8,7 @@ validated `Config`, which the stage function receives. Unknown keys and bad valu
 from __future__ import annotations
 
 import copy
+import difflib
 from importlib import resources
 import json
 import os
@@ -766,14 +767,28 @@ def _first_error(exc: ValidationError, source: str) -> ConfigError:
     key = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         section = _section_of(err["loc"])
-        expected = f" (expected one of {', '.join(section.model_fields)})" if section is not None else ""
-        return ConfigError(f"{source}: unknown key '{key}'{expected}")
+        if section is None:
+            return ConfigError(f"{source}: unknown key '{key}'")
+        # The near miss first (`train.warmup` for warmup_tokens, `train.max_step`), then every key.
+        name = str(err["loc"][-1])
+        near = difflib.get_close_matches(name, section.model_fields, n=1, cutoff=0.6) or [
+            field for field in section.model_fields if len(name) >= 3 and (field.startswith(name) or name.startswith(field))][:1]
+        meant = f"did you mean '{'.'.join([*map(str, err['loc'][:-1]), near[0]])}'? " if near else ""
+        return ConfigError(f"{source}: unknown key '{key}' ({meant}expected one of {', '.join(section.model_fields)})")
+    if err["type"] == "model_type" and _section_type(_field_at(err["loc"])) is not None:  # `--set train=5`
+        return ConfigError(f"{source}: {key} is a section, not a value: set its keys, e.g. {key}.KEY=VALUE")
     message = err["msg"].removeprefix("Value error, ")
     if key and err["type"] == "value_error" and len(err["loc"]) == 1:
         return ConfigError(f"{source}: {message}")  # a check across a section's keys, which it names
     if key:
         return ConfigError(f"{source}: {key}: {message} (got {err.get('input')!r})")
     return ConfigError(f"{source}: {message}")
+
+
+def _field_at(loc: tuple):
+    """The model field at `loc` (None when a part of it is no section's field)."""
+    model: type[BaseModel] | None = _section_of(loc)
+    return None if model is None else model.model_fields.get(str(loc[-1]))
 
 
 def _section_of(loc: tuple) -> type[BaseModel] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -179,6 +180,8 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
     if trained["had_ended"]:
         step("pretrain", f"the model an earlier quickstart trained in {runs / 'pretrain'} is reused (delete that "
                          "folder to train it again)")
+    elif (runs / "finetune").exists():  # a classifier of the weights trained before: fine-tune the new ones
+        shutil.rmtree(runs / "finetune")
     result["pretrain"] = {"path": trained["final"], "loss": trained["metrics"]["loss"],
                           "val_loss": trained["metrics"].get("val_loss")}
 

@@ -124,7 +124,12 @@ def test_corrupt_safetensors_is_one_line(tmp_path, tiny_checkpoint):
 
 def test_prompt_too_long_is_one_line(tiny_checkpoint):
     result = run_cli("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "word " * 400)
-    assert_one_line_error(result, "prompt:", "context of 128 tokens")
+    assert_one_line_error(result, "--prompt: 1201 tokens leave no room", "context of 128 tokens")
+
+
+def test_empty_prompt_is_named_as_the_option_typed(tiny_checkpoint):
+    result = run_cli("generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "")
+    assert_one_line_error(result, "--prompt: expected some text")
 
 
 @pytest.mark.parametrize("option, value, expected", [
@@ -465,8 +470,8 @@ def test_an_argument_that_is_not_utf8_is_one_line_before_anything_starts(tmp_pat
     result = run_cli("data", "prepare", str(tmp_path / "in.txt"), "--output", output)
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        f"error: --output {tmp_path}/out\\xe9: not valid UTF-8 (Ray cannot start with it); rename such a file or "
-        "folder, or give the text in UTF-8"]
+        f"error: --output {tmp_path}/out\\xe9: not valid UTF-8 (the commands pass their arguments to Ray and "
+        "the tokenizer, which take UTF-8 alone); give the text in UTF-8, or rename such a file or folder"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
 
 
@@ -491,3 +496,19 @@ def test_a_ray_address_where_nothing_listens_is_one_line_not_a_wait():
         _check_gcs_answers(f"localhost:{listening.getsockname()[1]}", wait_s=1)  # as ray.init resolves it
     for address in ("", "auto", "local", "ray://127.0.0.1:1"):
         _check_gcs_answers(address, wait_s=1)
+
+
+def test_version_and_the_commands_in_the_order_a_user_meets_them():
+    """No --version existed, and --help listed `init` and `plan` first and `data` near the end."""
+    import typer.main
+    from typer.testing import CliRunner
+
+    import mtnlg_ray
+    from mtnlg_ray.cli import app
+    from mtnlg_ray.cli.app import _COMMAND_ORDER
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout == f"mtnlg-ray {mtnlg_ray.__version__}\n"
+    listed = typer.main.get_command(app).list_commands(None)
+    assert listed == list(_COMMAND_ORDER)  # a new command is placed in the order, not left at the end
+    assert listed[:2] == ["quickstart", "data"]

@@ -33,9 +33,15 @@ def test_file_values_and_overrides_stack(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.lrr=3", "--set train.lrr=3: unknown key 'train.lrr' (expected one of max_steps"),
+        # the near miss named before the list of every key
+        ("train.lrr=3", "--set train.lrr=3: unknown key 'train.lrr' (did you mean 'train.lr'? expected one of max_steps"),
+        ("train.warmup=5", "unknown key 'train.warmup' (did you mean 'train.warmup_tokens'? expected one of"),
+        ("train.max_step=5", "unknown key 'train.max_step' (did you mean 'train.max_steps'? expected one of"),
+        ("train.xyz=5", "unknown key 'train.xyz' (expected one of max_steps"),
         ("nosuch.key=1", "--set nosuch.key=1: unknown key 'nosuch'"),
-        ("tran.lr=1", "--set tran.lr=1: unknown key 'tran'"),  # a misspelt section was blamed on the shipped file
+        ("tran.lr=1", "--set tran.lr=1: unknown key 'tran' (did you mean 'train'?"),  # was blamed on the shipped file
+        # was "Input should be a valid dictionary or instance of TrainSection"
+        ("train=5", "--set train=5: train is a section, not a value: set its keys, e.g. train.KEY=VALUE"),
         ("train.lr=abc", "--set train.lr=abc: train.lr: Input should be a valid number"),
         ("model.preset=huge", "model.preset: expected one of tiny, small"),
         ("parallel.workers=[3, 1]", "parallel.workers: expected [min, max]"),

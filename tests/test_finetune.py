@@ -432,6 +432,40 @@ def test_a_fine_tune_resumed_with_another_dev_metric_is_refused(tmp_path):
         check_resume_task(checkpoint, setup("task.metric=macro_f1"))
 
 
+def test_a_fine_tune_resumed_after_its_start_checkpoint_was_trained_again_is_refused(tmp_path):
+    """A finished fine-tune re-run after `init.checkpoint` was trained again (the quickstart's own hint:
+    delete runs/pretrain to train it again) resumed as finished and reported the old classifier as the
+    new model's: the run records a digest of the start weights, and another is refused."""
+    import json
+    import shutil
+
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.errors import ConfigError
+    from mtnlg_ray.train.checkpoint import STATE_FILE, check_resume_task, sampled_digest, task_setup
+
+    start = tmp_path / "pretrain" / "final"
+    start.mkdir(parents=True)
+    weights = start / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 80_000)  # 20 MB: sampled, not read whole
+
+    def setup(folder) -> dict:
+        return task_setup(load_config(overrides=[f"init.checkpoint={folder}"], stage="finetune"), "classification")
+
+    checkpoint = tmp_path / "run" / "checkpoint_3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / STATE_FILE).write_text(json.dumps({"step": 3, "task_setup": setup(start)}))
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(start, moved)
+    check_resume_task(checkpoint, setup(moved))  # the same weights in another folder resume
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 1  # trained again, every block differs; here one byte of the first block, which is sampled
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"fine-tuned from other weights than init.checkpoint holds now; start a "
+                                          r"new run under another run.name \(or delete .*run to fine-tune"):
+        check_resume_task(checkpoint, setup(start))
+    assert sampled_digest(weights) != sampled_digest(moved / "model.safetensors")
+
+
 def test_lora_targets_and_sft_token_dropout_are_refused_at_config_time():
     """An unknown LoRA target failed on the workers, once per retry of the run; token dropout under SFT
     was accepted and did nothing."""
@@ -1112,6 +1146,16 @@ def test_a_rerun_on_other_training_data_is_refused_not_resumed(ray_session, tiny
                                               rf"{re.escape(was)}, but this run's {re.escape(key)} is {re.escape(value)}; "
                                               r"start a new run under another run.name"):
             finetune(changed)
+    # The start checkpoint trained again (here: its weights moved a little) is refused, not resumed finished.
+    from safetensors.torch import load_file, save_file
+
+    retrained = tmp_path / "retrained"
+    shutil.copytree(tiny_checkpoint, retrained)
+    weights = load_file(retrained / "model.safetensors")
+    save_file({name: tensor + 0.01 for name, tensor in weights.items()}, retrained / "model.safetensors")
+    with pytest.raises(ConfigError, match=r"runs/student: the run resumes from checkpoint_\S+, fine-tuned from other "
+                                          r"weights than init.checkpoint holds now"):
+        finetune(cfg.model_copy(update={"init": cfg.init.model_copy(update={"checkpoint": str(retrained)})}))
     lines = train.read_text().splitlines()
     train.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
     with pytest.raises(ConfigError, match=r"runs/student: the run resumes from checkpoint_.*, trained on another "

@@ -95,6 +95,17 @@ def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(model):
     assert alone != other_seed
 
 
+def test_every_64_bit_seed_is_its_own_draw_and_wider_seeds_are_refused(model):
+    """Seeds were taken mod 2**63: -1 gave 2**63 - 1's text and 2**63 gave 0's."""
+    params = SamplingParams(max_tokens=25, temperature=1.5)
+    texts = {seed: generate(model, [[7, 8, 9]], dataclasses.replace(params, seed=seed))[0].tokens
+             for seed in (-1, 2**63 - 1, 0, -(2**63))}
+    assert len({tuple(tokens) for tokens in texts.values()}) == 4
+    for seed in (2**63, -(2**63) - 1):
+        with pytest.raises(InputError, match=r"^seed: expected a 64-bit integer"):
+            SamplingParams(seed=seed)
+
+
 def test_top_k_one_and_tiny_top_p_are_greedy(model):
     greedy = generate(model, [[4, 2]], SamplingParams(max_tokens=15, temperature=0))[0].tokens
     top1 = generate(model, [[4, 2]], SamplingParams(max_tokens=15, temperature=1.5, top_k=1, seed=0))[0].tokens

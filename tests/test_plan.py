@@ -229,8 +229,7 @@ def test_plan_reports_the_schedules_bubble_and_the_command_for_its_layout():
     # a layout the trainer cannot run is not planned
     refused = run_cli("plan", "--preset", "gpt3-175b", "--tp", "8", "--pp", "16", "--schedule", "interleaved-1f1b")
     assert refused.returncode == 2
-    assert refused.stderr.strip() == ("error: parallel.pp_schedule=interleaved-1f1b runs several stages a rank: "
-                                      "set parallel.pp_virtual >= 2")
+    assert refused.stderr.strip() == "error: --schedule interleaved-1f1b runs several stages a rank: set --virtual >= 2"
     # nor a batch the trainer's schedule would refuse: 9 micro-batches are no whole rounds of pp=4
     uneven = run_cli("plan", "--preset", "gpt3-125m", "--pp", "4", "--virtual", "2", "--schedule", "interleaved-1f1b",
                      "--global-batch", "9")
@@ -248,6 +247,14 @@ def test_plan_reports_the_schedules_bubble_and_the_command_for_its_layout():
     (["--pp", "2", "--virtual", "2", "--schedule", "interleaved-zero-bubble"],
      "error: --schedule: expected one of gpipe, 1f1b, interleaved-1f1b (a plan is bf16 with FSDP, which "
      "interleaved-zero-bubble does not run with), got 'interleaved-zero-bubble'"),
+    (["--iter-time", "inf"], "error: --iter-time: expected seconds greater than 0, got inf"),  # was 0.0 TFLOP/s
+    # the layout checks pretrain shares said parallel.tp=5, parallel.pp, global_batch, micro_batch × dp
+    (["--tp", "5"], "error: --tp 5 must divide model.n_head (12) to split it evenly across ranks"),
+    (["--pp", "13"], "error: --pp: 13 pipeline stages for 12 layers leaves stages empty"),
+    (["--micro-batch", "4", "--dp", "2", "--global-batch", "4"],
+     "error: --global-batch: 4 is smaller than --micro-batch × --dp = 8"),
+    # suggested interleaved-zero-bubble, which --schedule refuses
+    (["--pp", "2", "--virtual", "2"], "error: --virtual 2: several stages a rank need --schedule interleaved-1f1b"),
 ])
 def test_plan_names_a_bad_option_as_typed(args, expected):
     from typer.testing import CliRunner
@@ -256,6 +263,37 @@ def test_plan_names_a_bad_option_as_typed(args, expected):
 
     result = CliRunner().invoke(app, ["plan", "--preset", "gpt3-125m", *args])  # in-process: CI's minutes
     assert isinstance(result.exception, ConfigError) and f"error: {result.exception}" == expected, result.output
+
+
+def test_plan_pads_a_tokenizers_vocabulary_as_pretrain_does():
+    """`--vocab-size 50257` (what a tokenizer gives) at --tp 4 was refused for not dividing, though pretrain
+    pads it to 50304 and trains; at --tp 1 it counted 47 embedding rows fewer than the trainer builds."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mtnlg_ray.cli import app
+
+    def planned(*args: str) -> dict:
+        result = CliRunner().invoke(app, ["plan", "--preset", "gpt3-125m", "--json", *args])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    padded = planned("--tp", "4", "--vocab-size", "50304")
+    assert planned("--tp", "4", "--vocab-size", "50257") == padded
+    assert planned("--vocab-size", "50257")["params"] == planned("--vocab-size", "50304")["params"]
+
+
+def test_an_iteration_time_faster_than_the_gpus_can_run_is_warned_about():
+    from typer.testing import CliRunner
+
+    from mtnlg_ray.cli import app
+
+    args = ["plan", "--preset", "gpt3-175b", "--tp", "8", "--pp", "16", "--dp", "4", "--json"]
+    fast = CliRunner().invoke(app, [*args, "--iter-time", "1"])
+    assert fast.exit_code == 0 and "warning: --iter-time 1.0 s puts each GPU at 118% of its peak" in fast.stderr
+    measured = CliRunner().invoke(app, [*args, "--iter-time", "30"])
+    assert measured.exit_code == 0 and "warning" not in measured.stderr
 
 
 def test_gpipe_holds_every_micro_batchs_activations_and_1f1b_only_its_warm_up():

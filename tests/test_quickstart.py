@@ -96,3 +96,21 @@ def test_the_smoke_and_the_full_quickstart_keep_their_runs_apart():
     """`--smoke` first, then the full run in the same workdir: the full pretrain used to resume the smoke
     model's checkpoint (another vocabulary and context) and stop on its shape after minutes of work."""
     assert SMOKE.folder and not FULL.folder and (SMOKE.vocab, SMOKE.seq_len) != (FULL.vocab, FULL.seq_len)
+
+
+@pytest.mark.slow
+def test_a_quickstart_that_trains_its_model_again_fine_tunes_the_new_one(tmp_path):
+    """The rerun hint says to delete runs/pretrain to train the model again; the fine-tune of the old
+    model then resumed as finished and was reported as the new model's classifier."""
+    import shutil
+
+    from mtnlg_ray.train.checkpoint import STATE_FILE, latest_checkpoint, sampled_digest
+
+    args = ("quickstart", "--smoke", "--workdir", str(tmp_path / "qs"))
+    assert run_cli(*args, "--port", str(unused_port()), timeout=900).returncode == 0
+    work = tmp_path / "qs" / SMOKE.folder
+    shutil.rmtree(work / "runs" / "pretrain")
+    again = run_cli(*args, "--port", str(unused_port()), timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    state = json.loads((latest_checkpoint(work / "runs" / "finetune") / STATE_FILE).read_text())
+    assert state["task_setup"]["init.weights"] == sampled_digest(work / "runs" / "pretrain" / "final" / "model.safetensors")

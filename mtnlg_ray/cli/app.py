@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from mtnlg_ray.errors import Interrupted, MtnlgError
 
@@ -64,8 +65,9 @@ def _refuse_undecodable_arguments(argv: Any) -> None:
         except UnicodeEncodeError:
             shown = os.fsencode(arg).decode("utf-8", "backslashreplace")
             option = f"{argv[i - 1]} " if i and argv[i - 1].startswith("-") and "=" not in argv[i - 1] else ""
-            typer.echo(f"error: {option}{shown}: not valid UTF-8 (Ray cannot start with it); rename such a file or "
-                       "folder, or give the text in UTF-8", err=True)
+            typer.echo(f"error: {option}{shown}: not valid UTF-8 (the commands pass their arguments to Ray and "
+                       "the tokenizer, which take UTF-8 alone); give the text in UTF-8, or rename such a file or folder",
+                       err=True)
             sys.exit(2)
 
 
@@ -80,7 +82,19 @@ def unwrap_help(group: typer.Typer) -> None:
         unwrap_help(sub.typer_instance)
 
 
+# `--help` lists the commands in the order a user meets them, not the order the modules register them.
+_COMMAND_ORDER = ("quickstart", "data", "tokenizer", "init", "plan", "pretrain", "plot", "finetune", "self-train",
+                  "evaluate", "generate", "serve", "export", "import", "submit", "local", "jobs", "config")
+
+
+class _PipelineOrder(TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        rank = {name: i for i, name in enumerate(_COMMAND_ORDER)}
+        return sorted(super().list_commands(ctx), key=lambda name: rank.get(name, len(rank)))
+
+
 app = _App(
+    cls=_PipelineOrder,
     name="mtnlg-ray",
     help=(
         "The Megatron-Turing NLG recipe on Ray: curate a corpus, pretrain and fine-tune a GPT, serve it.\n\n"
@@ -92,6 +106,22 @@ app = _App(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from mtnlg_ray import __version__
+
+        typer.echo(f"mtnlg-ray {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print mtnlg-ray's version and exit.")) -> None:
+    pass
+
+
 tokenizer_app = typer.Typer(help="Train the byte-level BPE tokenizer.", no_args_is_help=True)
 export_app = typer.Typer(help="Write a checkpoint in another project's format.", no_args_is_help=True)
 import_app = typer.Typer(help="Read a checkpoint from another project's format.", no_args_is_help=True)

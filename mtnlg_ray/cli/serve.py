@@ -45,7 +45,10 @@ def generate(
         field, _, rest = str(err).partition(":")
         raise InputError(f"--{field.replace('_', '-')}:{rest}") from None
     generator = TextGenerator(checkpoint)
-    prompt_tokens = len(generator.encode(prompt))
+    try:
+        prompt_tokens = len(generator.encode(prompt))
+    except InputError as err:  # `prompt: ...`, named as the option typed
+        raise InputError(f"--prompt{str(err).removeprefix('prompt')}") from None
     # The server's rule, OpenAI's: prompt + max_tokens within the context (the model could make one more,
     # whose token is never read back, and did here, so a text of that length could not be asked of a server).
     room = generator.context - prompt_tokens

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -69,6 +71,19 @@ def import_hf(
     typer.echo(f"wrote {run(input, output)}")
 
 
+# Config keys in the layout checks' messages, and the plan option each one is.
+_PLAN_OPTIONS = {"parallel.pp_virtual": "--virtual", "parallel.pp_schedule": "--schedule", "parallel.pp": "--pp",
+                 "parallel.tp": "--tp", "model.seq_len": "--seq-len", "model.vocab_size": "--vocab-size",
+                 "global_batch": "--global-batch", "micro_batch": "--micro-batch", "pp": "--pp", "tp": "--tp", "dp": "--dp"}
+
+
+def _as_plan_options(message: str) -> str:
+    """`parallel.tp=8 must divide ...` as `--tp 8 must divide ...`: the words a plan's user typed."""
+    keys = "|".join(re.escape(key) for key in _PLAN_OPTIONS)  # longest first: pp_virtual before pp
+    return re.sub(rf"(?<![\w.-])({keys})(?:(=)|(?![\w.]))",
+                  lambda m: _PLAN_OPTIONS[m[1]] + (" " if m[2] else ""), message)
+
+
 @app.command("plan")
 def plan(
     preset: str = typer.Option(..., "--preset", help="Model shape, e.g. mtnlg-530b."),
@@ -79,7 +94,8 @@ def plan(
     micro_batch: int = typer.Option(1, "--micro-batch", help="Sequences per GPU per forward."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sequence length (default: the preset's)."),
     vocab_size: Optional[int] = typer.Option(
-        None, "--vocab-size", help="Padded vocabulary, as your tokenizer gives it (default: the preset's)."),
+        None, "--vocab-size", help="Your tokenizer's vocabulary, padded to a multiple of 64 as pretrain pads it "
+        "(default: the preset's)."),
     iter_time: Optional[float] = typer.Option(None, "--iter-time", help="Measured seconds per iteration."),
     gpu: str = typer.Option("a100-80gb", "--gpu", help="a100-80gb, h100-80gb or h200-141gb."),
     schedule: str = typer.Option("1f1b", "--schedule", help="Pipeline schedule: gpipe, 1f1b, interleaved-1f1b "
@@ -98,6 +114,7 @@ def plan(
 
     from mtnlg_ray.cli.render import render_plan
     from mtnlg_ray.model.plan import plan_layout
+    from mtnlg_ray.model.gpt import pad_vocab
     from mtnlg_ray.errors import ConfigError
     from mtnlg_ray.model.presets import get_preset
     from mtnlg_ray.train.parallel import check_layout
@@ -109,7 +126,7 @@ def plan(
                           ("--vocab-size", vocab_size)):
         if value is not None and value < 1:
             raise ConfigError(f"{option}: expected a positive integer, got {value}")
-    if iter_time is not None and not iter_time > 0:
+    if iter_time is not None and not 0 < iter_time < math.inf:
         raise ConfigError(f"--iter-time: expected seconds greater than 0, got {iter_time}")
     if pp == 1 and virtual > 1:
         raise ConfigError(f"--virtual {virtual}: stages a rank of a pipeline, but --pp is 1 (no pipeline)")
@@ -117,14 +134,24 @@ def plan(
     if schedule not in planned:  # at --pp 1 nothing else looks at it
         raise ConfigError(f"--schedule: expected one of {', '.join(planned)} (a plan is bf16 with FSDP, which "
                           f"interleaved-zero-bubble does not run with), got {schedule!r}")
+    if virtual > 1 and not schedule.startswith("interleaved"):
+        raise ConfigError(f"--virtual {virtual}: several stages a rank need --schedule interleaved-1f1b")
+    if vocab_size is not None:
+        vocab_size = pad_vocab(vocab_size)  # as pretrain pads a tokenizer's vocabulary
     shape = get_preset(preset)
     shape = dataclasses.replace(shape, seq_len=seq_len or shape.seq_len, vocab_size=vocab_size or shape.vocab_size)
-    check_layout(shape, tp * pp * dp, tp, pp, pp_schedule=schedule, pp_virtual=virtual)
-    result = plan_layout(
-        preset, tp, pp, dp,
-        global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len, iter_time=iter_time, gpu=gpu,
-        vocab_size=vocab_size, schedule=schedule, virtual=virtual,
-    )
+    try:
+        check_layout(shape, tp * pp * dp, tp, pp, pp_schedule=schedule, pp_virtual=virtual)
+        result = plan_layout(
+            preset, tp, pp, dp,
+            global_batch=global_batch, micro_batch=micro_batch, seq_len=seq_len, iter_time=iter_time, gpu=gpu,
+            vocab_size=vocab_size, schedule=schedule, virtual=virtual,
+        )
+    except ConfigError as error:  # the shared checks name config keys; here the user typed options
+        raise ConfigError(_as_plan_options(str(error))) from None
+    if result["hfu"] is not None and result["hfu"] > 1:
+        typer.echo(f"warning: --iter-time {iter_time} s puts each GPU at {result['hfu']:.0%} of its peak: "
+                   "expected the measured seconds of one whole iteration", err=True)
     sets = [f"model.preset={preset}", f"parallel.workers={tp * pp * dp}", f"parallel.tp={tp}", f"parallel.pp={pp}"]
     if pp > 1:
         sets += [f"parallel.pp_schedule={schedule}"] + ([f"parallel.pp_virtual={virtual}"] if virtual > 1 else [])
@@ -371,7 +398,7 @@ def quickstart(
     body = json.dumps({"prompt": serve["prompt"], "max_tokens": 24,
                        **{k: serve[k] for k in ("temperature", "top_p", "seed")}})
     typer.echo(f"then query it:   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' -d '{body}'")
-    typer.echo(f"classify text:   mtnlg-ray evaluate -c {result['finetune']['path']} -d {result['workdir']}/task/dev.jsonl "
+    typer.echo(f"score it on dev: mtnlg-ray evaluate -c {result['finetune']['path']} -d {result['workdir']}/task/dev.jsonl "
                "--task classification")
 
 

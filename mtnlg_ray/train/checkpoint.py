@@ -176,6 +176,24 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def sampled_digest(path: str | Path, blocks: int = 16, block: int = 1 << 20) -> str:
+    """The SHA-256 of a file's size and `blocks` evenly spaced 1 MiB blocks of it (all of a file up to
+    16 MiB): weights trained again differ in every block, and a checkpoint of hundreds of GB is not read
+    whole to tell."""
+    import hashlib
+
+    size = Path(path).stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as fh:
+        if size <= blocks * block:
+            digest.update(fh.read())
+        else:
+            for i in range(blocks):
+                fh.seek(i * (size - block) // (blocks - 1))
+                digest.update(fh.read(block))
+    return digest.hexdigest()
+
+
 def recorded_train_data(directory: Path) -> str | None:
     """The digest of the training data a checkpoint trained on (a fine-tuning file, a pretraining
     dataset's token index; None before it was recorded)."""
@@ -197,13 +215,19 @@ def check_resume_data(directory: Path, train_data: str | None, path: str | None,
 
 
 def task_setup(cfg, task: str) -> dict | None:
-    """What a fine-tuning checkpoint's model is beyond its shapes: the task's kind, mode and pooling,
+    """What a fine-tuning checkpoint's model is beyond its shapes: the start checkpoint's weights (a
+    digest: a resume after `init.checkpoint` was trained again went on from, or reported, the model
+    fine-tuned from the old weights), the task's kind, mode and pooling,
     a classifier's labels in the order of its head's outputs, and LoRA's rank, alpha and targets (None
     for pretraining); and the dev metric its best score is in (a resumed run with another compared
     its new metric with the old one's best, and a macro F1 never beat an accuracy's 0.8)."""
     if task == "lm":
         return None
     setup = {"task.kind": cfg.task.kind, "task.mode": cfg.task.mode, "task.metric": cfg.task.dev_metric}
+    if cfg.init.checkpoint:  # the consolidated start checkpoint (resolved from a run's folder by then)
+        from mtnlg_ray.checkpoint import WEIGHTS
+
+        setup["init.weights"] = sampled_digest(Path(cfg.init.checkpoint) / WEIGHTS)
     if cfg.task.kind == "classification":
         setup["task.pooling"] = cfg.task.pooling
         if cfg.task.labels:  # filled in from data.train before a run (`_check_task`)
@@ -229,6 +253,10 @@ def check_resume_task(directory: Path, setup: dict | None) -> None:
     # The keys both hold, in order: kind and mode first, whose agreement makes pooling's and LoRA's present
     # in both or neither; a checkpoint from before labels were recorded has its head checked by size only.
     for key in (k for k in recorded if k in setup):
+        if key == "init.weights" and recorded[key] != setup[key]:  # the start model was trained again
+            raise ConfigError(f"{directory.parent}: the run resumes from {directory.name}, fine-tuned from other "
+                              "weights than init.checkpoint holds now; start a new run under another run.name "
+                              f"(or delete {directory.parent} to fine-tune the new weights under this one)")
         if recorded[key] != setup[key]:  # reordered labels: each class would read another's output
             was, now = shown(recorded[key]), shown(setup[key])
             raise ConfigError(f"{directory.parent}: the run resumes from {directory.name}, trained with {key} {was}, "
