@@ -771,12 +771,15 @@ def _first_error(exc: ValidationError, source: str) -> ConfigError:
             return ConfigError(f"{source}: unknown key '{key}'")
         # The near miss first (`train.warmup` for warmup_tokens, `train.max_step`), then every key.
         name = str(err["loc"][-1])
-        near = difflib.get_close_matches(name, section.model_fields, n=1, cutoff=0.6) or [
-            field for field in section.model_fields if len(name) >= 3 and (field.startswith(name) or name.startswith(field))][:1]
+        near = difflib.get_close_matches(name, section.model_fields, n=1, cutoff=0.6)
+        if not near and len(name) >= 3:  # `train.warm`: the one key it begins, if only one
+            near = [field for field in section.model_fields if field.startswith(name)]
+            near = near if len(near) == 1 else []
         meant = f"did you mean '{'.'.join([*map(str, err['loc'][:-1]), near[0]])}'? " if near else ""
         return ConfigError(f"{source}: unknown key '{key}' ({meant}expected one of {', '.join(section.model_fields)})")
     if err["type"] == "model_type" and _section_type(_field_at(err["loc"])) is not None:  # `--set train=5`
-        return ConfigError(f"{source}: {key} is a section, not a value: set its keys, e.g. {key}.KEY=VALUE")
+        example = f"{key}.KEY=VALUE" if source.startswith("--set") else f"{key}: {{KEY: VALUE}}"
+        return ConfigError(f"{source}: {key} is a section, not a value: set its keys, e.g. {example}")
     message = err["msg"].removeprefix("Value error, ")
     if key and err["type"] == "value_error" and len(err["loc"]) == 1:
         return ConfigError(f"{source}: {message}")  # a check across a section's keys, which it names

@@ -182,6 +182,8 @@ def quickstart(workdir: str | Path, smoke: bool = False, port: int = 8000,
                          "folder to train it again)")
     elif (runs / "finetune").exists():  # a classifier of the weights trained before: fine-tune the new ones
         shutil.rmtree(runs / "finetune")
+        step("finetune", f"the classifier in {runs / 'finetune'} was fine-tuned from the model trained before; it "
+                         "is deleted and fine-tuned afresh")
     result["pretrain"] = {"path": trained["final"], "loss": trained["metrics"]["loss"],
                           "val_loss": trained["metrics"].get("val_loss")}
 

@@ -165,6 +165,13 @@ def test_kuberay_manifest_has_the_fields_kuberay_requires(name):
     assert owner["securityContext"]["runAsUser"] == 0
     assert {m["mountPath"] for m in owner["volumeMounts"]} == {"/mnt/mtnlg"}
     assert "chown 1000:100 /mnt/mtnlg" in " ".join(owner["command"])
+    # valid shell that never fails the pod (an EFS access point refuses chown even to root): run on a folder
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        argv = [arg.replace("/mnt/mtnlg", folder) for arg in owner["command"]]
+        assert subprocess.run(argv, capture_output=True).returncode == 0
 
 
 def test_rayjob_runs_a_jobs_entrypoint_from_the_image_with_a_valid_config_and_layout():

@@ -162,6 +162,20 @@ def test_setting_one_key_of_a_mapping_keeps_its_other_defaults():
     assert cfg.clean.max_top_ngram == {**CleanSection().max_top_ngram, 2: 0.25}
 
 
+def test_a_section_given_a_value_in_a_file_is_shown_in_yaml(tmp_path):
+    from mtnlg_ray.config import load_config
+    from mtnlg_ray.errors import ConfigError
+
+    path = tmp_path / "flat.yaml"
+    path.write_text("train: 5\n")  # was "Input should be a valid dictionary or instance of TrainSection"
+    with pytest.raises(ConfigError, match=rf"^{path}: train is a section, not a value: set its keys, e.g. "
+                                          r"train: \{KEY: VALUE\}$"):
+        load_config(path)
+    # a prefix that begins two keys names neither: train.max is max_steps or max_tokens
+    with pytest.raises(ConfigError, match=r"unknown key 'train.max' \(expected one of"):
+        load_config(overrides=["train.max=5"])
+
+
 def test_an_unknown_key_in_the_file_is_blamed_on_the_file_not_on_a_similar_override(tmp_path):
     from mtnlg_ray.config import load_config
     from mtnlg_ray.errors import ConfigError

@@ -435,18 +435,22 @@ def test_a_fine_tune_resumed_with_another_dev_metric_is_refused(tmp_path):
 def test_a_fine_tune_resumed_after_its_start_checkpoint_was_trained_again_is_refused(tmp_path):
     """A finished fine-tune re-run after `init.checkpoint` was trained again (the quickstart's own hint:
     delete runs/pretrain to train it again) resumed as finished and reported the old classifier as the
-    new model's: the run records a digest of the start weights, and another is refused."""
+    new model's: the run records a digest of the start weights, and another is refused. The digest
+    reads a large file in part, and still sees a classifier whose small head alone was trained again."""
     import json
     import shutil
 
+    from safetensors.torch import save_file
+
     from mtnlg_ray.config import load_config
     from mtnlg_ray.errors import ConfigError
-    from mtnlg_ray.train.checkpoint import STATE_FILE, check_resume_task, sampled_digest, task_setup
+    from mtnlg_ray.train.checkpoint import STATE_FILE, check_resume_task, task_setup, weights_digest
 
-    start = tmp_path / "pretrain" / "final"
+    start = tmp_path / "classifier" / "final"
     start.mkdir(parents=True)
-    weights = start / "model.safetensors"
-    weights.write_bytes(bytes(range(256)) * 80_000)  # 20 MB: sampled, not read whole
+    body = torch.arange(3_000_000, dtype=torch.float32)  # 2 x 12 MB: past the size read whole
+    # the head between the two, where none of the evenly spaced blocks reads
+    save_file({"a.weight": body, "head.weight": torch.ones(2, 8), "z.weight": body + 1}, start / "model.safetensors")
 
     def setup(folder) -> dict:
         return task_setup(load_config(overrides=[f"init.checkpoint={folder}"], stage="finetune"), "classification")
@@ -457,13 +461,14 @@ def test_a_fine_tune_resumed_after_its_start_checkpoint_was_trained_again_is_ref
     moved = tmp_path / "elsewhere"
     shutil.copytree(start, moved)
     check_resume_task(checkpoint, setup(moved))  # the same weights in another folder resume
-    data = bytearray(weights.read_bytes())
-    data[100] ^= 1  # trained again, every block differs; here one byte of the first block, which is sampled
-    weights.write_bytes(bytes(data))
+    save_file({"a.weight": body, "head.weight": torch.full((2, 8), 2.0), "z.weight": body + 1}, start / "model.safetensors")
     with pytest.raises(ConfigError, match=r"fine-tuned from other weights than init.checkpoint holds now; start a "
                                           r"new run under another run.name \(or delete .*run to fine-tune"):
         check_resume_task(checkpoint, setup(start))
-    assert sampled_digest(weights) != sampled_digest(moved / "model.safetensors")
+    # self-training's rounds all start from these weights: its message names its whole run to delete
+    with pytest.raises(ConfigError, match=rf"\(or delete {re.escape(str(tmp_path / 'selftrain'))} to fine-tune"):
+        check_resume_task(checkpoint, setup(start), run_root=tmp_path / "selftrain")
+    assert weights_digest(start / "model.safetensors") != weights_digest(moved / "model.safetensors")
 
 
 def test_lora_targets_and_sft_token_dropout_are_refused_at_config_time():

@@ -96,12 +96,16 @@ def test_seeded_sampling_does_not_depend_on_the_rest_of_the_batch(model):
 
 
 def test_every_64_bit_seed_is_its_own_draw_and_wider_seeds_are_refused(model):
-    """Seeds were taken mod 2**63: -1 gave 2**63 - 1's text and 2**63 gave 0's."""
+    """Seeds were taken mod 2**63: -1 gave 2**63 - 1's text and 2**63 gave 0's. Now a seed is its 64 bits,
+    signed or unsigned (2**64 - 1 is -1's bits)."""
     params = SamplingParams(max_tokens=25, temperature=1.5)
-    texts = {seed: generate(model, [[7, 8, 9]], dataclasses.replace(params, seed=seed))[0].tokens
-             for seed in (-1, 2**63 - 1, 0, -(2**63))}
-    assert len({tuple(tokens) for tokens in texts.values()}) == 4
-    for seed in (2**63, -(2**63) - 1):
+
+    def text(seed: int) -> tuple:
+        return tuple(generate(model, [[7, 8, 9]], dataclasses.replace(params, seed=seed))[0].tokens)
+
+    assert len({text(seed) for seed in (-1, 2**63 - 1, 0, -(2**63))}) == 4
+    assert text(2**64 - 1) == text(-1) and text(2**63) == text(-(2**63))
+    for seed in (2**64, -(2**63) - 1):
         with pytest.raises(InputError, match=r"^seed: expected a 64-bit integer"):
             SamplingParams(seed=seed)
 

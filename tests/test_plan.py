@@ -234,7 +234,7 @@ def test_plan_reports_the_schedules_bubble_and_the_command_for_its_layout():
     uneven = run_cli("plan", "--preset", "gpt3-125m", "--pp", "4", "--virtual", "2", "--schedule", "interleaved-1f1b",
                      "--global-batch", "9")
     assert uneven.returncode == 2
-    assert uneven.stderr.strip().startswith("error: parallel.pp_schedule=interleaved-1f1b: 9 micro-batches a step")
+    assert uneven.stderr.strip().startswith("error: --schedule interleaved-1f1b: 9 micro-batches a step do not split into 2 rounds of --pp 4")
 
 
 @pytest.mark.parametrize(("args", "expected"), [
@@ -250,6 +250,8 @@ def test_plan_reports_the_schedules_bubble_and_the_command_for_its_layout():
     (["--iter-time", "inf"], "error: --iter-time: expected seconds greater than 0, got inf"),  # was 0.0 TFLOP/s
     # the layout checks pretrain shares said parallel.tp=5, parallel.pp, global_batch, micro_batch × dp
     (["--tp", "5"], "error: --tp 5 must divide model.n_head (12) to split it evenly across ranks"),
+    (["--gpu", "v100"], "error: --gpu: unknown GPU 'v100' (expected one of a100-80gb, h100-80gb, h200-141gb)"),
+    (["--iter-time", "nan"], "error: --iter-time: expected seconds greater than 0, got nan"),
     (["--pp", "13"], "error: --pp: 13 pipeline stages for 12 layers leaves stages empty"),
     (["--micro-batch", "4", "--dp", "2", "--global-batch", "4"],
      "error: --global-batch: 4 is smaller than --micro-batch × --dp = 8"),

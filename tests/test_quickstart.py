@@ -104,13 +104,16 @@ def test_a_quickstart_that_trains_its_model_again_fine_tunes_the_new_one(tmp_pat
     model then resumed as finished and was reported as the new model's classifier."""
     import shutil
 
-    from mtnlg_ray.train.checkpoint import STATE_FILE, latest_checkpoint, sampled_digest
+    from mtnlg_ray.train.checkpoint import STATE_FILE, latest_checkpoint, weights_digest
 
     args = ("quickstart", "--smoke", "--workdir", str(tmp_path / "qs"))
     assert run_cli(*args, "--port", str(unused_port()), timeout=900).returncode == 0
     work = tmp_path / "qs" / SMOKE.folder
     shutil.rmtree(work / "runs" / "pretrain")
+    (work / "runs" / "finetune" / "old-run.txt").write_text("the classifier of the first model")
     again = run_cli(*args, "--port", str(unused_port()), timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert not (work / "runs" / "finetune" / "old-run.txt").exists()  # a fresh fine-tune, not the old one resumed
+    assert "fine-tuned afresh" in again.stderr
     state = json.loads((latest_checkpoint(work / "runs" / "finetune") / STATE_FILE).read_text())
-    assert state["task_setup"]["init.weights"] == sampled_digest(work / "runs" / "pretrain" / "final" / "model.safetensors")
+    assert state["task_setup"]["init.weights"] == weights_digest(work / "runs" / "pretrain" / "final" / "model.safetensors")

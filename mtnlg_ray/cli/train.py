@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import List, Optional
@@ -73,15 +72,19 @@ def import_hf(
 
 # Config keys in the layout checks' messages, and the plan option each one is.
 _PLAN_OPTIONS = {"parallel.pp_virtual": "--virtual", "parallel.pp_schedule": "--schedule", "parallel.pp": "--pp",
-                 "parallel.tp": "--tp", "model.seq_len": "--seq-len", "model.vocab_size": "--vocab-size",
-                 "global_batch": "--global-batch", "micro_batch": "--micro-batch", "pp": "--pp", "tp": "--tp", "dp": "--dp"}
+                 "parallel.tp": "--tp", "model.vocab_size": "--vocab-size", "train.global_batch_size": "--global-batch",
+                 "train.micro_batch_size": "--micro-batch", "global_batch": "--global-batch",
+                 "micro_batch": "--micro-batch", "iter_time": "--iter-time", "gpu": "--gpu", "pp": "--pp", "tp": "--tp",
+                 "dp": "--dp"}
 
 
-def _as_plan_options(message: str) -> str:
-    """`parallel.tp=8 must divide ...` as `--tp 8 must divide ...`: the words a plan's user typed."""
-    keys = "|".join(re.escape(key) for key in _PLAN_OPTIONS)  # longest first: pp_virtual before pp
+def _as_plan_options(message: str, seq_len_given: bool) -> str:
+    """`parallel.tp=8 must divide ...` as `--tp 8 must divide ...`: the words a plan's user typed
+    (model.seq_len as --seq-len only where they typed it: else it is the preset's)."""
+    options = _PLAN_OPTIONS | ({"model.seq_len": "--seq-len"} if seq_len_given else {})
+    keys = "|".join(re.escape(key) for key in options)  # longest first: pp_virtual before pp
     return re.sub(rf"(?<![\w.-])({keys})(?:(=)|(?![\w.]))",
-                  lambda m: _PLAN_OPTIONS[m[1]] + (" " if m[2] else ""), message)
+                  lambda m: options[m[1]] + (" " if m[2] else ""), message)
 
 
 @app.command("plan")
@@ -126,8 +129,6 @@ def plan(
                           ("--vocab-size", vocab_size)):
         if value is not None and value < 1:
             raise ConfigError(f"{option}: expected a positive integer, got {value}")
-    if iter_time is not None and not 0 < iter_time < math.inf:
-        raise ConfigError(f"--iter-time: expected seconds greater than 0, got {iter_time}")
     if pp == 1 and virtual > 1:
         raise ConfigError(f"--virtual {virtual}: stages a rank of a pipeline, but --pp is 1 (no pipeline)")
     planned = [name for name in SCHEDULES if name != "interleaved-zero-bubble"]  # it runs only without FSDP
@@ -148,7 +149,7 @@ def plan(
             vocab_size=vocab_size, schedule=schedule, virtual=virtual,
         )
     except ConfigError as error:  # the shared checks name config keys; here the user typed options
-        raise ConfigError(_as_plan_options(str(error))) from None
+        raise ConfigError(_as_plan_options(str(error), seq_len is not None)) from None
     if result["hfu"] is not None and result["hfu"] > 1:
         typer.echo(f"warning: --iter-time {iter_time} s puts each GPU at {result['hfu']:.0%} of its peak: "
                    "expected the measured seconds of one whole iteration", err=True)
@@ -165,7 +166,10 @@ def plan(
     from mtnlg_ray.config import load_config
     from mtnlg_ray.train.trainer import check_run_layout
 
-    check_run_layout(load_config(overrides=sets, stage="pretrain"), shape, "lm")
+    try:
+        check_run_layout(load_config(overrides=sets, stage="pretrain"), shape, "lm")
+    except ConfigError as error:
+        raise ConfigError(_as_plan_options(str(error), seq_len is not None)) from None
     result["command"] = "mtnlg-ray pretrain " + " ".join(f"--set {item}" for item in sets)
     if as_json:
         typer.echo(json.dumps(result, indent=2))

@@ -240,7 +240,7 @@ def _check_resumed_rounds(root: Path, checked: Config) -> None:
     for number in range(1 if given else 0, checked.selftrain.rounds + 1):
         newest = latest_checkpoint(root / f"round{number}")
         if newest is not None:
-            check_resume_task(newest, setup)
+            check_resume_task(newest, setup, run_root=root)
 
 
 def _forget_stale_student(out: Path, train: Path) -> bool:

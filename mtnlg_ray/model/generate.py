@@ -38,8 +38,8 @@ class SamplingParams:
             raise InputError(f"top_k: expected a value >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:  # also refuses NaN
             raise InputError(f"top_p: expected a value in (0, 1], got {self.top_p}")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**63:  # one seed, one 64-bit draw stream
-            raise InputError(f"seed: expected a 64-bit integer, -2**63 to 2**63 - 1, got {self.seed}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # signed or unsigned: 64 bits
+            raise InputError(f"seed: expected a 64-bit integer, -2**63 to 2**64 - 1, got {self.seed}")
 
 
 @dataclass
@@ -121,7 +121,8 @@ def sample_next(
         drop[:, 0] = False  # a top_p under float32's least (1e-50, say) is 0 here and would drop every token
         probs = torch.zeros_like(probs).scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
     cdf = probs.double().cumsum(dim=-1)
-    u = uniform_draws(torch.tensor(list(seeds), dtype=torch.int64, device=device),
+    # A seed's 64 bits, signed or not, are its draws: 2**64 - 1 draws as -1 (they were taken mod 2**63).
+    u = uniform_draws(torch.tensor([s - 2**64 if s >= 2**63 else s for s in seeds], dtype=torch.int64, device=device),
                       torch.tensor(list(counters), dtype=torch.int64, device=device))
     # The first token whose cumulative mass reaches u * total: u > 0, so never a token of zero mass.
     sampled = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(1).clamp(max=V - 1)

@@ -139,7 +139,7 @@ def plan_layout(
         _positive_int(name, value)
     if global_batch is not None:
         _positive_int("global_batch", global_batch)
-    if iter_time is not None and not iter_time > 0:
+    if iter_time is not None and not 0 < iter_time < math.inf:  # also NaN; inf was 0 TFLOP/s
         raise ConfigError(f"iter_time: expected seconds greater than 0, got {iter_time!r}")
     spec = get_gpu(gpu)
     base = get_preset(preset)

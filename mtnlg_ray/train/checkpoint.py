@@ -176,21 +176,30 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def sampled_digest(path: str | Path, blocks: int = 16, block: int = 1 << 20) -> str:
-    """The SHA-256 of a file's size and `blocks` evenly spaced 1 MiB blocks of it (all of a file up to
-    16 MiB): weights trained again differ in every block, and a checkpoint of hundreds of GB is not read
-    whole to tell."""
+def weights_digest(path: str | Path, blocks: int = 16, block: int = 1 << 20, per_tensor: int = 4096) -> str:
+    """The SHA-256 of a safetensors file's header, the first 4 KiB of every tensor and `blocks` evenly
+    spaced 1 MiB blocks (all of a file up to 16 MiB): weights trained again differ there, a classifier
+    whose head alone was trained again too, and a checkpoint of hundreds of GB is not read whole."""
     import hashlib
+    import struct
 
     size = Path(path).stat().st_size
     digest = hashlib.sha256(str(size).encode())
     with open(path, "rb") as fh:
         if size <= blocks * block:
             digest.update(fh.read())
-        else:
-            for i in range(blocks):
-                fh.seek(i * (size - block) // (blocks - 1))
-                digest.update(fh.read(block))
+            return digest.hexdigest()
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = fh.read(length)
+        digest.update(header)
+        tensors = json.loads(header)
+        for name in sorted(k for k in tensors if k != "__metadata__"):
+            begin, stop = tensors[name]["data_offsets"]
+            fh.seek(8 + length + begin)
+            digest.update(fh.read(min(per_tensor, stop - begin)))
+        for i in range(blocks):
+            fh.seek(i * (size - block) // (blocks - 1))
+            digest.update(fh.read(block))
     return digest.hexdigest()
 
 
@@ -227,7 +236,7 @@ def task_setup(cfg, task: str) -> dict | None:
     if cfg.init.checkpoint:  # the consolidated start checkpoint (resolved from a run's folder by then)
         from mtnlg_ray.checkpoint import WEIGHTS
 
-        setup["init.weights"] = sampled_digest(Path(cfg.init.checkpoint) / WEIGHTS)
+        setup["init.weights"] = weights_digest(Path(cfg.init.checkpoint) / WEIGHTS)
     if cfg.task.kind == "classification":
         setup["task.pooling"] = cfg.task.pooling
         if cfg.task.labels:  # filled in from data.train before a run (`_check_task`)
@@ -239,10 +248,13 @@ def task_setup(cfg, task: str) -> dict | None:
     return setup
 
 
-def check_resume_task(directory: Path, setup: dict | None) -> None:
+def check_resume_task(directory: Path, setup: dict | None, run_root: Path | None = None) -> None:
     """A fine-tune resumes only with the task settings it started with: a re-run of a full fine-tune
     with task.mode=lora died on a worker (its checkpoint has no adapters), and one with task.mode=frozen
-    or another pooling resumed as finished and reported the old run's score as its own."""
+    or another pooling resumed as finished and reported the old run's score as its own.
+
+    `run_root`: the folder to delete to start over (self-training's, whose rounds all start from the
+    same weights; by default the run's own)."""
     recorded = json.loads((directory / STATE_FILE).read_text()).get("task_setup")
     if setup is None or recorded is None:
         return
@@ -256,7 +268,7 @@ def check_resume_task(directory: Path, setup: dict | None) -> None:
         if key == "init.weights" and recorded[key] != setup[key]:  # the start model was trained again
             raise ConfigError(f"{directory.parent}: the run resumes from {directory.name}, fine-tuned from other "
                               "weights than init.checkpoint holds now; start a new run under another run.name "
-                              f"(or delete {directory.parent} to fine-tune the new weights under this one)")
+                              f"(or delete {run_root or directory.parent} to fine-tune the new weights under this one)")
         if recorded[key] != setup[key]:  # reordered labels: each class would read another's output
             was, now = shown(recorded[key]), shown(setup[key])
             raise ConfigError(f"{directory.parent}: the run resumes from {directory.name}, trained with {key} {was}, "
