@@ -22,12 +22,17 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 SHARED_DATA = Path(os.environ.get("MTNLG_TEST_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
-def shared_data(name: str) -> Path:
-    """A file or folder of the test data; the test is skipped, saying where it looked, when it is absent."""
+def shared_data(name: str, module_level: bool = False) -> Path:
+    """A file or folder of the test data; the test is skipped, saying where it looked, when it is absent,
+    and fails where MTNLG_REQUIRE_TEST_DATA=1 (as `.ci/run` sets it: a CI without the data would skip every
+    multi-worker layout test and pass)."""
     path = SHARED_DATA / name
     if not path.exists():
+        if os.environ.get("MTNLG_REQUIRE_TEST_DATA") == "1":
+            pytest.fail(f"{path}: test data not found, and MTNLG_REQUIRE_TEST_DATA=1 (set MTNLG_TEST_DATA to the "
+                        "folder holding tinyshakespeare.txt and sst2/)", pytrace=False)
         pytest.skip(f"{path}: test data not found (set MTNLG_TEST_DATA to the folder holding tinyshakespeare.txt "
-                    "and sst2/)")
+                    "and sst2/)", allow_module_level=module_level)
     return path
 
 

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from conftest import SHARED_DATA
+from conftest import shared_data
 
 from mtnlg_ray.checkpoint import load_checkpoint
 from mtnlg_ray.config import LabelSection
@@ -42,10 +42,7 @@ from mtnlg_ray.checkpoint import load_classifier, save_classifier
 from mtnlg_ray.model.classifier import GPTClassifier, classification_input
 from mtnlg_ray.tokenizer import eos_id, load_tokenizer
 
-if not (SHARED_DATA / "tinyshakespeare.txt").is_file():
-    pytest.skip(f"{SHARED_DATA / 'tinyshakespeare.txt'}: test data not found (set MTNLG_TEST_DATA)",
-                allow_module_level=True)
-SHAKESPEARE = (SHARED_DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")
+SHAKESPEARE = shared_data("tinyshakespeare.txt", module_level=True).read_text(encoding="utf-8")
 PARAGRAPHS = [p for p in SHAKESPEARE.split("\n\n") if 150 <= len(p) <= 600]
 LABELS = ["negative", "neutral", "positive"]
 

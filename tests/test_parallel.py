@@ -330,7 +330,8 @@ def test_bf16_params_follow_fp32_training(reference, distributed):
     ref_losses = reference[0]
     run = distributed[0]["tp_bf16"]
     assert max_diff(run["losses"], ref_losses) <= 0.05
-    assert max_diff(run["losses"], ref_losses) > 0  # bf16 really ran
+    # bf16 really ran: fp32 rounding between layouts moves losses by 1e-6 at most
+    assert max_diff(run["losses"], ref_losses) > 1e-4, max_diff(run["losses"], ref_losses)
     # Sharded master weights stay fp32; only the all-gathered compute copies are bf16.
     assert all(v.dtype == torch.float32 for v in run["state"].values())
 

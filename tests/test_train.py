@@ -373,6 +373,12 @@ def test_a_pipelined_run_trains_as_one_worker_does(shakespeare, eight_steps_on_o
     assert (start["pp_schedule"], start["pp_virtual"]) == (settings.get("parallel.pp_schedule", "1f1b"),
                                                            int(settings.get("parallel.pp_virtual", 1)))
     assert start["trainable_parameters"] == read_start_events(eight_steps_on_one_worker)[0]["trainable_parameters"]
+    # torch's schedule that ran each step, not the config echoed (every step has pp micro-batches or more)
+    from mtnlg_ray.train.pipeline import SCHEDULES
+    from mtnlg_ray.train.plot import read_metrics
+
+    ran = {r["pp_schedule_ran"] for r in read_metrics(run)}
+    assert ran == {SCHEDULES[start["pp_schedule"]][0].__name__}, ran
     assert_trains_like(run, eight_steps_on_one_worker, steps=8)
 
 
@@ -463,7 +469,9 @@ def test_batch_rampup_follows_its_schedule_and_any_layout_trains_on_the_same_bat
         assert [r["tokens"] for r in records] == [256, 512, 768, 1024, 1536, 2048, 2560, 3072]
         assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-6)
     for one, two in zip(runs[1], runs[2]):
-        assert abs(one["loss"] - two["loss"]) <= 1e-4 and abs(one["grad_norm"] - two["grad_norm"]) <= 1e-3 * one["grad_norm"]
+        assert abs(one["loss"] - two["loss"]) <= 2e-5 and abs(one["grad_norm"] - two["grad_norm"]) <= 1e-5 * one["grad_norm"]
+    a, b = final_weights(tmp_path / "ramp1"), final_weights(tmp_path / "ramp2")  # and the same weights
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-3
     # A longer re-run of ramp1 resumes it and keeps the schedule it recorded: `config show` gives those
     # values and says where they come from (it called them the new run's own, "derived: the run's tokens").
     sets = [f"data.path={shakespeare}", f"run.storage_path={tmp_path}", "run.name=ramp1", "model.preset=tiny",
@@ -497,17 +505,19 @@ def test_a_compiled_run_takes_the_same_steps_as_eager(shakespeare, eight_steps_o
     assert records[-1]["loss"] < records[0]["loss"]
 
 
-def assert_trains_like(run_dir: Path, reference_dir: Path, steps: int) -> None:
-    """Every step's loss within 1e-4 and grad norm within 1e-3 relative, final weights within 1e-3
-    (Adam turns rounding noise in near-zero gradients into lr-sized steps)."""
+def assert_trains_like(run_dir: Path, reference_dir: Path, steps: int, loss_bound: float = 2e-5) -> None:
+    """Every step's loss within 2e-5 and grad norm within 1e-5 relative, final weights within 1e-3
+    (Adam turns rounding noise in near-zero gradients into lr-sized steps). A layout's summation order
+    moves 8 steps' losses by 5e-7 at most and norms by 1e-8 relative; one block's LayerNorm gradient
+    lost each step moves them by 6e-5 and 1e-4."""
     from mtnlg_ray.train.plot import read_metrics
 
     reference = {r["step"]: r for r in read_metrics(reference_dir)}
     other = {r["step"]: r for r in read_metrics(run_dir)}  # a step redone after a failure: its last record
     assert sorted(other) == sorted(reference) == list(range(1, steps + 1))
     for step, ref in reference.items():
-        assert abs(other[step]["loss"] - ref["loss"]) <= 1e-4, step
-        assert abs(other[step]["grad_norm"] - ref["grad_norm"]) <= 1e-3 * ref["grad_norm"], step
+        assert abs(other[step]["loss"] - ref["loss"]) <= loss_bound, (step, other[step]["loss"], ref["loss"])
+        assert abs(other[step]["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"], step
     a, b = final_weights(reference_dir), final_weights(run_dir)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-3
 
@@ -544,7 +554,7 @@ def test_elastic_run_continues_on_fewer_workers_after_one_is_killed(shakespeare,
     # that lost a node trains as one uninterrupted worker does, redone steps included.
     reference = Path(pretrain(train_config(shakespeare, tmp_path, "reference", "parallel.workers=1",
                                            "train.max_steps=30", "train.eval_every=20"))["run_dir"])
-    assert_trains_like(tmp_path / "elastic", reference, steps=30)
+    assert_trains_like(tmp_path / "elastic", reference, steps=30, loss_bound=1e-4)  # 30 steps, a restart
 
 
 def test_a_resumed_run_keeps_the_decay_it_started_with_at_another_worker_count(tmp_path):

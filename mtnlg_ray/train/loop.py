@@ -357,6 +357,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "tokens_per_s": tokens_per_s, "mfu": step_flops / seconds / (peak * 1e12 * world),
             "grad_norm": grad_norm, "step_time": seconds, "world_size": world, "time": time.time(),
         }
+        if pipeline is not None:  # what ran, not what was asked: a ramp-up's short steps run GPipe
+            metrics["pp_schedule_ran"] = pipeline.last_schedule
         epoch_ended = state.cursor // examples > epoch_before
         due = epoch_ended if task.eval_every_steps is None else state.step % task.eval_every_steps == 0
         if due or finished():

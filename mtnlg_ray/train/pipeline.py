@@ -176,6 +176,7 @@ class PipelineRunner:
         self.duplicates = tuple(part.tok_emb.weight for part, stage in zip(parts, stage_ids)
                                 if stage == num_stages - 1 and stage != 0 and part.tok_emb is not None)
         self._schedules: dict[tuple[str, int], tuple[object, list[PipelineStage]]] = {}
+        self.last_schedule = ""  # the class of torch's schedule the last training step ran (its metrics say)
 
     def _schedule(self, name: str, n_microbatches: int):
         key = (name, n_microbatches)
@@ -205,7 +206,9 @@ class PipelineRunner:
         for part in self.parts:
             part.train()
         name = schedule_for(self.schedule, n_microbatches, self.mesh["pp"].size())
-        loss = self._run(self._schedule(name, n_microbatches), inputs, targets, train=True)
+        schedule = self._schedule(name, n_microbatches)
+        self.last_schedule = type(schedule).__name__
+        loss = self._run(schedule, inputs, targets, train=True)
         self.tied()
         return loss
 
