@@ -87,6 +87,17 @@ def test_decontamination_follows_the_gpt3_rules():
     many = (" " + passage + " ").join([PROSE * 3] * 12)
     dropped, pieces = decontaminate(many, grams, DecontamSection(window=0))
     assert dropped is None and pieces == 12
+    # more than 10 pieces drop a document; 10 keep it
+    ten, pieces = decontaminate((" " + passage + " ").join([PROSE * 3] * 10), grams, DecontamSection(window=0))
+    assert ten is not None and pieces == 10
+    eleven, pieces = decontaminate((" " + passage + " ").join([PROSE * 3] * 11), grams, DecontamSection(window=0))
+    assert eleven is None and pieces == 11
+    # 13 words in common are contamination, 12 are not (the default n-gram is 13, as GPT-3's)
+    assert DecontamSection().ngram == 13
+    twelve = PROSE * 3 + " " + " ".join(f"w{i}" for i in range(12)) + " " + PROSE * 3
+    assert decontaminate(twelve, grams, cfg) == (twelve, 1)
+    thirteen = PROSE * 3 + " " + " ".join(f"w{i}" for i in range(13)) + " " + PROSE * 3
+    assert decontaminate(thirteen, grams, cfg)[1] == 2
 
 
 def test_a_short_evaluation_item_matches_whole_from_eight_words():
@@ -122,7 +133,9 @@ def test_validation_split_is_seeded_and_never_empty(tmp_path):
         writer.add_documents(docs)
         splits.append(writer.close().val_indices)
     assert splits[0] == splits[1] and splits[0] != splits[2]
-    assert all(i % 4 == splits[0][0] % 4 for i in splits[0])
+    for split in splits:  # every 4th sequence from a seeded offset, none left out (a wider stride passed)
+        assert split == list(range(split[0], split[0] + 4 * len(split), 4)) and split[0] < 4
+        assert split[-1] + 4 >= 10 * 40 // 8  # up to the last sequence the 10 documents fill
     tiny = SequenceWriter(tmp_path / "tiny", PackSection(seq_len=7, val_fraction=0.01), 0, 300)
     tiny.add_documents([np.arange(1, 17, dtype=np.uint32)])
     result = tiny.close()

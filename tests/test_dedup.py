@@ -176,6 +176,12 @@ def _small_corpus() -> list[dict]:
     return items + [doc(k, v) for k, v in {**EXACT_TWINS, "doc-01a": NEAR["doc-01a"]}.items()]
 
 
+_far_rng = random.Random(7)
+# Beside BASE[22]: a copy with 2 words replaced (Jaccard 0.94) and one with 16 (about 0.65).
+THRESHOLD_PAIRS = {"thr-0": " ".join(BASE[22]), "thr-near": " ".join(edit(_far_rng, BASE[22], 2)),
+                   "thr-far": " ".join(edit(_far_rng, BASE[22], 16))}
+
+
 def _reversed_order_corpus() -> list[dict]:
     """The small corpus with a corpus position that puts every duplicate before its smaller-id twin."""
     items = sorted(_small_corpus(), key=lambda d: d["id"], reverse=True)
@@ -201,6 +207,10 @@ def runs(ray_session):
             "fuzzy_only": pool.submit(run, _small_corpus(), exact=False),
             "ordered": pool.submit(run, _reversed_order_corpus(), order_column="seq"),
             "components": pool.submit(_components, CC_EDGES),
+            # one band a row: every pair that shares a single MinHash value is a candidate, so the
+            # threshold check alone decides
+            "threshold": pool.submit(run, [doc(k, v) for k, v in THRESHOLD_PAIRS.items()], exact=False, bands=20,
+                                     rows=1),
         }
 
 
@@ -238,6 +248,16 @@ def test_near_duplicates_leave(deduped):
     assert rejected["doc-01a"]["reason"] == NEAR_DUPLICATE
     assert rejected["doc-01a"]["detail"] == "duplicate of doc-01"
     assert rejected["doc-02a"]["detail"] == "duplicate of doc-02"
+
+
+def test_candidates_under_the_threshold_stay_and_those_over_it_leave(runs):
+    """Every test pair above estimated at 0.82 or more: replacing the check with `True`, or a threshold of
+    0.5, passed them all."""
+    text = THRESHOLD_PAIRS["thr-0"]
+    assert jaccard(text, THRESHOLD_PAIRS["thr-near"]) > 0.9 and 0.55 < jaccard(text, THRESHOLD_PAIRS["thr-far"]) < 0.72
+    kept, rejected = runs["threshold"].result()
+    assert set(kept) == {"thr-0", "thr-far"}  # 0.65 is under 0.8 less the 0.05 margin
+    assert rejected["thr-near"]["reason"] == NEAR_DUPLICATE and rejected["thr-near"]["detail"] == "duplicate of thr-0"
 
 
 def test_chain_of_near_duplicates_is_one_cluster(deduped):
