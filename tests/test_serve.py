@@ -67,9 +67,16 @@ def server(ray_session, long_checkpoint):
         serve.run(build_app({"checkpoint": str(long_checkpoint), "model_name": "tiny", "num_cpus": 0,
                              "api_key": API_KEY, "max_batch": 1, "max_waiting": 1, "kv_cache_tokens": 512}),
                   name="tight", route_prefix="/tight", blocking=False)
-        serve.run(build_app({"checkpoint": str(long_checkpoint), "model_name": "org/tiny", "num_cpus": 0,
-                             "max_batch": 1, "max_waiting": 1, "kv_cache_tokens": 512}),
-                  name="named", route_prefix="/named", blocking=False)
+        # this one from `mtnlg-ray serve`'s own options, as the command builds it: --no-prefix-cache and
+        # the cache flags reach the replica's decoder
+        import inspect
+
+        from mtnlg_ray.cli.serve import serve as serve_command, serve_args
+
+        options = {name: p.default.default for name, p in inspect.signature(serve_command).parameters.items()}
+        options |= {"checkpoint": long_checkpoint, "model_name": "org/tiny", "num_cpus": 0.0, "max_batch": 1,
+                    "max_waiting": 1, "kv_cache_tokens": 512, "block_size": 8, "no_prefix_cache": True}
+        serve.run(build_app(serve_args(options)), name="named", route_prefix="/named", blocking=False)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -912,6 +919,13 @@ def test_a_model_name_with_a_slash_is_listed_retrieved_and_answers(server):
         named.models.retrieve("org/other")
     assert missing.value.code == "model_not_found"
     assert named.completions.create(model="org/tiny", prompt="def ", max_tokens=3, temperature=0).choices[0].text
+    # served from `mtnlg-ray serve`'s options with --no-prefix-cache --block-size 8 --kv-cache-tokens 512
+    prompt = "The list type supports slicing and sorting. " * 8
+    for _ in range(2):
+        named.completions.create(model="org/tiny", prompt=prompt, max_tokens=2, temperature=0)
+    health = _health(server, "/named")
+    assert health["prefix_hit_tokens"] == 0 and health["prefix_cache_hit_rate"] == 0
+    assert (health["block_size"], health["kv_blocks"]) == (8, 512 // 8)
 
 
 def test_api_key_is_required_when_set(server):
