@@ -363,7 +363,7 @@ def test_ci_fails_where_the_test_data_is_missing_instead_of_skipping_the_layout_
     assert "export MTNLG_REQUIRE_TEST_DATA=1" in ci and ci.index("MTNLG_REQUIRE_TEST_DATA") < ci.index("pytest")
     (tmp_path / "test_needs_data.py").write_text(
         "from conftest import shared_data\n\ndef test_it():\n    shared_data('tinyshakespeare.txt')\n")
-    env = {**os.environ, "MTNLG_TEST_DATA": str(tmp_path / "nowhere"),
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}, "MTNLG_TEST_DATA": str(tmp_path / "nowhere"),
            "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
                              str(tmp_path), str(tmp_path / "test_needs_data.py")], capture_output=True,

@@ -505,7 +505,8 @@ def test_a_compiled_run_takes_the_same_steps_as_eager(shakespeare, eight_steps_o
     assert records[-1]["loss"] < records[0]["loss"]
 
 
-def assert_trains_like(run_dir: Path, reference_dir: Path, steps: int, loss_bound: float = 2e-5) -> None:
+def assert_trains_like(run_dir: Path, reference_dir: Path, steps: int, loss_bound: float = 2e-5,
+                       norm_bound: float = 1e-5) -> None:
     """Every step's loss within 2e-5 and grad norm within 1e-5 relative, final weights within 1e-3
     (Adam turns rounding noise in near-zero gradients into lr-sized steps). A layout's summation order
     moves 8 steps' losses by 5e-7 at most and norms by 1e-8 relative; one block's LayerNorm gradient
@@ -517,7 +518,7 @@ def assert_trains_like(run_dir: Path, reference_dir: Path, steps: int, loss_boun
     assert sorted(other) == sorted(reference) == list(range(1, steps + 1))
     for step, ref in reference.items():
         assert abs(other[step]["loss"] - ref["loss"]) <= loss_bound, (step, other[step]["loss"], ref["loss"])
-        assert abs(other[step]["grad_norm"] - ref["grad_norm"]) <= 1e-5 * ref["grad_norm"], step
+        assert abs(other[step]["grad_norm"] - ref["grad_norm"]) <= norm_bound * ref["grad_norm"], step
     a, b = final_weights(reference_dir), final_weights(run_dir)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-3
 
@@ -554,7 +555,8 @@ def test_elastic_run_continues_on_fewer_workers_after_one_is_killed(shakespeare,
     # that lost a node trains as one uninterrupted worker does, redone steps included.
     reference = Path(pretrain(train_config(shakespeare, tmp_path, "reference", "parallel.workers=1",
                                            "train.max_steps=30", "train.eval_every=20"))["run_dir"])
-    assert_trains_like(tmp_path / "elastic", reference, steps=30, loss_bound=1e-4)  # 30 steps, a restart
+    # 30 steps and a restart: the bounds this test had before the 8-step ones were tightened
+    assert_trains_like(tmp_path / "elastic", reference, steps=30, loss_bound=1e-4, norm_bound=1e-3)
 
 
 def test_a_resumed_run_keeps_the_decay_it_started_with_at_another_worker_count(tmp_path):
