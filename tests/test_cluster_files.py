@@ -354,18 +354,16 @@ def test_the_docker_build_context_leaves_out_history_and_runs_but_not_what_the_i
         assert not any(re.fullmatch(pattern.replace("**/", "(.*/)?").replace("*", "[^/]*"), path) for pattern in ignored)
 
 
-def test_ci_fails_where_the_test_data_is_missing_instead_of_skipping_the_layout_tests(tmp_path):
+def test_ci_fails_where_the_test_data_is_missing_instead_of_skipping_the_layout_tests(tmp_path, monkeypatch):
     """The multi-worker layout tests read tinyshakespeare.txt: a CI without it skipped them all and passed."""
-    import os
-    import subprocess
+    import conftest
 
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "export MTNLG_REQUIRE_TEST_DATA=1" in ci and ci.index("MTNLG_REQUIRE_TEST_DATA") < ci.index("pytest")
-    (tmp_path / "test_needs_data.py").write_text(
-        "from conftest import shared_data\n\ndef test_it():\n    shared_data('tinyshakespeare.txt')\n")
-    env = {**{k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}, "MTNLG_TEST_DATA": str(tmp_path / "nowhere"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
-                             str(tmp_path), str(tmp_path / "test_needs_data.py")], capture_output=True,
-                            text=True, env={**env, "MTNLG_REQUIRE_TEST_DATA": "1"}, cwd=tmp_path)
-    assert "1 failed" in result.stdout and "test data not found" in result.stdout, result.stdout[-2000:]
+    monkeypatch.setattr(conftest, "SHARED_DATA", tmp_path / "nowhere")
+    monkeypatch.delenv("MTNLG_REQUIRE_TEST_DATA", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="test data not found"):
+        conftest.shared_data("tinyshakespeare.txt")
+    monkeypatch.setenv("MTNLG_REQUIRE_TEST_DATA", "1")
+    with pytest.raises(pytest.fail.Exception, match="test data not found, and MTNLG_REQUIRE_TEST_DATA=1"):
+        conftest.shared_data("tinyshakespeare.txt")

@@ -599,18 +599,24 @@ def test_replicas_the_cluster_cannot_hold_are_refused_not_left_waiting(ray_sessi
 
 
 def test_serve_cli_help_and_bad_checkpoint(tiny_checkpoint, tmp_path):
-    shown = run_cli("serve", "--help")
-    assert shown.returncode == 0 and "curl" in shown.stdout and "--api-key" in shown.stdout
-    missing = run_cli("serve", "--checkpoint", str(tmp_path / "nope"))
-    assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: checkpoint not found"]
+    from typer.testing import CliRunner
+
+    from mtnlg_ray.cli import app
+    from mtnlg_ray.errors import MtnlgError
+
+    def refused_in_process(*args: str) -> str:  # what the command prints as "error: ..." (exit 2)
+        result = CliRunner().invoke(app, ["serve", *args])
+        assert isinstance(result.exception, MtnlgError), result.output
+        return f"error: {result.exception}"
+
+    shown = CliRunner().invoke(app, ["serve", "--help"])
+    assert shown.exit_code == 0 and "curl" in shown.stdout and "--api-key" in shown.stdout
+    assert refused_in_process("--checkpoint", str(tmp_path / "nope")) == f"error: {tmp_path / 'nope'}: checkpoint not found"
     # No weights: one line before Ray starts, not replicas that die loading them.
     no_weights = tmp_path / "no_weights"
     shutil.copytree(tiny_checkpoint, no_weights)
     (no_weights / "model.safetensors").unlink()
-    refused = run_cli("serve", "--checkpoint", str(no_weights))
-    assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines() == [f"error: {no_weights / 'model.safetensors'}: missing"]
+    assert refused_in_process("--checkpoint", str(no_weights)) == f"error: {no_weights / 'model.safetensors'}: missing"
     # A port something else holds: one line before deploying (it used to be Ray's 130-line traceback).
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -622,8 +628,8 @@ def test_serve_cli_help_and_bad_checkpoint(tiny_checkpoint, tmp_path):
                                                     "(Address already in use); choose another port")
     # Port 0 bound a port the printed URL (":0") could not name; an empty key variable served with no key.
     # (`serve_args` refuses these and --replicas with --autoscale: test_jobs calls it through `submit serve`.)
-    assert run_cli("serve", "--checkpoint", str(tiny_checkpoint), "--port", "0").stderr.strip().splitlines() == [
-        "error: --port 0: expected a port number from 1 to 65535"]
+    assert refused_in_process("--checkpoint", str(tiny_checkpoint), "--port", "0") == (
+        "error: --port 0: expected a port number from 1 to 65535")
     blank = subprocess.run([shutil.which("mtnlg-ray"), "serve", "--checkpoint", str(tiny_checkpoint)],
                            capture_output=True, text=True, timeout=120, env={**os.environ, "MTNLG_API_KEY": ""})
     assert blank.returncode == 2 and blank.stderr.strip().splitlines() == [
